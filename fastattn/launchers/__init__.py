@@ -1,0 +1,1 @@
+"""Launchers: allocate outputs, pick block sizes and launch kernels. No autograd here."""

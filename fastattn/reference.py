@@ -1,0 +1,85 @@
+"""Naive attention: materialised scores and explicit masks.
+
+This is the oracle for every test, model check and benchmark gate. It is plain differentiable
+torch code in whatever dtype it is given (tests call it on float64 copies), written for clarity,
+not speed: memory is O(Sq * Sk).
+
+Layout is FlashAttention's: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), Hq % Hkv == 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def visible_keys(
+    sq: int,
+    sk: int,
+    *,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean (B or 1, 1, Sq, Sk) mask: True where query i may attend to key j.
+
+    Causal is bottom-right aligned: query i sees keys j <= i + Sk - Sq.
+    key_padding_mask (B, Sk): True marks a real key.
+    """
+    vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if causal:
+        i = torch.arange(sq, device=device)[:, None]
+        j = torch.arange(sk, device=device)[None, :]
+        vis = j <= i + (sk - sq)
+    vis = vis[None, None]  # (1, 1, Sq, Sk)
+    if key_padding_mask is not None:
+        vis = vis & key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    return vis
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Reference attention. Returns out (B, Sq, Hq, D) [, lse (B, Hq, Sq) in float32 or wider].
+
+    A query row that sees no key returns 0 with lse = -inf, and gets zero gradients.
+    """
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    group = hq // hkv
+    # (B, S, H, D) -> (B, H, S, D); each KV head serves `group` consecutive query heads.
+    qh = q.transpose(1, 2)
+    kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
+
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
+    vis = visible_keys(sq, sk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    scores = scores.masked_fill(~vis, float("-inf"))
+
+    # Softmax written out so that rows with no visible key give exactly 0 (and finite gradients).
+    # The row max only stabilises the exponent; the result does not depend on it, so detach it.
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(scores - row_max)
+    denom = e.sum(dim=-1, keepdim=True)
+    empty = denom == 0
+    denom_safe = torch.where(empty, torch.ones_like(denom), denom)
+    p = e / denom_safe
+    out = torch.matmul(p, vh).transpose(1, 2)  # (B, Hq, Sq, D) -> (B, Sq, Hq, D)
+    if not return_lse:
+        return out
+    lse = (row_max + torch.log(denom_safe)).squeeze(-1)
+    lse = torch.where(empty.squeeze(-1), torch.full_like(lse, float("-inf")), lse)
+    if lse.dtype in (torch.float16, torch.bfloat16):
+        lse = lse.float()
+    return out, lse

@@ -1,0 +1,180 @@
+"""FlashAttention-2 backward in Triton, deterministic (no atomics).
+
+Three launches:
+1. ``attn_bwd_preprocess_kernel``: delta_i = rowsum(dO_i * O_i) (minus dlse_i when the caller
+   back-propagates through the returned lse, since d lse_i / d s_ij = P_ij).
+2. ``attn_bwd_dkdv_kernel``: one program per (KV tile, batch, KV head). It streams every query
+   tile of every query head in the GQA group and sums dK/dV in registers, so the group reduction
+   needs no atomics and two runs give bit-identical gradients.
+3. ``attn_bwd_dq_kernel``: one program per (query tile, batch, query head), streaming K/V tiles.
+
+P is recomputed from the saved lse: P = exp2(s * log2(e) * scale - lse * log2(e)). Rows that saw no
+key have lse = -inf; they are given +inf here so that their P is 0 and their gradients vanish.
+"""
+
+import triton
+import triton.language as tl
+
+from .tiles import key_range, load_tile, query_range, store_tile
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def _lse_log2(LSE_row, rows, Sq):
+    """Saved lse (natural log) -> log2 units; out-of-range and empty rows -> +inf (P = 0)."""
+    lse = tl.load(LSE_row + rows, mask=rows < Sq, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def attn_bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    Hq, Sq,
+    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = load_tile(O + b * stride_ob + h * stride_oh, rows, stride_os, Sq, HEAD_DIM, BLOCK_D, True)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, stride_dos, Sq, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row_off = pid_bh.to(tl.int64) * Sq + rows
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row_off, mask=rows < Sq, other=0.0)
+    tl.store(DELTA + row_off, delta, mask=rows < Sq)
+
+
+@triton.jit
+def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, LSE_row, DELTA_row, stride_qs, stride_dos,
+                       offs_n, lo, hi, Sq, Sk, qk_scale,
+                       MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate one query head's contribution from query blocks [lo, hi) into dk, dv (fp32)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = load_tile(q_base, rows, stride_qs, Sq, HEAD_DIM, BLOCK_D, True)
+        lse2 = _lse_log2(LSE_row, rows, Sq)
+        # Work transposed, (BLOCK_N, BLOCK_M), so dK/dV come out without transposing P.
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.exp2(s_t - lse2[None, :])
+        if MASKED:  # causal diagonal: key j is visible to query i iff j <= i + Sk - Sq
+            p_t = tl.where(offs_n[:, None] <= rows[None, :] + (Sk - Sq), p_t, 0.0)
+        do = load_tile(do_base, rows, stride_dos, Sq, HEAD_DIM, BLOCK_D, True)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        delta = tl.load(DELTA_row + rows, mask=rows < Sq, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    Hq, Hkv, GROUP, Sq, Sk, sm_scale, qk_scale,
+    SEQ_BUCKET,  # only an autotune key
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = pid_bh % Hkv
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+
+    k = load_tile(K + b * stride_kb + hk * stride_kh, offs_n, stride_ks, Sk, HEAD_DIM, BLOCK_D, True)
+    v = load_tile(V + b * stride_vb + hk * stride_vh, offs_n, stride_vs, Sk, HEAD_DIM, BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    lo, full_start, hi = query_range(start_n, Sq, Sk, BLOCK_M, BLOCK_N, CAUSAL)
+    for g in range(GROUP):  # the query heads that share this KV head, summed in registers
+        h = hk * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        row_base = (b * Hq + h) * Sq
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                                    stride_qs, stride_dos, offs_n, lo, full_start, Sq, Sk, qk_scale,
+                                    True, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                                    stride_qs, stride_dos, offs_n, full_start, hi, Sq, Sk, qk_scale,
+                                    False, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION)
+
+    store_tile(DK + b * stride_dkb + hk * stride_dkh, (dk * sm_scale).to(DK.dtype.element_ty), offs_n,
+               stride_dks, Sk, HEAD_DIM, BLOCK_D)
+    store_tile(DV + b * stride_dvb + hk * stride_dvh, dv.to(DV.dtype.element_ty), offs_n, stride_dvs, Sk,
+               HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, lo, hi, Sq, Sk,
+                   qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ (unscaled) over key blocks [lo, hi)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM, BLOCK_D, MASKED)
+        v = load_tile(v_base, cols, stride_vs, Sk, HEAD_DIM, BLOCK_D, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            visible = cols[None, :] < Sk
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + (Sk - Sq))
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    Hq, GROUP, Sq, Sk, sm_scale, qk_scale,
+    SEQ_BUCKET,  # only an autotune key
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, Sq, HEAD_DIM, BLOCK_D, True)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, stride_dos, Sq, HEAD_DIM, BLOCK_D, True)
+    row_base = pid_bh.to(tl.int64) * Sq
+    lse2 = _lse_log2(LSE + row_base, offs_m, Sq)
+    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Sq, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, hi = key_range(start_m, Sq, Sk, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, 0, full_end,
+                        Sq, Sk, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, full_end, hi,
+                        Sq, Sk, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    store_tile(DQ + b * stride_dqb + h * stride_dqh, (dq * sm_scale).to(DQ.dtype.element_ty), offs_m,
+               stride_dqs, Sq, HEAD_DIM, BLOCK_D)

@@ -1,0 +1,106 @@
+"""Block sizes for the attention kernels: a small table keyed on head dim, tuned on the GPU.
+
+Each kernel has a short candidate list per head-dim bucket. On a GPU the first call for a new
+(head dim, causal, dtype, sequence-length bucket) times the candidates with triton.autotune and
+caches the winner; ``FASTATTN_AUTOTUNE=0`` skips that and uses the first candidate (tests do this to
+keep GPU time short). The Triton interpreter (CPU) always uses one fixed, small config.
+
+Candidates are (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M tiles queries, BLOCK_N keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import triton
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def as_triton(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n},
+                             num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _table(rows):
+    return {d: [BlockConfig(*c) for c in cands] for d, cands in rows.items()}
+
+
+# Keyed on the padded head dim bucket (<= 64, <= 128, <= 256).
+GPU_CANDIDATES = {
+    "fwd": _table({
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+        256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+    }),
+    # dK/dV: BLOCK_N keys stay resident, BLOCK_M query tiles stream.
+    "dkdv": _table({
+        64: [(64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3)],
+        128: [(64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+        256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    }),
+    # dQ: BLOCK_M queries stay resident, BLOCK_N key tiles stream.
+    "dq": _table({
+        64: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+        128: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+        256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    }),
+}
+
+# Interpreter: BLOCK_M != BLOCK_N on purpose, so CPU tests exercise the unequal-tile causal logic.
+INTERPRETER_CONFIGS = {
+    "fwd": BlockConfig(64, 32),
+    "dkdv": BlockConfig(32, 64),
+    "dq": BlockConfig(64, 32),
+}
+
+_forced: dict[str, BlockConfig] = {}
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def autotune_enabled() -> bool:
+    return not interpreter_enabled() and os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
+
+
+def head_dim_bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def seq_bucket(n: int) -> int:
+    """Sequence lengths share a tuned config within a power of two (capped), to bound retuning."""
+    return min(triton.next_power_of_2(max(n, 1)), 16384)
+
+
+def candidates(kind: str, block_d: int) -> list[BlockConfig]:
+    """Configs the kernel may use: a forced one, the interpreter's, or the GPU table's."""
+    if kind in _forced:
+        return [_forced[kind]]
+    if interpreter_enabled():
+        return [INTERPRETER_CONFIGS[kind]]
+    cands = GPU_CANDIDATES[kind][head_dim_bucket(block_d)]
+    return cands if autotune_enabled() else cands[:1]
+
+
+@contextlib.contextmanager
+def forced(**configs: BlockConfig):
+    """Pin block configs, e.g. ``forced(fwd=BlockConfig(16, 32))``: tests cover other tilings."""
+    unknown = set(configs) - set(GPU_CANDIDATES)
+    if unknown:
+        raise ValueError(f"unknown kernel kinds {sorted(unknown)}; expected {sorted(GPU_CANDIDATES)}")
+    saved = dict(_forced)
+    _forced.update(configs)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)

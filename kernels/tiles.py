@@ -1,0 +1,82 @@
+"""Jit helpers shared by the forward and backward kernels.
+
+Conventions: a tile is BLOCK rows of a (S, D) slice whose rows are `stride` elements apart and
+whose last dimension is contiguous. Head dims that are not a power of two are padded to BLOCK_D
+and masked; rows past the sequence end are masked (loaded as 0, never stored).
+
+Causal attention is bottom-right aligned: query i sees key j iff j <= i + (Sk - Sq).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_tile(ptr, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              CHECK_ROWS: tl.constexpr):
+    """Load a (len(rows), BLOCK_D) tile; masked entries read as 0."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = ptr + rows[:, None] * stride + offs_d[None, :]
+    if CHECK_ROWS:
+        mask = rows[:, None] < n_rows
+        if HEAD_DIM != BLOCK_D:
+            mask = mask & (offs_d[None, :] < HEAD_DIM)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def store_tile(ptr, x, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a (len(rows), BLOCK_D) tile, skipping padded rows and head-dim columns."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = ptr + rows[:, None] * stride + offs_d[None, :]
+    mask = rows[:, None] < n_rows
+    if HEAD_DIM != BLOCK_D:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(ptrs, x, mask=mask)
+
+
+@triton.jit
+def key_range(start_m, Sq, Sk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key blocks a query block [start_m, start_m + BLOCK_M) must visit.
+
+    Returns (full_end, hi): blocks in [0, full_end) are visible to every query row of the block and
+    lie inside the sequence, so they need no mask; [full_end, hi) are the diagonal/tail blocks that
+    pay for the mask. Keys at or past hi are invisible to the whole block (skipped, not masked).
+    """
+    even_end = (Sk // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        diag = Sk - Sq
+        # The block's first row sees keys [0, start_m + diag]; its last sees [0, start_m + BLOCK_M - 1 + diag].
+        full_end = tl.minimum((tl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N, even_end)
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), Sk)
+    else:
+        full_end = even_end
+        hi = Sk
+    return full_end, hi
+
+
+@triton.jit
+def query_range(start_n, Sq, Sk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Query blocks a key block [start_n, start_n + BLOCK_N) must visit (the backward's dK/dV).
+
+    Returns (lo, full_start, hi): [lo, full_start) are the diagonal blocks that need the causal mask,
+    [full_start, hi) see every key of the block. Queries before lo see none of it (skipped).
+    Rows past Sq are handled by the caller's row masks, not here.
+    """
+    hi = tl.cdiv(Sq, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        diag = Sk - Sq
+        # Query i sees key j iff i >= j - diag.
+        lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
+        full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
+        full_start = tl.minimum(tl.maximum(full_start, lo), hi)
+        lo = tl.minimum(lo, hi)
+    else:
+        lo = 0
+        full_start = 0
+    return lo, full_start, hi
