@@ -1,0 +1,164 @@
+"""Backends behind ``fastattn.attention``: what each supports, why one is unavailable, how "auto"
+chooses. Each backend answers two questions: is it usable on this machine at all
+(``unavailable_reason``), and does it support this particular call (``unsupported_reason``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastattn import reference
+from fastattn.validation import AttentionShape
+
+BACKENDS = ("triton", "torch", "reference")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class AttentionCall:
+    """A validated, normalised call: FlashAttention layout, scale resolved."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    shape: AttentionShape
+    causal: bool
+    scale: float
+    key_padding_mask: torch.Tensor | None
+    return_lse: bool
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str
+
+
+# ---------------------------------------------------------------- triton
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+
+        import fastattn.ops  # noqa: F401  (registers the custom ops)
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"triton could not be imported: {type(e).__name__}: {e}"
+    return None
+
+
+def _interpreter() -> bool:
+    from fastattn.kernels.configs import interpreter_enabled
+
+    return interpreter_enabled()
+
+
+def _triton_unavailable() -> str | None:
+    err = _triton_import_error()
+    if err:
+        return err
+    if torch.cuda.is_available() or _interpreter():
+        return None
+    return ("no CUDA GPU is visible (set TRITON_INTERPRET=1 before importing triton to run the "
+            "Triton kernels on the CPU through the interpreter; slow, meant for testing)")
+
+
+def _triton_unsupported(call: AttentionCall) -> str | None:
+    if call.q.dtype not in KERNEL_DTYPES:
+        return f"dtype {call.q.dtype} is not supported (float16, bfloat16, float32)"
+    if call.key_padding_mask is not None:
+        return "key_padding_mask is not supported by the triton backend yet"
+    if not call.q.is_cuda and not _interpreter():
+        return f"tensors are on {call.q.device}; the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
+    return None
+
+
+def _triton_run(call: AttentionCall):
+    out, lse = torch.ops.fastattn.triton_attn_fwd(call.q, call.k, call.v, call.causal, call.scale, call.return_lse)
+    return (out, lse) if call.return_lse else out
+
+
+# ---------------------------------------------------------------- torch (SDPA)
+def _torch_unsupported(call: AttentionCall) -> str | None:
+    if call.return_lse:
+        return "return_lse=True: PyTorch SDPA does not return the log-sum-exp"
+    if call.key_padding_mask is not None:
+        return "key_padding_mask is not routed to PyTorch SDPA yet"
+    return None
+
+
+def _torch_run(call: AttentionCall):
+    b, sq, sk = call.shape.batch, call.shape.seqlen_q, call.shape.seqlen_k
+    q, k, v = call.q, call.k, call.v
+    skipped = 0
+    if call.causal and sq > sk:
+        # Bottom-right causal: the first Sq - Sk queries see no key and return 0 (SDPA would give NaN).
+        skipped, q = sq - sk, q[:, sq - sk:]
+    if sk == 0 or q.shape[1] == 0:
+        return q.new_zeros(call.q.shape)
+    # (B, S, H, D) -> (B, H, S, D), SDPA's layout.
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = call.shape.heads_q != call.shape.heads_kv
+    if call.causal and q.shape[1] != sk:
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(q.shape[1], sk)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=call.scale, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=call.causal, scale=call.scale, enable_gqa=gqa)
+    out = out.transpose(1, 2)  # back to (B, S, H, D)
+    if skipped:
+        out = torch.cat([out.new_zeros(b, skipped, *out.shape[2:]), out], dim=1)
+    return out
+
+
+# ---------------------------------------------------------------- reference
+def _reference_run(call: AttentionCall):
+    return reference.attention(call.q, call.k, call.v, causal=call.causal, scale=call.scale,
+                               key_padding_mask=call.key_padding_mask, return_lse=call.return_lse)
+
+
+_UNAVAILABLE = {"triton": _triton_unavailable, "torch": lambda: None, "reference": lambda: None}
+_UNSUPPORTED = {"triton": _triton_unsupported, "torch": _torch_unsupported, "reference": lambda call: None}
+_RUN = {"triton": _triton_run, "torch": _torch_run, "reference": _reference_run}
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Every backend with whether it is usable on this machine and, if not, why."""
+    result = {}
+    for name in BACKENDS:
+        reason = _UNAVAILABLE[name]()
+        result[name] = BackendStatus(name, reason is None, reason or "available")
+    return result
+
+
+def why_not(name: str, call: AttentionCall) -> str | None:
+    """None if backend `name` can run `call`, else the reason it cannot."""
+    return _UNAVAILABLE[name]() or _UNSUPPORTED[name](call)
+
+
+def auto_order(device: torch.device) -> tuple[str, ...]:
+    # CUDA: the fastest fastattn kernel that supports the call; CPU: PyTorch's SDPA.
+    return ("triton", "torch", "reference") if device.type == "cuda" else ("torch", "reference")
+
+
+def choose(backend: str, call: AttentionCall) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
+    if backend != "auto":
+        reason = why_not(backend, call)
+        if reason:
+            raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
+        return backend
+    for name in auto_order(call.q.device):
+        if why_not(name, call) is None:
+            return name
+    raise AssertionError("the reference backend supports every valid call")  # pragma: no cover
+
+
+def run(name: str, call: AttentionCall):
+    return _RUN[name](call)

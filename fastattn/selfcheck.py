@@ -1,0 +1,74 @@
+"""`python -m fastattn check`: list the backends usable here and check each against the float64
+reference on a handful of awkward cases, printing a table."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fastattn import api, backends, testing
+
+# (name, B, Sq, Sk, Hq, Hkv, D, causal, layout)
+CASES = [
+    ("self", 2, 97, 97, 2, 2, 64, False, "bshd"),
+    ("causal", 1, 130, 130, 2, 2, 64, True, "bshd"),
+    ("cross Sq<Sk causal", 1, 33, 150, 4, 2, 80, True, "bshd"),
+    ("cross Sq>Sk causal (empty rows)", 1, 70, 17, 2, 1, 40, True, "bshd"),
+    ("gqa non-contiguous", 2, 64, 64, 4, 1, 128, False, "bhsd"),
+]
+
+
+def _dtypes(device: torch.device) -> list[torch.dtype]:
+    if device.type == "cuda":
+        return [torch.float16, torch.bfloat16, torch.float32]
+    # The interpreter cannot do bf16 tl.dot (triton-lang/triton#11584): bf16 is checked on a GPU.
+    return [torch.float32, torch.float16]
+
+
+def run_check(device: str | None = None, out=print) -> bool:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out(f"fastattn self-check on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
+        f" (torch {torch.__version__})")
+    out("")
+    out(f"{'backend':<10} {'available':<9} reason")
+    statuses = api.available_backends()
+    for st in statuses.values():
+        out(f"{st.name:<10} {'yes' if st.available else 'no':<9} {st.reason}")
+    out("")
+    header = f"{'backend':<10} {'dtype':<9} {'case':<32} {'worst (err / tol)':<28} {'pass':<5} {'time':>6}"
+    out(header)
+    out("-" * len(header))
+    gen = torch.Generator().manual_seed(0)
+    all_ok = True
+    for name in ("triton", "torch", "reference"):
+        if not statuses[name].available:
+            continue
+        for dtype in _dtypes(device):
+            for case, b, sq, sk, hq, hkv, d, causal, layout in CASES:
+                q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=dtype, device=device,
+                                             layout=layout, generator=gen)
+                probe = backends.AttentionCall(q, k, v, None, causal, 1.0, None, True)
+                lse_ok = backends.why_not(name, probe) is None
+
+                def fn(a, b_, c, name=name, causal=causal, lse_ok=lse_ok):
+                    res = api.attention(a, b_, c, causal=causal, backend=name, return_lse=lse_ok)
+                    return res if lse_ok else (res, None)
+
+                t0 = time.perf_counter()
+                try:
+                    results = testing.check_against_reference(fn, q, k, v, causal=causal, lse=lse_ok,
+                                                              generator=gen)
+                except ValueError as e:  # the backend does not support this call
+                    out(f"{name:<10} {str(dtype)[6:]:<9} {case:<32} skipped: {e}")
+                    continue
+                dt = time.perf_counter() - t0
+                worst = max(results, key=lambda r: r.error / r.tolerance)
+                ok = all(r.ok for r in results)
+                all_ok &= ok
+                summary = f"{worst.name} {worst.error:.1e} / {worst.tolerance:.1e}"
+                out(f"{name:<10} {str(dtype)[6:]:<9} {case:<32} {summary:<28} {'ok' if ok else 'FAIL':<5} "
+                    f"{dt:5.1f}s")
+    out("")
+    out("all checks passed" if all_ok else "SOME CHECKS FAILED")
+    return all_ok

@@ -1,0 +1,92 @@
+"""Test helpers: random inputs and DESIGN.md's tolerance rule (the one tolerance helper).
+
+A result passes when  max|out - ref64| <= factor * max|naive_lowprec - ref64| + 1e-5,
+where ref64 is ``fastattn.reference`` in float64 and naive_lowprec is the same naive math done in
+the input dtype. factor is 2 for outputs and lse, 3 for gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastattn import reference
+
+ABS_FLOOR = 1e-5
+OUT_FACTOR = 2.0
+GRAD_FACTOR = 3.0
+
+
+def max_abs_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| in float64; matching infinities (an lse of -inf) count as 0, NaN as inf."""
+    x, ref = x.detach().double(), ref.detach().double()
+    same_inf = torch.isinf(x) & torch.isinf(ref) & (torch.sign(x) == torch.sign(ref))
+    err = torch.where(same_inf, torch.zeros_like(x), (x - ref).abs())
+    err = torch.nan_to_num(err, nan=float("inf"))
+    return err.max().item() if err.numel() else 0.0
+
+
+@dataclass
+class Comparison:
+    name: str
+    error: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.tolerance
+
+    def __str__(self) -> str:
+        return f"{self.name}: max err {self.error:.3e} (tol {self.tolerance:.3e}) {'ok' if self.ok else 'FAIL'}"
+
+
+def compare(name: str, out: torch.Tensor, naive_lowprec: torch.Tensor, ref64: torch.Tensor,
+            factor: float) -> Comparison:
+    tol = factor * max_abs_error(naive_lowprec, ref64) + ABS_FLOOR
+    return Comparison(name, max_abs_error(out, ref64), tol)
+
+
+def random_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, *, dtype=torch.float32,
+               device="cpu", layout="bshd", generator=None, requires_grad=False):
+    """Fresh N(0, 1) q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D).
+
+    layout "bhsd" allocates (B, H, S, D) storage and returns its (B, S, H, D) transpose (the
+    non-contiguous view a model gets after splitting heads), exercising arbitrary strides.
+    """
+    def make(s, h):
+        if layout == "bshd":
+            x = torch.randn(batch, s, h, head_dim, generator=generator, dtype=torch.float32)
+        elif layout == "bhsd":
+            x = torch.randn(batch, h, s, head_dim, generator=generator, dtype=torch.float32).transpose(1, 2)
+        else:
+            raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
+        return x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    return make(seqlen_q, heads_q), make(seqlen_k, heads_kv), make(seqlen_k, heads_kv)
+
+
+def check_against_reference(fn, q, k, v, *, causal=False, scale=None, key_padding_mask=None,
+                            grads=True, lse=True, generator=None) -> list[Comparison]:
+    """Run ``fn(q, k, v) -> (out, lse)`` and compare out, lse and (optionally) dq/dk/dv with the
+    float64 reference under the tolerance rule. Inputs are fresh leaves; q/k/v are not modified."""
+    kw = dict(causal=causal, scale=scale, key_padding_mask=key_padding_mask, return_lse=True)
+
+    def run(f, dtype):
+        xs = [x.detach().to(dtype).requires_grad_(grads) for x in (q, k, v)]
+        o, l = f(*xs)
+        return xs, o, l
+
+    xs, out, out_lse = run(fn, q.dtype)
+    x64, ref, ref_lse = run(lambda a, b, c: reference.attention(a, b, c, **kw), torch.float64)
+    xlp, naive, naive_lse = run(lambda a, b, c: reference.attention(a, b, c, **kw), q.dtype)
+    results = [compare("out", out, naive, ref, OUT_FACTOR)]
+    if lse:
+        results.append(compare("lse", out_lse, naive_lse, ref_lse, OUT_FACTOR))
+    if grads:
+        dout = torch.randn(out.shape, generator=generator, dtype=torch.float32).to(out)
+        for o in (out, ref, naive):
+            o.backward(dout.to(o.dtype))
+        for name, a, b_, c in zip(("dq", "dk", "dv"), xs, x64, xlp):
+            results.append(compare(name, a.grad, c.grad, b_.grad, GRAD_FACTOR))
+    return results
