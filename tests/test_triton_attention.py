@@ -1,0 +1,143 @@
+"""Triton kernels against the float64 reference (DESIGN.md tolerance rule): forward, lse and all
+three gradients over awkward shapes. On CPU this runs through the Triton interpreter."""
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA
+
+import fastattn
+from fastattn import testing
+from fastattn.kernels.configs import BlockConfig, forced
+from fastattn.launchers.triton_attention import _last_dim_contiguous
+
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+
+
+def triton_fn(causal, scale=None):
+    return lambda q, k, v: fastattn.attention(q, k, v, causal=causal, scale=scale, return_lse=True,
+                                              backend="triton")
+
+
+def assert_matches_reference(q, k, v, causal, gen, scale=None, grads=True):
+    results = testing.check_against_reference(triton_fn(causal, scale), q, k, v, causal=causal, scale=scale,
+                                              grads=grads, generator=gen)
+    bad = [str(r) for r in results if not r.ok]
+    assert not bad, f"shape q{tuple(q.shape)} k{tuple(k.shape)} causal={causal}: " + "; ".join(bad)
+
+
+# (B, Sq, Sk, Hq, Hkv, D)
+SHAPES = [
+    (1, 1, 1, 1, 1, 64),
+    (2, 17, 17, 2, 2, 40),
+    (1, 97, 97, 4, 2, 64),     # GQA
+    (1, 257, 257, 2, 2, 80),
+    (1, 1, 257, 2, 1, 128),    # one query over a long cache, MQA
+    (2, 17, 97, 2, 2, 128),    # Sq < Sk
+    (1, 257, 17, 2, 2, 64),    # Sq > Sk: causal rows with no visible key
+    (1, 97, 1, 3, 1, 40),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(shape, causal, dtype, gen):
+    b, sq, sk, hq, hkv, d = shape
+    q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=dtype, device=DEVICE, generator=gen)
+    assert_matches_reference(q, k, v, causal, gen)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_inputs(causal, dtype, gen):
+    # (B, H, S, D) storage seen as (B, S, H, D): the layout a model has after splitting heads.
+    q, k, v = testing.random_qkv(2, 97, 60, 4, 2, 64, dtype=dtype, device=DEVICE, layout="bhsd", generator=gen)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    assert _last_dim_contiguous(q) is q  # used in place, no hidden copy
+    assert_matches_reference(q, k, v, causal, gen)
+
+
+def test_last_dim_not_contiguous_is_copied_not_rejected(gen):
+    q, k, v = testing.random_qkv(1, 33, 33, 2, 2, 32, device=DEVICE, generator=gen)
+    q = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, stride(-1) != 1
+    assert q.stride(-1) != 1
+    assert_matches_reference(q, k, v, True, gen)
+
+
+@pytest.mark.parametrize("head_dim", [16, 24, 96, 160, 256])
+def test_head_dims(head_dim, gen):
+    q, k, v = testing.random_qkv(1, 45, 70, 2, 1, head_dim, device=DEVICE, generator=gen)
+    assert_matches_reference(q, k, v, True, gen)
+
+
+def test_custom_scale(gen):
+    q, k, v = testing.random_qkv(1, 40, 40, 2, 2, 64, device=DEVICE, generator=gen)
+    assert_matches_reference(q, k, v, True, gen, scale=0.3)
+
+
+@pytest.mark.parametrize("fwd,dkdv,dq", [
+    (BlockConfig(16, 16), BlockConfig(16, 16), BlockConfig(16, 16)),
+    (BlockConfig(16, 64), BlockConfig(64, 16), BlockConfig(16, 64)),
+    (BlockConfig(128, 16), BlockConfig(16, 128), BlockConfig(128, 16)),
+])
+@pytest.mark.parametrize("sq,sk", [(75, 75), (30, 110), (110, 30)])
+def test_other_tilings(fwd, dkdv, dq, sq, sk, gen):
+    """The causal block ranges must be right for any tile shapes, not only the default table."""
+    q, k, v = testing.random_qkv(1, sq, sk, 2, 1, 32, device=DEVICE, generator=gen)
+    with forced(fwd=fwd, dkdv=dkdv, dq=dq):
+        assert_matches_reference(q, k, v, True, gen)
+
+
+def test_rows_without_keys_are_zero_with_zero_grads(gen):
+    # Causal with Sq > Sk: the first Sq - Sk queries see no key.
+    q, k, v = testing.random_qkv(1, 80, 20, 2, 2, 64, device=DEVICE, generator=gen, requires_grad=True)
+    out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True, backend="triton")
+    (out.float().square().sum()).backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+    assert (out[:, :60] == 0).all() and (lse[:, :, :60] == float("-inf")).all()
+    assert (q.grad[:, :60] == 0).all()
+    assert torch.isfinite(lse[:, :, 60:]).all()
+
+
+def test_empty_key_sequence(gen):
+    q, k, v = testing.random_qkv(2, 5, 0, 2, 2, 32, device=DEVICE, generator=gen, requires_grad=True)
+    out, lse = fastattn.attention(q, k, v, return_lse=True, backend="triton")
+    out.sum().backward()
+    assert (out == 0).all() and (lse == float("-inf")).all() and (q.grad == 0).all()
+
+
+def test_backward_is_deterministic(gen):
+    q, k, v = testing.random_qkv(1, 97, 97, 4, 1, 64, device=DEVICE, generator=gen)
+    dout = torch.randn(q.shape, generator=gen).to(DEVICE)
+
+    def grads():
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        fastattn.attention(*xs, causal=True, backend="triton").backward(dout)
+        return [x.grad for x in xs]
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+def test_gradient_through_lse(gen):
+    """d lse / d s = P: back-propagating through the returned lse must be exact too."""
+    q, k, v = testing.random_qkv(1, 50, 70, 2, 2, 32, device=DEVICE, generator=gen)
+    w = torch.randn(1, 2, 50, generator=gen, dtype=torch.float64)
+
+    def loss(fn, dtype):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        out, lse = fn(*xs)
+        (out.double().sum() + (lse.double() * w.to(lse.device)).sum()).backward()
+        return [x.grad for x in xs]
+
+    got = loss(triton_fn(True), q.dtype)
+    ref = loss(lambda a, b, c: fastattn.reference.attention(a, b, c, causal=True, return_lse=True), torch.float64)
+    for g, r in zip(got, ref):
+        assert testing.max_abs_error(g, r) < 1e-4
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-only check of the interpreter path")
+def test_cpu_tensors_run_through_interpreter(gen):
+    q, k, v = testing.random_qkv(1, 8, 8, 1, 1, 16, generator=gen)
+    assert fastattn.available_backends()["triton"].available
+    assert fastattn.attention(q, k, v, backend="triton").shape == q.shape
