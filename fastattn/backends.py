@@ -5,7 +5,6 @@ chooses. Each backend answers two questions: is it usable on this machine at all
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +39,7 @@ class BackendStatus:
 
 
 # ---------------------------------------------------------------- triton
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> str | None:
+def _import_triton() -> str | None:
     try:
         import triton  # noqa: F401
 
@@ -51,6 +49,10 @@ def _triton_import_error() -> str | None:
     return None
 
 
+# Imported once, eagerly, so that torch.compile never traces an import.
+_TRITON_IMPORT_ERROR = _import_triton()
+
+
 def _interpreter() -> bool:
     from fastattn.kernels.configs import interpreter_enabled
 
@@ -58,9 +60,8 @@ def _interpreter() -> bool:
 
 
 def _triton_unavailable() -> str | None:
-    err = _triton_import_error()
-    if err:
-        return err
+    if _TRITON_IMPORT_ERROR:
+        return _TRITON_IMPORT_ERROR
     if torch.cuda.is_available() or _interpreter():
         return None
     return ("no CUDA GPU is visible (set TRITON_INTERPRET=1 before importing triton to run the "

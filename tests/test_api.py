@@ -1,0 +1,116 @@
+"""Public API: backend choice, the torch backend, and clear errors for bad input."""
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA
+
+import fastattn
+from fastattn import testing
+
+
+def qkv(gen, b=1, sq=8, sk=8, hq=2, hkv=2, d=16, dtype=torch.float32):
+    return testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=dtype, device=DEVICE, generator=gen)
+
+
+def test_available_backends_reports_each_with_reason():
+    status = fastattn.available_backends()
+    assert set(status) == {"triton", "torch", "reference"}
+    assert status["reference"].available and status["torch"].available
+    for st in status.values():
+        assert st.reason
+
+
+def test_auto_picks_torch_on_cpu_and_triton_on_cuda(gen, monkeypatch):
+    from fastattn import backends
+
+    chosen = []
+    real_run = backends.run
+    monkeypatch.setattr(backends, "run", lambda name, call: chosen.append(name) or real_run(name, call))
+    q, k, v = qkv(gen)
+    fastattn.attention(q, k, v)
+    assert chosen == ["triton" if HAS_CUDA else "torch"]
+    fastattn.attention(q, k, v, return_lse=True)  # torch SDPA has no lse
+    assert chosen[-1] == ("triton" if HAS_CUDA else "reference")
+
+
+# (B, Sq, Sk, Hq, Hkv, D)
+@pytest.mark.parametrize("shape", [(2, 17, 17, 4, 2, 32), (1, 9, 30, 2, 1, 40), (1, 30, 9, 2, 2, 16),
+                                   (1, 1, 1, 1, 1, 8)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_backend_matches_reference(shape, causal, gen):
+    q, k, v = qkv(gen, *shape)
+
+    def fn(a, b, c):
+        return fastattn.attention(a, b, c, causal=causal, backend="torch"), None
+
+    results = testing.check_against_reference(fn, q, k, v, causal=causal, lse=False, generator=gen)
+    assert all(r.ok for r in results), [str(r) for r in results]
+
+
+def test_torch_backend_empty_rows_are_zero(gen):
+    q, k, v = qkv(gen, sq=12, sk=4)
+    q.requires_grad_()
+    out = fastattn.attention(q, k, v, causal=True, backend="torch")
+    out.sum().backward()
+    assert (out[:, :8] == 0).all() and torch.isfinite(q.grad).all()
+
+
+BAD_CALLS = [
+    # (description, builder(q, k, v) -> kwargs for fastattn.attention, exception, message fragment)
+    ("q not a tensor", lambda q, k, v: dict(q=q.tolist(), k=k, v=v), TypeError, "q must be a torch.Tensor"),
+    ("q rank 3", lambda q, k, v: dict(q=q[0], k=k, v=v), ValueError, "q must have 4 dims"),
+    ("k rank 5", lambda q, k, v: dict(q=q, k=k[None], v=v), ValueError, "k must have 4 dims"),
+    ("int dtype", lambda q, k, v: dict(q=q.long(), k=k, v=v), TypeError, "q must be a floating tensor"),
+    ("dtype mismatch", lambda q, k, v: dict(q=q, k=k.double(), v=v), TypeError, "k has dtype"),
+    ("k/v shape mismatch", lambda q, k, v: dict(q=q, k=k, v=v[:, :-1]), ValueError, "k and v must have the same"),
+    ("batch mismatch", lambda q, k, v: dict(q=q, k=k[:1], v=v[:1]), ValueError, "batch size"),
+    ("head dim mismatch", lambda q, k, v: dict(q=q, k=k[..., :8], v=v[..., :8]), ValueError, "head dim"),
+    ("heads not a multiple", lambda q, k, v: dict(q=q[:, :, :3], k=k, v=v), ValueError, "multiple"),
+    ("head dim too large", lambda q, k, v: dict(q=q.new_zeros(2, 8, 4, 300), k=k.new_zeros(2, 8, 2, 300),
+                                                 v=v.new_zeros(2, 8, 2, 300)), ValueError, "between 1 and 256"),
+    ("scale not a number", lambda q, k, v: dict(q=q, k=k, v=v, scale="0.1"), TypeError, "scale"),
+    ("scale nan", lambda q, k, v: dict(q=q, k=k, v=v, scale=float("nan")), ValueError, "scale must be finite"),
+    ("causal not bool", lambda q, k, v: dict(q=q, k=k, v=v, causal=1), TypeError, "causal must be a bool"),
+    ("unknown backend", lambda q, k, v: dict(q=q, k=k, v=v, backend="flash"), ValueError, "backend must be"),
+    ("mask wrong shape", lambda q, k, v: dict(q=q, k=k, v=v, key_padding_mask=torch.ones(2, 3, dtype=torch.bool,
+                                              device=q.device), backend="reference"), ValueError, "key_padding_mask"),
+    ("mask not bool", lambda q, k, v: dict(q=q, k=k, v=v, key_padding_mask=torch.ones(2, 8, device=q.device),
+                                           backend="reference"), TypeError, "key_padding_mask must be a bool"),
+    ("mask on triton", lambda q, k, v: dict(q=q, k=k, v=v, key_padding_mask=torch.ones(2, 8, dtype=torch.bool,
+                                            device=q.device), backend="triton"), ValueError, "key_padding_mask"),
+    ("lse on torch", lambda q, k, v: dict(q=q, k=k, v=v, return_lse=True, backend="torch"), ValueError,
+     "return_lse"),
+    ("float64 on triton", lambda q, k, v: dict(q=q.double(), k=k.double(), v=v.double(), backend="triton"),
+     ValueError, "float64"),
+]
+
+
+@pytest.mark.parametrize("desc,build,exc,fragment", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_gets_a_clear_error(desc, build, exc, fragment, gen):
+    q, k, v = qkv(gen, b=2, hq=4, hkv=2)
+    kwargs = build(q, k, v)
+    with pytest.raises(exc, match=fragment):
+        fastattn.attention(kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v"), **kwargs)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a second device type")
+@pytest.mark.gpu
+def test_device_mismatch(gen):
+    q, k, v = qkv(gen)
+    with pytest.raises(ValueError, match="k is on"):
+        fastattn.attention(q, k.cpu(), v)
+
+
+def test_device_mismatch_cpu_meta(gen):
+    q, k, v = qkv(gen)
+    with pytest.raises(ValueError, match="k is on"):
+        fastattn.attention(q, k.to("meta"), v)
+
+
+def test_reference_backend_key_padding_mask(gen):
+    q, k, v = qkv(gen, b=2, sk=6)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool, device=q.device)
+    out = fastattn.attention(q, k, v, key_padding_mask=mask, backend="reference")
+    ref = fastattn.attention(q[:1], k[:1, :3], v[:1, :3], backend="reference")
+    torch.testing.assert_close(out[:1], ref)
+    assert (out[1] == 0).all()
