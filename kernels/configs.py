@@ -3,7 +3,8 @@
 Each kernel has a short candidate list per head-dim bucket. On a GPU the first call for a new
 (head dim, causal, dtype, sequence-length bucket) times the candidates with triton.autotune and
 caches the winner; ``FASTATTN_AUTOTUNE=0`` skips that and uses the first candidate (tests do this to
-keep GPU time short). The Triton interpreter (CPU) always uses one fixed, small config.
+keep GPU time short; a launch then falls back along the list only if a config does not fit the
+chip's shared memory). The Triton interpreter (CPU) always uses one fixed, small config.
 
 Candidates are (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M tiles queries, BLOCK_N keys.
 """
@@ -36,23 +37,25 @@ def _table(rows):
 # Keyed on the padded head dim bucket (<= 64, <= 128, <= 256).
 GPU_CANDIDATES = {
     "fwd": _table({
-        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-        128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-        256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 1)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (32, 32, 4, 1)],
+        256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
     }),
     # dK/dV: BLOCK_N keys stay resident, BLOCK_M query tiles stream.
     "dkdv": _table({
-        64: [(64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3)],
-        128: [(64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
-        256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+        64: [(64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 32, 4, 1)],
+        128: [(64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 1)],
+        256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1)],
     }),
     # dQ: BLOCK_M queries stay resident, BLOCK_N key tiles stream.
     "dq": _table({
-        64: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
-        128: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
-        256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+        64: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (32, 32, 4, 1)],
+        128: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 1)],
+        256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1)],
     }),
 }
+# The last candidate of each list is small enough to fit shared memory for any dtype (fp32, D=256):
+# without autotuning, a launch falls back along the list when a config is out of resources.
 
 # Interpreter: BLOCK_M != BLOCK_N on purpose, so CPU tests exercise the unequal-tile causal logic.
 INTERPRETER_CONFIGS = {
@@ -87,8 +90,7 @@ def candidates(kind: str, block_d: int) -> list[BlockConfig]:
         return [_forced[kind]]
     if interpreter_enabled():
         return [INTERPRETER_CONFIGS[kind]]
-    cands = GPU_CANDIDATES[kind][head_dim_bucket(block_d)]
-    return cands if autotune_enabled() else cands[:1]
+    return GPU_CANDIDATES[kind][head_dim_bucket(block_d)]
 
 
 @contextlib.contextmanager

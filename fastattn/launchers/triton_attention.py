@@ -13,6 +13,7 @@ import math
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from fastattn.kernels import configs
 from fastattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
@@ -37,21 +38,34 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _autotuned(kind: str, cands: tuple[configs.BlockConfig, ...]):
     return triton.autotune(configs=[c.as_triton() for c in cands], key=_AUTOTUNE_KEY)(_KERNELS[kind])
 
 
+_first_fitting: dict[tuple, int] = {}
+
+
 def _launch(kind: str, grid, args: tuple, **constexprs) -> None:
-    """Launch kernel `kind` with the config(s) the table gives for this head dim."""
+    """Launch kernel `kind` with the config(s) the table gives for this head dim: autotuned over
+    the candidates on a GPU, else the first candidate that fits the chip."""
     cands = configs.candidates(kind, constexprs["BLOCK_D"])
-    if len(cands) == 1:
-        c = cands[0]
-        _KERNELS[kind][grid(c.block_m, c.block_n)](
-            *args, BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
-            **constexprs)
-    else:
+    if len(cands) > 1 and configs.autotune_enabled():
         _autotuned(kind, tuple(cands))[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+        return
+    key = (kind, tuple(cands), args[0].dtype, tuple(sorted(constexprs.items())))
+    for i in range(_first_fitting.get(key, 0), len(cands)):
+        c = cands[i]
+        try:
+            _KERNELS[kind][grid(c.block_m, c.block_n)](
+                *args, BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
+                **constexprs)
+        except OutOfResources:
+            if i == len(cands) - 1:
+                raise
+            continue
+        _first_fitting[key] = i
+        return
 
 
 def _on_device(x: torch.Tensor):
