@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .tiles import key_range, load_tile, query_range, store_tile
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .tiles import key_range, load_tile, store_tile
 
-LN2: tl.constexpr = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -37,25 +37,31 @@ def _table(rows):
 # Keyed on the padded head dim bucket (<= 64, <= 128, <= 256).
 GPU_CANDIDATES = {
     "fwd": _table({
-        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 1)],
-        128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (32, 32, 4, 1)],
-        256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+        256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
     }),
     # dK/dV: BLOCK_N keys stay resident, BLOCK_M query tiles stream.
     "dkdv": _table({
-        64: [(64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 32, 4, 1)],
-        128: [(64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 1)],
-        256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1)],
+        64: [(64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3)],
+        128: [(64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+        256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
     }),
     # dQ: BLOCK_M queries stay resident, BLOCK_N key tiles stream.
     "dq": _table({
-        64: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (32, 32, 4, 1)],
-        128: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 1)],
-        256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1)],
+        64: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+        128: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+        256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
     }),
 }
-# The last candidate of each list is small enough to fit shared memory for any dtype (fp32, D=256):
-# without autotuning, a launch falls back along the list when a config is out of resources.
+
+# fp32 runs true-fp32 dots on the FMA units (no tensor cores): small tiles keep registers, shared
+# memory and compile time (fully unrolled FMA dots) in check. It is the accuracy path, not a fast one.
+FP32_CONFIGS = {"fwd": BlockConfig(32, 32, 4, 2), "dkdv": BlockConfig(32, 32, 4, 1), "dq": BlockConfig(32, 32, 4, 1)}
+
+# Small enough for any head dim and dtype: without autotuning, a launch whose config does not fit
+# the chip's shared memory falls back along the list to this one.
+FALLBACK = BlockConfig(32, 32, 4, 1)
 
 # Interpreter: BLOCK_M != BLOCK_N on purpose, so CPU tests exercise the unequal-tile causal logic.
 INTERPRETER_CONFIGS = {
@@ -84,13 +90,17 @@ def seq_bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 16384)
 
 
-def candidates(kind: str, block_d: int) -> list[BlockConfig]:
-    """Configs the kernel may use: a forced one, the interpreter's, or the GPU table's."""
+def candidates(kind: str, block_d: int, fp32: bool) -> list[BlockConfig]:
+    """Configs the kernel may use, best guess first: a forced one, the interpreter's, fp32's, or the
+    GPU table's (ending with the fallback when not autotuning)."""
     if kind in _forced:
         return [_forced[kind]]
     if interpreter_enabled():
         return [INTERPRETER_CONFIGS[kind]]
-    return GPU_CANDIDATES[kind][head_dim_bucket(block_d)]
+    if fp32:
+        return [FP32_CONFIGS[kind], FALLBACK]
+    table = GPU_CANDIDATES[kind][head_dim_bucket(block_d)]
+    return table if autotune_enabled() else table + [FALLBACK]
 
 
 @contextlib.contextmanager

@@ -49,8 +49,9 @@ _first_fitting: dict[tuple, int] = {}
 def _launch(kind: str, grid, args: tuple, **constexprs) -> None:
     """Launch kernel `kind` with the config(s) the table gives for this head dim: autotuned over
     the candidates on a GPU, else the first candidate that fits the chip."""
-    cands = configs.candidates(kind, constexprs["BLOCK_D"])
-    if len(cands) > 1 and configs.autotune_enabled():
+    fp32 = constexprs["DOT_PRECISION"] == "ieee"
+    cands = configs.candidates(kind, constexprs["BLOCK_D"], fp32)
+    if len(cands) > 1 and configs.autotune_enabled() and not fp32:
         _autotuned(kind, tuple(cands))[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
         return
     key = (kind, tuple(cands), args[0].dtype, tuple(sorted(constexprs.items())))

@@ -1,0 +1,104 @@
+"""Compile the Triton kernels for a GPU target on a machine without a GPU (no launch).
+
+    python tools/aot_compile_check.py [--arch 90] [--dtype fp16] [--head-dims 64,128,256] [--fp32]
+
+Catches what the interpreter does not: compile errors, configs whose shared memory exceeds the
+chip (H100: 227 KiB per block), and dots that did not lower to tensor-core instructions
+(wgmma on sm_90, mma on sm_80). Uses the ptxas bundled with triton. Takes minutes: a maintainer
+tool, not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastattn.kernels import configs  # noqa: E402
+from fastattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel  # noqa: E402
+from fastattn.kernels.attn_fwd import attn_fwd_kernel  # noqa: E402
+
+KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
+TENSOR_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+FP32_POINTERS = ("LSE", "DELTA", "DLSE")
+SCALARS_FP32 = ("qk_scale", "sm_scale")
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def signature(kernel, dtype: str, constexprs: dict) -> dict:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name in TENSOR_POINTERS:
+            sig[name] = "*" + dtype
+        elif name in SCALARS_FP32:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_one(kind, cfg, dtype, head_dim, causal, arch):
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d)
+    kernel = KERNELS[kind]
+    src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
+    t0 = time.time()
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    ptx = compiled.asm["ptx"]
+    mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
+    return compiled.metadata.shared, mma, time.time() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    ap.add_argument("--head-dims", default="64,128,256")
+    ap.add_argument("--causal", default="0,1")
+    args = ap.parse_args(argv)
+    bad = 0
+    print(f"{'kernel':<5} {'D':>4} {'causal':<6} {'config':<24} {'smem':>7} {'mma':<6} time")
+    for d in map(int, args.head_dims.split(",")):
+        block_d = max(16, triton.next_power_of_2(d))
+        for causal in (c == "1" for c in args.causal.split(",")):
+            for kind in KERNELS:
+                if args.dtype == "fp32":
+                    cands = [configs.FP32_CONFIGS[kind]]
+                else:
+                    cands = configs.GPU_CANDIDATES[kind][configs.head_dim_bucket(block_d)]
+                for cfg in cands + [configs.FALLBACK]:
+                    try:
+                        smem, mma, dt = compile_one(kind, cfg, args.dtype, d, causal, args.arch)
+                    except Exception as e:
+                        bad += 1
+                        print(f"{kind:<5} {d:>4} {causal!s:<6} {cfg} FAILED: {type(e).__name__}: {str(e)[-400:]}")
+                        continue
+                    over = smem > SMEM_LIMIT.get(args.arch, 1 << 30)
+                    want = "wgmma" if args.arch >= 90 else "mma"
+                    flag = " OVER SMEM LIMIT" if over else ""
+                    bad += bool(flag)
+                    # wgmma needs 64-row tiles; 32-row tiles (the fallback) use mma.sync on sm_90.
+                    flag += f" (note: {mma}, not {want})" if args.dtype != "fp32" and mma != want else ""
+                    label = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+                    print(f"{kind:<5} {d:>4} {causal!s:<6} {label:<24} {smem:>7} {mma:<6} {dt:4.1f}s{flag}",
+                          flush=True)
+    print(f"{bad} problem(s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
