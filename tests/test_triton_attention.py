@@ -4,10 +4,10 @@ three gradients over awkward shapes. On CPU this runs through the Triton interpr
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA
-from fastattn.kernels.configs import BlockConfig, forced
 
 import fastattn
 from fastattn import testing
+from fastattn.kernels.configs import BlockConfig, forced
 from fastattn.launchers.triton_attention import _last_dim_contiguous
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
