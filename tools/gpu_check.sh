@@ -29,12 +29,7 @@ stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
   fi
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  stamp "self-check"
-  timeout 120 $PY -m fastattn check
-  echo "check exit: $?"
 } > "$OUT/check.log" 2>&1
-check_rc=$(grep -o 'check exit: [0-9]*' "$OUT/check.log" | grep -o '[0-9]*$' || echo 1)
-stamp "self-check rc=$check_rc"
 
 # Tests: the whole suite on the GPU. Many small kernels to compile: spread them over the cores.
 workers=$(( $(nproc) > 16 ? 16 : $(nproc) ))
@@ -42,10 +37,20 @@ timeout 240 $PY -m pytest -q -m "not slow" -n "$workers" --timeout 150 -p no:cac
 test_rc=$?
 stamp "tests rc=$test_rc: $(tail -1 "$OUT/pytest.log")"
 
+# Self-check after the tests, on the tests' (untuned) configs: their compiled kernels are cached by
+# then, so this takes seconds instead of compiling every case's autotune candidates.
+FASTATTN_AUTOTUNE=0 timeout 200 $PY -m fastattn check >> "$OUT/check.log" 2>&1
+check_rc=$?
+stamp "self-check rc=$check_rc"
+
 # Quick benchmark with autotuning on (as a user gets it); print the autotuner's picks.
-TRITON_PRINT_AUTOTUNING=1 timeout 200 $PY benchmarks/bench_attention.py --quick --out "$OUT" > "$OUT/bench.log" 2>&1
-bench_rc=$?
-stamp "bench rc=$bench_rc"
+# SKIP_BENCH=1 skips it (a rerun that only re-verifies correctness).
+bench_rc=0
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  TRITON_PRINT_AUTOTUNING=1 timeout 200 $PY benchmarks/bench_attention.py --quick --out "$OUT" > "$OUT/bench.log" 2>&1
+  bench_rc=$?
+  stamp "bench rc=$bench_rc"
+fi
 
 {
   echo "## gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(( $(date +%s) - t0 ))s)"
