@@ -57,9 +57,10 @@ fi
   echo
   echo "| stage | exit | result |"
   echo "|---|---|---|"
-  echo "| self-check | $check_rc | $(tail -2 "$OUT/check.log" | head -1) |"
+  echo "| self-check | $check_rc | $(grep -E "all checks passed|SOME CHECKS FAILED" "$OUT/check.log" | tail -1) |"
   echo "| tests | $test_rc | $(tail -1 "$OUT/pytest.log") |"
-  echo "| bench | $bench_rc | $(grep -c 'TFLOPS' "$OUT/bench.log") cases |"
+  if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "| bench | - | skipped (SKIP_BENCH=1) |"
+  else echo "| bench | $bench_rc | $(grep -c 'TFLOPS (' "$OUT/bench.log") cases timed |"; fi
   echo
   if [ -f "$OUT/bench.json" ]; then
     $PY - "$OUT/bench.json" <<'PYEOF'
