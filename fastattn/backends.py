@@ -15,6 +15,7 @@ from fastattn.validation import AttentionShape
 
 BACKENDS = ("triton", "torch", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_GRID_YZ = 65535  # the Triton kernels put heads and batch on CUDA grid axes 1 and 2
 
 
 @dataclass
@@ -73,6 +74,8 @@ def _triton_unsupported(call: AttentionCall) -> str | None:
         return f"dtype {call.q.dtype} is not supported (float16, bfloat16, float32)"
     if call.key_padding_mask is not None:
         return "key_padding_mask is not supported by the triton backend yet"
+    if max(call.shape.batch, call.shape.heads_q) > MAX_GRID_YZ:
+        return f"batch size and head count must be <= {MAX_GRID_YZ} (CUDA grid limit)"
     if not call.q.is_cuda and not _interpreter():
         return f"tensors are on {call.q.device}; the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
     return None
@@ -100,7 +103,7 @@ def _torch_run(call: AttentionCall):
         # Bottom-right causal: the first Sq - Sk queries see no key and return 0 (SDPA would give NaN).
         skipped, q = sq - sk, q[:, sq - sk:]
     if sk == 0 or q.shape[1] == 0:
-        return q.new_zeros(call.q.shape)
+        return _reference_run(call)  # empty: zeros that stay attached to the autograd graph
     # (B, S, H, D) -> (B, H, S, D), SDPA's layout.
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = call.shape.heads_q != call.shape.heads_kv

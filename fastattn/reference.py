@@ -68,7 +68,10 @@ def attention(
 
     # Softmax written out so that rows with no visible key give exactly 0 (and finite gradients).
     # The row max only stabilises the exponent; the result does not depend on it, so detach it.
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    if sk == 0:  # no keys at all: every row is empty
+        row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+    else:
+        row_max = scores.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(scores - row_max)
     denom = e.sum(dim=-1, keepdim=True)

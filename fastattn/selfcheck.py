@@ -8,6 +8,7 @@ import time
 import torch
 
 from fastattn import api, backends, testing
+from fastattn.validation import validate_qkv
 
 # (name, B, Sq, Sk, Hq, Hkv, D, causal, layout)
 CASES = [
@@ -49,7 +50,7 @@ def run_check(device: str | None = None, out=print) -> bool:
             for case, b, sq, sk, hq, hkv, d, causal, layout in CASES:
                 q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=dtype, device=device,
                                              layout=layout, generator=gen)
-                probe = backends.AttentionCall(q, k, v, None, causal, 1.0, None, True)
+                probe = backends.AttentionCall(q, k, v, validate_qkv(q, k, v), causal, 1.0, None, True)
                 lse_ok = backends.why_not(name, probe) is None
 
                 def fn(a, b_, c, name=name, causal=causal, lse_ok=lse_ok):

@@ -24,6 +24,8 @@ class AttentionShape:
 def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:

@@ -15,7 +15,7 @@ key have lse = -inf; they are given +inf here so that their P is 0 and their gra
 import triton
 import triton.language as tl
 
-from .tiles import key_range, load_tile, query_range, store_tile
+from .tiles import key_range, load_tile, program_coords, query_range, store_tile
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -34,16 +34,14 @@ def attn_bwd_preprocess_kernel(
     stride_dob, stride_dos, stride_doh,
     Hq, Sq,
     HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
+    pid_m, b, h = program_coords()
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = load_tile(O + b * stride_ob + h * stride_oh, rows, stride_os, Sq, HEAD_DIM, BLOCK_D, True)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, stride_dos, Sq, HEAD_DIM, BLOCK_D, True)
+    o = load_tile(O + b * stride_ob + h * stride_oh, rows, stride_os, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, stride_dos, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row_off = pid_bh.to(tl.int64) * Sq + rows
+    row_off = (b * Hq + h) * Sq + rows
     if HAS_DLSE:
         delta -= tl.load(DLSE + row_off, mask=rows < Sq, other=0.0)
     tl.store(DELTA + row_off, delta, mask=rows < Sq)
@@ -53,18 +51,18 @@ def attn_bwd_preprocess_kernel(
 def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, LSE_row, DELTA_row, stride_qs, stride_dos,
                        offs_n, lo, hi, Sq, Sk, qk_scale,
                        MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """Accumulate one query head's contribution from query blocks [lo, hi) into dk, dv (fp32)."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = load_tile(q_base, rows, stride_qs, Sq, HEAD_DIM, BLOCK_D, True)
+        q = load_tile(q_base, rows, stride_qs, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
         lse2 = _lse_log2(LSE_row, rows, Sq)
         # Work transposed, (BLOCK_N, BLOCK_M), so dK/dV come out without transposing P.
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         p_t = tl.exp2(s_t - lse2[None, :])
         if MASKED:  # causal diagonal: key j is visible to query i iff j <= i + Sk - Sq
             p_t = tl.where(offs_n[:, None] <= rows[None, :] + (Sk - Sq), p_t, 0.0)
-        do = load_tile(do_base, rows, stride_dos, Sq, HEAD_DIM, BLOCK_D, True)
+        do = load_tile(do_base, rows, stride_dos, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         delta = tl.load(DELTA_row + rows, mask=rows < Sq, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -85,17 +83,14 @@ def attn_bwd_dkdv_kernel(
     Hq, Hkv, GROUP, Sq, Sk, sm_scale, qk_scale,
     SEQ_BUCKET,  # only an autotune key
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hkv).to(tl.int64)
-    hk = pid_bh % Hkv
+    pid_n, b, hk = program_coords()
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
 
-    k = load_tile(K + b * stride_kb + hk * stride_kh, offs_n, stride_ks, Sk, HEAD_DIM, BLOCK_D, True)
-    v = load_tile(V + b * stride_vb + hk * stride_vh, offs_n, stride_vs, Sk, HEAD_DIM, BLOCK_D, True)
+    k = load_tile(K + b * stride_kb + hk * stride_kh, offs_n, stride_ks, Sk, HEAD_DIM, BLOCK_D, True, WIDE)
+    v = load_tile(V + b * stride_vb + hk * stride_vh, offs_n, stride_vs, Sk, HEAD_DIM, BLOCK_D, True, WIDE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -107,27 +102,28 @@ def attn_bwd_dkdv_kernel(
         row_base = (b * Hq + h) * Sq
         dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
                                     stride_qs, stride_dos, offs_n, lo, full_start, Sq, Sk, qk_scale,
-                                    True, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION)
+                                    True, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, WIDE)
         dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
                                     stride_qs, stride_dos, offs_n, full_start, hi, Sq, Sk, qk_scale,
-                                    False, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION)
+                                    False, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, WIDE)
 
     store_tile(DK + b * stride_dkb + hk * stride_dkh, (dk * sm_scale).to(DK.dtype.element_ty), offs_n,
-               stride_dks, Sk, HEAD_DIM, BLOCK_D)
+               stride_dks, Sk, HEAD_DIM, BLOCK_D, WIDE)
     store_tile(DV + b * stride_dvb + hk * stride_dvh, dv.to(DV.dtype.element_ty), offs_n, stride_dvs, Sk,
-               HEAD_DIM, BLOCK_D)
+               HEAD_DIM, BLOCK_D, WIDE)
 
 
 @triton.jit
 def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, lo, hi, Sq, Sk,
                    qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   WIDE: tl.constexpr):
     """Accumulate dQ (unscaled) over key blocks [lo, hi)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM, BLOCK_D, MASKED)
-        v = load_tile(v_base, cols, stride_vs, Sk, HEAD_DIM, BLOCK_D, MASKED)
+        k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
+        v = load_tile(v_base, cols, stride_vs, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
@@ -152,19 +148,16 @@ def attn_bwd_dq_kernel(
     Hq, GROUP, Sq, Sk, sm_scale, qk_scale,
     SEQ_BUCKET,  # only an autotune key
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
+    pid_m, b, h = program_coords()
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, Sq, HEAD_DIM, BLOCK_D, True)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, stride_dos, Sq, HEAD_DIM, BLOCK_D, True)
-    row_base = pid_bh.to(tl.int64) * Sq
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, stride_dos, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
+    row_base = (b * Hq + h) * Sq
     lse2 = _lse_log2(LSE + row_base, offs_m, Sq)
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Sq, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
@@ -173,8 +166,8 @@ def attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end, hi = key_range(start_m, Sq, Sk, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, 0, full_end,
-                        Sq, Sk, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+                        Sq, Sk, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
     dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, full_end, hi,
-                        Sq, Sk, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+                        Sq, Sk, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
     store_tile(DQ + b * stride_dqb + h * stride_dqh, (dq * sm_scale).to(DQ.dtype.element_ty), offs_m,
-               stride_dqs, Sq, HEAD_DIM, BLOCK_D)
+               stride_dqs, Sq, HEAD_DIM, BLOCK_D, WIDE)

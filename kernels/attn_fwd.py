@@ -9,7 +9,7 @@ log-sum-exp (B, Hq, Sq) that the backward recomputes P from.
 import triton
 import triton.language as tl
 
-from .tiles import key_range, load_tile, store_tile
+from .tiles import key_range, load_tile, program_coords, store_tile
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -17,12 +17,13 @@ LN2 = tl.constexpr(0.6931471805599453)
 @triton.jit
 def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, lo, hi, Sq, Sk,
                     qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    WIDE: tl.constexpr):
     """Fold key blocks [lo, hi) into the running (acc, row max m_i, row sum l_i)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM, BLOCK_D, MASKED)
+        k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
             visible = cols[None, :] < Sk
@@ -38,7 +39,7 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(v_base, cols, stride_vs, Sk, HEAD_DIM, BLOCK_D, MASKED)
+        v = load_tile(v_base, cols, stride_vs, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -54,17 +55,14 @@ def attn_fwd_kernel(
     Hq, GROUP, Sq, Sk, qk_scale,
     SEQ_BUCKET,  # only an autotune key
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
+    pid_m, b, h = program_coords()
     hk = h // GROUP  # the KV head shared by this query head's group
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, Sq, HEAD_DIM, BLOCK_D, True)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
 
@@ -75,15 +73,15 @@ def attn_fwd_kernel(
     full_end, hi = key_range(start_m, Sq, Sk, BLOCK_M, BLOCK_N, CAUSAL)
     acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m,
                                     0, full_end, Sq, Sk, qk_scale, False, CAUSAL, HEAD_DIM,
-                                    BLOCK_N, BLOCK_D, DOT_PRECISION)
+                                    BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
     acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m,
                                     full_end, hi, Sq, Sk, qk_scale, True, CAUSAL, HEAD_DIM,
-                                    BLOCK_N, BLOCK_D, DOT_PRECISION)
+                                    BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
 
     # Rows that saw no key have l = 0 and acc = 0: divide by 1 to return 0, and lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     store_tile(O + b * stride_ob + h * stride_oh, out.to(O.dtype.element_ty), offs_m, stride_os, Sq,
-               HEAD_DIM, BLOCK_D)
-    tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+               HEAD_DIM, BLOCK_D, WIDE)
+    tl.store(LSE + (b * Hq + h) * Sq + offs_m, lse, mask=offs_m < Sq)

@@ -1,7 +1,9 @@
 """Jit helpers shared by the forward and backward kernels.
 
 Conventions: a tile is BLOCK rows of a (S, D) slice whose rows are `stride` elements apart and
-whose last dimension is contiguous. Head dims that are not a power of two are padded to BLOCK_D
+whose last dimension is contiguous. Row offsets are 32-bit unless WIDE: the launcher sets WIDE when
+some tensor's (S * row stride) reaches 2**31 elements within one (batch, head) slice (long contexts,
+big KV caches), and pays for 64-bit offset vectors only then (they cost registers and spills). Head dims that are not a power of two are padded to BLOCK_D
 and masked; rows past the sequence end are masked (loaded as 0, never stored).
 
 Causal attention is bottom-right aligned: query i sees key j iff j <= i + (Sk - Sq).
@@ -13,10 +15,13 @@ import triton.language as tl
 
 @triton.jit
 def load_tile(ptr, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              CHECK_ROWS: tl.constexpr):
+              CHECK_ROWS: tl.constexpr, WIDE: tl.constexpr):
     """Load a (len(rows), BLOCK_D) tile; masked entries read as 0."""
     offs_d = tl.arange(0, BLOCK_D)
-    ptrs = ptr + rows[:, None] * stride + offs_d[None, :]
+    if WIDE:
+        ptrs = ptr + rows.to(tl.int64)[:, None] * stride + offs_d[None, :]
+    else:
+        ptrs = ptr + rows[:, None] * stride + offs_d[None, :]
     if CHECK_ROWS:
         mask = rows[:, None] < n_rows
         if HEAD_DIM != BLOCK_D:
@@ -30,10 +35,14 @@ def load_tile(ptr, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.con
 
 
 @triton.jit
-def store_tile(ptr, x, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def store_tile(ptr, x, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               WIDE: tl.constexpr):
     """Store a (len(rows), BLOCK_D) tile, skipping padded rows and head-dim columns."""
     offs_d = tl.arange(0, BLOCK_D)
-    ptrs = ptr + rows[:, None] * stride + offs_d[None, :]
+    if WIDE:
+        ptrs = ptr + rows.to(tl.int64)[:, None] * stride + offs_d[None, :]
+    else:
+        ptrs = ptr + rows[:, None] * stride + offs_d[None, :]
     mask = rows[:, None] < n_rows
     if HEAD_DIM != BLOCK_D:
         mask = mask & (offs_d[None, :] < HEAD_DIM)
@@ -80,3 +89,11 @@ def query_range(start_n, Sq, Sk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, C
         lo = 0
         full_start = 0
     return lo, full_start, hi
+
+
+@triton.jit
+def program_coords():
+    """(tile index, batch, head) of this program, for grid = (tiles, heads, batch). Batch and head
+    get their own grid axes (limit 65535 each) instead of one flattened B * H axis that would
+    exceed it; both are 64-bit so that batch and head offsets never wrap."""
+    return tl.program_id(0), tl.program_id(2).to(tl.int64), tl.program_id(1).to(tl.int64)

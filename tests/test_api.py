@@ -107,6 +107,29 @@ def test_device_mismatch_cpu_meta(gen):
         fastattn.attention(q, k.to("meta"), v)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("sq,sk", [(5, 0), (0, 5)])
+def test_empty_sequences_give_zeros_and_zero_grads(backend, sq, sk, gen):
+    q, k, v = testing.random_qkv(2, sq, sk, 2, 1, 16, device=DEVICE, generator=gen, requires_grad=True)
+    out = fastattn.attention(q, k, v, causal=True, backend=backend)
+    assert out.shape == q.shape and (out == 0).all()
+    out.sum().backward()
+    for x in (q, k, v):
+        assert x.grad is not None and (x.grad == 0).all()
+
+
+def test_triton_rejects_batch_over_grid_limit():
+    q = torch.empty(70000, 4, 2, 16, device="meta")
+    with pytest.raises(ValueError, match="65535"):
+        fastattn.attention(q, q, q, backend="triton")
+
+
+def test_sparse_input_is_rejected(gen):
+    q, k, v = qkv(gen)
+    with pytest.raises(TypeError, match="dense"):
+        fastattn.attention(q.to_sparse(), k, v)
+
+
 def test_reference_backend_key_padding_mask(gen):
     q, k, v = qkv(gen, b=2, sk=6)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool, device=q.device)

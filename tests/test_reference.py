@@ -1,5 +1,6 @@
 """The oracle itself: checked against independent formulations, in float64."""
 
+import pytest
 import torch
 
 from fastattn import reference, testing
@@ -62,3 +63,19 @@ def test_tolerance_rule_catches_a_wrong_answer(gen):
 
     results = testing.check_against_reference(wrong, q, k, v, grads=False)
     assert not results[0].ok and results[1].ok
+
+
+def test_tolerance_rule_refuses_a_non_finite_naive_result():
+    ref = torch.ones(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not finite"):
+        testing.compare("out", ref.half(), torch.full((4,), float("inf"), dtype=torch.float16), ref, 2.0)
+
+
+def test_tolerance_floor():
+    ref = torch.full((3,), 40.0, dtype=torch.float64)
+    naive = ref.float()  # exact
+    # fp32: 1e-5 relative to the magnitude; fp16: one fp16 eps relative to it.
+    assert testing.compare("x", naive + 3e-4, naive, ref, 2.0).ok
+    assert not testing.compare("x", naive + 5e-4, naive, ref, 2.0).ok
+    assert testing.compare("x", (ref + 0.03).half(), ref.half(), ref, 2.0).ok
+    assert not testing.compare("x", (ref + 0.06).half(), ref.half(), ref, 2.0).ok

@@ -4,7 +4,8 @@
 
 Catches what the interpreter does not: compile errors, configs whose shared memory exceeds the
 chip (H100: 227 KiB per block), and dots that did not lower to tensor-core instructions
-(wgmma on sm_90, mma on sm_80). Uses the ptxas bundled with triton. Takes minutes: a maintainer
+(wgmma on sm_90, mma on sm_80), with registers and spills from ptxas -v. Uses the ptxas bundled
+with triton. Takes minutes: a maintainer
 tool, not part of the test suite.
 """
 
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,7 +56,7 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
 def compile_one(kind, cfg, dtype, head_dim, causal, arch):
     block_d = max(16, triton.next_power_of_2(head_dim))
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d)
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, WIDE=False)
     kernel = KERNELS[kind]
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
     t0 = time.time()
@@ -60,7 +64,24 @@ def compile_one(kind, cfg, dtype, head_dim, causal, arch):
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     ptx = compiled.asm["ptx"]
     mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
-    return compiled.metadata.shared, mma, time.time() - t0
+    return compiled.metadata.shared, mma, time.time() - t0, _registers(ptx, arch)
+
+
+def _registers(ptx: str, arch: int) -> str:
+    """Registers and spill bytes from `ptxas -v` (triton's bundled ptxas) on the generated PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(arch)
+    tool = getattr(tool, "path", tool)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        arch_flag = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        res = subprocess.run([tool, "-v", f"-arch={arch_flag}", path, "-o", os.devnull], capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", res.stderr)
+    return f"{regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B spill"
 
 
 def main(argv=None) -> int:
@@ -71,7 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--causal", default="0,1")
     args = ap.parse_args(argv)
     bad = 0
-    print(f"{'kernel':<5} {'D':>4} {'causal':<6} {'config':<24} {'smem':>7} {'mma':<6} time")
+    print(f"{'kernel':<5} {'D':>4} {'causal':<6} {'config':<24} {'smem':>7} {'mma':<6} {'registers':<22} time")
     for d in map(int, args.head_dims.split(",")):
         block_d = max(16, triton.next_power_of_2(d))
         for causal in (c == "1" for c in args.causal.split(",")):
@@ -82,7 +103,7 @@ def main(argv=None) -> int:
                     cands = configs.GPU_CANDIDATES[kind][configs.head_dim_bucket(block_d)]
                 for cfg in cands + [configs.FALLBACK]:
                     try:
-                        smem, mma, dt = compile_one(kind, cfg, args.dtype, d, causal, args.arch)
+                        smem, mma, dt, regs = compile_one(kind, cfg, args.dtype, d, causal, args.arch)
                     except Exception as e:
                         bad += 1
                         print(f"{kind:<5} {d:>4} {causal!s:<6} {cfg} FAILED: {type(e).__name__}: {str(e)[-400:]}")
@@ -94,7 +115,7 @@ def main(argv=None) -> int:
                     # wgmma needs 64-row tiles; 32-row tiles (the fallback) use mma.sync on sm_90.
                     flag += f" (note: {mma}, not {want})" if args.dtype != "fp32" and mma != want else ""
                     label = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
-                    print(f"{kind:<5} {d:>4} {causal!s:<6} {label:<24} {smem:>7} {mma:<6} {dt:4.1f}s{flag}",
+                    print(f"{kind:<5} {d:>4} {causal!s:<6} {label:<24} {smem:>7} {mma:<6} {regs:<22} {dt:4.1f}s{flag}",
                           flush=True)
     print(f"{bad} problem(s)")
     return 1 if bad else 0

@@ -24,6 +24,12 @@ _KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd
 _AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "DOT_PRECISION", "SEQ_BUCKET"]
 
 
+def _needs_wide_offsets(*xs: torch.Tensor) -> bool:
+    """True when a row offset inside one (batch, head) slice can reach 2**31 elements: the kernels
+    then compute row offsets in 64 bits (slower: 64-bit offset vectors spill registers)."""
+    return any((x.shape[1] + 256) * x.stride(1) >= 2**31 for x in xs)
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     # The kernels index the head dim with unit stride; anything else needs the one copy.
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -90,10 +96,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     with _on_device(q):
         _launch(
             "fwd",
-            lambda bm, bn: (triton.cdiv(sq, bm), b * hq),
+            lambda bm, bn: (triton.cdiv(sq, bm), hq, b),
             (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
              hq, hq // hkv, sq, sk, scale * LOG2E, configs.seq_bucket(max(sq, sk))),
             CAUSAL=causal, HEAD_DIM=d, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(d),
+            WIDE=_needs_wide_offsets(q, k, v, out),
         )
     return out, lse
 
@@ -111,26 +118,27 @@ def backward(dout, q, k, v, out, lse, dlse, causal: bool, scale: float):
     lse = lse.contiguous()
     delta = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     block_d = _block_d(d)
-    common = dict(CAUSAL=causal, HEAD_DIM=d, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d)
+    wide = _needs_wide_offsets(q, k, v, out, dout, dq, dk, dv)
+    common = dict(CAUSAL=causal, HEAD_DIM=d, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d, WIDE=wide)
     bucket = configs.seq_bucket(max(sq, sk))
     with _on_device(q):
         pre_m = 64
         has_dlse = dlse is not None
-        attn_bwd_preprocess_kernel[(triton.cdiv(sq, pre_m), b * hq)](
+        attn_bwd_preprocess_kernel[(triton.cdiv(sq, pre_m), hq, b)](
             out, dout, dlse.float().contiguous() if has_dlse else delta, delta,
             *_strides(out), *_strides(dout), hq, sq,
-            HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_M=pre_m, BLOCK_D=block_d,
+            HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_M=pre_m, BLOCK_D=block_d, WIDE=wide,
         )
         _launch(
             "dkdv",
-            lambda bm, bn: (triton.cdiv(sk, bn), b * hkv),
+            lambda bm, bn: (triton.cdiv(sk, bn), hkv, b),
             (q, k, v, dout, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
              *_strides(dk), *_strides(dv), hq, hkv, hq // hkv, sq, sk, scale, scale * LOG2E, bucket),
             **common,
         )
         _launch(
             "dq",
-            lambda bm, bn: (triton.cdiv(sq, bm), b * hq),
+            lambda bm, bn: (triton.cdiv(sq, bm), hq, b),
             (q, k, v, dout, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
              *_strides(dq), hq, hq // hkv, sq, sk, scale, scale * LOG2E, bucket),
             **common,
