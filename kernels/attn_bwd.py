@@ -15,7 +15,7 @@ key have lse = -inf; they are given +inf here so that their P is 0 and their gra
 import triton
 import triton.language as tl
 
-from .tiles import key_range, load_tile, program_coords, query_range, store_tile
+from .tiles import key_range, load_tile, program_coords, query_range, scores_tile, store_tile
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -124,13 +124,8 @@ def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
         cols = start_n + offs_n
         k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
         v = load_tile(v_base, cols, stride_vs, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
-        if MASKED:
-            visible = cols[None, :] < Sk
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + (Sk - Sq))
-            p = tl.where(visible, p, 0.0)
+        s = scores_tile(q, k, cols, offs_m, Sq, Sk, qk_scale, MASKED, CAUSAL, DOT_PRECISION)
+        p = tl.exp2(s - lse2[:, None])  # masked keys: exp2(-inf) = 0
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)

@@ -9,7 +9,7 @@ log-sum-exp (B, Hq, Sq) that the backward recomputes P from.
 import triton
 import triton.language as tl
 
-from .tiles import key_range, load_tile, program_coords, store_tile
+from .tiles import key_range, load_tile, program_coords, scores_tile, store_tile
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -24,12 +24,7 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        if MASKED:
-            visible = cols[None, :] < Sk
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + (Sk - Sq))
-            s = tl.where(visible, s, float("-inf"))
+        s = scores_tile(q, k, cols, offs_m, Sq, Sk, qk_scale, MASKED, CAUSAL, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = m_new
         if MASKED:

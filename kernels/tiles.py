@@ -50,6 +50,20 @@ def store_tile(ptr, x, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl
 
 
 @triton.jit
+def scores_tile(q, k, cols, rows, Sq, Sk, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """Scaled scores q k^T in log2 units, (len(rows), len(cols)); on masked (diagonal/tail) blocks,
+    keys past Sk or (causal) after query i's last visible key are -inf."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        visible = cols[None, :] < Sk
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + (Sk - Sq))
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def key_range(start_m, Sq, Sk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Key blocks a query block [start_m, start_m + BLOCK_M) must visit.
 
