@@ -15,7 +15,16 @@ key have lse = -inf; they are given +inf here so that their P is 0 and their gra
 import triton
 import triton.language as tl
 
-from .tiles import key_range, load_tile, program_coords, query_range, scores_tile, store_tile
+from .tiles import (
+    key_blocks,
+    load_tile,
+    padded_key_bounds,
+    program_coords,
+    query_range,
+    scores_tile,
+    sequence_bounds,
+    store_tile,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -32,26 +41,28 @@ def attn_bwd_preprocess_kernel(
     O, DO, DLSE, DELTA,
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
-    Hq, Sq,
+    stride_lb, stride_lh, Sq,
     HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     WIDE: tl.constexpr,
 ):
+    """Row-wise, so packed (varlen) inputs run as one long sequence: DELTA has LSE's layout."""
     pid_m, b, h = program_coords()
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o = load_tile(O + b * stride_ob + h * stride_oh, rows, stride_os, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
     do = load_tile(DO + b * stride_dob + h * stride_doh, rows, stride_dos, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row_off = (b * Hq + h) * Sq + rows
+    row_off = b * stride_lb + h * stride_lh + rows
     if HAS_DLSE:
         delta -= tl.load(DLSE + row_off, mask=rows < Sq, other=0.0)
     tl.store(DELTA + row_off, delta, mask=rows < Sq)
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, LSE_row, DELTA_row, stride_qs, stride_dos,
+def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, stride_qs, stride_dos,
                        offs_n, lo, hi, Sq, Sk, qk_scale,
-                       MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
+                       MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       WIDE: tl.constexpr):
     """Accumulate one query head's contribution from query blocks [lo, hi) into dk, dv (fp32)."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -62,6 +73,8 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, LSE_row, DELTA_row, stride
         p_t = tl.exp2(s_t - lse2[None, :])
         if MASKED:  # causal diagonal: key j is visible to query i iff j <= i + Sk - Sq
             p_t = tl.where(offs_n[:, None] <= rows[None, :] + (Sk - Sq), p_t, 0.0)
+        if HAS_KPM:  # padded keys get no probability
+            p_t = tl.where(kp[:, None], p_t, 0.0)
         do = load_tile(do_base, rows, stride_dos, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         delta = tl.load(DELTA_row + rows, mask=rows < Sq, other=0.0)
@@ -73,58 +86,72 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, LSE_row, DELTA_row, stride
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KV_BOUNDS, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh, stride_kpm_b,
     Hq, Hkv, GROUP, Sq, Sk, sm_scale, qk_scale,
     SEQ_BUCKET,  # only an autotune key
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_n, b, hk = program_coords()
+    q_start, Sq, k_start, Sk = sequence_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
 
-    k = load_tile(K + b * stride_kb + hk * stride_kh, offs_n, stride_ks, Sk, HEAD_DIM, BLOCK_D, True, WIDE)
-    v = load_tile(V + b * stride_vb + hk * stride_vh, offs_n, stride_vs, Sk, HEAD_DIM, BLOCK_D, True, WIDE)
+    k = load_tile(K + b * stride_kb + hk * stride_kh + k_start * stride_ks, offs_n, stride_ks, Sk, HEAD_DIM,
+                  BLOCK_D, True, WIDE)
+    v = load_tile(V + b * stride_vb + hk * stride_vh + k_start * stride_vs, offs_n, stride_vs, Sk, HEAD_DIM,
+                  BLOCK_D, True, WIDE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     lo, full_start, hi = query_range(start_n, Sq, Sk, BLOCK_M, BLOCK_N, CAUSAL)
+    # A key tile past the sequence (varlen), or made only of padding, gets zero gradients.
+    kv_lo, kv_hi = padded_key_bounds(KV_BOUNDS, b, Sk, HAS_KPM)
+    skip = (start_n >= Sk) | (start_n + BLOCK_N <= kv_lo) | (start_n >= kv_hi)
+    hi = tl.where(skip, 0, hi)
+    lo = tl.minimum(lo, hi)
+    full_start = tl.minimum(full_start, hi)
+    kp = offs_n < Sk
+    if HAS_KPM:
+        kp = kp & (tl.load(KPM + b * stride_kpm_b + offs_n, mask=offs_n < Sk, other=0) != 0)
     for g in range(GROUP):  # the query heads that share this KV head, summed in registers
         h = hk * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        row_base = (b * Hq + h) * Sq
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+        q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
+        do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dos
+        row_base = b * stride_lb + h * stride_lh + q_start
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base,
                                     stride_qs, stride_dos, offs_n, lo, full_start, Sq, Sk, qk_scale,
-                                    True, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, WIDE)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                                    True, HAS_KPM, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, WIDE)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base,
                                     stride_qs, stride_dos, offs_n, full_start, hi, Sq, Sk, qk_scale,
-                                    False, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, WIDE)
+                                    False, HAS_KPM, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, WIDE)
 
-    store_tile(DK + b * stride_dkb + hk * stride_dkh, (dk * sm_scale).to(DK.dtype.element_ty), offs_n,
-               stride_dks, Sk, HEAD_DIM, BLOCK_D, WIDE)
-    store_tile(DV + b * stride_dvb + hk * stride_dvh, dv.to(DV.dtype.element_ty), offs_n, stride_dvs, Sk,
-               HEAD_DIM, BLOCK_D, WIDE)
+    store_tile(DK + b * stride_dkb + hk * stride_dkh + k_start * stride_dks, (dk * sm_scale).to(DK.dtype.element_ty),
+               offs_n, stride_dks, Sk, HEAD_DIM, BLOCK_D, WIDE)
+    store_tile(DV + b * stride_dvb + hk * stride_dvh + k_start * stride_dvs, dv.to(DV.dtype.element_ty), offs_n,
+               stride_dvs, Sk, HEAD_DIM, BLOCK_D, WIDE)
 
 
 @triton.jit
-def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, lo, hi, Sq, Sk,
-                   qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   WIDE: tl.constexpr):
+def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, lo, hi, Sq, Sk,
+                   qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """Accumulate dQ (unscaled) over key blocks [lo, hi)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
         v = load_tile(v_base, cols, stride_vs, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
-        s = scores_tile(q, k, cols, offs_m, Sq, Sk, qk_scale, MASKED, CAUSAL, DOT_PRECISION)
+        s = scores_tile(q, k, cols, offs_m, Sq, Sk, qk_scale, KP_row, MASKED, CAUSAL, HAS_KPM, DOT_PRECISION)
         p = tl.exp2(s - lse2[:, None])  # masked keys: exp2(-inf) = 0
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -134,35 +161,43 @@ def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, KPM, KV_BOUNDS, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh, stride_kpm_b,
     Hq, GROUP, Sq, Sk, sm_scale, qk_scale,
     SEQ_BUCKET,  # only an autotune key
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_m, b, h = program_coords()
     hk = h // GROUP
+    q_start, Sq, k_start, Sk = sequence_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, stride_dos, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
-    row_base = (b * Hq + h) * Sq
+    q = load_tile(Q + b * stride_qb + h * stride_qh + q_start * stride_qs, offs_m, stride_qs, Sq, HEAD_DIM,
+                  BLOCK_D, True, WIDE)
+    do = load_tile(DO + b * stride_dob + h * stride_doh + q_start * stride_dos, offs_m, stride_dos, Sq, HEAD_DIM,
+                   BLOCK_D, True, WIDE)
+    row_base = b * stride_lb + h * stride_lh + q_start
     lse2 = _lse_log2(LSE + row_base, offs_m, Sq)
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Sq, other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
+    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+    KP_row = KPM + b * stride_kpm_b
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end, hi = key_range(start_m, Sq, Sk, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, 0, full_end,
-                        Sq, Sk, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
-    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, full_end, hi,
-                        Sq, Sk, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
-    store_tile(DQ + b * stride_dqb + h * stride_dqh, (dq * sm_scale).to(DQ.dtype.element_ty), offs_m,
-               stride_dqs, Sq, HEAD_DIM, BLOCK_D, WIDE)
+    lo, full_end, hi = key_blocks(start_m, Sq, Sk, KV_BOUNDS, b, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, lo,
+                        full_end, Sq, Sk, qk_scale, False, CAUSAL, HAS_KPM, HEAD_DIM, BLOCK_N, BLOCK_D,
+                        DOT_PRECISION, WIDE)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, full_end,
+                        hi, Sq, Sk, qk_scale, True, CAUSAL, HAS_KPM, HEAD_DIM, BLOCK_N, BLOCK_D,
+                        DOT_PRECISION, WIDE)
+    store_tile(DQ + b * stride_dqb + h * stride_dqh + q_start * stride_dqs, (dq * sm_scale).to(DQ.dtype.element_ty),
+               offs_m, stride_dqs, Sq, HEAD_DIM, BLOCK_D, WIDE)

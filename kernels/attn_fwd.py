@@ -9,22 +9,23 @@ log-sum-exp (B, Hq, Sq) that the backward recomputes P from.
 import triton
 import triton.language as tl
 
-from .tiles import key_range, load_tile, program_coords, scores_tile, store_tile
+from .tiles import key_blocks, load_tile, program_coords, scores_tile, sequence_bounds, store_tile
 
 LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, lo, hi, Sq, Sk,
-                    qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    WIDE: tl.constexpr):
+def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, lo, hi, Sq, Sk,
+                    qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """Fold key blocks [lo, hi) into the running (acc, row max m_i, row sum l_i)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
-        s = scores_tile(q, k, cols, offs_m, Sq, Sk, qk_scale, MASKED, CAUSAL, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        s = scores_tile(q, k, cols, offs_m, Sq, Sk, qk_scale, KP_row, MASKED, CAUSAL, HAS_KPM,
+                        DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = m_new
         if MASKED:
@@ -42,41 +43,46 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, KPM, KV_BOUNDS, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh, stride_kpm_b,
     Hq, GROUP, Sq, Sk, qk_scale,
     SEQ_BUCKET,  # only an autotune key
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_m, b, h = program_coords()
     hk = h // GROUP  # the KV head shared by this query head's group
+    q_start, Sq, k_start, Sk = sequence_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
+    q = load_tile(q_base, offs_m, stride_qs, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
+    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
+    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+    KP_row = KPM + b * stride_kpm_b
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    full_end, hi = key_range(start_m, Sq, Sk, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m,
-                                    0, full_end, Sq, Sk, qk_scale, False, CAUSAL, HEAD_DIM,
+    lo, full_end, hi = key_blocks(start_m, Sq, Sk, KV_BOUNDS, b, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM)
+    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m,
+                                    lo, full_end, Sq, Sk, qk_scale, False, CAUSAL, HAS_KPM, HEAD_DIM,
                                     BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m,
-                                    full_end, hi, Sq, Sk, qk_scale, True, CAUSAL, HEAD_DIM,
+    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m,
+                                    full_end, hi, Sq, Sk, qk_scale, True, CAUSAL, HAS_KPM, HEAD_DIM,
                                     BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
 
     # Rows that saw no key have l = 0 and acc = 0: divide by 1 to return 0, and lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-    store_tile(O + b * stride_ob + h * stride_oh, out.to(O.dtype.element_ty), offs_m, stride_os, Sq,
-               HEAD_DIM, BLOCK_D, WIDE)
-    tl.store(LSE + (b * Hq + h) * Sq + offs_m, lse, mask=offs_m < Sq)
+    store_tile(O + b * stride_ob + h * stride_oh + q_start * stride_os, out.to(O.dtype.element_ty), offs_m,
+               stride_os, Sq, HEAD_DIM, BLOCK_D, WIDE)
+    tl.store(LSE + b * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=offs_m < Sq)

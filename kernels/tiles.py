@@ -50,17 +50,48 @@ def store_tile(ptr, x, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl
 
 
 @triton.jit
-def scores_tile(q, k, cols, rows, Sq, Sk, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """Scaled scores q k^T in log2 units, (len(rows), len(cols)); on masked (diagonal/tail) blocks,
-    keys past Sk or (causal) after query i's last visible key are -inf."""
+def scores_tile(q, k, cols, rows, Sq, Sk, qk_scale, KP_row, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Scaled scores q k^T in log2 units, (len(rows), len(cols)). On masked (diagonal/tail/padded)
+    blocks, keys past Sk, (causal) after query i's last visible key, or (HAS_KPM) marked as padding
+    in the key-padding row KP_row are -inf."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         visible = cols[None, :] < Sk
         if CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None] + (Sk - Sq))
+        if HAS_KPM:
+            visible = visible & (tl.load(KP_row + cols, mask=cols < Sk, other=0) != 0)[None, :]
         s = tl.where(visible, s, float("-inf"))
     return s
+
+
+@triton.jit
+def sequence_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN: tl.constexpr):
+    """(q_start, Sq, k_start, Sk) of batch element b. Packed (varlen) sequences read them from the
+    cumulative lengths; padded batches start at row 0 with the common lengths."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        Sq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Sk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = b * 0
+        k_start = b * 0
+    return q_start, Sq, k_start, Sk
+
+
+@triton.jit
+def padded_key_bounds(KV_BOUNDS, b, Sk, HAS_KPM: tl.constexpr):
+    """[first, last + 1) of batch element b's real keys (key-padding mask); keys outside it are all
+    padding, so whole tiles there are skipped. Without a mask: [0, Sk)."""
+    if HAS_KPM:
+        lo = tl.load(KV_BOUNDS + 2 * b)
+        hi = tl.load(KV_BOUNDS + 2 * b + 1)
+    else:
+        lo = Sk * 0
+        hi = Sk
+    return lo, hi
 
 
 @triton.jit
@@ -81,6 +112,25 @@ def key_range(start_m, Sq, Sk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAU
         full_end = even_end
         hi = Sk
     return full_end, hi
+
+
+@triton.jit
+def key_blocks(start_m, Sq, Sk, KV_BOUNDS, b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+    """(lo, full_end, hi) for a query block: [lo, full_end) needs no mask, [full_end, hi) does.
+    With a key-padding mask every visited block is masked, and blocks outside the batch element's
+    [first real key, last real key] are skipped. A query block past the sequence (varlen) visits none."""
+    full_end, hi = key_range(start_m, Sq, Sk, BLOCK_M, BLOCK_N, CAUSAL)
+    hi = tl.where(start_m < Sq, hi, 0)
+    kv_lo, kv_hi = padded_key_bounds(KV_BOUNDS, b, Sk, HAS_KPM)
+    if HAS_KPM:
+        hi = tl.minimum(hi, kv_hi)
+        lo = tl.minimum((kv_lo // BLOCK_N) * BLOCK_N, hi)
+        full_end = lo
+    else:
+        full_end = tl.minimum(full_end, hi)
+        lo = full_end * 0
+    return lo, full_end, hi
 
 
 @triton.jit

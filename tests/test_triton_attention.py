@@ -1,6 +1,8 @@
 """Triton kernels against the float64 reference (DESIGN.md tolerance rule): forward, lse and all
 three gradients over awkward shapes. On CPU this runs through the Triton interpreter."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA
@@ -143,13 +145,14 @@ def test_wide_offsets_path(gen, monkeypatch):
 def test_wide_offsets_chosen_for_huge_slices():
     from fastattn.launchers.triton_attention import _needs_wide_offsets
 
+    padded = SimpleNamespace(varlen=False)
     small = torch.empty(2, 4096, 32, 128, device="meta")
     huge = torch.empty(1, 2**20, 32, 128, device="meta")  # S * H * D = 2**32 elements in one batch element
-    assert not _needs_wide_offsets(small) and _needs_wide_offsets(huge)
+    assert not _needs_wide_offsets(padded, small) and _needs_wide_offsets(padded, huge)
     # (B, H, S, D) storage seen as (B, S, H, D): rows are D apart, heads S * D apart; the head offset
     # is 64-bit anyway, so 64 heads of 2**20 x 64 still fit 32-bit row offsets.
-    assert not _needs_wide_offsets(torch.empty(1, 64, 2**20, 64, device="meta").transpose(1, 2))
-    assert _needs_wide_offsets(torch.empty(1, 2**16, 256, 128, device="meta"))
+    assert not _needs_wide_offsets(padded, torch.empty(1, 64, 2**20, 64, device="meta").transpose(1, 2))
+    assert _needs_wide_offsets(padded, torch.empty(1, 2**16, 256, 128, device="meta"))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU-only check of the interpreter path")
