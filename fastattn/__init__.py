@@ -1,6 +1,15 @@
 """fastattn: fused attention kernels (Triton, CUDA C++) as PyTorch autograd ops."""
 
-from fastattn.api import attention, available_backends
+from fastattn.api import attention, attention_varlen, available_backends, scaled_dot_product_attention
+from fastattn.padding import pad_input, unpad_input
 
 __version__ = "0.1.0"
-__all__ = ["attention", "available_backends", "__version__"]
+__all__ = [
+    "attention",
+    "attention_varlen",
+    "available_backends",
+    "scaled_dot_product_attention",
+    "pad_input",
+    "unpad_input",
+    "__version__",
+]

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 
 from fastattn import backends
-from fastattn.validation import validate_flag, validate_key_padding_mask, validate_qkv, validate_scale
+from fastattn.validation import (
+    validate_flag,
+    validate_key_padding_mask,
+    validate_qkv,
+    validate_scale,
+    validate_varlen,
+)
 
 
 def attention(
@@ -26,7 +35,8 @@ def attention(
             last dim is contiguous are used without a copy.
         causal: bottom-right aligned mask: query i sees keys j <= i + Sk - Sq.
         scale: softmax scale, default 1/sqrt(D).
-        key_padding_mask: (B, Sk) bool, True = real token (reference backend only for now).
+        key_padding_mask: (B, Sk) bool, True = real key (HF ``attention_mask`` sense). Tiles of keys
+            that are all padding are skipped by the kernels.
         return_lse: also return the log-sum-exp (B, Hq, Sq) in float32 (differentiable).
         backend: "auto", "triton", "torch", or "reference"; see ``available_backends()``.
 
@@ -40,6 +50,118 @@ def attention(
     validate_key_padding_mask(key_padding_mask, shape, q.device)
     call = backends.AttentionCall(q, k, v, shape, causal, scale, key_padding_mask, return_lse)
     return backends.run(backends.choose(backend, call), call)
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Attention over packed variable-length sequences (FlashAttention's varlen convention).
+
+    Args:
+        q: (Tq, Hq, D), the B query sequences concatenated; k, v: (Tk, Hkv, D).
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,), cumulative lengths starting at 0: sequence i is
+            rows cu[i]:cu[i + 1]. ``fastattn.unpad_input`` builds them from a padding mask.
+        max_seqlen_q, max_seqlen_k: the longest sequence lengths (sizes the kernel grid).
+        causal: bottom-right aligned within each sequence.
+
+    Returns out (Tq, Hq, D) [, lse (Hq, Tq) float32].
+    """
+    shape = validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    causal = validate_flag("causal", causal)
+    return_lse = validate_flag("return_lse", return_lse)
+    scale = validate_scale(scale, shape.head_dim)
+    call = backends.AttentionCall(q, k, v, shape, causal, scale, None, return_lse, cu_seqlens_q, cu_seqlens_k,
+                                  max_seqlen_q, max_seqlen_k)
+    return backends.run(backends.choose(backend, call), call)
+
+
+_warned: set[str] = set()
+
+
+def _fallback_to_torch(reason: str, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"fastattn.scaled_dot_product_attention: {reason}; falling back to "
+                      "torch.nn.functional.scaled_dot_product_attention", stacklevel=3)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def _as_key_padding_mask(attn_mask: torch.Tensor, batch: int, seqlen_k: int) -> torch.Tensor | None:
+    """A bool mask broadcastable to (B, 1, 1, Sk) -> (B, Sk); None for any other mask."""
+    if attn_mask.dtype != torch.bool or attn_mask.dim() > 4:
+        return None
+    m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if m.shape[1] != 1 or m.shape[2] != 1 or m.shape[0] not in (1, batch) or m.shape[3] not in (1, seqlen_k):
+        return None
+    return m[:, 0, 0, :].expand(batch, seqlen_k)
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: (B, H, S, D) layout and
+    top-left causal, as torch does.
+
+    Runs in fastattn when attn_mask is None or a bool key-padding mask broadcastable to
+    (B, 1, 1, Sk) (True = attend). Any other mask, or dropout_p > 0, falls back to torch's SDPA with
+    a one-time warning that says why. One difference: a query that sees no key returns 0 here,
+    where torch returns NaN.
+    """
+    if dropout_p != 0.0:
+        return _fallback_to_torch("dropout_p > 0 is not supported", query, key, value, attn_mask, dropout_p,
+                                  is_causal, scale, enable_gqa)
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, H, S, D)")
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(f"query has {query.shape[1]} heads but key has {key.shape[1]}: pass enable_gqa=True "
+                         "for grouped-query attention")
+    kpm = None
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
+        kpm = _as_key_padding_mask(attn_mask, query.shape[0], key.shape[2])
+        if kpm is None:
+            return _fallback_to_torch("only bool key-padding masks (broadcastable to (B, 1, 1, Sk)) run in the "
+                                      "kernels", query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    # (B, H, S, D) -> FlashAttention's (B, S, H, D) views, no copy.
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    sq, sk = q.shape[1], k.shape[1]
+
+    def run(q_, k_, v_, causal, mask):
+        return attention(q_, k_, v_, causal=causal, scale=scale, key_padding_mask=mask, backend=backend)
+
+    if not is_causal or sq == sk:
+        out = run(q, k, v, is_causal, kpm)
+    elif sq < sk:
+        # Top-left causal: query i sees keys j <= i, so keys from Sq on are never seen; on the first
+        # Sq keys top-left and bottom-right coincide.
+        out = run(q, k[:, :sq], v[:, :sq], True, None if kpm is None else kpm[:, :sq])
+    else:
+        # Sq > Sk: the first Sk queries are square-causal; the rest see every key.
+        out = torch.cat([run(q[:, :sk], k, v, True, kpm), run(q[:, sk:], k, v, False, kpm)], dim=1)
+    return out.transpose(1, 2)  # (B, S, H, D) -> (B, H, S, D)
 
 
 def available_backends() -> dict[str, backends.BackendStatus]:

@@ -30,6 +30,36 @@ class AttentionCall:
     scale: float
     key_padding_mask: torch.Tensor | None
     return_lse: bool
+    # Packed sequences (attention_varlen): q (Tq, Hq, D), k/v (Tk, Hkv, D).
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    def sequences(self):
+        """Packed call -> one padded (1, S_i, H, D) call per sequence (for the naive backends)."""
+        cu_q, cu_k = self.cu_seqlens_q.tolist(), self.cu_seqlens_k.tolist()
+        for i in range(len(cu_q) - 1):
+            q = self.q[cu_q[i]:cu_q[i + 1]][None]
+            k, v = self.k[cu_k[i]:cu_k[i + 1]][None], self.v[cu_k[i]:cu_k[i + 1]][None]
+            s = self.shape
+            shape = AttentionShape(1, q.shape[1], k.shape[1], s.heads_q, s.heads_kv, s.head_dim)
+            yield AttentionCall(q, k, v, shape, self.causal, self.scale, None, self.return_lse)
+
+
+def _per_sequence(run_one, call: AttentionCall):
+    """Run a padded-layout backend on each packed sequence and pack the results back:
+    out (Tq, Hq, D) [, lse (Hq, Tq)]."""
+    results = [run_one(c) for c in call.sequences()]
+    if not call.return_lse:
+        return torch.cat([o[0] for o in results], dim=0) if results else call.q.new_zeros(call.q.shape)
+    if not results:
+        return call.q.new_zeros(call.q.shape), call.q.new_empty((call.q.shape[1], 0), dtype=torch.float32)
+    return torch.cat([o[0] for o, _ in results], dim=0), torch.cat([l[0] for _, l in results], dim=1)
 
 
 @dataclass(frozen=True)
@@ -72,8 +102,6 @@ def _triton_unavailable() -> str | None:
 def _triton_unsupported(call: AttentionCall) -> str | None:
     if call.q.dtype not in KERNEL_DTYPES:
         return f"dtype {call.q.dtype} is not supported (float16, bfloat16, float32)"
-    if call.key_padding_mask is not None:
-        return "key_padding_mask is not supported by the triton backend yet"
     if max(call.shape.batch, call.shape.heads_q) > MAX_GRID_YZ:
         return f"batch size and head count must be <= {MAX_GRID_YZ} (CUDA grid limit)"
     if not call.q.is_cuda and not _interpreter():
@@ -82,7 +110,13 @@ def _triton_unsupported(call: AttentionCall) -> str | None:
 
 
 def _triton_run(call: AttentionCall):
-    out, lse = torch.ops.fastattn.triton_attn_fwd(call.q, call.k, call.v, call.causal, call.scale, call.return_lse)
+    if call.varlen:
+        out, lse = torch.ops.fastattn.triton_attn_varlen_fwd(
+            call.q, call.k, call.v, call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k,
+            call.causal, call.scale, call.return_lse)
+    else:
+        out, lse = torch.ops.fastattn.triton_attn_fwd(call.q, call.k, call.v, call.key_padding_mask, call.causal,
+                                                       call.scale, call.return_lse)
     return (out, lse) if call.return_lse else out
 
 
@@ -91,11 +125,13 @@ def _torch_unsupported(call: AttentionCall) -> str | None:
     if call.return_lse:
         return "return_lse=True: PyTorch SDPA does not return the log-sum-exp"
     if call.key_padding_mask is not None:
-        return "key_padding_mask is not routed to PyTorch SDPA yet"
+        return "key_padding_mask: PyTorch SDPA returns NaN for queries that see no real key"
     return None
 
 
 def _torch_run(call: AttentionCall):
+    if call.varlen:
+        return _per_sequence(_torch_run, call)
     b, sq, sk = call.shape.batch, call.shape.seqlen_q, call.shape.seqlen_k
     q, k, v = call.q, call.k, call.v
     skipped = 0
@@ -122,6 +158,8 @@ def _torch_run(call: AttentionCall):
 
 # ---------------------------------------------------------------- reference
 def _reference_run(call: AttentionCall):
+    if call.varlen:
+        return _per_sequence(_reference_run, call)
     return reference.attention(call.q, call.k, call.v, causal=call.causal, scale=call.scale,
                                key_padding_mask=call.key_padding_mask, return_lse=call.return_lse)
 

@@ -88,3 +88,49 @@ def validate_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> AttentionShape:
+    """Check packed q (Tq, Hq, D), k/v (Tk, Hkv, D) and FlashAttention-style cumulative lengths.
+
+    Returns the shape with batch = number of sequences and seqlen_q/k = max_seqlen_q/k. The value
+    checks (start at 0, non-decreasing, end at the total, max_seqlen large enough) read cu_seqlens
+    on the host; they are skipped while torch.compile traces.
+    """
+    layout = "(total_tokens, H, D)"
+    # Reuse the padded checks on a (1, T, H, D) view: same rules for heads, head dim, dtypes, devices.
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, 3, layout)
+    shape = validate_qkv(q[None], k[None], v[None], layout=layout)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32 (FlashAttention's convention), got {cu.dtype}")
+        if cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"{name} must be 1-D with batch + 1 entries, got shape {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise TypeError(f"{name} must be a non-negative int, got {m!r}")
+    if not torch.compiler.is_compiling():
+        for name, cu, total, max_len, mname in (
+            ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q"),
+            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k"),
+        ):
+            values = cu.tolist()
+            if values[0] != 0:
+                raise ValueError(f"{name} must start at 0, got {values[0]}")
+            if values[-1] != total:
+                raise ValueError(f"{name} must end at the total number of tokens ({total}), got {values[-1]}")
+            lengths = [b - a for a, b in zip(values[:-1], values[1:])]
+            if any(n < 0 for n in lengths):
+                raise ValueError(f"{name} must be non-decreasing, got {values}")
+            if lengths and max(lengths) > max_len:
+                raise ValueError(f"{mname} ({max_len}) is smaller than the longest sequence ({max(lengths)})")
+    batch = cu_seqlens_q.numel() - 1
+    return AttentionShape(batch, max_seqlen_q, max_seqlen_k, shape.heads_q, shape.heads_kv, shape.head_dim)
