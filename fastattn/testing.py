@@ -98,10 +98,12 @@ def random_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, *, dtype=
 
 
 def check_against_reference(fn, q, k, v, *, causal=False, scale=None, key_padding_mask=None,
-                            grads=True, lse=True, lse_grad=False, generator=None) -> list[Comparison]:
+                            grads=True, lse=True, lse_grad=False, generator=None, ref_fn=None) -> list[Comparison]:
     """Run ``fn(q, k, v) -> (out, lse)`` and compare out, lse and (optionally) dq/dk/dv with the
     float64 reference under the tolerance rule. Inputs are fresh leaves; q/k/v are not modified.
-    With lse_grad the gradients also flow from a random cotangent on lse (d lse / d s = P)."""
+    With lse_grad the gradients also flow from a random cotangent on lse (d lse / d s = P).
+    ref_fn(q, k, v) -> (out, lse) replaces the naive reference (e.g. its packed-sequence form); it
+    is run in float64 and in the input dtype like the default."""
     kw = dict(causal=causal, scale=scale, key_padding_mask=key_padding_mask, return_lse=True)
 
     def run(f, dtype):
@@ -110,8 +112,10 @@ def check_against_reference(fn, q, k, v, *, causal=False, scale=None, key_paddin
         return xs, o, l
 
     xs, out, out_lse = run(fn, q.dtype)
-    x64, ref, ref_lse = run(lambda a, b, c: reference.attention(a, b, c, **kw), torch.float64)
-    xlp, naive, naive_lse = run(lambda a, b, c: reference.attention(a, b, c, **kw), q.dtype)
+    if ref_fn is None:
+        ref_fn = lambda a, b, c: reference.attention(a, b, c, **kw)
+    x64, ref, ref_lse = run(ref_fn, torch.float64)
+    xlp, naive, naive_lse = run(ref_fn, q.dtype)
     results = [compare("out", out, naive, ref, OUT_FACTOR)]
     if lse:
         results.append(compare("lse", out_lse, naive_lse, ref_lse, OUT_FACTOR))

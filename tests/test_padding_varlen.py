@@ -1,0 +1,164 @@
+"""Key-padding masks and packed (varlen) sequences in the Triton kernels, against the float64
+reference (DESIGN.md tolerance rule), plus the padded <-> packed helpers."""
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import fastattn
+from fastattn import testing
+from fastattn.launchers.triton_attention import key_bounds
+
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+
+
+def random_mask(batch, sk, gen, kind):
+    """(B, Sk) bool, True = real key: right/left/interior padding, plus edge rows."""
+    m = torch.ones(batch, sk, dtype=torch.bool)
+    for b in range(batch):
+        n = int(torch.randint(0, sk + 1, (1,), generator=gen))
+        if kind == "right":
+            m[b, n:] = False
+        elif kind == "left":
+            m[b, :sk - n] = False
+        else:
+            m[b] = torch.rand(sk, generator=gen) > 0.5
+    m[0] = False  # a batch element with no real key at all
+    if batch > 2:
+        m[2] = True  # and one with no padding
+    return m.to(DEVICE)
+
+
+def assert_ok(results, what):
+    bad = [str(r) for r in results if not r.ok]
+    assert not bad, f"{what}: " + "; ".join(bad)
+
+
+# (B, Sq, Sk, Hq, Hkv, D)
+MASK_SHAPES = [(3, 1, 300, 2, 1, 64), (3, 37, 50, 4, 2, 40), (3, 130, 17, 2, 2, 80), (4, 64, 64, 2, 1, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["right", "left", "random"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_key_padding_mask_matches_reference(shape, causal, kind, dtype, gen):
+    b, sq, sk, hq, hkv, d = shape
+    q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=dtype, device=DEVICE, generator=gen)
+    mask = random_mask(b, sk, gen, kind)
+
+    def fn(a, b_, c):
+        out, lse = fastattn.attention(a, b_, c, causal=causal, key_padding_mask=mask, return_lse=True,
+                                      backend="triton")
+        assert torch.isfinite(out).all()  # padded queries and key-less rows stay finite
+        return out, lse
+
+    assert_ok(testing.check_against_reference(fn, q, k, v, causal=causal, key_padding_mask=mask, lse_grad=True,
+                                              generator=gen), f"mask {kind} q{tuple(q.shape)} k{tuple(k.shape)}")
+
+
+def test_all_padding_batch_element_gives_zeros_and_zero_grads(gen):
+    q, k, v = testing.random_qkv(2, 20, 40, 2, 2, 32, device=DEVICE, generator=gen, requires_grad=True)
+    mask = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    out, lse = fastattn.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend="triton")
+    out.sum().backward()
+    assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()
+    assert (q.grad[1] == 0).all() and (k.grad[1] == 0).all() and (v.grad[1] == 0).all()
+    assert (k.grad[0] != 0).any()
+
+
+def test_key_bounds():
+    m = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert key_bounds(m).tolist() == [[1, 5], [0, 0], [0, 6]]
+
+
+def packed(lengths_q, lengths_k, hq, hkv, d, dtype, gen):
+    cu_q = torch.tensor([0] + lengths_q, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(DEVICE)
+    cu_k = torch.tensor([0] + lengths_k, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(DEVICE)
+    q = torch.randn(sum(lengths_q), hq, d, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(sum(lengths_k), hkv, d, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(sum(lengths_k), hkv, d, generator=gen).to(DEVICE, dtype)
+    return q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k)
+
+
+VARLEN_CASES = [
+    ([5, 0, 33, 17], [9, 4, 33, 70], 4, 2, 64),   # an empty query sequence, Sq != Sk both ways
+    ([1, 300, 7], [1, 300, 1], 2, 1, 40),          # lengths 1..300, MQA
+    ([64, 65], [64, 65], 2, 2, 128),
+    ([3, 12], [0, 12], 2, 2, 32),                  # a sequence with no keys
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: "-".join(map(str, c[0])))
+def test_varlen_matches_reference(case, causal, dtype, gen):
+    lengths_q, lengths_k, hq, hkv, d = case
+    q, k, v, cu_q, cu_k, mq, mk = packed(lengths_q, lengths_k, hq, hkv, d, dtype, gen)
+
+    def varlen(backend):
+        return lambda a, b, c: fastattn.attention_varlen(a, b, c, cu_q, cu_k, mq, mk, causal=causal,
+                                                         return_lse=True, backend=backend)
+
+    assert_ok(testing.check_against_reference(varlen("triton"), q, k, v, lse_grad=True, generator=gen,
+                                              ref_fn=varlen("reference")), f"varlen {lengths_q}/{lengths_k}")
+
+
+def test_varlen_equals_padded_with_mask(gen):
+    """unpad -> attention_varlen -> pad equals padded attention with the same mask, on real tokens."""
+    b, s, h, d = 3, 45, 2, 32
+    x = torch.randn(b, s, h, d, generator=gen).to(DEVICE)
+    mask = torch.ones(b, s, dtype=torch.bool, device=DEVICE)
+    mask[0, 30:] = False
+    mask[1, :7] = False
+    packed_x, idx, cu, max_len = fastattn.unpad_input(x, mask)
+    assert packed_x.shape == (int(mask.sum()), h, d) and cu.tolist() == [0, 30, 68, 113] and max_len == 45
+    out = fastattn.attention_varlen(packed_x, packed_x, packed_x, cu, cu, max_len, max_len, causal=True,
+                                    backend="triton")
+    padded = fastattn.pad_input(out, idx, b, s)
+    # Bottom-right causal per sequence == causal over the real tokens of each padded row.
+    for i in range(b):
+        real = x[i][mask[i]][None]
+        alone = fastattn.attention(real, real, real, causal=True, backend="triton")[0]
+        torch.testing.assert_close(padded[i][mask[i]], alone, rtol=1e-5, atol=1e-5)
+        assert (padded[i][~mask[i]] == 0).all()
+
+
+def test_pad_unpad_round_trip_and_gradients(gen):
+    x = torch.randn(2, 6, 3, generator=gen, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    p, idx, cu, max_len = fastattn.unpad_input(x, mask)
+    assert cu.tolist() == [0, 3, 3] and max_len == 3 and cu.dtype == torch.int32
+    back = fastattn.pad_input(p, idx, 2, 6)
+    torch.testing.assert_close(back, x * mask[..., None])
+    back.sum().backward()
+    torch.testing.assert_close(x.grad, mask[..., None].float().expand_as(x))
+
+
+BAD_CU = [
+    ("int64", lambda cu: cu.long(), TypeError, "int32"),
+    ("2-D", lambda cu: cu[None], ValueError, "1-D"),
+    ("not from 0", lambda cu: cu + 1, ValueError, "start at 0"),
+    ("wrong total", lambda cu: torch.cat([cu[:-1], cu[-1:] - 1]), ValueError, "end at the total"),
+    ("decreasing", lambda cu: torch.tensor([0, 10, 4, 20], dtype=torch.int32, device=cu.device), ValueError,
+     "non-decreasing"),
+    ("wrong length", lambda cu: cu[:-1], ValueError, "same length"),
+]
+
+
+@pytest.mark.parametrize("desc,mutate,exc,fragment", BAD_CU, ids=[c[0] for c in BAD_CU])
+def test_bad_cu_seqlens(desc, mutate, exc, fragment, gen):
+    q, k, v, cu_q, cu_k, mq, mk = packed([4, 6, 10], [4, 6, 10], 2, 2, 16, torch.float32, gen)
+    with pytest.raises(exc, match=fragment):
+        fastattn.attention_varlen(q, k, v, mutate(cu_q), cu_k, mq, mk)
+
+
+def test_bad_max_seqlen(gen):
+    q, k, v, cu_q, cu_k, mq, mk = packed([4, 6, 10], [4, 6, 10], 2, 2, 16, torch.float32, gen)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        fastattn.attention_varlen(q, k, v, cu_q, cu_k, 9, mk)
+    with pytest.raises(TypeError, match="max_seqlen_k"):
+        fastattn.attention_varlen(q, k, v, cu_q, cu_k, mq, 10.0)
+    with pytest.raises(ValueError, match="q must have 3 dims"):
+        fastattn.attention_varlen(q[None], k, v, cu_q, cu_k, mq, mk)
