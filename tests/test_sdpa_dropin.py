@@ -1,0 +1,94 @@
+"""fastattn.scaled_dot_product_attention against torch's, on every case it accepts."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE
+
+import fastattn
+from fastattn import api
+
+
+def bhsd(gen, b, h, s, d, dtype=torch.float32):
+    return torch.randn(b, h, s, d, generator=gen).to(DEVICE, dtype).requires_grad_()
+
+
+def compare_with_torch(gen, q, k, v, **kw):
+    """Outputs and gradients of the drop-in vs torch's SDPA (float32: close to rounding)."""
+    dout = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=gen).to(DEVICE)
+    results = []
+    for fn in (fastattn.scaled_dot_product_attention, F.scaled_dot_product_attention):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*xs, **kw)
+        out.backward(dout)
+        results.append((out, [x.grad for x in xs]))
+    (o1, g1), (o2, g2) = results
+    assert o1.shape == o2.shape
+    torch.testing.assert_close(o1, o2, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sq,sk", [(33, 33), (17, 50), (50, 17), (1, 40)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_matches_torch(sq, sk, is_causal, gen):
+    # torch's causal is top-left: query i sees keys j <= i, also when Sq != Sk.
+    q, k, v = bhsd(gen, 2, 4, sq, 32), bhsd(gen, 2, 4, sk, 32), bhsd(gen, 2, 4, sk, 32)
+    compare_with_torch(gen, q, k, v, is_causal=is_causal, scale=0.3)
+
+
+def test_gqa(gen):
+    q, k, v = bhsd(gen, 2, 6, 20, 16), bhsd(gen, 2, 2, 30, 16), bhsd(gen, 2, 2, 30, 16)
+    compare_with_torch(gen, q, k, v, is_causal=True, enable_gqa=True)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        fastattn.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 30), (1, 30), (1, 1, 1, 30), (2, 1, 1, 1)])
+def test_key_padding_masks_run_in_the_kernel(mask_shape, gen, monkeypatch):
+    q, k, v = bhsd(gen, 2, 3, 20, 16), bhsd(gen, 2, 3, 30, 16), bhsd(gen, 2, 3, 30, 16)
+    mask = torch.rand(mask_shape, generator=gen) > 0.3
+    mask.view(-1)[0] = True  # at least one real key everywhere: torch gives NaN otherwise
+    if mask_shape == (2, 1, 1, 1):
+        mask[:] = True
+    elif len(mask_shape) == 4 and mask_shape[0] == 2:
+        mask[:, :, :, 0] = True
+    mask = mask.to(DEVICE)
+    monkeypatch.setattr(api, "_fallback_to_torch", lambda *a: pytest.fail("fell back to torch"))
+    compare_with_torch(gen, q, k, v, attn_mask=mask)
+
+
+def test_fully_masked_rows_are_zero_not_nan(gen):
+    q, k, v = bhsd(gen, 2, 2, 5, 16), bhsd(gen, 2, 2, 7, 16), bhsd(gen, 2, 2, 7, 16)
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (out[1] == 0).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[0])
+
+
+@pytest.mark.parametrize("kind", ["float mask", "full bool mask", "dropout"])
+def test_other_masks_fall_back_with_one_warning(kind, gen):
+    q, k, v = bhsd(gen, 1, 2, 10, 16), bhsd(gen, 1, 2, 12, 16), bhsd(gen, 1, 2, 12, 16)
+    kw = {
+        "float mask": dict(attn_mask=torch.randn(10, 12, generator=gen).to(DEVICE)),
+        "full bool mask": dict(attn_mask=(torch.rand(1, 2, 10, 12, generator=gen) > 0.2).to(DEVICE)),
+        "dropout": dict(dropout_p=0.0001),
+    }[kind]
+    api._warned.clear()
+    with pytest.warns(UserWarning, match="falling back"):
+        out = fastattn.scaled_dot_product_attention(q, k, v, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per reason
+        fastattn.scaled_dot_product_attention(q, k, v, **kw)
+    if kind != "dropout":
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kw))
+
+
+def test_output_is_a_view_in_sdpa_layout(gen):
+    q, k, v = bhsd(gen, 2, 4, 9, 16), bhsd(gen, 2, 4, 9, 16), bhsd(gen, 2, 4, 9, 16)
+    out = fastattn.scaled_dot_product_attention(q, k, v, backend="triton")
+    assert out.shape == (2, 4, 9, 16)
+    assert out.transpose(1, 2).is_contiguous()  # the (B, S, H, D) kernel output: merging heads is free
