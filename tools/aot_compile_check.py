@@ -33,6 +33,7 @@ from fastattn.kernels.attn_fwd import attn_fwd_kernel  # noqa: E402
 KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
 TENSOR_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
 FP32_POINTERS = ("LSE", "DELTA", "DLSE")
+INT32_POINTERS = ("KV_BOUNDS", "CU_Q", "CU_K")
 SCALARS_FP32 = ("qk_scale", "sm_scale")
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -44,6 +45,10 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
             sig[name] = "constexpr"
         elif name in FP32_POINTERS:
             sig[name] = "*fp32"
+        elif name in INT32_POINTERS:
+            sig[name] = "*i32"
+        elif name == "KPM":
+            sig[name] = "*u8"
         elif name in TENSOR_POINTERS:
             sig[name] = "*" + dtype
         elif name in SCALARS_FP32:
@@ -53,9 +58,9 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
-def compile_one(kind, cfg, dtype, head_dim, causal, arch):
+def compile_one(kind, cfg, dtype, head_dim, causal, arch, variant="dense"):
     block_d = max(16, triton.next_power_of_2(head_dim))
-    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+    constexprs = dict(CAUSAL=causal, HAS_KPM=variant == "mask", VARLEN=variant == "varlen", HEAD_DIM=head_dim, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, WIDE=False)
     kernel = KERNELS[kind]
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
@@ -90,12 +95,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     ap.add_argument("--head-dims", default="64,128,256")
     ap.add_argument("--causal", default="0,1")
+    ap.add_argument("--variants", default="dense", help="comma list of dense, mask (key padding), varlen")
     args = ap.parse_args(argv)
     bad = 0
-    print(f"{'kernel':<5} {'D':>4} {'causal':<6} {'config':<24} {'smem':>7} {'mma':<6} {'registers':<22} time")
+    print(f"{'kernel':<5} {'D':>4} {'causal':<6} {'config / variant':<24} {'smem':>7} {'mma':<6} {'registers':<22} time")
     for d in map(int, args.head_dims.split(",")):
         block_d = max(16, triton.next_power_of_2(d))
-        for causal in (c == "1" for c in args.causal.split(",")):
+        for causal, variant in ((c == "1", v) for c in args.causal.split(",") for v in args.variants.split(",")):
             for kind in KERNELS:
                 if args.dtype == "fp32":
                     cands = [configs.FP32_CONFIGS[kind]]
@@ -103,7 +109,7 @@ def main(argv=None) -> int:
                     cands = configs.GPU_CANDIDATES[kind][configs.head_dim_bucket(block_d)]
                 for cfg in cands + [configs.FALLBACK]:
                     try:
-                        smem, mma, dt, regs = compile_one(kind, cfg, args.dtype, d, causal, args.arch)
+                        smem, mma, dt, regs = compile_one(kind, cfg, args.dtype, d, causal, args.arch, variant)
                     except Exception as e:
                         bad += 1
                         print(f"{kind:<5} {d:>4} {causal!s:<6} {cfg} FAILED: {type(e).__name__}: {str(e)[-400:]}")
@@ -114,7 +120,7 @@ def main(argv=None) -> int:
                     bad += bool(flag)
                     # wgmma needs 64-row tiles; 32-row tiles (the fallback) use mma.sync on sm_90.
                     flag += f" (note: {mma}, not {want})" if args.dtype != "fp32" and mma != want else ""
-                    label = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+                    label = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} {variant}"
                     print(f"{kind:<5} {d:>4} {causal!s:<6} {label:<24} {smem:>7} {mma:<6} {regs:<22} {dt:4.1f}s{flag}",
                           flush=True)
     print(f"{bad} problem(s)")
