@@ -60,7 +60,8 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
 
 def compile_one(kind, cfg, dtype, head_dim, causal, arch, variant="dense"):
     block_d = max(16, triton.next_power_of_2(head_dim))
-    constexprs = dict(CAUSAL=causal, HAS_KPM=variant == "mask", VARLEN=variant == "varlen", HEAD_DIM=head_dim, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+    constexprs = dict(CAUSAL=causal, HAS_KPM=variant == "mask", VARLEN=variant == "varlen", HEAD_DIM=head_dim,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, WIDE=False)
     kernel = KERNELS[kind]
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="dense", help="comma list of dense, mask (key padding), varlen")
     args = ap.parse_args(argv)
     bad = 0
-    print(f"{'kernel':<5} {'D':>4} {'causal':<6} {'config / variant':<24} {'smem':>7} {'mma':<6} {'registers':<22} time")
+    print(f"{'kernel':<5} {'D':>4} {'causal':<6} {'config / variant':<24} {'smem':>7} {'mma':<6} "
+          f"{'registers':<22} time")
     for d in map(int, args.head_dims.split(",")):
         block_d = max(16, triton.next_power_of_2(d))
         for causal, variant in ((c == "1", v) for c in args.causal.split(",") for v in args.variants.split(",")):
