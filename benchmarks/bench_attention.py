@@ -161,6 +161,44 @@ def environment(ceil: dict) -> dict:
     }
 
 
+def padding_cost(batch=8, seqlen=2048, heads=16, head_dim=128, dtype="bfloat16", fill=0.5, *, timer=None,
+                 device="cuda", modes=("fwd", "bwd")) -> list[dict]:
+    """The same batch three ways: "dense" (every token real), "masked" (key_padding_mask, each
+    sequence's first fill * S keys real: padded key tiles are skipped, every query still runs) and
+    "varlen" (only the real tokens, packed; attention cost ~ fill**2). Returns one row per variant
+    and mode with its time and its ratio to dense."""
+    timer = timer or bench
+    dt = getattr(torch, dtype)
+    real = int(seqlen * fill)
+    q, k, v = testing.random_qkv(batch, seqlen, seqlen, heads, heads, head_dim, dtype=dt, device=device)
+    mask = torch.zeros(batch, seqlen, dtype=torch.bool, device=device)
+    mask[:, :real] = True
+    packed = [fastattn.unpad_input(x, mask) for x in (q, k, v)]
+    _, _, cu, max_len = packed[0]
+    variants = {
+        "dense": ((q, k, v), lambda a, b, c: fastattn.attention(a, b, c, backend="triton")),
+        "masked": ((q, k, v), lambda a, b, c: fastattn.attention(a, b, c, key_padding_mask=mask, backend="triton")),
+        "varlen": (tuple(p[0] for p in packed),
+                   lambda a, b, c: fastattn.attention_varlen(a, b, c, cu, cu, max_len, max_len, backend="triton")),
+    }
+    rows = []
+    for name, (inputs, fn) in variants.items():
+        for mode in modes:
+            xs = [x.detach().clone().requires_grad_(mode != "fwd") for x in inputs]
+            if mode == "fwd":
+                ms = timer(lambda: fn(*xs))
+            else:
+                out = fn(*xs)
+                dout = torch.randn_like(out)
+                ms = timer(lambda: out.backward(dout, retain_graph=True), grad_to_none=xs)
+            rows.append({"variant": name, "mode": mode, "ms": ms, "batch": batch, "seqlen": seqlen, "fill": fill,
+                         "heads": heads, "head_dim": head_dim, "dtype": dtype})
+    for r in rows:
+        dense = next(d for d in rows if d["variant"] == "dense" and d["mode"] == r["mode"])
+        r["ratio_to_dense"] = r["ms"] / dense["ms"]
+    return rows
+
+
 def markdown(env: dict, results: list[Result]) -> str:
     lines = [f"# fastattn benchmark on {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}. Ceilings measured in the same run: "
@@ -204,8 +242,18 @@ def main(argv=None) -> int:
             for r in mine) + f"  [{time.time() - t0:.0f}s]", flush=True)
         with open(os.path.join(args.out, "bench.json"), "w") as f:  # rewritten per case: partial runs survive
             json.dump({"environment": env, "results": [asdict(r) for r in results]}, f, indent=1)
+    padding = padding_cost()
+    for r in padding:
+        print(f"padding {r['variant']:<6} {r['mode']}: {r['ms']:.3f} ms = {r['ratio_to_dense']:.2f}x dense "
+              f"(B{r['batch']} S{r['seqlen']} {r['fill']:.0%} real)", flush=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump({"environment": env, "results": [asdict(r) for r in results], "padding": padding}, f, indent=1)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(markdown(env, results))
+        f.write("\n## Cost of padding (fastattn-triton, time relative to the unpadded batch)\n\n"
+                "| variant | mode | ms | vs dense |\n|---|---|---|---|\n")
+        for r in padding:
+            f.write(f"| {r['variant']} | {r['mode']} | {r['ms']:.3f} | {r['ratio_to_dense']:.2f}x |\n")
     failed = [r for r in results if r.gate.startswith("FAIL")]
     print(f"{len(results)} measurements, {len(failed)} failed the correctness gate")
     return 1 if any(r.provider.startswith("fastattn") for r in failed) else 0

@@ -47,7 +47,7 @@ stamp "self-check rc=$check_rc"
 # SKIP_BENCH=1 skips it (a rerun that only re-verifies correctness).
 bench_rc=0
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  TRITON_PRINT_AUTOTUNING=1 timeout 200 $PY benchmarks/bench_attention.py --quick --out "$OUT" > "$OUT/bench.log" 2>&1
+  TRITON_PRINT_AUTOTUNING=1 timeout 270 $PY benchmarks/bench_attention.py --quick --out "$OUT" > "$OUT/bench.log" 2>&1
   bench_rc=$?
   stamp "bench rc=$bench_rc"
 fi
@@ -75,6 +75,13 @@ for r in d["results"]:
         f = r["ratios"].get("sdpa-flash"); cu = r["ratios"].get("sdpa-cudnn")
         print(f"| {label} | {r['mode']} | {r['tflops']:.0f} | {r['pct_of_matmul']:.0f}% | "
               f"{f'{f:.2f}x' if f else '-'} | {f'{cu:.2f}x' if cu else '-'} |")
+if d.get("padding"):
+    r0 = d["padding"][0]
+    print(f"\nCost of padding, B{r0['batch']} S{r0['seqlen']} {r0['fill']:.0%} real tokens (time vs the unpadded batch):\n")
+    print("| variant | mode | ms | vs dense |")
+    print("|---|---|---|---|")
+    for r in d["padding"]:
+        print(f"| {r['variant']} | {r['mode']} | {r['ms']:.3f} | {r['ratio_to_dense']:.2f}x |")
 PYEOF
   fi
 } > "$OUT/summary.md"
