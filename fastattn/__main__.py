@@ -16,9 +16,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules:
-        # No GPU: run the Triton kernels through the interpreter (must be set before triton loads).
+    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+        # No GPU: run the Triton kernels through the interpreter. It must be set before triton is
+        # imported, and importing the fastattn package already imported it: start over with it set.
         os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "fastattn", *(sys.argv[1:] if argv is None else argv)])
 
     from fastattn.selfcheck import run_check
 

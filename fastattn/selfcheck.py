@@ -10,13 +10,15 @@ import torch
 from fastattn import api, backends, testing
 from fastattn.validation import validate_qkv
 
-# (name, B, Sq, Sk, Hq, Hkv, D, causal, layout)
+# (name, B, Sq, Sk, Hq, Hkv, D, causal, layout, padded): padded = a key-padding mask with a
+# different number of real keys per batch element, one of them with none.
 CASES = [
-    ("self", 2, 97, 97, 2, 2, 64, False, "bshd"),
-    ("causal", 1, 130, 130, 2, 2, 64, True, "bshd"),
-    ("cross Sq<Sk causal", 1, 33, 150, 4, 2, 80, True, "bshd"),
-    ("cross Sq>Sk causal (empty rows)", 1, 70, 17, 2, 1, 40, True, "bshd"),
-    ("gqa non-contiguous", 2, 64, 64, 4, 1, 128, False, "bhsd"),
+    ("self", 2, 97, 97, 2, 2, 64, False, "bshd", False),
+    ("causal", 1, 130, 130, 2, 2, 64, True, "bshd", False),
+    ("cross Sq<Sk causal", 1, 33, 150, 4, 2, 80, True, "bshd", False),
+    ("cross Sq>Sk causal (empty rows)", 1, 70, 17, 2, 1, 40, True, "bshd", False),
+    ("gqa non-contiguous", 2, 64, 64, 4, 1, 128, False, "bhsd", False),
+    ("key padding mask", 3, 50, 90, 2, 2, 64, False, "bshd", True),
 ]
 
 
@@ -47,20 +49,25 @@ def run_check(device: str | None = None, out=print) -> bool:
         if not statuses[name].available:
             continue
         for dtype in _dtypes(device):
-            for case, b, sq, sk, hq, hkv, d, causal, layout in CASES:
+            for case, b, sq, sk, hq, hkv, d, causal, layout, padded in CASES:
                 q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=dtype, device=device,
                                              layout=layout, generator=gen)
+                mask = None
+                if padded:  # batch element i has its first sk * i / (b - 1) keys real
+                    real = torch.arange(b, device=device)[:, None] * sk // (b - 1)
+                    mask = torch.arange(sk, device=device)[None, :] < real
                 probe = backends.AttentionCall(q, k, v, validate_qkv(q, k, v), causal, 1.0, None, True)
                 lse_ok = backends.why_not(name, probe) is None
 
-                def fn(a, b_, c, name=name, causal=causal, lse_ok=lse_ok):
-                    res = api.attention(a, b_, c, causal=causal, backend=name, return_lse=lse_ok)
+                def fn(a, b_, c, name=name, causal=causal, lse_ok=lse_ok, mask=mask):
+                    res = api.attention(a, b_, c, causal=causal, key_padding_mask=mask, backend=name,
+                                        return_lse=lse_ok)
                     return res if lse_ok else (res, None)
 
                 t0 = time.perf_counter()
                 try:
-                    results = testing.check_against_reference(fn, q, k, v, causal=causal, lse=lse_ok,
-                                                              generator=gen)
+                    results = testing.check_against_reference(fn, q, k, v, causal=causal, key_padding_mask=mask,
+                                                              lse=lse_ok, generator=gen)
                 except ValueError as e:  # the backend does not support this call
                     out(f"{name:<10} {str(dtype)[6:]:<9} {case:<32} skipped: {e}")
                     continue

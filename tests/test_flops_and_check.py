@@ -24,3 +24,23 @@ def test_self_check_runs_and_passes():
     assert run_check(out=lines.append)
     text = "\n".join(lines)
     assert "triton" in text and "all checks passed" in text
+
+
+def test_check_command_runs_the_triton_kernels_without_a_gpu():
+    """`python -m fastattn check` (the README's main job) must reach the Triton kernels on a CPU
+    machine too: the interpreter has to be switched on before triton is imported."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "fastattn", "check"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.startswith("triton ")]
+    assert rows[0].split()[1] == "yes", rows[0]
+    assert sum(" ok " in line for line in rows) >= 10, res.stdout
