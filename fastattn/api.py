@@ -124,16 +124,23 @@ def scaled_dot_product_attention(
     top-left causal, as torch does.
 
     Runs in fastattn when attn_mask is None or a bool key-padding mask broadcastable to
-    (B, 1, 1, Sk) (True = attend). Any other mask, or dropout_p > 0, falls back to torch's SDPA with
-    a one-time warning that says why. One difference: a query that sees no key returns 0 here,
+    (B, 1, 1, Sk) (True = attend). Any other mask, dropout_p > 0, inputs that are not 4-D, or a
+    value head dim different from the query's fall back to torch's SDPA with a one-time warning
+    that says why. One difference: a query that sees no key returns 0 here,
     where torch returns NaN.
     """
     if dropout_p != 0.0:
         return _fallback_to_torch("dropout_p > 0 is not supported", query, key, value, attn_mask, dropout_p,
                                   is_causal, scale, enable_gqa)
     for name, x in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (B, H, S, D)")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not query.dim() == key.dim() == value.dim() == 4:
+        return _fallback_to_torch("only 4-D (B, H, S, D) inputs run in the kernels", query, key, value, attn_mask,
+                                  dropout_p, is_causal, scale, enable_gqa)
+    if value.shape[-1] != query.shape[-1]:
+        return _fallback_to_torch("a value head dim different from the query's is not supported", query, key,
+                                  value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"query has {query.shape[1]} heads but key has {key.shape[1]}: pass enable_gqa=True "
                          "for grouped-query attention")

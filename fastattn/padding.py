@@ -14,11 +14,12 @@ import torch
 
 
 def unpad_input(x: torch.Tensor, attention_mask: torch.Tensor):
-    """x (B, S, ...) and attention_mask (B, S) bool (True = real token) ->
+    """x (B, S, ...) and attention_mask (B, S) bool or 0/1 integers (True/1 = real token) ->
     (packed (T, ...), indices (T,) int64 into the flattened B * S rows, cu_seqlens (B + 1,) int32,
     max_seqlen int). Real tokens need not be contiguous: each sequence is its real tokens in order."""
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool:
-        raise TypeError("attention_mask must be a bool tensor (True = real token)")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.is_floating_point():
+        raise TypeError("attention_mask must be a bool or integer tensor (nonzero = real token)")
+    attention_mask = attention_mask.bool()  # Hugging Face masks are int64 1/0
     if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(x.shape[:2]):
         raise ValueError(f"attention_mask must have shape (B, S) = {tuple(x.shape[:2])}, "
                          f"got {tuple(attention_mask.shape)}")

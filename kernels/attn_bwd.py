@@ -116,12 +116,13 @@ def attn_bwd_dkdv_kernel(
     # A key tile past the sequence (varlen), or made only of padding, gets zero gradients.
     kv_lo, kv_hi = padded_key_bounds(KV_BOUNDS, b, Sk, HAS_KPM)
     skip = (start_n >= Sk) | (start_n + BLOCK_N <= kv_lo) | (start_n >= kv_hi)
-    hi = tl.where(skip, 0, hi)
-    lo = tl.minimum(lo, hi)
-    full_start = tl.minimum(full_start, hi)
     kp = offs_n < Sk
     if HAS_KPM:
         kp = kp & (tl.load(KPM + b * stride_kpm_b + offs_n, mask=offs_n < Sk, other=0) != 0)
+        skip = skip | (tl.max(kp.to(tl.int32), 0) == 0)  # an all-padding tile inside the real range too
+    hi = tl.where(skip, 0, hi)
+    lo = tl.minimum(lo, hi)
+    full_start = tl.minimum(full_start, hi)
     for g in range(GROUP):  # the query heads that share this KV head, summed in registers
         h = hk * GROUP + g
         q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs

@@ -68,6 +68,12 @@ def test_all_padding_batch_element_gives_zeros_and_zero_grads(gen):
     assert (k.grad[0] != 0).any()
 
 
+def test_mask_with_no_keys(gen):
+    q, k, v = testing.random_qkv(2, 5, 0, 2, 2, 16, device=DEVICE, generator=gen)
+    mask = torch.ones(2, 0, dtype=torch.bool, device=DEVICE)
+    assert (fastattn.attention(q, k, v, key_padding_mask=mask, backend="triton") == 0).all()
+
+
 def test_key_bounds():
     m = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     assert key_bounds(m).tolist() == [[1, 5], [0, 0], [0, 6]]
@@ -123,6 +129,26 @@ def test_varlen_equals_padded_with_mask(gen):
         alone = fastattn.attention(real, real, real, causal=True, backend="triton")[0]
         torch.testing.assert_close(padded[i][mask[i]], alone, rtol=1e-5, atol=1e-5)
         assert (padded[i][~mask[i]] == 0).all()
+
+
+def test_non_contiguous_cu_seqlens(gen):
+    q, k, v, cu_q, cu_k, mq, mk = packed([5, 9, 3], [5, 9, 3], 2, 2, 16, torch.float32, gen)
+    strided = torch.full((8,), 99, dtype=torch.int32, device=DEVICE)
+    strided[::2] = cu_q
+    cu_view = strided[::2]
+    assert not cu_view.is_contiguous()
+    out = fastattn.attention_varlen(q, k, v, cu_view, cu_view, mq, mk, backend="triton")
+    torch.testing.assert_close(out, fastattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, backend="triton"))
+
+
+def test_unpad_accepts_integer_masks(gen):
+    x = torch.randn(2, 4, 3, generator=gen)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 1]])  # Hugging Face attention_mask: int64 1/0
+    packed_x, idx, cu, max_len = fastattn.unpad_input(x, mask)
+    assert cu.tolist() == [0, 2, 5] and max_len == 3
+    torch.testing.assert_close(packed_x, x.reshape(8, 3)[[0, 1, 4, 6, 7]])
+    with pytest.raises(TypeError, match="bool or integer"):
+        fastattn.unpad_input(x, mask.float())
 
 
 def test_pad_unpad_round_trip_and_gradients(gen):

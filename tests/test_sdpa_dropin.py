@@ -19,7 +19,9 @@ def compare_with_torch(gen, q, k, v, **kw):
     """Outputs and gradients of the drop-in vs torch's SDPA (float32: close to rounding)."""
     dout = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=gen).to(DEVICE)
     results = []
-    for fn in (fastattn.scaled_dot_product_attention, F.scaled_dot_product_attention):
+    # backend="triton": the kernels themselves (through the interpreter on CPU), not "auto"'s pick.
+    ours = lambda *a, **k: fastattn.scaled_dot_product_attention(*a, **k, backend="triton")
+    for fn in (ours, F.scaled_dot_product_attention):
         xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
         out = fn(*xs, **kw)
         out.backward(dout)
@@ -64,19 +66,23 @@ def test_fully_masked_rows_are_zero_not_nan(gen):
     q, k, v = bhsd(gen, 2, 2, 5, 16), bhsd(gen, 2, 2, 7, 16), bhsd(gen, 2, 2, 7, 16)
     mask = torch.ones(2, 1, 1, 7, dtype=torch.bool, device=DEVICE)
     mask[1] = False
-    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="triton")
     assert (out[1] == 0).all() and torch.isfinite(out).all()
     torch.testing.assert_close(out[0], F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[0])
 
 
-@pytest.mark.parametrize("kind", ["float mask", "full bool mask", "dropout"])
+@pytest.mark.parametrize("kind", ["float mask", "full bool mask", "dropout", "3-D inputs", "value head dim"])
 def test_other_masks_fall_back_with_one_warning(kind, gen):
     q, k, v = bhsd(gen, 1, 2, 10, 16), bhsd(gen, 1, 2, 12, 16), bhsd(gen, 1, 2, 12, 16)
+    if kind == "3-D inputs":
+        q, k, v = q[0], k[0], v[0]
+    elif kind == "value head dim":
+        v = bhsd(gen, 1, 2, 12, 24)
     kw = {
         "float mask": dict(attn_mask=torch.randn(10, 12, generator=gen).to(DEVICE)),
         "full bool mask": dict(attn_mask=(torch.rand(1, 2, 10, 12, generator=gen) > 0.2).to(DEVICE)),
         "dropout": dict(dropout_p=0.0001),
-    }[kind]
+    }.get(kind, {})
     api._warned.clear()
     with pytest.warns(UserWarning, match="falling back"):
         out = fastattn.scaled_dot_product_attention(q, k, v, **kw)

@@ -99,7 +99,9 @@ def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 def key_bounds(key_padding_mask: torch.Tensor) -> torch.Tensor:
     """(B, 2) int32: [first real key, last real key + 1] per batch element, [0, 0] if it has none.
     Key tiles outside it are skipped by the kernels (left and right padding cost nothing)."""
-    sk = key_padding_mask.shape[1]
+    b, sk = key_padding_mask.shape
+    if sk == 0:
+        return torch.zeros((b, 2), dtype=torch.int32, device=key_padding_mask.device)
     m = key_padding_mask.to(torch.int32)
     has_any = m.any(dim=1)
     first = m.argmax(dim=1)
@@ -148,8 +150,9 @@ def _problem(q, k, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seq
     device = q.device
     i32 = _dummy(device, torch.int32)
     if cu_seqlens_q is not None:
+        # The kernels read cu_seqlens with unit stride.
         return _Problem(cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, q.shape[1], k.shape[1], q.shape[2],
-                        causal, True, None, i32, cu_seqlens_q, cu_seqlens_k)
+                        causal, True, None, i32, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
     kpm, bounds = None, i32
     if key_padding_mask is not None:
         kpm = _last_dim_contiguous(key_padding_mask).view(torch.uint8)
@@ -201,11 +204,13 @@ def backward(dout, q, k, v, out, lse, dlse, causal: bool, scale: float, key_padd
         # Row-wise: packed inputs run as one sequence of Tq rows.
         pre_m = 64
         rows, pre_batch = (q.shape[0], 1) if pb.varlen else (pb.seqlen_q, pb.batch)
+        # ... so its row offsets span all Tq rows, not one sequence's.
+        pre_wide = wide or (pb.varlen and any((rows + pre_m) * x.stride(0) >= 2**31 for x in (out, dout)))
         has_dlse = dlse is not None
         attn_bwd_preprocess_kernel[(triton.cdiv(rows, pre_m), pb.heads_q, pre_batch)](
             out, dout, dlse.float().contiguous() if has_dlse else delta, delta,
             *pb.strides(out), *pb.strides(dout), *pb.lse_strides(lse), rows,
-            HAS_DLSE=has_dlse, HEAD_DIM=pb.head_dim, BLOCK_M=pre_m, BLOCK_D=consts["BLOCK_D"], WIDE=wide,
+            HAS_DLSE=has_dlse, HEAD_DIM=pb.head_dim, BLOCK_M=pre_m, BLOCK_D=consts["BLOCK_D"], WIDE=pre_wide,
         )
         _launch(
             "dkdv",
