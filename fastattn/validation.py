@@ -118,11 +118,11 @@ def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise TypeError(f"{name} must be a non-negative int, got {m!r}")
     if not torch.compiler.is_compiling():
-        for name, cu, total, max_len, mname in (
-            ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q"),
-            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k"),
+        both = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()  # one host sync for both
+        for name, values, total, max_len, mname in (
+            ("cu_seqlens_q", both[0], q.shape[0], max_seqlen_q, "max_seqlen_q"),
+            ("cu_seqlens_k", both[1], k.shape[0], max_seqlen_k, "max_seqlen_k"),
         ):
-            values = cu.tolist()
             if values[0] != 0:
                 raise ValueError(f"{name} must start at 0, got {values[0]}")
             if values[-1] != total:
