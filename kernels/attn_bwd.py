@@ -84,7 +84,8 @@ def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, st
     return dk, dv
 
 
-@triton.jit
+# SEQ_BUCKET only keys the autotuner: don't compile variants over its value.
+@triton.jit(do_not_specialize=["SEQ_BUCKET"])
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KV_BOUNDS, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
@@ -160,7 +161,8 @@ def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, stride_ks, st
     return dq
 
 
-@triton.jit
+# SEQ_BUCKET only keys the autotuner: don't compile variants over its value.
+@triton.jit(do_not_specialize=["SEQ_BUCKET"])
 def attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KPM, KV_BOUNDS, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,

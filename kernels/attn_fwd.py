@@ -41,7 +41,8 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_
     return acc, m_i, l_i
 
 
-@triton.jit
+# SEQ_BUCKET only keys the autotuner: don't compile variants over its value.
+@triton.jit(do_not_specialize=["SEQ_BUCKET"])
 def attn_fwd_kernel(
     Q, K, V, O, LSE, KPM, KV_BOUNDS, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,

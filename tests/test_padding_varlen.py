@@ -76,7 +76,7 @@ def test_mask_with_no_keys(gen):
 
 def test_key_bounds():
     m = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    assert key_bounds(m).tolist() == [[1, 5], [0, 0], [0, 6]]
+    assert key_bounds(m).tolist() == [[1, 5], [6, 0], [0, 6]]  # no real key: an empty range
 
 
 def packed(lengths_q, lengths_k, hq, hkv, d, dtype, gen):

@@ -97,17 +97,15 @@ def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 def key_bounds(key_padding_mask: torch.Tensor) -> torch.Tensor:
-    """(B, 2) int32: [first real key, last real key + 1] per batch element, [0, 0] if it has none.
-    Key tiles outside it are skipped by the kernels (left and right padding cost nothing)."""
+    """(B, 2) int32: [first real key, last real key + 1] per batch element ([Sk, 0], an empty range,
+    if it has none). Key tiles outside it are skipped by the kernels: left and right padding are free."""
     b, sk = key_padding_mask.shape
     if sk == 0:
         return torch.zeros((b, 2), dtype=torch.int32, device=key_padding_mask.device)
-    m = key_padding_mask.to(torch.int32)
-    has_any = m.any(dim=1)
-    first = m.argmax(dim=1)
-    last = sk - m.flip(1).argmax(dim=1)
-    zero = torch.zeros_like(first)
-    return torch.stack([torch.where(has_any, first, zero), torch.where(has_any, last, zero)], dim=1).to(torch.int32)
+    pos = torch.arange(sk, dtype=torch.int32, device=key_padding_mask.device)
+    first = torch.where(key_padding_mask, pos, sk).amin(dim=1)
+    last = torch.where(key_padding_mask, pos + 1, 0).amax(dim=1)
+    return torch.stack([first, last], dim=1).to(torch.int32)
 
 
 @dataclass
