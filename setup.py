@@ -6,6 +6,6 @@ The CUDA extension fastattn._C is added here once csrc/ holds sources (see DESIG
 from setuptools import setup
 
 setup(
-    packages=["fastattn", "fastattn.ops", "fastattn.launchers", "fastattn.kernels"],
+    packages=["fastattn", "fastattn.ops", "fastattn.launchers", "fastattn.models", "fastattn.kernels"],
     package_dir={"fastattn.kernels": "kernels"},
 )
