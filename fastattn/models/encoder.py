@@ -1,0 +1,37 @@
+"""A BERT-like encoder: bidirectional self-attention over padded batches, with a masked-token head.
+
+Every token attends to every real token of its sequence, before and after it; padding keys are
+masked out (key_padding_mask), so a sequence gives the same result alone or padded in a batch.
+Trained by hiding some tokens behind a [MASK] id and predicting them from both sides.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastattn.models.config import ModelConfig
+from fastattn.models.layers import Stack, as_padding_mask, init_weights
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.body = Stack(config, config.n_layers, causal=False)
+        # Masked-token head: a transform, then the (tied) token embedding as output projection.
+        self.mlm_transform = nn.Linear(config.d_model, config.d_model)
+        self.mlm_norm = nn.LayerNorm(config.d_model)
+        self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.apply(init_weights)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, S), attention_mask (B, S) True/1 = real token -> hidden states (B, S, d_model).
+        Rows of padding positions are computed but meaningless."""
+        return self.body(tokens, as_padding_mask(attention_mask, tokens))
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, S, d_model) -> logits (B, S, vocab) for the masked-token objective."""
+        h = self.mlm_norm(F.gelu(self.mlm_transform(hidden)))
+        return h @ self.body.embed.tokens.weight.T + self.mlm_bias

@@ -1,0 +1,94 @@
+"""The original Transformer's shape: an encoder reads the source, a decoder writes the target.
+
+- Encoder: bidirectional self-attention over the (padded) source.
+- Decoder: causal self-attention over the target written so far, then cross-attention from each
+  target position to every real source token (the source's padding mask is the cross-attention's
+  key padding mask: Sq = target length, Sk = source length, not equal in general).
+
+Generation encodes the source once; each decoder layer projects the encoder output to
+cross-attention keys/values once and caches them, and caches its own self-attention keys/values
+as the target grows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fastattn.models.config import ModelConfig
+from fastattn.models.generation import check_room, decode_loop
+from fastattn.models.kv_cache import KVCache
+from fastattn.models.layers import Stack, as_padding_mask, init_weights
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Stack(config, config.n_layers, causal=False)
+        self.decoder = Stack(config, config.decoder_layers, causal=True, cross_attention=True)
+        self.lm_bias = nn.Parameter(torch.zeros(config.vocab_size))  # output weights tied to the embedding
+        self.apply(init_weights)
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """src (B, S_src) -> memory (B, S_src, d_model)."""
+        return self.encoder(src, as_padding_mask(src_mask, src, "src_mask"))
+
+    def decode(self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor | None = None,
+               tgt_mask: torch.Tensor | None = None, *, cache: KVCache | None = None) -> torch.Tensor:
+        """tgt (B, S_tgt) and the encoder's memory -> next-token logits (B, S_tgt, vocab)."""
+        h = self.decoder(tgt, as_padding_mask(tgt_mask, tgt, "tgt_mask"), cache=cache, memory=memory,
+                         memory_mask=as_padding_mask(src_mask, memory, "src_mask"))
+        return h @ self.decoder.embed.tokens.weight.T + self.lm_bias
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
+                tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: logits (B, S_tgt, vocab) predicting tgt[:, i + 1] from tgt[:, :i + 1]."""
+        return self.decode(tgt, self.encode(src, src_mask), src_mask, tgt_mask)
+
+    @torch.no_grad()
+    def generate(self, src: torch.Tensor, src_mask: torch.Tensor | None = None, max_new_tokens: int = 32, *,
+                 bos_id: int, use_cache: bool = True, **sampling) -> torch.Tensor:
+        """Translate: the target starts with bos_id; returns the new tokens (B, n).
+
+        With use_cache the decoder runs on one new token per step (self-attention K/V cached, the
+        cross-attention K/V computed from the encoder output once); without, it recomputes the whole
+        target every step. sampling: temperature, top_k, eos_id, pad_id, generator.
+        """
+        b = src.shape[0]
+        check_room(1 + max_new_tokens, self.config.max_len, f"bos + {max_new_tokens} new tokens")
+        memory = self.encode(src, src_mask)
+        tgt = torch.full((b, 1), bos_id, dtype=torch.long, device=src.device)
+        if use_cache:
+            c, p = self.config, self.lm_bias
+            cache = KVCache(c.decoder_layers, b, 1 + max_new_tokens, c.kv_heads, c.head_dim, dtype=p.dtype,
+                            device=p.device)
+            step = lambda t: self.decode(t, memory, src_mask, cache=cache)[:, -1]
+            return decode_loop(step(tgt), step, max_new_tokens, **sampling)
+
+        seq = {"tgt": tgt}
+
+        def recompute(t: torch.Tensor) -> torch.Tensor:
+            seq["tgt"] = torch.cat([seq["tgt"], t], dim=1)
+            return self.decode(seq["tgt"], memory, src_mask)[:, -1]
+
+        return decode_loop(self.decode(tgt, memory, src_mask)[:, -1], recompute, max_new_tokens, **sampling)
+
+    @torch.no_grad()
+    def cross_attention_map(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
+                            layer: int = -1) -> torch.Tensor:
+        """How much each target position attends to each source token in one decoder layer's
+        cross-attention, averaged over heads: (B, S_tgt, S_src), rows summing to 1 over real tokens.
+
+        Recomputed from the layer's own queries and keys and the log-sum-exp the kernel returns:
+        p = exp(q . k * scale - lse).
+        """
+        attn = self.decoder.blocks[layer].cross_attn
+        captured = {}
+        hook = attn.register_forward_pre_hook(
+            lambda mod, args, kwargs: captured.update(x=args[0], memory=args[1]), with_kwargs=True)
+        try:
+            self(src, tgt, src_mask)
+        finally:
+            hook.remove()
+        return attn.probabilities(captured["x"], captured["memory"], as_padding_mask(src_mask, src, "src_mask"))

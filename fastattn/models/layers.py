@@ -1,0 +1,231 @@
+"""Layers shared by the three models: multi-head attention (self or cross), feed-forward, the
+pre-norm transformer block, and token + position embeddings.
+
+All attention goes through ``fastattn.attention`` in FlashAttention's (B, S, H, D) layout, so the
+heads are split with a view (no transpose, no copy). ``attn_backend`` picks the kernels: "auto",
+"triton", "cuda", "torch" (PyTorch SDPA) or "reference" (the naive implementation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastattn
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention with learned projections.
+
+    Self-attention takes its keys and values from the same sequence as its queries; cross-attention
+    (``cross=True``) takes them from another sequence, the encoder's output ("memory"). With
+    ``n_kv_heads < n_heads`` groups of query heads share one key/value head (GQA; 1 = MQA), which
+    shrinks the KV cache by n_heads / n_kv_heads.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *, causal: bool = False,
+                 cross: bool = False, attn_backend: str = "auto"):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads})")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        if causal and cross:
+            raise ValueError("cross-attention is not causal: every target token may see the whole source")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
+        self.causal, self.cross, self.attn_backend = causal, cross, attn_backend
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim)
+        self.kv_proj = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim)  # keys and values in one matmul
+        self.out_proj = nn.Linear(n_heads * self.head_dim, d_model)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, d_model) -> keys, values (B, S, Hkv, D): strided views of one projection."""
+        b, s, _ = x.shape
+        kv = self.kv_proj(x).view(b, s, 2, self.n_kv_heads, self.head_dim)  # (B, S, 2, Hkv, D)
+        return kv[:, :, 0], kv[:, :, 1]
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, *,
+                key_padding_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """x (B, S, d_model) -> (B, S, d_model).
+
+        memory: the sequence to attend to for cross-attention (B, S_mem, d_model).
+        key_padding_mask: (B, S_keys) bool, True = a real key. For self-attention with a cache it
+            covers every cached key plus the new ones.
+        cache: a ``LayerCache``. Self-attention appends this call's keys/values to it and attends to
+            everything cached so far; cross-attention projects ``memory`` once and reuses it.
+        """
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # (B, S, Hq, D)
+        if self.cross:
+            if cache is not None and cache.cross_kv is not None:
+                k, v = cache.cross_kv
+            else:
+                if memory is None:
+                    raise ValueError("cross-attention needs `memory` (the encoder output) or a cache holding it")
+                k, v = self.project_kv(memory)
+                if cache is not None:
+                    cache.cross_kv = (k, v)
+        else:
+            k, v = self.project_kv(x)
+            if cache is not None:
+                k, v = cache.append(k, v)  # (B, cached + S, Hkv, D)
+        out = fastattn.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
+                                 backend=self.attn_backend)
+        return self.out_proj(out.reshape(b, s, self.n_heads * self.head_dim))  # heads merged: (B, S, d_model)
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor, memory: torch.Tensor | None = None,
+                      key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention weights of a call without a cache, averaged over heads: (B, S, S_keys).
+
+        Fused kernels never store them; they are recomputed from the queries, the keys and the
+        log-sum-exp the kernel returns: p = exp(q . k * scale - lse).
+        """
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # (B, S, Hq, D)
+        k, v = self.project_kv(x if memory is None else memory)  # (B, S_keys, Hkv, D)
+        backend = "reference" if self.attn_backend == "torch" else self.attn_backend  # SDPA returns no lse
+        _, lse = fastattn.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, return_lse=True,
+                                    backend=backend)
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)  # GQA: each query head's key head
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / self.head_dim ** 0.5  # (B, Hq, S, S_keys)
+        p = torch.exp(scores - lse[..., None])
+        visible = torch.ones_like(p, dtype=torch.bool)
+        if self.causal:  # bottom-right aligned, as in the kernels
+            visible = visible.tril(k.shape[1] - s)
+        if key_padding_mask is not None:
+            visible = visible & key_padding_mask[:, None, None, :]
+        return p.masked_fill(~visible, 0.0).mean(dim=1)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: d_model -> d_ff -> d_model with a GELU."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff)
+        self.down = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """One transformer layer: self-attention, then (decoder of an encoder-decoder only)
+    cross-attention to the encoder output, then the feed-forward network.
+
+    Pre-norm residuals (x + f(norm(x)), as GPT-2 and most models since): the original
+    Transformer normalised after the residual, which trains less reliably without warm-up.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None, d_ff: int, *, causal: bool,
+                 cross_attention: bool = False, attn_backend: str = "auto"):
+        super().__init__()
+        self.norm_self = nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, n_kv_heads, causal=causal, attn_backend=attn_backend)
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(d_model)
+            self.cross_attn = MultiHeadAttention(d_model, n_heads, n_kv_heads, cross=True, attn_backend=attn_backend)
+        else:
+            self.cross_attn = None
+        self.norm_ff = nn.LayerNorm(d_model)
+        self.ff = FeedForward(d_model, d_ff)
+
+    def forward(self, x, *, key_padding_mask=None, memory=None, memory_padding_mask=None, cache=None):
+        x = x + self.self_attn(self.norm_self(x), key_padding_mask=key_padding_mask, cache=cache)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), memory, key_padding_mask=memory_padding_mask, cache=cache)
+        return x + self.ff(self.norm_ff(x))
+
+
+class Embeddings(nn.Module):
+    """Token embedding plus a learned absolute position embedding.
+
+    Positions count real tokens only, so a left-padded prompt numbers its first real token 0,
+    exactly as it would alone: padding never shifts what the model sees.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, max_len: int):
+        super().__init__()
+        self.max_len = max_len
+        self.tokens = nn.Embedding(vocab_size, d_model)
+        self.positions = nn.Embedding(max_len, d_model)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens (B, S); mask (B, S_all) bool over every token so far, cached ones included, of
+        which tokens are the last S. Returns (B, S, d_model)."""
+        s = tokens.shape[1]
+        if mask.shape[1] > self.max_len:
+            raise ValueError(f"sequence length {mask.shape[1]} exceeds the model's max_len {self.max_len}")
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:]  # (B, S); pads reuse a neighbour's
+        return self.tokens(tokens) + self.positions(positions)
+
+
+class Stack(nn.Module):
+    """Embeddings, a stack of blocks and a final norm: the body of every model here.
+
+    causal=False is an encoder (each token sees the whole sequence but no padding); causal=True a
+    decoder (each token sees itself and the tokens before it); cross_attention=True adds attention to
+    an encoder's output in every block (the decoder of an encoder-decoder).
+    """
+
+    def __init__(self, config, n_layers: int, *, causal: bool, cross_attention: bool = False):
+        super().__init__()
+        c = config
+        self.embed = Embeddings(c.vocab_size, c.d_model, c.max_len)
+        self.blocks = nn.ModuleList(
+            Block(c.d_model, c.n_heads, c.kv_heads, c.ff_dim, causal=causal, cross_attention=cross_attention,
+                  attn_backend=c.attn_backend)
+            for _ in range(n_layers)
+        )
+        self.norm = nn.LayerNorm(c.d_model)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, cache=None,
+                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, S) -> hidden states (B, S, d_model).
+
+        mask: (B, S) bool, True = a real token (None: all real). With a cache, tokens are the next
+        S tokens after the cached ones. memory, memory_mask: the encoder output (B, S_src, d_model)
+        and its padding mask, for cross-attention.
+        """
+        if cache is None:
+            positions_mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
+            key_padding_mask = mask
+        else:
+            positions_mask, key_padding_mask = cache.extend(mask, tokens.shape[1])
+        x = self.embed(tokens, positions_mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, key_padding_mask=key_padding_mask, memory=memory, memory_padding_mask=memory_mask,
+                      cache=None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.advance(tokens.shape[1])
+        return self.norm(x)
+
+
+def init_weights(module: nn.Module) -> None:
+    """GPT-2's initialisation (N(0, 0.02), zero biases): PyTorch's N(0, 1) embeddings would give huge
+    logits through the tied output projection. Use as model.apply(init_weights)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def set_attn_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Switch every attention layer of `model` to `backend` (weights untouched); returns model."""
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention):
+            m.attn_backend = backend
+    return model
+
+
+def as_padding_mask(attention_mask: torch.Tensor | None, like: torch.Tensor, name: str = "attention_mask"):
+    """HF-style mask of bool or 0/1 ints, True/1 = a real token, shaped like the first two dims of
+    `like` (tokens (B, S) or hidden states (B, S, d)) -> bool on like's device, or None if absent."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != like.shape[:2]:
+        raise ValueError(f"{name} must have shape {tuple(like.shape[:2])}, got {tuple(attention_mask.shape)}")
+    return attention_mask.to(device=like.device, dtype=torch.bool)
