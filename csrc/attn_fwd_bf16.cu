@@ -1,0 +1,6 @@
+// Forward kernels for __nv_bfloat16 (head dims 64 and 128); one dtype per file so the build compiles in parallel.
+#include "attn_fwd.cuh"
+
+namespace fastattn {
+cudaError_t run_fwd_bf16(const FwdParams& p) { return dispatch_fwd<__nv_bfloat16>(p); }
+}  // namespace fastattn
