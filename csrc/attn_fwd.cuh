@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
           if (need_mask) {
             const int col = n0 + nb * 8 + 2 * t + (e & 1);
             const int row = row_a + (e >> 1) * 8;
-            const bool ok = col < Sk && (!p.causal || col <= row + diag) && (kpm == nullptr || kpm[col] != 0);
+            const bool ok = col >= kr.lo && col < kr.hi && (!p.causal || col <= row + diag) && (kpm == nullptr || kpm[col] != 0);
             x = ok ? x : -CUDART_INF_F;
           }
           s[nb][e] = x;
@@ -121,13 +121,13 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
         for (int nb = 0; nb < NS; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
         mx = quad_max(mx);
         const float m_use = mx == -CUDART_INF_F ? 0.f : mx;  // a row with no key yet: avoid inf - inf
-        const float alpha = exp2f(row_max[r] - m_use);
+        const float alpha = fast_exp2(row_max[r] - m_use);
         row_max[r] = mx;
         float sum = 0.f;
 #pragma unroll
         for (int nb = 0; nb < NS; ++nb) {
-          s[nb][2 * r] = exp2f(s[nb][2 * r] - m_use);
-          s[nb][2 * r + 1] = exp2f(s[nb][2 * r + 1] - m_use);
+          s[nb][2 * r] = fast_exp2(s[nb][2 * r] - m_use);
+          s[nb][2 * r + 1] = fast_exp2(s[nb][2 * r + 1] - m_use);
           sum += s[nb][2 * r] + s[nb][2 * r + 1];
         }
         row_sum[r] = row_sum[r] * alpha + sum;

@@ -1,0 +1,6 @@
+// Backward kernels for __half (head dims 64 and 128); one dtype per file so the build compiles in parallel.
+#include "attn_bwd.cuh"
+
+namespace fastattn {
+cudaError_t run_bwd_fp16(const BwdParams& p) { return dispatch_bwd<__half>(p); }
+}  // namespace fastattn
