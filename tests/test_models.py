@@ -1,0 +1,234 @@
+"""The reference models: each backend matches the same model on "reference" (logits and every
+parameter gradient, under DESIGN.md's tolerance rule), cached generation gives exactly the tokens of
+full recomputation, and padding never changes the result for real tokens."""
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import fastattn
+from fastattn.models import Decoder, Encoder, EncoderDecoder, KVCache, ModelConfig, pad_left, set_attn_backend
+from fastattn.testing import GRAD_FACTOR, OUT_FACTOR, compare
+
+KERNEL_BACKENDS = ["triton"] + (["cuda"] if "cuda" in fastattn.available_backends() else [])
+
+
+def tiny(**kw):
+    return ModelConfig.preset("tiny", **kw)
+
+
+def run_encoder(model, batch):
+    return model.mlm_logits(model(batch["tokens"], batch["mask"]))
+
+
+def run_decoder(model, batch):
+    return model(batch["tokens"], batch["mask"])
+
+
+def run_encoder_decoder(model, batch):
+    return model(batch["src"], batch["tgt"], batch["src_mask"], batch["tgt_mask"])
+
+
+def padding_mask(lengths, seqlen, left=False):
+    """(B, S) bool masks of the given real lengths, padded on the right (or left)."""
+    pos = torch.arange(seqlen)[None]
+    lengths = torch.tensor(lengths)[:, None]
+    return pos >= seqlen - lengths if left else pos < lengths
+
+
+def make_batch(kind, gen, vocab):
+    tok = lambda b, s: torch.randint(1, vocab, (b, s), generator=gen)
+    if kind == "encoder":  # right padding, one sequence without any
+        return {"tokens": tok(3, 19), "mask": padding_mask([19, 11, 1], 19)}
+    if kind == "decoder":  # left padding (batched prompts)
+        return {"tokens": tok(3, 17), "mask": padding_mask([17, 9, 4], 17, left=True)}
+    return {"src": tok(2, 21), "src_mask": padding_mask([21, 8], 21),  # Sq != Sk in cross-attention
+            "tgt": tok(2, 13), "tgt_mask": padding_mask([13, 6], 13)}
+
+
+MODELS = {"encoder": (Encoder, run_encoder), "decoder": (Decoder, run_decoder),
+          "encoder-decoder": (EncoderDecoder, run_encoder_decoder)}
+
+
+def to_device(batch):
+    return {k: v.to(DEVICE) for k, v in batch.items()}
+
+
+def logits_and_grads(model, run, batch, cotangent):
+    model.zero_grad()
+    logits = run(model, batch)
+    logits.backward(cotangent.to(logits.dtype))
+    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def check_model_matches_reference(kind, backend, dtype, gen, **config):
+    """Same weights, three runs: `backend` in dtype, "reference" in float64 (the oracle) and
+    "reference" in dtype (the naive low-precision error the tolerance rule scales with)."""
+    cls, run = MODELS[kind]
+    cfg = tiny(**config)
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    base = cls(cfg).to(DEVICE)
+    batch = to_device(make_batch(kind, gen, cfg.vocab_size))
+    models = {
+        "test": set_attn_backend(copy.deepcopy(base).to(dtype), backend),
+        "ref64": set_attn_backend(copy.deepcopy(base).double(), "reference"),
+        "naive": set_attn_backend(copy.deepcopy(base).to(dtype), "reference"),
+    }
+    out_shape = run(base, batch).shape
+    cotangent = torch.randn(out_shape, generator=gen).to(DEVICE)
+    res = {name: logits_and_grads(m, run, batch, cotangent) for name, m in models.items()}
+    failures = []
+    c = compare("logits", res["test"][0], res["naive"][0], res["ref64"][0], OUT_FACTOR)
+    failures += [] if c.ok else [str(c)]
+    for name in res["ref64"][1]:
+        c = compare(f"d {name}", res["test"][1][name], res["naive"][1][name], res["ref64"][1][name], GRAD_FACTOR)
+        failures += [] if c.ok else [str(c)]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_model_matches_reference_triton(kind, gen):
+    check_model_matches_reference(kind, "triton", torch.float32, gen)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder-decoder"])
+def test_model_matches_reference_gqa(kind, gen):
+    check_model_matches_reference(kind, "triton", torch.float32, gen, n_heads=4, n_kv_heads=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_model_matches_reference_gpu(kind, dtype, backend, gen):
+    check_model_matches_reference(kind, backend, dtype, gen, n_heads=2, d_model=128)  # head dim 64
+
+
+# ---------------------------------------------------------------- generation
+def decoder_and_prompts(gen, backend, **config):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = Decoder(tiny(attn_backend=backend, **config)).to(DEVICE).eval()
+    prompts = [torch.randint(1, 32, (n,), generator=gen).tolist() for n in (5, 1, 9)]
+    return model, *pad_left(prompts, device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_decoder_cached_generation_equals_recomputation(backend, gen):
+    model, tokens, mask = decoder_and_prompts(gen, backend)
+    cached = model.generate(tokens, mask, 7)
+    full = model.generate(tokens, mask, 7, use_cache=False)
+    assert cached.shape == (3, 7)
+    assert torch.equal(cached, full)
+
+
+def test_decoder_sampling_cached_equals_recomputation(gen):
+    model, tokens, mask = decoder_and_prompts(gen, "reference", n_heads=4, n_kv_heads=1)  # MQA cache
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    kw = dict(temperature=1.5, top_k=5)
+    cached = model.generate(tokens, mask, 12, generator=torch.Generator().manual_seed(seed), **kw)
+    full = model.generate(tokens, mask, 12, use_cache=False, generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(cached, full)
+
+
+def test_decoder_batched_prompts_match_single(gen):
+    """Left padding changes nothing: each prompt alone generates what it generates in the batch."""
+    model, tokens, mask = decoder_and_prompts(gen, "reference")
+    batched = model.generate(tokens, mask, 6)
+    for i in range(tokens.shape[0]):
+        alone = tokens[i][mask[i]][None]
+        assert torch.equal(model.generate(alone, None, 6)[0], batched[i])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_encoder_decoder_cached_generation_equals_recomputation(backend, gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = EncoderDecoder(tiny(attn_backend=backend, n_heads=4, n_kv_heads=2)).to(DEVICE).eval()
+    src = torch.randint(3, 32, (3, 11), generator=gen).to(DEVICE)
+    src_mask = padding_mask([11, 4, 7], 11).to(DEVICE)
+    cached = model.generate(src, src_mask, 8, bos_id=1)
+    full = model.generate(src, src_mask, 8, bos_id=1, use_cache=False)
+    assert torch.equal(cached, full)
+    if backend != "reference":
+        return  # below: padding invariance of generation (the interpreter is slow; kernels are checked above)
+    for i in range(3):  # each source alone (no padding) translates to the same tokens
+        alone = model.generate(src[i:i + 1, : int(src_mask[i].sum())], None, 8, bos_id=1)
+        assert torch.equal(alone[0], cached[i])
+
+
+def test_generation_stops_at_eos_and_pads():
+    model = Decoder(tiny(attn_backend="reference")).eval()
+    with torch.no_grad():
+        model.lm_bias.fill_(-1e4)
+        model.lm_bias[7] = 1e4  # always predicts token 7
+    out = model.generate(torch.tensor([[3, 4]]), None, 10, eos_id=7, pad_id=0)
+    assert out.tolist() == [[7]]  # stopped after the first eos
+
+
+# ---------------------------------------------------------------- padding invariance
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_padding_does_not_change_real_tokens(kind, gen):
+    """A sequence alone (float64 reference = the oracle) vs the same sequence padded in a batch
+    (Triton kernels, fp32): equal on every real token under the tolerance rule."""
+    cls, run = MODELS[kind]
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    base = cls(tiny()).to(DEVICE).eval()
+    batch = to_device(make_batch(kind, gen, 32))
+    padded = run(set_attn_backend(base, "triton"), batch)
+    i = 1  # the padded element
+    if kind == "encoder-decoder":
+        s, t = int(batch["src_mask"][i].sum()), int(batch["tgt_mask"][i].sum())
+        alone = {"src": batch["src"][i:i + 1, :s], "src_mask": None, "tgt": batch["tgt"][i:i + 1, :t], "tgt_mask": None}
+        real = slice(0, t)
+    else:
+        m = batch["mask"][i]
+        alone = {"tokens": batch["tokens"][i:i + 1][:, m], "mask": None}
+        real = m.nonzero()[:, 0]
+    ref64 = run(set_attn_backend(copy.deepcopy(base).double(), "reference"), alone)[0]
+    naive = run(set_attn_backend(copy.deepcopy(base), "reference"), alone)[0]
+    c = compare("logits of real tokens", padded[i, real], naive, ref64, OUT_FACTOR)
+    assert c.ok, str(c)
+
+
+# ---------------------------------------------------------------- pieces and errors
+def test_cross_attention_map_rows_are_distributions(gen):
+    model = EncoderDecoder(tiny(attn_backend="reference")).eval()
+    src = torch.randint(3, 32, (2, 9), generator=gen)
+    src_mask = padding_mask([9, 5], 9)
+    tgt = torch.randint(3, 32, (2, 4), generator=gen)
+    p = model.cross_attention_map(src, tgt, src_mask)
+    assert p.shape == (2, 4, 9)
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 4))
+    assert (p[1, :, 5:] == 0).all()  # padding gets no attention
+
+
+def test_kv_cache_is_sized_by_kv_heads():
+    model = Decoder(tiny(n_heads=4, n_kv_heads=1))
+    cache = model.new_cache(batch=2, max_len=10)
+    assert isinstance(cache, KVCache) and cache.keys.shape == (2, 2, 10, 1, 8)
+    model(torch.ones(2, 6, dtype=torch.long), cache=cache)
+    assert cache.length == 6
+    with pytest.raises(ValueError, match="KV cache holds 10 tokens"):
+        model(torch.ones(2, 5, dtype=torch.long), cache=cache)
+
+
+def test_bad_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelConfig(n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="d_model"):
+        ModelConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="unknown preset"):
+        ModelConfig.preset("huge")
+    model = Decoder(tiny(attn_backend="reference"))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.ones(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_len"):
+        model.generate(torch.ones(1, 60, dtype=torch.long), None, 10)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.ones(1, 3, dtype=torch.long), None, 2, temperature=-1.0)
+    ed = EncoderDecoder(tiny(attn_backend="reference"))
+    with pytest.raises(ValueError, match="src_mask"):
+        ed(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), torch.ones(2, 6))
