@@ -38,7 +38,7 @@ def attention(
         key_padding_mask: (B, Sk) bool, True = real key (HF ``attention_mask`` sense). Tiles of keys
             that are all padding are skipped by the kernels.
         return_lse: also return the log-sum-exp (B, Hq, Sq) in float32 (differentiable).
-        backend: "auto", "triton", "torch", or "reference"; see ``available_backends()``.
+        backend: "auto", "triton", "cuda", "torch", or "reference"; see ``available_backends()``.
 
     Returns out (B, Sq, Hq, D) [, lse]. A query that sees no key gets 0 (lse = -inf) and zero
     gradients.

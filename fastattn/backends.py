@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fastattn import reference
 from fastattn.validation import AttentionShape
 
-BACKENDS = ("triton", "torch", "reference")
+BACKENDS = ("triton", "cuda", "torch", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GRID_YZ = 65535  # the Triton kernels put heads and batch on CUDA grid axes 1 and 2
 
@@ -120,6 +120,64 @@ def _triton_run(call: AttentionCall):
     return (out, lse) if call.return_lse else out
 
 
+# ---------------------------------------------------------------- cuda (csrc/, fastattn._C)
+def _import_cuda_ops() -> str | None:
+    try:
+        import fastattn.ops.cuda_attention  # noqa: F401  (registers fastattn::cuda_attn_fwd / _bwd)
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"the cuda ops could not be registered: {type(e).__name__}: {e}"
+    return None
+
+
+_CUDA_OPS_ERROR = _import_cuda_ops()
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _cuda_capability_reason(device: torch.device) -> str | None:
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"the CUDA kernels need compute capability 8.0+ (mma.sync bf16, cp.async); {device} is {major}.{minor}"
+    return None
+
+
+def _cuda_unavailable() -> str | None:
+    from fastattn.launchers import cuda_attention as launch
+
+    if _CUDA_OPS_ERROR:
+        return _CUDA_OPS_ERROR
+    if launch.IMPORT_ERROR:
+        return (f"fastattn._C is not built ({launch.IMPORT_ERROR}); it is built at install time when a CUDA GPU "
+                "and nvcc are present, or with FASTATTN_BUILD_CUDA=1 (pip install --no-build-isolation -e .)")
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (fastattn._C is built, but its kernels need an sm_80+ GPU)"
+    return _cuda_capability_reason(torch.device("cuda", torch.cuda.current_device()))
+
+
+def _cuda_unsupported(call: AttentionCall) -> str | None:
+    from fastattn.launchers import cuda_attention as launch
+
+    if call.varlen:
+        return "packed sequences (attention_varlen) are not supported by the CUDA kernels yet"
+    if call.q.dtype not in CUDA_DTYPES:
+        return f"dtype {call.q.dtype} is not supported by the CUDA kernels (float16, bfloat16)"
+    if call.shape.head_dim not in launch.HEAD_DIMS:
+        return (f"head dim {call.shape.head_dim} is not supported by the CUDA kernels "
+                f"(built for {', '.join(map(str, launch.HEAD_DIMS))})")
+    if not call.q.is_cuda:
+        return f"tensors are on {call.q.device}; the CUDA kernels need CUDA tensors"
+    if max(call.shape.batch, call.shape.heads_q) > launch.MAX_GRID_YZ:
+        return f"batch size and head count must be <= {launch.MAX_GRID_YZ} (CUDA grid limit)"
+    if max(call.shape.seqlen_q, call.shape.seqlen_k) > launch.MAX_SEQLEN:
+        return f"sequence lengths must be <= {launch.MAX_SEQLEN} (32-bit positions in the kernels)"
+    return _cuda_capability_reason(call.q.device)
+
+
+def _cuda_run(call: AttentionCall):
+    out, lse = torch.ops.fastattn.cuda_attn_fwd(call.q, call.k, call.v, call.key_padding_mask, call.causal,
+                                                 call.scale, call.return_lse)
+    return (out, lse) if call.return_lse else out
+
+
 # ---------------------------------------------------------------- torch (SDPA)
 def _torch_unsupported(call: AttentionCall) -> str | None:
     if call.return_lse:
@@ -164,9 +222,11 @@ def _reference_run(call: AttentionCall):
                                key_padding_mask=call.key_padding_mask, return_lse=call.return_lse)
 
 
-_UNAVAILABLE = {"triton": _triton_unavailable, "torch": lambda: None, "reference": lambda: None}
-_UNSUPPORTED = {"triton": _triton_unsupported, "torch": _torch_unsupported, "reference": lambda call: None}
-_RUN = {"triton": _triton_run, "torch": _torch_run, "reference": _reference_run}
+_UNAVAILABLE = {"triton": _triton_unavailable, "cuda": _cuda_unavailable, "torch": lambda: None,
+                "reference": lambda: None}
+_UNSUPPORTED = {"triton": _triton_unsupported, "cuda": _cuda_unsupported, "torch": _torch_unsupported,
+                "reference": lambda call: None}
+_RUN = {"triton": _triton_run, "cuda": _cuda_run, "torch": _torch_run, "reference": _reference_run}
 
 
 def available_backends() -> dict[str, BackendStatus]:
@@ -183,9 +243,17 @@ def why_not(name: str, call: AttentionCall) -> str | None:
     return _UNAVAILABLE[name]() or _UNSUPPORTED[name](call)
 
 
+# "auto" on CUDA tensors prefers the fastest fastattn kernel that supports the call. The CUDA C++
+# kernels are not in that order yet: they have been compile-checked but not yet run or timed on a
+# GPU, so "auto" keeps the Triton kernels (measured faster than SDPA's FA2 on an H100) until a GPU
+# run shows the cuda backend correct and faster; then put "cuda" first where it wins. backend="cuda"
+# selects it explicitly.
+AUTO_CUDA_ORDER = ("triton", "torch", "reference")
+
+
 def auto_order(device: torch.device) -> tuple[str, ...]:
     # CUDA: the fastest fastattn kernel that supports the call; CPU: PyTorch's SDPA.
-    return ("triton", "torch", "reference") if device.type == "cuda" else ("torch", "reference")
+    return AUTO_CUDA_ORDER if device.type == "cuda" else ("torch", "reference")
 
 
 def choose(backend: str, call: AttentionCall) -> str:

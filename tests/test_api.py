@@ -14,7 +14,7 @@ def qkv(gen, b=1, sq=8, sk=8, hq=2, hkv=2, d=16, dtype=torch.float32):
 
 def test_available_backends_reports_each_with_reason():
     status = fastattn.available_backends()
-    assert set(status) == {"triton", "torch", "reference"}
+    assert set(status) == {"triton", "cuda", "torch", "reference"}
     assert status["reference"].available and status["torch"].available
     for st in status.values():
         assert st.reason
