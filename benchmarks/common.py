@@ -30,6 +30,11 @@ def use_interpreter_without_gpu() -> bool:
     Returns whether the interpreter is on."""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    return interpreter_on()
+
+
+def interpreter_on() -> bool:
+    """Whether Triton runs through its interpreter (TRITON_INTERPRET, as triton reads it)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
@@ -52,7 +57,7 @@ def time_ms(fn, *, device=None, grad_to_none=None, warmup_ms: float = 25, rep_ms
     return _wall_clock_median(fn, grad_to_none, warmup_ms, rep_ms)
 
 
-def _wall_clock_median(fn, grad_to_none, warmup_ms, rep_ms, min_reps=3, max_reps=1000) -> float:
+def _wall_clock_median(fn, grad_to_none, warmup_ms, rep_ms, min_reps=5, max_reps=1000) -> float:
     def reset():
         for x in grad_to_none or ():
             x.grad = None
@@ -124,6 +129,7 @@ def environment(device=None) -> dict:
         "git_commit": _git_commit(),
         "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "timer": "triton.testing.do_bench (CUDA events, median)" if cuda else "wall clock (median)",
+        "cpu_threads": torch.get_num_threads(),
     }
     if cuda:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())

@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conftest import DEVICE  # noqa: E402
 
-from benchmarks.bench_attention import padding_cost  # noqa: E402
+from benchmarks.padding_cost import padding_cost  # noqa: E402
 
 
 def wall_clock(fn, grad_to_none=None):

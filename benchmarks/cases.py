@@ -1,0 +1,160 @@
+"""The benchmark cases: shapes, their FLOP and byte counts, and the named grids.
+
+FlashAttention's standard grid: 16k tokens per batch (batch = 16384 // seqlen), hidden 2048
+(heads = 2048 // head_dim), head dim 64/128/256, seq len 512..16k, causal and not, fp16 and bf16.
+Beside it: cross-attention (Sq != Sk), GQA, padded batches (a key-padding mask) and decoding.
+
+FLOPs come from fastattn.flops (the one formula). Bytes are the least traffic a fused kernel must
+move (each input read once, each output written once): the x axis of the roofline chart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from fastattn.flops import MODES, attention_flops
+
+TOKENS = 16384
+HIDDEN = 2048
+SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+HEAD_DIMS = (64, 128, 256)
+DTYPES = ("bfloat16", "float16")
+
+# Decoding (1 query over a long KV cache) is measured in bytes/s by a split-KV decode kernel, which
+# fastattn does not have yet: the grid lists the cases and the report says why they did not run.
+DECODE_SKIP_REASON = ("fastattn has no decode (split-KV) kernel yet; decoding is benchmarked in bytes/s "
+                      "once one exists")
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # "self" (the standard grid), "cross", "gqa", "padded", "decode"
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    causal: bool
+    dtype: str  # a torch dtype name: "bfloat16", "float16", "float32"
+    fill: float = 1.0  # padded: the shortest batch element's fraction of real keys
+
+    @property
+    def label(self) -> str:
+        heads = f"H{self.heads_q}" if self.heads_q == self.heads_kv else f"H{self.heads_q}/{self.heads_kv}"
+        seq = f"S{self.seqlen_q}" if self.seqlen_q == self.seqlen_k else f"Sq{self.seqlen_q} Sk{self.seqlen_k}"
+        pad = f" real{self.fill:.0%}-100%" if self.kind == "padded" else ""
+        return (f"{self.kind} B{self.batch} {seq} {heads} D{self.head_dim} "
+                f"{'causal' if self.causal else 'full'} {self.dtype}{pad}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def key_lengths(self) -> list[int] | None:
+        """Padded batches: real keys per batch element, from fill * Sk (element 0, the one the
+        correctness gate checks) up to Sk, evenly spaced. None for unpadded cases."""
+        if self.kind != "padded":
+            return None
+        lo = max(1, round(self.fill * self.seqlen_k))
+        if self.batch == 1:
+            return [lo]
+        return [lo + (self.seqlen_k - lo) * i // (self.batch - 1) for i in range(self.batch)]
+
+    def flops(self, mode: str) -> float:
+        """Useful FLOPs: keys a query cannot see (above the causal diagonal, padding) do not count."""
+        lengths = self.key_lengths()
+        if lengths is None:
+            return attention_flops(self.batch, self.heads_q, self.seqlen_q, self.seqlen_k, self.head_dim,
+                                   causal=self.causal, mode=mode)
+        # Padding at the end of each sequence: a query of element b sees the first lengths[b] keys.
+        return sum(attention_flops(1, self.heads_q, self.seqlen_q, n, self.head_dim, causal=self.causal, mode=mode)
+                   for n in lengths)
+
+    def bytes(self, mode: str) -> float:
+        """Least memory traffic: fwd reads q, k, v and writes o; bwd reads q, k, v, o, dO and writes
+        dq, dk, dv (the fp32 lse/delta rows are left out: under 1% at D >= 64)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        q = self.batch * self.seqlen_q * self.heads_q * self.head_dim
+        kv = self.batch * self.seqlen_k * self.heads_kv * self.head_dim
+        size = self.torch_dtype.itemsize
+        fwd = (2 * q + 2 * kv) * size  # q, k, v in; o out
+        bwd = (4 * q + 4 * kv) * size  # q, k, v, o, dO in; dq, dk, dv out
+        return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
+
+    def scores_bytes(self) -> int:
+        """Size of the (B, Hq, Sq, Sk) fp32 score matrix a non-fused implementation materialises."""
+        return self.batch * self.heads_q * self.seqlen_q * self.seqlen_k * 4
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "label": self.label}
+
+
+def standard(dtypes=DTYPES, head_dims=HEAD_DIMS, seqlens=SEQLENS, causals=(False, True)) -> list[Case]:
+    """FlashAttention's grid: 16k tokens per batch, hidden 2048."""
+    return [Case("self", TOKENS // s, s, s, HIDDEN // d, HIDDEN // d, d, c, dt)
+            for dt in dtypes for d in head_dims for c in causals for s in seqlens]
+
+
+def extra(dtype="bfloat16") -> dict[str, Case]:
+    """Cross-attention, GQA and padded batches at D=128 (GQA also at D=64), 16k tokens per batch."""
+    return {
+        "cross": Case("cross", 8, 512, 4096, 16, 16, 128, False, dtype),  # encoder-decoder: 512 queries, 4k keys
+        "cross_causal": Case("cross", 8, 512, 4096, 16, 16, 128, True, dtype),  # chunked prefill: bottom-right
+        "gqa4": Case("gqa", 4, 4096, 4096, 32, 8, 64, True, dtype),  # 4 query heads per KV head
+        "gqa8": Case("gqa", 4, 4096, 4096, 16, 2, 128, True, dtype),  # 8 query heads per KV head
+        "padded": Case("padded", 8, 2048, 2048, 16, 16, 128, False, dtype, fill=0.5),  # encoder batch, 50..100% real
+    }
+
+
+def decode(dtype="bfloat16") -> list[Case]:
+    return [Case("decode", b, 1, 8192, 16, 16, 128, False, dtype) for b in (1, 8, 64)]
+
+
+def quick_gpu() -> list[Case]:
+    """tools/gpu_check.sh's subset: the README's D=128 bf16 rows, one D=64 row and one of each extra kind."""
+    return (standard(dtypes=("bfloat16",), head_dims=(128,), seqlens=(1024, 4096, 16384))
+            + standard(dtypes=("bfloat16",), head_dims=(64,), seqlens=(4096,), causals=(True,))
+            + [extra()[name] for name in ("cross", "gqa4", "padded")] + decode()[:1])
+
+
+def full_gpu() -> list[Case]:
+    """Everything, most wanted first: a run that hits its time budget loses the least important
+    cases (D=128 and 64 in bf16, then the extra kinds, then D=256, then fp16)."""
+    bf16, fp16 = DTYPES
+    return (standard(dtypes=(bf16,), head_dims=(128, 64)) + list(extra(bf16).values()) + decode(bf16)
+            + standard(dtypes=(bf16,), head_dims=(256,)) + standard(dtypes=(fp16,)))
+
+
+def cpu_quick() -> list[Case]:
+    """Tiny shapes for a machine without a GPU (the Triton kernels run in the interpreter). fp16: the
+    interpreter cannot run bf16 dots, and the bf16 row shows that reported as a skip."""
+    return [
+        Case("self", 2, 128, 128, 2, 2, 64, False, "float16"),
+        Case("self", 2, 128, 128, 2, 2, 64, True, "float16"),
+        Case("self", 2, 128, 128, 2, 2, 64, True, "bfloat16"),
+        Case("cross", 2, 64, 256, 2, 2, 64, False, "float16"),
+        Case("gqa", 1, 128, 128, 4, 1, 64, True, "float16"),
+        Case("padded", 3, 128, 128, 2, 2, 64, False, "float16", fill=0.5),
+        Case("decode", 2, 1, 256, 2, 2, 64, False, "float16"),
+    ]
+
+
+GRIDS = {"quick": quick_gpu, "full": full_gpu, "cpu": cpu_quick}
+
+
+def make_inputs(case: Case, device, generator: torch.Generator | None = None):
+    """Fresh N(0, 1) q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) and the key-padding mask (B, Sk) (True =
+    real key) or None. Random, never zeros: some kernels are faster on zeros."""
+    from fastattn import testing
+
+    q, k, v = testing.random_qkv(case.batch, case.seqlen_q, case.seqlen_k, case.heads_q, case.heads_kv,
+                                 case.head_dim, dtype=case.torch_dtype, device=device, generator=generator)
+    lengths = case.key_lengths()
+    mask = None
+    if lengths is not None:
+        mask = torch.arange(case.seqlen_k, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    return q, k, v, mask
