@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.cases import Case, make_inputs
 from benchmarks.common import peak_memory_mib, time_ms
-from benchmarks.providers import PROVIDERS, Provider, why_not
+from benchmarks.providers import Provider, why_not
 from fastattn import reference, testing
 
 GATE_OK = "ok"
@@ -36,6 +36,7 @@ class Measurement:
     provider: str
     mode: str  # "fwd", "bwd", "fwd_bwd"
     device_type: str  # "cuda" or "cpu": CPU times are CPU times
+    role: str = "baseline"  # the provider's: "fastattn", "baseline" or "oracle"
     ms: float | None = None
     tflops: float | None = None
     pct_of_matmul: float | None = None
@@ -151,7 +152,7 @@ def run_provider(provider: Provider, case: Case, inputs, gate: Gate, modes, *, d
     """Gate, then peak memory and time for each mode: one Measurement per mode, skips with reasons."""
     q, k, v, mask = inputs
     dev_type = torch.device(device).type
-    rows = [Measurement(case, provider.name, m, dev_type) for m in modes]
+    rows = [Measurement(case, provider.name, m, dev_type, provider.role) for m in modes]
     reason = why_not(provider, case, dev_type)
     if reason:
         for r in rows:
@@ -204,7 +205,7 @@ def add_ratios(rows: list[Measurement]) -> None:
     """Each fastattn row's ratio to every other provider measured (and correct) in the same case and
     mode: other time / fastattn time, > 1 when fastattn is faster."""
     for r in rows:
-        if not (r.ranked and PROVIDERS[r.provider].role == "fastattn"):
+        if not (r.ranked and r.role == "fastattn"):
             continue
         r.ratios = {o.provider: o.ms / r.ms for o in rows
                     if o is not r and o.ranked and o.case == r.case and o.mode == r.mode}
@@ -221,7 +222,7 @@ def run_case(case: Case, providers, modes, *, device: str, ceilings: dict, timin
             gate, gate_error = _guarded(lambda: Gate(case, *inputs, grads=any(m != "fwd" for m in modes),
                                                      generator=generator), [])
         if gate_error:
-            rows += [Measurement(case, p.name, m, torch.device(device).type,
+            rows += [Measurement(case, p.name, m, torch.device(device).type, p.role,
                                  skipped=f"the reference for the correctness gate failed: {gate_error}")
                      for m in modes]
             continue

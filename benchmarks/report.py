@@ -98,14 +98,14 @@ def console_case(measurements: list[dict]) -> str:
     return "\n".join(_table(header[1:], collapsed, markdown=False))
 
 
-def pivot(measurements: list[dict], fastattn=("fastattn-triton", "fastattn-cuda")) -> tuple[list[str], list[list[str]]]:
+def pivot(measurements: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The headline table: one row per case and mode, TFLOPS per provider, and each fastattn
     provider's ratio to the key baselines. Flagged (failed-gate) numbers are marked, skips are "-"."""
     present = [p for p in dict.fromkeys(m["provider"] for m in measurements)
                if any(x["provider"] == p and x["ms"] is not None for x in measurements)]
-    mine = [p for p in fastattn if p in present]
+    mine = [p for p in present if any(m["provider"] == p and m["role"] == "fastattn" for m in measurements)]
     header = ["case", "mode"] + [SHORT.get(p, p) for p in present] + \
-             [f"{SHORT[p]} vs {SHORT[b]}" for p in mine for b in KEY_BASELINES if b in present]
+             [f"{SHORT.get(p, p)} vs {SHORT[b]}" for p in mine for b in KEY_BASELINES if b in present]
     rows = []
     for label, ms in _by_case(measurements).items():
         for mode in dict.fromkeys(m["mode"] for m in ms):
@@ -194,7 +194,7 @@ def markdown(doc: dict, plots: list[str] | None = None) -> str:
 
 def summary(doc: dict) -> str:
     """tools/gpu_check.sh's table: each fastattn row with its TFLOPS, % of the matmul ceiling and ratios."""
-    ms = [m for m in doc["measurements"] if m["provider"].startswith("fastattn") and m["ms"] is not None]
+    ms = [m for m in doc["measurements"] if m["role"] == "fastattn" and m["ms"] is not None]
     header = ["case", "provider", "mode", "TFLOPS", "% matmul", *[f"vs {SHORT[b]}" for b in KEY_BASELINES], "gate"]
     rows = [[m["case"]["label"], m["provider"], m["mode"], _num(m["tflops"]), f"{m['pct_of_matmul']:.0f}%",
              *[_ratio(m["ratios"].get(b)) for b in KEY_BASELINES], m["gate"]] for m in ms]
