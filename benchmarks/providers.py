@@ -89,12 +89,13 @@ def _sdpa(backend_name: str):
         backend = getattr(SDPBackend, backend_name)
         attn_mask = _sdpa_mask(case, mask, device, backend_name)
         is_causal = case.causal and attn_mask is None
-        gqa = case.heads_q != case.heads_kv
+        # enable_gqa only when needed: older CausalBias dispatchers do not take the argument.
+        gqa = {"enable_gqa": True} if case.heads_q != case.heads_kv else {}
 
         def run(q, k, v):
             with sdpa_kernel([backend]):
                 out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
+                                                     attn_mask=attn_mask, is_causal=is_causal, **gqa)
             return out.transpose(1, 2)  # (B, H, Sq, D) -> (B, Sq, H, D)
         return run
     return build

@@ -195,9 +195,10 @@ def markdown(doc: dict, plots: list[str] | None = None) -> str:
 def summary(doc: dict) -> str:
     """tools/gpu_check.sh's table: each fastattn row with its TFLOPS, % of the matmul ceiling and ratios."""
     ms = [m for m in doc["measurements"] if m["role"] == "fastattn" and m["ms"] is not None]
-    header = ["case", "provider", "mode", "TFLOPS", "% matmul", *[f"vs {SHORT[b]}" for b in KEY_BASELINES], "gate"]
+    bases = [b for b in KEY_BASELINES if any(m["provider"] == b and m["ms"] is not None for m in doc["measurements"])]
+    header = ["case", "provider", "mode", "TFLOPS", "% matmul", *[f"vs {SHORT[b]}" for b in bases], "gate"]
     rows = [[m["case"]["label"], m["provider"], m["mode"], _num(m["tflops"]), f"{m['pct_of_matmul']:.0f}%",
-             *[_ratio(m["ratios"].get(b)) for b in KEY_BASELINES], m["gate"]] for m in ms]
+             *[_ratio(m["ratios"].get(b)) for b in bases], m["gate"]] for m in ms]
     failed = sum(1 for m in doc["measurements"] if m["gate"].startswith("FAIL"))
     out = [f"Ceilings: {_ceiling_text(doc)}. {len(ms)} fastattn timings, {failed} rows failed the gate.", ""]
     out += _table(header, rows, markdown=True)
