@@ -73,7 +73,7 @@ def describe(exc: BaseException, caught: list | None = None) -> str:
     return msg[:400]
 
 
-def mode_callable(fn, q, k, v, mode: str, generator=None):
+def mode_callable(fn, q, k, v, mode: str):
     """What a timer calls for one mode, on fresh leaf copies of q, k, v: (call, grad_to_none).
     bwd times only the backward: the forward runs once here and its graph is kept."""
     needs_grad = mode != "fwd"
@@ -81,7 +81,7 @@ def mode_callable(fn, q, k, v, mode: str, generator=None):
     if mode == "fwd":
         return (lambda: fn(*xs)), None
     out = fn(*xs)
-    dout = torch.randn(out.shape, generator=generator, dtype=torch.float32).to(out)  # fresh, not zeros
+    dout = torch.randn_like(out)  # fresh, not zeros
     if mode == "bwd":
         return (lambda: out.backward(dout, retain_graph=True)), xs
     if mode == "fwd_bwd":
@@ -98,10 +98,9 @@ class Gate:
         self.causal = case.causal
         self.mask0 = None if mask is None else mask[:1]
         sl = [x[:1, :, :1].detach() for x in (q, k, v)]  # (1, S, 1, D): KV head 0 serves query head 0
-        (self.ref, self.ref_grads), (self.naive, self.naive_grads) = (None, None), (None, None)
         self.dout = None
         if grads:
-            self.dout = torch.randn((1, case.seqlen_q, 1, case.head_dim), generator=generator).to(q.device)
+            self.dout = torch.randn((1, case.seqlen_q, 1, case.head_dim), device=q.device, generator=generator)
         self.ref, self.ref_grads = self._reference(sl, torch.float64)
         self.naive, self.naive_grads = self._reference(sl, q.dtype)
 
@@ -214,7 +213,8 @@ def add_ratios(rows: list[Measurement]) -> None:
 
 def run_case(case: Case, providers, modes, *, device: str, ceilings: dict, timing: Timing,
              generator=None) -> list[Measurement]:
-    """Every provider on one case, on the same fresh random inputs."""
+    """Every provider on one case, on the same fresh random inputs. `generator`: a torch.Generator
+    on `device` (or None)."""
     inputs = make_inputs(case, device, generator)
     rows: list[Measurement] = []
     gate, gate_error = None, None

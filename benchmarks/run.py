@@ -101,7 +101,7 @@ def run(args) -> int:
 
     t_start = time.monotonic()
     measurements: list[Measurement] = []
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     for case in cases.GRIDS[grid]():
         t0 = time.monotonic()
         if t0 - t_start > budget_s:

@@ -34,8 +34,8 @@ PARAMS = [(c, p, m) for c in CASES for p in PROVIDERS for m in ("fwd", "bwd", "f
 
 @functools.lru_cache(maxsize=1)  # tests run case by case: keep one case's inputs and reference
 def _prepared(case: cases.Case, grads: bool):
-    inputs = cases.make_inputs(case, DEVICE, torch.Generator().manual_seed(0))
-    return inputs, Gate(case, *inputs, grads=grads, generator=torch.Generator().manual_seed(1))
+    inputs = cases.make_inputs(case, DEVICE, torch.Generator(device=DEVICE).manual_seed(0))
+    return inputs, Gate(case, *inputs, grads=grads, generator=torch.Generator(device=DEVICE).manual_seed(1))
 
 
 @pytest.mark.parametrize(("case", "provider", "mode"), PARAMS,

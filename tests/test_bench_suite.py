@@ -75,7 +75,7 @@ FAKES = [
 def rows():
     ceilings = {"matmul_tflops": 1.0, "matmul": "test", "copy_gbps": 1.0, "copy": "test"}
     return measure.run_case(TINY, FAKES, ("fwd", "bwd"), device=DEVICE, ceilings=ceilings, timing=FAST,
-                            generator=torch.Generator().manual_seed(0))
+                            generator=torch.Generator(device=DEVICE).manual_seed(0))
 
 
 def _row(rows, provider, mode):
