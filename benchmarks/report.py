@@ -126,16 +126,18 @@ def pivot(measurements: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def skipped_summary(measurements: list[dict]) -> list[str]:
-    """Why each provider did not run, grouped: provider, reason, how many (case, mode) pairs."""
-    groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+    """Why providers did not run, one line per reason: which providers, how many (case, mode) rows."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for m in measurements:
         if m["ms"] is None:
-            groups[(m["provider"], m["skipped"], m["gate"])].append(f"{m['case']['label']} {m['mode']}")
+            groups[(m["skipped"], m["gate"])].append(m)
     lines = []
-    for (provider, reason, gate), where in groups.items():
-        example = where[0] + (f" and {len(where) - 1} more" if len(where) > 1 else "")
+    for (reason, gate), ms in groups.items():
+        who = ", ".join(dict.fromkeys(m["provider"] for m in ms))
+        first = f"{ms[0]['case']['label']} {ms[0]['mode']}"
+        example = first + (f" and {len(ms) - 1} more" if len(ms) > 1 else "")
         checked = f" (correctness gate: {gate})" if gate else ""
-        lines.append(f"- **{provider}** ({len(where)}x, e.g. {example}): {reason}{checked}")
+        lines.append(f"- **{who}** ({len(ms)} rows, e.g. {example}): {reason}{checked}")
     return lines
 
 

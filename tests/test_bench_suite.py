@@ -161,7 +161,7 @@ def test_markdown_and_summary(tmp_path):
     row = next(r for r in rows if "S4096" in r[0])
     assert row[2:5] == ["450", "340", "400"] and row[-2:] == ["1.30x", "1.10x"]
     assert next(r for r in rows if "S1024" in r[0])[4] == "700 (FAIL)"
-    assert "- **sdpa-cudnn** (1x, e.g. self B4 S4096 H16 D128 full bfloat16 fwd): why not" in md
+    assert "- **sdpa-cudnn** (1 rows, e.g. self B4 S4096 H16 D128 full bfloat16 fwd): why not" in md
     assert "FLAGGED (not ranked): FAIL out" in md and "![roofline.png](roofline.png)" in md
     assert "| dense | fwd | 1.000 | 1.00x |" in md
     s = report.summary(doc)
