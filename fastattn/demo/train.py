@@ -59,9 +59,10 @@ def date_accuracy(model: EncoderDecoder, batch) -> float:
     return (out == batch["tgt_out"]).all(dim=1).float().mean().item()
 
 
-def train_dates(model: EncoderDecoder, steps: int, *, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-                eval_every: int = 100) -> float:
-    """Train on fresh random dates; returns the exact-match accuracy on 500 held-out dates."""
+def train_dates(model: EncoderDecoder, steps: int, *, target: float = 1.0, batch_size: int = 64, lr: float = 2e-3,
+                seed: int = 0, eval_every: int = 50) -> tuple[int, float]:
+    """Train on fresh random dates until the exact match on 500 held-out dates reaches `target`
+    (or for `steps` steps); returns (steps taken, accuracy)."""
     rng, held_out = random.Random(seed), tasks.date_batch(random.Random(seed + 1), 500)
     opt = optimizer(model, lr)
     sched = warmup_then_decay(opt, steps)
@@ -72,8 +73,14 @@ def train_dates(model: EncoderDecoder, steps: int, *, batch_size: int = 64, lr: 
         loss.backward()
         opt.step()
         sched.step()
-        log(step, loss.item(), date_accuracy(model, held_out) if step % eval_every == 0 else None)
-    return date_accuracy(model, held_out)
+        if step % eval_every == 0 or step == steps:
+            acc = date_accuracy(model, held_out)
+            log(step, loss.item(), acc)
+            if acc >= target:
+                return step, acc
+        else:
+            log(step, loss.item())
+    return steps, acc
 
 
 # ---------------------------------------------------------------- sequences (decoder)
