@@ -158,21 +158,21 @@ def run_provider(provider: Provider, case: Case, inputs, gate: Gate, modes, *, d
         for r in rows:
             r.skipped = reason
         return rows
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fn, reason = _guarded(lambda: provider.build(case, mask, device), caught)
-        fwd, reason = (None, reason) if reason else _guarded(lambda: gate.check_forward(fn, q, k, v), caught)
-        bwd, bwd_reason = None, reason
-        if not reason and any(m != "fwd" for m in modes):
-            bwd, bwd_reason = _guarded(lambda: gate.check_backward(fn, q, k, v), caught)
-    timing_skip = provider.timing_skip(dev_type)
-    for r in rows:
-        verdict, reason = (fwd, reason) if r.mode == "fwd" else (_combine(fwd, bwd), bwd_reason)
-        r.gate = verdict or ""
-        r.skipped = reason or timing_skip or ""
-        if r.skipped:
-            continue
-        _time(r, fn, q, k, v, device=device, ceilings=ceilings, timing=timing)
+    with provider.context():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn, reason = _guarded(lambda: provider.build(case, mask, device), caught)
+            fwd, reason = (None, reason) if reason else _guarded(lambda: gate.check_forward(fn, q, k, v), caught)
+            bwd, bwd_reason = None, reason
+            if not reason and any(m != "fwd" for m in modes):
+                bwd, bwd_reason = _guarded(lambda: gate.check_backward(fn, q, k, v), caught)
+        timing_skip = provider.timing_skip(dev_type)
+        for r in rows:
+            verdict, reason = (fwd, reason) if r.mode == "fwd" else (_combine(fwd, bwd), bwd_reason)
+            r.gate = verdict or ""
+            r.skipped = reason or timing_skip or ""
+            if not r.skipped:
+                _time(r, fn, q, k, v, device=device, ceilings=ceilings, timing=timing)
     return rows
 
 

@@ -13,6 +13,7 @@ interpreter on the CPU is checked for correctness but not timed).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class Provider:
     unavailable: Callable[[], str | None] = lambda: None
     unsupported: Callable[[Case, str], str | None] = lambda case, device: None
     timing_skip: Callable[[str], str | None] = lambda device: None
+    # Entered around the provider's gate and timings (not per call: its cost is not the kernel's).
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 # ---------------------------------------------------------------- fastattn (public API only)
@@ -84,21 +87,26 @@ def _sdpa_mask(case: Case, mask, device, backend_name: str):
 
 def _sdpa(backend_name: str):
     def build(case: Case, mask, device):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backend = getattr(SDPBackend, backend_name)
         attn_mask = _sdpa_mask(case, mask, device, backend_name)
         is_causal = case.causal and attn_mask is None
         # enable_gqa only when needed: older CausalBias dispatchers do not take the argument.
         gqa = {"enable_gqa": True} if case.heads_q != case.heads_kv else {}
 
         def run(q, k, v):
-            with sdpa_kernel([backend]):
-                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     attn_mask=attn_mask, is_causal=is_causal, **gqa)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=attn_mask, is_causal=is_causal, **gqa)
             return out.transpose(1, 2)  # (B, H, Sq, D) -> (B, Sq, H, D)
         return run
     return build
+
+
+def _sdpa_only(backend_name: str):
+    """SDPA restricted to one backend (the provider's context: the run fails rather than fall back)."""
+    def context():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([getattr(SDPBackend, backend_name)])
+    return context
 
 
 def _materialising_unsupported(case: Case, device: str) -> str | None:
@@ -177,13 +185,14 @@ PROVIDERS = {
         Provider("fastattn-cuda", "fastattn", "fastattn.attention(backend='cuda')", _fastattn("cuda"),
                  unavailable=lambda: _backend_unavailable("cuda")),
         Provider("sdpa-flash", "baseline", "SDPA, FLASH_ATTENTION backend (FlashAttention-2)",
-                 _sdpa("FLASH_ATTENTION")),
+                 _sdpa("FLASH_ATTENTION"), context=_sdpa_only("FLASH_ATTENTION")),
         Provider("sdpa-cudnn", "baseline", "SDPA, CUDNN_ATTENTION backend", _sdpa("CUDNN_ATTENTION"),
-                 unavailable=_cuda_only),
+                 unavailable=_cuda_only, context=_sdpa_only("CUDNN_ATTENTION")),
         Provider("sdpa-efficient", "baseline", "SDPA, EFFICIENT_ATTENTION backend (xformers' kernel)",
-                 _sdpa("EFFICIENT_ATTENTION"), unavailable=_cuda_only),
+                 _sdpa("EFFICIENT_ATTENTION"), unavailable=_cuda_only, context=_sdpa_only("EFFICIENT_ATTENTION")),
         Provider("sdpa-math", "baseline", "SDPA, MATH backend (unfused)", _sdpa("MATH"),
-                 unsupported=lambda case, device: _materialising_unsupported(case, device)),
+                 unsupported=lambda case, device: _materialising_unsupported(case, device),
+                 context=_sdpa_only("MATH")),
         Provider("flex", "baseline", "torch.compile(flex_attention), block mask for causal/padding", _flex,
                  unavailable=_flex_unavailable),
         Provider("naive", "oracle", "fastattn.reference.attention in the input dtype (unfused)", _naive,

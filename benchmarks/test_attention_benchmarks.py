@@ -46,6 +46,12 @@ def test_attention(benchmark, case, provider, mode):
     if reason:
         pytest.skip(reason)
     (q, k, v, mask), gate = _prepared(case, True)
+    with p.context():
+        _check_and_time(benchmark, p, case, mode, q, k, v, mask, gate)
+
+
+def _check_and_time(benchmark, p, case, mode, q, k, v, mask, gate):
+    provider = p.name
     try:
         fn = p.build(case, mask, DEVICE)
         verdict = gate.check_forward(fn, q, k, v)
