@@ -11,6 +11,7 @@ ranked or plotted.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -26,8 +27,9 @@ GATE_OK = "ok"
 
 @dataclass
 class Timing:
-    warmup_ms: float = 25
+    warmup_ms: float = 25  # do_bench's: milliseconds of running, not a number of calls
     rep_ms: float = 100
+    case_cap_s: float | None = None  # time for one case, all providers (compilation included)
 
 
 @dataclass
@@ -214,11 +216,18 @@ def add_ratios(rows: list[Measurement]) -> None:
 def run_case(case: Case, providers, modes, *, device: str, ceilings: dict, timing: Timing,
              generator=None) -> list[Measurement]:
     """Every provider on one case, on the same fresh random inputs. `generator`: a torch.Generator
-    on `device` (or None)."""
+    on `device` (or None). Past timing.case_cap_s seconds (compilation and autotuning count) the
+    providers not yet run are reported as skipped."""
+    t0, cap_s = time.monotonic(), timing.case_cap_s
     inputs = make_inputs(case, device, generator)
     rows: list[Measurement] = []
     gate, gate_error = None, None
     for p in providers:
+        if cap_s is not None and time.monotonic() - t0 > cap_s:
+            rows += [Measurement(case, p.name, m, torch.device(device).type, p.role,
+                                 skipped=f"the case's time cap of {cap_s:.0f} s was spent before this provider")
+                     for m in modes]
+            continue
         if gate is None and why_not(p, case, torch.device(device).type) is None:
             gate, gate_error = _guarded(lambda: Gate(case, *inputs, grads=any(m != "fwd" for m in modes),
                                                      generator=generator), [])

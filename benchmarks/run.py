@@ -34,17 +34,28 @@ from benchmarks.measure import Measurement, Timing, run_case  # noqa: E402
 from benchmarks.providers import PROVIDERS  # noqa: E402
 from fastattn.flops import MODES  # noqa: E402
 
-# Per grid: default modes, providers, timer settings and time budget for the cases (seconds).
-# quick must fit gpu_check's 270 s stage with the ceilings and the padding measurement, so it leaves
-# out FlexAttention (a compile per shape and mask, tens of seconds each; the full grid has it).
-# full: about 8 minutes in all. do_bench's warm-up/rep are milliseconds of running, so long cases
-# get few repetitions.
+# Per grid: default modes, providers, timer settings, the time cap of one case and the budget of all
+# cases (seconds). quick must fit gpu_check's 270 s stage with the ceilings and the padding
+# measurement, so it leaves out FlexAttention (a compile per shape and mask, tens of seconds each;
+# the full grid has it). full: about 8 minutes in all; it cannot time every case in that (autotuning
+# and compiling alone take minutes), so it runs the most wanted first and reports the rest as
+# skipped; --dtypes/--head-dims run the others in a second command. do_bench's warm-up/rep are
+# milliseconds of running, so long cases get few repetitions.
 SETTINGS = {
-    "quick": {"modes": "fwd,bwd", "timing": Timing(25, 100), "budget_s": 190,
+    "quick": {"modes": "fwd,bwd", "timing": Timing(25, 100, case_cap_s=90), "budget_s": 190,
               "providers": [p for p in PROVIDERS if p != "flex"]},
-    "full": {"modes": "fwd,bwd,fwd_bwd", "timing": Timing(10, 40), "budget_s": 380, "providers": list(PROVIDERS)},
-    "cpu": {"modes": "fwd,bwd,fwd_bwd", "timing": Timing(5, 50), "budget_s": 150, "providers": list(PROVIDERS)},
+    "full": {"modes": "fwd,bwd,fwd_bwd", "timing": Timing(10, 40, case_cap_s=90), "budget_s": 380,
+             "providers": list(PROVIDERS)},
+    "cpu": {"modes": "fwd,bwd,fwd_bwd", "timing": Timing(5, 50, case_cap_s=60), "budget_s": 150,
+            "providers": list(PROVIDERS)},
 }
+
+
+def select(grid: list, dtypes: str | None, head_dims: str | None, kinds: str | None) -> list:
+    """The grid's cases with the given dtypes / head dims / kinds (comma-separated; None: all)."""
+    def keep(value, wanted):
+        return wanted is None or str(value) in wanted.split(",")
+    return [c for c in grid if keep(c.dtype, dtypes) and keep(c.head_dim, head_dims) and keep(c.kind, kinds)]
 
 
 def provider_status(device_type: str) -> dict:
@@ -80,6 +91,10 @@ def run(args) -> int:
         print(f"unknown providers {sorted(unknown)}; known: {', '.join(PROVIDERS)}")
         return 2
     providers = [PROVIDERS[n] for n in names]
+    selected = select(cases.GRIDS[grid](), args.dtypes, args.head_dims, args.kinds)
+    if not selected:
+        print(f"no case of grid {grid!r} matches --dtypes/--head-dims/--kinds")
+        return 2
     os.makedirs(args.out, exist_ok=True)
     if not cuda:
         # Two busy cores: a second intra-op thread that gets descheduled stalls every op for a
@@ -106,7 +121,7 @@ def run(args) -> int:
     t_start = time.monotonic()
     measurements: list[Measurement] = []
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    for case in cases.GRIDS[grid]():
+    for case in selected:
         t0 = time.monotonic()
         if t0 - t_start > budget_s:
             rows = budget_skips(case, providers, modes, torch.device(device).type, budget_s)
@@ -162,6 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", help="comma-separated subset of fwd,bwd,fwd_bwd (default: per grid)")
     ap.add_argument("--providers", help=f"comma-separated subset of {','.join(PROVIDERS)}")
     ap.add_argument("--budget-s", type=float, help="seconds for the cases; later cases are reported as skipped")
+    ap.add_argument("--dtypes", help="only these dtypes, e.g. float16")
+    ap.add_argument("--head-dims", help="only these head dims, e.g. 64,128")
+    ap.add_argument("--kinds", help="only these kinds of case: self (the standard grid), cross, gqa, padded, decode")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     ap.add_argument("--no-plots", dest="plots", action="store_false")
     ap.add_argument("--no-padding", dest="padding", action="store_false", help="skip the cost-of-padding rows")

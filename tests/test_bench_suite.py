@@ -96,6 +96,12 @@ def test_gate_flags_wrong_providers_and_they_are_not_ranked(rows):
     assert _row(rows, "fake-right", "fwd").ratios == {}
 
 
+def test_case_time_cap():
+    rows = measure.run_case(TINY, FAKES[:2], ("fwd",), device=DEVICE, ceilings={},
+                            timing=measure.Timing(1, 2, case_cap_s=0))
+    assert [r.ms for r in rows] == [None, None] and all("time cap of 0 s" in r.skipped for r in rows)
+
+
 def test_providers_that_cannot_run_say_why(rows):
     r = _row(rows, "fake-raises", "bwd")
     assert r.ms is None and r.skipped == "RuntimeError: no kernel for this shape"
@@ -237,6 +243,8 @@ def test_run_cli_end_to_end(tmp_path, monkeypatch):
     assert by[("sdpa-cudnn", "fwd", "self")]["skipped"] and by[("sdpa-math", "fwd", "decode")]["skipped"]
     md = (out / "bench.md").read_text()
     assert "**CPU run.**" in md and "plots skipped (--no-plots)" in md
+    assert run.main(args + ["--kinds", "gqa"]) == 2  # nothing selected
+    assert [c.dtype for c in run.select(cases.standard(), "float16", "64,128", "self")] == ["float16"] * 24
     assert run.main(args + ["--budget-s", "0"]) == 0
     doc = json.loads((out / "bench.json").read_text())
     assert all("time budget" in m["skipped"] for m in doc["measurements"])
