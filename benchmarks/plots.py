@@ -49,6 +49,7 @@ def render(doc: dict, out_dir: str) -> tuple[list[str], str | None]:
 
         matplotlib.use("Agg")  # files only, no display
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return [], "matplotlib is not installed: plots skipped (pip install matplotlib, then rerun or re-render)"
     written = []
@@ -88,26 +89,32 @@ def render(doc: dict, out_dir: str) -> tuple[list[str], str | None]:
         ridge = c["matmul_tflops"] * 1000 / c["copy_gbps"]
         xs = [p["intensity"] for p in points] + [ridge]
         roof = roofline_ceiling(c, min(xs) / 2, max(xs) * 2)
-        fig, ax = plt.subplots(figsize=(7, 5))
+        fig, ax = plt.subplots(figsize=(8.5, 5))
         ax.plot([r[0] for r in roof], [r[1] for r in roof], color="black", lw=1.5,
                 label=f"measured roof: {c['matmul_tflops']:.3g} TFLOPS, {c['copy_gbps']:.0f} GB/s")
+        # Colour = provider, marker = mode; two small legends instead of one entry per pair.
+        from matplotlib.lines import Line2D
+
         markers = {"fwd": "o", "bwd": "s", "fwd_bwd": "^"}
-        by_provider = defaultdict(list)
+        colours = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(p["provider"] for p in points))}
         for p in points:
-            by_provider[p["provider"]].append(p)
-        for i, (provider, pts) in enumerate(by_provider.items()):
-            for mode, marker in markers.items():
-                sel = [p for p in pts if p["mode"] == mode]
-                if sel:
-                    ax.scatter([p["intensity"] for p in sel], [p["tflops"] for p in sel], marker=marker,
-                               color=f"C{i}", s=18, alpha=0.8, label=f"{provider} {mode}")
+            ax.scatter(p["intensity"], p["tflops"], marker=markers[p["mode"]], color=colours[p["provider"]], s=18,
+                       alpha=0.8)
+        roof_legend = ax.legend(loc="lower right", fontsize=7)
+        ax.add_artist(roof_legend)
+        ax.legend(handles=[Line2D([], [], color=c, marker="o", ls="", label=p) for p, c in colours.items()]
+                  + [Line2D([], [], color="black", mfc="none", marker=m, ls="", label=mode)
+                     for mode, m in markers.items() if any(p["mode"] == mode for p in points)],
+                  loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}")  # 600, not 6 x 10^2
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("arithmetic intensity (FLOP per byte of least memory traffic)")
         ax.set_ylabel(unit)
         ax.set_title(f"Roofline, {doc['environment']['device']}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "roofline.png"), dpi=110)
         plt.close(fig)

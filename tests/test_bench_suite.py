@@ -219,6 +219,15 @@ def test_timer_and_environment():
     assert env["device_type"] == "cpu" and env["torch"] == torch.__version__ and "CPU" in env["device"]
 
 
+def test_cuda_timer_is_do_bench(monkeypatch):
+    import triton.testing
+
+    seen = {}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: seen.update(kw) or 1.5)
+    assert common.time_ms(lambda: None, device="cuda", grad_to_none=["g"], warmup_ms=3, rep_ms=7) == 1.5
+    assert seen == {"warmup": 3, "rep": 7, "grad_to_none": ["g"], "return_mode": "median"}
+
+
 def test_run_cli_end_to_end(tmp_path, monkeypatch):
     """The CPU mode on a patched one-case grid: reports written, gate run through the interpreter."""
     from benchmarks import run
