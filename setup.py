@@ -95,52 +95,64 @@ CU_SOURCES = sorted(p.name for p in CSRC.glob("*.cu"))
 
 
 class BuildExt(build_ext):
-    """Compiles csrc/*.cu with nvcc (in parallel) and links them into fastattn._C with the binding."""
+    """Builds fastattn._C entirely with nvcc (csrc/*.cu in parallel, the binding with the host
+    compiler through nvcc, linked against the static CUDA runtime) before setuptools' own steps run;
+    an optional build that fails is dropped from the extension list, so the install goes on without it."""
+
+    def run(self):
+        for ext in [e for e in self.extensions if e.name == "fastattn._C"]:
+            try:
+                ext.fastattn_so = self._build_cuda()
+            except Exception as e:
+                if getattr(ext, "fastattn_required", False):
+                    raise
+                _log(f"WARNING: building fastattn._C failed ({type(e).__name__}: {e}); installing without the "
+                     "CUDA backend (backend='cuda' will report that it is not built)")
+                self.extensions.remove(ext)
+        if self.extensions:
+            super().run()
 
     def build_extension(self, ext):
         if ext.name != "fastattn._C":
             return super().build_extension(ext)
-        required = getattr(ext, "fastattn_required", False)
-        try:
-            self._build_cuda(ext)
-        except Exception as e:
-            if required:
-                raise
-            _log(f"WARNING: building fastattn._C failed ({type(e).__name__}: {e}); installing without the "
-                 "CUDA backend (backend='cuda' will report it is not built)")
+        target = Path(self.get_ext_fullpath(ext.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ext.fastattn_so, target)
 
-    def _build_cuda(self, ext):
-        nvcc = find_nvcc()
-        if nvcc is None:
+    def _build_cuda(self) -> str:
+        import sysconfig
+
+        home = find_cuda_home()
+        if home is None:
             raise RuntimeError("nvcc not found (set CUDA_HOME)")
-        import pybind11  # noqa: F401  (checked early: the binding needs its headers)
+        import pybind11
 
-        cuda_home = find_cuda_home()
-        obj_dir = Path(self.build_temp) / "csrc"
-        obj_dir.mkdir(parents=True, exist_ok=True)
-        flags = ["-std=c++17", "-O3", "-DNDEBUG", "-Xcompiler", "-fPIC", "-Xptxas", "-warn-spills",
-                 *gencode_flags(os.environ.get("FASTATTN_CUDA_ARCHS", "80;90a"))]
+        nvcc = str(home / "bin" / "nvcc")
+        out_dir = Path(self.build_temp).resolve() / "fastattn_C"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        common = ["-std=c++17", "-O3", "-DNDEBUG", "-Xcompiler", "-fPIC,-fvisibility=hidden"]
+        cu_flags = [*common, "-Xptxas", "-warn-spills", *gencode_flags(os.environ.get("FASTATTN_CUDA_ARCHS", "80;90a"))]
+        cpp_flags = [*common, "-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"]]
 
         def compile_one(name: str) -> str:
-            obj = obj_dir / (name + ".o")
-            cmd = [nvcc, *flags, "-c", str(CSRC / name), "-o", str(obj)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise RuntimeError(f"nvcc failed on {name}:\n{res.stdout}{res.stderr}")
+            obj = out_dir / (name + ".o")
+            flags = cu_flags if name.endswith(".cu") else cpp_flags
+            run([nvcc, *flags, "-c", str(CSRC / name), "-o", str(obj)], name)
             return str(obj)
 
-        _log(f"compiling {len(CU_SOURCES)} CUDA sources with {nvcc} ({' '.join(flags[-6:])})")
-        jobs = max(1, min(len(CU_SOURCES), os.cpu_count() or 1))
-        with ThreadPoolExecutor(jobs) as pool:
-            objects = list(pool.map(compile_one, CU_SOURCES))
-        ext.extra_objects = objects
-        lib_dirs = (cuda_home / "lib64", cuda_home / "lib", cuda_home / "targets" / "x86_64-linux" / "lib")
-        lib = next((d for d in lib_dirs if (d / "libcudart_static.a").exists()), None)
-        if lib is None:
-            raise RuntimeError(f"libcudart_static.a not found under {cuda_home}")
-        ext.library_dirs = [str(lib)]
-        ext.include_dirs = [str(CSRC), str(cuda_home / "include"), pybind11.get_include()]
-        super().build_extension(ext)
+        sources = CU_SOURCES + ["bindings.cpp"]
+        _log(f"compiling {len(sources)} sources with {nvcc} ({' '.join(cu_flags[cu_flags.index('-gencode'):])})")
+        with ThreadPoolExecutor(max(1, min(len(sources), os.cpu_count() or 1))) as pool:
+            objects = list(pool.map(compile_one, sources))
+        so = out_dir / "_C.so"
+        run([nvcc, "-shared", "--cudart", "static", "-o", str(so), *objects], "link")
+        return str(so)
+
+
+def run(cmd: list[str], what: str) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{what}: {' '.join(cmd)}\n{res.stdout}{res.stderr}")
 
 
 def extensions() -> list[Extension]:
@@ -153,15 +165,9 @@ def extensions() -> list[Extension]:
         if missing:
             _log(f"not building fastattn._C: {' and '.join(missing)} not found")
             return []
-    ext = Extension(
-        "fastattn._C",
-        sources=["csrc/bindings.cpp"],
-        # Static CUDA runtime: no dependency on where libcudart.so lives; streams come from torch as handles.
-        libraries=["cudart_static", "dl", "rt", "pthread"],
-        extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden"],
-        depends=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cu*")) + sorted(CSRC.glob("*.h"))],
-        language="c++",
-    )
+    # Built by BuildExt with nvcc (sources listed for setuptools' bookkeeping only). The static CUDA
+    # runtime is linked in: no dependency on where libcudart.so lives; streams come from torch as handles.
+    ext = Extension("fastattn._C", sources=["csrc/bindings.cpp"], language="c++")
     ext.fastattn_required = mode == "required"
     return [ext]
 
