@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_preprocess_kernel(const Bwd
   const T* o = static_cast<const T*>(p.out) + b * p.o_stride_b + h * p.o_stride_h + row * p.o_stride_s;
   const T* d = static_cast<const T*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h + row * p.do_stride_s;
   float sum = 0.f;
-  for (int c = lane * 2; c < p.head_dim; c += 64) {  // head_dim is even (64 or 128)
+  for (int c = lane * 2; c < p.head_dim; c += 64) {  // head_dim is a multiple of 8
     const float2 x = TT::unpack(*reinterpret_cast<const uint32_t*>(o + c));
     const float2 y = TT::unpack(*reinterpret_cast<const uint32_t*>(d + c));
     sum += x.x * y.x + x.y * y.y;
@@ -45,26 +45,28 @@ __device__ __forceinline__ float lse_log2(float lse) { return lse == -CUDART_INF
 // ---------------------------------------------------------------- 2. dK, dV
 template <int D>
 struct DkdvTile {
-  static constexpr int BN = 64;              // keys per CTA (16 per warp)
+  static constexpr int BN = 64;                 // keys per CTA (16 per warp)
   static constexpr int BM = D <= 64 ? 64 : 32;  // queries per step (registers: dK + dV rows stay live)
+  static constexpr int P = HeadDim<D>::P;
   template <typename T>
   static constexpr int smem_bytes() {
-    return (2 * BN * D + 4 * BM * D) * static_cast<int>(sizeof(T)) + 4 * BM * static_cast<int>(sizeof(float));
+    return (2 * BN * P + 4 * BM * P) * static_cast<int>(sizeof(T)) + 4 * BM * static_cast<int>(sizeof(float));
   }
 };
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams p) {
   constexpr int BN = DkdvTile<D>::BN, BM = DkdvTile<D>::BM;
-  constexpr int KD = D / 16, NQ = BM / 8, NO = D / 8;
+  constexpr int P = HeadDim<D>::P, DK = HeadDim<D>::DK;
+  constexpr int KD = DK / 16, NQ = BM / 8, NO = DK / 8;
   using TT = TypeTraits<T>;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
-  T* sV = sK + BN * D;
-  T* sQ = sV + BN * D;       // 2 buffers of BM x D
-  T* sdO = sQ + 2 * BM * D;  // 2 buffers of BM x D
-  float* sLse = reinterpret_cast<float*>(sdO + 2 * BM * D);  // 2 x BM
+  T* sV = sK + BN * P;
+  T* sQ = sV + BN * P;       // 2 buffers of BM x P
+  T* sdO = sQ + 2 * BM * P;  // 2 buffers of BM x P
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * BM * P);  // 2 x BM
   float* sDelta = sLse + 2 * BM;                             // 2 x BM
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -107,8 +109,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
     const int m0 = (qt_lo + it % n_qt) * BM;
     const T* gq = static_cast<const T*>(p.q) + b * p.q_stride_b + hq * p.q_stride_h + m0 * p.q_stride_s;
     const T* gdo = static_cast<const T*>(p.dout) + b * p.do_stride_b + hq * p.do_stride_h + m0 * p.do_stride_s;
-    load_tile<T, BM, D>(sQ + buf * BM * D, gq, p.q_stride_s, Sq - m0, tid);
-    load_tile<T, BM, D>(sdO + buf * BM * D, gdo, p.do_stride_s, Sq - m0, tid);
+    load_tile<T, BM, D>(sQ + buf * BM * P, gq, p.q_stride_s, Sq - m0, tid);
+    load_tile<T, BM, D>(sdO + buf * BM * P, gdo, p.do_stride_s, Sq - m0, tid);
     if (tid < BM) {
       const int64_t idx = b * p.lse_stride_b + hq * p.lse_stride_h + m0 + tid;
       const bool ok = m0 + tid < Sq;
@@ -130,8 +132,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
       __syncthreads();
       if (it + 1 < n_iter) issue(it + 1, buf ^ 1);
       const int m0 = (qt_lo + it % n_qt) * BM;
-      const T* tQ = sQ + buf * BM * D;
-      const T* tdO = sdO + buf * BM * D;
+      const T* tQ = sQ + buf * BM * P;
+      const T* tdO = sdO + buf * BM * P;
       const float* tLse = sLse + buf * BM;
       const float* tDelta = sDelta + buf * BM;
 
@@ -142,11 +144,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
 #pragma unroll
       for (int kk = 0; kk < KD; ++kk) {
         uint32_t ak[4];
-        ldmatrix_x4(ak, sK + a_frag_offset<D>(warp * 16, kk, lane));
+        ldmatrix_x4(ak, sK + a_frag_offset<P>(warp * 16, kk, lane));
 #pragma unroll
         for (int mp = 0; mp < NQ / 2; ++mp) {
           uint32_t bq[4];
-          ldmatrix_x4(bq, tQ + bt_frag_offset<D>(mp * 16, kk, lane));
+          ldmatrix_x4(bq, tQ + bt_frag_offset<P>(mp * 16, kk, lane));
           mma16816<T>(st[2 * mp], ak, bq[0], bq[1]);
           mma16816<T>(st[2 * mp + 1], ak, bq[2], bq[3]);
         }
@@ -172,9 +174,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
         a[2] = TT::pack(st[2 * kq + 1][0], st[2 * kq + 1][1]);
         a[3] = TT::pack(st[2 * kq + 1][2], st[2 * kq + 1][3]);
 #pragma unroll
-        for (int np = 0; np < D / 16; ++np) {
+        for (int np = 0; np < DK / 16; ++np) {
           uint32_t bd[4];
-          ldmatrix_x4_trans(bd, tdO + b_frag_offset<D>(kq * 16, np, lane));
+          ldmatrix_x4_trans(bd, tdO + b_frag_offset<P>(kq * 16, np, lane));
           mma16816<T>(acc_dv[2 * np], a, bd[0], bd[1]);
           mma16816<T>(acc_dv[2 * np + 1], a, bd[2], bd[3]);
         }
@@ -186,11 +188,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
 #pragma unroll
       for (int kk = 0; kk < KD; ++kk) {
         uint32_t av[4];
-        ldmatrix_x4(av, sV + a_frag_offset<D>(warp * 16, kk, lane));
+        ldmatrix_x4(av, sV + a_frag_offset<P>(warp * 16, kk, lane));
 #pragma unroll
         for (int mp = 0; mp < NQ / 2; ++mp) {
           uint32_t bd[4];
-          ldmatrix_x4(bd, tdO + bt_frag_offset<D>(mp * 16, kk, lane));
+          ldmatrix_x4(bd, tdO + bt_frag_offset<P>(mp * 16, kk, lane));
           mma16816<T>(dpt[2 * mp], av, bd[0], bd[1]);
           mma16816<T>(dpt[2 * mp + 1], av, bd[2], bd[3]);
         }
@@ -209,9 +211,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
         a[2] = TT::pack(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]);
         a[3] = TT::pack(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3]);
 #pragma unroll
-        for (int np = 0; np < D / 16; ++np) {
+        for (int np = 0; np < DK / 16; ++np) {
           uint32_t bq[4];
-          ldmatrix_x4_trans(bq, tQ + b_frag_offset<D>(kq * 16, np, lane));
+          ldmatrix_x4_trans(bq, tQ + b_frag_offset<P>(kq * 16, np, lane));
           mma16816<T>(acc_dk[2 * np], a, bq[0], bq[1]);
           mma16816<T>(acc_dk[2 * np + 1], a, bq[2], bq[3]);
         }
@@ -227,7 +229,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
     T* dkrow = gdk + key[r] * p.dk_stride_s;
     T* dvrow = gdv + key[r] * p.dv_stride_s;
 #pragma unroll
-    for (int nb = 0; nb < NO; ++nb) {
+    for (int nb = 0; nb < D / 8; ++nb) {  // n-blocks past D (padding) are not stored
       *reinterpret_cast<uint32_t*>(dkrow + nb * 8 + 2 * t) =
           TT::pack(acc_dk[nb][2 * r] * p.scale, acc_dk[nb][2 * r + 1] * p.scale);
       *reinterpret_cast<uint32_t*>(dvrow + nb * 8 + 2 * t) = TT::pack(acc_dv[nb][2 * r], acc_dv[nb][2 * r + 1]);
@@ -238,22 +240,23 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
 // ---------------------------------------------------------------- 3. dQ
 template <int D>
 struct DqTile {
-  static constexpr int BM = 64, BN = 64;
+  static constexpr int BM = 64, BN = 64, P = HeadDim<D>::P;
   template <typename T>
-  static constexpr int smem_bytes() { return (2 * BM * D + 4 * BN * D) * static_cast<int>(sizeof(T)); }
+  static constexpr int smem_bytes() { return (2 * BM * P + 4 * BN * P) * static_cast<int>(sizeof(T)); }
 };
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p) {
   constexpr int BM = DqTile<D>::BM, BN = DqTile<D>::BN;
-  constexpr int KD = D / 16, NS = BN / 8, NO = D / 8;
+  constexpr int P = HeadDim<D>::P, DK = HeadDim<D>::DK;
+  constexpr int KD = DK / 16, NS = BN / 8, NO = DK / 8;
   using TT = TypeTraits<T>;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sdO = sQ + BM * D;
-  T* sK = sdO + BM * D;      // 2 buffers of BN x D
-  T* sV = sK + 2 * BN * D;   // 2 buffers of BN x D
+  T* sdO = sQ + BM * P;
+  T* sK = sdO + BM * P;      // 2 buffers of BN x P
+  T* sV = sK + 2 * BN * P;   // 2 buffers of BN x P
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -300,12 +303,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
       __syncthreads();
       if (j + 1 < tile_hi) {
         const int n1 = (j + 1) * BN;
-        load_tile<T, BN, D>(sK + (buf ^ 1) * BN * D, gk + n1 * p.k_stride_s, p.k_stride_s, Sk - n1, tid);
-        load_tile<T, BN, D>(sV + (buf ^ 1) * BN * D, gv + n1 * p.v_stride_s, p.v_stride_s, Sk - n1, tid);
+        load_tile<T, BN, D>(sK + (buf ^ 1) * BN * P, gk + n1 * p.k_stride_s, p.k_stride_s, Sk - n1, tid);
+        load_tile<T, BN, D>(sV + (buf ^ 1) * BN * P, gv + n1 * p.v_stride_s, p.v_stride_s, Sk - n1, tid);
         cp_async_commit();
       }
-      const T* tK = sK + buf * BN * D;
-      const T* tV = sV + buf * BN * D;
+      const T* tK = sK + buf * BN * P;
+      const T* tV = sV + buf * BN * P;
       const int n0 = j * BN;
 
       // S = Q K^T and dP = dO V^T for this warp's 16 rows x BN keys.
@@ -318,13 +321,13 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
 #pragma unroll
       for (int kk = 0; kk < KD; ++kk) {
         uint32_t aq[4], ad[4];
-        ldmatrix_x4(aq, sQ + a_frag_offset<D>(warp * 16, kk, lane));
-        ldmatrix_x4(ad, sdO + a_frag_offset<D>(warp * 16, kk, lane));
+        ldmatrix_x4(aq, sQ + a_frag_offset<P>(warp * 16, kk, lane));
+        ldmatrix_x4(ad, sdO + a_frag_offset<P>(warp * 16, kk, lane));
 #pragma unroll
         for (int np = 0; np < NS / 2; ++np) {
           uint32_t bk[4], bv[4];
-          ldmatrix_x4(bk, tK + bt_frag_offset<D>(np * 16, kk, lane));
-          ldmatrix_x4(bv, tV + bt_frag_offset<D>(np * 16, kk, lane));
+          ldmatrix_x4(bk, tK + bt_frag_offset<P>(np * 16, kk, lane));
+          ldmatrix_x4(bv, tV + bt_frag_offset<P>(np * 16, kk, lane));
           mma16816<T>(s[2 * np], aq, bk[0], bk[1]);
           mma16816<T>(s[2 * np + 1], aq, bk[2], bk[3]);
           mma16816<T>(dp[2 * np], ad, bv[0], bv[1]);
@@ -357,9 +360,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
         a[2] = TT::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
         a[3] = TT::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
 #pragma unroll
-        for (int np = 0; np < D / 16; ++np) {
+        for (int np = 0; np < DK / 16; ++np) {
           uint32_t bk[4];
-          ldmatrix_x4_trans(bk, tK + b_frag_offset<D>(kk * 16, np, lane));
+          ldmatrix_x4_trans(bk, tK + b_frag_offset<P>(kk * 16, np, lane));
           mma16816<T>(acc_dq[2 * np], a, bk[0], bk[1]);
           mma16816<T>(acc_dq[2 * np + 1], a, bk[2], bk[3]);
         }
@@ -374,7 +377,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
     if (row >= Sq) continue;
     T* dqrow = gdq + row * p.dq_stride_s;
 #pragma unroll
-    for (int nb = 0; nb < NO; ++nb) {
+    for (int nb = 0; nb < D / 8; ++nb) {  // n-blocks past D (padding) are not stored
       *reinterpret_cast<uint32_t*>(dqrow + nb * 8 + 2 * t) =
           TT::pack(acc_dq[nb][2 * r] * p.scale, acc_dq[nb][2 * r + 1] * p.scale);
     }
@@ -419,8 +422,10 @@ template <typename T>
 cudaError_t dispatch_bwd(const BwdParams& p) {
   if (p.seqlen_q == 0 || p.seqlen_k == 0 || p.batch == 0 || p.heads_q == 0) return cudaSuccess;
   switch (p.head_dim) {
-    case 64: return launch_bwd<T, 64>(p);
-    case 128: return launch_bwd<T, 128>(p);
+#define FASTATTN_CASE(d) \
+  case d: return launch_bwd<T, d>(p);
+    FASTATTN_HEAD_DIMS(FASTATTN_CASE)
+#undef FASTATTN_CASE
     default: return cudaErrorInvalidValue;
   }
 }

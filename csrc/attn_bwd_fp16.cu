@@ -1,4 +1,4 @@
-// Backward kernels for __half (head dims 64 and 128); one dtype per file so the build compiles in parallel.
+// Backward kernels for __half (every head dim of FASTATTN_HEAD_DIMS); one dtype per file so the build compiles in parallel.
 #include "attn_bwd.cuh"
 
 namespace fastattn {

@@ -100,57 +100,70 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool pred)
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
-// Shared-memory tiles are ROWS x D elements, row-major, in 16-byte chunks of 8 elements. Chunk c of
+// Head dims. D (a multiple of 8, <= 128) is padded to DK, a multiple of 16, for the MMAs (the extra
+// 16-byte chunks are zero-filled in shared memory, so they add nothing to Q K^T, and the output
+// columns they produce are not stored), and shared-memory rows are P >= DK elements apart, a multiple
+// of 64, so that the swizzle below has whole groups of 8 chunks to permute.
+template <int D>
+struct HeadDim {
+  static_assert(D % 8 == 0 && D >= 8 && D <= 128, "head dim must be a multiple of 8 in [8, 128]");
+  static constexpr int DK = (D + 15) / 16 * 16;  // MMA extent over the head dim
+  static constexpr int P = (DK + 63) / 64 * 64;  // shared-memory row pitch (elements)
+  static constexpr int CHUNKS = D / 8;           // real 16-byte chunks per row
+  static constexpr int KCHUNKS = DK / 8;         // chunks per row that the MMAs read
+};
+
+// Shared-memory tiles are ROWS x P elements, row-major, in 16-byte chunks of 8 elements. Chunk c of
 // row r is stored at chunk position c ^ (r & 7) (an XOR swizzle): the 8 row addresses of one
 // ldmatrix phase (8 consecutive rows, same logical chunk) then hit 8 different 16-byte bank groups,
-// and so do the 16-byte cp.async stores. Needs D / 8 >= 8 chunks per row (D = 64 or 128).
-template <int D>
+// and so do the 16-byte cp.async stores. Needs P / 8 >= 8 chunks per row (P a multiple of 64).
+template <int P>
 __device__ __forceinline__ int swz(int row, int chunk) {
-  static_assert(D % 64 == 0, "the swizzle needs at least 8 chunks per row");
-  return row * D + ((chunk ^ (row & 7)) << 3);
+  static_assert(P % 64 == 0, "the swizzle needs whole groups of 8 chunks per row");
+  return row * P + ((chunk ^ (row & 7)) << 3);
 }
 
-// Copy rows [0, ROWS) of a (row stride `stride` elements) global tile into a swizzled smem tile;
-// rows >= valid_rows are zero-filled and not read.
+// Copy rows [0, ROWS) of a (row stride `stride` elements) global tile of head dim D into a swizzled
+// smem tile: rows >= valid_rows and the chunks between D and DK are zero-filled and not read.
 template <typename T, int ROWS, int D>
 __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t stride, int valid_rows, int tid) {
-  constexpr int kChunks = D / 8;
-  constexpr int kTotal = ROWS * kChunks;
-  static_assert(kTotal % kThreads == 0, "tile chunks must divide among the threads");
+  using HD = HeadDim<D>;
+  constexpr int kTotal = ROWS * HD::KCHUNKS;
 #pragma unroll
-  for (int i = 0; i < kTotal / kThreads; ++i) {
+  for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
     const int id = tid + i * kThreads;
-    const int row = id / kChunks, chunk = id % kChunks;
-    const bool ok = row < valid_rows;
+    if (kTotal % kThreads != 0 && id >= kTotal) break;
+    const int row = id / HD::KCHUNKS, chunk = id % HD::KCHUNKS;
+    const bool ok = row < valid_rows && chunk < HD::CHUNKS;
     const T* src = ok ? gmem + row * stride + chunk * 8 : gmem;
-    cp_async16(smem + swz<D>(row, chunk), src, ok);
+    cp_async16(smem + swz<HD::P>(row, chunk), src, ok);
   }
 }
 
 // Address that lane `lane` passes to ldmatrix_x4 (non-transposed) to read the A fragment
-// (16 rows x 16 cols starting at (row0, 16*kk)) of a row-major smem tile:
+// (16 rows x 16 cols starting at (row0, 16*kk)) of a row-major smem tile of pitch P:
 // matrix j = lane >> 3 is rows row0 + 8*(j & 1) .. +7, cols 16kk + 8*(j >> 1) .. +7, so registers
 // r0..r3 come out as a0..a3 (a1 = rows +8, a2 = cols +8).
-template <int D>
+template <int P>
 __device__ __forceinline__ int a_frag_offset(int row0, int kk, int lane) {
-  return swz<D>(row0 + (lane & 15), kk * 2 + (lane >> 4));
+  return swz<P>(row0 + (lane & 15), kk * 2 + (lane >> 4));
 }
 
 // ldmatrix_x4 (non-transposed) address for the B fragments of two n-blocks when B[k][n] = M[n][k]
 // (M a row-major smem tile whose rows are the n index: K for S = Q K^T): matrix j = lane >> 3 is
 // rows n0 + 8*(j >> 1) .. +7, cols 16kk + 8*(j & 1) .. +7, so r0, r1 = (b0, b1) of n-block n0 and
 // r2, r3 = (b0, b1) of n-block n0 + 8.
-template <int D>
+template <int P>
 __device__ __forceinline__ int bt_frag_offset(int n0, int kk, int lane) {
-  return swz<D>(n0 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1));
+  return swz<P>(n0 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1));
 }
 
 // ldmatrix_x4_trans address for the B fragments of two n-blocks when B[k][n] = M[k][n] (M row-major
 // in smem with rows the k index: V for O = P V): matrix j = lane >> 3 is rows k0 + 8*(j & 1) .. +7,
 // cols (n-chunk 2*np + (j >> 1)), so r0, r1 = (b0, b1) of n-block 16np and r2, r3 those of 16np + 8.
-template <int D>
+template <int P>
 __device__ __forceinline__ int b_frag_offset(int k0, int np, int lane) {
-  return swz<D>(k0 + (lane & 7) + (((lane >> 3) & 1) << 3), np * 2 + (lane >> 4));
+  return swz<P>(k0 + (lane & 7) + (((lane >> 3) & 1) << 3), np * 2 + (lane >> 4));
 }
 
 // 2^x with the hardware approximation (ex2.approx: max relative error ~2^-22; 2^-inf = +0).

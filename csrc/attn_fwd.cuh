@@ -10,23 +10,24 @@ namespace fastattn {
 
 template <int D>
 struct FwdTile {
-  static constexpr int BM = 64, BN = 64;
+  static constexpr int BM = 64, BN = 64, P = HeadDim<D>::P;
   template <typename T>
-  static constexpr int smem_bytes() { return (BM * D + 4 * BN * D) * static_cast<int>(sizeof(T)); }
+  static constexpr int smem_bytes() { return (BM * P + 4 * BN * P) * static_cast<int>(sizeof(T)); }
 };
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
   constexpr int BM = FwdTile<D>::BM, BN = FwdTile<D>::BN;
-  constexpr int KD = D / 16;     // k-steps of S = Q K^T over the head dim
+  constexpr int P = HeadDim<D>::P, DK = HeadDim<D>::DK;
+  constexpr int KD = DK / 16;    // k-steps of S = Q K^T over the (padded) head dim
   constexpr int NS = BN / 8;     // n-blocks (8 keys) of S per warp
-  constexpr int NO = D / 8;      // n-blocks (8 dims) of O per warp
+  constexpr int NO = DK / 8;     // n-blocks (8 dims) of O per warp
   using TT = TypeTraits<T>;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + BM * D;           // 2 buffers of BN x D
-  T* sV = sK + 2 * BN * D;       // 2 buffers of BN x D
+  T* sK = sQ + BM * P;           // 2 buffers of BN x P
+  T* sV = sK + 2 * BN * P;       // 2 buffers of BN x P
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -68,16 +69,16 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
       __syncthreads();  // tile j is visible to all; everyone is done with buffer buf ^ 1
       if (j == tile_lo) {
 #pragma unroll
-        for (int kk = 0; kk < KD; ++kk) ldmatrix_x4(frag_q[kk], sQ + a_frag_offset<D>(warp * 16, kk, lane));
+        for (int kk = 0; kk < KD; ++kk) ldmatrix_x4(frag_q[kk], sQ + a_frag_offset<P>(warp * 16, kk, lane));
       }
       if (j + 1 < tile_hi) {  // prefetch tile j + 1 while computing tile j
         const int n1 = (j + 1) * BN;
-        load_tile<T, BN, D>(sK + (buf ^ 1) * BN * D, gk + n1 * p.k_stride_s, p.k_stride_s, Sk - n1, tid);
-        load_tile<T, BN, D>(sV + (buf ^ 1) * BN * D, gv + n1 * p.v_stride_s, p.v_stride_s, Sk - n1, tid);
+        load_tile<T, BN, D>(sK + (buf ^ 1) * BN * P, gk + n1 * p.k_stride_s, p.k_stride_s, Sk - n1, tid);
+        load_tile<T, BN, D>(sV + (buf ^ 1) * BN * P, gv + n1 * p.v_stride_s, p.v_stride_s, Sk - n1, tid);
         cp_async_commit();
       }
-      const T* tK = sK + buf * BN * D;
-      const T* tV = sV + buf * BN * D;
+      const T* tK = sK + buf * BN * P;
+      const T* tV = sV + buf * BN * P;
       const int n0 = j * BN;
 
       // S = Q K^T for this warp's 16 rows x BN keys.
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
 #pragma unroll
         for (int np = 0; np < NS / 2; ++np) {
           uint32_t bk[4];
-          ldmatrix_x4(bk, tK + bt_frag_offset<D>(np * 16, kk, lane));
+          ldmatrix_x4(bk, tK + bt_frag_offset<P>(np * 16, kk, lane));
           mma16816<T>(s[2 * np], frag_q[kk], bk[0], bk[1]);
           mma16816<T>(s[2 * np + 1], frag_q[kk], bk[2], bk[3]);
         }
@@ -148,9 +149,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
         a[2] = TT::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
         a[3] = TT::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-        for (int np = 0; np < D / 16; ++np) {
+        for (int np = 0; np < DK / 16; ++np) {
           uint32_t bv[4];
-          ldmatrix_x4_trans(bv, tV + b_frag_offset<D>(kk * 16, np, lane));
+          ldmatrix_x4_trans(bv, tV + b_frag_offset<P>(kk * 16, np, lane));
           mma16816<T>(acc_o[2 * np], a, bv[0], bv[1]);
           mma16816<T>(acc_o[2 * np + 1], a, bv[2], bv[3]);
         }
@@ -170,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
     if (row < Sq) {
       T* orow = go + row * p.o_stride_s;
 #pragma unroll
-      for (int nb = 0; nb < NO; ++nb) {
+      for (int nb = 0; nb < D / 8; ++nb) {  // n-blocks past D (padding) are not stored
         *reinterpret_cast<uint32_t*>(orow + nb * 8 + 2 * t) =
             TT::pack(acc_o[nb][2 * r] * inv, acc_o[nb][2 * r + 1] * inv);
       }
@@ -194,8 +195,10 @@ template <typename T>
 cudaError_t dispatch_fwd(const FwdParams& p) {
   if (p.seqlen_q == 0 || p.batch == 0 || p.heads_q == 0) return cudaSuccess;
   switch (p.head_dim) {
-    case 64: return launch_fwd<T, 64>(p);
-    case 128: return launch_fwd<T, 128>(p);
+#define FASTATTN_CASE(d) \
+  case d: return launch_fwd<T, d>(p);
+    FASTATTN_HEAD_DIMS(FASTATTN_CASE)
+#undef FASTATTN_CASE
     default: return cudaErrorInvalidValue;
   }
 }

@@ -1,4 +1,4 @@
-// Forward kernels for __nv_bfloat16 (head dims 64 and 128); one dtype per file so the build compiles in parallel.
+// Forward kernels for __nv_bfloat16 (every head dim of FASTATTN_HEAD_DIMS); one dtype per file so the build compiles in parallel.
 #include "attn_fwd.cuh"
 
 namespace fastattn {

@@ -70,6 +70,14 @@ cudaError_t run_fwd_bf16(const FwdParams& p);
 cudaError_t run_bwd_fp16(const BwdParams& p);
 cudaError_t run_bwd_bf16(const BwdParams& p);
 
-inline bool head_dim_supported(int d) { return d == 64 || d == 128; }
+// The head dims with instantiated kernels (X-macro: each costs a forward and two backward kernels per
+// dtype and arch in build time). The kernels themselves take any multiple of 8 up to 128.
+#define FASTATTN_HEAD_DIMS(X) X(32) X(40) X(64) X(80) X(96) X(128)
+
+inline bool head_dim_supported(int d) {
+#define FASTATTN_IS(x) d == x ||
+  return FASTATTN_HEAD_DIMS(FASTATTN_IS) false;
+#undef FASTATTN_IS
+}
 
 }  // namespace fastattn

@@ -121,7 +121,11 @@ void bwd(int dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::u
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastattn CUDA kernels (FlashAttention-2 forward/backward, mma.sync; sm_80+)";
-  m.attr("HEAD_DIMS") = py::make_tuple(64, 128);
+  py::list dims;
+#define FASTATTN_APPEND(d) dims.append(d);
+  FASTATTN_HEAD_DIMS(FASTATTN_APPEND)
+#undef FASTATTN_APPEND
+  m.attr("HEAD_DIMS") = py::tuple(dims);
   m.def("fwd", &fwd, "attention forward", py::arg("dtype"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("kpm"), py::arg("kv_bounds"), py::arg("strides"), py::arg("sizes"),
         py::arg("scale"), py::arg("causal"), py::arg("stream"));

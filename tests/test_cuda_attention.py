@@ -1,9 +1,9 @@
 """The CUDA C++ kernels (backend="cuda", fastattn._C) against the float64 reference under DESIGN.md's
 tolerance rule (fastattn.testing) and against the Triton kernels: forward, lse and the three
-gradients, on the awkward shapes of test_triton_attention.py with the head dims the CUDA kernels are
-built for (64, 128). Every test here runs the kernels, so every test is marked `gpu`; CPU checks of
-the backend's wiring are in test_cuda_backend.py and of the fragment index maps in
-test_cuda_fragments.py."""
+gradients, on the awkward shapes of test_triton_attention.py (head dims 40, 64, 80, 128) plus 32 and
+96. Every test here runs the kernels, so every test is marked `gpu`; CPU checks are in
+test_cuda_backend.py (wiring), test_cuda_fragments.py (fragment index maps) and
+test_cuda_kernel_model.py (control flow)."""
 
 import subprocess
 import sys
@@ -33,8 +33,8 @@ def _cuda_ready() -> str | None:
 SMOKE = textwrap.dedent("""
     import torch, fastattn
     g = torch.Generator().manual_seed(0)
-    shapes = [(1, 1, 1, 1, 1, 64), (2, 17, 97, 4, 2, 64), (1, 257, 17, 2, 2, 128), (1, 97, 1, 3, 1, 128),
-              (2, 300, 700, 8, 2, 128), (3, 70, 150, 4, 2, 64), (1, 130, 130, 2, 2, 64)]
+    shapes = [(1, 1, 1, 1, 1, 64), (2, 17, 97, 4, 2, 40), (1, 257, 17, 2, 2, 128), (1, 97, 1, 3, 1, 80),
+              (2, 300, 700, 8, 2, 128), (3, 70, 150, 4, 2, 64), (1, 130, 130, 2, 2, 96), (1, 65, 65, 1, 1, 32)]
     for dtype in (torch.float16, torch.bfloat16):
         for causal in (False, True):
             for masked in (False, True):
@@ -73,17 +73,19 @@ def _require_cuda_backend(_smoke):
 
 DTYPES = [torch.float16, torch.bfloat16]
 
-# (B, Sq, Sk, Hq, Hkv, D): test_triton_attention.SHAPES with D in the CUDA kernels' set.
+# (B, Sq, Sk, Hq, Hkv, D): test_triton_attention.SHAPES, plus larger ones.
 SHAPES = [
     (1, 1, 1, 1, 1, 64),
-    (2, 17, 17, 2, 2, 64),
+    (2, 17, 17, 2, 2, 40),
     (1, 97, 97, 4, 2, 64),     # GQA
-    (1, 257, 257, 2, 2, 128),
+    (1, 257, 257, 2, 2, 80),
     (1, 1, 257, 2, 1, 128),    # one query over a long cache, MQA
     (2, 17, 97, 2, 2, 128),    # Sq < Sk
     (1, 257, 17, 2, 2, 64),    # Sq > Sk: causal rows with no visible key
-    (1, 97, 1, 3, 1, 128),
+    (1, 97, 1, 3, 1, 40),
     (2, 300, 700, 8, 2, 128),  # several tiles both ways, GQA 4
+    (1, 200, 130, 2, 1, 96),
+    (1, 129, 129, 2, 2, 32),
 ]
 
 
@@ -121,7 +123,7 @@ def _grads(fn, q, k, v, dout):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", [(2, 17, 97, 4, 2, 64), (1, 257, 200, 2, 1, 128), (1, 130, 130, 2, 2, 64)],
+@pytest.mark.parametrize("shape", [(2, 17, 97, 4, 2, 64), (1, 257, 200, 2, 1, 128), (1, 130, 130, 2, 2, 80)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_matches_triton(shape, causal, dtype, gen):
     """cuda's error against float64 is at most twice Triton's (+ the floor), tensor by tensor."""
@@ -218,9 +220,10 @@ def test_backward_is_deterministic(gen):
 
 
 def test_unsupported_calls_are_refused_not_run(gen):
-    q, k, v = testing.random_qkv(1, 8, 8, 2, 2, 80, dtype=torch.float16, device=DEVICE, generator=gen)
-    with pytest.raises(ValueError, match="head dim 80"):
-        fastattn.attention(q, k, v, backend="cuda")
+    for d in (48, 160, 256):
+        q, k, v = testing.random_qkv(1, 8, 8, 2, 2, d, dtype=torch.float16, device=DEVICE, generator=gen)
+        with pytest.raises(ValueError, match=f"head dim {d}"):
+            fastattn.attention(q, k, v, backend="cuda")
     q, k, v = testing.random_qkv(1, 8, 8, 2, 2, 64, dtype=torch.float32, device=DEVICE, generator=gen)
     with pytest.raises(ValueError, match="dtype"):
         fastattn.attention(q, k, v, backend="cuda")

@@ -40,7 +40,9 @@ def test_unsupported_reasons():
         k = torch.empty(1, sk, 1, d, dtype=dtype, device="meta")
         return q, k, k
 
-    assert "head dim 80" in backends._cuda_unsupported(call_for(*meta(80)))
+    assert "head dim 48" in backends._cuda_unsupported(call_for(*meta(48)))
+    assert "head dim 256" in backends._cuda_unsupported(call_for(*meta(256)))
+    assert "head dim" not in backends._cuda_unsupported(call_for(*meta(80)))  # only "CUDA tensors"
     assert "dtype torch.float32" in backends._cuda_unsupported(call_for(*meta(64, torch.float32)))
     assert "CUDA tensors" in backends._cuda_unsupported(call_for(*meta(128)))
     qp = torch.empty(10, 2, 64, dtype=torch.float16, device="meta")
@@ -126,12 +128,12 @@ def test_setup_skips_fast_without_torch_when_no_gpu():
 @pytest.mark.skipif(launch._C is None, reason="fastattn._C not built on this machine")
 def test_binding_checks_arguments():
     C = launch._C
-    assert tuple(C.HEAD_DIMS) == launch.HEAD_DIMS
+    assert tuple(C.HEAD_DIMS) == launch.HEAD_DIMS == (32, 40, 64, 80, 96, 128)
     sizes = [1, 1, 1, 1, 1, 64]
     with pytest.raises(ValueError, match="strides"):
         C.fwd(0, 0, 0, 0, 0, 0, 0, 0, [0] * 14, sizes, 1.0, False, 0)
-    with pytest.raises(ValueError, match="head dim 80"):
-        C.fwd(0, 0, 0, 0, 0, 0, 0, 0, [0] * 15, [1, 1, 1, 1, 1, 80], 1.0, False, 0)
+    with pytest.raises(ValueError, match="head dim 48"):
+        C.fwd(0, 0, 0, 0, 0, 0, 0, 0, [0] * 15, [1, 1, 1, 1, 1, 48], 1.0, False, 0)
     with pytest.raises(ValueError, match="multiple"):
         C.bwd(1, *([0] * 13), 0, [0] * 26, [1, 1, 1, 3, 2, 128], 1.0, False, 0)
     with pytest.raises(ValueError, match="dtype"):

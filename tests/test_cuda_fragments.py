@@ -23,14 +23,15 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
 def _cxx_functions() -> dict:
-    """Python versions of the address helpers, built from their C++ return expressions."""
+    """Python versions of the address helpers and HeadDim, built from their C++ expressions
+    (C++ integer `/` becomes `//`; the other operators mean the same for non-negative ints)."""
     src = (CSRC / "attn_common.cuh").read_text()
     fns = {}
     m = re.search(r"int swz\(int row, int chunk\) \{.*?return (.*?);", src, re.S)
     swz_expr = m.group(1)
-    fns["swz"] = lambda D, row, chunk: eval(swz_expr, {}, dict(D=D, row=row, chunk=chunk))
+    fns["swz"] = lambda P, row, chunk: eval(swz_expr, {}, dict(P=P, row=row, chunk=chunk))
     for name in ("a_frag_offset", "bt_frag_offset", "b_frag_offset"):
-        m = re.search(name + r"\(int (\w+), int (\w+), int lane\) \{\s*return swz<D>\((.*)\);", src)
+        m = re.search(name + r"\(int (\w+), int (\w+), int lane\) \{\s*return swz<P>\((.*)\);", src)
         assert m, name
         a0, a1, body = m.group(1), m.group(2), m.group(3)
         # split "row_expr, chunk_expr" at the top-level comma
@@ -42,12 +43,25 @@ def _cxx_functions() -> dict:
                 row_e, chunk_e = body[:i], body[i + 1:]
                 break
 
-        def fn(D, x0, x1, lane, row_e=row_e, chunk_e=chunk_e, a0=a0, a1=a1):
+        def fn(P, x0, x1, lane, row_e=row_e, chunk_e=chunk_e, a0=a0, a1=a1):
             env = {a0: x0, a1: x1, "lane": lane}
-            return fns["swz"](D, eval(row_e, {}, env), eval(chunk_e, {}, env))
+            return fns["swz"](P, eval(row_e, {}, env), eval(chunk_e, {}, env))
 
         fns[name] = fn
+    dk_e = re.search(r"int DK = (.*?);", src).group(1).replace("/", "//")
+    p_e = re.search(r"int P = (.*?);", src).group(1).replace("/", "//")
+
+    def head_dim(D):
+        DK = eval(dk_e, {}, {"D": D})
+        return DK, eval(p_e, {}, {"DK": DK})
+
+    fns["head_dim"] = head_dim
     return fns
+
+
+def _built_head_dims() -> list[int]:
+    m = re.search(r"#define FASTATTN_HEAD_DIMS\(X\) (.*)", (CSRC / "attn_params.h").read_text())
+    return [int(x) for x in re.findall(r"X\((\d+)\)", m.group(1))]
 
 
 F = _cxx_functions()
@@ -118,19 +132,21 @@ def ldmatrix_x4(smem, addrs, trans=False):
 
 # ---------------------------------------------------------------- the kernels
 def load_tile(tile, D):
-    """cp.async into the swizzled layout (load_tile)."""
+    """cp.async into the swizzled layout (load_tile): rows of pitch P, chunks D/8..DK/8 zero-filled,
+    the rest of each row never written (NaN here, so a read of it would show)."""
+    DK, P = F["head_dim"](D)
     rows = tile.shape[0]
-    smem = np.full(rows * D, np.nan)
+    smem = np.full(rows * P, np.nan)
     for row in range(rows):
-        for chunk in range(D // 8):
-            off = F["swz"](D, row, chunk)
-            smem[off: off + 8] = tile[row, chunk * 8: chunk * 8 + 8]
-    assert not np.isnan(smem).any(), "the swizzle must be a bijection"
+        for chunk in range(DK // 8):
+            off = F["swz"](P, row, chunk)
+            smem[off: off + 8] = tile[row, chunk * 8: chunk * 8 + 8] if chunk < D // 8 else 0.0
     return smem
 
 
 def ld(smem, fn, D, x0, x1, trans=False):
-    addrs = [fn(D, x0, x1, lane) for lane in range(32)]
+    P = F["head_dim"](D)[1]
+    addrs = [fn(P, x0, x1, lane) for lane in range(32)]
     return ldmatrix_x4(smem, addrs, trans)
 
 
@@ -154,10 +170,10 @@ def pack_a(acc, kk):
 
 
 def a_times_mt(sA, row0, sM, n_rows_m, D):
-    """acc = A[row0:row0+16] @ M^T over the head dim: A fragments via a_frag_offset, B via
+    """acc = A[row0:row0+16] @ M^T over the (padded) head dim: A fragments via a_frag_offset, B via
     bt_frag_offset (the S = Q K^T loop; also S^T = K Q^T, dP = dO V^T, dP^T = V dO^T)."""
     acc = [np.zeros((32, 4)) for _ in range(n_rows_m // 8)]
-    for kk in range(D // 16):
+    for kk in range(F["head_dim"](D)[0] // 16):
         a = ld(sA, F["a_frag_offset"], D, row0, kk)
         for np_ in range(n_rows_m // 16):
             b = ld(sM, F["bt_frag_offset"], D, np_ * 16, kk)
@@ -168,18 +184,32 @@ def a_times_mt(sA, row0, sM, n_rows_m, D):
 
 def p_times_m(p_acc, sM, D):
     """out = P @ M with P from accumulators (pack_a) and M rows via ldmatrix.trans (b_frag_offset):
-    the O += P V loop; also dV += P^T dO, dK += dS^T Q, dQ += dS K."""
-    out = [np.zeros((32, 4)) for _ in range(D // 8)]
+    the O += P V loop; also dV += P^T dO, dK += dS^T Q, dQ += dS K. Returns the D real columns and
+    checks that the padding columns (D..DK) came out 0."""
+    DK = F["head_dim"](D)[0]
+    out = [np.zeros((32, 4)) for _ in range(DK // 8)]
     for kk in range(len(p_acc) // 2):
         a = pack_a(p_acc, kk)
-        for np_ in range(D // 16):
+        for np_ in range(DK // 16):
             b = ld(sM, F["b_frag_offset"], D, kk * 16, np_, trans=True)
             mma_sync(out[2 * np_], a, b[:, 0], b[:, 1])
             mma_sync(out[2 * np_ + 1], a, b[:, 2], b[:, 3])
-    return out
+    full = frags_to_matrix(out)
+    assert not np.any(full[:, D:]), "padding columns must stay 0"
+    return full[:, :D]
 
 
-@pytest.mark.parametrize("D", [64, 128])
+HEAD_DIMS = _built_head_dims()
+
+
+def test_head_dims_parsed():
+    assert 64 in HEAD_DIMS and 128 in HEAD_DIMS
+    for D in HEAD_DIMS:
+        DK, P = F["head_dim"](D)
+        assert DK % 16 == 0 and DK - 16 < D <= DK and P % 64 == 0 and P >= DK
+
+
+@pytest.mark.parametrize("D", HEAD_DIMS)
 @pytest.mark.parametrize("warp", [0, 3])
 def test_forward_products(D, warp):
     rng = np.random.default_rng(D + warp)
@@ -189,12 +219,13 @@ def test_forward_products(D, warp):
     s = a_times_mt(sQ, warp * 16, sK, BN, D)
     S = frags_to_matrix(s)
     np.testing.assert_allclose(S, Q[warp * 16: warp * 16 + 16] @ K.T, rtol=1e-12, atol=1e-12)
-    O = frags_to_matrix(p_times_m(s, sV, D))  # O += P V with P = S (any values do)
+    O = p_times_m(s, sV, D)  # O += P V with P = S (any values do)
     np.testing.assert_allclose(O, S @ V, rtol=1e-12, atol=1e-10)
 
 
-@pytest.mark.parametrize("D,BM", [(64, 64), (128, 32)])
-def test_backward_dkdv_products(D, BM):
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_backward_dkdv_products(D):
+    BM = 64 if D <= 64 else 32  # DkdvTile<D>::BM
     rng = np.random.default_rng(D)
     BN, warp = 64, 2
     K, V = rng.standard_normal((BN, D)), rng.standard_normal((BN, D))
@@ -203,15 +234,15 @@ def test_backward_dkdv_products(D, BM):
     keys = slice(warp * 16, warp * 16 + 16)
     st = a_times_mt(sK, warp * 16, sQ, BM, D)                    # S^T = K Q^T
     np.testing.assert_allclose(frags_to_matrix(st), K[keys] @ Q.T, rtol=1e-12, atol=1e-12)
-    dv = frags_to_matrix(p_times_m(st, sdO, D))                  # dV += P^T dO
+    dv = p_times_m(st, sdO, D)                  # dV += P^T dO
     np.testing.assert_allclose(dv, (K[keys] @ Q.T) @ dO, rtol=1e-12, atol=1e-10)
     dpt = a_times_mt(sV, warp * 16, sdO, BM, D)                  # dP^T = V dO^T
     np.testing.assert_allclose(frags_to_matrix(dpt), V[keys] @ dO.T, rtol=1e-12, atol=1e-12)
-    dk = frags_to_matrix(p_times_m(dpt, sQ, D))                  # dK += dS^T Q
+    dk = p_times_m(dpt, sQ, D)                  # dK += dS^T Q
     np.testing.assert_allclose(dk, (V[keys] @ dO.T) @ Q, rtol=1e-12, atol=1e-10)
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", HEAD_DIMS)
 def test_backward_dq_products(D):
     rng = np.random.default_rng(7 * D)
     BM = BN = 64
@@ -224,21 +255,21 @@ def test_backward_dq_products(D):
     dp = a_times_mt(sdO, warp * 16, sV, BN, D)                   # dP = dO V^T
     np.testing.assert_allclose(frags_to_matrix(dp), dO[rows] @ V.T, rtol=1e-12, atol=1e-12)
     ds = [a * b for a, b in zip(s, dp)]                          # elementwise, same layout
-    dq = frags_to_matrix(p_times_m(ds, sK, D))                   # dQ += dS K
+    dq = p_times_m(ds, sK, D)                   # dQ += dS K
     np.testing.assert_allclose(dq, (frags_to_matrix(s) * frags_to_matrix(dp)) @ K, rtol=1e-12, atol=1e-10)
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("P", [64, 128])
 @pytest.mark.parametrize("fn", ["a_frag_offset", "bt_frag_offset", "b_frag_offset"])
-def test_ldmatrix_phases_are_bank_conflict_free(D, fn):
+def test_ldmatrix_phases_are_bank_conflict_free(P, fn):
     """Each 8-lane phase of an ldmatrix reads 8 rows of 16 bytes: with the swizzle they fall into
     8 distinct 16-byte bank groups (element offset * 2 bytes / 16, mod 8)."""
     for x0 in range(0, 64, 16):
-        for x1 in range(D // 16 if fn != "b_frag_offset" else D // 16):
-            addrs = [F[fn](D, x0, x1, lane) for lane in range(32)]
+        for x1 in range(P // 16):
+            addrs = [F[fn](P, x0, x1, lane) for lane in range(32)]
             for j in range(4):
                 groups = {(a * 2 // 16) % 8 for a in addrs[8 * j: 8 * j + 8]}
-                assert len(groups) == 8, (fn, D, x0, x1, j)
+                assert len(groups) == 8, (fn, P, x0, x1, j)
             assert all(a % 8 == 0 for a in addrs), "ldmatrix rows must be 16-byte aligned"
 
 

@@ -20,7 +20,9 @@ except ImportError as e:  # not built: no GPU / nvcc at install time
 else:
     IMPORT_ERROR = None
 
-HEAD_DIMS = (64, 128)
+# Head dims with instantiated kernels (csrc/attn_params.h, FASTATTN_HEAD_DIMS; the built module's
+# own list wins).
+HEAD_DIMS = tuple(_C.HEAD_DIMS) if _C is not None else (32, 40, 64, 80, 96, 128)
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 MAX_GRID_YZ = 65535      # heads and batch are CUDA grid axes 1 and 2
 MAX_SEQLEN = 2**31 - 1024  # sequence positions are 32-bit ints in the kernels (offsets are 64-bit)
