@@ -12,7 +12,7 @@ import fastattn
 from fastattn.models import Decoder, Encoder, EncoderDecoder, KVCache, ModelConfig, pad_left, set_attn_backend
 from fastattn.testing import GRAD_FACTOR, OUT_FACTOR, compare
 
-KERNEL_BACKENDS = ["triton"] + (["cuda"] if "cuda" in fastattn.available_backends() else [])
+KERNEL_BACKENDS = [name for name in ("triton", "cuda") if name in fastattn.available_backends()]
 
 
 def tiny(**kw):
@@ -103,6 +103,9 @@ def test_model_matches_reference_gqa(kind, gen):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_model_matches_reference_gpu(kind, dtype, backend, gen):
+    status = fastattn.available_backends()[backend]
+    if not status.available:
+        pytest.skip(f"{backend}: {status.reason}")  # the backend's own tests report a failed build
     check_model_matches_reference(kind, backend, dtype, gen, n_heads=2, d_model=128)  # head dim 64
 
 

@@ -19,7 +19,8 @@ def save_alignment(probs: torch.Tensor, source: list[str], generated: list[str],
         print(f"  (matplotlib is not installed: {path.name} not written; pip install matplotlib)")
         return False
     fig, ax = plt.subplots(figsize=(0.55 * len(source) + 2.5, 0.4 * len(generated) + 2))
-    ax.imshow(probs.float().cpu().numpy(), cmap="viridis", vmin=0.0, aspect="auto")
+    image = ax.imshow(probs.float().cpu().numpy(), cmap="viridis", vmin=0.0, aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.05, label="attention weight")
     ax.set_xticks(range(len(source)), source, rotation=45, ha="right")
     ax.set_yticks(range(len(generated)), generated)
     ax.set_xlabel("source token (encoder)")
