@@ -22,6 +22,7 @@ import torch
 from benchmarks import cases
 from benchmarks.measure import GATE_OK, Gate, describe, mode_callable
 from benchmarks.providers import PROVIDERS, why_not
+from benchmarks.run import SETTINGS
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -29,7 +30,9 @@ GRID = os.environ.get("FASTATTN_BENCH_GRID", "quick" if CUDA else "cpu")
 # Without a GPU: a tiny subset (CPU timings of the torch providers; the interpreter is not timed).
 CASES = cases.GRIDS[GRID]() if CUDA else cases.cpu_quick()[:2]
 ROUNDS, WARMUP = (20, 3) if CUDA else (5, 1)
-PARAMS = [(c, p, m) for c in CASES for p in PROVIDERS for m in ("fwd", "bwd", "fwd_bwd")]
+# The grid's providers and modes as benchmarks/run.py has them (quick: no FlexAttention, fwd and bwd).
+GRID_SETTINGS = SETTINGS[GRID]
+PARAMS = [(c, p, m) for c in CASES for p in GRID_SETTINGS["providers"] for m in GRID_SETTINGS["modes"].split(",")]
 
 
 @functools.lru_cache(maxsize=1)  # tests run case by case: keep one case's inputs and reference
