@@ -66,35 +66,41 @@ def _fastattn(backend: str):
 
 
 # ---------------------------------------------------------------- PyTorch SDPA, forced to one backend
-def _sdpa_mask(case: Case, mask, device, backend_name: str):
+def _sdpa_mask(case: Case, mask, device):
     """SDPA's attn_mask for this case (None: is_causal or no mask). SDPA's is_causal is top-left
-    aligned, so causal with Sq != Sk needs a mask. torch's lower-right CausalBias calls the flash
-    (or efficient) kernel directly, bypassing the forced backend, so only sdpa-flash gets it (it is
-    how a user reaches flash there); the other backends get the explicit boolean mask."""
+    aligned, so bottom-right causal with Sq != Sk needs an explicit mask."""
     if mask is not None:  # key padding, (B, 1, 1, Sk) broadcast; with causal, the full (B, 1, Sq, Sk)
         if case.causal:
             return reference.visible_keys(case.seqlen_q, case.seqlen_k, causal=True, key_padding_mask=mask,
                                           device=device)
         return mask[:, None, None, :]
     if case.causal and case.seqlen_q != case.seqlen_k:
-        if backend_name == "FLASH_ATTENTION":
-            from torch.nn.attention.bias import causal_lower_right
-
-            return causal_lower_right(case.seqlen_q, case.seqlen_k)
         return reference.visible_keys(case.seqlen_q, case.seqlen_k, causal=True, device=device)
     return None
 
 
+def _flash_bottom_right(q, k, v):
+    """SDPA's flash kernel with bottom-right causal (Sq != Sk): the op torch's lower-right
+    CausalBias dispatches to (its is_causal is bottom-right, as in FlashAttention >= 2.1). Called
+    directly because CausalBias falls back to the efficient or math kernel, whatever backend is
+    forced, when flash cannot run; this way such a case fails (and says why) instead."""
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                             v.transpose(1, 2), 0.0, is_causal=True)[0]
+    return out.transpose(1, 2)
+
+
 def _sdpa(backend_name: str):
     def build(case: Case, mask, device):
-        attn_mask = _sdpa_mask(case, mask, device, backend_name)
+        bottom_right = case.causal and case.seqlen_q != case.seqlen_k and mask is None
+        if backend_name == "FLASH_ATTENTION" and bottom_right and torch.device(device).type == "cuda":
+            return _flash_bottom_right
+        attn_mask = _sdpa_mask(case, mask, device)
         is_causal = case.causal and attn_mask is None
-        # enable_gqa only when needed: older CausalBias dispatchers do not take the argument.
-        gqa = {"enable_gqa": True} if case.heads_q != case.heads_kv else {}
+        gqa = case.heads_q != case.heads_kv
 
         def run(q, k, v):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=attn_mask, is_causal=is_causal, **gqa)
+                                                 attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
             return out.transpose(1, 2)  # (B, H, Sq, D) -> (B, Sq, H, D)
         return run
     return build
