@@ -162,7 +162,7 @@ def markdown(doc: dict, plots: list[str] | None = None) -> str:
         out += ["**CPU run.** Times are CPU wall-clock medians of the torch providers at tiny sizes; the Triton "
                 "kernels ran through the interpreter for the correctness gate only. These are not GPU numbers.", ""]
     out += [f"Grid `{doc['grid']}`, modes {', '.join(doc['modes'])}. torch {env['torch']}, triton {env['triton']}, "
-            f"CUDA {env['cuda']}, Python {env['python']}, fastattn commit {env.get('git_commit')}, "
+            f"CUDA {env['cuda'] or '-'}, Python {env['python']}, fastattn commit {env.get('git_commit')}, "
             f"{env['time_utc']} UTC.", "",
             f"Ceilings measured at the start of this run on this device: {_ceiling_text(doc)}.", "",
             "Method: TFLOPS = useful FLOPs (`fastattn.flops`: forward 4·B·Hq·Sq·Sk_avg·D with Sk_avg the mean "
