@@ -182,8 +182,6 @@ def _cuda_run(call: AttentionCall):
 def _torch_unsupported(call: AttentionCall) -> str | None:
     if call.return_lse:
         return "return_lse=True: PyTorch SDPA does not return the log-sum-exp"
-    if call.key_padding_mask is not None:
-        return "key_padding_mask: PyTorch SDPA returns NaN for queries that see no real key"
     return None
 
 
@@ -201,7 +199,9 @@ def _torch_run(call: AttentionCall):
     # (B, S, H, D) -> (B, H, S, D), SDPA's layout.
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = call.shape.heads_q != call.shape.heads_kv
-    if call.causal and q.shape[1] != sk:
+    if call.key_padding_mask is not None:
+        out = _sdpa_with_padding(qt, kt, vt, call, gqa)
+    elif call.causal and q.shape[1] != sk:
         from torch.nn.attention.bias import causal_lower_right
 
         mask = causal_lower_right(q.shape[1], sk)
@@ -212,6 +212,21 @@ def _torch_run(call: AttentionCall):
     if skipped:
         out = torch.cat([out.new_zeros(b, skipped, *out.shape[2:]), out], dim=1)
     return out
+
+
+def _sdpa_with_padding(qt, kt, vt, call: AttentionCall, gqa: bool) -> torch.Tensor:
+    """SDPA with key_padding_mask as a boolean attn_mask (and the bottom-right causal mask):
+    (B, H, Sq, D) -> (B, H, Sq, D). SDPA returns NaN for a query that sees no key, and NaN
+    gradients through it; such rows get every key un-masked (finite values) and are then zeroed,
+    so they return 0 with zero gradients, as the kernels do."""
+    sq, sk = qt.shape[2], kt.shape[2]
+    visible = call.key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk)
+    if call.causal:
+        causal = torch.ones(sq, sk, dtype=torch.bool, device=qt.device).tril(sk - sq)
+        visible = visible & causal  # (B, 1, Sq, Sk)
+    empty = ~visible.any(dim=-1, keepdim=True)  # (B, 1, Sq or 1, 1)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=visible | empty, scale=call.scale, enable_gqa=gqa)
+    return out.masked_fill(empty, 0.0)
 
 
 # ---------------------------------------------------------------- reference

@@ -45,7 +45,7 @@ def run_check(device: str | None = None, out=print) -> bool:
     out("-" * len(header))
     gen = torch.Generator().manual_seed(0)
     all_ok = True
-    for name in ("triton", "torch", "reference"):
+    for name in ("triton", "cuda", "torch", "reference"):
         if not statuses[name].available:
             continue
         for dtype in _dtypes(device):

@@ -10,15 +10,18 @@ float32 in natural log (-inf for a query that sees no key, whose output row is 0
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
-try:
-    from fastattn import _C
-except ImportError as e:  # not built: no GPU / nvcc at install time
-    _C = None
-    IMPORT_ERROR: str | None = f"{type(e).__name__}: {e}"
+IMPORT_ERROR: str | None = None
+if importlib.util.find_spec("fastattn._C") is None:  # not built: no GPU / nvcc at install time
+    _C, IMPORT_ERROR = None, "the installed package has no compiled fastattn._C"
 else:
-    IMPORT_ERROR = None
+    try:
+        from fastattn import _C
+    except ImportError as e:  # built, but does not load (e.g. a CUDA runtime mismatch)
+        _C, IMPORT_ERROR = None, f"{type(e).__name__}: {e}"
 
 # Head dims with instantiated kernels (csrc/attn_params.h, FASTATTN_HEAD_DIMS; the built module's
 # own list wins).
