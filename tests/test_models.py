@@ -88,9 +88,10 @@ def check_model_matches_reference(kind, backend, dtype, gen, **config):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_model_matches_reference_triton(kind, gen):
-    check_model_matches_reference(kind, "triton", torch.float32, gen)
+def test_model_matches_reference(kind, backend, gen):
+    check_model_matches_reference(kind, backend, torch.float32, gen)
 
 
 @pytest.mark.parametrize("kind", ["decoder", "encoder-decoder"])
