@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="demo-output", help="folder for the PNG and summary.json")
     demo.add_argument("--quick", action="store_true", help="a quarter of the training steps (a smoke test)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default="cpu", help="cpu (default) or cuda (fp32 models: the triton backend)")
     args = parser.parse_args(argv)
 
     import torch
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from fastattn.demo.run import run
 
-        summary = run(args.backend, args.out, quick=args.quick, seed=args.seed)
+        summary = run(args.backend, args.out, quick=args.quick, seed=args.seed, device=args.device)
         return 0 if summary["dates"]["exact_match"] >= summary["dates"]["goal"] or args.quick else 1
 
     from fastattn.selfcheck import run_check

@@ -219,11 +219,8 @@ def _sdpa_with_padding(qt, kt, vt, call: AttentionCall, gqa: bool) -> torch.Tens
     (B, H, Sq, D) -> (B, H, Sq, D). SDPA returns NaN for a query that sees no key, and NaN
     gradients through it; such rows get every key un-masked (finite values) and are then zeroed,
     so they return 0 with zero gradients, as the kernels do."""
-    sq, sk = qt.shape[2], kt.shape[2]
-    visible = call.key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk)
-    if call.causal:
-        causal = torch.ones(sq, sk, dtype=torch.bool, device=qt.device).tril(sk - sq)
-        visible = visible & causal  # (B, 1, Sq, Sk)
+    visible = reference.visible_keys(qt.shape[2], kt.shape[2], causal=call.causal,
+                                     key_padding_mask=call.key_padding_mask, device=qt.device)  # (B, 1, Sq, Sk)
     empty = ~visible.any(dim=-1, keepdim=True)  # (B, 1, Sq or 1, 1)
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=visible | empty, scale=call.scale, enable_gqa=gqa)
     return out.masked_fill(empty, 0.0)

@@ -210,8 +210,8 @@ def test_cross_attention_map_rows_are_distributions(gen):
 def test_kv_cache_is_sized_by_kv_heads():
     model = Decoder(tiny(n_heads=4, n_kv_heads=1))
     cache = model.new_cache(batch=2, max_len=10)
-    assert isinstance(cache, KVCache) and cache.keys.shape == (2, 2, 10, 1, 8)
     model(torch.ones(2, 6, dtype=torch.long), cache=cache)
+    assert isinstance(cache, KVCache) and cache.keys.shape == (2, 2, 10, 1, 8)  # (layers, B, max_len, Hkv, D)
     assert cache.length == 6
     with pytest.raises(ValueError, match="KV cache holds 10 tokens"):
         model(torch.ones(2, 5, dtype=torch.long), cache=cache)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastattn.models import pad_right
+
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 PAD, BOS, EOS = 0, 1, 2
 
@@ -89,18 +91,9 @@ def date_batch(rng: random.Random, n: int) -> dict[str, torch.Tensor]:
     pairs = [random_date(rng) for _ in range(n)]
     src = [DATE_VOCAB.encode(words) for words, _ in pairs]
     iso = [DATE_VOCAB.encode(list(date)) for _, date in pairs]
-    src_t, src_mask = pad_right(src)
+    src_t, src_mask = pad_right(src, PAD)
     tgt = torch.tensor([[BOS] + t + [EOS] for t in iso])  # every ISO date has 10 characters
     return {"src": src_t, "src_mask": src_mask, "tgt_in": tgt[:, :-1], "tgt_out": tgt[:, 1:]}
-
-
-def pad_right(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequences of different lengths -> tokens (n, S_max) padded with PAD, mask (True = real)."""
-    s = max(len(x) for x in seqs)
-    tokens = torch.full((len(seqs), s), PAD, dtype=torch.long)
-    for i, x in enumerate(seqs):
-        tokens[i, :len(x)] = torch.tensor(x)
-    return tokens, tokens != PAD
 
 
 # ---------------------------------------------------------------- reverse / reverse-and-shift
@@ -123,7 +116,7 @@ def sequence_batch(rng: random.Random, task: str, n: int) -> dict[str, torch.Ten
     """n examples "x1 .. xk > y1 .. yk <eos>" right-padded: tokens (n, S), mask, and the loss mask
     (True where the next token is part of the answer: the prompt itself is given, not learned)."""
     examples = [sequence_example(rng, task) for _ in range(n)]
-    tokens, mask = pad_right([p + a for p, a in examples])
+    tokens, mask = pad_right([p + a for p, a in examples], PAD)
     answer = torch.zeros_like(mask)
     for i, (p, a) in enumerate(examples):
         answer[i, len(p) - 1:len(p) + len(a) - 1] = True  # position t predicts token t + 1

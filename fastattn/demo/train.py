@@ -25,9 +25,14 @@ class Progress:
     def __call__(self, step: int, loss: float, acc: float | None = None) -> None:
         if step % self.every and step != self.total and acc is None:
             return
-        acc_s = f"  exact match {acc:6.1%}" if acc is not None else ""
+        acc_s = f"  validation exact match {acc:6.1%}" if acc is not None else ""
         print(f"  [{self.name}] step {step:4d}/{self.total}  loss {loss:.3f}{acc_s}  "
               f"({time.perf_counter() - self.start:.1f}s)", flush=True)
+
+
+def on_device_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -43,6 +48,7 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
 
 # ---------------------------------------------------------------- dates (encoder-decoder)
 def date_loss(model: EncoderDecoder, batch) -> torch.Tensor:
+    batch = on_device_of(model, batch)
     logits = model(batch["src"], batch["tgt_in"], batch["src_mask"])  # (B, 11, V)
     return F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten())
 
@@ -50,6 +56,7 @@ def date_loss(model: EncoderDecoder, batch) -> torch.Tensor:
 @torch.no_grad()
 def date_accuracy(model: EncoderDecoder, batch) -> float:
     """Exact match of the whole ISO date, generated token by token with the KV cache."""
+    batch = on_device_of(model, batch)
     model.eval()
     out = model.generate(batch["src"], batch["src_mask"], batch["tgt_out"].shape[1], bos_id=tasks.BOS,
                          eos_id=tasks.EOS, pad_id=tasks.PAD)
@@ -61,9 +68,10 @@ def date_accuracy(model: EncoderDecoder, batch) -> float:
 
 def train_dates(model: EncoderDecoder, steps: int, *, target: float = 1.0, batch_size: int = 64, lr: float = 2e-3,
                 seed: int = 0, eval_every: int = 50) -> tuple[int, float]:
-    """Train on fresh random dates until the exact match on 500 held-out dates reaches `target`
-    (or for `steps` steps); returns (steps taken, accuracy)."""
-    rng, held_out = random.Random(seed), tasks.date_batch(random.Random(seed + 1), 500)
+    """Train on fresh random dates until the exact match on 500 validation dates reaches `target`
+    (or for `steps` steps). Returns (steps taken, exact match on 500 other, unseen test dates)."""
+    rng = random.Random(seed)
+    validation, test = tasks.date_batch(random.Random(seed + 1), 500), tasks.date_batch(random.Random(seed + 2), 500)
     opt = optimizer(model, lr)
     sched = warmup_then_decay(opt, steps)
     log = Progress("dates", steps)
@@ -74,17 +82,18 @@ def train_dates(model: EncoderDecoder, steps: int, *, target: float = 1.0, batch
         opt.step()
         sched.step()
         if step % eval_every == 0 or step == steps:
-            acc = date_accuracy(model, held_out)
+            acc = date_accuracy(model, validation)
             log(step, loss.item(), acc)
             if acc >= target:
-                return step, acc
+                break
         else:
             log(step, loss.item())
-    return steps, acc
+    return step, date_accuracy(model, test)
 
 
 # ---------------------------------------------------------------- sequences (decoder)
 def sequence_loss(model: Decoder, batch) -> torch.Tensor:
+    batch = on_device_of(model, batch)
     logits = model(batch["tokens"], batch["mask"])  # (B, S, V)
     targets = batch["tokens"].roll(-1, dims=1)  # position t predicts token t + 1
     return masked_cross_entropy(logits, targets, batch["loss_mask"])
@@ -105,8 +114,8 @@ def sequence_accuracy(model: Decoder, task: str, examples: list[tuple[list[int],
 
 def train_sequences(model: Decoder, task: str, max_steps: int, *, target: float | None = None, batch_size: int = 64,
                     lr: float = 2e-3, seed: int = 0, eval_every: int = 25) -> tuple[int, float]:
-    """Train on `task` until the held-out exact match reaches `target` (or max_steps).
-    Returns (steps taken, final accuracy)."""
+    """Train on `task` until the exact match on 256 validation examples reaches `target` (or
+    max_steps). Returns (steps taken, that accuracy)."""
     rng, eval_rng = random.Random(seed), random.Random(seed + 1)
     held_out = [tasks.sequence_example(eval_rng, task) for _ in range(256)]
     opt = optimizer(model, lr)

@@ -9,9 +9,9 @@ from fastattn.models.config import PRESETS, ModelConfig
 from fastattn.models.decoder import Decoder
 from fastattn.models.encoder import Encoder
 from fastattn.models.encoder_decoder import EncoderDecoder
-from fastattn.models.generation import pad_left, sample
+from fastattn.models.generation import pad_left, pad_right, sample
 from fastattn.models.kv_cache import KVCache
 from fastattn.models.layers import MultiHeadAttention, set_attn_backend
 
 __all__ = ["PRESETS", "ModelConfig", "Decoder", "Encoder", "EncoderDecoder", "KVCache", "MultiHeadAttention",
-           "pad_left", "sample", "set_attn_backend"]
+           "pad_left", "pad_right", "sample", "set_attn_backend"]

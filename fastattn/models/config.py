@@ -19,9 +19,11 @@ class ModelConfig:
     attn_backend: str = "auto"  # "auto", "triton", "cuda", "torch" or "reference"
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_len", "n_kv_heads", "n_decoder_layers",
+                     "d_ff"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if self.n_heads % self.kv_heads:

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 
 from fastattn.models.config import ModelConfig
-from fastattn.models.generation import check_room, decode_loop
+from fastattn.models.generation import check_room, generate
 from fastattn.models.kv_cache import KVCache
-from fastattn.models.layers import Stack, as_padding_mask, init_weights
+from fastattn.models.layers import Stack, as_padding_mask, init_weights, tied_logits
 
 
 class EncoderDecoder(nn.Module):
@@ -39,7 +39,7 @@ class EncoderDecoder(nn.Module):
         """tgt (B, S_tgt) and the encoder's memory -> next-token logits (B, S_tgt, vocab)."""
         h = self.decoder(tgt, as_padding_mask(tgt_mask, tgt, "tgt_mask"), cache=cache, memory=memory,
                          memory_mask=as_padding_mask(src_mask, memory, "src_mask"))
-        return h @ self.decoder.embed.tokens.weight.T + self.lm_bias
+        return tied_logits(h, self.decoder.embed, self.lm_bias)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
                 tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,26 +53,18 @@ class EncoderDecoder(nn.Module):
 
         With use_cache the decoder runs on one new token per step (self-attention K/V cached, the
         cross-attention K/V computed from the encoder output once); without, it recomputes the whole
-        target every step. sampling: temperature, top_k, eos_id, pad_id, generator.
+        target every step. sampling: temperature, top_k, eos_id, pad_id (default config.pad_id),
+        generator.
         """
         b = src.shape[0]
-        check_room(1 + max_new_tokens, self.config.max_len, f"bos + {max_new_tokens} new tokens")
-        memory = self.encode(src, src_mask)
-        tgt = torch.full((b, 1), bos_id, dtype=torch.long, device=src.device)
-        if use_cache:
-            c, p = self.config, self.lm_bias
-            cache = KVCache(c.decoder_layers, b, 1 + max_new_tokens, c.kv_heads, c.head_dim, dtype=p.dtype,
-                            device=p.device)
-            step = lambda t: self.decode(t, memory, src_mask, cache=cache)[:, -1]
-            return decode_loop(step(tgt), step, max_new_tokens, **sampling)
-
-        seq = {"tgt": tgt}
-
-        def recompute(t: torch.Tensor) -> torch.Tensor:
-            seq["tgt"] = torch.cat([seq["tgt"], t], dim=1)
-            return self.decode(seq["tgt"], memory, src_mask)[:, -1]
-
-        return decode_loop(self.decode(tgt, memory, src_mask)[:, -1], recompute, max_new_tokens, **sampling)
+        check_room(max_new_tokens, self.config.max_len, f"bos + {max_new_tokens} new tokens")
+        sampling.setdefault("pad_id", self.config.pad_id)
+        memory = self.encode(src, src_mask)  # once, for every step
+        cache = KVCache.for_config(self.config, self.config.decoder_layers, b, max_new_tokens,
+                                   memory.device) if use_cache else None
+        bos = torch.full((b, 1), bos_id, dtype=torch.long, device=src.device)
+        return generate(lambda t, m, c: self.decode(t, memory, src_mask, m, cache=c), bos, None, max_new_tokens,
+                        cache=cache, **sampling)
 
     @torch.no_grad()
     def cross_attention_map(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,

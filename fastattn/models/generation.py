@@ -11,18 +11,33 @@ import torch
 def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of different lengths -> tokens (B, S_max) and mask (B, S_max), True = real token.
 
-    Prompts are padded on the left so that every prompt ends at the last column: the next token of
-    every sequence is then predicted from the same position, and new tokens append in lockstep.
+    Left padding makes every prompt end at the last column, so new tokens append in lockstep right
+    after each prompt (right padding works too: the pads then sit between prompt and answer).
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token lists")
-    s = max(len(p) for p in prompts)
-    tokens = torch.full((len(prompts), s), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), s, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        tokens[i, s - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, s - len(p):] = True
+    return _pad(prompts, pad_id, device, left=True)
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of different lengths -> tokens (B, S_max) padded at the end, and the mask."""
+    return _pad(seqs, pad_id, device, left=False)
+
+
+def _pad(seqs, pad_id, device, left):
+    if not seqs or any(len(x) == 0 for x in seqs):
+        raise ValueError("expected a non-empty list of non-empty token lists")
+    s = max(len(x) for x in seqs)
+    tokens = torch.full((len(seqs), s), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), s, dtype=torch.bool)
+    for i, x in enumerate(seqs):
+        cols = slice(s - len(x), s) if left else slice(0, len(x))
+        tokens[i, cols] = torch.as_tensor(list(x), dtype=torch.long)
+        mask[i, cols] = True
     return tokens.to(device), mask.to(device)
+
+
+def last_real(mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool -> (B,) index of each row's last True (where the next token is predicted)."""
+    return mask.shape[1] - 1 - mask.flip(-1).int().argmax(-1)
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
@@ -71,6 +86,36 @@ def decode_loop(logits: torch.Tensor, next_logits: Callable[[torch.Tensor], torc
             break
         logits = next_logits(tok[:, None])
     return torch.stack(chosen, dim=1)
+
+
+@torch.no_grad()
+def generate(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int, *,
+             cache=None, **sampling) -> torch.Tensor:
+    """The generation loop of both generating models; returns the new tokens (B, n).
+
+    forward(tokens (B, S), mask (B, S) or None, cache) -> logits (B, S, vocab): the model run on
+    tokens that continue the cached ones (all of them when cache is None).
+    tokens, mask: the prompt and its padding (None = no padding). The first new token is predicted
+    at each row's last real token.
+    With a cache, each step runs the model on the one new token against the cached keys/values.
+    Without, it recomputes the whole sequence every step: the slow way, kept to check the cache.
+    sampling: temperature, top_k, eos_id, pad_id, generator (see ``decode_loop``).
+    """
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    last = tokens.shape[1] - 1 if mask is None else last_real(mask)
+    first = forward(tokens, mask, cache)[rows, last]
+    if cache is not None:
+        return decode_loop(first, lambda t: forward(t, None, cache)[:, -1], max_new_tokens, **sampling)
+
+    seq, seq_mask = tokens, torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
+
+    def recompute(t: torch.Tensor) -> torch.Tensor:
+        nonlocal seq, seq_mask
+        seq = torch.cat([seq, t], dim=1)
+        seq_mask = torch.cat([seq_mask, torch.ones_like(t, dtype=torch.bool)], dim=1)
+        return forward(seq, seq_mask, None)[:, -1]
+
+    return decode_loop(first, recompute, max_new_tokens, **sampling)
 
 
 def check_room(needed: int, max_len: int, what: str) -> None:

@@ -5,8 +5,8 @@ every layer: O(t^2) work per sequence. The cache keeps each layer's keys and val
 step projects only the new token and attends over what is stored (1 query over t keys, which the
 bottom-right causal mask of fastattn.attention handles as is).
 
-Buffers are allocated once for ``max_len`` tokens; the keys seen by a step are a view of their
-first ``length`` positions, (B, length, Hkv, D) with a contiguous last dim, so nothing is copied.
+Buffers hold ``max_len`` tokens; the keys seen by a step are a view of their first ``length``
+positions, (B, length, Hkv, D) with a contiguous last dim, so nothing is copied.
 """
 
 from __future__ import annotations
@@ -19,14 +19,21 @@ class KVCache:
     encoder-decoder) each layer's cross-attention keys/values, computed once from the encoder."""
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, *,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+                 device: torch.device | str):
+        self.shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
+        # Allocated by the first append, in the keys' dtype: under autocast that is bf16/fp16 while
+        # the weights stay fp32.
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
         self.mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # True = a real token
         self.padded = False  # whether any cached token is padding (else the kernels get no mask)
         self.length = 0  # tokens cached so far
         self.layers = [LayerCache(self, i) for i in range(n_layers)]
+
+    @classmethod
+    def for_config(cls, config, n_layers: int, batch: int, max_len: int, device) -> KVCache:
+        """A cache for n_layers layers of a model built from `config` (a ModelConfig)."""
+        return cls(n_layers, batch, max_len, config.kv_heads, config.head_dim, device=device)
 
     @property
     def max_len(self) -> int:
@@ -52,7 +59,8 @@ class KVCache:
 
 
 class LayerCache:
-    """One layer's view of the KVCache."""
+    """One layer's part of the KVCache: its self-attention keys/values (``append``) and, in an
+    encoder-decoder, its cross-attention keys/values (``cross_kv``, set by the first step)."""
 
     def __init__(self, cache: KVCache, layer: int):
         self.cache, self.layer = cache, layer
@@ -62,6 +70,8 @@ class LayerCache:
         """Store the new keys/values (B, n, Hkv, D) after the cached ones; return all of them
         (B, length + n, Hkv, D) as views of the buffers."""
         c, start = self.cache, self.cache.length
+        if c.keys is None:
+            c.keys, c.values = k.new_zeros(c.shape), v.new_zeros(c.shape)
         end = start + k.shape[1]
         c.keys[self.layer, :, start:end] = k
         c.values[self.layer, :, start:end] = v

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastattn
+from fastattn import reference
 
 
 class MultiHeadAttention(nn.Module):
@@ -92,11 +93,8 @@ class MultiHeadAttention(nn.Module):
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)  # GQA: each query head's key head
         scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / self.head_dim ** 0.5  # (B, Hq, S, S_keys)
         p = torch.exp(scores - lse[..., None])
-        visible = torch.ones_like(p, dtype=torch.bool)
-        if self.causal:  # bottom-right aligned, as in the kernels
-            visible = visible.tril(k.shape[1] - s)
-        if key_padding_mask is not None:
-            visible = visible & key_padding_mask[:, None, None, :]
+        visible = reference.visible_keys(s, k.shape[1], causal=self.causal, key_padding_mask=key_padding_mask,
+                                         device=x.device)  # (B or 1, 1, S, S_keys)
         return p.masked_fill(~visible, 0.0).mean(dim=1)
 
 
@@ -202,6 +200,12 @@ class Stack(nn.Module):
         if cache is not None:
             cache.advance(tokens.shape[1])
         return self.norm(x)
+
+
+def tied_logits(h: torch.Tensor, embed: Embeddings, bias: torch.Tensor) -> torch.Tensor:
+    """Output projection sharing the token embedding's weights (weight tying, as GPT-2 and BERT):
+    hidden (B, S, d_model) -> logits (B, S, vocab)."""
+    return F.linear(h, embed.tokens.weight, bias)
 
 
 def init_weights(module: nn.Module) -> None:
