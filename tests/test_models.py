@@ -9,7 +9,16 @@ import torch
 from conftest import DEVICE
 
 import fastattn
-from fastattn.models import Decoder, Encoder, EncoderDecoder, KVCache, ModelConfig, pad_left, set_attn_backend
+from fastattn.models import (
+    Decoder,
+    Encoder,
+    EncoderDecoder,
+    KVCache,
+    ModelConfig,
+    pad_left,
+    pad_right,
+    set_attn_backend,
+)
 from fastattn.testing import GRAD_FACTOR, OUT_FACTOR, compare
 
 KERNEL_BACKENDS = [name for name in ("triton", "cuda") if name in fastattn.available_backends()]
@@ -44,6 +53,8 @@ def make_batch(kind, gen, vocab):
         return {"tokens": tok(3, 19), "mask": padding_mask([19, 11, 1], 19)}
     if kind == "decoder":  # left padding (batched prompts)
         return {"tokens": tok(3, 17), "mask": padding_mask([17, 9, 4], 17, left=True)}
+    if kind == "decoder-right":  # right padding (training batches)
+        return {"tokens": tok(3, 17), "mask": padding_mask([17, 9, 4], 17)}
     return {"src": tok(2, 21), "src_mask": padding_mask([21, 8], 21),  # Sq != Sk in cross-attention
             "tgt": tok(2, 13), "tgt_mask": padding_mask([13, 6], 13)}
 
@@ -111,9 +122,19 @@ def test_model_matches_reference_gpu(kind, dtype, backend, gen):
 
 
 # ---------------------------------------------------------------- generation
+def sharpened(model):
+    """Freshly initialised tiny models mostly repeat their input token, whatever attention does;
+    larger weights make every prediction depend on the context (as after training)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(8.0)
+    return model.eval()
+
+
 def decoder_and_prompts(gen, backend, **config):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    model = Decoder(tiny(attn_backend=backend, **config)).to(DEVICE).eval()
+    model = sharpened(Decoder(tiny(attn_backend=backend, **config)).to(DEVICE))
     prompts = [torch.randint(1, 32, (n,), generator=gen).tolist() for n in (5, 1, 9)]
     return model, *pad_left(prompts, device=DEVICE)
 
@@ -148,7 +169,7 @@ def test_decoder_batched_prompts_match_single(gen):
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_encoder_decoder_cached_generation_equals_recomputation(backend, gen):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    model = EncoderDecoder(tiny(attn_backend=backend, n_heads=4, n_kv_heads=2, n_decoder_layers=1)).to(DEVICE).eval()
+    model = sharpened(EncoderDecoder(tiny(attn_backend=backend, n_heads=4, n_kv_heads=2)).to(DEVICE))
     src = torch.randint(3, 32, (3, 11), generator=gen).to(DEVICE)
     src_mask = padding_mask([11, 4, 7], 11).to(DEVICE)
     cached = model.generate(src, src_mask, 6, bos_id=1)
@@ -161,21 +182,93 @@ def test_encoder_decoder_cached_generation_equals_recomputation(backend, gen):
         assert torch.equal(alone[0], cached[i])
 
 
-def test_generation_stops_at_eos_and_pads():
-    model = Decoder(tiny(attn_backend="reference")).eval()
-    with torch.no_grad():
-        model.lm_bias.fill_(-1e4)
-        model.lm_bias[7] = 1e4  # always predicts token 7
-    out = model.generate(torch.tensor([[3, 4]]), None, 10, eos_id=7, pad_id=0)
-    assert out.tolist() == [[7]]  # stopped after the first eos
+def test_generation_stops_at_eos_and_pads(gen):
+    """One row finishes early: pad_id after its eos, the others unchanged, cached == uncached."""
+    model, tokens, mask = decoder_and_prompts(gen, "reference")
+    free = model.generate(tokens, mask, 8)
+    eos = int(free[0, 2])  # row 0 emits this token at step 2 (or earlier)
+    first = int((free[0] == eos).nonzero()[0])
+    out = model.generate(tokens, mask, 8, eos_id=eos, pad_id=0)
+    assert out.shape[1] == 8 or (out == eos).any(dim=1).all()  # stops early only when every row is done
+    assert out[0, first] == eos and (out[0, first + 1:] == 0).all()
+    for i in range(out.shape[0]):
+        hit = (free[i] == eos).nonzero()
+        n = int(hit[0]) + 1 if len(hit) else out.shape[1]
+        assert torch.equal(out[i, :n], free[i, :n])  # identical up to (and including) its eos
+    assert torch.equal(out, model.generate(tokens, mask, 8, eos_id=eos, pad_id=0, use_cache=False))
+
+
+def test_right_padded_prompts_generate_like_left_padded(gen):
+    model, tokens, mask = decoder_and_prompts(gen, "reference")
+    prompts = [t[m].tolist() for t, m in zip(tokens, mask)]
+    right, right_mask = pad_right(prompts, device=DEVICE)
+    assert torch.equal(model.generate(right, right_mask, 6), model.generate(tokens, mask, 6))
+
+
+def cached_step_logits(step, tokens, mask, n_prompt):
+    """Logits for every position, computed the cached way: the prompt at once, then one token per
+    step. step(tokens, mask, cache_or_None) -> logits."""
+    out = [step(tokens[:, :n_prompt], mask[:, :n_prompt], True)]
+    for t in range(n_prompt, tokens.shape[1]):
+        out.append(step(tokens[:, t:t + 1], None, True))
+    return torch.cat(out, dim=1)
+
+
+def check_cache_matches_full(kind, backend, dtype, gen):
+    """Decoding with the KV cache computes the same logits as running the model on the whole
+    sequence, under the tolerance rule (float64 full run on "reference" = the oracle)."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    cls = Decoder if kind == "decoder" else EncoderDecoder
+    base = sharpened(cls(tiny(n_heads=4, n_kv_heads=2, d_model=64 if dtype == torch.float32 else 256)).to(DEVICE))
+    b, s, n_prompt = 3, 12, 5
+    tokens = torch.randint(1, 32, (b, s), generator=gen).to(DEVICE)
+    mask = padding_mask([5, 3, 1], n_prompt, left=True)
+    mask = torch.cat([mask, torch.ones(b, s - n_prompt, dtype=torch.bool)], dim=1).to(DEVICE)
+    src = torch.randint(1, 32, (b, 9), generator=gen).to(DEVICE)
+    src_mask = padding_mask([9, 4, 6], 9).to(DEVICE)
+
+    def run(model, cached):
+        if kind == "decoder":
+            cache = model.new_cache(b, s) if cached else None
+            fwd = lambda t, m, c: model(t, m, cache=cache if c else None)
+        else:
+            memory = model.encode(src, src_mask)
+            cache = KVCache.for_config(model.config, model.config.decoder_layers, b, s, DEVICE) if cached else None
+            fwd = lambda t, m, c: model.decode(t, memory, src_mask, m, cache=cache if c else None)
+        with torch.no_grad():
+            return cached_step_logits(fwd, tokens, mask, n_prompt) if cached else fwd(tokens, mask, False)
+
+    out = run(set_attn_backend(copy.deepcopy(base).to(dtype), backend), cached=True)
+    ref64 = run(set_attn_backend(copy.deepcopy(base).double(), "reference"), cached=False)
+    naive = run(set_attn_backend(copy.deepcopy(base).to(dtype), "reference"), cached=False)
+    real = mask  # padding positions' logits are meaningless
+    c = compare("cached logits", out[real], naive[real], ref64[real], OUT_FACTOR)
+    assert c.ok, str(c)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("kind", ["decoder", "encoder-decoder"])
+def test_cache_matches_full_recomputation(kind, backend, gen):
+    check_cache_matches_full(kind, backend, torch.float32, gen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["decoder", "encoder-decoder"])
+def test_cache_matches_full_recomputation_gpu(kind, dtype, backend, gen):
+    status = fastattn.available_backends()[backend]
+    if not status.available:
+        pytest.skip(f"{backend}: {status.reason}")
+    check_cache_matches_full(kind, backend, dtype, gen)  # head dim 64: 1 query over a strided cache
 
 
 # ---------------------------------------------------------------- padding invariance
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", list(MODELS) + ["decoder-right"])
 def test_padding_does_not_change_real_tokens(kind, gen):
     """A sequence alone (float64 reference = the oracle) vs the same sequence padded in a batch
     (Triton kernels, fp32): equal on every real token under the tolerance rule."""
-    cls, run = MODELS[kind]
+    cls, run = MODELS[kind.removesuffix("-right")]
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     base = cls(tiny()).to(DEVICE).eval()
     batch = to_device(make_batch(kind, gen, 32))
