@@ -23,6 +23,10 @@ def compare_with_torch(gen, q, k, v, **kw):
     ours = lambda *a, **k: fastattn.scaled_dot_product_attention(*a, **k, backend="triton")
     for fn in (ours, F.scaled_dot_product_attention):
         xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        if fn is F.scaled_dot_product_attention and kw.get("attn_mask") is not None:
+            # torch's CUDA kernels reject a broadcast mask whose last dim has stride 0 (seen on an H100
+            # with torch 2.11: "(*bias): last dimension must be contiguous"): give torch a dense one.
+            kw = {**kw, "attn_mask": kw["attn_mask"].expand(q.shape[:-1] + (k.shape[-2],)).contiguous()}
         out = fn(*xs, **kw)
         out.backward(dout)
         results.append((out, [x.grad for x in xs]))
