@@ -64,3 +64,14 @@ def test_demo_runs_end_to_end(tmp_path):
     assert saved["dates"]["steps"] >= 1 and len(saved["dates"]["examples"]) == 5
     assert set(saved["transfer"]) == {"target", "pretrain", "finetune", "scratch"}
     assert summary["backend"] == "auto"
+
+
+@pytest.mark.slow
+def test_demo_reaches_its_stated_results(tmp_path):
+    """The full demo (about a minute on 2 CPU cores): the translator reaches its accuracy goal and
+    fine-tuning the pre-trained decoder needs fewer steps than training from scratch."""
+    s = run("auto", tmp_path)
+    assert s["dates"]["exact_match"] >= s["dates"]["goal"]
+    t = s["transfer"]
+    assert t["finetune"]["exact_match"] >= t["target"]
+    assert t["finetune"]["steps"] * 3 <= t["scratch"]["steps"]
