@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA
+from test_triton_attention import SHAPES as TRITON_SHAPES
 
 import fastattn
 from fastattn import testing
@@ -76,16 +77,8 @@ def _require_cuda_backend(_smoke):
 
 DTYPES = [torch.float16, torch.bfloat16]
 
-# (B, Sq, Sk, Hq, Hkv, D): test_triton_attention.SHAPES, plus larger ones.
-SHAPES = [
-    (1, 1, 1, 1, 1, 64),
-    (2, 17, 17, 2, 2, 40),
-    (1, 97, 97, 4, 2, 64),     # GQA
-    (1, 257, 257, 2, 2, 80),
-    (1, 1, 257, 2, 1, 128),    # one query over a long cache, MQA
-    (2, 17, 97, 2, 2, 128),    # Sq < Sk
-    (1, 257, 17, 2, 2, 64),    # Sq > Sk: causal rows with no visible key
-    (1, 97, 1, 3, 1, 40),
+# (B, Sq, Sk, Hq, Hkv, D): the Triton tests' awkward shapes, plus larger ones.
+SHAPES = TRITON_SHAPES + [
     (2, 300, 700, 8, 2, 128),  # several tiles both ways, GQA 4
     (1, 200, 130, 2, 1, 96),
     (1, 129, 129, 2, 2, 32),
