@@ -14,6 +14,8 @@ import importlib.util
 
 import torch
 
+from fastattn.launchers.masks import key_bounds
+
 IMPORT_ERROR: str | None = None
 if importlib.util.find_spec("fastattn._C") is None:  # not built: no GPU / nvcc at install time
     _C, IMPORT_ERROR = None, "the installed package has no compiled fastattn._C"
@@ -42,16 +44,6 @@ def _aligned(x: torch.Tensor) -> bool:
 def prepare(x: torch.Tensor) -> torch.Tensor:
     """x as is when the kernels can read it in place, else a contiguous, aligned copy."""
     return x if _aligned(x) else x.clone(memory_format=torch.contiguous_format)
-
-
-def key_bounds(key_padding_mask: torch.Tensor) -> torch.Tensor:
-    """(B, 2) int32: [first real key, last real key + 1] per batch element ([Sk, 0] if none). Key
-    tiles outside it are skipped; the mask itself handles padding inside the range."""
-    b, sk = key_padding_mask.shape
-    pos = torch.arange(sk, dtype=torch.int32, device=key_padding_mask.device)
-    first = torch.where(key_padding_mask, pos, sk).amin(dim=1)
-    last = torch.where(key_padding_mask, pos + 1, 0).amax(dim=1)
-    return torch.stack([first, last], dim=1).to(torch.int32).contiguous()
 
 
 def _mask_args(key_padding_mask: torch.Tensor | None):

@@ -20,6 +20,7 @@ from triton.runtime.errors import OutOfResources
 from fastattn.kernels import configs
 from fastattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from fastattn.kernels.attn_fwd import attn_fwd_kernel
+from fastattn.launchers.masks import key_bounds
 
 LOG2E = math.log2(math.e)
 _KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
@@ -94,18 +95,6 @@ def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if key not in _dummies:
         _dummies[key] = torch.zeros(2, dtype=dtype, device=device)
     return _dummies[key]
-
-
-def key_bounds(key_padding_mask: torch.Tensor) -> torch.Tensor:
-    """(B, 2) int32: [first real key, last real key + 1] per batch element ([Sk, 0], an empty range,
-    if it has none). Key tiles outside it are skipped by the kernels: left and right padding are free."""
-    b, sk = key_padding_mask.shape
-    if sk == 0:
-        return torch.zeros((b, 2), dtype=torch.int32, device=key_padding_mask.device)
-    pos = torch.arange(sk, dtype=torch.int32, device=key_padding_mask.device)
-    first = torch.where(key_padding_mask, pos, sk).amin(dim=1)
-    last = torch.where(key_padding_mask, pos + 1, 0).amax(dim=1)
-    return torch.stack([first, last], dim=1).to(torch.int32)
 
 
 @dataclass
