@@ -124,8 +124,9 @@ def run(size_name: str, out: Path | None = None, device: str | None = None) -> d
     backends = backends_to_run(device)
     results = []
     models = {}
+    work = workloads(size, device, gen)  # once: every backend gets the same inputs
     for backend, reason in backends.items():  # backends outer: the untested last, for every model
-        for model_name, (cls, forward, generate) in workloads(size, device, gen).items():
+        for model_name, (cls, forward, generate) in work.items():
             if model_name not in models:
                 torch.manual_seed(0)
                 models[model_name] = cls(size.config).to(device=device, dtype=size.dtype)
@@ -146,7 +147,7 @@ def run(size_name: str, out: Path | None = None, device: str | None = None) -> d
                     torch.cuda.empty_cache()
             results.append(row)
             print(format_row(row), flush=True)
-    order = list(workloads(size, device, gen))
+    order = list(work)
     results.sort(key=lambda r: order.index(r["model"]))  # stable: grouped by model, backends in run order
     report = {"environment": environment(device), "size": size_name, "setup": describe(size), "results": results}
     add_ratios(results)
