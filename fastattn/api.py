@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastattn import backends
+from fastattn.backends import AttentionCall
 from fastattn.validation import (
     validate_flag,
     validate_key_padding_mask,
@@ -48,7 +49,7 @@ def attention(
     return_lse = validate_flag("return_lse", return_lse)
     scale = validate_scale(scale, shape.head_dim)
     validate_key_padding_mask(key_padding_mask, shape, q.device)
-    call = backends.AttentionCall(q, k, v, shape, causal, scale, key_padding_mask, return_lse)
+    call = AttentionCall(q, k, v, shape, causal, scale, key_padding_mask, return_lse)
     return backends.run(backends.choose(backend, call), call)
 
 
@@ -81,7 +82,7 @@ def attention_varlen(
     causal = validate_flag("causal", causal)
     return_lse = validate_flag("return_lse", return_lse)
     scale = validate_scale(scale, shape.head_dim)
-    call = backends.AttentionCall(q, k, v, shape, causal, scale, None, return_lse, cu_seqlens_q, cu_seqlens_k,
+    call = AttentionCall(q, k, v, shape, causal, scale, None, return_lse, cu_seqlens_q, cu_seqlens_k,
                                   max_seqlen_q, max_seqlen_k)
     return backends.run(backends.choose(backend, call), call)
 

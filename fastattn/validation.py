@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
 
 import torch
 
+from fastattn.shape import AttentionShape
+
 MAX_HEAD_DIM = 256
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class AttentionShape:
-    batch: int
-    seqlen_q: int
-    seqlen_k: int
-    heads_q: int
-    heads_kv: int
-    head_dim: int
 
 
 def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
@@ -90,12 +82,24 @@ def validate_flag(name: str, value) -> bool:
     return value
 
 
+def value_checks(device: torch.device) -> bool:
+    """Whether to check tensor values on the host (cu_seqlens): always on CPU tensors, where reading
+    them costs no device sync; on CUDA tensors only with FASTATTN_CHECK_VALUES=1 (hot paths stay
+    sync-free and CUDA-graph capturable); never while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
+    return device.type != "cuda" or os.environ.get("FASTATTN_CHECK_VALUES", "0") == "1"
+
+
 def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> AttentionShape:
     """Check packed q (Tq, Hq, D), k/v (Tk, Hkv, D) and FlashAttention-style cumulative lengths.
 
     Returns the shape with batch = number of sequences and seqlen_q/k = max_seqlen_q/k. The value
     checks (start at 0, non-decreasing, end at the total, max_seqlen large enough) read cu_seqlens
-    on the host; they are skipped while torch.compile traces.
+    on the host, which for CUDA tensors is a device sync: they run for CPU tensors, and for CUDA
+    tensors only when FASTATTN_CHECK_VALUES=1 (never while torch.compile traces). Without them the
+    kernels still stay inside the tensors (they clamp each sequence to its total and max length), but
+    bad lengths give wrong rows.
     """
     layout = "(total_tokens, H, D)"
     # Reuse the padded checks on a (1, T, H, D) view: same rules for heads, head dim, dtypes, devices.
@@ -117,7 +121,7 @@ def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise TypeError(f"{name} must be a non-negative int, got {m!r}")
-    if not torch.compiler.is_compiling():
+    if value_checks(cu_seqlens_q.device):
         both = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()  # one host sync for both
         for name, values, total, max_len, mname in (
             ("cu_seqlens_q", both[0], q.shape[0], max_seqlen_q, "max_seqlen_q"),

@@ -84,8 +84,8 @@ def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, st
     return dk, dv
 
 
-# SEQ_BUCKET only keys the autotuner: don't compile variants over its value.
-@triton.jit(do_not_specialize=["SEQ_BUCKET"])
+# Arguments: pointers, integers, floats, constexprs (as the forward's).
+@triton.jit(do_not_specialize=["Tq", "Tk"])
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KV_BOUNDS, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
@@ -95,14 +95,14 @@ def attn_bwd_dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh, stride_kpm_b,
-    Hq, Hkv, GROUP, Sq, Sk, sm_scale, qk_scale,
-    SEQ_BUCKET,  # only an autotune key
+    GROUP, Sq, Sk, Tq, Tk,
+    sm_scale, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_n, b, hk = program_coords()
-    q_start, Sq, k_start, Sk = sequence_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
+    q_start, Sq, k_start, Sk = sequence_bounds(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
 
@@ -161,8 +161,7 @@ def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, stride_ks, st
     return dq
 
 
-# SEQ_BUCKET only keys the autotuner: don't compile variants over its value.
-@triton.jit(do_not_specialize=["SEQ_BUCKET"])
+@triton.jit(do_not_specialize=["Tq", "Tk"])
 def attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KPM, KV_BOUNDS, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
@@ -171,15 +170,15 @@ def attn_bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh, stride_kpm_b,
-    Hq, GROUP, Sq, Sk, sm_scale, qk_scale,
-    SEQ_BUCKET,  # only an autotune key
+    GROUP, Sq, Sk, Tq, Tk,
+    sm_scale, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_m, b, h = program_coords()
     hk = h // GROUP
-    q_start, Sq, k_start, Sk = sequence_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
+    q_start, Sq, k_start, Sk = sequence_bounds(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
 

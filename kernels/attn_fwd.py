@@ -41,8 +41,9 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_
     return acc, m_i, l_i
 
 
-# SEQ_BUCKET only keys the autotuner: don't compile variants over its value.
-@triton.jit(do_not_specialize=["SEQ_BUCKET"])
+# Arguments: pointers, then integers, then floats, then constexprs (the launch plans rely on it).
+# Tq/Tk (packed totals) only clamp varlen bounds: not specialised, so they add no compiled variants.
+@triton.jit(do_not_specialize=["Tq", "Tk"])
 def attn_fwd_kernel(
     Q, K, V, O, LSE, KPM, KV_BOUNDS, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
@@ -50,15 +51,15 @@ def attn_fwd_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh, stride_kpm_b,
-    Hq, GROUP, Sq, Sk, qk_scale,
-    SEQ_BUCKET,  # only an autotune key
+    GROUP, Sq, Sk, Tq, Tk,
+    qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_m, b, h = program_coords()
     hk = h // GROUP  # the KV head shared by this query head's group
-    q_start, Sq, k_start, Sk = sequence_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
+    q_start, Sq, k_start, Sk = sequence_bounds(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
 

@@ -1,10 +1,10 @@
 """Block sizes for the attention kernels: a small table keyed on head dim, tuned on the GPU.
 
 Each kernel has a short candidate list per head-dim bucket. On a GPU the first call for a new
-(head dim, causal, dtype, sequence-length bucket) times the candidates with triton.autotune and
-caches the winner; ``FASTATTN_AUTOTUNE=0`` skips that and uses the first candidate (tests do this to
-keep GPU time short; a launch then falls back along the list only if a config does not fit the
-chip's shared memory). The Triton interpreter (CPU) always uses one fixed, small config.
+(head dim, causal, dtype, flags, sequence-length bucket) times the candidates and keeps the fastest
+(fastattn.launchers.plans); ``FASTATTN_AUTOTUNE=0`` skips that and uses the first candidate (tests
+do this to keep GPU time short; a launch then falls back along the list only if a config does not
+fit the chip's shared memory). The Triton interpreter (CPU) always uses one fixed, small config.
 
 Candidates are (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M tiles queries, BLOCK_N keys.
 """
@@ -24,10 +24,6 @@ class BlockConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
-
-    def as_triton(self) -> triton.Config:
-        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n},
-                             num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def _table(rows):
@@ -62,6 +58,9 @@ FP32_CONFIGS = {"fwd": BlockConfig(32, 32, 4, 2), "dkdv": BlockConfig(32, 32, 4,
 # Small enough for any head dim and dtype: without autotuning, a launch whose config does not fit
 # the chip's shared memory falls back along the list to this one.
 FALLBACK = BlockConfig(32, 32, 4, 1)
+
+# The backward's row-wise preprocess (delta = rowsum(dO * O)): memory-bound, one config everywhere.
+PREPROCESS = BlockConfig(64, 64, 4, 1)
 
 # Interpreter: BLOCK_M != BLOCK_N on purpose, so CPU tests exercise the unequal-tile causal logic.
 INTERPRETER_CONFIGS = {

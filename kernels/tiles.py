@@ -67,14 +67,22 @@ def scores_tile(q, k, cols, rows, Sq, Sk, qk_scale, KP_row, MASKED: tl.constexpr
 
 
 @triton.jit
-def sequence_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN: tl.constexpr):
+def _packed_range(CU, b, max_len, total):
+    """Rows [start, start + n) of packed sequence b, clamped to [0, total) and n <= max_len: the
+    cumulative lengths are not read on the host (no sync), so bad ones must not reach past the tensor."""
+    start = tl.minimum(tl.maximum(tl.load(CU + b), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(CU + b + 1), start), total)
+    return start.to(tl.int64), tl.minimum(end - start, max_len).to(tl.int32)
+
+
+@triton.jit
+def sequence_bounds(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN: tl.constexpr):
     """(q_start, Sq, k_start, Sk) of batch element b. Packed (varlen) sequences read them from the
-    cumulative lengths; padded batches start at row 0 with the common lengths."""
+    cumulative lengths (Sq/Sk are then the max lengths, Tq/Tk the totals); padded batches start at
+    row 0 with the common lengths."""
     if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        Sq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        Sk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+        q_start, Sq = _packed_range(CU_Q, b, Sq, Tq)
+        k_start, Sk = _packed_range(CU_K, b, Sk, Tk)
     else:
         q_start = b * 0
         k_start = b * 0

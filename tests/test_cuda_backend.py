@@ -14,6 +14,7 @@ from conftest import HAS_CUDA
 
 import fastattn
 from fastattn import backends, testing
+from fastattn.backends import cuda_backend
 from fastattn.launchers import cuda_attention as launch
 from fastattn.validation import validate_qkv
 
@@ -40,17 +41,17 @@ def test_unsupported_reasons():
         k = torch.empty(1, sk, 1, d, dtype=dtype, device="meta")
         return q, k, k
 
-    assert "head dim 48" in backends._cuda_unsupported(call_for(*meta(48)))
-    assert "head dim 256" in backends._cuda_unsupported(call_for(*meta(256)))
-    assert "head dim" not in backends._cuda_unsupported(call_for(*meta(80)))  # only "CUDA tensors"
-    assert "dtype torch.float32" in backends._cuda_unsupported(call_for(*meta(64, torch.float32)))
-    assert "CUDA tensors" in backends._cuda_unsupported(call_for(*meta(128)))
+    assert "head dim 48" in cuda_backend.unsupported(call_for(*meta(48)))
+    assert "head dim 256" in cuda_backend.unsupported(call_for(*meta(256)))
+    assert "head dim" not in cuda_backend.unsupported(call_for(*meta(80)))  # only "CUDA tensors"
+    assert "dtype torch.float32" in cuda_backend.unsupported(call_for(*meta(64, torch.float32)))
+    assert "CUDA tensors" in cuda_backend.unsupported(call_for(*meta(128)))
     qp = torch.empty(10, 2, 64, dtype=torch.float16, device="meta")
     kp = torch.empty(12, 1, 64, dtype=torch.float16, device="meta")
     cu = torch.tensor([0, 10], dtype=torch.int32)
     varlen = backends.AttentionCall(qp, kp, kp, validate_qkv(qp[None], kp[None], kp[None]), False, 0.1, None,
                                     False, cu, cu, 10, 12)
-    assert "attention_varlen" in backends._cuda_unsupported(varlen)
+    assert "attention_varlen" in cuda_backend.unsupported(varlen)
 
 
 def test_auto_never_routes_to_cuda_yet():

@@ -1,4 +1,5 @@
-"""The custom ops: opcheck (fake impl, autograd registration, schema), torch.compile(fullgraph)."""
+"""The ops and their autograd: opcheck (schema, fake impl), torch.compile(fullgraph), and the
+eager shortcut (the autograd Functions call the launchers directly) against the op path."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from conftest import DEVICE
 import fastattn
 import fastattn.ops  # noqa: F401  (registers the ops)
 from fastattn import testing
+from fastattn.launchers.masks import key_bounds
 
 
 def small_inputs(gen, dtype=torch.float32, causal=True):
@@ -18,18 +20,17 @@ def small_inputs(gen, dtype=torch.float32, causal=True):
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck_forward(causal, gen):
     q, k, v = small_inputs(gen)
-    torch.library.opcheck(torch.ops.fastattn.triton_attn_fwd.default, (q, k, v, None, causal, 0.2, True))
+    torch.library.opcheck(torch.ops.fastattn.triton_attn_fwd.default, (q, k, v, None, None, causal, 0.2))
 
 
 def test_opcheck_backward(gen):
-    q, k, v = small_inputs(gen)
-    out, lse = torch.ops.fastattn.triton_attn_fwd(q, k, v, None, True, 0.2, False)
+    q, k, v = (x.detach() for x in small_inputs(gen))
+    out, lse = torch.ops.fastattn.triton_attn_fwd(q, k, v, None, None, True, 0.2)
     dout = torch.randn(out.shape, generator=gen).to(out)
     dlse = torch.randn(lse.shape, generator=gen).to(lse)
     for d in (None, dlse):
         torch.library.opcheck(torch.ops.fastattn.triton_attn_bwd.default,
-                              (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), d, None, True,
-                               0.2))
+                              (dout, q, k, v, out, lse, d, None, None, True, 0.2))
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
@@ -55,7 +56,7 @@ def test_compile_fullgraph_matches_eager(compile_backend, gen):
 def test_opcheck_key_padding_mask(gen):
     q, k, v = small_inputs(gen)
     mask = torch.rand(1, 36, generator=gen).to(DEVICE) > 0.3
-    torch.library.opcheck(torch.ops.fastattn.triton_attn_fwd.default, (q, k, v, mask, True, 0.2, False))
+    torch.library.opcheck(torch.ops.fastattn.triton_attn_fwd.default, (q, k, v, mask, key_bounds(mask), True, 0.2))
 
 
 def varlen_inputs(gen):
@@ -69,13 +70,12 @@ def varlen_inputs(gen):
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck_varlen(causal, gen):
     q, k, v, cu = varlen_inputs(gen)
-    torch.library.opcheck(torch.ops.fastattn.triton_attn_varlen_fwd.default, (q, k, v, cu, cu, 14, 14, causal, 0.2,
-                                                                              True))
-    out, lse = torch.ops.fastattn.triton_attn_varlen_fwd(q, k, v, cu, cu, 14, 14, causal, 0.2, True)
+    torch.library.opcheck(torch.ops.fastattn.triton_attn_varlen_fwd.default, (q, k, v, cu, cu, 14, 14, causal, 0.2))
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out, lse = torch.ops.fastattn.triton_attn_varlen_fwd(q, k, v, cu, cu, 14, 14, causal, 0.2)
     dout = torch.randn(out.shape, generator=gen).to(out)
     torch.library.opcheck(torch.ops.fastattn.triton_attn_varlen_bwd.default,
-                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, cu, cu, 14, 14,
-                           causal, 0.2))
+                          (dout, q, k, v, out, lse, None, cu, cu, 14, 14, causal, 0.2))
 
 
 def test_compile_fullgraph_varlen_and_mask(gen):
@@ -94,3 +94,64 @@ def test_compile_fullgraph_varlen_and_mask(gen):
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*args), args)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_fullgraph_self_attention_and_unused_lse(gen):
+    """attention(x, x, x) (one tensor three times) and an lse that is returned but not used: both
+    trace with fullgraph and give eager's gradients."""
+    torch._dynamo.reset()
+    x = torch.randn(1, 20, 2, 32, generator=gen).to(DEVICE).requires_grad_()
+
+    def f(x):
+        out, _ = fastattn.attention(x, x, x, causal=True, return_lse=True, backend="triton")
+        return out.square().sum()
+
+    eager = torch.autograd.grad(f(x), x)[0]
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x), x)[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use", ["out", "lse", "both"])
+def test_gradients_when_only_some_outputs_are_used(use, gen):
+    """The backward gets no dlse when lse is unused and no dout when only lse is: each case matches
+    the reference's gradients."""
+    q, k, v = small_inputs(gen)
+    grads = {}
+    for backend in ("triton", "reference"):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out, lse = fastattn.attention(*xs, causal=True, return_lse=True, backend=backend)
+        loss = {"out": out.square().sum(), "lse": lse.sum(), "both": out.square().sum() + lse.sum()}[use]
+        grads[backend] = torch.autograd.grad(loss, xs, materialize_grads=True)  # lse alone: dv = 0
+    for a, b in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_eager_calls_launch_directly_and_traced_calls_use_the_ops(gen, monkeypatch):
+    """Eager: the autograd Function runs the launcher functions (the ops' own kernels) without the
+    dispatcher; under a dispatch mode it calls the ops. Both give the same bits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = small_inputs(gen)
+    dout = torch.randn(q.shape, generator=gen).to(DEVICE)
+
+    def run():
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = fastattn.attention(*xs, causal=True, backend="triton")
+        out.backward(dout)
+        return [out.detach(), *(x.grad for x in xs)]
+
+    with Record():
+        via_ops = run()
+    assert "fastattn.triton_attn_fwd.default" in seen and "fastattn.triton_attn_bwd.default" in seen
+    seen.clear()
+    direct = run()
+    assert not seen
+    for a, b in zip(direct, via_ops):
+        assert torch.equal(a, b)

@@ -7,7 +7,7 @@ from conftest import DEVICE
 
 import fastattn
 from fastattn import testing
-from fastattn.launchers.triton_attention import key_bounds
+from fastattn.launchers.masks import key_bounds
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 

@@ -1,16 +1,14 @@
 """Triton kernels against the float64 reference (DESIGN.md tolerance rule): forward, lse and all
 three gradients over awkward shapes. On CPU this runs through the Triton interpreter."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA
 
 import fastattn
 from fastattn import testing
-from fastattn.kernels.configs import BlockConfig, forced
-from fastattn.launchers.triton_attention import _last_dim_contiguous
+from fastattn.kernels.configs import BlockConfig
+from fastattn.launchers import triton_attention as launch
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 
@@ -55,7 +53,7 @@ def test_non_contiguous_inputs(causal, dtype, gen):
     # (B, H, S, D) storage seen as (B, S, H, D): the layout a model has after splitting heads.
     q, k, v = testing.random_qkv(2, 97, 60, 4, 2, 64, dtype=dtype, device=DEVICE, layout="bhsd", generator=gen)
     assert not q.is_contiguous() and q.stride(-1) == 1
-    assert _last_dim_contiguous(q) is q  # used in place, no hidden copy
+    assert launch._unit_last(q) is q  # used in place, no hidden copy
     assert_matches_reference(q, k, v, causal, gen)
 
 
@@ -86,7 +84,7 @@ def test_custom_scale(gen):
 def test_other_tilings(fwd, dkdv, dq, sq, sk, gen):
     """The causal block ranges must be right for any tile shapes, not only the default table."""
     q, k, v = testing.random_qkv(1, sq, sk, 2, 1, 32, device=DEVICE, generator=gen)
-    with forced(fwd=fwd, dkdv=dkdv, dq=dq):
+    with launch.forced_configs(fwd=fwd, dkdv=dkdv, dq=dq):
         assert_matches_reference(q, k, v, True, gen)
 
 
@@ -135,24 +133,28 @@ def test_gradient_through_lse(shape, causal, dtype, gen):
 
 def test_wide_offsets_path(gen, monkeypatch):
     """The 64-bit row-offset variant (used for huge per-head slices) computes the same thing."""
-    from fastattn.launchers import triton_attention as launch
-
     monkeypatch.setattr(launch, "_needs_wide_offsets", lambda *xs: True)
-    q, k, v = testing.random_qkv(1, 40, 70, 4, 2, 40, device=DEVICE, layout="bhsd", generator=gen)
-    assert_matches_reference(q, k, v, True, gen)
+    launch.clear_plans()  # plans cache the WIDE decision
+    try:
+        q, k, v = testing.random_qkv(1, 40, 70, 4, 2, 40, device=DEVICE, layout="bhsd", generator=gen)
+        assert_matches_reference(q, k, v, True, gen)
+        assert all(plan.constexprs["WIDE"] for plans in launch._plans.values() for plan in plans)
+    finally:
+        launch.clear_plans()
 
 
 def test_wide_offsets_chosen_for_huge_slices():
-    from fastattn.launchers.triton_attention import _needs_wide_offsets
-
-    padded = SimpleNamespace(varlen=False)
+    wide = launch._needs_wide_offsets
     small = torch.empty(2, 4096, 32, 128, device="meta")
     huge = torch.empty(1, 2**20, 32, 128, device="meta")  # S * H * D = 2**32 elements in one batch element
-    assert not _needs_wide_offsets(padded, small) and _needs_wide_offsets(padded, huge)
+    assert not wide(False, 0, small) and wide(False, 0, huge)
     # (B, H, S, D) storage seen as (B, S, H, D): rows are D apart, heads S * D apart; the head offset
     # is 64-bit anyway, so 64 heads of 2**20 x 64 still fit 32-bit row offsets.
-    assert not _needs_wide_offsets(padded, torch.empty(1, 64, 2**20, 64, device="meta").transpose(1, 2))
-    assert _needs_wide_offsets(padded, torch.empty(1, 2**16, 256, 128, device="meta"))
+    assert not wide(False, 0, torch.empty(1, 64, 2**20, 64, device="meta").transpose(1, 2))
+    assert wide(False, 0, torch.empty(1, 2**16, 256, 128, device="meta"))
+    # Packed (T, H, D): only the longest sequence's rows count, not the total.
+    packed = torch.empty(2**20, 32, 128, device="meta")
+    assert not wide(True, 4096, packed) and wide(True, 2**19, packed)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU-only check of the interpreter path")

@@ -14,6 +14,7 @@ import importlib.util
 
 import torch
 
+from fastattn.launchers.device import on_device, stream_of
 from fastattn.launchers.masks import key_bounds
 
 IMPORT_ERROR: str | None = None
@@ -46,13 +47,13 @@ def prepare(x: torch.Tensor) -> torch.Tensor:
     return x if _aligned(x) else x.clone(memory_format=torch.contiguous_format)
 
 
-def _mask_args(key_padding_mask: torch.Tensor | None):
+def _mask_args(key_padding_mask: torch.Tensor | None, kv_bounds: torch.Tensor | None):
     """(kpm uint8 view, kv_bounds, kpm row stride, tensors to keep alive until the launch)."""
     if key_padding_mask is None:
         return 0, 0, 0, ()
     kpm = key_padding_mask if key_padding_mask.stride(-1) == 1 else key_padding_mask.contiguous()
     kpm = kpm.view(torch.uint8)
-    bounds = key_bounds(key_padding_mask)
+    bounds = key_bounds(key_padding_mask) if kv_bounds is None else kv_bounds
     return kpm.data_ptr(), bounds.data_ptr(), kpm.stride(0), (kpm, bounds)
 
 
@@ -65,8 +66,9 @@ def _require_built() -> None:
         raise RuntimeError(f"fastattn._C is not built ({IMPORT_ERROR}); see README, 'CUDA backend'")
 
 
-def forward(q, k, v, causal: bool, scale: float, key_padding_mask=None):
-    """out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) float32."""
+def forward(q, k, v, key_padding_mask, kv_bounds, causal: bool, scale: float):
+    """out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) float32. kv_bounds: key_bounds of the
+    mask (None: computed here)."""
     _require_built()
     q, k, v = prepare(q), prepare(k), prepare(v)
     b, sq, hq, d = q.shape
@@ -77,9 +79,9 @@ def forward(q, k, v, causal: bool, scale: float, key_padding_mask=None):
         return out, lse
     if sk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    kpm, bounds, kpm_stride, keep = _mask_args(key_padding_mask)
-    with torch.cuda.device(q.device):
-        stream = torch.cuda.current_stream().cuda_stream
+    kpm, bounds, kpm_stride, keep = _mask_args(key_padding_mask, kv_bounds)
+    with on_device(q):
+        stream = stream_of(q)
         _C.fwd(DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
                kpm, bounds, _bsh(q) + _bsh(k) + _bsh(v) + _bsh(out) + [lse.stride(0), lse.stride(1), kpm_stride],
                [b, sq, sk, hq, hkv, d], float(scale), bool(causal), stream)
@@ -87,7 +89,7 @@ def forward(q, k, v, causal: bool, scale: float, key_padding_mask=None):
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, dlse, causal: bool, scale: float, key_padding_mask=None):
+def backward(dout, q, k, v, out, lse, dlse, key_padding_mask, kv_bounds, causal: bool, scale: float):
     """(dq, dk, dv) given dout and, when the caller differentiates through lse, dlse (else None)."""
     _require_built()
     dout, q, k, v, out = (prepare(x) for x in (dout, q, k, v, out))
@@ -101,9 +103,9 @@ def backward(dout, q, k, v, out, lse, dlse, causal: bool, scale: float, key_padd
     lse = lse.float().contiguous()
     delta = torch.empty_like(lse)
     dlse_t = dlse.float().contiguous() if dlse is not None else None
-    kpm, bounds, kpm_stride, keep = _mask_args(key_padding_mask)
-    with torch.cuda.device(q.device):
-        stream = torch.cuda.current_stream().cuda_stream
+    kpm, bounds, kpm_stride, keep = _mask_args(key_padding_mask, kv_bounds)
+    with on_device(q):
+        stream = stream_of(q)
         _C.bwd(DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dout.data_ptr(),
                lse.data_ptr(), dlse_t.data_ptr() if dlse_t is not None else 0, delta.data_ptr(), dq.data_ptr(),
                dk.data_ptr(), dv.data_ptr(), kpm, bounds, kpm_stride,

@@ -3,217 +3,224 @@
 Inputs are FlashAttention-layout tensors q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), or packed
 sequences q (Tq, Hq, D), k/v (Tk, Hkv, D) with int32 cu_seqlens, with any strides whose last dim is
 contiguous; they are passed to the kernels as base pointer + strides, with no copy. An optional
-key-padding mask (B, Sk) (True = real key) applies to padded inputs. Outputs are allocated contiguous.
+key-padding mask (B, Sk) (True = real key) applies to padded inputs, with its key bounds
+(``masks.key_bounds``; the ops compute them once per forward and pass them to the backward too).
+Outputs are allocated contiguous.
+
+Host time is part of a call's cost. A call builds its integer arguments once and looks its launch
+plans up (``plans``) by everything that decides them: kernel flags, dtype, device, the integers
+themselves and pointer alignment. A hit launches straight away; a miss (a new shape) builds the
+plans. Nothing here reads a tensor's values (no host sync), and scratch comes from torch's
+allocator, so a warmed-up call can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-from dataclasses import dataclass
 
 import torch
-import triton
-from triton.runtime.errors import OutOfResources
 
 from fastattn.kernels import configs
 from fastattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from fastattn.kernels.attn_fwd import attn_fwd_kernel
+from fastattn.launchers import plans
+from fastattn.launchers.device import on_device, stream_of
 from fastattn.launchers.masks import key_bounds
 
 LOG2E = math.log2(math.e)
-_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
-_AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_KPM", "VARLEN", "DOT_PRECISION", "SEQ_BUCKET"]
+MAX_CACHED_SIGNATURES = 4096  # plans looked up by exact integers: bounded (e.g. a KV cache growing per token)
+
+_plans: dict[tuple, tuple[plans.Plan, ...]] = {}
 
 
-def _needs_wide_offsets(pb, *xs: torch.Tensor) -> bool:
-    """True when a row offset inside one (batch, head) slice can reach 2**31 elements: the kernels
-    then compute row offsets in 64 bits (slower: 64-bit offset vectors spill registers). Packed
-    inputs (T, H, D) add a 64-bit sequence start, so only their rows within a sequence count."""
-    if pb.varlen:
-        return any((max(pb.seqlen_q, pb.seqlen_k) + 256) * x.stride(0) >= 2**31 for x in xs)
-    return any((x.shape[1] + 256) * x.stride(1) >= 2**31 for x in xs)
+@contextlib.contextmanager
+def forced_configs(**cfgs: configs.BlockConfig):
+    """Launch with pinned block configs, e.g. ``forced_configs(fwd=BlockConfig(16, 32))`` (tests cover
+    other tilings); plans made before or inside are dropped on the way in and out."""
+    clear_plans()
+    try:
+        with configs.forced(**cfgs):
+            yield
+    finally:
+        clear_plans()
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+def clear_plans() -> None:
+    """Forget every launch plan and tuned config (tests; a long-running process changing shapes)."""
+    _plans.clear()
+    plans._tuned.clear()
+    plans._handles.clear()
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
     # The kernels index the head dim with unit stride; anything else needs the one copy.
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+def _needs_wide_offsets(varlen: bool, max_rows: int, *xs: torch.Tensor) -> bool:
+    """True when a row offset inside one (batch, head) slice can reach 2**31 elements: the kernels
+    then compute row offsets in 64 bits (slower: 64-bit offset vectors spill registers). Packed
+    inputs (T, H, D) add a 64-bit sequence start, so only their rows within a sequence (max_rows)
+    count."""
+    if varlen:
+        return any((max_rows + 256) * x.stride(0) >= 2**31 for x in xs)
+    return any((x.shape[1] + 256) * x.stride(1) >= 2**31 for x in xs)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def _strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    # (batch, seq, head) strides. Packed (T, H, D): the batch index picks a sequence through cu_seqlens.
+    st = x.stride()
+    return (0, st[0], st[1]) if varlen else st[:3]
+
+
+def _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    """(batch, Sq, Sk, Hq, Hkv, D, Tq, Tk); packed inputs: Sq/Sk are the max lengths, Tq/Tk the totals
+    (0 for padded inputs, where the kernels do not read them)."""
+    if cu_seqlens_q is None:
+        b, sq, hq, d = q.shape
+        return b, sq, k.shape[1], hq, k.shape[2], d, 0, 0
+    tq, hq, d = q.shape
+    return cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, hq, k.shape[1], d, tq, k.shape[0]
+
+
+def _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k):
+    """(kpm uint8, kv_bounds, cu_q, cu_k, kpm row stride). Pointers a call does not use (their flag
+    is off) get q as a placeholder: never read, and nothing to allocate."""
+    cu_q = q if cu_seqlens_q is None else cu_seqlens_q.contiguous()  # read with unit stride
+    cu_k = q if cu_seqlens_k is None else cu_seqlens_k.contiguous()
+    if key_padding_mask is None:
+        return q, q, cu_q, cu_k, 0
+    kpm = _unit_last(key_padding_mask).view(torch.uint8)
+    bounds = key_bounds(key_padding_mask) if kv_bounds is None else kv_bounds
+    return kpm, bounds, cu_q, cu_k, kpm.stride(0)
+
+
+def _constexprs(q, causal, has_kpm, varlen, head_dim, wide) -> dict:
     # fp32 inputs are computed in true fp32: tf32 would fail the tolerance rule on a GPU.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return dict(CAUSAL=causal, HAS_KPM=has_kpm, VARLEN=varlen, HEAD_DIM=head_dim,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()), WIDE=wide)
 
 
-@functools.cache
-def _autotuned(kind: str, cands: tuple[configs.BlockConfig, ...]):
-    return triton.autotune(configs=[c.as_triton() for c in cands], key=_AUTOTUNE_KEY)(_KERNELS[kind])
+def _candidates(kind: str, consts: dict) -> list[configs.BlockConfig]:
+    return configs.candidates(kind, consts["BLOCK_D"], consts["DOT_PRECISION"] == "ieee")
 
 
-_first_fitting: dict[tuple, int] = {}
+def _remember(key: tuple, value: tuple) -> None:
+    if len(_plans) >= MAX_CACHED_SIGNATURES:
+        _plans.clear()
+    _plans[key] = value
 
 
-def _launch(kind: str, grid, args: tuple, **constexprs) -> None:
-    """Launch kernel `kind` with the config(s) the table gives for this head dim: autotuned over
-    the candidates on a GPU, else the first candidate that fits the chip."""
-    fp32 = constexprs["DOT_PRECISION"] == "ieee"
-    cands = configs.candidates(kind, constexprs["BLOCK_D"], fp32)
-    if len(cands) > 1 and configs.autotune_enabled() and not fp32:
-        _autotuned(kind, tuple(cands))[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
-        return
-    key = (kind, tuple(cands), args[0].dtype, tuple(sorted(constexprs.items())))
-    for i in range(_first_fitting.get(key, 0), len(cands)):
-        c = cands[i]
-        try:
-            _KERNELS[kind][grid(c.block_m, c.block_n)](
-                *args, BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
-                **constexprs)
-        except OutOfResources:
-            if i == len(cands) - 1:
-                raise
-            continue
-        _first_fitting[key] = i
-        return
+def forward(q, k, v, key_padding_mask, kv_bounds, causal: bool, scale: float):
+    """Padded batches: out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) float32, natural log.
+    kv_bounds: key_bounds(key_padding_mask), or None to compute it here."""
+    return _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, None, None, 0, 0)
 
 
-def _on_device(x: torch.Tensor):
-    # Triton launches on the current CUDA device: make it the tensors' device.
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                   scale: float):
+    """Packed sequences q (Tq, Hq, D), k/v (Tk, Hkv, D): out (Tq, Hq, D) and lse (Hq, Tq) float32."""
+    return _forward(q, k, v, causal, scale, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
-_dummies: dict[tuple, torch.Tensor] = {}
+def backward(dout, q, k, v, out, lse, dlse, key_padding_mask, kv_bounds, causal: bool, scale: float):
+    """Padded batches: (dq, dk, dv) given dout and, when the caller differentiates through lse, dlse
+    (else None)."""
+    return _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv_bounds, None, None, 0, 0)
 
 
-def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A placeholder for a pointer argument the kernel will not read (its constexpr flag is off)."""
-    key = (device, dtype)
-    if key not in _dummies:
-        _dummies[key] = torch.zeros(2, dtype=dtype, device=device)
-    return _dummies[key]
+def backward_varlen(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                    max_seqlen_k: int, causal: bool, scale: float):
+    """Packed sequences: (dq, dk, dv)."""
+    return _backward(dout, q, k, v, out, lse, dlse, causal, scale, None, None, cu_seqlens_q, cu_seqlens_k,
+                     max_seqlen_q, max_seqlen_k)
 
 
-@dataclass
-class _Problem:
-    """Everything the kernels need besides q/k/v: padded (B, S, H, D) or packed (T, H, D) inputs."""
-
-    batch: int
-    seqlen_q: int  # max over sequences when packed
-    seqlen_k: int
-    heads_q: int
-    heads_kv: int
-    head_dim: int
-    causal: bool
-    varlen: bool
-    kpm: torch.Tensor | None  # uint8 view of the (B, Sk) key-padding mask
-    kv_bounds: torch.Tensor
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
-
-    def strides(self, x: torch.Tensor) -> tuple[int, int, int]:
-        # Packed tensors (T, H, D): the batch index picks a sequence through cu_seqlens, not a stride.
-        return (0, x.stride(0), x.stride(1)) if self.varlen else (x.stride(0), x.stride(1), x.stride(2))
-
-    def lse_shape(self, total_q: int) -> tuple[int, ...]:
-        return (self.heads_q, total_q) if self.varlen else (self.batch, self.heads_q, self.seqlen_q)
-
-    def lse_strides(self, lse: torch.Tensor) -> tuple[int, int]:
-        return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
-
-    def mask_args(self, device) -> tuple:
-        kpm = self.kpm if self.kpm is not None else _dummy(device, torch.uint8)
-        return kpm, self.kv_bounds, self.cu_q, self.cu_k
-
-    def constexprs(self, dtype: torch.dtype, wide: bool) -> dict:
-        return dict(CAUSAL=self.causal, HAS_KPM=self.kpm is not None, VARLEN=self.varlen, HEAD_DIM=self.head_dim,
-                    DOT_PRECISION=_dot_precision(dtype), BLOCK_D=_block_d(self.head_dim), WIDE=wide)
-
-
-def _problem(q, k, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> _Problem:
-    device = q.device
-    i32 = _dummy(device, torch.int32)
-    if cu_seqlens_q is not None:
-        # The kernels read cu_seqlens with unit stride.
-        return _Problem(cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, q.shape[1], k.shape[1], q.shape[2],
-                        causal, True, None, i32, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
-    kpm, bounds = None, i32
-    if key_padding_mask is not None:
-        kpm = _last_dim_contiguous(key_padding_mask).view(torch.uint8)
-        bounds = key_bounds(key_padding_mask)
-    return _Problem(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], causal, False, kpm,
-                    bounds, i32, i32)
-
-
-def forward(q, k, v, causal: bool, scale: float, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
-            max_seqlen_q: int = 0, max_seqlen_k: int = 0):
-    """Returns out (q's shape and dtype) and lse in float32, natural log: (B, Hq, Sq) for padded
-    inputs, (Hq, Tq) for packed ones (cu_seqlens given: q (Tq, Hq, D), k/v (Tk, Hkv, D))."""
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    pb = _problem(q, k, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+             max_seqlen_k):
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    varlen = cu_seqlens_q is not None
+    b, sq, sk, hq, hkv, d, tq, tk = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(pb.lse_shape(q.shape[0]), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or pb.batch == 0:
+    lse = torch.empty((hq, tq) if varlen else (b, hq, sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or b == 0:
         return out, lse
-    with _on_device(q):
-        _launch(
-            "fwd",
-            lambda bm, bn: (triton.cdiv(pb.seqlen_q, bm), pb.heads_q, pb.batch),
-            (q, k, v, out, lse, *pb.mask_args(q.device), *pb.strides(q), *pb.strides(k), *pb.strides(v),
-             *pb.strides(out), *pb.lse_strides(lse), pb.kpm.stride(0) if pb.kpm is not None else 0,
-             pb.heads_q, pb.heads_q // pb.heads_kv, pb.seqlen_q, pb.seqlen_k, scale * LOG2E,
-             configs.seq_bucket(max(pb.seqlen_q, pb.seqlen_k))),
-            **pb.constexprs(q.dtype, _needs_wide_offsets(pb, q, k, v, out)),
-        )
+    kpm, bounds, cu_q, cu_k, kpm_stride = _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k)
+    lse_strides = (0, tq) if varlen else (hq * sq, sq)
+    ints = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
+            *lse_strides, kpm_stride, hq // hkv, sq, sk, tq, tk)
+    ptrs = (q, k, v, out, lse, kpm, bounds, cu_q, cu_k)
+    args = (*ptrs, *ints, scale * LOG2E)
+    grid = lambda c: (-(-sq // c.block_m), hq, b)
+    key = ("fwd", q.dtype, q.device, causal, key_padding_mask is not None, varlen, d, ints, plans.aligned(ptrs))
+    found = _plans.get(key)
+    with on_device(q):
+        if found is not None:
+            plan, = found
+            plan.launch(grid(plan.config), args, stream_of(q))
+            return out, lse
+        consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d,
+                             _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out))
+        plan = plans.build("fwd", attn_fwd_kernel, _candidates("fwd", consts), grid, args, consts,
+                           seq_len=max(sq, sk), outputs=(3, 4), device=q.device)
+    _remember(key, (plan,))
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, dlse, causal: bool, scale: float, key_padding_mask=None,
-             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0):
-    """Gradients (dq, dk, dv) of attention, given dout (and dlse, the lse's gradient, or None)."""
-    dout, q, k, v, out = (_last_dim_contiguous(x) for x in (dout, q, k, v, out))
-    pb = _problem(q, k, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k,
+              max_seqlen_q, max_seqlen_k):
+    dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))
+    varlen = cu_seqlens_q is not None
+    b, sq, sk, hq, hkv, d, tq, tk = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if dq.numel() == 0 or dk.numel() == 0 or pb.batch == 0:
+    if dq.numel() == 0 or dk.numel() == 0 or b == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
-    wide = _needs_wide_offsets(pb, q, k, v, out, dout, dq, dk, dv)
-    consts = pb.constexprs(q.dtype, wide)
-    kpm_stride = pb.kpm.stride(0) if pb.kpm is not None else 0
-    bucket = configs.seq_bucket(max(pb.seqlen_q, pb.seqlen_k))
-    with _on_device(q):
-        # Row-wise: packed inputs run as one sequence of Tq rows.
-        pre_m = 64
-        rows, pre_batch = (q.shape[0], 1) if pb.varlen else (pb.seqlen_q, pb.batch)
-        # ... so its row offsets span all Tq rows, not one sequence's.
-        pre_wide = wide or (pb.varlen and any((rows + pre_m) * x.stride(0) >= 2**31 for x in (out, dout)))
-        has_dlse = dlse is not None
-        attn_bwd_preprocess_kernel[(triton.cdiv(rows, pre_m), pb.heads_q, pre_batch)](
-            out, dout, dlse.float().contiguous() if has_dlse else delta, delta,
-            *pb.strides(out), *pb.strides(dout), *pb.lse_strides(lse), rows,
-            HAS_DLSE=has_dlse, HEAD_DIM=pb.head_dim, BLOCK_M=pre_m, BLOCK_D=consts["BLOCK_D"], WIDE=pre_wide,
+    has_dlse = dlse is not None
+    dlse = dlse.float().contiguous() if has_dlse else delta  # placeholder: not read without HAS_DLSE
+    kpm, bounds, cu_q, cu_k, kpm_stride = _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k)
+    lse_strides = (0, tq) if varlen else (hq * sq, sq)
+    # The preprocess is row-wise: packed inputs run as one sequence of Tq rows.
+    rows, pre_batch = (tq, 1) if varlen else (sq, b)
+    s_q, s_k, s_v, s_do = (_strides(x, varlen) for x in (q, k, v, dout))
+    sizes = (kpm_stride, hq // hkv, sq, sk, tq, tk)
+    pre_ints = (*_strides(out, varlen), *s_do, *lse_strides, rows)
+    dkdv_ints = (*s_q, *s_k, *s_v, *s_do, *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides, *sizes)
+    dq_ints = (*s_q, *s_k, *s_v, *s_do, *_strides(dq, varlen), *lse_strides, *sizes)
+    pre_args = (out, dout, dlse, delta, *pre_ints)
+    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, kpm, bounds, cu_q, cu_k, *dkdv_ints, scale, scale * LOG2E)
+    dq_args = (q, k, v, dout, lse, delta, dq, kpm, bounds, cu_q, cu_k, *dq_ints, scale, scale * LOG2E)
+    grids = (lambda c: (-(-rows // c.block_m), hq, pre_batch),
+             lambda c: (-(-sk // c.block_n), hkv, b),
+             lambda c: (-(-sq // c.block_m), hq, b))
+    ptrs = (q, k, v, out, dout, lse, dlse, delta, dq, dk, dv, kpm, bounds, cu_q, cu_k)
+    key = ("bwd", q.dtype, q.device, causal, key_padding_mask is not None, varlen, has_dlse, d, b, hq, hkv,
+           pre_ints, dkdv_ints, dq_ints, plans.aligned(ptrs))
+    all_args = (pre_args, dkdv_args, dq_args)
+    found = _plans.get(key)
+    with on_device(q):
+        if found is not None:
+            stream = stream_of(q)
+            for plan, grid, args in zip(found, grids, all_args):
+                plan.launch(grid(plan.config), args, stream)
+            return dq, dk, dv
+        wide = _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out, dout, dq, dk, dv)
+        consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide)
+        # ... the preprocess's row offsets span all Tq rows when packed, not one sequence's.
+        pre_wide = wide or (varlen and any((rows + 64) * x.stride(0) >= 2**31 for x in (out, dout)))
+        pre_consts = dict(HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], WIDE=pre_wide)
+        built = (
+            plans.build("bwd_preprocess", attn_bwd_preprocess_kernel, [configs.PREPROCESS], grids[0], pre_args,
+                        pre_consts, seq_len=rows, outputs=(3,), device=q.device),
+            plans.build("dkdv", attn_bwd_dkdv_kernel, _candidates("dkdv", consts), grids[1], dkdv_args, consts,
+                        seq_len=max(sq, sk), outputs=(6, 7), device=q.device),
+            plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts), grids[2], dq_args, consts,
+                        seq_len=max(sq, sk), outputs=(6,), device=q.device),
         )
-        _launch(
-            "dkdv",
-            lambda bm, bn: (triton.cdiv(pb.seqlen_k, bn), pb.heads_kv, pb.batch),
-            (q, k, v, dout, lse, delta, dk, dv, *pb.mask_args(q.device), *pb.strides(q), *pb.strides(k),
-             *pb.strides(v), *pb.strides(dout), *pb.strides(dk), *pb.strides(dv), *pb.lse_strides(lse), kpm_stride,
-             pb.heads_q, pb.heads_kv, pb.heads_q // pb.heads_kv, pb.seqlen_q, pb.seqlen_k, scale, scale * LOG2E,
-             bucket),
-            **consts,
-        )
-        _launch(
-            "dq",
-            lambda bm, bn: (triton.cdiv(pb.seqlen_q, bm), pb.heads_q, pb.batch),
-            (q, k, v, dout, lse, delta, dq, *pb.mask_args(q.device), *pb.strides(q), *pb.strides(k),
-             *pb.strides(v), *pb.strides(dout), *pb.strides(dq), *pb.lse_strides(lse), kpm_stride,
-             pb.heads_q, pb.heads_q // pb.heads_kv, pb.seqlen_q, pb.seqlen_k, scale, scale * LOG2E, bucket),
-            **consts,
-        )
+    _remember(key, built)
     return dq, dk, dv

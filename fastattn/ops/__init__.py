@@ -1,6 +1,6 @@
-"""torch.library custom ops (fake implementations + registered autograd) over the launchers."""
+"""torch.library ops over the launchers (fastattn::triton_attn_fwd, ...; fake implementations for
+torch.compile) and the autograd Functions that differentiate them (fastattn.ops.autograd)."""
 
-from . import (
-    cuda_attention,  # noqa: F401  (registers fastattn::cuda_attn_fwd / _bwd)
-    triton_attention,  # noqa: F401  (registers fastattn::triton_attn_fwd / _bwd)
-)
+from fastattn.ops.autograd import padded_attention, varlen_attention
+
+__all__ = ["padded_attention", "varlen_attention"]

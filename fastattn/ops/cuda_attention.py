@@ -1,13 +1,14 @@
-"""The CUDA C++ kernels (fastattn._C) as custom ops: fastattn::cuda_attn_fwd / _bwd, padded batches
-(B, S, H, D) with an optional key-padding mask. Same contract as fastattn::triton_attn_fwd / _bwd.
+"""The CUDA C++ kernels (fastattn._C) as ops: fastattn::cuda_attn_fwd / _bwd over padded batches
+(B, S, H, D) with an optional key-padding mask; same schemas as the Triton pair.
 
 Registered whether or not fastattn._C is built (fake implementations need no kernel), so that
-torch.compile can trace a graph that uses them; calling one without the extension raises.
+torch.compile can trace a graph that uses them; running one without the extension raises.
 """
 
 from __future__ import annotations
 
 from fastattn.launchers import cuda_attention as launch
-from fastattn.ops.padded import define_padded_ops
+from fastattn.ops.library import PADDED_BWD, PADDED_FWD, bwd_fake, define, padded_fwd_fake
 
-cuda_attn_fwd, cuda_attn_bwd = define_padded_ops("cuda", launch)
+cuda_attn_fwd = define("cuda_attn_fwd", PADDED_FWD, launch.forward, padded_fwd_fake)
+cuda_attn_bwd = define("cuda_attn_bwd", PADDED_BWD, launch.backward, bwd_fake)

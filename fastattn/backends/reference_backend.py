@@ -1,0 +1,21 @@
+"""Backend "reference": fastattn.reference, the naive implementation (materialised scores)."""
+
+from __future__ import annotations
+
+from fastattn import reference
+from fastattn.backends.call import AttentionCall
+
+
+def unavailable() -> str | None:
+    return None
+
+
+def unsupported(call: AttentionCall) -> str | None:
+    return None
+
+
+def run(call: AttentionCall):
+    if call.varlen:
+        return call.per_sequence(run)
+    return reference.attention(call.q, call.k, call.v, causal=call.causal, scale=call.scale,
+                               key_padding_mask=call.key_padding_mask, return_lse=call.return_lse)

@@ -1,0 +1,33 @@
+"""Where a launch goes: the tensors' CUDA device and its current stream, found without the
+Python-level torch.cuda helpers (a few microseconds each on the hot path)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def stream_of(x: torch.Tensor) -> int | None:
+    """The raw current stream of x's CUDA device (None for a CPU tensor: the Triton interpreter)."""
+    return torch._C._cuda_getCurrentRawStream(x.device.index) if x.is_cuda else None
+
+
+class on_device:
+    """Context manager: make x's CUDA device the current one while launching, if it is not already
+    (kernels launch on the current device). A no-op for CPU tensors."""
+
+    __slots__ = ("index", "prev")
+
+    def __init__(self, x: torch.Tensor):
+        self.index = x.device.index if x.is_cuda else None
+        self.prev = None
+
+    def __enter__(self):
+        if self.index is not None:
+            current = torch._C._cuda_getDevice()
+            if current != self.index:
+                self.prev = current
+                torch.cuda.set_device(self.index)
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            torch.cuda.set_device(self.prev)

@@ -1,0 +1,203 @@
+"""Launch plans for the Triton kernels: how a kernel is launched, decided once per call signature.
+
+A plan is a block config plus, on a GPU, Triton's compiled kernel. The first call with a new
+signature picks the config (timed over the table's candidates; the first one that fits when
+FASTATTN_AUTOTUNE=0, under CUDA-graph capture, or in the interpreter) and launches through Triton's
+JIT, which compiles the kernel and hands it back. Later calls launch that compiled kernel directly:
+no autotuner dispatch, no argument binding, no re-specialisation, no config lookup.
+
+A compiled kernel is only valid for arguments that Triton would have specialised the same way:
+each integer by its value class (== 1, divisible by 16, 32- or 64-bit) and each pointer by 16-byte
+alignment. ``specialization`` computes exactly those properties and is part of the plan key.
+
+The direct launch bypasses Triton's own launch path, so the first direct launch of every compiled
+kernel is checked once against the JIT launch that produced it (the kernels are deterministic: the
+outputs must agree bit for bit); a mismatch or an error falls back to the JIT path with a warning.
+``FASTATTN_DIRECT_LAUNCH=0`` turns direct launches off.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+from fastattn.kernels import configs
+
+_I32, _I64 = 2**31, 2**63
+
+
+def specialization(args: tuple) -> tuple:
+    """What Triton specialises a launch on, per argument: an int's value class (1, multiple of 16,
+    other; 32/64-bit/unsigned range), a tensor's 16-byte alignment (dtypes are fixed per plan),
+    nothing for a float."""
+    key = []
+    for a in args:
+        if type(a) is int:
+            width = 0 if -_I32 <= a < _I32 else 1 if -_I64 <= a < _I64 else 2
+            key.append((a == 1, a % 16 == 0, width))
+        elif isinstance(a, torch.Tensor):
+            key.append(a.data_ptr() % 16 == 0)
+        else:
+            key.append(None)
+    return tuple(key)
+
+
+def aligned(tensors) -> bool | tuple:
+    """True when every tensor's data is 16-byte aligned (the usual case, one test), else each one's."""
+    acc = 0
+    for t in tensors:
+        acc |= t.data_ptr()
+    if acc % 16 == 0:
+        return True
+    return tuple(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def direct_launch_enabled() -> bool:
+    return not configs.interpreter_enabled() and os.environ.get("FASTATTN_DIRECT_LAUNCH", "1") != "0"
+
+
+def _blocks(kernel, c: configs.BlockConfig) -> dict:
+    """The config's block sizes as the kernel's constexprs (a kernel without BLOCK_N takes BLOCK_M only)."""
+    meta = {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}
+    return {k: v for k, v in meta.items() if k in kernel.arg_names}
+
+
+@dataclass
+class Plan:
+    """How one kernel is launched for one signature."""
+
+    kernel: object  # triton JITFunction (InterpretedFunction in the interpreter)
+    config: configs.BlockConfig
+    constexprs: dict  # every constexpr, block sizes included
+    tail: tuple  # the constexpr values in the kernel's argument order: a compiled kernel takes all arguments
+    handle: object | None = None  # triton CompiledKernel, launched directly when set
+
+    def launch(self, grid: tuple, args: tuple, stream: int | None = None) -> None:
+        if self.handle is not None:
+            self.handle[grid](*args, *self.tail, stream=stream)
+        else:
+            _jit_launch(self.kernel, grid, args, self.constexprs, self.config)
+
+
+def _jit_launch(kernel, grid, args, constexprs, config):
+    """Triton's own launch path: binds, specialises, compiles if needed; returns the compiled kernel
+    (None in the interpreter)."""
+    return kernel[grid](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def constexpr_tail(kernel, n_args: int, constexprs: dict) -> tuple:
+    """The constexpr values in argument order after the first n_args (runtime) arguments. Raises if
+    the kernel's remaining arguments are not exactly the given constexprs (a launcher/kernel mismatch)."""
+    names = list(kernel.arg_names[n_args:])
+    if sorted(names) != sorted(constexprs):
+        raise TypeError(f"the kernel's trailing arguments {names} are not the launcher's constexprs "
+                        f"{sorted(constexprs)}")
+    return tuple(constexprs[n] for n in names)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# Tuned configs, keyed by kernel + constexprs (dtype, head dim, flags) + device + sequence bucket.
+_tuned: dict[tuple, configs.BlockConfig] = {}
+# Compiled kernels, keyed by the tuning key + the config + the arguments' specialisation.
+_handles: dict[tuple, object] = {}
+_warned: set[str] = set()
+
+
+def build(name: str, kernel, cands: list[configs.BlockConfig], grid_for, args: tuple, constexprs: dict, *,
+          seq_len: int, outputs: tuple[int, ...], device: torch.device) -> Plan:
+    """A plan for launching `kernel` on `args` (runtime arguments, in order), launched once: the
+    outputs are written as by any launch.
+
+    cands: the configs to choose from, best guess first; grid_for(config) -> the launch grid;
+    seq_len: the length that keys the tuning bucket; outputs: indices of the output tensors in
+    args (to check a direct launch once); name: the kernel's name in warnings."""
+    tune_key = (name, tuple(cands), tuple(sorted(constexprs.items())), str(args[0].dtype), str(device),
+                configs.seq_bucket(seq_len))
+    capturing = _capturing(device)
+    config, handle, launched = _tuned.get(tune_key), None, False
+    if config is None:
+        if len(cands) > 1 and configs.autotune_enabled() and not capturing:
+            config = _tune(kernel, cands, grid_for, args, constexprs)
+        else:
+            config, handle = _first_fitting(kernel, cands, grid_for, args, constexprs)
+            launched = True
+        if not capturing:
+            _tuned[tune_key] = config
+    full = {**constexprs, **_blocks(kernel, config)}
+    plan = Plan(kernel, config, full, constexpr_tail(kernel, len(args), full))
+    grid = grid_for(config)
+    if not launched:
+        handle = _jit_launch(kernel, grid, args, full, config)
+    if handle is None or capturing or not direct_launch_enabled():
+        return plan  # interpreter, a graph capture (nothing may sync), or direct launches turned off
+    handle_key = (tune_key, config, specialization(args))
+    if handle_key not in _handles:
+        _handles[handle_key] = _checked(name, handle, plan, grid, args, outputs, device)
+    plan.handle = _handles[handle_key]
+    return plan
+
+
+def _first_fitting(kernel, cands, grid_for, args, constexprs):
+    """(config, compiled kernel) of the first candidate that fits the chip's resources, found by
+    launching it."""
+    for i, c in enumerate(cands):
+        try:
+            return c, _jit_launch(kernel, grid_for(c), args, {**constexprs, **_blocks(kernel, c)}, c)
+        except OutOfResources:
+            if i == len(cands) - 1:
+                raise
+    raise ValueError("no block configs to choose from")
+
+
+def _tune(kernel, cands, grid_for, args, constexprs) -> configs.BlockConfig:
+    """The fastest candidate on these arguments (GPU time, short runs: tuning is paid once per key)."""
+    best, best_ms = None, float("inf")
+    for c in cands:
+        run = lambda: _jit_launch(kernel, grid_for(c), args, {**constexprs, **_blocks(kernel, c)}, c)
+        try:
+            run()
+        except OutOfResources:
+            continue
+        ms = triton.testing.do_bench(run, warmup=5, rep=20)
+        if ms < best_ms:
+            best, best_ms = c, ms
+    if best is None:
+        raise OutOfResources(0, 0, f"shared memory or registers: none of {cands} fits")
+    return best
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+def _checked(name, handle, plan, grid, args, outputs, device):
+    """`handle` if launching it directly reproduces the JIT launch just made bit for bit, else None
+    (with a warning; the outputs are restored to the JIT launch's)."""
+    before = [args[i].clone() for i in outputs]
+    try:
+        plan.handle = handle
+        with torch.cuda.device(device):
+            plan.launch(grid, args, torch.cuda.current_stream(device).cuda_stream)
+        same = all(torch.equal(_bits(b), _bits(args[i])) for b, i in zip(before, outputs))
+        reason = "its outputs differ from Triton's own launch"
+    except Exception as e:  # an API the direct launch did not expect: fall back, keep working
+        same, reason = False, f"{type(e).__name__}: {e}"
+    finally:
+        plan.handle = None
+    if same:
+        return handle
+    for b, i in zip(before, outputs):
+        args[i].copy_(b)
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(f"fastattn: launching the compiled {name} kernel directly failed its check ({reason}); "
+                      f"using Triton's launch path for it (same results, more host time)", stacklevel=2)
+    return None

@@ -1,0 +1,106 @@
+"""Autograd for the fastattn ops: one torch.autograd.Function per layout (padded, packed), each
+around a forward/backward op pair, as FlashAttention does.
+
+In eager mode on plain tensors, the Functions call the launcher functions directly: they are the
+ops' kernels, so this is the code the op would run, minus two dispatcher round trips (~10 us each
+on the host). Under torch.compile, inside a dispatch mode (FakeTensorMode, a flop counter) or on
+tensor subclasses, they call the ops, which those systems can see and trace.
+
+Key bounds of a key-padding mask are computed once in the forward and saved for the backward. The
+returned lse is differentiable when asked for (return_lse); when it is not returned, or not used,
+the backward gets no dlse (no zeros are made for it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from fastattn.launchers import cuda_attention as cuda_launch
+from fastattn.launchers import triton_attention as triton_launch
+from fastattn.launchers.masks import key_bounds
+from fastattn.ops import cuda_attention, triton_attention
+
+# backend -> (forward, backward) for padded batches: (launcher functions, ops).
+_PADDED_LAUNCH = {"triton": (triton_launch.forward, triton_launch.backward),
+                  "cuda": (cuda_launch.forward, cuda_launch.backward)}
+_PADDED_OPS = {"triton": (triton_attention.triton_attn_fwd, triton_attention.triton_attn_bwd),
+               "cuda": (cuda_attention.cuda_attn_fwd, cuda_attention.cuda_attn_bwd)}
+_VARLEN_LAUNCH = (triton_launch.forward_varlen, triton_launch.backward_varlen)
+_VARLEN_OPS = (triton_attention.triton_attn_varlen_fwd, triton_attention.triton_attn_varlen_bwd)
+
+
+def padded_attention(q, k, v, key_padding_mask, causal: bool, scale: float, return_lse: bool, backend: str):
+    """out [, lse] of padded attention through backend "triton" or "cuda", differentiable."""
+    if torch.compiler.is_compiling():
+        q, k, v = _distinct(q, k, v)
+    return PaddedAttention.apply(q, k, v, key_padding_mask, causal, scale, return_lse, backend)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                     scale: float, return_lse: bool):
+    """out [, lse] of packed-sequence attention (Triton), differentiable."""
+    if torch.compiler.is_compiling():
+        q, k, v, cu_seqlens_q, cu_seqlens_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    return VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                                 return_lse)
+
+
+def _distinct(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """Repeated tensors (self-attention's x, x, x; one cu_seqlens for q and k) as views: Dynamo does
+    not trace an autograd.Function given the same tensor twice. Gradients still reach the original."""
+    out = []
+    for x in xs:
+        out.append(x.view_as(x) if any(x is y for y in out) else x)
+    return out
+
+
+def _direct(x: torch.Tensor) -> bool:
+    """Call the launcher itself rather than the op: a plain tensor, eager, no dispatch mode."""
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+
+
+class PaddedAttention(torch.autograd.Function):
+    """(q, k, v) -> out [, lse] for padded batches, through backend "triton" or "cuda"."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, causal, scale, return_lse, backend):
+        bounds = None if key_padding_mask is None else key_bounds(key_padding_mask)
+        fwd = (_PADDED_LAUNCH if _direct(q) else _PADDED_OPS)[backend][0]
+        out, lse = fwd(q, k, v, key_padding_mask, bounds, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, bounds)
+        ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        ctx.set_materialize_grads(False)
+        return (out, lse) if return_lse else out
+
+    @staticmethod
+    def backward(ctx, dout, dlse=None):
+        q, k, v, out, lse, key_padding_mask, bounds = ctx.saved_tensors
+        if dout is None:  # only lse was used
+            dout = torch.zeros_like(out)
+        bwd = (_PADDED_LAUNCH if _direct(q) else _PADDED_OPS)[ctx.backend][1]
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, bounds, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+class VarlenAttention(torch.autograd.Function):
+    """(q, k, v) -> out [, lse] for packed sequences (Triton)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, return_lse):
+        fwd = (_VARLEN_LAUNCH if _direct(q) else _VARLEN_OPS)[0]
+        out, lse = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal, ctx.scale = max_seqlen_q, max_seqlen_k, causal, scale
+        ctx.set_materialize_grads(False)
+        return (out, lse) if return_lse else out
+
+    @staticmethod
+    def backward(ctx, dout, dlse=None):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        bwd = (_VARLEN_LAUNCH if _direct(q) else _VARLEN_OPS)[1]
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal,
+                         ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None, None

@@ -1,0 +1,52 @@
+"""The fastattn:: op namespace: schemas and fake (meta) implementations shared by every kernel
+backend, and ``define``, which registers one op.
+
+The ops are plain torch.library ops: a schema, a kernel (the launcher function itself) and a fake
+implementation, so torch.compile traces them and torch.library.opcheck checks them. Gradients come
+from fastattn.ops.autograd, one autograd.Function per layout around a forward/backward op pair:
+torch.library.custom_op with register_autograd costs several times more host time per call
+(measured: ~25 us per op call on the dispatcher's Python round trips; docs/design.md, "Hot path").
+"""
+
+from __future__ import annotations
+
+import torch
+
+_lib = torch.library.Library("fastattn", "FRAGMENT")
+
+# Padded batches: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D); out (B, Sq, Hq, D), lse (B, Hq, Sq) float32.
+PADDED_FWD = ("(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? kv_bounds, bool causal, "
+              "float scale) -> (Tensor, Tensor)")
+PADDED_BWD = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+              "Tensor? key_padding_mask, Tensor? kv_bounds, bool causal, float scale) -> (Tensor, Tensor, Tensor)")
+# Packed sequences: q (Tq, Hq, D), k/v (Tk, Hkv, D); out (Tq, Hq, D), lse (Hq, Tq) float32.
+VARLEN_FWD = ("(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
+              "SymInt max_seqlen_k, bool causal, float scale) -> (Tensor, Tensor)")
+VARLEN_BWD = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor cu_seqlens_q, "
+              "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, float scale) "
+              "-> (Tensor, Tensor, Tensor)")
+
+
+def padded_fwd_fake(q, k, v, key_padding_mask, kv_bounds, causal, scale):
+    b, sq, hq, d = q.shape
+    return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
+
+
+def varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+    tq, hq, d = q.shape
+    return q.new_empty((tq, hq, d)), q.new_empty((hq, tq), dtype=torch.float32)
+
+
+def bwd_fake(dout, q, k, v, *rest):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def define(name: str, schema: str, kernel, fake):
+    """Register fastattn::name (its kernel serves every device: the Triton interpreter runs on the
+    CPU) and return the op overload to call. The op itself is not differentiable (autograd falls
+    through it): fastattn.ops.autograd differentiates the forward/backward pair."""
+    _lib.define(name + schema)
+    _lib.impl(name, kernel, "CompositeExplicitAutograd")
+    _lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    torch.library.register_fake(f"fastattn::{name}", fake, lib=_lib)
+    return getattr(torch.ops.fastattn, name).default
