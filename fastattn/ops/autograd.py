@@ -6,7 +6,8 @@ ops' kernels, so this is the code the op would run, minus two dispatcher round t
 on the host). Under torch.compile, inside a dispatch mode (FakeTensorMode, a flop counter) or on
 tensor subclasses, they call the ops, which those systems can see and trace.
 
-Key bounds of a key-padding mask are computed once in the forward and saved for the backward. The
+Key bounds of a key-padding mask are computed once in the forward (once per mask across a model's
+layers: masks.shared_key_bounds) and saved for the backward. The
 returned lse is differentiable when asked for (return_lse); when it is not returned, or not used,
 the backward gets no dlse (no zeros are made for it).
 """
@@ -18,7 +19,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastattn.launchers import cuda_attention as cuda_launch
 from fastattn.launchers import triton_attention as triton_launch
-from fastattn.launchers.masks import key_bounds
+from fastattn.launchers.masks import shared_key_bounds
 from fastattn.ops import cuda_attention, triton_attention
 
 # backend -> (forward, backward) for padded batches: (launcher functions, ops).
@@ -65,7 +66,7 @@ class PaddedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, causal, scale, return_lse, backend):
-        bounds = None if key_padding_mask is None else key_bounds(key_padding_mask)
+        bounds = None if key_padding_mask is None else shared_key_bounds(key_padding_mask)
         fwd = (_PADDED_LAUNCH if _direct(q) else _PADDED_OPS)[backend][0]
         out, lse = fwd(q, k, v, key_padding_mask, bounds, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, bounds)
