@@ -56,22 +56,25 @@ def stub_launches() -> None:
     plans._jit_launch = lambda kernel, grid, args, constexprs, config: None
 
 
-def per_call_us(fn, iters: int, repeats: int, sync) -> float:
-    """Best of `repeats` medians of 5 batches of iters // 5 calls, in microseconds per call."""
-    for _ in range(max(20, iters // 10)):
-        fn()
-    sync()
-    best = float("inf")
+def per_call_us(fns: dict, iters: int, repeats: int, sync) -> dict[str, float]:
+    """Microseconds per call of each fn: the best over `repeats` rounds (the fns measured in turn
+    within a round, so drift in the machine's speed hits them alike) of the median of 5 batches."""
     batch = max(1, iters // 5)
+    best = dict.fromkeys(fns, float("inf"))
+    for fn in fns.values():
+        for _ in range(max(20, iters // 10)):
+            fn()
+    sync()
     for _ in range(repeats):
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(batch):
-                fn()
-            sync()
-            times.append((time.perf_counter() - t0) / batch * 1e6)
-        best = min(best, statistics.median(times))
+        for name, fn in fns.items():
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(batch):
+                    fn()
+                sync()
+                times.append((time.perf_counter() - t0) / batch * 1e6)
+            best[name] = min(best[name], statistics.median(times))
     return best
 
 
@@ -166,26 +169,24 @@ def measure(paths, douts, iters, repeats, sync):
     rows = []
     for path in paths:
         dout, dout_t = douts[path.name]
-        row = {"path": path.name}
+        fns = {}
         for layer in ("api", "autograd"):
             fn = path.layers[layer]
-            row[f"{layer} fwd"] = per_call_us(fn, iters, repeats, sync)
-            row[f"{layer} fwd+bwd"] = per_call_us(lambda fn=fn: fn().backward(dout), iters, repeats, sync)
+            fns[f"{layer} fwd"] = fn
+            fns[f"{layer} fwd+bwd"] = lambda fn=fn: fn().backward(dout)
         fwd, bwd = path.layers["launcher"]
-        row["launcher fwd"] = per_call_us(fwd, iters, repeats, sync)
-        row["launcher fwd+bwd"] = per_call_us(lambda: bwd(fwd()), iters, repeats, sync)
+        fns["launcher fwd"] = fwd
+        fns["launcher fwd+bwd"] = lambda: bwd(fwd())
         lf, lb = launch_only(fwd, bwd)
-        row["launch fwd"] = per_call_us(lf, iters, repeats, sync)
-        row["launch fwd+bwd"] = per_call_us(lambda: (lf(), lb()), iters, repeats, sync)
+        fns["launch fwd"] = lf
+        fns["launch fwd+bwd"] = lambda: (lf(), lb())
         if path.sdpa is not None:
-            row["sdpa fwd"] = per_call_us(path.sdpa, iters, repeats, sync)
-            row["sdpa fwd+bwd"] = per_call_us(lambda: path.sdpa().backward(dout_t), iters, repeats, sync)
+            fns["sdpa fwd"] = path.sdpa
+            fns["sdpa fwd+bwd"] = lambda: path.sdpa().backward(dout_t)
+        row = {"path": path.name, **per_call_us(fns, iters, repeats, sync)}
         for who in (*LAYERS, "sdpa"):
             if f"{who} fwd" in row:
                 row[f"{who} bwd"] = row[f"{who} fwd+bwd"] - row[f"{who} fwd"]
-        if "sdpa fwd+bwd" in row:
-            row["api / sdpa fwd+bwd"] = row["api fwd+bwd"] / row["sdpa fwd+bwd"]
-            row["api / sdpa fwd"] = row["api fwd"] / row["sdpa fwd"]
         rows.append(row)
         print(f"{path.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k != "path"), flush=True)
     return rows

@@ -48,7 +48,7 @@ def attention(
     causal = validate_flag("causal", causal)
     return_lse = validate_flag("return_lse", return_lse)
     scale = validate_scale(scale, shape.head_dim)
-    validate_key_padding_mask(key_padding_mask, shape, q.device)
+    validate_key_padding_mask(key_padding_mask, shape, q)
     call = AttentionCall(q, k, v, shape, causal, scale, key_padding_mask, return_lse)
     return backends.run(backends.choose(backend, call), call)
 

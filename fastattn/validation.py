@@ -25,7 +25,20 @@ def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
 
 
 def validate_qkv(q, k, v, *, layout: str = "(B, S, H, D)") -> AttentionShape:
-    """Check q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) and return their sizes."""
+    """Check q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) and return their sizes.
+
+    A valid call passes one combined test (a few attribute reads: this runs on every call); anything
+    else goes through the checks below, which raise the error that names the argument."""
+    try:
+        qs, ks, dt = q.shape, k.shape, q.dtype
+        ok = (len(qs) == 4 and len(ks) == 4 and ks == v.shape and qs[0] == ks[0] and qs[3] == ks[3] and ks[2] > 0
+              and qs[2] % ks[2] == 0 and 1 <= qs[3] <= MAX_HEAD_DIM and dt in FLOAT_DTYPES and k.dtype == dt
+              and v.dtype == dt and q.layout == k.layout == v.layout == torch.strided
+              and q.device == k.device == v.device)
+    except (AttributeError, TypeError):
+        ok = False
+    if ok:
+        return AttentionShape(qs[0], qs[1], ks[1], qs[2], ks[2], qs[3])
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x, 4, layout)
     for name, x in (("k", k), ("v", v)):
@@ -61,9 +74,10 @@ def validate_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def validate_key_padding_mask(mask, shape: AttentionShape, device: torch.device) -> None:
+def validate_key_padding_mask(mask, shape: AttentionShape, q: torch.Tensor) -> None:
     if mask is None:
         return
+    device = q.device
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:

@@ -72,8 +72,12 @@ INTERPRETER_CONFIGS = {
 _forced: dict[str, BlockConfig] = {}
 
 
+# Triton picks the interpreter when the kernels are defined (at import), from TRITON_INTERPRET.
+_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    return _INTERPRETER
 
 
 def autotune_enabled() -> bool:

@@ -53,7 +53,7 @@ def test_non_contiguous_inputs(causal, dtype, gen):
     # (B, H, S, D) storage seen as (B, S, H, D): the layout a model has after splitting heads.
     q, k, v = testing.random_qkv(2, 97, 60, 4, 2, 64, dtype=dtype, device=DEVICE, layout="bhsd", generator=gen)
     assert not q.is_contiguous() and q.stride(-1) == 1
-    assert launch._unit_last(q) is q  # used in place, no hidden copy
+    assert launch._layout(False, q)[0][0] is q  # used in place, no hidden copy
     assert_matches_reference(q, k, v, causal, gen)
 
 

@@ -80,7 +80,7 @@ def forward(q, k, v, key_padding_mask, kv_bounds, causal: bool, scale: float):
     if sk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     kpm, bounds, kpm_stride, keep = _mask_args(key_padding_mask, kv_bounds)
-    with on_device(q):
+    with on_device(q.get_device()):
         stream = stream_of(q)
         _C.fwd(DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
                kpm, bounds, _bsh(q) + _bsh(k) + _bsh(v) + _bsh(out) + [lse.stride(0), lse.stride(1), kpm_stride],
@@ -104,7 +104,7 @@ def backward(dout, q, k, v, out, lse, dlse, key_padding_mask, kv_bounds, causal:
     delta = torch.empty_like(lse)
     dlse_t = dlse.float().contiguous() if dlse is not None else None
     kpm, bounds, kpm_stride, keep = _mask_args(key_padding_mask, kv_bounds)
-    with on_device(q):
+    with on_device(q.get_device()):
         stream = stream_of(q)
         _C.bwd(DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dout.data_ptr(),
                lse.data_ptr(), dlse_t.data_ptr() if dlse_t is not None else 0, delta.data_ptr(), dq.data_ptr(),

@@ -12,17 +12,16 @@ def stream_of(x: torch.Tensor) -> int | None:
 
 
 class on_device:
-    """Context manager: make x's CUDA device the current one while launching, if it is not already
-    (kernels launch on the current device). A no-op for CPU tensors."""
+    """Context manager: make CUDA device `index` (a tensor's get_device(); -1 = CPU, a no-op) the
+    current one while launching, if it is not already: kernels launch on the current device."""
 
     __slots__ = ("index", "prev")
 
-    def __init__(self, x: torch.Tensor):
-        self.index = x.device.index if x.is_cuda else None
-        self.prev = None
+    def __init__(self, index: int):
+        self.index, self.prev = index, None
 
     def __enter__(self):
-        if self.index is not None:
+        if self.index >= 0:
             current = torch._C._cuda_getDevice()
             if current != self.index:
                 self.prev = current

@@ -25,7 +25,7 @@ from fastattn.kernels import configs
 from fastattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from fastattn.kernels.attn_fwd import attn_fwd_kernel
 from fastattn.launchers import plans
-from fastattn.launchers.device import on_device, stream_of
+from fastattn.launchers.device import on_device
 from fastattn.launchers.masks import key_bounds
 
 LOG2E = math.log2(math.e)
@@ -53,11 +53,6 @@ def clear_plans() -> None:
     plans._handles.clear()
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    # The kernels index the head dim with unit stride; anything else needs the one copy.
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _needs_wide_offsets(varlen: bool, max_rows: int, *xs: torch.Tensor) -> bool:
     """True when a row offset inside one (batch, head) slice can reach 2**31 elements: the kernels
     then compute row offsets in 64 bits (slower: 64-bit offset vectors spill registers). Packed
@@ -68,10 +63,19 @@ def _needs_wide_offsets(varlen: bool, max_rows: int, *xs: torch.Tensor) -> bool:
     return any((x.shape[1] + 256) * x.stride(1) >= 2**31 for x in xs)
 
 
-def _strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    # (batch, seq, head) strides. Packed (T, H, D): the batch index picks a sequence through cu_seqlens.
-    st = x.stride()
-    return (0, st[0], st[1]) if varlen else st[:3]
+def _layout(varlen: bool, *xs: torch.Tensor):
+    """xs with a unit-stride last dim (the kernels index the head dim with unit stride: anything
+    else costs one copy), and their (batch, seq, head) strides, flattened. Packed tensors (T, H, D)
+    get batch stride 0: the batch index picks a sequence through cu_seqlens."""
+    tensors, strides = [], []
+    for x in xs:
+        st = x.stride()
+        if st[-1] != 1:
+            x = x.contiguous()
+            st = x.stride()
+        tensors.append(x)
+        strides += (0, st[0], st[1]) if varlen else st[:3]
+    return tensors, tuple(strides)
 
 
 def _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
@@ -84,16 +88,36 @@ def _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, hq, k.shape[1], d, tq, k.shape[0]
 
 
+def _contiguous_strides(varlen: bool, b, s, h, d) -> tuple:
+    # The (batch, seq, head) strides of a freshly allocated contiguous (B, S, H, D) / (T, H, D) tensor.
+    return (0, h * d, d) if varlen else (s * h * d, h * d, d)
+
+
 def _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k):
-    """(kpm uint8, kv_bounds, cu_q, cu_k, kpm row stride). Pointers a call does not use (their flag
-    is off) get q as a placeholder: never read, and nothing to allocate."""
-    cu_q = q if cu_seqlens_q is None else cu_seqlens_q.contiguous()  # read with unit stride
-    cu_k = q if cu_seqlens_k is None else cu_seqlens_k.contiguous()
+    """(kpm uint8, kv_bounds, cu_q, cu_k, kpm row stride, the tensors among them that a call uses).
+    Pointers a call does not use (their flag is off) get q as a placeholder: never read, and
+    nothing to allocate."""
+    if cu_seqlens_q is not None:
+        cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # read with unit stride
+        return q, q, cu_q, cu_k, 0, (cu_q, cu_k)
     if key_padding_mask is None:
-        return q, q, cu_q, cu_k, 0
-    kpm = _unit_last(key_padding_mask).view(torch.uint8)
+        return q, q, q, q, 0, ()
+    kpm = key_padding_mask if key_padding_mask.stride(-1) == 1 else key_padding_mask.contiguous()
+    kpm = kpm.view(torch.uint8)
     bounds = key_bounds(key_padding_mask) if kv_bounds is None else kv_bounds
-    return kpm, bounds, cu_q, cu_k, kpm.stride(0)
+    return kpm, bounds, q, q, kpm.stride(0), (kpm, bounds)
+
+
+def _launch(device: int, launches) -> None:
+    """Launch (plan, grid, args) in order on `device` (-1: the CPU, through the interpreter)."""
+    if device < 0:
+        for plan, grid, args in launches:
+            plan.launch(grid, args)
+        return
+    with on_device(device):
+        stream = torch._C._cuda_getCurrentRawStream(device)
+        for plan, grid, args in launches:
+            plan.launch(grid, args, stream)
 
 
 def _constexprs(q, causal, has_kpm, varlen, head_dim, wide) -> dict:
@@ -140,29 +164,31 @@ def backward_varlen(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, m
 
 def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
              max_seqlen_k):
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     varlen = cu_seqlens_q is not None
+    (q, k, v), in_strides = _layout(varlen, q, k, v)
     b, sq, sk, hq, hkv, d, tq, tk = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((hq, tq) if varlen else (b, hq, sq), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_empty((hq, tq) if varlen else (b, hq, sq), dtype=torch.float32)
     if out.numel() == 0 or b == 0:
         return out, lse
-    kpm, bounds, cu_q, cu_k, kpm_stride = _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k)
+    kpm, bounds, cu_q, cu_k, kpm_stride, extra = _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k)
     lse_strides = (0, tq) if varlen else (hq * sq, sq)
-    ints = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
-            *lse_strides, kpm_stride, hq // hkv, sq, sk, tq, tk)
-    ptrs = (q, k, v, out, lse, kpm, bounds, cu_q, cu_k)
-    args = (*ptrs, *ints, scale * LOG2E)
+    ints = (*in_strides, *_contiguous_strides(varlen, b, sq, hq, d), *lse_strides, kpm_stride, hq // hkv, sq, sk,
+            tq, tk)
+    args = (q, k, v, out, lse, kpm, bounds, cu_q, cu_k, *ints, scale * LOG2E)
     grid = lambda c: (-(-sq // c.block_m), hq, b)
-    key = ("fwd", q.dtype, q.device, causal, key_padding_mask is not None, varlen, d, ints, plans.aligned(ptrs))
+    device = q.get_device()
+    # Fresh outputs are aligned; the inputs' alignment is part of the key (Triton specialises on it).
+    key = ("fwd", q.dtype, device, causal, key_padding_mask is not None, varlen, d, ints,
+           plans.aligned((q, k, v, *extra)))
     found = _plans.get(key)
-    with on_device(q):
-        if found is not None:
-            plan, = found
-            plan.launch(grid(plan.config), args, stream_of(q))
-            return out, lse
-        consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d,
-                             _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out))
+    if found is not None:
+        plan, = found
+        _launch(device, ((plan, grid(plan.config), args),))
+        return out, lse
+    consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d,
+                         _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out))
+    with on_device(device):
         plan = plans.build("fwd", attn_fwd_kernel, _candidates("fwd", consts), grid, args, consts,
                            seq_len=max(sq, sk), outputs=(3, 4), device=q.device)
     _remember(key, (plan,))
@@ -171,49 +197,48 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
 
 def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k,
               max_seqlen_q, max_seqlen_k):
-    dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))
     varlen = cu_seqlens_q is not None
+    (q, k, v, dout, out), in_strides = _layout(varlen, q, k, v, dout, out)
+    s_qkvdo, s_out = in_strides[:12], in_strides[12:]
     b, sq, sk, hq, hkv, d, tq, tk = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     if dq.numel() == 0 or dk.numel() == 0 or b == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     has_dlse = dlse is not None
     dlse = dlse.float().contiguous() if has_dlse else delta  # placeholder: not read without HAS_DLSE
-    kpm, bounds, cu_q, cu_k, kpm_stride = _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k)
+    kpm, bounds, cu_q, cu_k, kpm_stride, extra = _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k)
     lse_strides = (0, tq) if varlen else (hq * sq, sq)
+    s_dk = _contiguous_strides(varlen, b, sk, hkv, d)  # dk and dv
+    sizes = (*lse_strides, kpm_stride, hq // hkv, sq, sk, tq, tk)
     # The preprocess is row-wise: packed inputs run as one sequence of Tq rows.
     rows, pre_batch = (tq, 1) if varlen else (sq, b)
-    s_q, s_k, s_v, s_do = (_strides(x, varlen) for x in (q, k, v, dout))
-    sizes = (kpm_stride, hq // hkv, sq, sk, tq, tk)
-    pre_ints = (*_strides(out, varlen), *s_do, *lse_strides, rows)
-    dkdv_ints = (*s_q, *s_k, *s_v, *s_do, *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides, *sizes)
-    dq_ints = (*s_q, *s_k, *s_v, *s_do, *_strides(dq, varlen), *lse_strides, *sizes)
+    pre_ints = (*s_out, *s_qkvdo[9:], *lse_strides, rows)
+    dkdv_ints = (*s_qkvdo, *s_dk, *s_dk, *sizes)
+    dq_ints = (*s_qkvdo, *_contiguous_strides(varlen, b, sq, hq, d), *sizes)
     pre_args = (out, dout, dlse, delta, *pre_ints)
     dkdv_args = (q, k, v, dout, lse, delta, dk, dv, kpm, bounds, cu_q, cu_k, *dkdv_ints, scale, scale * LOG2E)
     dq_args = (q, k, v, dout, lse, delta, dq, kpm, bounds, cu_q, cu_k, *dq_ints, scale, scale * LOG2E)
     grids = (lambda c: (-(-rows // c.block_m), hq, pre_batch),
              lambda c: (-(-sk // c.block_n), hkv, b),
              lambda c: (-(-sq // c.block_m), hq, b))
-    ptrs = (q, k, v, out, dout, lse, dlse, delta, dq, dk, dv, kpm, bounds, cu_q, cu_k)
-    key = ("bwd", q.dtype, q.device, causal, key_padding_mask is not None, varlen, has_dlse, d, b, hq, hkv,
-           pre_ints, dkdv_ints, dq_ints, plans.aligned(ptrs))
+    device = q.get_device()
+    key = ("bwd", q.dtype, device, causal, key_padding_mask is not None, varlen, has_dlse, d, b, hq, hkv, dkdv_ints,
+           s_out, rows, plans.aligned((q, k, v, dout, out, lse, dlse, *extra)))
     all_args = (pre_args, dkdv_args, dq_args)
     found = _plans.get(key)
-    with on_device(q):
-        if found is not None:
-            stream = stream_of(q)
-            for plan, grid, args in zip(found, grids, all_args):
-                plan.launch(grid(plan.config), args, stream)
-            return dq, dk, dv
-        wide = _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out, dout, dq, dk, dv)
-        consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide)
-        # ... the preprocess's row offsets span all Tq rows when packed, not one sequence's.
-        pre_wide = wide or (varlen and any((rows + 64) * x.stride(0) >= 2**31 for x in (out, dout)))
-        pre_consts = dict(HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], WIDE=pre_wide)
+    if found is not None:
+        _launch(device, [(plan, grid(plan.config), args) for plan, grid, args in zip(found, grids, all_args)])
+        return dq, dk, dv
+    wide = _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out, dout, dq, dk, dv)
+    consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide)
+    # ... the preprocess's row offsets span all Tq rows when packed, not one sequence's.
+    pre_wide = wide or (varlen and any((rows + 64) * x.stride(0) >= 2**31 for x in (out, dout)))
+    pre_consts = dict(HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], WIDE=pre_wide)
+    with on_device(device):
         built = (
             plans.build("bwd_preprocess", attn_bwd_preprocess_kernel, [configs.PREPROCESS], grids[0], pre_args,
                         pre_consts, seq_len=rows, outputs=(3,), device=q.device),
