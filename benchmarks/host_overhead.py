@@ -13,8 +13,9 @@ below it:
     launch    the kernel launches alone, arguments prepared (plan.launch)
 
 and SDPA (``torch.nn.functional.scaled_dot_product_attention``; with a boolean mask for the padded
-path, none for varlen) on the same machine in the same run. Each number is the best of R medians of
-N calls (microseconds per call; backward = forward+backward minus forward).
+path, none for varlen) on the same machine in the same run. Each number is microseconds per call,
+the fastest of R batches of N calls with every variant taking turns (backward = forward+backward
+minus forward).
 
 On a machine without a GPU the Triton launches are STUBBED (replaced by no-ops, so "launch" is 0)
 and SDPA runs its CPU kernels on tiny tensors (B=1, S=16, H=2, D=16: compute well under a
@@ -56,25 +57,22 @@ def stub_launches() -> None:
     plans._jit_launch = lambda kernel, grid, args, constexprs, config: None
 
 
-def per_call_us(fns: dict, iters: int, repeats: int, sync) -> dict[str, float]:
-    """Microseconds per call of each fn: the best over `repeats` rounds (the fns measured in turn
-    within a round, so drift in the machine's speed hits them alike) of the median of 5 batches."""
-    batch = max(1, iters // 5)
+def per_call_us(fns: dict, iters: int, rounds: int, sync) -> dict[str, float]:
+    """Microseconds per call of each fn: the fastest of `rounds` batches of `iters` calls, the fns
+    taking turns within a round. On a shared machine interference only ever adds time, so the
+    minimum over many short batches is the stable estimate of the work itself."""
     best = dict.fromkeys(fns, float("inf"))
     for fn in fns.values():
-        for _ in range(max(20, iters // 10)):
+        for _ in range(max(20, iters)):
             fn()
     sync()
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, fn in fns.items():
-            times = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for _ in range(batch):
-                    fn()
-                sync()
-                times.append((time.perf_counter() - t0) / batch * 1e6)
-            best[name] = min(best[name], statistics.median(times))
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync()
+            best[name] = min(best[name], (time.perf_counter() - t0) / iters * 1e6)
     return best
 
 
@@ -165,7 +163,7 @@ def launch_only(fwd, bwd):
     return replay(recorded[:n_fwd]), replay(recorded[n_fwd:])
 
 
-def measure(paths, douts, iters, repeats, sync):
+def measure(paths, douts, iters, rounds, sync):
     rows = []
     for path in paths:
         dout, dout_t = douts[path.name]
@@ -183,7 +181,7 @@ def measure(paths, douts, iters, repeats, sync):
         if path.sdpa is not None:
             fns["sdpa fwd"] = path.sdpa
             fns["sdpa fwd+bwd"] = lambda: path.sdpa().backward(dout_t)
-        row = {"path": path.name, **per_call_us(fns, iters, repeats, sync)}
+        row = {"path": path.name, **per_call_us(fns, iters, rounds, sync)}
         for who in (*LAYERS, "sdpa"):
             if f"{who} fwd" in row:
                 row[f"{who} bwd"] = row[f"{who} fwd+bwd"] - row[f"{who} fwd"]
@@ -201,7 +199,7 @@ def markdown(rows, env, stubbed: bool, shape) -> str:
                   f"(B={b}, S={s}, H={h}, D={d}), so its numbers include a little compute.", ""]
     else:
         lines += [f"GPU, real launches, B={b} S={s} H={h} D={d} (host-bound: tiny kernels).", ""]
-    lines += ["Microseconds per call (best of medians). Each layer includes the ones below it.", "",
+    lines += ["Microseconds per call (fastest batch). Each layer includes the ones below it.", "",
               "| path | pass | api | autograd | launcher | launch | SDPA | api / SDPA |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -217,8 +215,8 @@ def markdown(rows, env, stubbed: bool, shape) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".benchmarks/host_overhead")
-    ap.add_argument("--iters", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=200, help="calls per timed batch")
+    ap.add_argument("--rounds", type=int, default=30, help="timed batches per measurement (the fastest counts)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -230,12 +228,12 @@ def main(argv=None) -> int:
         sync = lambda: None
     paths, douts = build_paths(device, dtype, *shape)
     env = environment()
-    rows = measure(paths, douts, args.iters, args.repeats, sync)
+    rows = measure(paths, douts, args.iters, args.rounds, sync)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stubbed = not cuda
     result = {"environment": env, "launches_stubbed": stubbed, "shape_bshd": shape, "dtype": str(dtype),
-              "iters": args.iters, "repeats": args.repeats, "rows": rows}
+              "iters": args.iters, "rounds": args.rounds, "rows": rows}
     (out / "host_overhead.json").write_text(json.dumps(result, indent=1))
     md = markdown(rows, env, stubbed, shape)
     (out / "host_overhead.md").write_text(md)

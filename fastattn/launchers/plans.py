@@ -27,6 +27,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from fastattn.kernels import configs
+from fastattn.launchers.device import on_device, stream_of
 
 _I32, _I64 = 2**31, 2**63
 
@@ -184,8 +185,8 @@ def _checked(name, handle, plan, grid, args, outputs, device):
     before = [args[i].clone() for i in outputs]
     try:
         plan.handle = handle
-        with torch.cuda.device(device):
-            plan.launch(grid, args, torch.cuda.current_stream(device).cuda_stream)
+        with on_device(args[0].get_device()):
+            plan.launch(grid, args, stream_of(args[0]))
         same = all(torch.equal(_bits(b), _bits(args[i])) for b, i in zip(before, outputs))
         reason = "its outputs differ from Triton's own launch"
     except Exception as e:  # an API the direct launch did not expect: fall back, keep working

@@ -1,0 +1,341 @@
+"""Launch plans (fastattn.launchers.plans): built once per signature and reused, keyed finely enough
+that a compiled kernel never serves arguments Triton would specialise differently, the constexpr
+tail in the kernels' argument order, the one-time check of a direct launch, and (GPU) direct
+launches and CUDA-graph capture."""
+
+import inspect
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA
+
+import fastattn
+from fastattn import testing
+from fastattn.kernels import configs
+from fastattn.launchers import plans
+from fastattn.launchers import triton_attention as launch
+
+
+@pytest.fixture
+def fresh_plans():
+    launch.clear_plans()
+    yield
+    launch.clear_plans()
+
+
+def count_builds(monkeypatch):
+    built = []
+    real = plans.build
+
+    def spy(name, *args, **kwargs):
+        built.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(plans, "build", spy)
+    return built
+
+
+def check(q, k, v, gen, **kw):
+    results = testing.check_against_reference(
+        lambda q, k, v: fastattn.attention(q, k, v, return_lse=True, backend="triton", **kw), q, k, v,
+        causal=kw.get("causal", False), key_padding_mask=kw.get("key_padding_mask"), generator=gen)
+    assert all(r.ok for r in results), [str(r) for r in results if not r.ok]
+
+
+def test_a_signature_builds_its_plans_once_and_reuses_them(fresh_plans, gen, monkeypatch):
+    built = count_builds(monkeypatch)
+    q, k, v = testing.random_qkv(1, 20, 36, 4, 2, 32, device=DEVICE, generator=gen)
+    check(q, k, v, gen, causal=True)  # forward + backward: 1 + 3 kernels
+    assert sorted(built) == ["bwd_preprocess", "dkdv", "dq", "fwd"]
+    for _ in range(2):  # fresh values, same signature: the cached plans, still right
+        q2, k2, v2 = (torch.randn(x.shape, generator=gen).to(x) for x in (q, k, v))
+        check(q2, k2, v2, gen, causal=True)
+    assert len(built) == 4
+    check(*testing.random_qkv(1, 20, 37, 4, 2, 32, device=DEVICE, generator=gen), gen, causal=True)  # new Sk
+    assert len(built) == 8
+
+
+def test_strides_and_alignment_are_part_of_the_key(fresh_plans, gen, monkeypatch):
+    """A (B, H, S, D) view and a tensor starting 2 bytes past an aligned address are new signatures
+    (Triton specialises on strides and alignment), and both stay correct."""
+    built = count_builds(monkeypatch)
+    q, k, v = testing.random_qkv(1, 24, 24, 2, 2, 32, dtype=torch.float16, device=DEVICE, generator=gen)
+    check(q, k, v, gen)
+    n = len(built)
+    qt, kt, vt = testing.random_qkv(1, 24, 24, 2, 2, 32, dtype=torch.float16, device=DEVICE, layout="bhsd",
+                                    generator=gen)
+    check(qt, kt, vt, gen)
+    assert len(built) == 2 * n
+    flat = torch.randn(q.numel() + 1, generator=gen).to(DEVICE, torch.float16)
+    q_off = flat[1:].view(q.shape)  # 2 bytes past an aligned pointer
+    assert q_off.data_ptr() % 16
+    check(q_off, k, v, gen)
+    assert len(built) == 3 * n
+
+
+def test_specialization_key_is_at_least_as_fine_as_tritons():
+    """Two arguments with the same key must get the same specialisation from Triton itself."""
+    native = pytest.importorskip("triton._C.libtriton").native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    base = torch.zeros(64, dtype=torch.float16)
+    values = [0, 1, 2, 15, 16, 17, 32, 48, -1, -16, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, 2**32, 2**62,
+              2**63, 2**63 + 16, 1.5, base, base[1:], base[8:], base[16:]]
+    triton_spec = lambda x: native(BaseBackend, x, False, True, True)
+    for a in values:
+        for b in values:
+            if plans.specialization((a,)) == plans.specialization((b,)) and type(a) is type(b):
+                assert triton_spec(a) == triton_spec(b), (a if not isinstance(a, torch.Tensor) else "tensor", b)
+
+
+def test_aligned():
+    x = torch.zeros(64, dtype=torch.float16)
+    assert plans.aligned((x, x[8:])) is True
+    assert plans.aligned((x, x[1:], x[8:])) == (True, False, True)
+
+
+@pytest.mark.parametrize("kernel_name", ["attn_fwd_kernel", "attn_bwd_preprocess_kernel", "attn_bwd_dkdv_kernel",
+                                         "attn_bwd_dq_kernel"])
+def test_kernel_arguments_are_runtime_first_then_constexprs(kernel_name):
+    """A compiled kernel takes every argument in order: the plans pass the runtime ones, then the
+    constexpr tail, so no runtime argument may come after a constexpr."""
+    import fastattn.kernels.attn_bwd as bwd
+    import fastattn.kernels.attn_fwd as fwd
+
+    kernel = getattr(fwd, kernel_name, None) or getattr(bwd, kernel_name)
+    params = list(inspect.signature(kernel.fn).parameters.values())
+    is_constexpr = ["constexpr" in str(p.annotation) for p in params]
+    first = is_constexpr.index(True)
+    assert all(is_constexpr[first:]), [p.name for p in params[first:]]
+
+
+def test_plans_tail_matches_the_kernel_signature(fresh_plans, gen):
+    """Every plan the launcher builds has its constexprs in the kernel's order after the runtime
+    arguments (what a compiled kernel is called with)."""
+    q, k, v = testing.random_qkv(2, 17, 33, 4, 2, 40, device=DEVICE, generator=gen, requires_grad=True)
+    mask = torch.rand(2, 33, generator=gen).to(DEVICE) > 0.3
+    fastattn.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend="triton")[1].sum().backward()
+    built = [p for ps in launch._plans.values() for p in ps]
+    assert len(built) == 4
+    for plan in built:
+        names = plan.kernel.arg_names
+        n_args = len(names) - len(plan.tail)
+        assert dict(zip(names[n_args:], plan.tail)) == plan.constexprs
+
+
+def test_plan_cache_is_bounded(fresh_plans, gen, monkeypatch):
+    monkeypatch.setattr(launch, "MAX_CACHED_SIGNATURES", 3)
+    for sk in range(5, 10):
+        q, k, v = testing.random_qkv(1, 4, sk, 1, 1, 16, device=DEVICE, generator=gen)
+        fastattn.attention(q, k, v, backend="triton")
+        assert len(launch._plans) <= 3
+
+
+def test_forced_configs_are_used_and_dropped(fresh_plans, gen):
+    q, k, v = testing.random_qkv(1, 30, 30, 1, 1, 16, device=DEVICE, generator=gen)
+    fastattn.attention(q, k, v, backend="triton")
+    with launch.forced_configs(fwd=configs.BlockConfig(16, 16)):
+        fastattn.attention(q, k, v, backend="triton")
+        (plan,), = launch._plans.values()
+        assert (plan.config.block_m, plan.config.block_n) == (16, 16)
+    assert not launch._plans
+
+
+class FakeCompiled:
+    """Stands in for Triton's CompiledKernel: `compiled[grid](*args, stream=...)`, writing `value`
+    into the output (args[1]) like the real kernel would, or failing."""
+
+    def __init__(self, value, fail=False):
+        self.value, self.fail, self.calls = value, fail, []
+
+    def __getitem__(self, grid):
+        def run(*args, stream=None):
+            if self.fail:
+                raise TypeError("unexpected launcher arguments")
+            self.calls.append((grid, args, stream))
+            args[1].fill_(self.value)
+        return run
+
+
+class FakeKernel:
+    """A 'kernel' (x, out, n, SCALE: constexpr, BLOCK_M: constexpr) whose JIT launch writes 1.0 and
+    returns `compiled`."""
+
+    arg_names = ["x", "out", "n", "SCALE", "BLOCK_M"]
+
+    def __init__(self, compiled):
+        self.compiled, self.jit_calls = compiled, 0
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.jit_calls += 1
+            args[1].fill_(1.0)
+            return self.compiled
+        return run
+
+
+@pytest.mark.parametrize("handle_value,fail,kept", [(1.0, False, True), (2.0, False, False), (1.0, True, False)])
+def test_direct_launch_is_checked_once_against_the_jit(monkeypatch, handle_value, fail, kept):
+    """A compiled kernel is launched directly only if its first direct launch reproduces the JIT
+    launch bit for bit; otherwise the plan keeps the JIT path, warns once, and the outputs are
+    the JIT's."""
+    monkeypatch.setattr(plans, "direct_launch_enabled", lambda: True)
+    monkeypatch.setattr(plans, "_handles", {})
+    monkeypatch.setattr(plans, "_tuned", {})
+    monkeypatch.setattr(plans, "_warned", set())
+    compiled = FakeCompiled(handle_value, fail)
+    kernel = FakeKernel(compiled)
+    x, out = torch.zeros(4), torch.zeros(4)
+    cands = [configs.BlockConfig(16, 16)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plans.build("fake", kernel, cands, lambda c: (1, 1, 1), (x, out, 4), {"SCALE": 3},
+                           seq_len=4, outputs=(1,), device=torch.device("cpu"))
+    assert (plan.handle is compiled) == kept
+    assert bool(caught) != kept
+    assert torch.equal(out, torch.ones(4))  # the JIT launch's result either way
+    assert plan.tail == (3, 16)
+    if kept:
+        plan.launch((2, 1, 1), (x, out, 4))
+        assert compiled.calls[-1] == ((2, 1, 1), (x, out, 4, 3, 16), None)
+        assert kernel.jit_calls == 1
+
+
+def test_direct_launch_switch(monkeypatch):
+    monkeypatch.setattr(configs, "_INTERPRETER", False)
+    monkeypatch.setenv("FASTATTN_DIRECT_LAUNCH", "0")
+    assert not plans.direct_launch_enabled()
+    monkeypatch.setenv("FASTATTN_DIRECT_LAUNCH", "1")
+    assert plans.direct_launch_enabled()
+
+
+# ---------------------------------------------------------------- GPU: direct launches, CUDA graphs
+
+@pytest.mark.gpu
+def test_direct_launches_are_used_and_match_the_jit_path(fresh_plans, gen, monkeypatch):
+    """On a GPU every plan launches its compiled kernel directly (no check failed), and the results
+    are bit-identical to Triton's own launch path, over shapes that change Triton's specialisation
+    (Sq 1 -> 2, Sk 16 -> 17, a misaligned view, a mask, packed sequences)."""
+    shapes = [(1, 1, 16, 4, 1, 64), (1, 2, 16, 4, 1, 64), (2, 2, 17, 4, 1, 64), (2, 33, 33, 2, 2, 128)]
+
+    def run_all():
+        results = []
+        for b, sq, sk, hq, hkv, d in shapes:
+            g = torch.Generator().manual_seed(b * 1000 + sq * 10 + sk)
+            q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=torch.bfloat16, device="cuda", generator=g,
+                                         requires_grad=True)
+            mask = (torch.rand(b, sk, generator=g) > 0.3).cuda()
+            for kw in ({"causal": True}, {"key_padding_mask": mask}):
+                out, lse = fastattn.attention(q, k, v, return_lse=True, backend="triton", **kw)
+                (out.float().square().sum() + lse.sum()).backward()
+                results += [out, lse, q.grad, k.grad, v.grad]
+                q.grad = k.grad = v.grad = None
+        return [r.detach().clone() for r in results]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed direct-launch check warns
+        direct = run_all()
+        direct = run_all()  # the second round launches every plan directly
+    assert all(p.handle is not None for ps in launch._plans.values() for p in ps)
+    launch.clear_plans()
+    monkeypatch.setenv("FASTATTN_DIRECT_LAUNCH", "0")
+    jit = run_all()
+    assert all(p.handle is None for ps in launch._plans.values() for p in ps)
+    for a, b in zip(direct, jit):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padded", [False, True])
+def test_cuda_graph_captures_a_model_layer_forward_and_backward(padded, gen):
+    """A warmed-up attention layer (fwd + bwd, causal or with a key-padding mask) is captured in a
+    CUDA graph and replayed on new inputs with the results of eager runs."""
+    from fastattn.models.layers import MultiHeadAttention
+
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(128, 4, 2, causal=not padded, attn_backend="triton").cuda().to(torch.bfloat16)
+    b, s = 2, 96
+    static_x = torch.randn(b, s, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    static_mask = torch.ones(b, s, dtype=torch.bool, device="cuda") if padded else None
+    static_dy = torch.randn(b, s, 128, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        y = layer(static_x, key_padding_mask=static_mask)
+        y.backward(static_dy)
+        return y
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up: plans built, autotuning (if any) done outside the capture
+            layer.zero_grad(set_to_none=False)
+            static_x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    layer.zero_grad(set_to_none=False)
+    static_x.grad = torch.zeros_like(static_x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = step()
+
+    for trial in range(2):
+        x = torch.randn(b, s, 128, generator=gen).cuda().to(torch.bfloat16)
+        dy = torch.randn(b, s, 128, generator=gen).cuda().to(torch.bfloat16)
+        mask = None
+        if padded:
+            mask = torch.rand(b, s, generator=gen).cuda() > 0.4
+            mask[:, 0] = True
+            static_mask.copy_(mask)
+        static_x.data.copy_(x)
+        static_dy.copy_(dy)
+        static_x.grad.zero_()
+        for p in layer.parameters():
+            p.grad.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        graph_out = (static_y.detach().clone(), static_x.grad.clone(), layer.q_proj.weight.grad.clone())
+
+        x_eager = x.clone().requires_grad_()
+        for p in layer.parameters():
+            p.grad = None
+        y = layer(x_eager, key_padding_mask=mask)
+        y.backward(dy)
+        eager_out = (y.detach(), x_eager.grad, layer.q_proj.weight.grad)
+        for a, e in zip(graph_out, eager_out):
+            # Same kernels on the same inputs; cuBLAS may pick other algorithms under capture, so
+            # allow bf16 rounding, far below what stale masks or bounds would do.
+            scale = e.float().abs().max().item()
+            torch.testing.assert_close(a.float(), e.float(), rtol=0, atol=2e-2 * scale,
+                                       msg=lambda m: f"trial {trial}: replay differs from eager: {m}")
+
+
+@pytest.mark.gpu
+def test_no_host_sync_on_the_hot_paths(gen):
+    """Padded, masked and packed calls (fwd + bwd, after warm-up) run with torch's sync debug mode
+    set to error: nothing reads a device value on the host."""
+    q, k, v = testing.random_qkv(2, 64, 64, 4, 2, 64, dtype=torch.float16, device="cuda", generator=gen,
+                                 requires_grad=True)
+    mask = (torch.rand(2, 64, generator=gen) > 0.2).cuda()
+    qp, kp, vp = (x.detach().reshape(128, *x.shape[2:]).requires_grad_() for x in (q, k, v))
+    cu = torch.tensor([0, 50, 128], dtype=torch.int32, device="cuda")
+
+    def calls():
+        fastattn.attention(q, k, v, causal=True, backend="triton").sum().backward()
+        fastattn.attention(q, k, v, key_padding_mask=mask, backend="triton").sum().backward()
+        fastattn.attention_varlen(qp, kp, vp, cu, cu, 78, 78, causal=True, backend="triton").sum().backward()
+
+    calls()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        calls()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU: the interpreter never launches compiled kernels")
+def test_interpreter_plans_have_no_compiled_kernel(fresh_plans, gen):
+    q, k, v = testing.random_qkv(1, 8, 8, 1, 1, 16, device=DEVICE, generator=gen)
+    fastattn.attention(q, k, v, backend="triton")
+    assert all(p.handle is None for ps in launch._plans.values() for p in ps)
