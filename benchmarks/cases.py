@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fastattn.flops import MODES, attention_flops
+from fastattn.shape import AttentionShape
 
 TOKENS = 16384
 HIDDEN = 2048
@@ -28,15 +29,11 @@ DECODE_SKIP_REASON = ("fastattn has no decode (split-KV) kernel yet; decoding is
                       "once one exists")
 
 
-@dataclass(frozen=True)
-class Case:
+@dataclass(frozen=True, kw_only=True)
+class Case(AttentionShape):
+    """A benchmark case: an attention shape (fastattn's one shape record) plus what the case is."""
+
     kind: str  # "self" (the standard grid), "cross", "gqa", "padded", "decode"
-    batch: int
-    seqlen_q: int
-    seqlen_k: int
-    heads_q: int
-    heads_kv: int
-    head_dim: int
     causal: bool
     dtype: str  # a torch dtype name: "bfloat16", "float16", "float32"
     fill: float = 1.0  # padded: the shortest batch element's fraction of real keys
@@ -95,7 +92,7 @@ class Case:
 
 def standard(dtypes=DTYPES, head_dims=HEAD_DIMS, seqlens=SEQLENS, causals=(False, True)) -> list[Case]:
     """FlashAttention's grid: 16k tokens per batch, hidden 2048."""
-    return [Case("self", TOKENS // s, s, s, HIDDEN // d, HIDDEN // d, d, c, dt)
+    return [Case(TOKENS // s, s, s, HIDDEN // d, HIDDEN // d, d, kind="self", causal=c, dtype=dt)
             for dt in dtypes for d in head_dims for c in causals for s in seqlens]
 
 
@@ -103,16 +100,19 @@ def extra(dtype="bfloat16") -> dict[str, Case]:
     """Cross-attention (B=8 x 512 queries over 4k keys, as in the earlier H100 runs), GQA at 16k
     tokens per batch (D=64 and 128) and a padded batch of 16k token slots (D=128)."""
     return {
-        "cross": Case("cross", 8, 512, 4096, 16, 16, 128, False, dtype),  # encoder-decoder: 512 queries, 4k keys
-        "cross_causal": Case("cross", 8, 512, 4096, 16, 16, 128, True, dtype),  # chunked prefill: bottom-right
-        "gqa4": Case("gqa", 4, 4096, 4096, 32, 8, 64, True, dtype),  # 4 query heads per KV head
-        "gqa8": Case("gqa", 4, 4096, 4096, 16, 2, 128, True, dtype),  # 8 query heads per KV head
-        "padded": Case("padded", 8, 2048, 2048, 16, 16, 128, False, dtype, fill=0.5),  # encoder batch, 50..100% real
+        # encoder-decoder: 512 queries over 4k keys; the causal one is chunked prefill (bottom-right)
+        "cross": Case(8, 512, 4096, 16, 16, 128, kind="cross", causal=False, dtype=dtype),
+        "cross_causal": Case(8, 512, 4096, 16, 16, 128, kind="cross", causal=True, dtype=dtype),
+        # 4 and 8 query heads per KV head
+        "gqa4": Case(4, 4096, 4096, 32, 8, 64, kind="gqa", causal=True, dtype=dtype),
+        "gqa8": Case(4, 4096, 4096, 16, 2, 128, kind="gqa", causal=True, dtype=dtype),
+        # an encoder batch, 50..100% real tokens
+        "padded": Case(8, 2048, 2048, 16, 16, 128, kind="padded", causal=False, dtype=dtype, fill=0.5),
     }
 
 
 def decode(dtype="bfloat16") -> list[Case]:
-    return [Case("decode", b, 1, 8192, 16, 16, 128, False, dtype) for b in (1, 8, 64)]
+    return [Case(b, 1, 8192, 16, 16, 128, kind="decode", causal=False, dtype=dtype) for b in (1, 8, 64)]
 
 
 def quick_gpu() -> list[Case]:
@@ -134,13 +134,13 @@ def cpu_quick() -> list[Case]:
     """Tiny shapes for a machine without a GPU (the Triton kernels run in the interpreter). fp16: the
     interpreter cannot run bf16 dots, and the bf16 row shows that reported as a skip."""
     return [
-        Case("self", 2, 128, 128, 2, 2, 64, False, "float16"),
-        Case("self", 2, 128, 128, 2, 2, 64, True, "float16"),
-        Case("self", 2, 128, 128, 2, 2, 64, True, "bfloat16"),
-        Case("cross", 2, 64, 256, 2, 2, 64, False, "float16"),
-        Case("gqa", 1, 128, 128, 4, 1, 64, True, "float16"),
-        Case("padded", 3, 128, 128, 2, 2, 64, False, "float16", fill=0.5),
-        Case("decode", 2, 1, 256, 2, 2, 64, False, "float16"),
+        Case(2, 128, 128, 2, 2, 64, kind="self", causal=False, dtype="float16"),
+        Case(2, 128, 128, 2, 2, 64, kind="self", causal=True, dtype="float16"),
+        Case(2, 128, 128, 2, 2, 64, kind="self", causal=True, dtype="bfloat16"),
+        Case(2, 64, 256, 2, 2, 64, kind="cross", causal=False, dtype="float16"),
+        Case(1, 128, 128, 4, 1, 64, kind="gqa", causal=True, dtype="float16"),
+        Case(3, 128, 128, 2, 2, 64, kind="padded", causal=False, dtype="float16", fill=0.5),
+        Case(2, 1, 256, 2, 2, 64, kind="decode", causal=False, dtype="float16"),
     ]
 
 

@@ -18,7 +18,7 @@ from benchmarks.providers import PROVIDERS, Provider  # noqa: E402
 from fastattn import reference  # noqa: E402
 from fastattn.flops import attention_flops  # noqa: E402
 
-TINY = Case("self", 1, 24, 24, 2, 2, 16, True, "float32")
+TINY = Case(1, 24, 24, 2, 2, 16, kind="self", causal=True, dtype="float32")
 FAST = measure.Timing(warmup_ms=1, rep_ms=2)
 
 
@@ -35,11 +35,11 @@ def test_grids():
 
 
 def test_case_flops_and_bytes_use_the_one_formula():
-    c = Case("cross", 2, 8, 32, 4, 2, 16, True, "bfloat16")
+    c = Case(2, 8, 32, 4, 2, 16, kind="cross", causal=True, dtype="bfloat16")
     for mode in ("fwd", "bwd", "fwd_bwd"):
         assert c.flops(mode) == attention_flops(2, 4, 8, 32, 16, causal=True, mode=mode)
     # Padded: each batch element's queries see its own number of real keys, from fill * Sk up.
-    p = Case("padded", 3, 16, 16, 2, 2, 8, False, "float16", fill=0.5)
+    p = Case(3, 16, 16, 2, 2, 8, kind="padded", causal=False, dtype="float16", fill=0.5)
     assert p.key_lengths() == [8, 12, 16]
     assert p.flops("fwd") == sum(attention_flops(1, 2, 16, n, 8, causal=False) for n in (8, 12, 16))
     q, kv = 2 * 8 * 4 * 16, 2 * 32 * 2 * 16  # elements of q and of each of k, v
@@ -106,8 +106,8 @@ def test_providers_that_cannot_run_say_why(rows):
     r = _row(rows, "fake-raises", "bwd")
     assert r.ms is None and r.skipped == "RuntimeError: no kernel for this shape"
     # Skips known before running: the decode cases (no decode kernel), machine-level unavailability.
-    dec = measure.run_case(Case("decode", 2, 1, 64, 2, 2, 16, False, "float16"), list(PROVIDERS.values()),
-                           ("fwd",), device=DEVICE, ceilings={}, timing=FAST)
+    decode = Case(2, 1, 64, 2, 2, 16, kind="decode", causal=False, dtype="float16")
+    dec = measure.run_case(decode, list(PROVIDERS.values()), ("fwd",), device=DEVICE, ceilings={}, timing=FAST)
     assert len(dec) == len(PROVIDERS) and all(r.skipped == cases.DECODE_SKIP_REASON for r in dec)
     status = fastattn.available_backends().get("cuda")
     reason = providers.why_not(PROVIDERS["fastattn-cuda"], TINY, DEVICE)
@@ -116,15 +116,15 @@ def test_providers_that_cannot_run_say_why(rows):
         assert reason == "this fastattn has no 'cuda' backend"
     if not torch.cuda.is_available():
         assert "CUDA" in providers.why_not(PROVIDERS["sdpa-cudnn"], TINY, "cpu")
-        bf16 = Case("self", 1, 16, 16, 1, 1, 16, False, "bfloat16")
+        bf16 = Case(1, 16, 16, 1, 1, 16, kind="self", causal=False, dtype="bfloat16")
         assert "11584" in providers.why_not(PROVIDERS["fastattn-triton"], bf16, "cpu")
         assert PROVIDERS["fastattn-triton"].timing_skip("cpu")
-    big = Case("self", 1, 16384, 16384, 16, 16, 128, False, "bfloat16")
+    big = Case(1, 16384, 16384, 16, 16, 128, kind="self", causal=False, dtype="bfloat16")
     assert "score matrix" in providers.why_not(PROVIDERS["naive"], big, "cuda")
 
 
 def _m(provider, mode, seqlen, tflops, gate="ok", role="baseline", kind="self", ratios=None):
-    c = Case(kind, 16384 // seqlen, seqlen, seqlen, 16, 16, 128, False, "bfloat16").as_dict()
+    c = Case(16384 // seqlen, seqlen, seqlen, 16, 16, 128, kind=kind, causal=False, dtype="bfloat16").as_dict()
     return {"case": c, "provider": provider, "mode": mode, "device_type": "cuda", "role": role,
             "ms": None if tflops is None else 1.0, "tflops": tflops, "pct_of_matmul": tflops and tflops / 8,
             "intensity": 100.0, "peak_mib": 12.0, "gate": gate, "skipped": "" if tflops else "why not",
@@ -232,8 +232,9 @@ def test_run_cli_end_to_end(tmp_path, monkeypatch):
     """The CPU mode on a patched one-case grid: reports written, gate run through the interpreter."""
     from benchmarks import run
 
-    monkeypatch.setitem(cases.GRIDS, "cpu", lambda: [Case("self", 1, 32, 32, 2, 1, 16, True, "float16"),
-                                                     Case("decode", 1, 1, 64, 2, 2, 16, False, "float16")])
+    grid = [Case(1, 32, 32, 2, 1, 16, kind="self", causal=True, dtype="float16"),
+            Case(1, 1, 64, 2, 2, 16, kind="decode", causal=False, dtype="float16")]
+    monkeypatch.setitem(cases.GRIDS, "cpu", lambda: grid)
     monkeypatch.setitem(run.SETTINGS, "cpu", {**run.SETTINGS["cpu"], "timing": FAST})
     if torch.cuda.is_available():
         pytest.skip("the CPU mode")

@@ -5,8 +5,16 @@ an optional key-padding mask, and fastattn::triton_attn_varlen_fwd / _bwd over p
 from __future__ import annotations
 
 from fastattn.launchers import triton_attention as launch
-from fastattn.ops.library import PADDED_BWD, PADDED_FWD, VARLEN_BWD, VARLEN_FWD, bwd_fake, define, padded_fwd_fake, \
-    varlen_fwd_fake
+from fastattn.ops.library import (
+    PADDED_BWD,
+    PADDED_FWD,
+    VARLEN_BWD,
+    VARLEN_FWD,
+    bwd_fake,
+    define,
+    padded_fwd_fake,
+    varlen_fwd_fake,
+)
 
 triton_attn_fwd = define("triton_attn_fwd", PADDED_FWD, launch.forward, padded_fwd_fake)
 triton_attn_bwd = define("triton_attn_bwd", PADDED_BWD, launch.backward, bwd_fake)
