@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check: install + build fastattn._C (no network), CUDA smoke run, GPU tests, quick kernel
-# benchmark, model benchmark, a compute-sanitizer pass; summary table last.
+# GPU check: install + build fastattn._C (no network), CUDA smoke run, GPU tests, host overhead per
+# call vs SDPA, quick kernel benchmark, model benchmark, a compute-sanitizer pass; summary table last.
 #
 #   tools/gpu_check.sh OUTDIR            (BUDGET_S=520 by default: the whole script, in seconds)
 #
@@ -10,6 +10,7 @@
 #   check.log     install + build log, nvidia-smi, versions
 #   smoke.log     the CUDA kernels run once in a process of their own (a fault cannot hide elsewhere)
 #   pytest.log    the test suite on the GPU, one line per test (-v), new-work tests first
+#   host.md       host microseconds per call, fastattn layer by layer vs SDPA (benchmarks/host_overhead.py)
 #   bench.log     kernel benchmark progress (benchmarks/run.py --grid quick)
 #   models.log    model benchmark progress (benchmarks/bench_models.py)
 #   summary.md    the short table printed last
@@ -50,17 +51,26 @@ stamp "cuda smoke rc=$smoke_rc"
 
 # Tests on the GPU, 16 workers; the files that have never run on a GPU first, then the rest.
 workers=$(( $(nproc) > 16 ? 16 : $(nproc) ))
-FIRST="tests/test_cuda_attention.py tests/test_models.py tests/test_padding_varlen.py tests/test_sdpa_dropin.py \
-tests/test_model_benchmark.py tests/test_bench_suite.py tests/test_bench_padding.py"
+FIRST="tests/test_launch_plans.py tests/test_ops.py tests/test_triton_attention.py tests/test_padding_varlen.py \
+tests/test_models.py tests/test_cuda_attention.py"
 REST=$(ls tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<< "$FIRST"))
 timeout "$(left 330)" $PY -m pytest -v -m "not slow" -n "$workers" --timeout 150 -p no:cacheprovider $FIRST \
   > "$OUT/pytest.log" 2>&1
 test1_rc=$?
 stamp "tests (new work) rc=$test1_rc: $(tail -1 "$OUT/pytest.log")"
-timeout "$(left 220)" $PY -m pytest -v -m "not slow" -n "$workers" --timeout 150 -p no:cacheprovider $REST \
+timeout "$(left 270)" $PY -m pytest -v -m "not slow" -n "$workers" --timeout 150 -p no:cacheprovider $REST \
   >> "$OUT/pytest.log" 2>&1
 test2_rc=$?
 stamp "tests (the rest) rc=$test2_rc: $(tail -1 "$OUT/pytest.log")"
+
+# Host time per call (real launches, tiny kernels: host-bound), fastattn's layers vs SDPA.
+host_rc=-
+if [ "$(left 220)" -gt 30 ]; then
+  timeout 50 $PY benchmarks/host_overhead.py --rounds 10 --out "$WORK/host" > "$WORK/host.log" 2>&1
+  host_rc=$?
+  cp "$WORK/host/host_overhead.md" "$OUT/host.md" 2>/dev/null
+  stamp "host overhead rc=$host_rc"
+fi
 
 # Kernel benchmark with autotuning on (as a user gets it): the quick grid under a time budget.
 bench_rc=-
@@ -111,6 +121,7 @@ fi
   echo "| cuda smoke | $smoke_rc | $(tail -1 "$OUT/smoke.log") |"
   echo "| tests (new work) | $test1_rc | $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | grep -E '^=+ ' | head -1) |"
   echo "| tests (rest) | $test2_rc | $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | grep -E '^=+ ' | tail -1) |"
+  echo "| host overhead | $host_rc | $(grep -E '^\| dense causal \| fwd\+bwd' "$OUT/host.md" 2>/dev/null) |"
   echo "| bench | $bench_rc | $(grep -E '^[0-9]+ timings' "$OUT/bench.log" | tail -1) |"
   echo "| models | $models_rc | $(grep -c 'train step' "$OUT/models.log" 2>/dev/null) rows |"
   echo "| sanitizer | $san_rc | $(grep -E 'ERROR SUMMARY' "$WORK/sanitizer.log" 2>/dev/null | tail -1) |"
@@ -119,6 +130,7 @@ fi
   echo
   [ -f "$WORK/bench/bench.json" ] && $PY -m benchmarks.report "$WORK/bench/bench.json" --summary
   [ -f "$WORK/models/models.md" ] && cat "$WORK/models/models.md"
+  [ -f "$OUT/host.md" ] && cat "$OUT/host.md"
 } > "$OUT/summary.md" 2>&1
 cp "$OUT/summary.md" "$WORK/"
 tar -czf "$OUT/results.tgz" -C "$WORK" . 2>/dev/null
