@@ -7,7 +7,7 @@ When fastattn._C is built (FASTATTN_BUILD_CUDA):
   "1"             always; a missing nvcc / pybind11 or a compile error fails the install
   "0"             never
 No torch import here: CI installs with build isolation on CPU machines, where torch is absent, and
-skips the extension in well under a second. The kernels need no PyTorch headers (DESIGN.md).
+skips the extension in well under a second. The kernels need no PyTorch headers (docs/design.md).
 FASTATTN_CUDA_ARCHS (default "80;90a") lists the SASS targets; PTX for the lowest is embedded too, so
 newer GPUs can JIT it.
 """

@@ -2,7 +2,7 @@
 
 The gate: each provider runs on the case's full inputs; batch element 0, query head 0 of its
 output (and, for the backward modes, of dq/dk/dv under a cotangent that is zero elsewhere) is
-compared with the float64 reference under DESIGN.md's tolerance rule (fastattn.testing). With
+compared with the float64 reference under docs/design.md's tolerance rule (fastattn.testing). With
 the cotangent zero outside that slice, KV head 0's gradients get nothing from the other query
 heads of its group (dS = P * (dP - delta) = 0 there), so the slice's gradients are the slice's
 own. A provider that fails the gate is still timed but flagged: it gets no ratios and is not

@@ -1,5 +1,5 @@
 // fastattn CUDA backend: parameter structs shared by the kernels and the pybind11 binding.
-// No PyTorch headers here (DESIGN.md, "Kernels"): raw device pointers, int64 element strides,
+// No PyTorch headers here (docs/design.md, "Kernels"): raw device pointers, int64 element strides,
 // sizes, and the stream to launch on. Layout is FlashAttention's: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D),
 // each addressed as ptr + b*stride_b + s*stride_s + h*stride_h + d (the head dim is contiguous).
 #pragma once

@@ -1,4 +1,4 @@
-"""Test helpers: random inputs and DESIGN.md's tolerance rule (the one tolerance helper).
+"""Test helpers: random inputs and docs/design.md's tolerance rule (the one tolerance helper).
 
 A result passes when  max|out - ref64| <= factor * max|naive_lowprec - ref64| + 1e-5 * max(1, max|ref64|),
 where ref64 is ``fastattn.reference`` in float64 and naive_lowprec is the same naive math done in
@@ -14,7 +14,7 @@ noise of the size of dP, which the naive softmax backward happens to cancel exac
 1.05e-5 against 1.00e-5). For fp16/bf16 outputs the floor is one unit of the dtype's precision
 (eps) instead of 1e-5: with two keys the naive fp16 result can be exact by luck while any other
 valid rounding of P is an ulp off (seen: 7.5e-4 against 5.7e-4). For fp32 values of order 1 the
-floor is DESIGN.md's 1e-5 unchanged.
+floor is docs/design.md's 1e-5 unchanged.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The CUDA C++ kernels (backend="cuda", fastattn._C) against the float64 reference under DESIGN.md's
+"""The CUDA C++ kernels (backend="cuda", fastattn._C) against the float64 reference under docs/design.md's
 tolerance rule (fastattn.testing) and against the Triton kernels: forward, lse and the three
 gradients, on the awkward shapes of test_triton_attention.py (head dims 40, 64, 80, 128) plus 32 and
 96. Every test here runs the kernels, so every test is marked `gpu`; CPU checks are in

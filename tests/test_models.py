@@ -1,5 +1,5 @@
 """The reference models: each backend matches the same model on "reference" (logits and every
-parameter gradient, under DESIGN.md's tolerance rule), cached generation gives exactly the tokens of
+parameter gradient, under docs/design.md's tolerance rule), cached generation gives exactly the tokens of
 full recomputation, and padding never changes the result for real tokens."""
 
 import copy

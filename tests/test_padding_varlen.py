@@ -1,5 +1,5 @@
 """Key-padding masks and packed (varlen) sequences in the Triton kernels, against the float64
-reference (DESIGN.md tolerance rule), plus the padded <-> packed helpers."""
+reference (docs/design.md tolerance rule), plus the padded <-> packed helpers."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Triton kernels against the float64 reference (DESIGN.md tolerance rule): forward, lse and all
+"""Triton kernels against the float64 reference (docs/design.md tolerance rule): forward, lse and all
 three gradients over awkward shapes. On CPU this runs through the Triton interpreter."""
 
 import pytest
