@@ -5,8 +5,7 @@ The ops are plain torch.library ops: a schema, a kernel (the launcher function i
 implementation, so torch.compile traces them and torch.library.opcheck checks them. Gradients come
 from fastattn.ops.autograd, one autograd.Function per layout around a forward/backward op pair.
 Measured on a 2-core CPU: a call through torch.library.custom_op costs ~21 us more than calling its
-function, a plain op defined here ~5 us, and custom_op's register_autograd adds ~100 us to a
-forward+backward (docs/design.md, "Ops and autograd").
+function, a plain op defined here ~5 us (docs/design.md, "Ops and autograd").
 """
 
 from __future__ import annotations
