@@ -17,6 +17,7 @@ from test_triton_attention import SHAPES as TRITON_SHAPES
 
 import fastattn
 from fastattn import testing
+from fastattn.launchers.masks import key_bounds
 
 pytestmark = pytest.mark.gpu
 
@@ -233,12 +234,13 @@ def test_opcheck(gen):
     q, k, v = testing.random_qkv(1, 37, 70, 4, 2, 64, dtype=torch.float16, device=DEVICE, generator=gen,
                                  requires_grad=True)
     mask = torch.rand(1, 70, generator=gen).to(DEVICE) < 0.8
-    torch.library.opcheck(torch.ops.fastattn.cuda_attn_fwd.default, (q, k, v, None, True, 0.2, True))
-    torch.library.opcheck(torch.ops.fastattn.cuda_attn_fwd.default, (q, k, v, mask, False, 0.2, False))
-    out, lse = torch.ops.fastattn.cuda_attn_fwd(q, k, v, None, True, 0.2, True)
+    torch.library.opcheck(torch.ops.fastattn.cuda_attn_fwd.default, (q, k, v, None, None, True, 0.2))
+    torch.library.opcheck(torch.ops.fastattn.cuda_attn_fwd.default, (q, k, v, mask, key_bounds(mask), False, 0.2))
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out, lse = torch.ops.fastattn.cuda_attn_fwd(q, k, v, None, None, True, 0.2)
     dout = torch.randn_like(out)
     torch.library.opcheck(torch.ops.fastattn.cuda_attn_bwd.default,
-                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, None, True, 0.2))
+                          (dout, q, k, v, out, lse, None, None, None, True, 0.2))
 
 
 def test_compile_fullgraph_matches_eager(gen):
