@@ -1,6 +1,6 @@
 """Host time per attention call: fastattn against PyTorch SDPA, layer by layer.
 
-    python benchmarks/host_overhead.py [--out DIR] [--iters N] [--repeats R]
+    python benchmarks/host_overhead.py [--out DIR] [--iters N] [--rounds R]
 
 What a model feels besides the kernels: the Python and dispatcher work of every call, which decides
 whether a step is host-bound. For each path (dense causal, key-padding mask, packed varlen) it times
@@ -98,25 +98,25 @@ def build_paths(device, dtype, b, s, h, d):
     dout_t = dout.transpose(1, 2)
     attn_mask = mask[:, None, None, :]
 
-    def launcher_pair(kpm, kvb):
+    def launcher_pair(kpm, kvb, causal):
         def fwd():
-            return launcher.forward(q, k, v, kpm, kvb, True, scale)
+            return launcher.forward(q, k, v, kpm, kvb, causal, scale)
 
         def bwd(saved):
             out, lse = saved
-            return launcher.backward(dout, q, k, v, out, lse, None, kpm, kvb, True, scale)
+            return launcher.backward(dout, q, k, v, out, lse, None, kpm, kvb, causal, scale)
 
         return fwd, bwd
 
     dense = Path_("dense causal", {
         "api": lambda: fastattn.attention(q, k, v, causal=True, backend="triton"),
         "autograd": lambda: padded_attention(q, k, v, None, True, scale, False, "triton"),
-        "launcher": launcher_pair(None, None),
+        "launcher": launcher_pair(None, None, True),
     }, lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
     padded = Path_("key-padding mask", {
         "api": lambda: fastattn.attention(q, k, v, key_padding_mask=mask, backend="triton"),
         "autograd": lambda: padded_attention(q, k, v, mask, False, scale, False, "triton"),
-        "launcher": launcher_pair(mask, bounds),
+        "launcher": launcher_pair(mask, bounds, False),
     }, lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask))
     # Packed: the same tokens as b sequences of s.
     qp, kp, vp = (x.detach().reshape(b * s, h, d).requires_grad_() for x in (q, k, v))

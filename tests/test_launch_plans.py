@@ -124,6 +124,28 @@ def test_plans_tail_matches_the_kernel_signature(fresh_plans, gen):
         assert dict(zip(names[n_args:], plan.tail)) == plan.constexprs
 
 
+def test_packed_batches_of_other_totals_reuse_plans(fresh_plans, gen, monkeypatch):
+    """Packed batches with other token totals (same max lengths, same specialisation of the totals)
+    hit the cached plans: the totals are keyed by how Triton specialises them, not their values."""
+    built = count_builds(monkeypatch)
+
+    def run(lengths):
+        cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(DEVICE)
+        total = sum(lengths)
+        q, k, v = (torch.randn(total, 2, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+        out = fastattn.attention_varlen(q, k, v, cu, cu, 12, 12, causal=True, backend="triton")
+        out.sum().backward()
+        ref = fastattn.attention_varlen(q, k, v, cu, cu, 12, 12, causal=True, backend="reference")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+    run([5, 12, 7])  # total 24
+    n = len(built)
+    run([12, 3, 10])  # total 25: not a multiple of 16 either
+    assert len(built) == n
+    run([12, 12, 8])  # total 32: a multiple of 16, specialised otherwise by Triton
+    assert len(built) == 2 * n
+
+
 def test_plan_cache_is_bounded(fresh_plans, gen, monkeypatch):
     monkeypatch.setattr(launch, "MAX_CACHED_SIGNATURES", 3)
     for sk in range(5, 10):
@@ -144,7 +166,7 @@ def test_forced_configs_are_used_and_dropped(fresh_plans, gen):
 
 class FakeCompiled:
     """Stands in for Triton's CompiledKernel: `compiled[grid](*args, stream=...)`, writing `value`
-    into the output (args[1]) like the real kernel would, or failing."""
+    into the output (args[1]) like the real kernel would (None: writing nothing), or failing."""
 
     def __init__(self, value, fail=False):
         self.value, self.fail, self.calls = value, fail, []
@@ -154,7 +176,8 @@ class FakeCompiled:
             if self.fail:
                 raise TypeError("unexpected launcher arguments")
             self.calls.append((grid, args, stream))
-            args[1].fill_(self.value)
+            if self.value is not None:
+                args[1].fill_(self.value)
         return run
 
 
@@ -175,11 +198,12 @@ class FakeKernel:
         return run
 
 
-@pytest.mark.parametrize("handle_value,fail,kept", [(1.0, False, True), (2.0, False, False), (1.0, True, False)])
+@pytest.mark.parametrize("handle_value,fail,kept", [(1.0, False, True), (2.0, False, False), (None, False, False),
+                                                     (1.0, True, False)])
 def test_direct_launch_is_checked_once_against_the_jit(monkeypatch, handle_value, fail, kept):
-    """A compiled kernel is launched directly only if its first direct launch reproduces the JIT
-    launch bit for bit; otherwise the plan keeps the JIT path, warns once, and the outputs are
-    the JIT's."""
+    """A compiled kernel is launched directly only if its first direct launch writes what the JIT
+    launch writes, bit for bit (one that writes a wrong value, nothing at all, or raises is not);
+    otherwise the plan keeps the JIT path, warns once, and the outputs are the JIT's."""
     monkeypatch.setattr(plans, "direct_launch_enabled", lambda: True)
     monkeypatch.setattr(plans, "_handles", {})
     monkeypatch.setattr(plans, "_tuned", {})
@@ -199,7 +223,7 @@ def test_direct_launch_is_checked_once_against_the_jit(monkeypatch, handle_value
     if kept:
         plan.launch((2, 1, 1), (x, out, 4))
         assert compiled.calls[-1] == ((2, 1, 1), (x, out, 4, 3, 16), None)
-        assert kernel.jit_calls == 1
+        assert kernel.jit_calls == 2  # the plan's first launch and the check's reference launch
 
 
 def test_direct_launch_switch(monkeypatch):
@@ -257,7 +281,10 @@ def test_cuda_graph_captures_a_model_layer_forward_and_backward(padded, gen):
     layer = MultiHeadAttention(128, 4, 2, causal=not padded, attn_backend="triton").cuda().to(torch.bfloat16)
     b, s = 2, 96
     static_x = torch.randn(b, s, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    static_mask = torch.ones(b, s, dtype=torch.bool, device="cuda") if padded else None
+    static_mask = None
+    if padded:  # captured with only the first 8 keys real: bounds baked in at capture would show on replay
+        static_mask = torch.zeros(b, s, dtype=torch.bool, device="cuda")
+        static_mask[:, :8] = True
     static_dy = torch.randn(b, s, 128, device="cuda", dtype=torch.bfloat16)
 
     def step():

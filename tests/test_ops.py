@@ -131,13 +131,20 @@ def test_eager_calls_launch_directly_and_traced_calls_use_the_ops(gen, monkeypat
     dispatcher; under a dispatch mode it calls the ops. Both give the same bits."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    seen = []
+    from fastattn.ops import autograd
+
+    seen, direct_calls = [], []
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             seen.append(str(func))
             return func(*args, **(kwargs or {}))
 
+    def spy(fn):
+        return lambda *a: direct_calls.append(fn.__name__) or fn(*a)
+
+    fwd, bwd = autograd._PADDED_LAUNCH["triton"]
+    monkeypatch.setitem(autograd._PADDED_LAUNCH, "triton", (spy(fwd), spy(bwd)))
     q, k, v = small_inputs(gen)
     dout = torch.randn(q.shape, generator=gen).to(DEVICE)
 
@@ -150,8 +157,18 @@ def test_eager_calls_launch_directly_and_traced_calls_use_the_ops(gen, monkeypat
     with Record():
         via_ops = run()
     assert "fastattn.triton_attn_fwd.default" in seen and "fastattn.triton_attn_bwd.default" in seen
-    seen.clear()
+    assert not direct_calls
     direct = run()
-    assert not seen
+    assert direct_calls == ["forward", "backward"]
     for a, b in zip(direct, via_ops):
         assert torch.equal(a, b)
+
+
+def test_double_backward_is_refused(gen):
+    """The kernels' gradients are not differentiable again: create_graph=True then a second
+    backward raises instead of silently dropping the second-order term."""
+    q, k, v = small_inputs(gen)
+    out = fastattn.attention(q, k, v, causal=True, backend="triton")
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dq.square().sum().backward()

@@ -94,9 +94,18 @@ def test_mask_with_no_keys(gen):
     assert (fastattn.attention(q, k, v, key_padding_mask=mask, backend="triton") == 0).all()
 
 
-def test_key_bounds():
+def test_key_bounds(gen):
     m = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    assert key_bounds(m).tolist() == [[1, 5], [6, 0], [0, 6]]  # no real key: an empty range
+    (first, last), empty, full = key_bounds(m).tolist()
+    assert (first, last) == (1, 5) and full == [0, 6]
+    assert empty[0] >= 6 and empty[1] == 0  # no real key: an empty range
+    for sk in (1, 2, 7, 8, 9, 100):  # against a direct scan, Sk on and off the tables' powers of two
+        masks = torch.rand(5, sk, generator=gen) > torch.rand(5, 1, generator=gen)
+        bounds = key_bounds(masks.to(DEVICE)).cpu()
+        assert bounds.dtype == torch.int32 and bounds.is_contiguous()
+        for row, (lo, hi) in zip(masks, bounds.tolist()):
+            real = row.nonzero().flatten().tolist()
+            assert (lo, hi) == (real[0], real[-1] + 1) if real else lo >= sk and hi == 0
 
 
 def packed(lengths_q, lengths_k, hq, hkv, d, dtype, gen):

@@ -68,7 +68,7 @@ def choose(backend: str, call: AttentionCall) -> str:
     """The backend that runs `call`: `backend` itself (ValueError saying why if it cannot), or for
     "auto" the first of auto_order that can."""
     if backend == "auto":
-        for name in AUTO_CUDA_ORDER if call.q.is_cuda else AUTO_CPU_ORDER:
+        for name in auto_order(call.q.device):
             if why_not(name, call) is None:
                 return name
         raise AssertionError("the reference backend supports every valid call")  # pragma: no cover

@@ -11,13 +11,15 @@ each integer by its value class (== 1, divisible by 16, 32- or 64-bit) and each 
 alignment. ``specialization`` computes exactly those properties and is part of the plan key.
 
 The direct launch bypasses Triton's own launch path, so the first direct launch of every compiled
-kernel is checked once against the JIT launch that produced it (the kernels are deterministic: the
-outputs must agree bit for bit); a mismatch or an error falls back to the JIT path with a warning.
+kernel is checked once against a JIT launch (outputs pre-filled with a sentinel, so a launch that
+writes nothing cannot pass; the kernels are deterministic, so the outputs must agree bit for bit);
+a mismatch or an error falls back to the JIT path with a warning.
 ``FASTATTN_DIRECT_LAUNCH=0`` turns direct launches off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -77,6 +79,7 @@ class Plan:
     constexprs: dict  # every constexpr, block sizes included
     tail: tuple  # the constexpr values in the kernel's argument order: a compiled kernel takes all arguments
     handle: object | None = None  # triton CompiledKernel, launched directly when set
+    provisional: bool = False  # built during a CUDA-graph capture (untuned, unchecked): not to be kept
 
     def launch(self, grid: tuple, args: tuple, stream: int | None = None) -> None:
         if self.handle is not None:
@@ -119,31 +122,46 @@ def build(name: str, kernel, cands: list[configs.BlockConfig], grid_for, args: t
 
     cands: the configs to choose from, best guess first; grid_for(config) -> the launch grid;
     seq_len: the length that keys the tuning bucket; outputs: indices of the output tensors in
-    args (to check a direct launch once); name: the kernel's name in warnings."""
+    args (to check a direct launch once); name: the kernel's name in warnings. Under CUDA-graph
+    capture nothing may sync: no tuning, no check, and the plan is provisional."""
     tune_key = (name, tuple(cands), tuple(sorted(constexprs.items())), str(args[0].dtype), str(device),
                 configs.seq_bucket(seq_len))
     capturing = _capturing(device)
-    config, handle, launched = _tuned.get(tune_key), None, False
-    if config is None:
-        if len(cands) > 1 and configs.autotune_enabled() and not capturing:
-            config = _tune(kernel, cands, grid_for, args, constexprs)
-        else:
-            config, handle = _first_fitting(kernel, cands, grid_for, args, constexprs)
-            launched = True
-        if not capturing:
-            _tuned[tune_key] = config
-    full = {**constexprs, **_blocks(kernel, config)}
-    plan = Plan(kernel, config, full, constexpr_tail(kernel, len(args), full))
-    grid = grid_for(config)
-    if not launched:
-        handle = _jit_launch(kernel, grid, args, full, config)
-    if handle is None or capturing or not direct_launch_enabled():
-        return plan  # interpreter, a graph capture (nothing may sync), or direct launches turned off
-    handle_key = (tune_key, config, specialization(args))
-    if handle_key not in _handles:
-        _handles[handle_key] = _checked(name, handle, plan, grid, args, outputs, device)
+    with _syncs_allowed(device):  # building a plan may sync (tuning, the check) even in sync-debug mode
+        config, handle, launched = _tuned.get(tune_key), None, False
+        if config is None:
+            if len(cands) > 1 and configs.autotune_enabled() and not capturing:
+                config = _tune(kernel, cands, grid_for, args, constexprs)
+            else:
+                config, handle = _first_fitting(kernel, cands, grid_for, args, constexprs)
+                launched = True
+            if not capturing:
+                _tuned[tune_key] = config
+        full = {**constexprs, **_blocks(kernel, config)}
+        plan = Plan(kernel, config, full, constexpr_tail(kernel, len(args), full), provisional=capturing)
+        grid = grid_for(config)
+        if not launched:
+            handle = _jit_launch(kernel, grid, args, full, config)
+        if handle is None or capturing or not direct_launch_enabled():
+            return plan  # interpreter, a graph capture, or direct launches turned off
+        handle_key = (tune_key, config, specialization(args))
+        if handle_key not in _handles:
+            _handles[handle_key] = _checked(name, handle, plan, grid, args, outputs)
     plan.handle = _handles[handle_key]
     return plan
+
+
+@contextlib.contextmanager
+def _syncs_allowed(device: torch.device):
+    if device.type != "cuda":
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 def _first_fitting(kernel, cands, grid_for, args, constexprs):
@@ -176,27 +194,40 @@ def _tune(kernel, cands, grid_for, args, constexprs) -> configs.BlockConfig:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1).view(torch.uint8)
+    return t.detach().view(-1).view(torch.uint8)  # outputs are fresh and contiguous: a view, never a copy
 
 
-def _checked(name, handle, plan, grid, args, outputs, device):
-    """`handle` if launching it directly reproduces the JIT launch just made bit for bit, else None
-    (with a warning; the outputs are restored to the JIT launch's)."""
-    before = [args[i].clone() for i in outputs]
+_SENTINEL = 0xFF  # every output byte set before a checked launch: a launch that writes nothing shows
+
+
+def _checked(name, handle, plan, grid, args, outputs):
+    """`handle` if launching it directly writes exactly what Triton's own launch writes (outputs
+    filled with a sentinel before each, compared bit for bit), else None with a warning. Either way
+    the outputs end up holding the JIT launch's results."""
+    expected, same = None, False
     try:
+        for i in outputs:
+            _bits(args[i]).fill_(_SENTINEL)
+        _jit_launch(plan.kernel, grid, args, plan.constexprs, plan.config)
+        expected = [args[i].clone() for i in outputs]
+        for i in outputs:
+            _bits(args[i]).fill_(_SENTINEL)
         plan.handle = handle
         with on_device(args[0].get_device()):
             plan.launch(grid, args, stream_of(args[0]))
-        same = all(torch.equal(_bits(b), _bits(args[i])) for b, i in zip(before, outputs))
+        same = all(torch.equal(_bits(e), _bits(args[i])) for e, i in zip(expected, outputs))
         reason = "its outputs differ from Triton's own launch"
     except Exception as e:  # an API the direct launch did not expect: fall back, keep working
-        same, reason = False, f"{type(e).__name__}: {e}"
+        reason = f"{type(e).__name__}: {e}"
     finally:
         plan.handle = None
     if same:
         return handle
-    for b, i in zip(before, outputs):
-        args[i].copy_(b)
+    if expected is None:
+        _jit_launch(plan.kernel, grid, args, plan.constexprs, plan.config)
+    else:
+        for e, i in zip(expected, outputs):
+            args[i].copy_(e)
     if name not in _warned:
         _warned.add(name)
         warnings.warn(f"fastattn: launching the compiled {name} kernel directly failed its check ({reason}); "

@@ -132,6 +132,8 @@ def _candidates(kind: str, consts: dict) -> list[configs.BlockConfig]:
 
 
 def _remember(key: tuple, value: tuple) -> None:
+    if any(p.provisional for p in value):
+        return  # built during a CUDA-graph capture: the next eager call builds it properly
     if len(_plans) >= MAX_CACHED_SIGNATURES:
         _plans.clear()
     _plans[key] = value
@@ -173,13 +175,15 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
         return out, lse
     kpm, bounds, cu_q, cu_k, kpm_stride, extra = _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k)
     lse_strides = (0, tq) if varlen else (hq * sq, sq)
-    ints = (*in_strides, *_contiguous_strides(varlen, b, sq, hq, d), *lse_strides, kpm_stride, hq // hkv, sq, sk,
-            tq, tk)
-    args = (q, k, v, out, lse, kpm, bounds, cu_q, cu_k, *ints, scale * LOG2E)
+    strides = (*in_strides, *_contiguous_strides(varlen, b, sq, hq, d))
+    sizes = (kpm_stride, hq // hkv, sq, sk)
+    args = (q, k, v, out, lse, kpm, bounds, cu_q, cu_k, *strides, *lse_strides, *sizes, tq, tk, scale * LOG2E)
     grid = lambda c: (-(-sq // c.block_m), hq, b)
     device = q.get_device()
     # Fresh outputs are aligned; the inputs' alignment is part of the key (Triton specialises on it).
-    key = ("fwd", q.dtype, device, causal, key_padding_mask is not None, varlen, d, ints,
+    # Packed totals change with every batch: key on how Triton specialises them, not their values.
+    totals = plans.specialization((tq, tk)) if varlen else None
+    key = ("fwd", q.dtype, device, causal, key_padding_mask is not None, varlen, d, strides, sizes, totals,
            plans.aligned((q, k, v, *extra)))
     found = _plans.get(key)
     if found is not None:
@@ -213,21 +217,24 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     kpm, bounds, cu_q, cu_k, kpm_stride, extra = _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k)
     lse_strides = (0, tq) if varlen else (hq * sq, sq)
     s_dk = _contiguous_strides(varlen, b, sk, hkv, d)  # dk and dv
-    sizes = (*lse_strides, kpm_stride, hq // hkv, sq, sk, tq, tk)
-    # The preprocess is row-wise: packed inputs run as one sequence of Tq rows.
+    s_dq = _contiguous_strides(varlen, b, sq, hq, d)
+    sizes = (kpm_stride, hq // hkv, sq, sk)
+    # The preprocess is row-wise: packed inputs run as one sequence of Tq rows, so their row offsets
+    # span all of them (64-bit if that reaches 2**31 elements).
     rows, pre_batch = (tq, 1) if varlen else (sq, b)
-    pre_ints = (*s_out, *s_qkvdo[9:], *lse_strides, rows)
-    dkdv_ints = (*s_qkvdo, *s_dk, *s_dk, *sizes)
-    dq_ints = (*s_qkvdo, *_contiguous_strides(varlen, b, sq, hq, d), *sizes)
-    pre_args = (out, dout, dlse, delta, *pre_ints)
-    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, kpm, bounds, cu_q, cu_k, *dkdv_ints, scale, scale * LOG2E)
-    dq_args = (q, k, v, dout, lse, delta, dq, kpm, bounds, cu_q, cu_k, *dq_ints, scale, scale * LOG2E)
+    pre_wide = varlen and (rows + 64) * max(out.stride(0), dout.stride(0)) >= 2**31
+    tail = (*lse_strides, *sizes, tq, tk, scale, scale * LOG2E)
+    pre_args = (out, dout, dlse, delta, *s_out, *s_qkvdo[9:], *lse_strides, rows)
+    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, kpm, bounds, cu_q, cu_k, *s_qkvdo, *s_dk, *s_dk, *tail)
+    dq_args = (q, k, v, dout, lse, delta, dq, kpm, bounds, cu_q, cu_k, *s_qkvdo, *s_dq, *tail)
     grids = (lambda c: (-(-rows // c.block_m), hq, pre_batch),
              lambda c: (-(-sk // c.block_n), hkv, b),
              lambda c: (-(-sq // c.block_m), hq, b))
     device = q.get_device()
-    key = ("bwd", q.dtype, device, causal, key_padding_mask is not None, varlen, has_dlse, d, b, hq, hkv, dkdv_ints,
-           s_out, rows, plans.aligned((q, k, v, dout, out, lse, dlse, *extra)))
+    # As the forward's key; the packed totals (Tq, Tk, the lse stride, the preprocess rows) by class.
+    totals = (plans.specialization((tq, tk)), pre_wide) if varlen else (lse_strides, rows)
+    key = ("bwd", q.dtype, device, causal, key_padding_mask is not None, varlen, has_dlse, d, b, hq, hkv, in_strides,
+           sizes, totals, plans.aligned((q, k, v, dout, out, lse, dlse, *extra)))
     all_args = (pre_args, dkdv_args, dq_args)
     found = _plans.get(key)
     if found is not None:
@@ -235,9 +242,7 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
         return dq, dk, dv
     wide = _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out, dout, dq, dk, dv)
     consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide)
-    # ... the preprocess's row offsets span all Tq rows when packed, not one sequence's.
-    pre_wide = wide or (varlen and any((rows + 64) * x.stride(0) >= 2**31 for x in (out, dout)))
-    pre_consts = dict(HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], WIDE=pre_wide)
+    pre_consts = dict(HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], WIDE=wide or pre_wide)
     with on_device(device):
         built = (
             plans.build("bwd_preprocess", attn_bwd_preprocess_kernel, [configs.PREPROCESS], grids[0], pre_args,

@@ -6,8 +6,7 @@ ops' kernels, so this is the code the op would run, minus two dispatcher round t
 on the host). Under torch.compile, inside a dispatch mode (FakeTensorMode, a flop counter) or on
 tensor subclasses, they call the ops, which those systems can see and trace.
 
-Key bounds of a key-padding mask are computed once in the forward (once per mask across a model's
-layers: masks.shared_key_bounds) and saved for the backward. The
+Key bounds of a key-padding mask are computed once in the forward and saved for the backward. The
 returned lse is differentiable when asked for (return_lse); when it is not returned, or not used,
 the backward gets no dlse (no zeros are made for it).
 """
@@ -15,11 +14,12 @@ the backward gets no dlse (no zeros are made for it).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastattn.launchers import cuda_attention as cuda_launch
 from fastattn.launchers import triton_attention as triton_launch
-from fastattn.launchers.masks import shared_key_bounds
+from fastattn.launchers.masks import key_bounds
 from fastattn.ops import cuda_attention, triton_attention
 
 # backend -> (forward, backward) for padded batches: (launcher functions, ops).
@@ -56,9 +56,10 @@ def _distinct(*xs: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _direct(x: torch.Tensor) -> bool:
-    """Call the launcher itself rather than the op: a plain tensor, eager, no dispatch mode."""
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+def _direct(*xs: torch.Tensor | None) -> bool:
+    """Call the launcher itself rather than the op: plain tensors, eager, no dispatch mode."""
+    return (all(type(x) is torch.Tensor or x is None for x in xs) and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None)
 
 
 class PaddedAttention(torch.autograd.Function):
@@ -66,8 +67,8 @@ class PaddedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, causal, scale, return_lse, backend):
-        bounds = None if key_padding_mask is None else shared_key_bounds(key_padding_mask)
-        fwd = (_PADDED_LAUNCH if _direct(q) else _PADDED_OPS)[backend][0]
+        bounds = None if key_padding_mask is None else key_bounds(key_padding_mask)
+        fwd = (_PADDED_LAUNCH if _direct(q, k, v, key_padding_mask) else _PADDED_OPS)[backend][0]
         out, lse = fwd(q, k, v, key_padding_mask, bounds, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, bounds)
         ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
@@ -75,11 +76,12 @@ class PaddedAttention(torch.autograd.Function):
         return (out, lse) if return_lse else out
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable again: error, not a silent zero
     def backward(ctx, dout, dlse=None):
         q, k, v, out, lse, key_padding_mask, bounds = ctx.saved_tensors
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
-        bwd = (_PADDED_LAUNCH if _direct(q) else _PADDED_OPS)[ctx.backend][1]
+        bwd = (_PADDED_LAUNCH if _direct(dout, q, k, v, key_padding_mask) else _PADDED_OPS)[ctx.backend][1]
         dq, dk, dv = bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, bounds, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None, None, None
 
@@ -89,7 +91,7 @@ class VarlenAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, return_lse):
-        fwd = (_VARLEN_LAUNCH if _direct(q) else _VARLEN_OPS)[0]
+        fwd = (_VARLEN_LAUNCH if _direct(q, k, v, cu_seqlens_q, cu_seqlens_k) else _VARLEN_OPS)[0]
         out, lse = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal, ctx.scale = max_seqlen_q, max_seqlen_k, causal, scale
@@ -97,11 +99,12 @@ class VarlenAttention(torch.autograd.Function):
         return (out, lse) if return_lse else out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dlse=None):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        bwd = (_VARLEN_LAUNCH if _direct(q) else _VARLEN_OPS)[1]
+        bwd = (_VARLEN_LAUNCH if _direct(dout, q, k, v, cu_q, cu_k) else _VARLEN_OPS)[1]
         dq, dk, dv = bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal,
                          ctx.scale)
         return dq, dk, dv, None, None, None, None, None, None, None
