@@ -7,7 +7,7 @@ from conftest import DEVICE
 
 import fastattn
 from fastattn import testing
-from fastattn.launchers.masks import key_bounds
+from fastattn.launchers.masks import key_bounds, key_bounds_torch
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 
@@ -96,16 +96,18 @@ def test_mask_with_no_keys(gen):
 
 def test_key_bounds(gen):
     m = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    (first, last), empty, full = key_bounds(m).tolist()
-    assert (first, last) == (1, 5) and full == [0, 6]
-    assert empty[0] >= 6 and empty[1] == 0  # no real key: an empty range
-    for sk in (1, 2, 7, 8, 9, 100):  # against a direct scan, Sk on and off the tables' powers of two
-        masks = torch.rand(5, sk, generator=gen) > torch.rand(5, 1, generator=gen)
-        bounds = key_bounds(masks.to(DEVICE)).cpu()
-        assert bounds.dtype == torch.int32 and bounds.is_contiguous()
-        for row, (lo, hi) in zip(masks, bounds.tolist()):
-            real = row.nonzero().flatten().tolist()
-            assert (lo, hi) == (real[0], real[-1] + 1) if real else lo >= sk and hi == 0
+    assert key_bounds(m.to(DEVICE)).tolist() == [[1, 5], [6, 0], [0, 6]]  # no real key: an empty range
+    assert key_bounds_torch(m).tolist() == [[1, 5], [6, 0], [0, 6]]
+    # The kernel against the torch version: rows shorter and longer than its 1024-byte step, empty
+    # rows, a mask seen through a non-contiguous view, no keys at all.
+    for b, sk in ((5, 1), (3, 100), (4, 1024), (3, 2500), (2, 0)):
+        masks = torch.rand(b, sk, generator=gen) > torch.rand(b, 1, generator=gen)
+        if b > 2:
+            masks[1] = False
+        for mask in (masks, torch.cat([masks, masks], dim=1)[:, ::2]):
+            got = key_bounds(mask.to(DEVICE))
+            assert got.dtype == torch.int32 and got.is_contiguous()
+            assert torch.equal(got.cpu(), key_bounds_torch(mask)), (b, sk)
 
 
 def packed(lengths_q, lengths_k, hq, hkv, d, dtype, gen):

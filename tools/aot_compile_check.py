@@ -5,8 +5,11 @@
 Catches what the interpreter does not: compile errors, configs whose shared memory exceeds the
 chip (H100: 227 KiB per block), and dots that did not lower to tensor-core instructions
 (wgmma on sm_90, mma on sm_80), with registers and spills from ptxas -v. Uses the ptxas bundled
-with triton. Takes minutes: a maintainer
-tool, not part of the test suite.
+with triton. Takes minutes: a maintainer tool, not part of the test suite.
+
+Needs only Triton (not torch, not an installed fastattn): kernels/ is loaded as fastattn.kernels
+from the repository, so the check also runs against another Triton, e.g. the GPU image's version
+installed under its Python with `pip install --target DIR triton==X` and `PYTHONPATH=DIR`.
 """
 
 from __future__ import annotations
@@ -22,18 +25,32 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+import importlib.util  # noqa: E402
+import types  # noqa: E402
+
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastattn.kernels import configs  # noqa: E402
-from fastattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel  # noqa: E402
-from fastattn.kernels.attn_fwd import attn_fwd_kernel  # noqa: E402
 
-KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
+def _load_kernels():
+    """kernels/ as the package fastattn.kernels, without running fastattn/__init__ (it imports torch)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if "fastattn" not in sys.modules:
+        sys.modules["fastattn"] = types.ModuleType("fastattn")
+    spec = importlib.util.spec_from_file_location("fastattn.kernels", os.path.join(root, "kernels", "__init__.py"),
+                                                  submodule_search_locations=[os.path.join(root, "kernels")])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["fastattn.kernels"] = package
+    spec.loader.exec_module(package)
+    return [importlib.import_module(f"fastattn.kernels.{m}") for m in ("configs", "attn_fwd", "attn_bwd", "key_bounds")]
+
+
+configs, _fwd, _bwd, _bounds = _load_kernels()
+KERNELS = {"fwd": _fwd.attn_fwd_kernel, "dkdv": _bwd.attn_bwd_dkdv_kernel, "dq": _bwd.attn_bwd_dq_kernel}
 TENSOR_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
 FP32_POINTERS = ("LSE", "DELTA", "DLSE")
-INT32_POINTERS = ("KV_BOUNDS", "CU_Q", "CU_K")
+INT32_POINTERS = ("KV_BOUNDS", "CU_Q", "CU_K", "BOUNDS")
 SCALARS_FP32 = ("qk_scale", "sm_scale")
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -73,6 +90,30 @@ def compile_one(kind, cfg, dtype, head_dim, causal, arch, variant="dense"):
     return compiled.metadata.shared, mma, time.time() - t0, _registers(ptx, arch)
 
 
+def compile_small_kernels(dtype, arch):
+    """The backward's preprocess (per head dim bucket, with and without dlse) and key_bounds: no
+    table configs, one launch config each."""
+    results = []
+    for d in (40, 64, 128, 256):
+        for has_dlse in (False, True):
+            consts = dict(HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_M=configs.PREPROCESS.block_m,
+                          BLOCK_D=max(16, triton.next_power_of_2(d)), WIDE=False)
+            results.append((f"preprocess D{d} dlse={has_dlse}", _bwd.attn_bwd_preprocess_kernel, consts,
+                            configs.PREPROCESS))
+    results.append(("key_bounds", _bounds.key_bounds_kernel, dict(BLOCK=1024), configs.PREPROCESS))
+    bad = 0
+    for label, kernel, consts, cfg in results:
+        try:
+            src = ASTSource(fn=kernel, signature=signature(kernel, dtype, consts), constexprs=consts)
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            print(f"{label:<36} ok   smem {compiled.metadata.shared:>6} {_registers(compiled.asm['ptx'], arch)}")
+        except Exception as e:
+            bad += 1
+            print(f"{label:<36} FAILED: {type(e).__name__}: {str(e)[-400:]}")
+    return bad
+
+
 def _registers(ptx: str, arch: int) -> str:
     """Registers and spill bytes from `ptxas -v` (triton's bundled ptxas) on the generated PTX."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -98,7 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--variants", default="dense", help="comma list of dense, mask (key padding), varlen")
     args = ap.parse_args(argv)
-    bad = 0
+    print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}")
+    bad = compile_small_kernels(args.dtype, args.arch)
     print(f"{'kernel':<5} {'D':>4} {'causal':<6} {'config / variant':<24} {'smem':>7} {'mma':<6} "
           f"{'registers':<22} time")
     for d in map(int, args.head_dims.split(",")):

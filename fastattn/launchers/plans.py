@@ -88,6 +88,19 @@ class Plan:
             _jit_launch(self.kernel, grid, args, self.constexprs, self.config)
 
 
+def launch(device: int, launches) -> None:
+    """Launch (plan, grid, args) in order on CUDA device `device` (a tensor's get_device(); -1: the
+    CPU, through the interpreter)."""
+    if device < 0:
+        for plan, grid, args in launches:
+            plan.launch(grid, args)
+        return
+    with on_device(device):
+        stream = torch._C._cuda_getCurrentRawStream(device)
+        for plan, grid, args in launches:
+            plan.launch(grid, args, stream)
+
+
 def _jit_launch(kernel, grid, args, constexprs, config):
     """Triton's own launch path: binds, specialises, compiles if needed; returns the compiled kernel
     (None in the interpreter)."""

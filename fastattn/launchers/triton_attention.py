@@ -24,7 +24,7 @@ import torch
 from fastattn.kernels import configs
 from fastattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from fastattn.kernels.attn_fwd import attn_fwd_kernel
-from fastattn.launchers import plans
+from fastattn.launchers import masks, plans
 from fastattn.launchers.device import on_device
 from fastattn.launchers.masks import key_bounds
 
@@ -49,6 +49,7 @@ def forced_configs(**cfgs: configs.BlockConfig):
 def clear_plans() -> None:
     """Forget every launch plan and tuned config (tests; a long-running process changing shapes)."""
     _plans.clear()
+    masks._plans.clear()
     plans._tuned.clear()
     plans._handles.clear()
 
@@ -106,18 +107,6 @@ def _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k):
     kpm = kpm.view(torch.uint8)
     bounds = key_bounds(key_padding_mask) if kv_bounds is None else kv_bounds
     return kpm, bounds, q, q, kpm.stride(0), (kpm, bounds)
-
-
-def _launch(device: int, launches) -> None:
-    """Launch (plan, grid, args) in order on `device` (-1: the CPU, through the interpreter)."""
-    if device < 0:
-        for plan, grid, args in launches:
-            plan.launch(grid, args)
-        return
-    with on_device(device):
-        stream = torch._C._cuda_getCurrentRawStream(device)
-        for plan, grid, args in launches:
-            plan.launch(grid, args, stream)
 
 
 def _constexprs(q, causal, has_kpm, varlen, head_dim, wide) -> dict:
@@ -188,7 +177,7 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
     found = _plans.get(key)
     if found is not None:
         plan, = found
-        _launch(device, ((plan, grid(plan.config), args),))
+        plans.launch(device, ((plan, grid(plan.config), args),))
         return out, lse
     consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d,
                          _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out))
@@ -238,7 +227,7 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     all_args = (pre_args, dkdv_args, dq_args)
     found = _plans.get(key)
     if found is not None:
-        _launch(device, [(plan, grid(plan.config), args) for plan, grid, args in zip(found, grids, all_args)])
+        plans.launch(device, [(plan, grid(plan.config), args) for plan, grid, args in zip(found, grids, all_args)])
         return dq, dk, dv
     wide = _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out, dout, dq, dk, dv)
     consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide)

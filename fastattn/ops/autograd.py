@@ -56,10 +56,13 @@ def _distinct(*xs: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _direct(*xs: torch.Tensor | None) -> bool:
-    """Call the launcher itself rather than the op: plain tensors, eager, no dispatch mode."""
-    return (all(type(x) is torch.Tensor or x is None for x in xs) and not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None)
+def _direct(q, k, v, x=None, y=None) -> bool:
+    """Call the launcher itself rather than the op: plain tensors (x, y: optional ones), eager, no
+    dispatch mode. (Written out: a generator over the tensors costs more than the checks.)"""
+    tensor = torch.Tensor
+    return (type(q) is tensor and type(k) is tensor and type(v) is tensor
+            and (x is None or type(x) is tensor) and (y is None or type(y) is tensor)
+            and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
 
 
 class PaddedAttention(torch.autograd.Function):
@@ -81,7 +84,7 @@ class PaddedAttention(torch.autograd.Function):
         q, k, v, out, lse, key_padding_mask, bounds = ctx.saved_tensors
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
-        bwd = (_PADDED_LAUNCH if _direct(dout, q, k, v, key_padding_mask) else _PADDED_OPS)[ctx.backend][1]
+        bwd = (_PADDED_LAUNCH if _direct(q, k, v, dout, key_padding_mask) else _PADDED_OPS)[ctx.backend][1]
         dq, dk, dv = bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, bounds, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None, None, None
 
@@ -104,7 +107,7 @@ class VarlenAttention(torch.autograd.Function):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        bwd = (_VARLEN_LAUNCH if _direct(dout, q, k, v, cu_q, cu_k) else _VARLEN_OPS)[1]
+        bwd = (_VARLEN_LAUNCH if _direct(q, k, v, dout, cu_q) else _VARLEN_OPS)[1]
         dq, dk, dv = bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal,
                          ctx.scale)
         return dq, dk, dv, None, None, None, None, None, None, None
