@@ -29,7 +29,7 @@ DECODE_SKIP_REASON = ("fastattn has no decode (split-KV) kernel yet; decoding is
                       "once one exists")
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True)
 class Case(AttentionShape):
     """A benchmark case: an attention shape (fastattn's one shape record) plus what the case is."""
 

@@ -148,18 +148,23 @@ def test_eager_calls_launch_directly_and_traced_calls_use_the_ops(gen, monkeypat
     q, k, v = small_inputs(gen)
     dout = torch.randn(q.shape, generator=gen).to(DEVICE)
 
+    mask = torch.rand(q.shape[0], k.shape[1], generator=gen).to(DEVICE) > 0.3
+
     def run():
-        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-        out = fastattn.attention(*xs, causal=True, backend="triton")
-        out.backward(dout)
-        return [out.detach(), *(x.grad for x in xs)]
+        results = []
+        for kw in ({"causal": True}, {"key_padding_mask": mask}):  # the mask's bounds: a kernel or torch ops
+            xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+            out = fastattn.attention(*xs, backend="triton", **kw)
+            out.backward(dout)
+            results += [out.detach(), *(x.grad for x in xs)]
+        return results
 
     with Record():
         via_ops = run()
     assert "fastattn.triton_attn_fwd.default" in seen and "fastattn.triton_attn_bwd.default" in seen
     assert not direct_calls
     direct = run()
-    assert direct_calls == ["forward", "backward"]
+    assert direct_calls == ["forward", "backward"] * 2
     for a, b in zip(direct, via_ops):
         assert torch.equal(a, b)
 

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastattn.launchers import cuda_attention as cuda_launch
 from fastattn.launchers import triton_attention as triton_launch
-from fastattn.launchers.masks import key_bounds
+from fastattn.launchers.masks import key_bounds, key_bounds_torch
 from fastattn.ops import cuda_attention, triton_attention
 
 # backend -> (forward, backward) for padded batches: (launcher functions, ops).
@@ -70,8 +70,11 @@ class PaddedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, causal, scale, return_lse, backend):
-        bounds = None if key_padding_mask is None else key_bounds(key_padding_mask)
-        fwd = (_PADDED_LAUNCH if _direct(q, k, v, key_padding_mask) else _PADDED_OPS)[backend][0]
+        direct = _direct(q, k, v, key_padding_mask)
+        bounds = None
+        if key_padding_mask is not None:  # a kernel launch, or torch ops that tracing can see
+            bounds = (key_bounds if direct else key_bounds_torch)(key_padding_mask)
+        fwd = (_PADDED_LAUNCH if direct else _PADDED_OPS)[backend][0]
         out, lse = fwd(q, k, v, key_padding_mask, bounds, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, bounds)
         ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
