@@ -258,3 +258,21 @@ def test_run_cli_end_to_end(tmp_path, monkeypatch):
     assert run.main(args + ["--budget-s", "0"]) == 0
     doc = json.loads((out / "bench.json").read_text())
     assert all("time budget" in m["skipped"] for m in doc["measurements"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run; gpu_check runs it on the GPU")
+def test_host_overhead_cpu_smoke(tmp_path):
+    """benchmarks/host_overhead.py end to end on the CPU (in its own process: it stubs the launches),
+    with tiny batches: every layer and SDPA measured, the report labelled as stubbed."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "host_overhead.py"), "--iters", "3",
+                          "--rounds", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads((tmp_path / "host_overhead.json").read_text())
+    assert result["launches_stubbed"] is True
+    assert [r["path"] for r in result["rows"]] == ["dense causal", "key-padding mask", "varlen causal"]
+    for row in result["rows"]:
+        assert all(row[f"{layer} fwd+bwd"] > 0 for layer in ("api", "autograd", "launcher", "launch"))
+    assert "STUBBED" in (tmp_path / "host_overhead.md").read_text()
