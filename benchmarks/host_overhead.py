@@ -75,7 +75,7 @@ def per_call_us(fns: dict, iters: int, rounds: int, sync) -> dict[str, float]:
     return best
 
 
-class Path_:
+class AttentionPath:
     """One attention path: its inputs and a callable per layer returning (out, backward-able)."""
 
     def __init__(self, name, layers, sdpa):
@@ -108,12 +108,12 @@ def build_paths(device, dtype, b, s, h, d):
 
         return fwd, bwd
 
-    dense = Path_("dense causal", {
+    dense = AttentionPath("dense causal", {
         "api": lambda: fastattn.attention(q, k, v, causal=True, backend="triton"),
         "autograd": lambda: padded_attention(q, k, v, None, True, scale, False, "triton"),
         "launcher": launcher_pair(None, None, True),
     }, lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
-    padded = Path_("key-padding mask", {
+    padded = AttentionPath("key-padding mask", {
         "api": lambda: fastattn.attention(q, k, v, key_padding_mask=mask, backend="triton"),
         "autograd": lambda: padded_attention(q, k, v, mask, False, scale, False, "triton"),
         "launcher": launcher_pair(mask, bounds, False),
@@ -130,7 +130,7 @@ def build_paths(device, dtype, b, s, h, d):
         out, lse = saved
         return launcher.backward_varlen(dout_p, qp, kp, vp, out, lse, None, cu, cu, s, s, True, scale)
 
-    varlen = Path_("varlen causal", {
+    varlen = AttentionPath("varlen causal", {
         "api": lambda: fastattn.attention_varlen(qp, kp, vp, cu, cu, s, s, causal=True, backend="triton"),
         "autograd": lambda: varlen_attention(qp, kp, vp, cu, cu, s, s, True, scale, False),
         "launcher": (varlen_fwd, varlen_bwd),

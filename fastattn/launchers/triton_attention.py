@@ -89,7 +89,7 @@ def _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, hq, k.shape[1], d, tq, k.shape[0]
 
 
-def _contiguous_strides(varlen: bool, b, s, h, d) -> tuple:
+def _contiguous_strides(varlen: bool, s: int, h: int, d: int) -> tuple:
     # The (batch, seq, head) strides of a freshly allocated contiguous (B, S, H, D) / (T, H, D) tensor.
     return (0, h * d, d) if varlen else (s * h * d, h * d, d)
 
@@ -164,7 +164,7 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
         return out, lse
     kpm, bounds, cu_q, cu_k, kpm_stride, extra = _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k)
     lse_strides = (0, tq) if varlen else (hq * sq, sq)
-    strides = (*in_strides, *_contiguous_strides(varlen, b, sq, hq, d))
+    strides = (*in_strides, *_contiguous_strides(varlen, sq, hq, d))
     sizes = (kpm_stride, hq // hkv, sq, sk)
     args = (q, k, v, out, lse, kpm, bounds, cu_q, cu_k, *strides, *lse_strides, *sizes, tq, tk, scale * LOG2E)
     grid = lambda c: (-(-sq // c.block_m), hq, b)
@@ -205,8 +205,8 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     dlse = dlse.float().contiguous() if has_dlse else delta  # placeholder: not read without HAS_DLSE
     kpm, bounds, cu_q, cu_k, kpm_stride, extra = _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k)
     lse_strides = (0, tq) if varlen else (hq * sq, sq)
-    s_dk = _contiguous_strides(varlen, b, sk, hkv, d)  # dk and dv
-    s_dq = _contiguous_strides(varlen, b, sq, hq, d)
+    s_dk = _contiguous_strides(varlen, sk, hkv, d)  # dk and dv
+    s_dq = _contiguous_strides(varlen, sq, hq, d)
     sizes = (kpm_stride, hq // hkv, sq, sk)
     # The preprocess is row-wise: packed inputs run as one sequence of Tq rows, so their row offsets
     # span all of them (64-bit if that reaches 2**31 elements).
