@@ -7,11 +7,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from fastattn import backends
-from fastattn.backends import AttentionCall
+from fastattn import backends, kvcache
+from fastattn.backends import AttentionCall, KVCacheCall
 from fastattn.validation import (
+    validate_cache,
     validate_flag,
     validate_key_padding_mask,
+    validate_kvcache,
     validate_qkv,
     validate_scale,
     validate_varlen,
@@ -85,6 +87,83 @@ def attention_varlen(
     call = AttentionCall(q, k, v, shape, causal, scale, None, return_lse, cu_seqlens_q, cu_seqlens_k,
                                   max_seqlen_q, max_seqlen_k)
     return backends.run(backends.choose(backend, call), call)
+
+
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    *,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    return_lse: bool = False,
+    num_splits: int = 0,
+    backend: str = "auto",
+):
+    """Decoding: a few new query tokens per sequence against a KV cache (FlashAttention's
+    flash_attn_with_kvcache). Inference only: inputs that require grad are refused.
+
+    Args:
+        q: (B, Sq, Hq, D), the new tokens' queries (Sq = 1 for plain decoding; more for
+            speculative decoding or a chunk of a prompt).
+        k_cache, v_cache: the cache, contiguous (B, S_max, Hkv, D) or paged (num_pages, page_size,
+            Hkv, D) with block_table; Hq % Hkv == 0 (GQA/MQA). Written in place when k/v are given.
+        k, v: (B, S_new, Hkv, D) or None: the new tokens' keys/values, written into the cache at
+            positions cache_seqlens[b] .. cache_seqlens[b] + S_new - 1 before attending.
+        cache_seqlens: (B,) int32, the tokens each sequence holds before this call. Not updated
+            here (the caller advances it, e.g. ``cache_seqlens += S_new``).
+        block_table: (B, max_pages) int32 page indices into a paged cache (vLLM's layout).
+        causal: bottom-right aligned: new token t sees the cache up to position
+            cache_seqlens[b] + S_new - Sq + t (with S_new = Sq: itself and everything before it).
+        num_splits: 0 = choose (split the keys across programs when batch x KV heads cannot fill
+            the GPU); n >= 1 forces n (at most 128).
+        backend: "auto", "triton" (the split-KV decode kernel), "torch" (SDPA over the cache with a
+            padding mask) or "reference".
+
+    Returns out (B, Sq, Hq, D) [, lse (B, Hq, Sq) float32]. Nothing reads the lengths on the host
+    for CUDA tensors (no sync; a step can be captured in a CUDA graph), so their values are checked
+    only for CPU tensors or with FASTATTN_CHECK_VALUES=1; otherwise they are clamped to the cache.
+    """
+    shape, n_new = validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+    causal = validate_flag("causal", causal)
+    return_lse = validate_flag("return_lse", return_lse)
+    scale = validate_scale(scale, shape.head_dim)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= kvcache.MAX_SPLITS:
+        raise ValueError(f"num_splits must be an int in [0, {kvcache.MAX_SPLITS}] (0 = choose), got {num_splits!r}")
+    _refuse_grad(q, k, v)
+    call = KVCacheCall(q, k_cache, v_cache, k, v, cache_seqlens, block_table, shape, n_new, causal, scale,
+                       return_lse, num_splits)
+    return backends.run_kvcache(backends.choose_kvcache(backend, call), call)
+
+
+def append_to_kvcache(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """Write keys/values k, v (B, S_new, Hkv, D) into a KV cache (the layouts of
+    ``attention_with_kvcache``) at positions cache_seqlens[b] + t, in place, without attending: e.g.
+    a prompt's keys after its prefill ran ``attention``. cache_seqlens is not updated."""
+    if not isinstance(k, torch.Tensor):
+        raise TypeError(f"k must be a torch.Tensor, got {type(k).__name__}")
+    validate_cache(k_cache, v_cache, k, v, cache_seqlens, block_table, like=k, what="k")
+    _refuse_grad(k, v)
+    backends.append_kv(backend, k, v, k_cache, v_cache, cache_seqlens, block_table)
+
+
+def _refuse_grad(*xs) -> None:
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs):
+        raise ValueError("the KV-cache functions are inference-only (not differentiable): call them under "
+                         "torch.no_grad() / torch.inference_mode(), or use fastattn.attention for training")
 
 
 _warned: set[str] = set()

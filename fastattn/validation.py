@@ -121,14 +121,9 @@ def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         _check_tensor(name, x, 3, layout)
     shape = validate_qkv(q[None], k[None], v[None], layout=layout)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(cu, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
-        if cu.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32 (FlashAttention's convention), got {cu.dtype}")
-        if cu.dim() != 1 or cu.numel() < 1:
+        _check_index_tensor(name, cu, 1, q.device)
+        if cu.numel() < 1:
             raise ValueError(f"{name} must be 1-D with batch + 1 entries, got shape {tuple(cu.shape)}")
-        if cu.device != q.device:
-            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
@@ -152,3 +147,112 @@ def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
                 raise ValueError(f"{mname} ({max_len}) is smaller than the longest sequence ({max(lengths)})")
     batch = cu_seqlens_q.numel() - 1
     return AttentionShape(batch, max_seqlen_q, max_seqlen_k, shape.heads_q, shape.heads_kv, shape.head_dim)
+
+
+def validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[AttentionShape, int]:
+    """Check a call on a KV cache: q (B, Sq, Hq, D); the cache, the new k/v and the lengths as
+    ``validate_cache``. Returns (shape with seqlen_k = the cache's capacity per sequence, S_new)."""
+    _check_tensor("q", q, 4, "(B, S, H, D)")
+    b, sq, hq, d = q.shape
+    if sq < 1:
+        raise ValueError(f"q must hold at least one query token per sequence, got shape {tuple(q.shape)}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim (last dim of q) must be between 1 and {MAX_HEAD_DIM}, got {d}")
+    capacity, n_new = validate_cache(k_cache, v_cache, k, v, cache_seqlens, block_table, like=q, what="q")
+    hkv = k_cache.shape[2]
+    if hq % hkv:
+        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the cache's key/value heads ({hkv})")
+    return AttentionShape(b, sq, capacity, hq, hkv, d), n_new
+
+
+def validate_cache(k_cache, v_cache, k, v, cache_seqlens, block_table, *, like: torch.Tensor,
+                   what: str) -> tuple[int, int]:
+    """Check a KV cache and what is appended to it against `like` (named `what`: q, or the new k),
+    whose batch size, head dim, dtype and device they must share.
+
+    k_cache/v_cache: (B, S_max, Hkv, D), or paged (num_pages, page_size, Hkv, D) with block_table
+    (B, max_pages) int32; optional new k/v (B, S_new, Hkv, D); cache_seqlens (B,) int32.
+    Returns (capacity per sequence, S_new). The value checks (lengths fit the cache, the pages they
+    use exist) read cache_seqlens and block_table on the host: always for CPU tensors, for CUDA
+    tensors only with FASTATTN_CHECK_VALUES=1 (see value_checks); without them the kernels clamp
+    to the cache (wrong rows for bad values, never a write outside it)."""
+    paged = block_table is not None
+    layout = "(num_pages, page_size, Hkv, D)" if paged else "(B, S_max, Hkv, D)"
+    b, d = like.shape[0], like.shape[-1]
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, x, 4, layout)
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (it is written in place), got strides "
+                             f"{tuple(x.stride())}")
+        if x.device != like.device:
+            raise ValueError(f"{name} is on {x.device} but {what} is on {like.device}; all inputs must share a device")
+        if x.dtype != like.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but {what} has {like.dtype}; they must share a dtype")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    if k_cache.shape[3] != d:
+        raise ValueError(f"k_cache has head dim {k_cache.shape[3]} but {what} has {d}; they must match")
+    hkv = k_cache.shape[2]
+    if hkv == 0:
+        raise ValueError("k_cache must have at least one key/value head")
+    if paged:
+        _check_index_tensor("block_table", block_table, 2, like.device)
+        if block_table.shape[0] != b:
+            raise ValueError(f"block_table must have shape (B, max_pages) with B = {b}, got {tuple(block_table.shape)}")
+        if k_cache.shape[0] < 1 or k_cache.shape[1] < 1:
+            raise ValueError(f"a paged k_cache needs at least one page of at least one row, got {tuple(k_cache.shape)}")
+        capacity, page_size = block_table.shape[1] * k_cache.shape[1], k_cache.shape[1]
+    else:
+        if k_cache.shape[0] != b:
+            raise ValueError(f"k_cache has batch size {k_cache.shape[0]} but {what} has {b} (a paged cache needs "
+                             "block_table)")
+        capacity, page_size = k_cache.shape[1], 0
+    n_new = 0
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v (the new tokens' keys and values) or neither")
+    if k is not None:
+        for name, x in (("k", k), ("v", v)):
+            _check_tensor(name, x, 4, "(B, S_new, Hkv, D)")
+            if x.device != like.device or x.dtype != like.dtype:
+                raise ValueError(f"{name} must be a {like.dtype} tensor on {like.device}, got {x.dtype} on {x.device}")
+            if x.shape[0] != b or x.shape[2:] != k_cache.shape[2:]:
+                raise ValueError(f"{name} must have shape (B, S_new, Hkv, D) = ({b}, S_new, {hkv}, {d}), got "
+                                 f"{tuple(x.shape)}")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        n_new = k.shape[1]
+    _check_index_tensor("cache_seqlens", cache_seqlens, 1, like.device)
+    if cache_seqlens.shape[0] != b:
+        raise ValueError(f"cache_seqlens must have shape (B,) = ({b},), got {tuple(cache_seqlens.shape)}")
+    if value_checks(like.device):
+        _check_cache_values(cache_seqlens, block_table, n_new, capacity, page_size, k_cache.shape[0])
+    return capacity, n_new
+
+
+def _check_index_tensor(name: str, x, ndim: int, device: torch.device) -> None:
+    """cu_seqlens, cache_seqlens, block_table: int32 tensors of `ndim` dims on `device`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (FlashAttention's convention), got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dim(s), got shape {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}")
+
+
+def _check_cache_values(cache_seqlens, block_table, n_new, capacity, page_size, n_pages) -> None:
+    """Lengths inside the cache and, paged, every page a sequence uses inside k_cache (host reads)."""
+    lens = cache_seqlens.tolist()
+    for i, n in enumerate(lens):
+        if n < 0 or n + n_new > capacity:
+            raise ValueError(f"cache_seqlens[{i}] = {n} with {n_new} new token(s) does not fit the cache's {capacity} "
+                             "positions per sequence")
+    if block_table is None:
+        return
+    for i, (n, row) in enumerate(zip(lens, block_table.tolist())):
+        used = row[:-(-(n + n_new) // page_size)]
+        bad = [p for p in used if not 0 <= p < n_pages]
+        if bad:
+            raise ValueError(f"block_table[{i}] points at page {bad[0]}, outside k_cache's {n_pages} pages")

@@ -49,17 +49,27 @@ GPU_CANDIDATES = {
         128: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
         256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
     }),
+    # Split-KV decoding (kernels/decode.py): only BLOCK_N (keys per step) and the launch settings
+    # matter; the query-row tile follows the call (GQA group x new tokens). Memory-bound: long key
+    # tiles and deep pipelines. Not yet timed on a GPU (the decode kernel is not in "auto" yet).
+    "decode": _table({
+        64: [(0, 128, 4, 3), (0, 64, 4, 4)],
+        128: [(0, 64, 4, 3), (0, 128, 8, 3)],
+        256: [(0, 32, 4, 3), (0, 64, 8, 2)],
+    }),
 }
 
 # fp32 runs true-fp32 dots on the FMA units (no tensor cores): small tiles keep registers, shared
 # memory and compile time (fully unrolled FMA dots) in check. It is the accuracy path, not a fast one.
-FP32_CONFIGS = {"fwd": BlockConfig(32, 32, 4, 2), "dkdv": BlockConfig(32, 32, 4, 1), "dq": BlockConfig(32, 32, 4, 1)}
+FP32_CONFIGS = {"fwd": BlockConfig(32, 32, 4, 2), "dkdv": BlockConfig(32, 32, 4, 1), "dq": BlockConfig(32, 32, 4, 1),
+                "decode": BlockConfig(0, 32, 4, 2)}
 
 # Small enough for any head dim and dtype: without autotuning, a launch whose config does not fit
 # the chip's shared memory falls back along the list to this one.
 FALLBACK = BlockConfig(32, 32, 4, 1)
 
 # The backward's row-wise preprocess (delta = rowsum(dO * O)): memory-bound, one config everywhere.
+# Also the launch settings of the small row-wise kernels (key bounds, decode combine, KV append).
 PREPROCESS = BlockConfig(64, 64, 4, 1)
 
 # Interpreter: BLOCK_M != BLOCK_N on purpose, so CPU tests exercise the unequal-tile causal logic.
@@ -67,6 +77,7 @@ INTERPRETER_CONFIGS = {
     "fwd": BlockConfig(64, 32),
     "dkdv": BlockConfig(32, 64),
     "dq": BlockConfig(64, 32),
+    "decode": BlockConfig(0, 32),
 }
 
 _forced: dict[str, BlockConfig] = {}

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from fastattn import kvcache
 from fastattn.backends import cuda_backend, reference_backend, sdpa_backend, triton_backend
-from fastattn.backends.call import AttentionCall
+from fastattn.backends.call import AttentionCall, KVCacheCall
 
-__all__ = ["AttentionCall", "BackendStatus", "BACKENDS", "available_backends", "choose", "run", "why_not"]
+__all__ = ["AttentionCall", "BackendStatus", "BACKENDS", "KVCacheCall", "append_kv", "available_backends", "choose",
+           "choose_kvcache", "run", "run_kvcache", "why_not"]
 
 BACKENDS = ("triton", "cuda", "torch", "reference")
 _MODULES = {"triton": triton_backend, "cuda": cuda_backend, "torch": sdpa_backend, "reference": reference_backend}
@@ -27,6 +29,11 @@ _MODULES = {"triton": triton_backend, "cuda": cuda_backend, "torch": sdpa_backen
 # yet: backend="cuda" selects them. On CPU tensors: PyTorch's SDPA.
 AUTO_CUDA_ORDER = ("triton", "torch", "reference")
 AUTO_CPU_ORDER = ("torch", "reference")
+# attention_with_kvcache: each module's unsupported_kvcache / run_kvcache. The Triton split-KV
+# decode kernel has passed the CPU (interpreter) tests but has not run on a GPU yet, so "auto" does
+# not pick it: backend="triton" selects it; tools/gpu_check.sh verifies and times it. Until then
+# CUDA tensors take the torch path (torch-op append, SDPA over the cache with a padding mask).
+AUTO_KVCACHE_CUDA_ORDER = ("torch", "reference")
 
 
 @dataclass(frozen=True)
@@ -67,14 +74,27 @@ def auto_order(device: torch.device) -> tuple[str, ...]:
 def choose(backend: str, call: AttentionCall) -> str:
     """The backend that runs `call`: `backend` itself (ValueError saying why if it cannot), or for
     "auto" the first of auto_order that can."""
+    return _choose(backend, call, auto_order(call.q.device), "unsupported")
+
+
+def choose_kvcache(backend: str, call: KVCacheCall) -> str:
+    """choose() for attention_with_kvcache."""
+    order = AUTO_KVCACHE_CUDA_ORDER if call.q.device.type == "cuda" else AUTO_CPU_ORDER
+    return _choose(backend, call, order, "unsupported_kvcache")
+
+
+def _choose(backend, call, order, check) -> str:
+    def why(name):
+        return unavailable_reason(name) or getattr(_MODULES[name], check)(call)
+
     if backend == "auto":
-        for name in auto_order(call.q.device):
-            if why_not(name, call) is None:
+        for name in order:
+            if why(name) is None:
                 return name
         raise AssertionError("the reference backend supports every valid call")  # pragma: no cover
     if not isinstance(backend, str) or backend not in _MODULES:
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
-    reason = why_not(backend, call)
+    reason = why(backend)
     if reason:
         raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
     return backend
@@ -82,3 +102,22 @@ def choose(backend: str, call: AttentionCall) -> str:
 
 def run(name: str, call: AttentionCall):
     return _MODULES[name].run(call)
+
+
+def run_kvcache(name: str, call: KVCacheCall):
+    return _MODULES[name].run_kvcache(call)
+
+
+def append_kv(backend: str, k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
+    """Write new keys/values into a KV cache in place: the Triton kernel for backend="triton"; torch
+    ops for "torch", "reference" and, until a GPU has run the kernel, "auto"."""
+    if backend == "triton":
+        reason = unavailable_reason("triton") or triton_backend.unsupported_append(k)
+        if reason:
+            raise ValueError(f"backend='triton' cannot run this call: {reason}")
+        triton_backend.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table)
+    elif backend in ("auto", "torch", "reference"):
+        kvcache.append(k_cache, v_cache, k, v, cache_seqlens, block_table)
+    else:
+        raise ValueError(f"backend must be one of 'auto', 'triton', 'torch', 'reference' for a KV-cache append, "
+                         f"got {backend!r}")

@@ -1,4 +1,4 @@
-"""AttentionCall: one validated, normalised call, as every backend receives it."""
+"""AttentionCall and KVCacheCall: one validated, normalised call, as every backend receives it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastattn import kvcache
 from fastattn.shape import AttentionShape
 
 
@@ -52,3 +53,53 @@ class AttentionCall:
         if not results:
             return q.new_zeros(q.shape), q.new_empty((q.shape[1], 0), dtype=torch.float32)
         return torch.cat([o[0] for o, _ in results], dim=0), torch.cat([l[0] for _, l in results], dim=1)
+
+
+@dataclass(slots=True)
+class KVCacheCall:
+    """One validated call of attention_with_kvcache: q (B, Sq, Hq, D) over a contiguous
+    (B, S_max, Hkv, D) or paged (num_pages, page_size, Hkv, D) cache with block_table, after
+    appending k/v (B, n_new, Hkv, D) if given. shape.seqlen_k is the cache's capacity per sequence."""
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+    cache_seqlens: torch.Tensor
+    block_table: torch.Tensor | None
+    shape: AttentionShape
+    n_new: int
+    causal: bool
+    scale: float
+    return_lse: bool
+    num_splits: int
+
+    def padded(self, run_one):
+        """The call through a padded-layout backend (torch, reference): append k/v with torch ops,
+        then attend over the cache as dense keys (B, capacity, Hkv, D) with the keys each query sees
+        as a key-padding mask, in one call for all queries or, causal with several new tokens, one
+        per token. Returns out [, lse]."""
+        s = self.shape
+        if self.k is not None:
+            kvcache.append(self.k_cache, self.v_cache, self.k, self.v, self.cache_seqlens, self.block_table)
+        k, v = kvcache.dense(self.k_cache, self.block_table), kvcache.dense(self.v_cache, self.block_table)
+        lengths = kvcache.key_lengths(self.cache_seqlens, self.n_new, s.seqlen_k)  # (B,)
+        pos = torch.arange(s.seqlen_k, device=self.q.device)
+        # (first query, end, keys hidden from it at the end): bottom-right causal hides the last
+        # Sq - 1 - t keys from new token t.
+        if self.causal and s.seqlen_q > 1:
+            groups = [(t, t + 1, s.seqlen_q - 1 - t) for t in range(s.seqlen_q)]
+        else:
+            groups = [(0, s.seqlen_q, 0)]
+        results = []
+        for start, end, hidden in groups:
+            mask = pos[None, :] < (lengths - hidden)[:, None]  # (B, capacity), True = a key it sees
+            shape = AttentionShape(s.batch, end - start, s.seqlen_k, s.heads_q, s.heads_kv, s.head_dim)
+            results.append(run_one(AttentionCall(self.q[:, start:end], k, v, shape, False, self.scale, mask,
+                                                 self.return_lse)))
+        if len(results) == 1:
+            return results[0]
+        if not self.return_lse:
+            return torch.cat(results, dim=1)
+        return torch.cat([o for o, _ in results], dim=1), torch.cat([l for _, l in results], dim=2)

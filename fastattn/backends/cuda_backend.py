@@ -55,6 +55,10 @@ def unsupported(call: AttentionCall) -> str | None:
     return _device_reason(call.q.device)
 
 
+def unsupported_kvcache(call) -> str | None:
+    return "the CUDA kernels have no decode kernel yet (backend='triton' has one)"
+
+
 _device_reasons: dict[torch.device, str | None] = {}
 
 

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from fastattn import reference
-from fastattn.backends.call import AttentionCall
+from fastattn.backends.call import AttentionCall, KVCacheCall
 
 
 def unavailable() -> str | None:
     return None
 
 
-def unsupported(call: AttentionCall) -> str | None:
+def unsupported(call: AttentionCall | KVCacheCall) -> str | None:
     return None
+
+
+unsupported_kvcache = unsupported
+
+
+def run_kvcache(call: KVCacheCall):
+    return call.padded(run)
 
 
 def run(call: AttentionCall):

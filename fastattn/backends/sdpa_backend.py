@@ -8,17 +8,25 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from fastattn import reference
-from fastattn.backends.call import AttentionCall
+from fastattn.backends.call import AttentionCall, KVCacheCall
 
 
 def unavailable() -> str | None:
     return None
 
 
-def unsupported(call: AttentionCall) -> str | None:
+def unsupported(call: AttentionCall | KVCacheCall) -> str | None:
     if call.return_lse:
         return "return_lse=True: PyTorch SDPA does not return the log-sum-exp"
     return None
+
+
+unsupported_kvcache = unsupported
+
+
+def run_kvcache(call: KVCacheCall):
+    """Append with torch ops, then SDPA over the cache with a key-padding mask (no decode kernel)."""
+    return call.padded(run)
 
 
 def run(call: AttentionCall):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from fastattn.backends.call import AttentionCall
+from fastattn.backends.call import AttentionCall, KVCacheCall
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GRID_YZ = 65535  # heads and batch are CUDA grid axes 1 and 2
@@ -14,11 +14,11 @@ MAX_GRID_YZ = 65535  # heads and batch are CUDA grid axes 1 and 2
 # Imported once, eagerly, so that torch.compile never traces an import.
 try:
     from fastattn.kernels.configs import interpreter_enabled
-    from fastattn.ops import padded_attention, varlen_attention  # registers the ops
+    from fastattn.ops import append_kv, kvcache_attention, padded_attention, varlen_attention  # registers the ops
 
     _IMPORT_ERROR = None
 except Exception as e:  # pragma: no cover - depends on the machine
-    padded_attention = varlen_attention = interpreter_enabled = None
+    padded_attention = varlen_attention = kvcache_attention = append_kv = interpreter_enabled = None
     _IMPORT_ERROR = f"triton could not be imported: {type(e).__name__}: {e}"
 
 
@@ -36,7 +36,7 @@ def unavailable() -> str | None:
             "Triton kernels on the CPU through the interpreter; slow, meant for testing)")
 
 
-def unsupported(call: AttentionCall) -> str | None:
+def unsupported(call: AttentionCall | KVCacheCall) -> str | None:
     if call.q.dtype not in DTYPES:
         return f"dtype {call.q.dtype} is not supported (float16, bfloat16, float32)"
     if call.shape.batch > MAX_GRID_YZ or call.shape.heads_q > MAX_GRID_YZ:
@@ -44,6 +44,25 @@ def unsupported(call: AttentionCall) -> str | None:
     if not call.q.is_cuda and not interpreter():
         return f"tensors are on {call.q.device}; the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
     return None
+
+
+unsupported_kvcache = unsupported  # the decode grid's axes 1 and 2 are (KV heads x row tiles) and batch
+
+
+def unsupported_append(k) -> str | None:
+    if k.dtype not in DTYPES:
+        return f"dtype {k.dtype} is not supported (float16, bfloat16, float32)"
+    if k.shape[0] > MAX_GRID_YZ or k.shape[2] > MAX_GRID_YZ:
+        return f"batch size and head count must be <= {MAX_GRID_YZ} (CUDA grid limit)"
+    if not k.is_cuda and not interpreter():
+        return f"tensors are on {k.device}; the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
+    return None
+
+
+def run_kvcache(call: KVCacheCall):
+    out, lse = kvcache_attention(call.q, call.k_cache, call.v_cache, call.k, call.v, call.cache_seqlens,
+                                 call.block_table, call.causal, call.scale, call.num_splits)
+    return (out, lse) if call.return_lse else out
 
 
 def run(call: AttentionCall):

@@ -129,13 +129,15 @@ _warned: set[str] = set()
 
 
 def build(name: str, kernel, cands: list[configs.BlockConfig], grid_for, args: tuple, constexprs: dict, *,
-          seq_len: int, outputs: tuple[int, ...], device: torch.device) -> Plan:
+          seq_len: int, outputs: tuple[int, ...], device: torch.device, verify=None) -> Plan:
     """A plan for launching `kernel` on `args` (runtime arguments, in order), launched once: the
     outputs are written as by any launch.
 
     cands: the configs to choose from, best guess first; grid_for(config) -> the launch grid;
     seq_len: the length that keys the tuning bucket; outputs: indices of the output tensors in
-    args (to check a direct launch once); name: the kernel's name in warnings. Under CUDA-graph
+    args (to check a direct launch once); name: the kernel's name in warnings. A kernel that
+    writes into a tensor in place (a KV cache: it cannot be refilled with a sentinel) passes
+    outputs=() and verify() -> bool, which checks what the direct launch wrote. Under CUDA-graph
     capture nothing may sync: no tuning, no check, and the plan is provisional."""
     tune_key = (name, tuple(cands), tuple(sorted(constexprs.items())), str(args[0].dtype), str(device),
                 configs.seq_bucket(seq_len))
@@ -159,7 +161,7 @@ def build(name: str, kernel, cands: list[configs.BlockConfig], grid_for, args: t
             return plan  # interpreter, a graph capture, or direct launches turned off
         handle_key = (tune_key, config, specialization(args))
         if handle_key not in _handles:
-            _handles[handle_key] = _checked(name, handle, plan, grid, args, outputs)
+            _handles[handle_key] = _checked(name, handle, plan, grid, args, outputs, verify)
     plan.handle = _handles[handle_key]
     return plan
 
@@ -213,23 +215,32 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 _SENTINEL = 0xFF  # every output byte set before a checked launch: a launch that writes nothing shows
 
 
-def _checked(name, handle, plan, grid, args, outputs):
+def _checked(name, handle, plan, grid, args, outputs, verify=None):
     """`handle` if launching it directly writes exactly what Triton's own launch writes (outputs
-    filled with a sentinel before each, compared bit for bit), else None with a warning. Either way
-    the outputs end up holding the JIT launch's results."""
+    filled with a sentinel before each, compared bit for bit; or, for an in-place kernel, verify()
+    after one direct launch), else None with a warning. Either way the outputs end up holding the
+    JIT launch's results."""
     expected, same = None, False
     try:
-        for i in outputs:
-            _bits(args[i]).fill_(_SENTINEL)
-        _jit_launch(plan.kernel, grid, args, plan.constexprs, plan.config)
-        expected = [args[i].clone() for i in outputs]
-        for i in outputs:
-            _bits(args[i]).fill_(_SENTINEL)
         plan.handle = handle
-        with on_device(args[0].get_device()):
-            plan.launch(grid, args, stream_of(args[0]))
-        same = all(torch.equal(_bits(e), _bits(args[i])) for e, i in zip(expected, outputs))
-        reason = "its outputs differ from Triton's own launch"
+        if verify is not None:  # in place: one direct launch, then verify; a JIT launch redoes it if wrong
+            with on_device(args[0].get_device()):
+                plan.launch(grid, args, stream_of(args[0]))
+            same = bool(verify())
+            reason = "it did not write what verify() expected"
+        else:
+            plan.handle = None
+            for i in outputs:
+                _bits(args[i]).fill_(_SENTINEL)
+            _jit_launch(plan.kernel, grid, args, plan.constexprs, plan.config)
+            expected = [args[i].clone() for i in outputs]
+            for i in outputs:
+                _bits(args[i]).fill_(_SENTINEL)
+            plan.handle = handle
+            with on_device(args[0].get_device()):
+                plan.launch(grid, args, stream_of(args[0]))
+            same = all(torch.equal(_bits(e), _bits(args[i])) for e, i in zip(expected, outputs))
+            reason = "its outputs differ from Triton's own launch"
     except Exception as e:  # an API the direct launch did not expect: fall back, keep working
         reason = f"{type(e).__name__}: {e}"
     finally:

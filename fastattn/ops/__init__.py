@@ -2,5 +2,6 @@
 torch.compile) and the autograd Functions that differentiate them (fastattn.ops.autograd)."""
 
 from fastattn.ops.autograd import padded_attention, varlen_attention
+from fastattn.ops.decode import append_kv, kvcache_attention
 
-__all__ = ["padded_attention", "varlen_attention"]
+__all__ = ["append_kv", "kvcache_attention", "padded_attention", "varlen_attention"]

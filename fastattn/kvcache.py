@@ -1,0 +1,65 @@
+"""KV caches in torch ops: the layouts ``fastattn.attention_with_kvcache`` takes, the append and
+the dense view that the backends without a decode kernel (torch, reference) use, and the tests'
+oracle for the Triton kernels.
+
+Two layouts, as in FlashAttention and vLLM:
+- contiguous: k_cache (B, S_max, Hkv, D); sequence b's position j is row j of batch entry b.
+- paged: k_cache (num_pages, page_size, Hkv, D) and block_table (B, max_pages) int32; sequence
+  b's position j is row j % page_size of page block_table[b, j // page_size].
+cache_seqlens (B,) int32 counts the tokens a sequence holds before a call appends its new ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_SPLITS = 128  # split-KV decoding: most programs one sequence's keys are shared by (FlashAttention's cap)
+
+
+def capacity(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> int:
+    """Positions per sequence: S_max, or max_pages * page_size."""
+    return k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+
+
+def positions(cache_seqlens: torch.Tensor, n: int, cap: int) -> torch.Tensor:
+    """(B, n) int64 cache positions of n new tokens, cache_seqlens[b] + t, clamped into the cache
+    (lengths are not read on the host for CUDA tensors: bad ones must not reach outside it)."""
+    t = torch.arange(n, device=cache_seqlens.device)
+    return (cache_seqlens.long()[:, None] + t).clamp_(0, max(cap - 1, 0))
+
+
+def _pages(block_table: torch.Tensor, pos: torch.Tensor, page_size: int, n_pages: int) -> torch.Tensor:
+    """Page index of each position (B, ...) -> same shape, clamped to the cache's pages."""
+    return block_table.long().gather(1, pos.flatten(1) // page_size).view_as(pos).clamp_(0, n_pages - 1)
+
+
+def append(k_cache, v_cache, k, v, cache_seqlens, block_table=None) -> None:
+    """Write the new tokens' keys/values k, v (B, S_new, Hkv, D) at positions cache_seqlens[b] + t,
+    in place (torch ops; ``launchers.decode.append`` is the Triton kernel)."""
+    b, n = k.shape[:2]
+    if n == 0 or b == 0:
+        return
+    pos = positions(cache_seqlens, n, capacity(k_cache, block_table))  # (B, S_new)
+    if block_table is None:
+        rows = torch.arange(b, device=k.device)[:, None].expand(b, n)
+        k_cache[rows, pos] = k
+        v_cache[rows, pos] = v
+    else:
+        page_size = k_cache.shape[1]
+        pages = _pages(block_table, pos, page_size, k_cache.shape[0])
+        k_cache[pages, pos % page_size] = k
+        v_cache[pages, pos % page_size] = v
+
+
+def dense(cache: torch.Tensor, block_table: torch.Tensor | None) -> torch.Tensor:
+    """The cache as (B, capacity, Hkv, D): itself if contiguous, else its pages gathered in order."""
+    if block_table is None:
+        return cache
+    b, max_pages = block_table.shape
+    pages = block_table.long().clamp(0, cache.shape[0] - 1)
+    return cache[pages].reshape(b, max_pages * cache.shape[1], *cache.shape[2:])  # (B, P, page, H, D) -> (B, S, H, D)
+
+
+def key_lengths(cache_seqlens: torch.Tensor, n_new: int, cap: int) -> torch.Tensor:
+    """(B,) keys each sequence attends to: its cached tokens plus the new ones, within the cache."""
+    return (cache_seqlens.long() + n_new).clamp(0, cap)

@@ -1,0 +1,181 @@
+"""Launch the decoding kernels (kernels/decode.py -> here -> fastattn.ops): the KV-cache append and
+split-KV attention over a contiguous or paged cache.
+
+As for the other launchers: inputs are used with their strides (no copy when the last dim is
+contiguous), outputs and scratch come from torch's allocator, plans are looked up by exact integers
+and pointer alignment, nothing reads a tensor's values on the host, so a warmed-up decode step is
+CUDA-graph capturable. The split count depends only on shapes and the GPU (not on the cached
+lengths, which live on the device): each split takes an equal share of its sequence's keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastattn import kvcache
+from fastattn.kernels import configs
+from fastattn.kernels.decode import decode_attn_kernel, decode_combine_kernel, kv_append_kernel
+from fastattn.launchers import plans
+from fastattn.launchers.device import on_device
+
+LOG2E = math.log2(math.e)
+NOMINAL_BLOCK_N = 64  # key tile the split heuristic counts in (the split count must not depend on the config)
+MAX_CACHED_SIGNATURES = 4096
+
+_plans: dict[tuple, tuple] = {}
+_sm_counts: dict[int, int] = {}
+
+
+def sm_count(device: int) -> int:
+    """Streaming multiprocessors of CUDA device `device` (asked once); 1 for the interpreter (CPU),
+    where splitting gains nothing."""
+    if device < 0:
+        return 1
+    if device not in _sm_counts:
+        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_counts[device]
+
+
+def num_splits_heuristic(programs: int, sms: int, key_tiles: int, max_splits: int = kvcache.MAX_SPLITS) -> int:
+    """How many programs share one sequence's keys, FlashAttention's rule: none while the
+    (batch, KV head, row tile) programs fill >= 80% of the SMs; else the smallest split count whose
+    wave efficiency (waves / ceil(waves)) reaches 85% of the best one, at most max_splits, the SM
+    count and the key tiles. Counts that leave the tiles per split unchanged from one fewer split
+    are not considered (same work per program, more to combine)."""
+    if programs >= 0.8 * sms:
+        return 1
+    limit = min(max_splits, sms, key_tiles)
+    if limit <= 1:
+        return 1
+    efficiency = []
+    for n in range(1, limit + 1):
+        waves = programs * n / sms
+        efficiency.append(waves / math.ceil(waves))
+    best = max(efficiency)
+    for n in range(1, limit + 1):
+        useful = n == 1 or -(-key_tiles // n) != -(-key_tiles // (n - 1))
+        if useful and efficiency[n - 1] >= 0.85 * best:
+            return n
+    return 1
+
+
+def row_tile(rows: int, head_dim: int) -> int:
+    """Query rows (GQA group x new tokens) per program: a power of two >= 16 (tl.dot's minimum), at
+    most 64 (32 for head dims over 128: the accumulator lives in registers)."""
+    return min(max(16, 1 << (rows - 1).bit_length()), 64 if head_dim <= 128 else 32)
+
+
+def _remember(key, value) -> None:
+    if any(p is not None and p.provisional for p in value):
+        return  # built during a CUDA-graph capture: the next eager call builds it properly
+    if len(_plans) >= MAX_CACHED_SIGNATURES:
+        _plans.clear()
+    _plans[key] = value
+
+
+def _table_args(k_cache, block_table):
+    """(block table or a placeholder, its row stride, page size (0: contiguous), pages)."""
+    if block_table is None:
+        return k_cache, 0, 0, 1  # placeholder pointer: never read without PAGE_SIZE
+    bt = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+    return bt, bt.stride(0), k_cache.shape[1], k_cache.shape[0]
+
+
+def append(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
+    """Write k, v (B, S_new, Hkv, D) into the cache at positions cache_seqlens[b] + t, in place;
+    positions outside the cache are skipped (kvcache.append is the torch version)."""
+    b, n, hkv, d = k.shape
+    if b == 0 or n == 0 or hkv == 0:
+        return
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    seqlens = cache_seqlens.contiguous()
+    bt, stride_bt, page_size, n_pages = _table_args(k_cache, block_table)
+    cap = k_cache.shape[1] if block_table is None else block_table.shape[1] * page_size
+    args = (k, v, k_cache, v_cache, seqlens, bt, *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3],
+            *v_cache.stride()[:3], stride_bt, cap, n_pages)
+    grid = (n, hkv, b)
+    device = k.get_device()
+    key = ("append", k.dtype, device, page_size, d, args[6:], plans.aligned((k, v, k_cache, v_cache, seqlens, bt)))
+    found = _plans.get(key)
+    if found is not None:
+        plans.launch(device, ((found[0], grid, args),))
+        return
+
+    def verify() -> bool:  # the rows the direct launch wrote hold k and v (only ever run once per plan)
+        pos = kvcache.positions(seqlens, n, cap)
+        rows = torch.arange(b, device=k.device)[:, None]
+        kc, vc = kvcache.dense(k_cache, block_table), kvcache.dense(v_cache, block_table)
+        return torch.equal(kc[rows, pos], k) and torch.equal(vc[rows, pos], v)
+
+    consts = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), PAGE_SIZE=page_size)
+    with on_device(device):
+        plan = plans.build("kv_append", kv_append_kernel, [configs.PREPROCESS], lambda c: grid, args, consts,
+                           seq_len=cap, outputs=(), device=k.device, verify=verify)
+    _remember(key, (plan,))
+
+
+def attend(q, k_cache, v_cache, cache_seqlens, block_table, n_new: int, causal: bool, scale: float,
+           num_splits: int = 0):
+    """Attention of q (B, Sq, Hq, D) over each sequence's min(cache_seqlens[b] + n_new, capacity)
+    cached keys: out (B, Sq, Hq, D) in q's dtype, lse (B, Hq, Sq) float32. num_splits: 0 chooses
+    (num_splits_heuristic), n forces n (at most kvcache.MAX_SPLITS)."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    b, sq, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    out = q.new_empty((b, sq, hq, d))
+    lse = q.new_empty((b, hq, sq), dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    seqlens = cache_seqlens.contiguous()
+    bt, stride_bt, page_size, n_pages = _table_args(k_cache, block_table)
+    cap = k_cache.shape[1] if block_table is None else block_table.shape[1] * page_size
+    group = hq // hkv
+    block_r = row_tile(group * sq, d)
+    row_tiles = -(-group * sq // block_r)
+    device = q.get_device()
+    splits = num_splits or num_splits_heuristic(b * hkv * row_tiles, sm_count(device), -(-cap // NOMINAL_BLOCK_N))
+    splits = min(splits, kvcache.MAX_SPLITS)
+    if splits == 1:
+        o, l_, o_strides, l_strides = out, lse, (0, *out.stride()[:3]), (0, *lse.stride()[:2])
+    else:
+        o = q.new_empty((splits, b, sq, hq, d), dtype=torch.float32)
+        l_ = q.new_empty((splits, b, hq, sq), dtype=torch.float32)
+        o_strides, l_strides = o.stride()[:4], l_.stride()[:3]
+    ints = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], stride_bt, *o_strides, *l_strides,
+            group, sq, n_new, cap, n_pages, splits, row_tiles)
+    args = (q, k_cache, v_cache, seqlens, bt, o, l_, *ints, scale * LOG2E)
+    grid = (splits, hkv * row_tiles, b)
+    combine = None
+    if splits > 1:
+        combine = (o, l_, out, lse, *o.stride()[:4], *l_.stride()[:3], *out.stride()[:3], *lse.stride()[:2], splits)
+    key = ("decode", q.dtype, device, causal, page_size, d, b, hq, ints,
+           plans.aligned((q, k_cache, v_cache, seqlens, bt)))
+    found = _plans.get(key)
+    if found is not None:
+        attn_plan, combine_plan = found
+        launches = [(attn_plan, grid, args)]
+        if combine_plan is not None:
+            launches.append((combine_plan, (hq, sq, b), combine))
+        plans.launch(device, launches)
+        return out, lse
+    block_d = max(16, 1 << (d - 1).bit_length())
+    fp32 = q.dtype == torch.float32
+    # A contiguous cache indexes rows within one sequence in 32 bits unless they reach 2**31
+    # elements; paged rows are 64-bit page offsets plus a row within the page.
+    wide = page_size == 0 and (cap + 256) * max(k_cache.stride(1), v_cache.stride(1)) >= 2**31
+    consts = dict(CAUSAL=causal, PAGE_SIZE=page_size, HEAD_DIM=d, DOT_PRECISION="ieee" if fp32 else "tf32",
+                  BLOCK_R=block_r, BLOCK_D=block_d, WIDE=wide)
+    with on_device(device):
+        attn_plan = plans.build("decode", decode_attn_kernel, configs.candidates("decode", block_d, fp32),
+                                lambda c: grid, args, consts, seq_len=cap, outputs=(5, 6), device=q.device)
+        combine_plan = None
+        if combine is not None:
+            cconsts = dict(HEAD_DIM=d, BLOCK_S=1 << (splits - 1).bit_length(), BLOCK_D=block_d)
+            combine_plan = plans.build("decode_combine", decode_combine_kernel, [configs.PREPROCESS],
+                                       lambda c: (hq, sq, b), combine, cconsts, seq_len=cap, outputs=(2, 3),
+                                       device=q.device)
+    _remember(key, (attn_plan, combine_plan))
+    return out, lse

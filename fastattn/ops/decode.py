@@ -1,0 +1,49 @@
+"""The decoding kernels as ops: fastattn::triton_kvcache_append (writes the new tokens' keys and
+values into the cache, in place) and fastattn::triton_kvcache_attention (split-KV attention over
+the cache). Not differentiable: decoding is inference (the API refuses inputs that need grad).
+
+In eager mode on plain tensors ``kvcache_attention`` calls the launchers directly, as the autograd
+Functions do (fastattn.ops.autograd); under torch.compile or a dispatch mode it calls the ops."""
+
+from __future__ import annotations
+
+import torch
+
+from fastattn.launchers import decode as launch
+from fastattn.ops.autograd import _direct
+from fastattn.ops.library import define
+
+APPEND = ("(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? block_table) "
+          "-> ()")
+ATTEND = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, SymInt n_new, "
+          "bool causal, float scale, SymInt num_splits) -> (Tensor, Tensor)")
+
+
+def _append_fake(k, v, k_cache, v_cache, cache_seqlens, block_table):
+    return None
+
+
+def _attend_fake(q, k_cache, v_cache, cache_seqlens, block_table, n_new, causal, scale, num_splits):
+    b, sq, hq, d = q.shape
+    return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
+
+
+triton_kvcache_append = define("triton_kvcache_append", APPEND, launch.append, _append_fake)
+triton_kvcache_attention = define("triton_kvcache_attention", ATTEND, launch.attend, _attend_fake)
+
+
+def append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
+    """Write k, v (B, S_new, Hkv, D) at cache_seqlens[b] + t (Triton), in place."""
+    fn = launch.append if _direct(k, v, k_cache, v_cache, cache_seqlens) else triton_kvcache_append
+    fn(k, v, k_cache, v_cache, cache_seqlens, block_table)
+
+
+def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, scale: float,
+                      num_splits: int):
+    """Append k/v (if given), then attend: (out (B, Sq, Hq, D), lse (B, Hq, Sq) float32)."""
+    n_new = 0
+    if k is not None:
+        append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table)
+        n_new = k.shape[1]
+    fn = launch.attend if _direct(q, k_cache, v_cache, cache_seqlens) else triton_kvcache_attention
+    return fn(q, k_cache, v_cache, cache_seqlens, block_table, n_new, causal, scale, num_splits)

@@ -1,0 +1,191 @@
+"""Split-KV decoding over a KV cache (contiguous or paged), in Triton.
+
+Decoding runs a few query tokens per sequence against a long cache: the work is reading K and V,
+not the dots. So each program serves one (batch, KV head) and every query head of its GQA group at
+once (rows = group heads x new tokens, one K/V read for all of them), and when batch x KV heads is
+too few programs to fill the GPU, the keys are split across programs too (grid axis 0). Each split
+writes its normalised partial output and log-sum-exp; ``decode_combine_kernel`` merges them:
+out = sum_s exp(lse_s - lse) * O_s with lse = logsumexp_s(lse_s). With one split the partial is the
+final result and the attention kernel writes it directly.
+
+The cache: contiguous (B, S_max, Hkv, D), or paged (num_pages, PAGE_SIZE, Hkv, D) with a block
+table (B, max_pages) of page indices, as in FlashAttention and vLLM (PAGE_SIZE = 0 means
+contiguous). Sequence b holds min(cache_seqlens[b] + N_NEW, CAPACITY) keys (N_NEW: tokens appended by
+this call, already in the cache). Lengths and page indices are read on the device only, so they
+are clamped to the cache: bad ones give wrong rows, never an access outside it.
+
+Causal is bottom-right: new token t (of SQ) sees keys j <= t + Sk - SQ.
+"""
+
+import triton
+import triton.language as tl
+
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _row_offsets(BT_row, cols, valid, stride_kp, stride_ks, stride_vp, stride_vs, N_PAGES,
+                 PAGE_SIZE: tl.constexpr, WIDE: tl.constexpr):
+    """Element offsets of cache rows `cols` of one sequence in K and in V (the sequence's base
+    already applied for a contiguous cache). Paged rows go through the block table once for both,
+    page indices clamped to the cache."""
+    if PAGE_SIZE > 0:
+        page = tl.load(BT_row + cols // PAGE_SIZE, mask=valid, other=0)
+        page = tl.minimum(tl.maximum(page, 0), N_PAGES - 1).to(tl.int64)
+        within = cols % PAGE_SIZE
+        return page * stride_kp + within * stride_ks, page * stride_vp + within * stride_vs
+    elif WIDE:
+        return cols.to(tl.int64) * stride_ks, cols.to(tl.int64) * stride_vs
+    else:
+        return cols * stride_ks, cols * stride_vs
+
+
+# Arguments: pointers, then integers, then floats, then constexprs (the launch plans rely on it).
+@triton.jit
+def decode_attn_kernel(
+    Q, K, V, SEQLENS, BLOCK_TABLE, O, LSE,
+    stride_qb, stride_qs, stride_qh,
+    stride_kp, stride_ks, stride_kh,
+    stride_vp, stride_vs, stride_vh,
+    stride_bt,
+    stride_o_split, stride_ob, stride_os, stride_oh,
+    stride_l_split, stride_lb, stride_lh,
+    GROUP, SQ, N_NEW, CAPACITY, N_PAGES, N_SPLITS, ROW_TILES,
+    qk_scale,
+    CAUSAL: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
+):
+    """Grid (N_SPLITS, Hkv * ROW_TILES, B). K/V strides: (batch, row, head) for a contiguous cache,
+    (page, row in page, head) for a paged one. O/LSE: the output (split stride 0) or the float32
+    partials (N_SPLITS, B, SQ, Hq, D) / (N_SPLITS, B, Hq, SQ)."""
+    split = tl.program_id(0)
+    hk = tl.program_id(1) // ROW_TILES
+    tile = tl.program_id(1) % ROW_TILES
+    b = tl.program_id(2).to(tl.int64)
+
+    # Rows: (group head g, new token t), head-major; rows past GROUP * SQ are padding.
+    rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < GROUP * SQ
+    t = rows % SQ
+    h = hk * GROUP + rows // SQ
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + b * stride_qb + (t * stride_qs + h * stride_qh)[:, None] + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    seq_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0) + N_NEW, CAPACITY)
+    # This split's keys: an equal share of this sequence's, in whole BLOCK_N tiles (so short
+    # sequences in a cache sized for long ones still spread over the splits).
+    chunk = tl.cdiv(tl.cdiv(seq_len, N_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, seq_len)
+
+    BT_row = BLOCK_TABLE + b * stride_bt
+    if PAGE_SIZE > 0:
+        k_base = K + hk * stride_kh
+        v_base = V + hk * stride_vh
+    else:
+        k_base = K + b * stride_kp + hk * stride_kh
+        v_base = V + b * stride_vp + hk * stride_vh
+    last_visible = t + seq_len - SQ  # causal: the last key each row sees
+
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < hi
+        tile_mask = col_ok[:, None] & d_ok[None, :]
+        k_rows, v_rows = _row_offsets(BT_row, cols, col_ok, stride_kp, stride_ks, stride_vp, stride_vs, N_PAGES,
+                                      PAGE_SIZE, WIDE)
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_R, BLOCK_N), log2 units
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= last_visible[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # A row that saw no key (an empty split, or none visible) has l = 0, acc = 0: out 0, lse -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    o_ptrs = O + split.to(tl.int64) * stride_o_split + b * stride_ob + (t * stride_os + h * stride_oh)[:, None] + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + split.to(tl.int64) * stride_l_split + b * stride_lb + h * stride_lh + t, lse, mask=row_ok)
+
+
+@triton.jit
+def decode_combine_kernel(
+    O_PART, LSE_PART, O, LSE,
+    stride_p_split, stride_pb, stride_ps, stride_ph,
+    stride_lp_split, stride_lpb, stride_lph,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    N_SPLITS,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (Hq, SQ, B): merge one (batch, token, head)'s N_SPLITS partial outputs by their lse.
+    Splits that saw no key (lse -inf) weigh 0; if none saw one, out = 0 and lse = -inf."""
+    h = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    splits = tl.arange(0, BLOCK_S)
+    s_ok = splits < N_SPLITS
+    lse_s = tl.load(LSE_PART + splits * stride_lp_split + b * stride_lpb + h * stride_lph + t, mask=s_ok,
+                    other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m)
+    total = tl.sum(w, 0)
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    parts = tl.load(O_PART + splits[:, None] * stride_p_split + b * stride_pb + t * stride_ps + h * stride_ph
+                    + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(parts * (w / total_safe)[:, None], 0)
+    tl.store(O + b * stride_ob + t * stride_os + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+    tl.store(LSE + b * stride_lb + h * stride_lh + t, tl.where(total == 0.0, float("-inf"), m + tl.log(total_safe)))
+
+
+@triton.jit
+def kv_append_kernel(
+    K_NEW, V_NEW, K_CACHE, V_CACHE, SEQLENS, BLOCK_TABLE,
+    stride_knb, stride_kns, stride_knh,
+    stride_vnb, stride_vns, stride_vnh,
+    stride_kp, stride_ks, stride_kh,
+    stride_vp, stride_vs, stride_vh,
+    stride_bt,
+    CAPACITY, N_PAGES,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+):
+    """Grid (S_new, Hkv, B): write new token t's key and value row of head hk of sequence b at cache
+    position cache_seqlens[b] + t. A position outside the cache (or, paged, on a page index outside
+    it) is not written."""
+    t = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    pos = tl.maximum(tl.load(SEQLENS + b), 0) + t
+    ok = pos < CAPACITY
+    if PAGE_SIZE > 0:
+        page = tl.load(BLOCK_TABLE + b * stride_bt + pos // PAGE_SIZE, mask=ok, other=-1).to(tl.int64)
+        ok = ok & (page >= 0) & (page < N_PAGES)
+        k_dst = K_CACHE + page * stride_kp + (pos % PAGE_SIZE) * stride_ks
+        v_dst = V_CACHE + page * stride_vp + (pos % PAGE_SIZE) * stride_vs
+    else:
+        k_dst = K_CACHE + b * stride_kp + pos.to(tl.int64) * stride_ks
+        v_dst = V_CACHE + b * stride_vp + pos.to(tl.int64) * stride_vs
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = offs_d < tl.where(ok, HEAD_DIM, 0)  # (a scalar bool & a vector trips the interpreter)
+    k = tl.load(K_NEW + b * stride_knb + t * stride_kns + hk * stride_knh + offs_d, mask=mask)
+    v = tl.load(V_NEW + b * stride_vnb + t * stride_vns + hk * stride_vnh + offs_d, mask=mask)
+    tl.store(k_dst + hk * stride_kh + offs_d, k, mask=mask)
+    tl.store(v_dst + hk * stride_vh + offs_d, v, mask=mask)
