@@ -22,9 +22,8 @@ from fastattn.launchers.device import on_device
 
 LOG2E = math.log2(math.e)
 NOMINAL_BLOCK_N = 64  # key tile the split heuristic counts in (the split count must not depend on the config)
-MAX_CACHED_SIGNATURES = 4096
 
-_plans: dict[tuple, tuple] = {}
+_plans = plans.signature_cache()
 _sm_counts: dict[int, int] = {}
 
 
@@ -67,14 +66,6 @@ def row_tile(rows: int, head_dim: int) -> int:
     return min(max(16, 1 << (rows - 1).bit_length()), 64 if head_dim <= 128 else 32)
 
 
-def _remember(key, value) -> None:
-    if any(p is not None and p.provisional for p in value):
-        return  # built during a CUDA-graph capture: the next eager call builds it properly
-    if len(_plans) >= MAX_CACHED_SIGNATURES:
-        _plans.clear()
-    _plans[key] = value
-
-
 def _table_args(k_cache, block_table):
     """(block table or a placeholder, its row stride, page size (0: contiguous), pages)."""
     if block_table is None:
@@ -114,7 +105,7 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
     with on_device(device):
         plan = plans.build("kv_append", kv_append_kernel, [configs.PREPROCESS], lambda c: grid, args, consts,
                            seq_len=cap, outputs=(), device=k.device, verify=verify)
-    _remember(key, (plan,))
+    plans.remember(_plans, key, (plan,))
 
 
 def attend(q, k_cache, v_cache, cache_seqlens, block_table, n_new: int, causal: bool, scale: float,
@@ -177,5 +168,5 @@ def attend(q, k_cache, v_cache, cache_seqlens, block_table, n_new: int, causal: 
             combine_plan = plans.build("decode_combine", decode_combine_kernel, [configs.PREPROCESS],
                                        lambda c: (hq, sq, b), combine, cconsts, seq_len=cap, outputs=(2, 3),
                                        device=q.device)
-    _remember(key, (attn_plan, combine_plan))
+    plans.remember(_plans, key, (attn_plan, combine_plan))
     return out, lse

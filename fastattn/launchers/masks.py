@@ -11,7 +11,7 @@ from fastattn.launchers import plans
 from fastattn.launchers.device import on_device
 
 BLOCK = 1024  # mask bytes a key_bounds program reads per step
-_plans: dict[tuple, plans.Plan] = {}
+_plans = plans.signature_cache()
 
 
 def key_bounds(key_padding_mask: torch.Tensor) -> torch.Tensor:

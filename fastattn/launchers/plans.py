@@ -126,6 +126,37 @@ _tuned: dict[tuple, configs.BlockConfig] = {}
 # Compiled kernels, keyed by the tuning key + the config + the arguments' specialisation.
 _handles: dict[tuple, object] = {}
 _warned: set[str] = set()
+# Every launcher's plans by call signature (signature_cache), for clear().
+_signature_caches: list[dict] = []
+
+
+def signature_cache() -> dict:
+    """A launcher's plans by call signature: a dict that clear() empties."""
+    cache: dict = {}
+    _signature_caches.append(cache)
+    return cache
+
+
+MAX_SIGNATURES = 4096  # per launcher: plans are looked up by exact integers (e.g. a KV cache growing per token)
+
+
+def remember(cache: dict, key: tuple, value: tuple, limit: int = MAX_SIGNATURES) -> None:
+    """Keep a call's plans (None entries: kernels the call does not launch), at most `limit`
+    signatures (a growing KV cache or changing shapes must not grow memory without bound). Plans
+    built during a CUDA-graph capture are not kept: the next eager call builds them properly."""
+    if any(p is not None and p.provisional for p in value):
+        return
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+
+
+def clear() -> None:
+    """Forget every launch plan and tuned config (tests; a long-running process changing shapes)."""
+    for cache in _signature_caches:
+        cache.clear()
+    _tuned.clear()
+    _handles.clear()
 
 
 def build(name: str, kernel, cands: list[configs.BlockConfig], grid_for, args: tuple, constexprs: dict, *,

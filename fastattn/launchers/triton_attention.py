@@ -24,14 +24,14 @@ import torch
 from fastattn.kernels import configs
 from fastattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from fastattn.kernels.attn_fwd import attn_fwd_kernel
-from fastattn.launchers import masks, plans
+from fastattn.launchers import plans
 from fastattn.launchers.device import on_device
 from fastattn.launchers.masks import key_bounds
 
 LOG2E = math.log2(math.e)
-MAX_CACHED_SIGNATURES = 4096  # plans looked up by exact integers: bounded (e.g. a KV cache growing per token)
+MAX_CACHED_SIGNATURES = plans.MAX_SIGNATURES
 
-_plans: dict[tuple, tuple[plans.Plan, ...]] = {}
+_plans = plans.signature_cache()
 
 
 @contextlib.contextmanager
@@ -47,11 +47,9 @@ def forced_configs(**cfgs: configs.BlockConfig):
 
 
 def clear_plans() -> None:
-    """Forget every launch plan and tuned config (tests; a long-running process changing shapes)."""
-    _plans.clear()
-    masks._plans.clear()
-    plans._tuned.clear()
-    plans._handles.clear()
+    """Forget every launch plan and tuned config, of every launcher (tests; a long-running process
+    changing shapes)."""
+    plans.clear()
 
 
 def _needs_wide_offsets(varlen: bool, max_rows: int, *xs: torch.Tensor) -> bool:
@@ -120,14 +118,6 @@ def _candidates(kind: str, consts: dict) -> list[configs.BlockConfig]:
     return configs.candidates(kind, consts["BLOCK_D"], consts["DOT_PRECISION"] == "ieee")
 
 
-def _remember(key: tuple, value: tuple) -> None:
-    if any(p.provisional for p in value):
-        return  # built during a CUDA-graph capture: the next eager call builds it properly
-    if len(_plans) >= MAX_CACHED_SIGNATURES:
-        _plans.clear()
-    _plans[key] = value
-
-
 def forward(q, k, v, key_padding_mask, kv_bounds, causal: bool, scale: float):
     """Padded batches: out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) float32, natural log.
     kv_bounds: key_bounds(key_padding_mask), or None to compute it here."""
@@ -184,7 +174,7 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
     with on_device(device):
         plan = plans.build("fwd", attn_fwd_kernel, _candidates("fwd", consts), grid, args, consts,
                            seq_len=max(sq, sk), outputs=(3, 4), device=q.device)
-    _remember(key, (plan,))
+    plans.remember(_plans, key, (plan,), MAX_CACHED_SIGNATURES)
     return out, lse
 
 
@@ -241,5 +231,5 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
             plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts), grids[2], dq_args, consts,
                         seq_len=max(sq, sk), outputs=(6,), device=q.device),
         )
-    _remember(key, built)
+    plans.remember(_plans, key, built, MAX_CACHED_SIGNATURES)
     return dq, dk, dv

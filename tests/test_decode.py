@@ -1,0 +1,436 @@
+"""Decoding over a KV cache: fastattn.attention_with_kvcache / append_to_kvcache, the split-KV Triton
+kernel (interpreter on CPU) and the torch fallback, against fastattn.reference in float64 on each
+sequence's own keys (the tolerance rule), contiguous and paged caches, several new tokens, GQA/MQA,
+forced split counts; the appends, the validation, the split heuristic, the ops; on a GPU, CUDA-graph
+capture, no host sync, and direct launches."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES
+
+import fastattn
+import fastattn.ops  # noqa: F401  (registers the ops)
+from fastattn import reference, testing
+from fastattn.launchers import decode as launch
+from fastattn.launchers import plans
+
+
+def make_cache(lens, capacity, hkv, d, *, dtype, page_size, gen, spare_pages=3):
+    """A random cache for len(lens) sequences of `capacity` positions: (k_cache, v_cache, block_table,
+    cache_seqlens). Paged caches get their pages in a random order, with spare pages unused."""
+    b = len(lens)
+    if page_size:
+        max_pages = -(-capacity // page_size)
+        n_pages = b * max_pages + spare_pages
+        shape = (n_pages, page_size, hkv, d)
+        table = torch.randperm(n_pages, generator=gen)[:b * max_pages].view(b, max_pages).int().to(DEVICE)
+    else:
+        shape, table = (b, capacity, hkv, d), None
+    k_cache = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    v_cache = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    return k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+
+
+def rows_of(cache, table, b, n):
+    """Sequence b's first n cache rows (n, Hkv, D), gathered position by position (the test's own
+    reading of the layouts)."""
+    if table is None:
+        return cache[b, :n]
+    page = cache.shape[1]
+    return torch.stack([cache[int(table[b, j // page]), j % page] for j in range(n)]) if n else cache[0, :0]
+
+
+def expected_keys(k_cache, v_cache, table, lens, k, v):
+    """Each sequence's keys/values after appending k/v: what it held, then the new tokens."""
+    keys, values = [], []
+    for b, n in enumerate(lens):
+        kb, vb = rows_of(k_cache, table, b, n), rows_of(v_cache, table, b, n)
+        if k is not None:
+            kb, vb = torch.cat([kb, k[b]]), torch.cat([vb, v[b]])
+        keys.append(kb)
+        values.append(vb)
+    return keys, values
+
+
+def per_sequence_reference(q, keys, values, causal, scale, dtype):
+    """fastattn.reference on each sequence's own keys (bottom-right causal over exactly them), in
+    `dtype`: out (B, Sq, Hq, D), lse (B, Hq, Sq)."""
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        o, l_ = reference.attention(q[b:b + 1].to(dtype), keys[b][None].to(dtype), values[b][None].to(dtype),
+                                    causal=causal, scale=scale, return_lse=True)
+        outs.append(o)
+        lses.append(l_)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def check(out, lse, q, keys, values, *, causal=True, scale=None):
+    ref, ref_lse = per_sequence_reference(q, keys, values, causal, scale, torch.float64)
+    naive, naive_lse = per_sequence_reference(q, keys, values, causal, scale, q.dtype)
+    results = [testing.compare("out", out, naive, ref, testing.OUT_FACTOR)]
+    if lse is not None:
+        results.append(testing.compare("lse", lse, naive_lse, ref_lse, testing.OUT_FACTOR))
+    assert all(r.ok for r in results), [str(r) for r in results]
+
+
+def run_case(gen, lens, hq, hkv, d, n_new, page_size, splits, dtype=torch.float32, backend="triton", sq=None,
+             capacity=None, causal=True):
+    sq = n_new if sq is None else sq
+    capacity = capacity or max(lens) + n_new + 5
+    k_cache, v_cache, table, seqlens = make_cache(lens, capacity, hkv, d, dtype=dtype, page_size=page_size, gen=gen)
+    b = len(lens)
+    q = torch.randn(b, sq, hq, d, generator=gen).to(DEVICE, dtype)
+    k = v = None
+    if n_new:
+        k = torch.randn(b, n_new, hkv, d, generator=gen).to(DEVICE, dtype)
+        v = torch.randn(b, n_new, hkv, d, generator=gen).to(DEVICE, dtype)
+    keys, values = expected_keys(k_cache, v_cache, table, lens, k, v)
+    untouched = (k_cache.clone(), v_cache.clone())
+    lse_wanted = backend != "torch"
+    result = fastattn.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,
+                                             causal=causal, return_lse=lse_wanted, num_splits=splits, backend=backend)
+    out, lse = result if lse_wanted else (result, None)
+    check(out, lse, q, keys, values, causal=causal)
+    # The cache now holds the new tokens at their positions, and nothing else changed.
+    after_k, after_v = expected_keys(k_cache, v_cache, table, [n + n_new for n in lens], None, None)
+    for b_ in range(b):
+        assert torch.equal(after_k[b_], keys[b_]) and torch.equal(after_v[b_], values[b_])
+    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    for b_, n in enumerate(lens):
+        for j in range(n, n + n_new):
+            written[(b_, j) if table is None else (int(table[b_, j // page_size]), j % page_size)] = True
+    assert torch.equal(k_cache[~written], untouched[0][~written])
+    assert torch.equal(v_cache[~written], untouched[1][~written])
+    return out
+
+
+# (cache lengths per sequence, Hq, Hkv): batch 1..5, lengths 0..1000 differing per sequence,
+# GQA 8:1 and MQA.
+LENGTHS_HEADS = [
+    ((1000,), 16, 2),
+    ((0, 17, 300), 4, 1),
+    ((300, 0, 17, 1000, 1), 16, 2),
+    ((17, 1), 4, 1),
+]
+
+
+@pytest.mark.parametrize("page_size", [0, 16, 64], ids=["contiguous", "paged16", "paged64"])
+@pytest.mark.parametrize("n_new", [1, 4])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("case", range(len(LENGTHS_HEADS)))
+def test_matches_reference(case, splits, n_new, page_size, gen):
+    lens, hq, hkv = LENGTHS_HEADS[case]
+    dtype = KERNEL_DTYPES[(case + splits) % len(KERNEL_DTYPES)]
+    run_case(gen, list(lens), hq, hkv, 64, n_new, page_size, splits, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("d", [40, 128, 256])
+def test_head_dims_and_dtypes(d, dtype, gen):
+    run_case(gen, [33, 130], 8, 2, d, 1, 16 if d == 40 else 0, 2, dtype=dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_many_splits_and_long_sequences(splits, gen):
+    """More splits than a short sequence has key tiles: the empty splits weigh nothing."""
+    run_case(gen, [1000, 2, 0], 2, 2, 32, 1, 0, 16 if splits == 4 else 1)
+
+
+def test_no_new_tokens_and_empty_sequences(gen):
+    """k = v = None attends over what is cached; a sequence with nothing cached gets 0, lse -inf."""
+    out = run_case(gen, [0, 5, 40], 4, 2, 32, 0, 16, 2, sq=2)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+def test_more_queries_than_keys_is_bottom_right(gen):
+    """Sq = 4 over 0 cached + 2 new keys: the first two queries see nothing (0), as attention()."""
+    out = run_case(gen, [0, 3], 2, 1, 32, 2, 0, 1, sq=4)
+    assert torch.equal(out[0, :2], torch.zeros_like(out[0, :2]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_fallback_backends(backend, page_size, gen):
+    run_case(gen, [0, 17, 40], 8, 2, 32, 4, page_size, 0, backend=backend)
+
+
+def test_not_causal(gen):
+    run_case(gen, [5, 30], 4, 2, 32, 3, 16, 2, causal=False)
+
+
+def test_auto_is_the_torch_path_until_a_gpu_has_run_the_kernel(gen, monkeypatch):
+    from fastattn import backends
+
+    k_cache, v_cache, table, seqlens = make_cache([3], 8, 1, 16, dtype=torch.float32, page_size=0, gen=gen)
+    q = torch.randn(1, 1, 2, 16, generator=gen).to(DEVICE)
+    call = backends.KVCacheCall(q, k_cache, v_cache, None, None, seqlens, None,
+                                fastattn.shape.AttentionShape(1, 1, 8, 2, 1, 16), 0, True, 1.0, False, 0)
+    assert backends.choose_kvcache("auto", call) == "torch"
+    assert "triton" not in backends.AUTO_KVCACHE_CUDA_ORDER
+    assert "no decode kernel" in backends.cuda_backend.unsupported_kvcache(call)
+
+
+# ---------------------------------------------------------------- appends
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_append_writes_exactly_the_new_positions(backend, page_size, gen):
+    lens = [0, 7, 30]
+    k_cache, v_cache, table, seqlens = make_cache(lens, 40, 2, 24, dtype=torch.float16, page_size=page_size, gen=gen)
+    k = torch.randn(3, 5, 2, 24, generator=gen).to(DEVICE, torch.float16)
+    v = torch.randn(3, 5, 2, 24, generator=gen).to(DEVICE, torch.float16)
+    before = (k_cache.clone(), v_cache.clone())
+    want_k, want_v = expected_keys(k_cache, v_cache, table, lens, k, v)
+    fastattn.append_to_kvcache(k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table, backend=backend)
+    got_k, got_v = expected_keys(k_cache, v_cache, table, [n + 5 for n in lens], None, None)
+    for b in range(3):
+        assert torch.equal(got_k[b], want_k[b]) and torch.equal(got_v[b], want_v[b])
+    changed = (k_cache != before[0]).flatten(2).any(-1) | (v_cache != before[1]).flatten(2).any(-1)
+    assert changed.sum() <= 15  # only the 3 x 5 new rows (a random row may equal the old one)
+
+
+def test_append_skips_positions_outside_the_cache(gen):
+    """Bad lengths or pages (not checked on the host for CUDA tensors) are clamped or skipped by the
+    kernel: nothing outside the cache is written."""
+    big = torch.randn(2, 24, 1, 16, generator=gen).to(DEVICE)
+    k_cache, v_cache = big[:, :16], big.clone()[:, :16]
+    k = torch.randn(2, 4, 1, 16, generator=gen).to(DEVICE)
+    snapshot = big.clone()
+    seqlens = torch.tensor([14, 100], dtype=torch.int32, device=DEVICE)  # 14 + 4 runs past 16; 100 is outside
+    launch.append(k, k, k_cache, v_cache, seqlens, None)
+    assert torch.equal(big[:, 16:], snapshot[:, 16:])  # past the cache view: untouched
+    assert torch.equal(big[0, 14:16], k[0, :2]) and torch.equal(big[1], snapshot[1])
+
+    pages = torch.randn(6, 4, 1, 16, generator=gen).to(DEVICE)
+    paged, spare = pages[:4], pages[4:].clone()
+    table = torch.tensor([[0, -1], [1, 7]], dtype=torch.int32, device=DEVICE)  # -1, 7: not pages of the cache
+    before = pages.clone()
+    launch.append(k, k, paged, paged.clone(), torch.tensor([2, 2], dtype=torch.int32, device=DEVICE), table)
+    assert torch.equal(pages[4:], spare)
+    assert torch.equal(pages[0, 2:], k[0, :2]) and torch.equal(pages[1, 2:], k[1, :2])
+    assert torch.equal(pages[2:4], before[2:4])
+
+
+def test_attend_clamps_lengths_to_the_cache(gen):
+    """A length past the cache (unchecked on CUDA) attends over the whole cache, no further."""
+    k_cache, v_cache, _, _ = make_cache([0], 20, 1, 16, dtype=torch.float32, page_size=0, gen=gen)
+    q = torch.randn(1, 1, 1, 16, generator=gen).to(DEVICE)
+    out, lse = launch.attend(q, k_cache, v_cache, torch.tensor([500], dtype=torch.int32, device=DEVICE), None, 0,
+                             True, 0.25, 1)
+    ref, ref_lse = reference.attention(q, k_cache, v_cache, scale=0.25, return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def bad_inputs(gen, **changes):
+    k_cache, v_cache, table, seqlens = make_cache([3, 5], 32, 2, 16, dtype=torch.float32, page_size=8, gen=gen)
+    args = dict(q=torch.randn(2, 1, 4, 16, generator=gen).to(DEVICE), k_cache=k_cache, v_cache=v_cache,
+                k=torch.randn(2, 1, 2, 16, generator=gen).to(DEVICE), v=torch.randn(2, 1, 2, 16, generator=gen).to(DEVICE),
+                cache_seqlens=seqlens, block_table=table)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: dict(cache_seqlens=a["cache_seqlens"].long()), TypeError, "cache_seqlens must be int32"),
+    (lambda a: dict(cache_seqlens=a["cache_seqlens"][:1]), ValueError, "cache_seqlens must have shape"),
+    (lambda a: dict(block_table=a["block_table"].long()), TypeError, "block_table must be int32"),
+    (lambda a: dict(block_table=a["block_table"][:1]), ValueError, "block_table must have shape"),
+    (lambda a: dict(cache_seqlens=torch.tensor([3, 32], dtype=torch.int32)), ValueError, "does not fit"),
+    (lambda a: dict(cache_seqlens=torch.tensor([-1, 3], dtype=torch.int32)), ValueError, "does not fit"),
+    (lambda a: dict(block_table=a["block_table"].clone().fill_(99)), ValueError, "outside k_cache"),
+    (lambda a: dict(v=None), ValueError, "both k and v"),
+    (lambda a: dict(k=a["k"][:, :, :1], v=a["v"][:, :, :1]), ValueError, "must have shape"),
+    (lambda a: dict(k_cache=a["k_cache"].half()), TypeError, "k_cache has dtype"),
+    (lambda a: dict(q=a["q"][:, :, :3]), ValueError, "multiple of the cache's key/value heads"),
+    (lambda a: dict(q=a["q"][..., :8]), ValueError, "head dim"),
+    (lambda a: dict(v_cache=a["v_cache"][:, :4]), ValueError, "same shape"),
+    (lambda a: dict(k_cache=a["k_cache"].transpose(1, 3)), ValueError, "contiguous last dim|same shape"),
+    (lambda a: dict(block_table=None), ValueError, "batch size"),
+    (lambda a: dict(q=a["q"][:, :0]), ValueError, "at least one query"),
+])
+def test_bad_inputs_name_the_argument(change, error, match, gen):
+    args = bad_inputs(gen)
+    args.update(change(args))
+    with pytest.raises(error, match=match):
+        fastattn.attention_with_kvcache(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("k"),
+                                        args.pop("v"), backend="triton", **args)
+
+
+def test_other_bad_arguments(gen):
+    args = bad_inputs(gen)
+    q, kc, vc, k, v = (args.pop(n) for n in ("q", "k_cache", "v_cache", "k", "v"))
+    with pytest.raises(ValueError, match="num_splits"):
+        fastattn.attention_with_kvcache(q, kc, vc, k, v, num_splits=129, **args)
+    with pytest.raises(ValueError, match="inference-only"):
+        fastattn.attention_with_kvcache(q.requires_grad_(), kc, vc, k, v, **args)
+    with pytest.raises(ValueError, match="backend='cuda' cannot run"):
+        fastattn.attention_with_kvcache(q.detach(), kc, vc, k, v, backend="cuda", **args)
+    with pytest.raises(ValueError, match="return_lse"):
+        fastattn.attention_with_kvcache(q.detach(), kc, vc, k, v, backend="torch", return_lse=True, **args)
+    with pytest.raises(ValueError, match="KV-cache append"):
+        fastattn.append_to_kvcache(kc, vc, k, v, backend="cuda", **args)
+
+
+# ---------------------------------------------------------------- splits, plans, ops
+
+
+def test_split_heuristic():
+    h = launch.num_splits_heuristic
+    assert h(106, 132, 1000) == 1  # >= 80% of the SMs busy: no split
+    assert h(8, 132, 1) == 1  # one key tile: nothing to split
+    for programs, sms, tiles in [(8, 132, 128), (1, 132, 2048), (32, 132, 16), (64, 108, 500)]:
+        n = h(programs, sms, tiles)
+        assert 1 <= n <= min(128, sms, tiles)
+        eff = lambda s: (programs * s / sms) / -(-programs * s // sms)
+        best = max(eff(s) for s in range(1, min(128, sms, tiles) + 1))
+        assert eff(n) >= 0.85 * best
+        assert all(eff(s) < 0.85 * best or -(-tiles // s) == -(-tiles // (s - 1)) for s in range(2, n))
+    assert h(8, 132, 128) > 1  # batch 1 x 8 KV heads on an H100: split
+
+
+def test_plans_are_reused_across_steps(gen, monkeypatch):
+    """A decode loop's steps share one signature (the cache is static; lengths live on the device)."""
+    launch._plans.clear()
+    built = []
+    real = plans.build
+    monkeypatch.setattr(plans, "build", lambda name, *a, **kw: built.append(name) or real(name, *a, **kw))
+    k_cache, v_cache, table, seqlens = make_cache([3, 9], 40, 1, 16, dtype=torch.float32, page_size=8, gen=gen)
+    for step in range(3):
+        q = torch.randn(2, 1, 2, 16, generator=gen).to(DEVICE)
+        k = torch.randn(2, 1, 1, 16, generator=gen).to(DEVICE)
+        fastattn.attention_with_kvcache(q, k_cache, v_cache, k, k, cache_seqlens=seqlens, block_table=table,
+                                        num_splits=2, backend="triton")
+        seqlens += 1
+    assert sorted(built) == ["decode", "decode_combine", "kv_append"]
+
+
+def test_opcheck(gen):
+    k_cache, v_cache, table, seqlens = make_cache([3, 9], 24, 1, 16, dtype=torch.float32, page_size=8, gen=gen)
+    q = torch.randn(2, 2, 2, 16, generator=gen).to(DEVICE)
+    k = torch.randn(2, 2, 1, 16, generator=gen).to(DEVICE)
+    torch.library.opcheck(torch.ops.fastattn.triton_kvcache_append.default, (k, k, k_cache, v_cache, seqlens, table))
+    torch.library.opcheck(torch.ops.fastattn.triton_kvcache_attention.default,
+                          (q, k_cache, v_cache, seqlens, table, 2, True, 0.25, 2))
+
+
+def test_compile_fullgraph_matches_eager(gen):
+    torch._dynamo.reset()
+    k_cache, v_cache, table, seqlens = make_cache([3, 9], 24, 1, 16, dtype=torch.float32, page_size=8, gen=gen)
+    q = torch.randn(2, 1, 2, 16, generator=gen).to(DEVICE)
+    k = torch.randn(2, 1, 1, 16, generator=gen).to(DEVICE)
+
+    def step(q, k, k_cache, v_cache, seqlens):
+        out = fastattn.attention_with_kvcache(q, k_cache, v_cache, k, k, cache_seqlens=seqlens, block_table=table,
+                                              backend="triton")
+        return out * 2
+
+    caches = (k_cache.clone(), v_cache.clone())
+    eager = step(q, k, k_cache, v_cache, seqlens)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, *caches, seqlens)
+    assert torch.equal(compiled, eager)
+    assert torch.equal(caches[0], k_cache) and torch.equal(caches[1], v_cache)  # the append happened, in place
+
+
+# ---------------------------------------------------------------- GPU
+
+
+def decode_inputs(gen, b=4, cap=2048, hq=16, hkv=4, d=128, page_size=0, dtype=torch.bfloat16):
+    k_cache, v_cache, table, seqlens = make_cache([100 * (i + 1) for i in range(b)], cap, hkv, d, dtype=dtype,
+                                                  page_size=page_size, gen=gen)
+    q = torch.randn(b, 1, hq, d, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(b, 1, hkv, d, generator=gen).to(DEVICE, dtype)
+    return q, k, k_cache, v_cache, table, seqlens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [0, 64])
+def test_cuda_graph_captures_decode_steps(page_size, gen):
+    """Warmed-up decode steps (append + split-KV attention + combine) captured once and replayed per
+    token give the eager results; the lengths advance on the device inside the graph."""
+    q, k, k_cache, v_cache, table, seqlens = decode_inputs(gen, page_size=page_size)
+    static_q, static_k = q.clone(), k.clone()
+    eager_caches = (k_cache.clone(), v_cache.clone())
+    eager_lens = seqlens.clone()
+
+    def step(q_, k_, kc, vc, lens):
+        out = fastattn.attention_with_kvcache(q_, kc, vc, k_, k_, cache_seqlens=lens, block_table=table,
+                                              backend="triton")
+        lens += 1
+        return out
+
+    saved = seqlens.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step(static_q, static_k, k_cache, v_cache, seqlens)
+    torch.cuda.current_stream().wait_stream(stream)
+    seqlens.copy_(saved)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(static_q, static_k, k_cache, v_cache, seqlens)
+    for _ in range(3):
+        qn = torch.randn(q.shape, generator=gen).to(q)
+        kn = torch.randn(k.shape, generator=gen).to(k)
+        static_q.copy_(qn)
+        static_k.copy_(kn)
+        graph.replay()
+        eager = step(qn, kn, *eager_caches, eager_lens)
+        assert torch.equal(static_out, eager)
+        assert torch.equal(seqlens, eager_lens)
+
+
+@pytest.mark.gpu
+def test_no_host_sync_when_decoding(gen):
+    q, k, k_cache, v_cache, table, seqlens = decode_inputs(gen, b=1, page_size=16)
+    for splits in (0, 1):
+        fastattn.attention_with_kvcache(q, k_cache, v_cache, k, k, cache_seqlens=seqlens, block_table=table,
+                                        num_splits=splits, backend="triton")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for splits in (0, 1):
+            fastattn.attention_with_kvcache(q, k_cache, v_cache, k, k, cache_seqlens=seqlens, block_table=table,
+                                            num_splits=splits, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_direct_launches_match_the_jit_path(gen, monkeypatch):
+    def run():
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1)
+        results = []
+        for page_size, splits in ((0, 1), (16, 0), (64, 5)):
+            q, k, k_cache, v_cache, table, seqlens = decode_inputs(g, b=2, page_size=page_size)
+            for _ in range(2):
+                out, lse = fastattn.attention_with_kvcache(q, k_cache, v_cache, k, k, cache_seqlens=seqlens,
+                                                           block_table=table, num_splits=splits, return_lse=True,
+                                                           backend="triton")
+                results += [out, lse, k_cache.clone()]
+        return results
+
+    plans.clear()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fastattn: launching")
+        direct = run()
+    assert all(p.handle is not None for ps in launch._plans.values() for p in ps if p is not None)
+    plans.clear()
+    monkeypatch.setenv("FASTATTN_DIRECT_LAUNCH", "0")
+    jit = run()
+    for a, b in zip(direct, jit):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU: the split count is 1 without SMs to fill")
+def test_interpreter_does_not_split_by_default(gen):
+    assert launch.sm_count(-1) == 1
+    run_case(gen, [200, 3], 4, 1, 32, 1, 0, 0)
