@@ -230,9 +230,9 @@ def test_attend_clamps_lengths_to_the_cache(gen):
 
 def bad_inputs(gen, **changes):
     k_cache, v_cache, table, seqlens = make_cache([3, 5], 32, 2, 16, dtype=torch.float32, page_size=8, gen=gen)
+    new = [torch.randn(2, 1, 2, 16, generator=gen).to(DEVICE) for _ in range(2)]
     args = dict(q=torch.randn(2, 1, 4, 16, generator=gen).to(DEVICE), k_cache=k_cache, v_cache=v_cache,
-                k=torch.randn(2, 1, 2, 16, generator=gen).to(DEVICE), v=torch.randn(2, 1, 2, 16, generator=gen).to(DEVICE),
-                cache_seqlens=seqlens, block_table=table)
+                k=new[0], v=new[1], cache_seqlens=seqlens, block_table=table)
     args.update(changes)
     return args
 
@@ -302,7 +302,7 @@ def test_plans_are_reused_across_steps(gen, monkeypatch):
     real = plans.build
     monkeypatch.setattr(plans, "build", lambda name, *a, **kw: built.append(name) or real(name, *a, **kw))
     k_cache, v_cache, table, seqlens = make_cache([3, 9], 40, 1, 16, dtype=torch.float32, page_size=8, gen=gen)
-    for step in range(3):
+    for _ in range(3):
         q = torch.randn(2, 1, 2, 16, generator=gen).to(DEVICE)
         k = torch.randn(2, 1, 1, 16, generator=gen).to(DEVICE)
         fastattn.attention_with_kvcache(q, k_cache, v_cache, k, k, cache_seqlens=seqlens, block_table=table,

@@ -139,13 +139,32 @@ def decoder_and_prompts(gen, backend, **config):
     return model, *pad_left(prompts, device=DEVICE)
 
 
+@pytest.mark.parametrize("page_size", [None, 4], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_decoder_cached_generation_equals_recomputation(backend, gen):
+def test_decoder_cached_generation_equals_recomputation(backend, page_size, gen):
     model, tokens, mask = decoder_and_prompts(gen, backend)
-    cached = model.generate(tokens, mask, 7)
+    cached = model.generate(tokens, mask, 7, page_size=page_size)
     full = model.generate(tokens, mask, 7, use_cache=False)
     assert cached.shape == (3, 7)
     assert torch.equal(cached, full)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_cuda_graph_generation_equals_eager(backend, page_size, gen):
+    """A decode step captured once and replayed per token generates the eager tokens (decoder and
+    encoder-decoder), and a graph run twice is as good as new."""
+    model, tokens, mask = decoder_and_prompts(gen, backend)
+    eager = model.generate(tokens, mask, 9, page_size=page_size)
+    for _ in range(2):
+        assert torch.equal(model.generate(tokens, mask, 9, page_size=page_size, cuda_graph=True), eager)
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    seq2seq = sharpened(EncoderDecoder(tiny(attn_backend=backend, n_heads=4, n_kv_heads=2)).to(DEVICE))
+    src = torch.randint(3, 32, (3, 11), generator=gen).to(DEVICE)
+    src_mask = padding_mask([11, 4, 7], 11).to(DEVICE)
+    assert torch.equal(seq2seq.generate(src, src_mask, 6, bos_id=1, page_size=page_size, cuda_graph=True),
+                       seq2seq.generate(src, src_mask, 6, bos_id=1, page_size=page_size))
 
 
 def test_decoder_sampling_cached_equals_recomputation(gen):
@@ -175,6 +194,7 @@ def test_encoder_decoder_cached_generation_equals_recomputation(backend, gen):
     cached = model.generate(src, src_mask, 6, bos_id=1)
     full = model.generate(src, src_mask, 6, bos_id=1, use_cache=False)
     assert torch.equal(cached, full)
+    assert torch.equal(model.generate(src, src_mask, 6, bos_id=1, page_size=2), full)
     if backend != "reference":
         return  # below: padding invariance of generation (the interpreter is slow; kernels are checked above)
     for i in range(3):  # each source alone (no padding) translates to the same tokens
@@ -214,7 +234,7 @@ def cached_step_logits(step, tokens, mask, n_prompt):
     return torch.cat(out, dim=1)
 
 
-def check_cache_matches_full(kind, backend, dtype, gen):
+def check_cache_matches_full(kind, backend, dtype, gen, page_size=None):
     """Decoding with the KV cache computes the same logits as running the model on the whole
     sequence, under the tolerance rule (float64 full run on "reference" = the oracle)."""
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
@@ -229,11 +249,12 @@ def check_cache_matches_full(kind, backend, dtype, gen):
 
     def run(model, cached):
         if kind == "decoder":
-            cache = model.new_cache(b, s) if cached else None
+            cache = model.new_cache(b, s, page_size=page_size) if cached else None
             fwd = lambda t, m, c: model(t, m, cache=cache if c else None)
         else:
             memory = model.encode(src, src_mask)
-            cache = KVCache.for_config(model.config, model.config.decoder_layers, b, s, DEVICE) if cached else None
+            cache = KVCache.for_config(model.config, model.config.decoder_layers, b, s, DEVICE,
+                                       page_size=page_size) if cached else None
             fwd = lambda t, m, c: model.decode(t, memory, src_mask, m, cache=cache if c else None)
         with torch.no_grad():
             return cached_step_logits(fwd, tokens, mask, n_prompt) if cached else fwd(tokens, mask, False)
@@ -252,6 +273,11 @@ def test_cache_matches_full_recomputation(kind, backend, gen):
     check_cache_matches_full(kind, backend, torch.float32, gen)
 
 
+@pytest.mark.parametrize("kind", ["decoder", "encoder-decoder"])
+def test_paged_cache_matches_full_recomputation(kind, gen):
+    check_cache_matches_full(kind, "triton", torch.float32, gen, page_size=3)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -260,7 +286,8 @@ def test_cache_matches_full_recomputation_gpu(kind, dtype, backend, gen):
     status = fastattn.available_backends()[backend]
     if not status.available:
         pytest.skip(f"{backend}: {status.reason}")
-    check_cache_matches_full(kind, backend, dtype, gen)  # head dim 64: 1 query over a strided cache
+    check_cache_matches_full(kind, backend, dtype, gen)  # head dim 64: 1 query over the cache
+    check_cache_matches_full(kind, backend, dtype, gen, page_size=16)
 
 
 # ---------------------------------------------------------------- padding invariance
@@ -303,11 +330,16 @@ def test_cross_attention_map_rows_are_distributions(gen):
 def test_kv_cache_is_sized_by_kv_heads():
     model = Decoder(tiny(n_heads=4, n_kv_heads=1))
     cache = model.new_cache(batch=2, max_len=10)
-    model(torch.ones(2, 6, dtype=torch.long), cache=cache)
-    assert isinstance(cache, KVCache) and cache.keys.shape == (2, 2, 10, 1, 8)  # (layers, B, max_len, Hkv, D)
-    assert cache.length == 6
-    with pytest.raises(ValueError, match="KV cache holds 10 tokens"):
-        model(torch.ones(2, 5, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        model(torch.ones(2, 6, dtype=torch.long), cache=cache)
+    with torch.no_grad():
+        model(torch.ones(2, 6, dtype=torch.long), cache=cache)
+        assert isinstance(cache, KVCache) and cache.keys.shape == (2, 2, 10, 1, 8)  # (layers, B, max_len, Hkv, D)
+        assert cache.length == 6 and cache.seqlens.tolist() == [6, 6]
+        with pytest.raises(ValueError, match="KV cache holds 10 tokens"):
+            model(torch.ones(2, 5, dtype=torch.long), cache=cache)
+    paged = model.new_cache(batch=2, max_len=10, page_size=4)
+    assert paged.block_table.shape == (2, 3) and sorted(paged.block_table.flatten().tolist()) == list(range(6))
 
 
 def test_bad_inputs_name_the_argument():

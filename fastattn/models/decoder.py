@@ -36,24 +36,30 @@ class Decoder(nn.Module):
         h = self.body(tokens, as_padding_mask(attention_mask, tokens), cache=cache)  # (B, S, d_model)
         return tied_logits(h, self.body.embed, self.lm_bias)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache.for_config(self.config, self.config.n_layers, batch, max_len, self.lm_bias.device)
+    def new_cache(self, batch: int, max_len: int, *, page_size: int | None = None) -> KVCache:
+        """A KV cache for `batch` sequences of up to max_len tokens (paged with page_size)."""
+        check_room(max_len, self.config.max_len, "a KV cache")
+        return KVCache.for_config(self.config, self.config.n_layers, batch, max_len, self.lm_bias.device,
+                                  page_size=page_size)
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-                 *, use_cache: bool = True, **sampling) -> torch.Tensor:
+                 *, use_cache: bool = True, page_size: int | None = None, cuda_graph: bool = False,
+                 **sampling) -> torch.Tensor:
         """Continue each prompt by up to max_new_tokens tokens; returns the new tokens (B, n).
 
         tokens (B, S): prompts padded to a common length (``generation.pad_left``), attention_mask
         marking their real tokens. With use_cache each step runs the model on the one new token
-        against the cached keys/values; without, it recomputes the whole sequence (the slow way,
-        kept to check the cache against). sampling: temperature, top_k, eos_id, pad_id (default
-        config.pad_id), generator (see ``generation.decode_loop``).
+        against the cached keys/values (fastattn.attention_with_kvcache; a paged cache with
+        page_size; cuda_graph=True replays one captured step per token on CUDA); without, it
+        recomputes the whole sequence (the slow way, kept to check the cache against). sampling:
+        temperature, top_k, eos_id, pad_id (default config.pad_id), generator (see
+        ``generation.decode_loop``).
         """
         b, s = tokens.shape
         needed = s + max_new_tokens - 1  # the last new token is never fed back
         check_room(needed, self.config.max_len, f"a prompt of {s} tokens + {max_new_tokens} new ones")
         sampling.setdefault("pad_id", self.config.pad_id)
-        cache = self.new_cache(b, needed) if use_cache else None
+        cache = self.new_cache(b, needed, page_size=page_size) if use_cache else None
         return generate(lambda t, m, c: self(t, m, cache=c), tokens, as_padding_mask(attention_mask, tokens),
-                        max_new_tokens, cache=cache, **sampling)
+                        max_new_tokens, cache=cache, cuda_graph=cuda_graph, **sampling)

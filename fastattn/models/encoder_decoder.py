@@ -48,23 +48,24 @@ class EncoderDecoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, src: torch.Tensor, src_mask: torch.Tensor | None = None, max_new_tokens: int = 32, *,
-                 bos_id: int, use_cache: bool = True, **sampling) -> torch.Tensor:
+                 bos_id: int, use_cache: bool = True, page_size: int | None = None, cuda_graph: bool = False,
+                 **sampling) -> torch.Tensor:
         """Translate: the target starts with bos_id; returns the new tokens (B, n).
 
         With use_cache the decoder runs on one new token per step (self-attention K/V cached, the
-        cross-attention K/V computed from the encoder output once); without, it recomputes the whole
-        target every step. sampling: temperature, top_k, eos_id, pad_id (default config.pad_id),
-        generator.
+        cross-attention K/V computed from the encoder output once; page_size and cuda_graph as in
+        ``Decoder.generate``); without, it recomputes the whole target every step. sampling:
+        temperature, top_k, eos_id, pad_id (default config.pad_id), generator.
         """
         b = src.shape[0]
         check_room(max_new_tokens, self.config.max_len, f"bos + {max_new_tokens} new tokens")
         sampling.setdefault("pad_id", self.config.pad_id)
         memory = self.encode(src, src_mask)  # once, for every step
-        cache = KVCache.for_config(self.config, self.config.decoder_layers, b, max_new_tokens,
-                                   memory.device) if use_cache else None
+        cache = KVCache.for_config(self.config, self.config.decoder_layers, b, max_new_tokens, memory.device,
+                                   page_size=page_size) if use_cache else None
         bos = torch.full((b, 1), bos_id, dtype=torch.long, device=src.device)
         return generate(lambda t, m, c: self.decode(t, memory, src_mask, m, cache=c), bos, None, max_new_tokens,
-                        cache=cache, **sampling)
+                        cache=cache, cuda_graph=cuda_graph, **sampling)
 
     @torch.no_grad()
     def cross_attention_map(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,

@@ -90,22 +90,29 @@ def decode_loop(logits: torch.Tensor, next_logits: Callable[[torch.Tensor], torc
 
 @torch.no_grad()
 def generate(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int, *,
-             cache=None, **sampling) -> torch.Tensor:
+             cache=None, cuda_graph: bool = False, **sampling) -> torch.Tensor:
     """The generation loop of both generating models; returns the new tokens (B, n).
 
     forward(tokens (B, S), mask (B, S) or None, cache) -> logits (B, S, vocab): the model run on
     tokens that continue the cached ones (all of them when cache is None).
     tokens, mask: the prompt and its padding (None = no padding). The first new token is predicted
     at each row's last real token.
-    With a cache, each step runs the model on the one new token against the cached keys/values.
-    Without, it recomputes the whole sequence every step: the slow way, kept to check the cache.
+    With a cache, each step runs the model on the one new token against the cached keys/values;
+    cuda_graph=True captures that step once in a CUDA graph and replays it per token (CUDA only: a
+    decode step is host-bound at small batch). Without a cache, it recomputes the whole sequence
+    every step: the slow way, kept to check the cache.
     sampling: temperature, top_k, eos_id, pad_id, generator (see ``decode_loop``).
     """
+    if cuda_graph and (cache is None or not tokens.is_cuda):
+        raise ValueError("cuda_graph=True needs a KV cache (use_cache=True) and CUDA tensors")
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     last = tokens.shape[1] - 1 if mask is None else last_real(mask)
     first = forward(tokens, mask, cache)[rows, last]
     if cache is not None:
-        return decode_loop(first, lambda t: forward(t, None, cache)[:, -1], max_new_tokens, **sampling)
+        step = lambda t: forward(t, None, cache)[:, -1]  # noqa: E731
+        if cuda_graph and max_new_tokens > 1:
+            step = graphed_step(step, cache, first.argmax(-1)[:, None])
+        return decode_loop(first, step, max_new_tokens, **sampling)
 
     seq, seq_mask = tokens, torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
 
@@ -116,6 +123,38 @@ def generate(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor | None,
         return forward(seq, seq_mask, None)[:, -1]
 
     return decode_loop(first, recompute, max_new_tokens, **sampling)
+
+
+def graphed_step(step: Callable[[torch.Tensor], torch.Tensor], cache, example: torch.Tensor):
+    """`step` (tokens (B, n) -> logits) captured once in a CUDA graph: the returned function copies
+    its tokens into the graph's input, replays it and returns the graph's output (valid until the
+    next call).
+
+    The step must touch only tensors of fixed shape and address (the KV cache's buffers and
+    lengths, the weights), as the cache's decode steps do. Warm-up calls (they build the kernels'
+    launch plans, which must not be built during capture) advance the cache; its lengths are put
+    back afterwards, and what they appended past them is overwritten by the real steps."""
+    static_in = example.clone()
+    lengths, count = cache.seqlens.clone(), cache.length
+    side = torch.cuda.Stream(device=example.device)
+    side.wait_stream(torch.cuda.current_stream(example.device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(static_in)
+    torch.cuda.current_stream(example.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    cache.seqlens.copy_(lengths)
+    with torch.cuda.graph(graph):
+        static_out = step(static_in)
+    cache.length = count  # the capture ran the step's host code once, and nothing on the device
+
+    def replay(tokens: torch.Tensor) -> torch.Tensor:
+        static_in.copy_(tokens)
+        graph.replay()
+        cache.replayed(tokens.shape[1])
+        return static_out
+
+    return replay
 
 
 def check_room(needed: int, max_len: int, what: str) -> None:

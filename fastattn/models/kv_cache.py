@@ -2,77 +2,133 @@
 
 Without a cache, generating token t recomputes keys and values for all t tokens before it, in
 every layer: O(t^2) work per sequence. The cache keeps each layer's keys and values; a decoding
-step projects only the new token and attends over what is stored (1 query over t keys, which the
-bottom-right causal mask of fastattn.attention handles as is).
+step projects only the new tokens and attends over what is stored.
 
-Buffers hold ``max_len`` tokens; the keys seen by a step are a view of their first ``length``
-positions, (B, length, Hkv, D) with a contiguous last dim, so nothing is copied.
+The first call (the prompt, possibly padded) runs ``fastattn.attention`` with its padding mask and
+stores each sequence's real tokens at the front of its cache rows, padding dropped; from then on
+every step is ``fastattn.attention_with_kvcache``: the new tokens' keys/values are appended at each
+sequence's own length (``seqlens``, on the device) and attended over. Every tensor a step touches
+has a fixed shape and the lengths never visit the host, so a step can be captured in a CUDA graph.
+
+Layouts (those of attention_with_kvcache): contiguous, each layer (B, max_len, Hkv, D); or paged
+(``page_size``), each layer (pages, page_size, Hkv, D) with a block table (B, pages per sequence)
+that hands every sequence its pages in a shuffled order, as an allocator serving many requests
+would.
 """
 
 from __future__ import annotations
 
 import torch
 
+import fastattn
+
 
 class KVCache:
-    """Keys and values of every layer, the padding mask of the cached tokens, and (for an
-    encoder-decoder) each layer's cross-attention keys/values, computed once from the encoder."""
+    """Keys and values of every layer, each sequence's cached length, and (for an encoder-decoder)
+    each layer's cross-attention keys/values, computed once from the encoder."""
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, *,
-                 device: torch.device | str):
-        self.shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
-        # Allocated by the first append, in the keys' dtype: under autocast that is bf16/fp16 while
+                 device: torch.device | str, page_size: int | None = None, generator: torch.Generator | None = None):
+        if page_size is not None and page_size < 1:
+            raise ValueError(f"page_size must be >= 1 or None, got {page_size}")
+        self.max_len, self.page_size = max_len, page_size
+        if page_size is None:
+            self.block_table = None
+            self.shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
+        else:
+            per_seq = -(-max_len // page_size)
+            order = torch.randperm(batch * per_seq, generator=generator)
+            self.block_table = order.view(batch, per_seq).to(device=device, dtype=torch.int32)
+            self.shape = (n_layers, batch * per_seq, page_size, n_kv_heads, head_dim)
+        # Allocated by the first store, in the keys' dtype: under autocast that is bf16/fp16 while
         # the weights stay fp32.
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
-        self.mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # True = a real token
-        self.padded = False  # whether any cached token is padding (else the kernels get no mask)
-        self.length = 0  # tokens cached so far
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)  # real tokens cached per sequence
+        self.length = 0  # tokens fed so far, padding included (host side: bounds the positions used)
+        self.prompt_mask: torch.Tensor | None = None  # the first call's padding mask, while it runs
         self.layers = [LayerCache(self, i) for i in range(n_layers)]
 
     @classmethod
-    def for_config(cls, config, n_layers: int, batch: int, max_len: int, device) -> KVCache:
-        """A cache for n_layers layers of a model built from `config` (a ModelConfig)."""
-        return cls(n_layers, batch, max_len, config.kv_heads, config.head_dim, device=device)
+    def for_config(cls, config, n_layers: int, batch: int, max_len: int, device, **layout) -> KVCache:
+        """A cache for n_layers layers of a model built from `config` (a ModelConfig); layout:
+        page_size, generator."""
+        return cls(n_layers, batch, max_len, config.kv_heads, config.head_dim, device=device, **layout)
 
     @property
-    def max_len(self) -> int:
-        return self.mask.shape[1]
+    def prefilled(self) -> bool:
+        return self.length > 0
 
-    def extend(self, mask: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Record the padding mask of the next n tokens (None = all real), before the layers run.
+    def begin(self, mask: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Before the layers run on the next n tokens: their positions (B, n), and the key padding
+        mask the first call's attention needs (None after it, or if the prompt has no padding).
 
-        Returns the mask over every token so far (B, length + n) and the key padding mask to give
-        the kernels: the same mask, or None while nothing cached is padding.
+        mask: (B, n) padding of the first call's tokens (True = real; None = all real). Later
+        calls continue every sequence right after its last real token, so their tokens are all real.
         """
-        end = self.length + n
-        if end > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} tokens; {end} were asked for")
-        self.mask[:, self.length:end] = True if mask is None else mask
-        self.padded = self.padded or (mask is not None and not bool(mask.all()))
-        full = self.mask[:, :end]
-        return full, (full if self.padded else None)
+        if torch.is_grad_enabled():
+            raise ValueError("a KV cache is for inference (its kernels are not differentiable): run cached steps "
+                             "under torch.no_grad() or torch.inference_mode(), as generate() does")
+        if self.length + n > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} tokens; {self.length + n} were asked for")
+        if self.prefilled:
+            if mask is not None:
+                raise ValueError("after the first call, new tokens continue each sequence: pass no mask")
+            return self.seqlens.long()[:, None] + torch.arange(n, device=self.seqlens.device), None
+        if mask is None or bool(mask.all()):  # one host read, for the prompt only
+            return torch.arange(n, device=self.seqlens.device).expand(self.seqlens.shape[0], n), None
+        self.prompt_mask = mask
+        return (mask.long().cumsum(-1) - 1).clamp(min=0), mask  # positions count real tokens; pads reuse one
 
-    def advance(self, n: int) -> None:
+    def end(self, n: int) -> None:
         """The layers have stored the n new tokens' keys and values."""
+        if self.prefilled:
+            self.seqlens += n  # in place, on the device (a CUDA graph replays it)
+        elif self.prompt_mask is None:
+            self.seqlens.fill_(n)
+        else:
+            self.seqlens.copy_(self.prompt_mask.sum(-1))
+            self.prompt_mask = None
         self.length += n
+
+    def replayed(self, n: int) -> None:
+        """A CUDA graph replayed a captured step of n tokens: its device state (lengths, cache
+        rows) advanced inside the graph; advance the host-side count too."""
+        self.length += n
+
+    def layer_buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None:
+            self.keys = like.new_zeros(self.shape)
+            self.values = like.new_zeros(self.shape)
+        return self.keys[layer], self.values[layer]
 
 
 class LayerCache:
-    """One layer's part of the KVCache: its self-attention keys/values (``append``) and, in an
+    """One layer's part of the KVCache: its self-attention keys/values (``attend``) and, in an
     encoder-decoder, its cross-attention keys/values (``cross_kv``, set by the first step)."""
 
     def __init__(self, cache: KVCache, layer: int):
         self.cache, self.layer = cache, layer
         self.cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values (B, n, Hkv, D) after the cached ones; return all of them
-        (B, length + n, Hkv, D) as views of the buffers."""
-        c, start = self.cache, self.cache.length
-        if c.keys is None:
-            c.keys, c.values = k.new_zeros(c.shape), v.new_zeros(c.shape)
-        end = start + k.shape[1]
-        c.keys[self.layer, :, start:end] = k
-        c.values[self.layer, :, start:end] = v
-        return c.keys[self.layer, :, :end], c.values[self.layer, :, :end]
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+               key_padding_mask: torch.Tensor | None, backend: str) -> torch.Tensor:
+        """Self-attention of the new tokens q (B, n, Hq, D) over everything cached plus their own
+        keys/values k, v (B, n, Hkv, D), which are stored. Returns (B, n, Hq, D)."""
+        c = self.cache
+        k_cache, v_cache = c.layer_buffers(self.layer, k)
+        # The CUDA C++ backend has no decode kernel: its models decode on "auto".
+        backend = "auto" if backend == "cuda" else backend
+        if c.prefilled:
+            return fastattn.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=c.seqlens,
+                                                   block_table=c.block_table, causal=causal, backend=backend)
+        out = fastattn.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, backend=backend)
+        if c.prompt_mask is not None:
+            # Each sequence's real tokens to the front, in order (a stable sort of "is padding"):
+            # the cache holds no padding, so later steps need no mask. (B, n) -> (B, n, Hkv, D) index.
+            order = torch.argsort((~c.prompt_mask).to(torch.uint8), dim=1, stable=True)
+            index = order[:, :, None, None].expand_as(k)
+            k, v = k.gather(1, index), v.gather(1, index)
+        fastattn.append_to_kvcache(k_cache, v_cache, k.to(k_cache.dtype), v.to(v_cache.dtype), cache_seqlens=c.seqlens,
+                                   block_table=c.block_table, backend="triton" if backend == "triton" else "auto")
+        return out

@@ -52,10 +52,10 @@ class MultiHeadAttention(nn.Module):
         """x (B, S, d_model) -> (B, S, d_model).
 
         memory: the sequence to attend to for cross-attention (B, S_mem, d_model).
-        key_padding_mask: (B, S_keys) bool, True = a real key. For self-attention with a cache it
-            covers every cached key plus the new ones.
-        cache: a ``LayerCache``. Self-attention appends this call's keys/values to it and attends to
-            everything cached so far; cross-attention projects ``memory`` once and reuses it.
+        key_padding_mask: (B, S_keys) bool, True = a real key. With a cache only the first call's
+            (the prompt's own padding); the cache holds no padding.
+        cache: a ``LayerCache``. Self-attention attends to everything cached so far plus this call's
+            keys/values, and stores them; cross-attention projects ``memory`` once and reuses it.
         """
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # (B, S, Hq, D)
@@ -70,8 +70,10 @@ class MultiHeadAttention(nn.Module):
                     cache.cross_kv = (k, v)
         else:
             k, v = self.project_kv(x)
-            if cache is not None:
-                k, v = cache.append(k, v)  # (B, cached + S, Hkv, D)
+            if cache is not None:  # attends over the cached keys and its own, and stores its own
+                out = cache.attend(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
+                                   backend=self.attn_backend)
+                return self.out_proj(out.reshape(b, s, self.n_heads * self.head_dim))
         out = fastattn.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
                                  backend=self.attn_backend)
         return self.out_proj(out.reshape(b, s, self.n_heads * self.head_dim))  # heads merged: (B, S, d_model)
@@ -151,14 +153,18 @@ class Embeddings(nn.Module):
         self.tokens = nn.Embedding(vocab_size, d_model)
         self.positions = nn.Embedding(max_len, d_model)
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """tokens (B, S); mask (B, S_all) bool over every token so far, cached ones included, of
-        which tokens are the last S. Returns (B, S, d_model)."""
-        s = tokens.shape[1]
-        if mask.shape[1] > self.max_len:
-            raise ValueError(f"sequence length {mask.shape[1]} exceeds the model's max_len {self.max_len}")
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:]  # (B, S); pads reuse a neighbour's
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens (B, S), their positions (B, S) (``positions_of`` or the KV cache's) -> (B, S, d_model)."""
         return self.tokens(tokens) + self.positions(positions)
+
+    def positions_of(self, mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+        """Positions (B, S) of a whole sequence with padding mask (B, S) (None: no padding)."""
+        s = tokens.shape[1]
+        if s > self.max_len:
+            raise ValueError(f"sequence length {s} exceeds the model's max_len {self.max_len}")
+        if mask is None:
+            return torch.arange(s, device=tokens.device).expand(tokens.shape[0], s)
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)  # pads reuse a neighbour's
 
 
 class Stack(nn.Module):
@@ -185,20 +191,20 @@ class Stack(nn.Module):
         """tokens (B, S) -> hidden states (B, S, d_model).
 
         mask: (B, S) bool, True = a real token (None: all real). With a cache, tokens are the next
-        S tokens after the cached ones. memory, memory_mask: the encoder output (B, S_src, d_model)
-        and its padding mask, for cross-attention.
+        S tokens after the cached ones (a mask only on the first call: later tokens continue each
+        sequence). memory, memory_mask: the encoder output (B, S_src, d_model) and its padding
+        mask, for cross-attention.
         """
         if cache is None:
-            positions_mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
-            key_padding_mask = mask
+            positions, key_padding_mask = self.embed.positions_of(mask, tokens), mask
         else:
-            positions_mask, key_padding_mask = cache.extend(mask, tokens.shape[1])
-        x = self.embed(tokens, positions_mask)
+            positions, key_padding_mask = cache.begin(mask, tokens.shape[1])
+        x = self.embed(tokens, positions)
         for i, block in enumerate(self.blocks):
             x = block(x, key_padding_mask=key_padding_mask, memory=memory, memory_padding_mask=memory_mask,
                       cache=None if cache is None else cache.layers[i])
         if cache is not None:
-            cache.advance(tokens.shape[1])
+            cache.end(tokens.shape[1])
         return self.norm(x)
 
 
