@@ -24,20 +24,29 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _row_offsets(BT_row, cols, valid, stride_kp, stride_ks, stride_vp, stride_vs, N_PAGES,
-                 PAGE_SIZE: tl.constexpr, WIDE: tl.constexpr):
-    """Element offsets of cache rows `cols` of one sequence in K and in V (the sequence's base
-    already applied for a contiguous cache). Paged rows go through the block table once for both,
-    page indices clamped to the cache."""
+def _tile_offsets(BT_row, start, cols, valid, stride_kp, stride_ks, stride_vp, stride_vs, N_PAGES,
+                  PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
+    """Element offsets of one key tile (cache rows `cols` = start + arange(BLOCK_N) of one sequence)
+    in K and in V, as (K base, K rows, V base, V rows): a scalar base plus per-row offsets. A
+    contiguous cache's sequence base is applied by the caller. Paged: tiles start at multiples of
+    BLOCK_N, so when BLOCK_N divides the page size a tile lies in one page (one block-table read,
+    32-bit row offsets, as cheap as contiguous); otherwise each row reads its page. Page indices
+    are clamped to the cache."""
     if PAGE_SIZE > 0:
-        page = tl.load(BT_row + cols // PAGE_SIZE, mask=valid, other=0)
-        page = tl.minimum(tl.maximum(page, 0), N_PAGES - 1).to(tl.int64)
-        within = cols % PAGE_SIZE
-        return page * stride_kp + within * stride_ks, page * stride_vp + within * stride_vs
+        if PAGE_SIZE % BLOCK_N == 0:
+            page = tl.load(BT_row + start // PAGE_SIZE)
+            page = tl.minimum(tl.maximum(page, 0), N_PAGES - 1).to(tl.int64)
+            within = start % PAGE_SIZE + tl.arange(0, BLOCK_N)
+            return page * stride_kp, within * stride_ks, page * stride_vp, within * stride_vs
+        else:
+            page = tl.load(BT_row + cols // PAGE_SIZE, mask=valid, other=0)
+            page = tl.minimum(tl.maximum(page, 0), N_PAGES - 1).to(tl.int64)
+            within = cols % PAGE_SIZE
+            return 0, page * stride_kp + within * stride_ks, 0, page * stride_vp + within * stride_vs
     elif WIDE:
-        return cols.to(tl.int64) * stride_ks, cols.to(tl.int64) * stride_vs
+        return 0, cols.to(tl.int64) * stride_ks, 0, cols.to(tl.int64) * stride_vs
     else:
-        return cols * stride_ks, cols * stride_vs
+        return 0, cols * stride_ks, 0, cols * stride_vs
 
 
 # Arguments: pointers, then integers, then floats, then constexprs (the launch plans rely on it).
@@ -97,9 +106,9 @@ def decode_attn_kernel(
         cols = start + offs_n
         col_ok = cols < hi
         tile_mask = col_ok[:, None] & d_ok[None, :]
-        k_rows, v_rows = _row_offsets(BT_row, cols, col_ok, stride_kp, stride_ks, stride_vp, stride_vs, N_PAGES,
-                                      PAGE_SIZE, WIDE)
-        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
+        k_off, k_rows, v_off, v_rows = _tile_offsets(BT_row, start, cols, col_ok, stride_kp, stride_ks, stride_vp,
+                                                     stride_vs, N_PAGES, PAGE_SIZE, BLOCK_N, WIDE)
+        k = tl.load(k_base + k_off + k_rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_R, BLOCK_N), log2 units
         visible = col_ok[None, :]
         if CAUSAL:
@@ -110,7 +119,7 @@ def decode_attn_kernel(
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
+        v = tl.load(v_base + v_off + v_rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -140,18 +149,20 @@ def decode_combine_kernel(
     b = tl.program_id(2).to(tl.int64)
     splits = tl.arange(0, BLOCK_S)
     s_ok = splits < N_SPLITS
-    lse_s = tl.load(LSE_PART + splits * stride_lp_split + b * stride_lpb + h * stride_lph + t, mask=s_ok,
-                    other=float("-inf"))
+    lse_base = LSE_PART + b * stride_lpb + h * stride_lph + t
+    lse_s = tl.load(lse_base + splits * stride_lp_split, mask=s_ok, other=float("-inf"))
     m = tl.max(lse_s, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse_s - m)
-    total = tl.sum(w, 0)
+    total = tl.sum(tl.exp(lse_s - m), 0)
     total_safe = tl.where(total == 0.0, 1.0, total)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    parts = tl.load(O_PART + splits[:, None] * stride_p_split + b * stride_pb + t * stride_ps + h * stride_ph
-                    + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    out = tl.sum(parts * (w / total_safe)[:, None], 0)
+    # One split's row at a time: a (splits, D) tile would not fit in registers for 128 splits.
+    part = O_PART + b * stride_pb + t * stride_ps + h * stride_ph + offs_d
+    out = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, N_SPLITS):
+        w = tl.exp(tl.load(lse_base + s * stride_lp_split) - m) / total_safe
+        out += w * tl.load(part + s * stride_p_split, mask=d_ok, other=0.0)
     tl.store(O + b * stride_ob + t * stride_os + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
     tl.store(LSE + b * stride_lb + h * stride_lh + t, tl.where(total == 0.0, float("-inf"), m + tl.log(total_safe)))
 

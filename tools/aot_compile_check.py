@@ -43,23 +43,27 @@ def _load_kernels():
     package = importlib.util.module_from_spec(spec)
     sys.modules["fastattn.kernels"] = package
     spec.loader.exec_module(package)
-    return [importlib.import_module(f"fastattn.kernels.{m}") for m in ("configs", "attn_fwd", "attn_bwd", "key_bounds")]
+    return [importlib.import_module(f"fastattn.kernels.{m}")
+            for m in ("configs", "attn_fwd", "attn_bwd", "key_bounds", "decode")]
 
 
-configs, _fwd, _bwd, _bounds = _load_kernels()
+configs, _fwd, _bwd, _bounds, _decode = _load_kernels()
 KERNELS = {"fwd": _fwd.attn_fwd_kernel, "dkdv": _bwd.attn_bwd_dkdv_kernel, "dq": _bwd.attn_bwd_dq_kernel}
-TENSOR_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
-FP32_POINTERS = ("LSE", "DELTA", "DLSE")
-INT32_POINTERS = ("KV_BOUNDS", "CU_Q", "CU_K", "BOUNDS")
+TENSOR_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "K_NEW", "V_NEW", "K_CACHE", "V_CACHE")
+FP32_POINTERS = ("LSE", "DELTA", "DLSE", "O_PART", "LSE_PART")
+INT32_POINTERS = ("KV_BOUNDS", "CU_Q", "CU_K", "BOUNDS", "SEQLENS", "BLOCK_TABLE")
 SCALARS_FP32 = ("qk_scale", "sm_scale")
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
-def signature(kernel, dtype: str, constexprs: dict) -> dict:
+def signature(kernel, dtype: str, constexprs: dict, fp32_outputs: bool = False) -> dict:
+    """Triton signature: tensors in `dtype` (O in fp32 with fp32_outputs: split-KV partials)."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif fp32_outputs and name == "O":
+            sig[name] = "*fp32"
         elif name in FP32_POINTERS:
             sig[name] = "*fp32"
         elif name in INT32_POINTERS:
@@ -114,6 +118,50 @@ def compile_small_kernels(dtype, arch):
     return bad
 
 
+def compile_decode_kernels(dtype, arch, head_dims):
+    """The split-KV decode kernel (each candidate; contiguous and paged caches; one query row
+    tile of GQA 4 x 1 token and a full one; final output and fp32 partials), its combine, the KV
+    append."""
+    jobs = []
+    for d in head_dims:
+        block_d = max(16, triton.next_power_of_2(d))
+        fp32 = dtype == "fp32"
+        cands = [configs.FP32_CONFIGS["decode"]] if fp32 else configs.GPU_CANDIDATES["decode"][
+            configs.head_dim_bucket(block_d)]
+        for cfg in cands:
+            for page_size in (0, 16, 64):
+                for block_r in (16, 64 if d <= 128 else 32):
+                    partial = block_r == 16 and page_size == 16
+                    consts = dict(CAUSAL=True, PAGE_SIZE=page_size, HEAD_DIM=d,
+                                  DOT_PRECISION="ieee" if fp32 else "tf32", BLOCK_R=block_r, BLOCK_N=cfg.block_n,
+                                  BLOCK_D=block_d, WIDE=False)
+                    label = f"decode D{d} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} page{page_size} r{block_r}"
+                    jobs.append((label + (" partial" if partial else ""), _decode.decode_attn_kernel, consts, cfg,
+                                 partial))
+        jobs.append((f"decode_combine D{d}", _decode.decode_combine_kernel,
+                     dict(HEAD_DIM=d, BLOCK_S=128, BLOCK_D=block_d), configs.PREPROCESS, False))
+        for page_size in (0, 16):
+            jobs.append((f"kv_append D{d} page{page_size}", _decode.kv_append_kernel,
+                         dict(HEAD_DIM=d, BLOCK_D=block_d, PAGE_SIZE=page_size), configs.PREPROCESS, False))
+    bad = 0
+    for label, kernel, consts, cfg, partial in jobs:
+        try:
+            src = ASTSource(fn=kernel, signature=signature(kernel, dtype, consts, partial), constexprs=consts)
+            t0 = time.time()
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            ptx = compiled.asm["ptx"]
+            mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
+            over = compiled.metadata.shared > SMEM_LIMIT.get(arch, 1 << 30)
+            bad += over
+            print(f"{label:<52} ok   smem {compiled.metadata.shared:>6} {mma:<6} {_registers(ptx, arch):<22} "
+                  f"{time.time() - t0:4.1f}s{' OVER SMEM LIMIT' if over else ''}", flush=True)
+        except Exception as e:
+            bad += 1
+            print(f"{label:<52} FAILED: {type(e).__name__}: {str(e)[-400:]}")
+    return bad
+
+
 def _registers(ptx: str, arch: int) -> str:
     """Registers and spill bytes from `ptxas -v` (triton's bundled ptxas) on the generated PTX."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -138,9 +186,14 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dims", default="64,128,256")
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--variants", default="dense", help="comma list of dense, mask (key padding), varlen")
+    ap.add_argument("--decode-only", action="store_true", help="only the decoding kernels (kernels/decode.py)")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}")
-    bad = compile_small_kernels(args.dtype, args.arch)
+    bad = compile_decode_kernels(args.dtype, args.arch, list(map(int, args.head_dims.split(","))))
+    if args.decode_only:
+        print(f"{bad} problem(s)")
+        return 1 if bad else 0
+    bad += compile_small_kernels(args.dtype, args.arch)
     print(f"{'kernel':<5} {'D':>4} {'causal':<6} {'config / variant':<24} {'smem':>7} {'mma':<6} "
           f"{'registers':<22} time")
     for d in map(int, args.head_dims.split(",")):
