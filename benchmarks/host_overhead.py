@@ -3,11 +3,12 @@
     python benchmarks/host_overhead.py [--out DIR] [--iters N] [--rounds R]
 
 What a model feels besides the kernels: the Python and dispatcher work of every call, which decides
-whether a step is host-bound. For each path (dense causal, key-padding mask, packed varlen) it times
-forward, backward and forward+backward at four depths of fastattn's stack, each including the ones
-below it:
+whether a step is host-bound. For each path (dense causal, key-padding mask, packed varlen; and a
+decode step, forward only) it times forward, backward and forward+backward at four depths of
+fastattn's stack, each including the ones below it:
 
-    api       fastattn.attention / attention_varlen: validation, backend choice, autograd, launch
+    api       fastattn.attention / attention_varlen / attention_with_kvcache: validation, backend
+              choice, autograd, launch
     autograd  fastattn.ops.padded_attention / varlen_attention: the autograd Function, launchers
     launcher  the launcher functions alone (outputs, arguments, plan lookup), no autograd
     launch    the kernel launches alone, arguments prepared (plan.launch)
@@ -42,6 +43,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fastattn  # noqa: E402
+from fastattn import validation  # noqa: E402
+from fastattn.launchers import decode as decode_launcher  # noqa: E402
 from fastattn.launchers import plans  # noqa: E402
 from fastattn.launchers import triton_attention as launcher  # noqa: E402
 from fastattn.launchers.masks import key_bounds  # noqa: E402
@@ -51,9 +54,12 @@ LAYERS = ("api", "autograd", "launcher", "launch")
 
 
 def stub_launches() -> None:
-    """CPU: make every Triton launch a no-op (plans are still built and looked up)."""
+    """CPU: make every Triton launch a no-op (plans are still built and looked up), and skip the
+    host checks of cu_seqlens / cache lengths, which run for CPU tensors only (a GPU call skips
+    them: reading device values would sync)."""
     plans.Plan.launch = lambda self, grid, args, stream=None: None
     plans._jit_launch = lambda kernel, grid, args, constexprs, config: None
+    validation.value_checks = lambda device: False
 
 
 def per_call_us(fns: dict, iters: int, rounds: int, sync) -> dict[str, float]:
@@ -139,17 +145,51 @@ def build_paths(device, dtype, b, s, h, d):
                                      "varlen causal": (dout_p, None)}
 
 
+def decode_path(device, dtype, b, s, h, d):
+    """One decode step (inference: forward only): a new token appended to a contiguous KV cache of
+    4s positions (s cached) and attended over; SDPA's counterpart writes the token into its cache
+    by slicing, then attends over the filled part."""
+    g = torch.Generator().manual_seed(1)
+    cap, hkv = 4 * s, max(1, h // 2)
+    q = torch.randn(b, 1, h, d, generator=g).to(device, dtype)
+    k = torch.randn(b, 1, hkv, d, generator=g).to(device, dtype)
+    k_cache = torch.randn(b, cap, hkv, d, generator=g).to(device, dtype)
+    v_cache = k_cache.clone()
+    lens = torch.full((b,), s, dtype=torch.int32, device=device)
+    qt = q.transpose(1, 2)
+
+    def sdpa():
+        k_cache[:, s:s + 1] = k
+        v_cache[:, s:s + 1] = k
+        kt, vt = k_cache[:, :s + 1].transpose(1, 2), v_cache[:, :s + 1].transpose(1, 2)
+        return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+
+    def launched():
+        decode_launcher.append(k, k, k_cache, v_cache, lens, None)
+        return decode_launcher.attend(q, k_cache, v_cache, lens, None, 1, True, d ** -0.5, 0)
+
+    with torch.no_grad():
+        return AttentionPath("decode step", {
+            "api": lambda: fastattn.attention_with_kvcache(q, k_cache, v_cache, k, k, cache_seqlens=lens,
+                                                           backend="triton"),
+            "launcher": (launched, None),
+        }, sdpa)
+
+
 def launch_only(fwd, bwd):
     """(forward launches, backward launches) with everything prepared: the launches one launcher
     forward and backward make, recorded and replayed."""
-    bwd(fwd())  # plans built
+    saved = fwd()  # plans built
+    if bwd is not None:
+        bwd(saved)
     recorded = []
     real = plans.Plan.launch
     plans.Plan.launch = lambda self, grid, args, stream=None: recorded.append((self, grid, args, stream))
     try:
         saved = fwd()
         n_fwd = len(recorded)
-        bwd(saved)
+        if bwd is not None:
+            bwd(saved)
     finally:
         plans.Plan.launch = real
 
@@ -165,24 +205,30 @@ def launch_only(fwd, bwd):
 def measure(paths, douts, iters, rounds, sync):
     rows = []
     for path in paths:
-        dout, dout_t = douts[path.name]
+        dout, dout_t = douts.get(path.name, (None, None))  # None: an inference path, forward only
         fns = {}
         for layer in ("api", "autograd"):
-            fn = path.layers[layer]
+            fn = path.layers.get(layer)
+            if fn is None:
+                continue
             fns[f"{layer} fwd"] = fn
-            fns[f"{layer} fwd+bwd"] = lambda fn=fn: fn().backward(dout)
+            if dout is not None:
+                fns[f"{layer} fwd+bwd"] = lambda fn=fn: fn().backward(dout)
         fwd, bwd = path.layers["launcher"]
         fns["launcher fwd"] = fwd
-        fns["launcher fwd+bwd"] = lambda: bwd(fwd())
         lf, lb = launch_only(fwd, bwd)
         fns["launch fwd"] = lf
-        fns["launch fwd+bwd"] = lambda: (lf(), lb())
+        if bwd is not None:
+            fns["launcher fwd+bwd"] = lambda: bwd(fwd())
+            fns["launch fwd+bwd"] = lambda: (lf(), lb())
         if path.sdpa is not None:
             fns["sdpa fwd"] = path.sdpa
-            fns["sdpa fwd+bwd"] = lambda: path.sdpa().backward(dout_t)
-        row = {"path": path.name, **per_call_us(fns, iters, rounds, sync)}
+            if dout_t is not None:
+                fns["sdpa fwd+bwd"] = lambda: path.sdpa().backward(dout_t)
+        with torch.set_grad_enabled(dout is not None):
+            row = {"path": path.name, **per_call_us(fns, iters, rounds, sync)}
         for who in (*LAYERS, "sdpa"):
-            if f"{who} fwd" in row:
+            if f"{who} fwd+bwd" in row:
                 row[f"{who} bwd"] = row[f"{who} fwd+bwd"] - row[f"{who} fwd"]
         rows.append(row)
         print(f"{path.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k != "path"), flush=True)
@@ -193,7 +239,8 @@ def markdown(rows, env, stubbed: bool, shape) -> str:
     b, s, h, d = shape
     lines = [f"# Host time per call: fastattn vs SDPA ({env.get('device_name', env.get('device_type'))})", ""]
     if stubbed:
-        lines += ["**CPU, Triton launches STUBBED** (no-ops): fastattn's numbers are all host work above the "
+        lines += ["**CPU, Triton launches STUBBED** (no-ops; and the host checks of cu_seqlens and cache "
+                  "lengths skipped, as for GPU tensors): fastattn's numbers are all host work above the "
                   "kernel launch; SDPA runs its real CPU kernels on tiny tensors "
                   f"(B={b}, S={s}, H={h}, D={d}), so its numbers include a little compute.", ""]
     else:
@@ -203,6 +250,8 @@ def markdown(rows, env, stubbed: bool, shape) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for p in ("fwd", "bwd", "fwd+bwd"):
+            if f"api {p}" not in r:
+                continue  # the decode step has no backward
             cells = [f"{r[f'{w} {p}']:.1f}" if f"{w} {p}" in r else "-" for w in (*LAYERS, "sdpa")]
             ratio = f"{r[f'api {p}'] / r[f'sdpa {p}']:.2f}x" if f"sdpa {p}" in r else "-"
             lines.append(f"| {r['path']} | {p} | " + " | ".join(cells) + f" | {ratio} |")
@@ -226,6 +275,7 @@ def main(argv=None) -> int:
         device, dtype, shape = "cpu", torch.float32, (1, 16, 2, 16)
         sync = lambda: None
     paths, douts = build_paths(device, dtype, *shape)
+    paths.append(decode_path(device, dtype, *shape))
     env = {**environment(), "timer": "wall clock per call, the fastest of the rounds' batches"}
     rows = measure(paths, douts, args.iters, args.rounds, sync)
     out = Path(args.out)

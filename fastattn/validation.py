@@ -152,6 +152,9 @@ def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 def validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[AttentionShape, int]:
     """Check a call on a KV cache: q (B, Sq, Hq, D); the cache, the new k/v and the lengths as
     ``validate_cache``. Returns (shape with seqlen_k = the cache's capacity per sequence, S_new)."""
+    fast = _kvcache_fast_path(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+    if fast is not None:
+        return fast
     _check_tensor("q", q, 4, "(B, S, H, D)")
     b, sq, hq, d = q.shape
     if sq < 1:
@@ -163,6 +166,37 @@ def validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> t
     if hq % hkv:
         raise ValueError(f"the number of query heads ({hq}) must be a multiple of the cache's key/value heads ({hkv})")
     return AttentionShape(b, sq, capacity, hq, hkv, d), n_new
+
+
+def _kvcache_fast_path(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
+    """validate_kvcache's result for a valid call whose values need no host check (CUDA tensors),
+    from one combined test (a decode step is host-bound: this runs every token); None otherwise,
+    and the full checks below raise the error that names the argument."""
+    try:
+        qs, cs, dt, dev = q.shape, k_cache.shape, q.dtype, q.device
+        b, paged = qs[0], block_table is not None
+        ok = (len(qs) == 4 and len(cs) == 4 and v_cache.shape == cs and qs[1] >= 1 and 1 <= qs[3] <= MAX_HEAD_DIM
+              and cs[3] == qs[3] and cs[2] > 0 and qs[2] % cs[2] == 0 and dt in FLOAT_DTYPES
+              and k_cache.dtype == dt and v_cache.dtype == dt and k_cache.device == dev and v_cache.device == dev
+              and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+              and q.layout == k_cache.layout == v_cache.layout == torch.strided
+              and cache_seqlens.dtype == torch.int32 and cache_seqlens.shape == (b,) and cache_seqlens.device == dev
+              and (cs[0] == b if not paged else (block_table.dtype == torch.int32 and block_table.dim() == 2
+                                                  and block_table.shape[0] == b and block_table.device == dev
+                                                  and cs[1] >= 1)))
+        if ok and k is not None:
+            ks = k.shape
+            ok = (v is not None and v.shape == ks and len(ks) == 4 and ks[0] == b and ks[2:] == cs[2:]
+                  and k.dtype == dt and v.dtype == dt and k.device == dev and v.device == dev
+                  and k.layout == v.layout == torch.strided)
+        elif ok:
+            ok = v is None
+    except (AttributeError, TypeError):
+        ok = False
+    if not ok or value_checks(dev):
+        return None
+    capacity = block_table.shape[1] * cs[1] if paged else cs[1]
+    return AttentionShape(b, qs[1], capacity, qs[2], cs[2], qs[3]), 0 if k is None else k.shape[1]
 
 
 def validate_cache(k_cache, v_cache, k, v, cache_seqlens, block_table, *, like: torch.Tensor,

@@ -12,7 +12,7 @@ from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES
 
 import fastattn
 import fastattn.ops  # noqa: F401  (registers the ops)
-from fastattn import reference, testing
+from fastattn import reference, testing, validation
 from fastattn.launchers import decode as launch
 from fastattn.launchers import plans
 
@@ -255,12 +255,29 @@ def bad_inputs(gen, **changes):
     (lambda a: dict(block_table=None), ValueError, "batch size"),
     (lambda a: dict(q=a["q"][:, :0]), ValueError, "at least one query"),
 ])
-def test_bad_inputs_name_the_argument(change, error, match, gen):
+@pytest.mark.parametrize("value_checks", [True, False], ids=["values-checked", "fast-path"])
+def test_bad_inputs_name_the_argument(change, error, match, value_checks, gen, monkeypatch):
+    """Every bad input raises the error naming it, also on the path CUDA tensors take (no host
+    reads of the values: the one-test fast path, then the full checks)."""
+    if not value_checks:
+        if match in ("does not fit", "outside k_cache"):
+            pytest.skip("value checks are off on this path (the kernels clamp instead)")
+        monkeypatch.setattr(validation, "value_checks", lambda device: False)
     args = bad_inputs(gen)
     args.update(change(args))
     with pytest.raises(error, match=match):
         fastattn.attention_with_kvcache(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("k"),
                                         args.pop("v"), backend="triton", **args)
+
+
+def test_fast_validation_path_accepts_valid_calls(gen, monkeypatch):
+    """Without value checks (CUDA tensors) a valid call takes the one-test path, with the same shape."""
+    args = bad_inputs(gen)
+    full = validation.validate_kvcache(*args.values())
+    monkeypatch.setattr(validation, "value_checks", lambda device: False)
+    assert validation._kvcache_fast_path(*args.values()) == full
+    args.update(k=None, v=None, block_table=None, k_cache=torch.zeros(2, 8, 2, 16), v_cache=torch.zeros(2, 8, 2, 16))
+    assert validation._kvcache_fast_path(*args.values()) == validation.validate_kvcache(*args.values())
 
 
 def test_other_bad_arguments(gen):

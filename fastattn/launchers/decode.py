@@ -10,6 +10,7 @@ lengths, which live on the device): each split takes an equal share of its seque
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,6 +38,7 @@ def sm_count(device: int) -> int:
     return _sm_counts[device]
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every call with the same few shapes
 def num_splits_heuristic(programs: int, sms: int, key_tiles: int, max_splits: int = kvcache.MAX_SPLITS) -> int:
     """How many programs share one sequence's keys, FlashAttention's rule: none while the
     (batch, KV head, row tile) programs fill >= 80% of the SMs; else the smallest split count whose

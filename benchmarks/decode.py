@@ -1,0 +1,212 @@
+"""The decoding benchmark: one new token per sequence against a long KV cache, in bytes per second.
+
+    python benchmarks/decode.py [--grid quick|full|cpu] [--out DIR]
+
+Decoding is bound by reading the cache: each step reads every cached key and value once. Each case
+is timed for fastattn's split-KV decode kernel (contiguous and paged caches), fastattn's prefill
+kernel on the same call (fastattn.attention with Sq = 1), and PyTorch SDPA forced to each of its
+backends (flash, efficient, math) on the contiguous cache, all in one run on one device, with the
+device's copy bandwidth measured first (benchmarks.common). Reported: milliseconds, GB/s (cache
+bytes read / time), % of the copy ceiling, and the ratio to the best SDPA backend and to the prefill
+kernel. A correctness gate compares each fastattn row with the float64 reference (the tolerance
+rule) on the first sequence. Writes decode.json and decode.md into --out.
+
+Bars (issue 11, on an H100/H200): >= 80% of the copy ceiling for KV >= 8k at batch 1 and 32, and
+>= 2x the best SDPA backend on the same cases. On a machine without a GPU the "cpu" grid runs tiny
+cases through the interpreter as a smoke test: the gate means something, the times do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import use_interpreter_without_gpu  # noqa: E402
+
+use_interpreter_without_gpu()  # before fastattn (and triton) are imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+import fastattn  # noqa: E402
+from benchmarks.common import environment, measure_ceilings, time_ms  # noqa: E402
+from fastattn import reference, testing  # noqa: E402
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    batch: int
+    kv_len: int  # cached tokens per sequence (the new one included)
+    heads_q: int = 32
+    heads_kv: int = 8
+    head_dim: int = 128
+    dtype: str = "bfloat16"
+    page_size: int = 64  # the paged row's page size
+
+    @property
+    def label(self) -> str:
+        return f"B{self.batch} KV{self.kv_len} H{self.heads_q}/{self.heads_kv} D{self.head_dim} {self.dtype}"
+
+    def cache_bytes(self) -> int:
+        """What one step must read: every cached key and value (q and out are negligible)."""
+        return 2 * self.batch * self.kv_len * self.heads_kv * self.head_dim * getattr(torch, self.dtype).itemsize
+
+
+GRIDS = {
+    # tools/gpu_check.sh: the bars' cases (KV >= 8k, batch 1 and 32) and a short one.
+    "quick": lambda: [DecodeCase(b, n) for b in (1, 32) for n in (8192, 32768)] + [DecodeCase(8, 1024)],
+    "full": lambda: [DecodeCase(b, n) for b in (1, 8, 32, 64) for n in (1024, 8192, 32768, 131072)
+                     if b * n <= 64 * 32768],  # B x KV bounded: the math backend's inputs stay in memory
+    "cpu": lambda: [DecodeCase(2, 300, 4, 1, 64, "float16", 16), DecodeCase(1, 1000, 8, 8, 32, "float32", 64)],
+}
+
+
+def make_inputs(case: DecodeCase, device: str, gen: torch.Generator):
+    """q (B, 1, Hq, D); the new token's k, v (B, 1, Hkv, D); a contiguous cache (B, KV, Hkv, D) and
+    the same keys paged (pages in a shuffled order); cache_seqlens = KV - 1 (the new token fills it)."""
+    dt = getattr(torch, case.dtype)
+    b, n, hkv, d = case.batch, case.kv_len, case.heads_kv, case.head_dim
+    randn = lambda *shape: torch.randn(*shape, device=device, generator=gen).to(dt)  # noqa: E731
+    q, k_new, v_new = randn(b, 1, case.heads_q, d), randn(b, 1, hkv, d), randn(b, 1, hkv, d)
+    k_cache, v_cache = randn(b, n, hkv, d), randn(b, n, hkv, d)
+    per_seq = -(-n // case.page_size)
+    table = torch.randperm(b * per_seq, device=device, generator=gen).view(b, per_seq).int()
+    pages = torch.zeros(b * per_seq * case.page_size, hkv, d, device=device, dtype=dt)
+    rows = (table.long()[:, :, None] * case.page_size + torch.arange(case.page_size, device=device)).view(b, -1)[:, :n]
+    k_pages, v_pages = pages.clone(), pages
+    k_pages[rows] = k_cache
+    v_pages[rows] = v_cache
+    seqlens = torch.full((b,), n - 1, dtype=torch.int32, device=device)
+    k_pages = k_pages.view(-1, case.page_size, hkv, d)
+    v_pages = v_pages.view(-1, case.page_size, hkv, d)
+    return q, k_new, v_new, (k_cache, v_cache, None), (k_pages, v_pages, table), seqlens
+
+
+def providers(case: DecodeCase, inputs):
+    """name -> fn() -> out (B, 1, Hq, D). The decode rows append the new token each call (at the same
+    position: the cache does not grow while timed); the others read the filled contiguous cache."""
+    q, k_new, v_new, contiguous, paged, seqlens = inputs
+    k_cache, v_cache, _ = contiguous
+
+    def decode(layout):
+        kc, vc, table = layout
+        return lambda: fastattn.attention_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=seqlens,
+                                                       block_table=table, backend="triton")
+
+    qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (B, H, S, D) views
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True).transpose(1, 2)
+        return run
+
+    return {
+        "fastattn-decode": decode(contiguous),
+        "fastattn-decode-paged": decode(paged),
+        "fastattn-prefill": lambda: fastattn.attention(q, k_cache, v_cache, causal=True, backend="triton"),
+        "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa-efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+        "sdpa-math": sdpa(SDPBackend.MATH),
+    }
+
+
+def gate(out: torch.Tensor, q, k_cache, v_cache) -> str:
+    """The tolerance rule on the first sequence, against the float64 reference over its cache."""
+    ref = reference.attention(q[:1].double(), k_cache[:1].double(), v_cache[:1].double(), causal=True)
+    naive = reference.attention(q[:1], k_cache[:1], v_cache[:1], causal=True)
+    c = testing.compare("out", out[:1], naive, ref, testing.OUT_FACTOR)
+    return "ok" if c.ok else f"FAIL: {c}"
+
+
+def run_case(case: DecodeCase, device: str, copy_gbps: float, gen: torch.Generator, timed: bool) -> list[dict]:
+    inputs = make_inputs(case, device, gen)
+    q, k_cache, v_cache = inputs[0], *inputs[3][:2]
+    rows = []
+    for name, fn in providers(case, inputs).items():
+        row = {"case": {**asdict(case), "label": case.label}, "provider": name}
+        try:
+            out = fn()
+            if name.startswith("fastattn"):
+                row["gate"] = gate(out, q, k_cache, v_cache)
+            if timed or not name.startswith("fastattn"):
+                row["ms"] = time_ms(fn, device=device)
+                row["gbps"] = case.cache_bytes() / row["ms"] / 1e6
+                row["pct_copy"] = 100 * row["gbps"] / copy_gbps
+            else:
+                row["skipped"] = "interpreter: checked, not timed"
+        except (RuntimeError, ValueError) as e:  # an SDPA backend refusing the case says why
+            row["skipped"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+        rows.append(row)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    best_sdpa = min((r["ms"] for r in rows if r["provider"].startswith("sdpa") and "ms" in r), default=None)
+    prefill = next((r.get("ms") for r in rows if r["provider"] == "fastattn-prefill"), None)
+    for r in rows:
+        if "ms" in r and best_sdpa:
+            r["vs_best_sdpa"] = best_sdpa / r["ms"]
+        if "ms" in r and prefill:
+            r["vs_prefill"] = prefill / r["ms"]
+    return rows
+
+
+def markdown(doc: dict) -> str:
+    env = doc["environment"]
+    lines = [f"# Decode benchmark: {env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; {env['timer']}. Copy ceiling "
+             f"{doc['copy_gbps']:.0f} GB/s (measured in this run). GB/s = cached K and V bytes read per step / time.",
+             "" if env["device_type"] == "cuda" else "\n**CPU run**: interpreter correctness only; times mean nothing.\n",
+             "| case | provider | ms | GB/s | % of copy | vs best SDPA | vs prefill kernel | gate |",
+             "|---|---|---|---|---|---|---|---|"]
+    f = lambda r, k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
+    x = lambda r, k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
+    for r in doc["rows"]:
+        if "ms" not in r:
+            lines.append(f"| {r['case']['label']} | {r['provider']} | {r.get('skipped', '-')} ||||| "
+                         f"{r.get('gate', '-')} |")
+            continue
+        lines.append(f"| {r['case']['label']} | {r['provider']} | {f(r, 'ms', '.4f')} | {f(r, 'gbps', '.0f')} | "
+                     f"{f(r, 'pct_copy', '.0f')}% | {x(r, 'vs_best_sdpa')} | {x(r, 'vs_prefill')} | "
+                     f"{r.get('gate', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cuda = torch.cuda.is_available()
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="quick" if cuda else "cpu")
+    ap.add_argument("--out", type=Path, default=Path(".benchmarks/decode"))
+    args = ap.parse_args(argv)
+    device = "cuda" if cuda else "cpu"
+    if args.grid != "cpu" and not cuda:
+        print(f"--grid {args.grid} needs a CUDA GPU; without one run --grid cpu")
+        return 2
+    copy_gbps = measure_ceilings(device)["copy_gbps"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    doc = {"environment": environment(device), "grid": args.grid, "copy_gbps": copy_gbps, "rows": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for case in GRIDS[args.grid]():
+        rows = run_case(case, device, copy_gbps, gen, timed=cuda)
+        doc["rows"] += rows
+        for r in rows:
+            print(f"{case.label:<36} {r['provider']:<22} "
+                  + (f"{r['ms']:.4f} ms {r['gbps']:7.0f} GB/s {r['pct_copy']:4.0f}% of copy"
+                     + (f"  {r['vs_best_sdpa']:.2f}x best SDPA" if "vs_best_sdpa" in r else "")
+                     if "ms" in r else r.get("skipped", "")) + (f"  gate {r['gate']}" if "gate" in r else ""),
+                  flush=True)
+        (args.out / "decode.json").write_text(json.dumps(doc, indent=2))  # after every case: partial runs survive
+    (args.out / "decode.md").write_text(markdown(doc))
+    failed = [r for r in doc["rows"] if r.get("gate", "ok") != "ok"]
+    print(f"wrote {args.out / 'decode.json'} and decode.md; {len(failed)} fastattn rows failed the gate")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
