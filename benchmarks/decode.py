@@ -162,7 +162,8 @@ def markdown(doc: dict) -> str:
     lines = [f"# Decode benchmark: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; {env['timer']}. Copy ceiling "
              f"{doc['copy_gbps']:.0f} GB/s (measured in this run). GB/s = cached K and V bytes read per step / time.",
-             "" if env["device_type"] == "cuda" else "\n**CPU run**: interpreter correctness only; times mean nothing.\n",
+             "" if env["device_type"] == "cuda" else
+             "\n**CPU run**: interpreter correctness only; times mean nothing.\n",
              "| case | provider | ms | GB/s | % of copy | vs best SDPA | vs prefill kernel | gate |",
              "|---|---|---|---|---|---|---|---|"]
     f = lambda r, k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
