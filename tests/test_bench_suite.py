@@ -272,7 +272,28 @@ def test_host_overhead_cpu_smoke(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((tmp_path / "host_overhead.json").read_text())
     assert result["launches_stubbed"] is True
-    assert [r["path"] for r in result["rows"]] == ["dense causal", "key-padding mask", "varlen causal"]
-    for row in result["rows"]:
+    assert [r["path"] for r in result["rows"]] == ["dense causal", "key-padding mask", "varlen causal", "decode step"]
+    for row in result["rows"][:3]:
         assert all(row[f"{layer} fwd+bwd"] > 0 for layer in ("api", "autograd", "launcher", "launch"))
+    decode = result["rows"][3]  # inference: forward only, no autograd layer
+    assert all(decode[f"{layer} fwd"] > 0 for layer in ("api", "launcher", "launch", "sdpa"))
+    assert "api fwd+bwd" not in decode and "autograd fwd" not in decode
     assert "STUBBED" in (tmp_path / "host_overhead.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run; gpu_check runs the GPU grid")
+def test_decode_benchmark_cpu_smoke(tmp_path, monkeypatch):
+    """benchmarks/decode.py end to end on the CPU: every fastattn row passes the gate (interpreter,
+    not timed), the SDPA rows are timed or say why not, the report is written."""
+    from benchmarks import decode
+
+    monkeypatch.setitem(decode.GRIDS, "cpu", lambda: [decode.DecodeCase(2, 70, 4, 2, 32, "float32", 16)])
+    monkeypatch.setattr(decode, "measure_ceilings", lambda device: {"copy_gbps": 10.0})
+    assert decode.main(["--grid", "cpu", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "decode.json").read_text())
+    rows = {r["provider"]: r for r in doc["rows"]}
+    assert set(rows) == {"fastattn-decode", "fastattn-decode-paged", "fastattn-prefill", "sdpa-flash",
+                         "sdpa-efficient", "sdpa-math"}
+    assert all(r["gate"] == "ok" for name, r in rows.items() if name.startswith("fastattn"))
+    assert rows["sdpa-math"]["gbps"] > 0 and rows["sdpa-math"]["vs_best_sdpa"] <= 1.0
+    assert "CPU run" in (tmp_path / "decode.md").read_text()
