@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: install + build fastattn._C (no network), CUDA smoke run, GPU tests, host overhead per
-# call vs SDPA, quick kernel benchmark, model benchmark, a compute-sanitizer pass; summary table last.
+# call vs SDPA, decode benchmark, quick kernel benchmark, model benchmark, a compute-sanitizer pass;
+# summary table last.
 #
 #   tools/gpu_check.sh OUTDIR            (BUDGET_S=520 by default: the whole script, in seconds)
 #
@@ -13,8 +14,9 @@
 #   host.md       host microseconds per call, fastattn layer by layer vs SDPA (benchmarks/host_overhead.py)
 #   bench.log     kernel benchmark progress (benchmarks/run.py --grid quick)
 #   models.log    model benchmark progress (benchmarks/bench_models.py)
-#   summary.md    the short table printed last
-#   results.tgz   bench.json/md + PNG plots, models.json/md, sanitizer.log
+#   summary.md    the short table printed last (with the decode table: GB/s, % of copy, vs SDPA and
+#                 the prefill kernel, from benchmarks/decode.py)
+#   results.tgz   bench.json/md + PNG plots, models.json/md, decode.json + log, sanitizer.log
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -51,8 +53,8 @@ stamp "cuda smoke rc=$smoke_rc"
 
 # Tests on the GPU, 16 workers; the files that have never run on a GPU first, then the rest.
 workers=$(( $(nproc) > 16 ? 16 : $(nproc) ))
-FIRST="tests/test_launch_plans.py tests/test_ops.py tests/test_triton_attention.py tests/test_padding_varlen.py \
-tests/test_models.py tests/test_cuda_attention.py"
+FIRST="tests/test_decode.py tests/test_models.py tests/test_launch_plans.py tests/test_ops.py \
+tests/test_triton_attention.py tests/test_padding_varlen.py tests/test_cuda_attention.py"
 REST=$(ls tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<< "$FIRST"))
 timeout "$(left 330)" $PY -m pytest -v -m "not slow" -n "$workers" --timeout 150 -p no:cacheprovider $FIRST \
   > "$OUT/pytest.log" 2>&1
@@ -72,10 +74,20 @@ if [ "$(left 220)" -gt 30 ]; then
   stamp "host overhead rc=$host_rc"
 fi
 
+# Decode benchmark (never run on a GPU before: the split-KV kernel, contiguous and paged), autotuned.
+decode_rc=-
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left 175)" -gt 20 ]; then
+  db=$(left 175); db=$(( db > 90 ? 90 : db ))
+  timeout "$db" $PY benchmarks/decode.py --grid quick --out "$WORK/decode" > "$WORK/decode.log" 2>&1
+  decode_rc=$?
+  [ -f "$WORK/decode/decode.md" ] || tail -40 "$WORK/decode.log" > "$WORK/decode.md"
+  stamp "decode rc=$decode_rc"
+fi
+
 # Kernel benchmark with autotuning on (as a user gets it): the quick grid under a time budget.
 bench_rc=-
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  bb=$(left 130); bb=$(( bb > 170 ? 170 : bb ))
+  bb=$(left 130); bb=$(( bb > 120 ? 120 : bb ))
   timeout "$bb" $PY benchmarks/run.py --grid quick --budget-s $(( bb > 80 ? bb - 60 : 20 )) --out "$WORK/bench" \
     > "$OUT/bench.log" 2>&1
   bench_rc=$?
@@ -105,6 +117,17 @@ for (b, sq, sk, h, hk, d, causal) in [(2, 130, 70, 2, 1, 40, True), (1, 65, 130,
     mask = (torch.rand(b, sk, generator=g) < 0.7).cuda()
     out = fastattn.attention(q, k, v, causal=causal, key_padding_mask=mask, backend="cuda")
     out.float().sum().backward()
+# Decoding with lengths past the cache and page indices outside it (not checked on the host for CUDA
+# tensors): the kernels must clamp/skip, never touch memory outside the cache.
+kc = torch.randn(6, 16, 2, 64, generator=g).cuda().half()
+table = torch.tensor([[0, 5, 9], [-1, 2, 3]], dtype=torch.int32).cuda()
+lens = torch.tensor([40, 100], dtype=torch.int32).cuda()
+q, kn = torch.randn(2, 1, 4, 64, generator=g).cuda().half(), torch.randn(2, 1, 2, 64, generator=g).cuda().half()
+for splits in (1, 3):
+    fastattn.attention_with_kvcache(q, kc, kc.clone(), kn, kn, cache_seqlens=lens, block_table=table,
+                                    num_splits=splits, backend="triton")
+    fastattn.attention_with_kvcache(q, kc[:2, :, :, :], kc[:2].clone(), kn, kn, cache_seqlens=lens,
+                                    num_splits=splits, backend="triton")
 torch.cuda.synchronize()
 print("sanitizer run done")
 PYEOF
@@ -122,6 +145,7 @@ fi
   echo "| tests (new work) | $test1_rc | $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | grep -E '^=+ ' | head -1) |"
   echo "| tests (rest) | $test2_rc | $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | grep -E '^=+ ' | tail -1) |"
   echo "| host overhead | $host_rc | $(grep -E '^\| dense causal \| fwd\+bwd' "$OUT/host.md" 2>/dev/null) |"
+  echo "| decode | $decode_rc | $(grep -E 'failed the gate' "$WORK/decode.log" 2>/dev/null | tail -1) |"
   echo "| bench | $bench_rc | $(grep -E '^[0-9]+ timings' "$OUT/bench.log" | tail -1) |"
   echo "| models | $models_rc | $(grep -c 'train step' "$OUT/models.log" 2>/dev/null) rows |"
   echo "| sanitizer | $san_rc | $(grep -E 'ERROR SUMMARY' "$WORK/sanitizer.log" 2>/dev/null | tail -1) |"
@@ -129,6 +153,7 @@ fi
   grep -E "FAILED|ERROR" "$OUT/pytest.log" | head -30
   echo
   [ -f "$WORK/bench/bench.json" ] && $PY -m benchmarks.report "$WORK/bench/bench.json" --summary
+  cat "$WORK/decode/decode.md" "$WORK/decode.md" 2>/dev/null
   [ -f "$WORK/models/models.md" ] && cat "$WORK/models/models.md"
   [ -f "$OUT/host.md" ] && cat "$OUT/host.md"
 } > "$OUT/summary.md" 2>&1
