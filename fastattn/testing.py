@@ -131,3 +131,40 @@ def check_against_reference(fn, q, k, v, *, causal=False, scale=None, key_paddin
         for name, a, b_, c in zip(("dq", "dk", "dv"), xs, x64, xlp):
             results.append(compare(name, a.grad, c.grad, b_.grad, GRAD_FACTOR, grad_scale))
     return results
+
+
+def cached_rows(cache: torch.Tensor, block_table: torch.Tensor | None, b: int, n: int) -> torch.Tensor:
+    """Sequence b's first n positions (n, Hkv, D) of a contiguous (B, S, Hkv, D) or paged (pages,
+    page_size, Hkv, D) KV cache, read position by position (independent of fastattn.kvcache)."""
+    if block_table is None:
+        return cache[b, :n]
+    page = cache.shape[1]
+    rows = [cache[int(block_table[b, j // page]), j % page] for j in range(n)]
+    return torch.stack(rows) if rows else cache[0, :0]
+
+
+def check_kvcache_against_reference(fn, q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, *,
+                                    causal=True, scale=None) -> list[Comparison]:
+    """Run ``fn() -> (out, lse or None)``, a call of attention_with_kvcache that appends k/v (or
+    None) to the cache, and compare with ``fastattn.reference`` on each sequence's own keys: what it
+    held before the call, then k/v (bottom-right causal over exactly them), in float64 and in q's
+    dtype (the tolerance rule)."""
+    keys, values = [], []
+    for b, n in enumerate(cache_seqlens.tolist()):
+        kb, vb = cached_rows(k_cache, block_table, b, n), cached_rows(v_cache, block_table, b, n)
+        if k is not None:
+            kb, vb = torch.cat([kb, k[b]]), torch.cat([vb, v[b]])
+        keys.append(kb)
+        values.append(vb)
+    out, out_lse = fn()
+
+    def per_sequence(dtype):
+        results = [reference.attention(q[b:b + 1].to(dtype), keys[b][None].to(dtype), values[b][None].to(dtype),
+                                       causal=causal, scale=scale, return_lse=True) for b in range(q.shape[0])]
+        return torch.cat([o for o, _ in results]), torch.cat([l_ for _, l_ in results])
+
+    (ref, ref_lse), (naive, naive_lse) = per_sequence(torch.float64), per_sequence(q.dtype)
+    results = [compare("out", out, naive, ref, OUT_FACTOR)]
+    if out_lse is not None:
+        results.append(compare("lse", out_lse, naive_lse, ref_lse, OUT_FACTOR))
+    return results

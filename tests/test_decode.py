@@ -33,46 +33,10 @@ def make_cache(lens, capacity, hkv, d, *, dtype, page_size, gen, spare_pages=3):
     return k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32, device=DEVICE)
 
 
-def rows_of(cache, table, b, n):
-    """Sequence b's first n cache rows (n, Hkv, D), gathered position by position (the test's own
-    reading of the layouts)."""
-    if table is None:
-        return cache[b, :n]
-    page = cache.shape[1]
-    return torch.stack([cache[int(table[b, j // page]), j % page] for j in range(n)]) if n else cache[0, :0]
-
-
-def expected_keys(k_cache, v_cache, table, lens, k, v):
-    """Each sequence's keys/values after appending k/v: what it held, then the new tokens."""
-    keys, values = [], []
-    for b, n in enumerate(lens):
-        kb, vb = rows_of(k_cache, table, b, n), rows_of(v_cache, table, b, n)
-        if k is not None:
-            kb, vb = torch.cat([kb, k[b]]), torch.cat([vb, v[b]])
-        keys.append(kb)
-        values.append(vb)
-    return keys, values
-
-
-def per_sequence_reference(q, keys, values, causal, scale, dtype):
-    """fastattn.reference on each sequence's own keys (bottom-right causal over exactly them), in
-    `dtype`: out (B, Sq, Hq, D), lse (B, Hq, Sq)."""
-    outs, lses = [], []
-    for b in range(q.shape[0]):
-        o, l_ = reference.attention(q[b:b + 1].to(dtype), keys[b][None].to(dtype), values[b][None].to(dtype),
-                                    causal=causal, scale=scale, return_lse=True)
-        outs.append(o)
-        lses.append(l_)
-    return torch.cat(outs), torch.cat(lses)
-
-
-def check(out, lse, q, keys, values, *, causal=True, scale=None):
-    ref, ref_lse = per_sequence_reference(q, keys, values, causal, scale, torch.float64)
-    naive, naive_lse = per_sequence_reference(q, keys, values, causal, scale, q.dtype)
-    results = [testing.compare("out", out, naive, ref, testing.OUT_FACTOR)]
-    if lse is not None:
-        results.append(testing.compare("lse", lse, naive_lse, ref_lse, testing.OUT_FACTOR))
-    assert all(r.ok for r in results), [str(r) for r in results]
+def expected_keys(k_cache, v_cache, table, lens):
+    """Each sequence's first lens[b] keys and values (the test's own reading of the layouts)."""
+    return ([testing.cached_rows(k_cache, table, b, n) for b, n in enumerate(lens)],
+            [testing.cached_rows(v_cache, table, b, n) for b, n in enumerate(lens)])
 
 
 def run_case(gen, lens, hq, hkv, d, n_new, page_size, splits, dtype=torch.float32, backend="triton", sq=None,
@@ -86,17 +50,27 @@ def run_case(gen, lens, hq, hkv, d, n_new, page_size, splits, dtype=torch.float3
     if n_new:
         k = torch.randn(b, n_new, hkv, d, generator=gen).to(DEVICE, dtype)
         v = torch.randn(b, n_new, hkv, d, generator=gen).to(DEVICE, dtype)
-    keys, values = expected_keys(k_cache, v_cache, table, lens, k, v)
     untouched = (k_cache.clone(), v_cache.clone())
     lse_wanted = backend != "torch"
-    result = fastattn.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,
-                                             causal=causal, return_lse=lse_wanted, num_splits=splits, backend=backend)
-    out, lse = result if lse_wanted else (result, None)
-    check(out, lse, q, keys, values, causal=causal)
+    outputs = []
+
+    def call():
+        result = fastattn.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,
+                                                 causal=causal, return_lse=lse_wanted, num_splits=splits,
+                                                 backend=backend)
+        outputs.append(result if lse_wanted else (result, None))
+        return outputs[-1]
+
+    results = testing.check_kvcache_against_reference(call, q, k_cache, v_cache, k, v, seqlens, table, causal=causal)
+    assert all(r.ok for r in results), [str(r) for r in results]
+    out = outputs[0][0]
     # The cache now holds the new tokens at their positions, and nothing else changed.
-    after_k, after_v = expected_keys(k_cache, v_cache, table, [n + n_new for n in lens], None, None)
+    after_k, after_v = expected_keys(k_cache, v_cache, table, [n + n_new for n in lens])
+    before_k, before_v = expected_keys(*untouched, table, lens)
     for b_ in range(b):
-        assert torch.equal(after_k[b_], keys[b_]) and torch.equal(after_v[b_], values[b_])
+        if k is not None:
+            assert torch.equal(after_k[b_], torch.cat([before_k[b_], k[b_]]))
+            assert torch.equal(after_v[b_], torch.cat([before_v[b_], v[b_]]))
     written = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
     for b_, n in enumerate(lens):
         for j in range(n, n + n_new):
@@ -183,11 +157,11 @@ def test_append_writes_exactly_the_new_positions(backend, page_size, gen):
     k = torch.randn(3, 5, 2, 24, generator=gen).to(DEVICE, torch.float16)
     v = torch.randn(3, 5, 2, 24, generator=gen).to(DEVICE, torch.float16)
     before = (k_cache.clone(), v_cache.clone())
-    want_k, want_v = expected_keys(k_cache, v_cache, table, lens, k, v)
+    old_k, old_v = expected_keys(k_cache, v_cache, table, lens)
     fastattn.append_to_kvcache(k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table, backend=backend)
-    got_k, got_v = expected_keys(k_cache, v_cache, table, [n + 5 for n in lens], None, None)
+    got_k, got_v = expected_keys(k_cache, v_cache, table, [n + 5 for n in lens])
     for b in range(3):
-        assert torch.equal(got_k[b], want_k[b]) and torch.equal(got_v[b], want_v[b])
+        assert torch.equal(got_k[b], torch.cat([old_k[b], k[b]])) and torch.equal(got_v[b], torch.cat([old_v[b], v[b]]))
     changed = (k_cache != before[0]).flatten(2).any(-1) | (v_cache != before[1]).flatten(2).any(-1)
     assert changed.sum() <= 15  # only the 3 x 5 new rows (a random row may equal the old one)
 
