@@ -165,8 +165,7 @@ def decode_path(device, dtype, b, s, h, d):
         return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
 
     def launched():
-        decode_launcher.append(k, k, k_cache, v_cache, lens, None)
-        return decode_launcher.attend(q, k_cache, v_cache, lens, None, 1, True, d ** -0.5, 0)
+        return decode_launcher.attend(q, k_cache, v_cache, k, k, lens, None, True, d ** -0.5, 0)
 
     with torch.no_grad():
         return AttentionPath("decode step", {

@@ -10,9 +10,11 @@ final result and the attention kernel writes it directly.
 
 The cache: contiguous (B, S_max, Hkv, D), or paged (num_pages, PAGE_SIZE, Hkv, D) with a block
 table (B, max_pages) of page indices, as in FlashAttention and vLLM (PAGE_SIZE = 0 means
-contiguous). Sequence b holds min(cache_seqlens[b] + N_NEW, CAPACITY) keys (N_NEW: tokens appended by
-this call, already in the cache). Lengths and page indices are read on the device only, so they
-are clamped to the cache: bad ones give wrong rows, never an access outside it.
+contiguous). Sequence b holds min(cache_seqlens[b] + N_NEW, CAPACITY) keys, the last N_NEW of them
+this call's new tokens: the attention kernel reads those from k/v and writes them into the cache
+(no separate append launch); ``kv_append_kernel`` is the append alone. Lengths and page indices are
+read on the device only, so they are clamped to the cache: bad ones give wrong rows, never an
+access outside it.
 
 Causal is bottom-right: new token t (of SQ) sees keys j <= t + Sk - SQ.
 """
@@ -49,13 +51,87 @@ def _tile_offsets(BT_row, start, cols, valid, stride_kp, stride_ks, stride_vp, s
         return 0, cols * stride_ks, 0, cols * stride_vs
 
 
+@triton.jit
+def _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, lo, hi, cached, last_visible,
+                stride_kp, stride_ks, stride_vp, stride_vs, stride_kns, stride_vns, N_PAGES, qk_scale,
+                FROM_NEW: tl.constexpr, CAUSAL: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr):
+    """Fold key tiles [lo, hi) into the running (acc, row max m_i, row sum l_i). FROM_NEW: the tiles
+    reach the new tokens (positions >= cached), whose keys/values are read from k/v themselves (this
+    launch is what writes them into the cache)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < hi
+        k_off, k_rows, v_off, v_rows = _tile_offsets(BT_row, start, cols, col_ok, stride_kp, stride_ks, stride_vp,
+                                                     stride_vs, N_PAGES, PAGE_SIZE, BLOCK_N, WIDE)
+        in_cache = col_ok
+        if FROM_NEW:
+            in_cache = col_ok & (cols < cached)
+            is_new = col_ok & (cols >= cached)
+            new_rows = cols - cached
+        k = tl.load(k_base + k_off + k_rows[:, None] + offs_d[None, :], mask=in_cache[:, None] & d_ok[None, :],
+                    other=0.0)
+        if FROM_NEW:
+            k_new = tl.load(KN_base + new_rows[:, None] * stride_kns + offs_d[None, :],
+                            mask=is_new[:, None] & d_ok[None, :], other=0.0)
+            k = tl.where(is_new[:, None], k_new, k)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_R, BLOCK_N), log2 units
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= last_visible[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + v_off + v_rows[:, None] + offs_d[None, :], mask=in_cache[:, None] & d_ok[None, :],
+                    other=0.0)
+        if FROM_NEW:
+            v_new = tl.load(VN_base + new_rows[:, None] * stride_vns + offs_d[None, :],
+                            mask=is_new[:, None] & d_ok[None, :], other=0.0)
+            v = tl.where(is_new[:, None], v_new, v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _store_new_rows(K, V, KN_base, VN_base, BT_row, b, hk, lo, hi, cached, stride_kp, stride_ks, stride_kh,
+                    stride_vp, stride_vs, stride_vh, stride_kns, stride_vns, N_PAGES,
+                    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Write the new tokens whose positions fall in [lo, hi) into the cache (KV head hk of sequence
+    b); a page index outside the cache is skipped, not clamped (it would overwrite another page)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for position in range(tl.maximum(lo, cached), hi):
+        pos = b * 0 + position  # 64-bit (b is): pos * stride may pass 2**31 in a big cache
+        if PAGE_SIZE > 0:
+            page = tl.load(BT_row + pos // PAGE_SIZE).to(tl.int64)
+            ok = (page >= 0) & (page < N_PAGES)
+            k_dst = K + page * stride_kp + (pos % PAGE_SIZE) * stride_ks
+            v_dst = V + page * stride_vp + (pos % PAGE_SIZE) * stride_vs
+        else:
+            ok = pos >= 0
+            k_dst = K + b * stride_kp + pos * stride_ks
+            v_dst = V + b * stride_vp + pos * stride_vs
+        mask = offs_d < tl.where(ok, HEAD_DIM, 0)  # (a scalar bool & a vector trips the interpreter)
+        row = pos - cached
+        tl.store(k_dst + hk * stride_kh + offs_d, tl.load(KN_base + row * stride_kns + offs_d, mask=mask), mask=mask)
+        tl.store(v_dst + hk * stride_vh + offs_d, tl.load(VN_base + row * stride_vns + offs_d, mask=mask), mask=mask)
+
+
 # Arguments: pointers, then integers, then floats, then constexprs (the launch plans rely on it).
 @triton.jit
 def decode_attn_kernel(
-    Q, K, V, SEQLENS, BLOCK_TABLE, O, LSE,
+    Q, K, V, K_NEW, V_NEW, SEQLENS, BLOCK_TABLE, O, LSE,
     stride_qb, stride_qs, stride_qh,
     stride_kp, stride_ks, stride_kh,
     stride_vp, stride_vs, stride_vh,
+    stride_knb, stride_kns, stride_knh,
+    stride_vnb, stride_vns, stride_vnh,
     stride_bt,
     stride_o_split, stride_ob, stride_os, stride_oh,
     stride_l_split, stride_lb, stride_lh,
@@ -65,8 +141,10 @@ def decode_attn_kernel(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Grid (N_SPLITS, Hkv * ROW_TILES, B). K/V strides: (batch, row, head) for a contiguous cache,
-    (page, row in page, head) for a paged one. O/LSE: the output (split stride 0) or the float32
-    partials (N_SPLITS, B, SQ, Hq, D) / (N_SPLITS, B, Hq, SQ)."""
+    (page, row in page, head) for a paged one. K_NEW/V_NEW (B, N_NEW, Hkv, D): this call's new
+    tokens, attended from there and written into the cache at positions cache_seqlens[b] + t by the
+    program whose key range holds them (row tile 0): the append costs no launch of its own. O/LSE:
+    the output (split stride 0) or the float32 partials (N_SPLITS, B, SQ, Hq, D) / (N_SPLITS, B, Hq, SQ)."""
     split = tl.program_id(0)
     hk = tl.program_id(1) // ROW_TILES
     tile = tl.program_id(1) % ROW_TILES
@@ -82,12 +160,15 @@ def decode_attn_kernel(
     q_ptrs = Q + b * stride_qb + (t * stride_qs + h * stride_qh)[:, None] + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    seq_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0) + N_NEW, CAPACITY)
+    cached = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), CAPACITY)
+    seq_len = tl.minimum(cached + N_NEW, CAPACITY)
     # This split's keys: an equal share of this sequence's, in whole BLOCK_N tiles (so short
     # sequences in a cache sized for long ones still spread over the splits).
     chunk = tl.cdiv(tl.cdiv(seq_len, N_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
+    # Tiles before `mid` hold cached keys only; from `mid` on they may reach the new ones.
+    mid = tl.minimum(tl.maximum((cached // BLOCK_N) * BLOCK_N, lo), tl.maximum(hi, lo))
 
     BT_row = BLOCK_TABLE + b * stride_bt
     if PAGE_SIZE > 0:
@@ -96,40 +177,34 @@ def decode_attn_kernel(
     else:
         k_base = K + b * stride_kp + hk * stride_kh
         v_base = V + b * stride_vp + hk * stride_vh
+    KN_base = K_NEW + b * stride_knb + hk * stride_knh
+    VN_base = V_NEW + b * stride_vnb + hk * stride_vnh
     last_visible = t + seq_len - SQ  # causal: the last key each row sees
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + offs_n
-        col_ok = cols < hi
-        tile_mask = col_ok[:, None] & d_ok[None, :]
-        k_off, k_rows, v_off, v_rows = _tile_offsets(BT_row, start, cols, col_ok, stride_kp, stride_ks, stride_vp,
-                                                     stride_vs, N_PAGES, PAGE_SIZE, BLOCK_N, WIDE)
-        k = tl.load(k_base + k_off + k_rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_R, BLOCK_N), log2 units
-        visible = col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= last_visible[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + v_off + v_rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+    acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, lo, mid, cached,
+                                last_visible, stride_kp, stride_ks, stride_vp, stride_vs, stride_kns, stride_vns,
+                                N_PAGES, qk_scale, False, CAUSAL, PAGE_SIZE, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+                                BLOCK_D, WIDE)
+    acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, mid, hi, cached,
+                                last_visible, stride_kp, stride_ks, stride_vp, stride_vs, stride_kns, stride_vns,
+                                N_PAGES, qk_scale, True, CAUSAL, PAGE_SIZE, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+                                BLOCK_D, WIDE)
+    if tile == 0:
+        _store_new_rows(K, V, KN_base, VN_base, BT_row, b, hk, lo, hi, cached, stride_kp, stride_ks, stride_kh,
+                        stride_vp, stride_vs, stride_vh, stride_kns, stride_vns, N_PAGES, PAGE_SIZE, HEAD_DIM,
+                        BLOCK_D)
 
     # A row that saw no key (an empty split, or none visible) has l = 0, acc = 0: out 0, lse -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-    o_ptrs = O + split.to(tl.int64) * stride_o_split + b * stride_ob + (t * stride_os + h * stride_oh)[:, None] + offs_d[None, :]
+    split_off = split.to(tl.int64)
+    o_ptrs = O + split_off * stride_o_split + b * stride_ob + (t * stride_os + h * stride_oh)[:, None] + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + split.to(tl.int64) * stride_l_split + b * stride_lb + h * stride_lh + t, lse, mask=row_ok)
+    tl.store(LSE + split_off * stride_l_split + b * stride_lb + h * stride_lh + t, lse, mask=row_ok)
 
 
 @triton.jit

@@ -1,5 +1,5 @@
-"""Launch the decoding kernels (kernels/decode.py -> here -> fastattn.ops): the KV-cache append and
-split-KV attention over a contiguous or paged cache.
+"""Launch the decoding kernels (kernels/decode.py -> here -> fastattn.ops): split-KV attention over a
+contiguous or paged cache (which also appends the call's new tokens), and the KV-cache append alone.
 
 As for the other launchers: inputs are used with their strides (no copy when the last dim is
 contiguous), outputs and scratch come from torch's allocator, plans are looked up by exact integers
@@ -110,11 +110,12 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
     plans.remember(_plans, key, (plan,))
 
 
-def attend(q, k_cache, v_cache, cache_seqlens, block_table, n_new: int, causal: bool, scale: float,
-           num_splits: int = 0):
-    """Attention of q (B, Sq, Hq, D) over each sequence's min(cache_seqlens[b] + n_new, capacity)
-    cached keys: out (B, Sq, Hq, D) in q's dtype, lse (B, Hq, Sq) float32. num_splits: 0 chooses
-    (num_splits_heuristic), n forces n (at most kvcache.MAX_SPLITS)."""
+def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, scale: float, num_splits: int = 0):
+    """Attention of q (B, Sq, Hq, D) over each sequence's cached keys followed by the new tokens'
+    k, v (B, S_new, Hkv, D) or None, which are written into the cache at cache_seqlens[b] + t by the
+    same launch: out (B, Sq, Hq, D) in q's dtype, lse (B, Hq, Sq) float32. Lengths are clamped to
+    the cache's capacity. num_splits: 0 chooses (num_splits_heuristic), n forces n (at most
+    kvcache.MAX_SPLITS)."""
     q = q if q.stride(-1) == 1 else q.contiguous()
     b, sq, hq, d = q.shape
     hkv = k_cache.shape[2]
@@ -122,6 +123,14 @@ def attend(q, k_cache, v_cache, cache_seqlens, block_table, n_new: int, causal: 
     lse = q.new_empty((b, hq, sq), dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
+    n_new = 0
+    if k is None:
+        k = v = q  # placeholders: never read with N_NEW = 0
+        new_strides = (0,) * 6
+    else:
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        new_strides, n_new = (*k.stride()[:3], *v.stride()[:3]), k.shape[1]
     seqlens = cache_seqlens.contiguous()
     bt, stride_bt, page_size, n_pages = _table_args(k_cache, block_table)
     cap = k_cache.shape[1] if block_table is None else block_table.shape[1] * page_size
@@ -137,15 +146,15 @@ def attend(q, k_cache, v_cache, cache_seqlens, block_table, n_new: int, causal: 
         o = q.new_empty((splits, b, sq, hq, d), dtype=torch.float32)
         l_ = q.new_empty((splits, b, hq, sq), dtype=torch.float32)
         o_strides, l_strides = o.stride()[:4], l_.stride()[:3]
-    ints = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], stride_bt, *o_strides, *l_strides,
-            group, sq, n_new, cap, n_pages, splits, row_tiles)
-    args = (q, k_cache, v_cache, seqlens, bt, o, l_, *ints, scale * LOG2E)
+    ints = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *new_strides, stride_bt, *o_strides,
+            *l_strides, group, sq, n_new, cap, n_pages, splits, row_tiles)
+    args = (q, k_cache, v_cache, k, v, seqlens, bt, o, l_, *ints, scale * LOG2E)
     grid = (splits, hkv * row_tiles, b)
     combine = None
     if splits > 1:
         combine = (o, l_, out, lse, *o.stride()[:4], *l_.stride()[:3], *out.stride()[:3], *lse.stride()[:2], splits)
     key = ("decode", q.dtype, device, causal, page_size, d, b, hq, ints,
-           plans.aligned((q, k_cache, v_cache, seqlens, bt)))
+           plans.aligned((q, k_cache, v_cache, k, v, seqlens, bt)))
     found = _plans.get(key)
     if found is not None:
         attn_plan, combine_plan = found
@@ -162,8 +171,10 @@ def attend(q, k_cache, v_cache, cache_seqlens, block_table, n_new: int, causal: 
     consts = dict(CAUSAL=causal, PAGE_SIZE=page_size, HEAD_DIM=d, DOT_PRECISION="ieee" if fp32 else "tf32",
                   BLOCK_R=block_r, BLOCK_D=block_d, WIDE=wide)
     with on_device(device):
+        # The launch also writes the new rows into the cache: the same values every time, so the
+        # tuning runs and the direct-launch check may repeat it.
         attn_plan = plans.build("decode", decode_attn_kernel, configs.candidates("decode", block_d, fp32),
-                                lambda c: grid, args, consts, seq_len=cap, outputs=(5, 6), device=q.device)
+                                lambda c: grid, args, consts, seq_len=cap, outputs=(7, 8), device=q.device)
         combine_plan = None
         if combine is not None:
             cconsts = dict(HEAD_DIM=d, BLOCK_S=1 << (splits - 1).bit_length(), BLOCK_D=block_d)

@@ -1,6 +1,6 @@
-"""The decoding kernels as ops: fastattn::triton_kvcache_append (writes the new tokens' keys and
-values into the cache, in place) and fastattn::triton_kvcache_attention (split-KV attention over
-the cache). Not differentiable: decoding is inference (the API refuses inputs that need grad).
+"""The decoding kernels as ops: fastattn::triton_kvcache_attention (split-KV attention over the
+cache, writing the call's new keys/values into it in place) and fastattn::triton_kvcache_append
+(the write alone). Not differentiable: decoding is inference (the API refuses inputs that need grad).
 
 In eager mode on plain tensors ``kvcache_attention`` calls the launchers directly, as the autograd
 Functions do (fastattn.ops.autograd); under torch.compile or a dispatch mode it calls the ops."""
@@ -15,15 +15,15 @@ from fastattn.ops.library import define
 
 APPEND = ("(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? block_table) "
           "-> ()")
-ATTEND = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, SymInt n_new, "
-          "bool causal, float scale, SymInt num_splits) -> (Tensor, Tensor)")
+ATTEND = ("(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens, "
+          "Tensor? block_table, bool causal, float scale, SymInt num_splits) -> (Tensor, Tensor)")
 
 
 def _append_fake(k, v, k_cache, v_cache, cache_seqlens, block_table):
     return None
 
 
-def _attend_fake(q, k_cache, v_cache, cache_seqlens, block_table, n_new, causal, scale, num_splits):
+def _attend_fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits):
     b, sq, hq, d = q.shape
     return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
 
@@ -40,10 +40,7 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
 
 def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, scale: float,
                       num_splits: int):
-    """Append k/v (if given), then attend: (out (B, Sq, Hq, D), lse (B, Hq, Sq) float32)."""
-    n_new = 0
-    if k is not None:
-        append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table)
-        n_new = k.shape[1]
-    fn = launch.attend if _direct(q, k_cache, v_cache, cache_seqlens) else triton_kvcache_attention
-    return fn(q, k_cache, v_cache, cache_seqlens, block_table, n_new, causal, scale, num_splits)
+    """Attend over the cache and k/v (if given), writing k/v into the cache in the same launch:
+    (out (B, Sq, Hq, D), lse (B, Hq, Sq) float32)."""
+    fn = launch.attend if _direct(q, k_cache, v_cache, k, cache_seqlens) else triton_kvcache_attention
+    return fn(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits)
