@@ -271,7 +271,7 @@ def _check_index_tensor(name: str, x, ndim: int, device: torch.device) -> None:
     if x.dtype != torch.int32:
         raise TypeError(f"{name} must be int32 (FlashAttention's convention), got {x.dtype}")
     if x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dim(s), got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}")
 
