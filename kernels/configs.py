@@ -50,12 +50,13 @@ GPU_CANDIDATES = {
         256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
     }),
     # Split-KV decoding (kernels/decode.py): only BLOCK_N (keys per step) and the launch settings
-    # matter; the query-row tile follows the call (GQA group x new tokens). Memory-bound: long key
-    # tiles and deep pipelines. Not yet timed on a GPU (the decode kernel is not in "auto" yet).
+    # matter; the query-row tile follows the call (GQA group x new tokens). Memory-bound: pipelined
+    # key tiles. Not yet timed on a GPU (the decode kernel is not in "auto" yet): chosen by what
+    # compiles for sm_90 without register spills (benchmarks/results/2026-12-03-cpu-decode/).
     "decode": _table({
-        64: [(0, 128, 4, 3), (0, 64, 4, 4)],
-        128: [(0, 64, 4, 3), (0, 128, 8, 3)],
-        256: [(0, 32, 4, 3), (0, 64, 8, 2)],
+        64: [(0, 128, 8, 3), (0, 64, 4, 4), (0, 32, 4, 4)],
+        128: [(0, 64, 8, 3), (0, 128, 8, 3), (0, 32, 4, 4)],
+        256: [(0, 32, 8, 3), (0, 32, 4, 3), (0, 64, 8, 2)],
     }),
 }
 

@@ -33,7 +33,8 @@ def _tile_offsets(BT_row, start, cols, valid, stride_kp, stride_ks, stride_vp, s
     contiguous cache's sequence base is applied by the caller. Paged: tiles start at multiples of
     BLOCK_N, so when BLOCK_N divides the page size a tile lies in one page (one block-table read,
     32-bit row offsets, as cheap as contiguous); otherwise each row reads its page. Page indices
-    are clamped to the cache."""
+    are clamped to the cache. WIDE (paged): the cache reaches 2**31 elements, so page offsets are
+    64-bit (per-row 64-bit offsets cost registers: only then)."""
     if PAGE_SIZE > 0:
         if PAGE_SIZE % BLOCK_N == 0:
             page = tl.load(BT_row + start // PAGE_SIZE)
@@ -42,7 +43,9 @@ def _tile_offsets(BT_row, start, cols, valid, stride_kp, stride_ks, stride_vp, s
             return page * stride_kp, within * stride_ks, page * stride_vp, within * stride_vs
         else:
             page = tl.load(BT_row + cols // PAGE_SIZE, mask=valid, other=0)
-            page = tl.minimum(tl.maximum(page, 0), N_PAGES - 1).to(tl.int64)
+            page = tl.minimum(tl.maximum(page, 0), N_PAGES - 1)
+            if WIDE:
+                page = page.to(tl.int64)
             within = cols % PAGE_SIZE
             return 0, page * stride_kp + within * stride_ks, 0, page * stride_vp + within * stride_vs
     elif WIDE:

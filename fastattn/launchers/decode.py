@@ -165,9 +165,12 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
         return out, lse
     block_d = max(16, 1 << (d - 1).bit_length())
     fp32 = q.dtype == torch.float32
-    # A contiguous cache indexes rows within one sequence in 32 bits unless they reach 2**31
-    # elements; paged rows are 64-bit page offsets plus a row within the page.
-    wide = page_size == 0 and (cap + 256) * max(k_cache.stride(1), v_cache.stride(1)) >= 2**31
+    # 64-bit row offsets only where 32 bits could wrap: a contiguous cache's rows within one
+    # sequence, a paged cache's whole extent (rows are page offsets there).
+    if page_size == 0:
+        wide = (cap + 256) * max(k_cache.stride(1), v_cache.stride(1)) >= 2**31
+    else:
+        wide = (n_pages + 1) * max(k_cache.stride(0), v_cache.stride(0)) >= 2**31
     consts = dict(CAUSAL=causal, PAGE_SIZE=page_size, HEAD_DIM=d, DOT_PRECISION="ieee" if fp32 else "tf32",
                   BLOCK_R=block_r, BLOCK_D=block_d, WIDE=wide)
     with on_device(device):
