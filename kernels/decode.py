@@ -55,6 +55,20 @@ def _tile_offsets(BT_row, start, cols, valid, stride_kp, stride_ks, stride_vp, s
 
 
 @triton.jit
+def _kv_tile(cache_ptrs, NEW_base, stride_new, cols, col_ok, cached, offs_d, d_ok, FROM_NEW: tl.constexpr):
+    """One (BLOCK_N, BLOCK_D) tile of keys or values: from the cache, or (FROM_NEW) from the new
+    tokens' k/v for positions >= cached. Masked entries read as 0."""
+    if FROM_NEW:
+        is_new = col_ok & (cols >= cached)
+        x = tl.load(cache_ptrs, mask=(col_ok & (cols < cached))[:, None] & d_ok[None, :], other=0.0)
+        x_new = tl.load(NEW_base + (cols - cached)[:, None] * stride_new + offs_d[None, :],
+                        mask=is_new[:, None] & d_ok[None, :], other=0.0)
+        return tl.where(is_new[:, None], x_new, x)
+    else:
+        return tl.load(cache_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, lo, hi, cached, last_visible,
                 stride_kp, stride_ks, stride_vp, stride_vs, stride_kns, stride_vns, N_PAGES, qk_scale,
                 FROM_NEW: tl.constexpr, CAUSAL: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -70,17 +84,8 @@ def _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, lo, 
         col_ok = cols < hi
         k_off, k_rows, v_off, v_rows = _tile_offsets(BT_row, start, cols, col_ok, stride_kp, stride_ks, stride_vp,
                                                      stride_vs, N_PAGES, PAGE_SIZE, BLOCK_N, WIDE)
-        in_cache = col_ok
-        if FROM_NEW:
-            in_cache = col_ok & (cols < cached)
-            is_new = col_ok & (cols >= cached)
-            new_rows = cols - cached
-        k = tl.load(k_base + k_off + k_rows[:, None] + offs_d[None, :], mask=in_cache[:, None] & d_ok[None, :],
-                    other=0.0)
-        if FROM_NEW:
-            k_new = tl.load(KN_base + new_rows[:, None] * stride_kns + offs_d[None, :],
-                            mask=is_new[:, None] & d_ok[None, :], other=0.0)
-            k = tl.where(is_new[:, None], k_new, k)
+        k = _kv_tile(k_base + k_off + k_rows[:, None] + offs_d[None, :], KN_base, stride_kns, cols, col_ok, cached,
+                     offs_d, d_ok, FROM_NEW)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_R, BLOCK_N), log2 units
         visible = col_ok[None, :]
         if CAUSAL:
@@ -91,12 +96,8 @@ def _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, lo, 
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + v_off + v_rows[:, None] + offs_d[None, :], mask=in_cache[:, None] & d_ok[None, :],
-                    other=0.0)
-        if FROM_NEW:
-            v_new = tl.load(VN_base + new_rows[:, None] * stride_vns + offs_d[None, :],
-                            mask=is_new[:, None] & d_ok[None, :], other=0.0)
-            v = tl.where(is_new[:, None], v_new, v)
+        v = _kv_tile(v_base + v_off + v_rows[:, None] + offs_d[None, :], VN_base, stride_vns, cols, col_ok, cached,
+                     offs_d, d_ok, FROM_NEW)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
