@@ -63,7 +63,7 @@ GPU_CANDIDATES = {
 # fp32 runs true-fp32 dots on the FMA units (no tensor cores): small tiles keep registers, shared
 # memory and compile time (fully unrolled FMA dots) in check. It is the accuracy path, not a fast one.
 FP32_CONFIGS = {"fwd": BlockConfig(32, 32, 4, 2), "dkdv": BlockConfig(32, 32, 4, 1), "dq": BlockConfig(32, 32, 4, 1),
-                "decode": BlockConfig(0, 32, 4, 2)}
+                "decode": BlockConfig(0, 16, 8, 1)}  # decode: no spills on sm_90 for D up to 256
 
 # Small enough for any head dim and dtype: without autotuning, a launch whose config does not fit
 # the chip's shared memory falls back along the list to this one.
