@@ -29,7 +29,9 @@ _MODULES = {"triton": triton_backend, "cuda": cuda_backend, "torch": sdpa_backen
 # yet: backend="cuda" selects them. On CPU tensors: PyTorch's SDPA.
 AUTO_CUDA_ORDER = ("triton", "torch", "reference")
 AUTO_CPU_ORDER = ("torch", "reference")
-# attention_with_kvcache: each module's unsupported_kvcache / run_kvcache. The Triton split-KV
+# attention_with_kvcache: a module's unsupported_kvcache / run_kvcache, or for a module without a
+# decode path of its own (torch, reference) its unsupported / run on the dense cache
+# (KVCacheCall.padded: a torch-op append, then a key-padding mask per query). The Triton split-KV
 # decode kernel has passed the CPU (interpreter) tests but has not run on a GPU yet, so "auto" does
 # not pick it: backend="triton" selects it; tools/gpu_check.sh verifies and times it. Until then
 # CUDA tensors take the torch path (torch-op append, SDPA over the cache with a padding mask).
@@ -85,7 +87,8 @@ def choose_kvcache(backend: str, call: KVCacheCall) -> str:
 
 def _choose(backend, call, order, check) -> str:
     def why(name):
-        return unavailable_reason(name) or getattr(_MODULES[name], check)(call)
+        module = _MODULES[name]
+        return unavailable_reason(name) or getattr(module, check, module.unsupported)(call)
 
     if backend == "auto":
         for name in order:
@@ -105,7 +108,10 @@ def run(name: str, call: AttentionCall):
 
 
 def run_kvcache(name: str, call: KVCacheCall):
-    return _MODULES[name].run_kvcache(call)
+    module = _MODULES[name]
+    if hasattr(module, "run_kvcache"):
+        return module.run_kvcache(call)
+    return call.padded(module.run)
 
 
 def append_kv(backend: str, k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:

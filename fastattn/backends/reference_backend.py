@@ -14,12 +14,6 @@ def unsupported(call: AttentionCall | KVCacheCall) -> str | None:
     return None
 
 
-unsupported_kvcache = unsupported
-
-
-def run_kvcache(call: KVCacheCall):
-    return call.padded(run)
-
 
 def run(call: AttentionCall):
     if call.varlen:

@@ -21,13 +21,6 @@ def unsupported(call: AttentionCall | KVCacheCall) -> str | None:
     return None
 
 
-unsupported_kvcache = unsupported
-
-
-def run_kvcache(call: KVCacheCall):
-    """Append with torch ops, then SDPA over the cache with a key-padding mask (no decode kernel)."""
-    return call.padded(run)
-
 
 def run(call: AttentionCall):
     if call.varlen:
