@@ -14,6 +14,7 @@ from fastattn.validation import (
     validate_flag,
     validate_key_padding_mask,
     validate_kvcache,
+    validate_mods,
     validate_qkv,
     validate_scale,
     validate_varlen,
@@ -29,6 +30,11 @@ def attention(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     return_lse: bool = False,
+    bias: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str = "auto",
 ):
     """Fused scaled-dot-product attention in FlashAttention's layout.
@@ -41,17 +47,30 @@ def attention(
         key_padding_mask: (B, Sk) bool, True = real key (HF ``attention_mask`` sense). Tiles of keys
             that are all padding are skipped by the kernels.
         return_lse: also return the log-sum-exp (B, Hq, Sq) in float32 (differentiable).
+        bias: additive float scores broadcastable to (B, Hq, Sq, Sk) (stride-0 broadcast dims, no
+            copy; -inf hides a key), differentiable: T5 relative position bias, learned masks.
+        alibi_slopes: float32 (Hq,) or (B, Hq): adds -slope * |i + Sk - Sq - j|, computed in the kernel.
+        window: (left, right) sliding window: query i sees keys i + Sk - Sq - left ..
+            i + Sk - Sq + right (-1 = unbounded). With causal, right is 0. Key tiles outside the
+            window are skipped, so the cost grows with the window, not the sequence.
+        softcap: logits -> softcap * tanh(logits / softcap) before bias and masks (Gemma 2).
+        sinks: (Hq,) a learnable sink logit per head (gpt-oss): an extra softmax entry with no value.
         backend: "auto", "triton", "cuda", "torch", or "reference"; see ``available_backends()``.
+            Modifiers run on "triton" and "reference"; "torch" runs bias, ALiBi and window as an SDPA
+            float mask; "cuda" runs none (docs/design.md, "Score modifiers").
 
-    Returns out (B, Sq, Hq, D) [, lse]. A query that sees no key gets 0 (lse = -inf) and zero
-    gradients.
+    Returns out (B, Sq, Hq, D) [, lse]. A query that sees no key gets 0 (lse = -inf, or the sink's
+    logit with sinks) and zero gradients.
     """
     shape = validate_qkv(q, k, v)
     causal = validate_flag("causal", causal)
     return_lse = validate_flag("return_lse", return_lse)
     scale = validate_scale(scale, shape.head_dim)
     validate_key_padding_mask(key_padding_mask, shape, q)
-    call = AttentionCall(q, k, v, shape, causal, scale, key_padding_mask, return_lse)
+    mods = None
+    if bias is not None or alibi_slopes is not None or window is not None or softcap or sinks is not None:
+        mods = validate_mods(bias, alibi_slopes, window, softcap, sinks, shape, q, causal)
+    call = AttentionCall(q, k, v, shape, causal, scale, key_padding_mask, return_lse, mods=mods)
     return backends.run(backends.choose(backend, call), call)
 
 
@@ -67,6 +86,11 @@ def attention_varlen(
     causal: bool = False,
     scale: float | None = None,
     return_lse: bool = False,
+    bias: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str = "auto",
 ):
     """Attention over packed variable-length sequences (FlashAttention's varlen convention).
@@ -77,6 +101,9 @@ def attention_varlen(
             rows cu[i]:cu[i + 1]. ``fastattn.unpad_input`` builds them from a padding mask.
         max_seqlen_q, max_seqlen_k: the longest sequence lengths (sizes the kernel grid).
         causal: bottom-right aligned within each sequence.
+        bias, alibi_slopes, window, softcap, sinks: as ``attention``, per sequence: bias is
+            broadcastable to (B, Hq, max_seqlen_q, max_seqlen_k) and indexed by positions within
+            each sequence; alibi_slopes (B, Hq) has a row per sequence.
 
     Returns out (Tq, Hq, D) [, lse (Hq, Tq) float32].
     """
@@ -84,8 +111,9 @@ def attention_varlen(
     causal = validate_flag("causal", causal)
     return_lse = validate_flag("return_lse", return_lse)
     scale = validate_scale(scale, shape.head_dim)
+    mods = validate_mods(bias, alibi_slopes, window, softcap, sinks, shape, q, causal)
     call = AttentionCall(q, k, v, shape, causal, scale, None, return_lse, cu_seqlens_q, cu_seqlens_k,
-                                  max_seqlen_q, max_seqlen_k)
+                         max_seqlen_q, max_seqlen_k, mods)
     return backends.run(backends.choose(backend, call), call)
 
 

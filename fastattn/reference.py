@@ -14,6 +14,14 @@ import math
 import torch
 
 
+def relative_positions(sq: int, sk: int, device=None) -> torch.Tensor:
+    """(Sq, Sk) int64: j - (i + Sk - Sq), key j's position relative to query i with the two sequences
+    aligned at their ends (0 on the causal diagonal, negative for earlier keys)."""
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    return j - (i + (sk - sq))
+
+
 def visible_keys(
     sq: int,
     sk: int,
@@ -21,17 +29,25 @@ def visible_keys(
     causal: bool,
     key_padding_mask: torch.Tensor | None = None,
     device: torch.device | str | None = None,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Boolean (B or 1, 1, Sq, Sk) mask: True where query i may attend to key j.
 
     Causal is bottom-right aligned: query i sees keys j <= i + Sk - Sq.
     key_padding_mask (B, Sk): True marks a real key.
+    window (left, right): query i sees only keys i + Sk - Sq - left <= j <= i + Sk - Sq + right
+    (-1 = unbounded on that side); combined with causal, right is at most 0.
     """
+    rel = relative_positions(sq, sk, device)
     vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
     if causal:
-        i = torch.arange(sq, device=device)[:, None]
-        j = torch.arange(sk, device=device)[None, :]
-        vis = j <= i + (sk - sq)
+        vis = rel <= 0
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            vis = vis & (rel >= -left)
+        if right >= 0:
+            vis = vis & (rel <= right)
     vis = vis[None, None]  # (1, 1, Sq, Sk)
     if key_padding_mask is not None:
         vis = vis & key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
@@ -47,10 +63,25 @@ def attention(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     return_lse: bool = False,
+    bias: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Reference attention. Returns out (B, Sq, Hq, D) [, lse (B, Hq, Sq) in float32 or wider].
 
-    A query row that sees no key returns 0 with lse = -inf, and gets zero gradients.
+    Score modifiers, in the order they apply to a logit s = scale * q.k:
+        softcap: s -> softcap * tanh(s / softcap) (Gemma 2); None or 0 = off.
+        bias: + bias[b, h, i, j], a float tensor broadcastable to (B, Hq, Sq, Sk) (T5's relative
+            position bias, learned masks; -inf hides a key). Differentiable.
+        alibi_slopes: (Hq,) or (B, Hq): - slope * |i + Sk - Sq - j| (ALiBi, as FlashAttention).
+        window: (left, right) local attention, see visible_keys.
+        sinks: (Hq,) one extra logit per head in every row's softmax that carries no value
+            (gpt-oss): it takes probability mass away from the keys. Differentiable.
+
+    A query row that sees no key returns 0 with zero gradients for q, k, v and bias; its lse is
+    -inf, or the sink's logit with sinks.
     """
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -63,7 +94,14 @@ def attention(
     vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
 
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
-    vis = visible_keys(sq, sk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(scores.dtype).reshape(-1, hq, 1, 1)  # (B or 1, Hq, 1, 1)
+        scores = scores - slopes * relative_positions(sq, sk, q.device).abs().to(scores.dtype)
+    vis = visible_keys(sq, sk, causal=causal, key_padding_mask=key_padding_mask, device=q.device, window=window)
     scores = scores.masked_fill(~vis, float("-inf"))
 
     # Softmax written out so that rows with no visible key give exactly 0 (and finite gradients).
@@ -72,9 +110,14 @@ def attention(
         row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
     else:
         row_max = scores.amax(dim=-1, keepdim=True).detach()
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).reshape(1, hq, 1, 1)
+        row_max = torch.maximum(row_max, sink.detach())
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(scores - row_max)
     denom = e.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        denom = denom + torch.exp(sink - row_max)  # a virtual key with no value
     empty = denom == 0
     denom_safe = torch.where(empty, torch.ones_like(denom), denom)
     p = e / denom_safe

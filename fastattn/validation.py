@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from fastattn.modifiers import ScoreMods
 from fastattn.shape import AttentionShape
 
 MAX_HEAD_DIM = 256
@@ -88,6 +89,67 @@ def validate_key_padding_mask(mask, shape: AttentionShape, q: torch.Tensor) -> N
         )
     if mask.device != device:
         raise ValueError(f"key_padding_mask is on {mask.device} but q is on {device}")
+
+
+def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionShape, q: torch.Tensor,
+                  causal: bool) -> ScoreMods | None:
+    """Check the score modifiers (fastattn.modifiers) of a call with `shape`; None when there are none.
+
+    bias: a float tensor broadcastable to (B, Hq, Sq, Sk) (packed calls: B sequences, Sq/Sk their
+    max lengths, positions within each sequence). alibi_slopes: float32 (Hq,) or (B, Hq).
+    window: (left, right) ints >= -1 (-1 = unbounded); with causal, right is at most 0.
+    softcap: a float >= 0 (0 = off). sinks: a float (Hq,) tensor."""
+    if bias is None and alibi_slopes is None and window is None and not softcap and sinks is None:
+        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
+            raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+        return None
+    b, hq = shape.batch, shape.heads_q
+    full = (b, hq, shape.seqlen_q, shape.seqlen_k)
+    if bias is not None:
+        _check_tensor("bias", bias, bias.dim() if isinstance(bias, torch.Tensor) and 0 < bias.dim() <= 4 else 4,
+                      "broadcastable to (B, Hq, Sq, Sk)")
+        if bias.device != q.device:
+            raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))  # a view: leading unit dims
+        if any(n not in (1, m) for n, m in zip(bias.shape, full)):
+            raise ValueError(f"bias must be broadcastable to (B, Hq, Sq, Sk) = {full}, got shape {tuple(bias.shape)}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes must be float32 (FlashAttention's convention), got {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) not in ((hq,), (b, hq)):
+            raise ValueError(f"alibi_slopes must have shape (Hq,) = ({hq},) or (B, Hq) = ({b}, {hq}), got "
+                             f"{tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+        alibi_slopes = alibi_slopes.reshape(-1, hq)
+        if alibi_slopes.stride(-1) != 1:
+            alibi_slopes = alibi_slopes.contiguous()
+    left, right = -1, -1
+    if window is not None:
+        if (not isinstance(window, (tuple, list)) or len(window) != 2
+                or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window)):
+            raise ValueError(f"window must be (left, right), two ints >= -1 (-1 = unbounded), got {window!r}")
+        left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if (left, right) == (-1, 0) and causal:
+        left, right = -1, -1  # causal alone: no window
+    if softcap is None:
+        softcap = 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or sinks.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"sinks must be a floating torch.Tensor of shape (Hq,), got "
+                            f"{getattr(sinks, 'dtype', type(sinks).__name__)}")
+        if tuple(sinks.shape) != (hq,):
+            raise ValueError(f"sinks must have shape (Hq,) = ({hq},), got {tuple(sinks.shape)}")
+        if sinks.device != q.device:
+            raise ValueError(f"sinks is on {sinks.device} but q is on {q.device}")
+    mods = ScoreMods(bias, alibi_slopes, (left, right), float(softcap), sinks)
+    return mods if mods.names() else None
 
 
 def validate_flag(name: str, value) -> bool:

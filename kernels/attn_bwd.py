@@ -10,6 +10,12 @@ Three launches:
 
 P is recomputed from the saved lse: P = exp2(s * log2(e) * scale - lse * log2(e)). Rows that saw no
 key have lse = -inf; they are given +inf here so that their P is 0 and their gradients vanish.
+
+Score modifiers recompute the same logits as the forward (tiles.modify_scores). dS is the gradient
+of the modified logit: the bias gradient itself, which the dQ kernel writes (HAS_DBIAS; every
+(query, key) pair is visited there exactly once); through a softcap it is multiplied by
+1 - tanh^2 before it reaches dQ and dK. The sinks' gradient needs only lse and delta, so the
+launcher computes it from them with torch ops (a reduction over rows, deterministic).
 """
 
 import triton
@@ -18,12 +24,15 @@ import triton.language as tl
 from .tiles import (
     key_blocks,
     load_tile,
+    modify_scores,
     padded_key_bounds,
     program_coords,
     query_range,
     scores_tile,
     sequence_bounds,
     store_tile,
+    window_query_range,
+    window_visible,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -58,11 +67,12 @@ def attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, stride_qs, stride_dos,
-                       offs_n, lo, hi, Sq, Sk, qk_scale,
-                       MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       WIDE: tl.constexpr):
+def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, BIAS_bh, stride_qs, stride_dos,
+                       stride_bm, stride_bn, offs_n, lo, hi, Sq, Sk, left, right, qk_scale, slope2, cap2,
+                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """Accumulate one query head's contribution from query blocks [lo, hi) into dk, dv (fp32)."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -70,9 +80,12 @@ def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, st
         lse2 = _lse_log2(LSE_row, rows, Sq)
         # Work transposed, (BLOCK_N, BLOCK_M), so dK/dV come out without transposing P.
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        s_t, dcap_t = modify_scores(s_t, rows[None, :], offs_n[:, None], Sq, Sk, BIAS_bh, stride_bm, stride_bn,
+                                    slope2, cap2, HAS_BIAS, HAS_ALIBI, SOFTCAP, WIDE)
         p_t = tl.exp2(s_t - lse2[None, :])
-        if MASKED:  # causal diagonal: key j is visible to query i iff j <= i + Sk - Sq
-            p_t = tl.where(offs_n[:, None] <= rows[None, :] + (Sk - Sq), p_t, 0.0)
+        if MASKED:  # causal diagonal / window edge
+            p_t = tl.where(window_visible(rows[None, :], offs_n[:, None], Sq, Sk, left, right, CAUSAL, LOCAL),
+                           p_t, 0.0)
         if HAS_KPM:  # padded keys get no probability
             p_t = tl.where(kp[:, None], p_t, 0.0)
         do = load_tile(do_base, rows, stride_dos, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
@@ -80,6 +93,8 @@ def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, st
         delta = tl.load(DELTA_row + rows, mask=rows < Sq, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * dcap_t
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -87,7 +102,7 @@ def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, st
 # Arguments: pointers, integers, floats, constexprs (as the forward's).
 @triton.jit(do_not_specialize=["Tq", "Tk"])
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KV_BOUNDS, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KV_BOUNDS, CU_Q, CU_K, BIAS, ALIBI,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -96,8 +111,10 @@ def attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh, stride_kpm_b,
     GROUP, Sq, Sk, Tq, Tk,
-    sm_scale, qk_scale,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_ab, left, right,
+    sm_scale, qk_scale, cap2,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
+    LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
@@ -113,7 +130,11 @@ def attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    lo, full_start, hi = query_range(start_n, Sq, Sk, BLOCK_M, BLOCK_N, CAUSAL)
+    if LOCAL:
+        lo, full_start, full_end, hi = window_query_range(start_n, Sq, Sk, left, right, BLOCK_M, BLOCK_N)
+    else:
+        lo, full_start, hi = query_range(start_n, Sq, Sk, BLOCK_M, BLOCK_N, CAUSAL)
+        full_end = hi
     # A key tile past the sequence (varlen), or made only of padding, gets zero gradients.
     kv_lo, kv_hi = padded_key_bounds(KV_BOUNDS, b, Sk, HAS_KPM)
     skip = (start_n >= Sk) | (start_n + BLOCK_N <= kv_lo) | (start_n >= kv_hi)
@@ -124,17 +145,30 @@ def attn_bwd_dkdv_kernel(
     hi = tl.where(skip, 0, hi)
     lo = tl.minimum(lo, hi)
     full_start = tl.minimum(full_start, hi)
+    full_end = tl.minimum(full_end, hi)
     for g in range(GROUP):  # the query heads that share this KV head, summed in registers
         h = hk * GROUP + g
         q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
         do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dos
         row_base = b * stride_lb + h * stride_lh + q_start
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base,
-                                    stride_qs, stride_dos, offs_n, lo, full_start, Sq, Sk, qk_scale,
-                                    True, HAS_KPM, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, WIDE)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base,
-                                    stride_qs, stride_dos, offs_n, full_start, hi, Sq, Sk, qk_scale,
-                                    False, HAS_KPM, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, WIDE)
+        BIAS_bh = BIAS + b * stride_bb + h * stride_bh
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(ALIBI + b * stride_ab + h) * LOG2E
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base, BIAS_bh,
+                                    stride_qs, stride_dos, stride_bm, stride_bn, offs_n, lo, full_start, Sq, Sk,
+                                    left, right, qk_scale, slope2, cap2, True, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS,
+                                    HAS_ALIBI, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, WIDE)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base, BIAS_bh,
+                                    stride_qs, stride_dos, stride_bm, stride_bn, offs_n, full_start, full_end, Sq,
+                                    Sk, left, right, qk_scale, slope2, cap2, False, CAUSAL, HAS_KPM, LOCAL,
+                                    HAS_BIAS, HAS_ALIBI, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, WIDE)
+        if LOCAL:  # the window's far edge
+            dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base,
+                                        BIAS_bh, stride_qs, stride_dos, stride_bm, stride_bn, offs_n, full_end, hi,
+                                        Sq, Sk, left, right, qk_scale, slope2, cap2, True, CAUSAL, HAS_KPM, LOCAL,
+                                        HAS_BIAS, HAS_ALIBI, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION,
+                                        WIDE)
 
     store_tile(DK + b * stride_dkb + hk * stride_dkh + k_start * stride_dks, (dk * sm_scale).to(DK.dtype.element_ty),
                offs_n, stride_dks, Sk, HEAD_DIM, BLOCK_D, WIDE)
@@ -143,27 +177,41 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, lo, hi, Sq, Sk,
-                   qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, BIAS_bh, DBIAS_bh, stride_ks, stride_vs, stride_bm,
+                   stride_bn, stride_dbm, offs_m, lo, hi, Sq, Sk, left, right, qk_scale, slope2, cap2,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DBIAS: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
-    """Accumulate dQ (unscaled) over key blocks [lo, hi)."""
+    """Accumulate dQ (unscaled) over key blocks [lo, hi); with HAS_DBIAS also store dS, the bias
+    gradient, into the (Sq, Sk) slice DBIAS_bh (row stride stride_dbm)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
         v = load_tile(v_base, cols, stride_vs, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
-        s = scores_tile(q, k, cols, offs_m, Sq, Sk, qk_scale, KP_row, MASKED, CAUSAL, HAS_KPM, DOT_PRECISION)
+        s, dcap = scores_tile(q, k, cols, offs_m, Sq, Sk, qk_scale, KP_row, BIAS_bh, stride_bm, stride_bn, slope2, cap2,
+                              left, right, MASKED, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP,
+                              DOT_PRECISION, WIDE)
         p = tl.exp2(s - lse2[:, None])  # masked keys: exp2(-inf) = 0
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if HAS_DBIAS:
+            if WIDE:
+                offs = offs_m.to(tl.int64)[:, None] * stride_dbm + cols[None, :]
+            else:
+                offs = offs_m[:, None] * stride_dbm + cols[None, :]
+            tl.store(DBIAS_bh + offs, ds.to(DBIAS_bh.dtype.element_ty),
+                     mask=(offs_m[:, None] < Sq) & (cols[None, :] < Sk))
+        if SOFTCAP:
+            ds = ds * dcap
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit(do_not_specialize=["Tq", "Tk"])
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KPM, KV_BOUNDS, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, KPM, KV_BOUNDS, CU_Q, CU_K, BIAS, ALIBI, DBIAS,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -171,9 +219,12 @@ def attn_bwd_dq_kernel(
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh, stride_kpm_b,
     GROUP, Sq, Sk, Tq, Tk,
-    sm_scale, qk_scale,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_ab, left, right,
+    stride_dbb, stride_dbh, stride_dbm,
+    sm_scale, qk_scale, cap2,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_DBIAS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_m, b, h = program_coords()
@@ -192,14 +243,27 @@ def attn_bwd_dq_kernel(
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     KP_row = KPM + b * stride_kpm_b
+    BIAS_bh = BIAS + b * stride_bb + h * stride_bh
+    DBIAS_bh = DBIAS + b * stride_dbb + h * stride_dbh
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b * stride_ab + h) * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_end, hi = key_blocks(start_m, Sq, Sk, KV_BOUNDS, b, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM)
-    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, lo,
-                        full_end, Sq, Sk, qk_scale, False, CAUSAL, HAS_KPM, HEAD_DIM, BLOCK_N, BLOCK_D,
-                        DOT_PRECISION, WIDE)
-    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, full_end,
-                        hi, Sq, Sk, qk_scale, True, CAUSAL, HAS_KPM, HEAD_DIM, BLOCK_N, BLOCK_D,
-                        DOT_PRECISION, WIDE)
+    lo, full_lo, full_end, hi = key_blocks(start_m, Sq, Sk, KV_BOUNDS, b, left, right, BLOCK_M, BLOCK_N, CAUSAL,
+                                           HAS_KPM, LOCAL)
+    if LOCAL:  # the window's left edge
+        dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, BIAS_bh, DBIAS_bh, stride_ks, stride_vs,
+                            stride_bm, stride_bn, stride_dbm, offs_m, lo, full_lo, Sq, Sk, left, right, qk_scale,
+                            slope2, cap2, True, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP, HAS_DBIAS,
+                            HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, BIAS_bh, DBIAS_bh, stride_ks, stride_vs,
+                        stride_bm, stride_bn, stride_dbm, offs_m, full_lo, full_end, Sq, Sk, left, right, qk_scale,
+                        slope2, cap2, False, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP, HAS_DBIAS,
+                        HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, BIAS_bh, DBIAS_bh, stride_ks, stride_vs,
+                        stride_bm, stride_bn, stride_dbm, offs_m, full_end, hi, Sq, Sk, left, right, qk_scale,
+                        slope2, cap2, True, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP, HAS_DBIAS,
+                        HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
     store_tile(DQ + b * stride_dqb + h * stride_dqh + q_start * stride_dqs, (dq * sm_scale).to(DQ.dtype.element_ty),
                offs_m, stride_dqs, Sq, HEAD_DIM, BLOCK_D, WIDE)

@@ -4,19 +4,25 @@ One program computes a BLOCK_M tile of queries for one (batch, query head): the 
 registers while K/V tiles stream through, with an online softmax in base 2 (the softmax scale is
 folded into log2(e) so each score costs one multiply). It writes O and the natural-log
 log-sum-exp (B, Hq, Sq) that the backward recomputes P from.
+
+Score modifiers (HAS_BIAS, HAS_ALIBI, SOFTCAP, LOCAL, HAS_SINKS; see tiles.py) are constexpr
+flags: a call without them compiles to the plain kernel. A sink joins each row's softmax after
+the key loop, as one more (value-less) entry of the running max and sum.
 """
 
 import triton
 import triton.language as tl
 
-from .tiles import key_blocks, load_tile, program_coords, scores_tile, sequence_bounds, store_tile
+from .tiles import LOG2E_T, key_blocks, load_tile, program_coords, scores_tile, sequence_bounds, store_tile
 
 LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, lo, hi, Sq, Sk,
-                    qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, BIAS_bh, stride_ks, stride_vs, stride_bm, stride_bn,
+                    offs_m, lo, hi, Sq, Sk, left, right, qk_scale, slope2, cap2,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """Fold key blocks [lo, hi) into the running (acc, row max m_i, row sum l_i)."""
@@ -24,13 +30,14 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
-        s = scores_tile(q, k, cols, offs_m, Sq, Sk, qk_scale, KP_row, MASKED, CAUSAL, HAS_KPM,
-                        DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        s, _ = scores_tile(q, k, cols, offs_m, Sq, Sk, qk_scale, KP_row, BIAS_bh, stride_bm, stride_bn, slope2, cap2,
+                           left, right, MASKED, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP, DOT_PRECISION,
+                           WIDE)  # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = m_new
-        if MASKED:
-            # A row that has seen no visible key yet keeps m = -inf; shift it by 0 instead so that
-            # exp2(-inf - (-inf)) never produces NaN.
+        if MASKED or HAS_BIAS:
+            # A row that has seen no visible key yet (a bias of -inf hides keys too) keeps m = -inf;
+            # shift it by 0 instead so that exp2(-inf - (-inf)) never produces NaN.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
@@ -45,16 +52,18 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_
 # Tq/Tk (packed totals) only clamp varlen bounds: not specialised, so they add no compiled variants.
 @triton.jit(do_not_specialize=["Tq", "Tk"])
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, KPM, KV_BOUNDS, CU_Q, CU_K,
+    Q, K, V, O, LSE, KPM, KV_BOUNDS, CU_Q, CU_K, BIAS, ALIBI, SINKS,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh, stride_kpm_b,
     GROUP, Sq, Sk, Tq, Tk,
-    qk_scale,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_ab, left, right,
+    qk_scale, cap2,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_m, b, h = program_coords()
@@ -68,18 +77,39 @@ def attn_fwd_kernel(
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     KP_row = KPM + b * stride_kpm_b
+    BIAS_bh = BIAS + b * stride_bb + h * stride_bh
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b * stride_ab + h) * LOG2E_T
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    lo, full_end, hi = key_blocks(start_m, Sq, Sk, KV_BOUNDS, b, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM)
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m,
-                                    lo, full_end, Sq, Sk, qk_scale, False, CAUSAL, HAS_KPM, HEAD_DIM,
-                                    BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m,
-                                    full_end, hi, Sq, Sk, qk_scale, True, CAUSAL, HAS_KPM, HEAD_DIM,
-                                    BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
+    lo, full_lo, full_end, hi = key_blocks(start_m, Sq, Sk, KV_BOUNDS, b, left, right, BLOCK_M, BLOCK_N, CAUSAL,
+                                           HAS_KPM, LOCAL)
+    if LOCAL:  # the window's left edge
+        acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, BIAS_bh, stride_ks, stride_vs,
+                                        stride_bm, stride_bn, offs_m, lo, full_lo, Sq, Sk, left, right, qk_scale,
+                                        slope2, cap2, True, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP,
+                                        HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
+    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, BIAS_bh, stride_ks, stride_vs,
+                                    stride_bm, stride_bn, offs_m, full_lo, full_end, Sq, Sk, left, right, qk_scale,
+                                    slope2, cap2, False, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP,
+                                    HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
+    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, BIAS_bh, stride_ks, stride_vs,
+                                    stride_bm, stride_bn, offs_m, full_end, hi, Sq, Sk, left, right, qk_scale,
+                                    slope2, cap2, True, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP,
+                                    HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
+    if HAS_SINKS:
+        # The sink: one more softmax entry (logit SINKS[h]) with no value. m stays finite from here.
+        sink2 = tl.load(SINKS + h).to(tl.float32) * LOG2E_T
+        m_f = tl.maximum(m_i, sink2)
+        m_f = tl.where(m_f == float("-inf"), 0.0, m_f)  # a sink of -inf on a row without keys
+        alpha = tl.exp2(m_i - m_f)
+        l_i = l_i * alpha + tl.exp2(sink2 - m_f)
+        acc = acc * alpha[:, None]
+        m_i = m_f
 
     # Rows that saw no key have l = 0 and acc = 0: divide by 1 to return 0, and lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -7,10 +7,17 @@ big KV caches), and pays for 64-bit offset vectors only then (they cost register
 and masked; rows past the sequence end are masked (loaded as 0, never stored).
 
 Causal attention is bottom-right aligned: query i sees key j iff j <= i + (Sk - Sq).
+
+Score modifiers (fastattn/modifiers.py) apply to the scores in log2 units: the softcap, bias and
+ALiBi terms arrive pre-multiplied by log2(e) where they are scalars. A sliding window (LOCAL)
+passes `left`/`right` as ints (the launcher replaces an unbounded side by Sq + Sk); with causal,
+right <= 0, so the window alone decides visibility.
 """
 
 import triton
 import triton.language as tl
+
+LOG2E_T = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -50,20 +57,70 @@ def store_tile(ptr, x, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl
 
 
 @triton.jit
-def scores_tile(q, k, cols, rows, Sq, Sk, qk_scale, KP_row, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Scaled scores q k^T in log2 units, (len(rows), len(cols)). On masked (diagonal/tail/padded)
-    blocks, keys past Sk, (causal) after query i's last visible key, or (HAS_KPM) marked as padding
-    in the key-padding row KP_row are -inf."""
+def _tanh(x):
+    """tanh from exp2 (the interpreter has no libdevice tanh): |error| ~ 1 ulp of 1."""
+    e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E_T))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def modify_scores(s, r, c, Sq, Sk, BIAS_bh, stride_bm, stride_bn, slope2, cap2, HAS_BIAS: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, WIDE: tl.constexpr):
+    """The score modifiers on a tile of scores s (log2 units) of queries r and keys c, index tensors
+    that broadcast to s's shape ((rows, 1) x (1, cols), or transposed). Returns (s, dcap):
+    dcap = d softcap / d logit = 1 - tanh^2 with SOFTCAP (the backward needs it), else s (unused).
+    BIAS_bh points at this (batch, head)'s bias; slope2 = ALiBi slope * log2(e); cap2 = softcap * log2(e)."""
+    dcap = s
+    if SOFTCAP:
+        t = _tanh(s / cap2)
+        s = cap2 * t
+        dcap = 1.0 - t * t
+    if HAS_BIAS:
+        if WIDE:
+            offs = r.to(tl.int64) * stride_bm + c.to(tl.int64) * stride_bn
+        else:
+            offs = r * stride_bm + c * stride_bn
+        s += tl.load(BIAS_bh + offs, mask=(r < Sq) & (c < Sk), other=0.0).to(tl.float32) * LOG2E_T
+    if HAS_ALIBI:
+        s -= slope2 * tl.abs(c - (r + (Sk - Sq))).to(tl.float32)
+    return s, dcap
+
+
+@triton.jit
+def window_visible(r, c, Sq, Sk, left, right, CAUSAL: tl.constexpr, LOCAL: tl.constexpr):
+    """Whether query r sees key c by position (causal, window), broadcast as modify_scores' r, c.
+    Neither flag: all True (padding and the sequence end are the caller's)."""
+    rel = c - (r + (Sk - Sq))  # key position relative to the query's diagonal
+    if LOCAL:
+        vis = (rel >= -left) & (rel <= right)
+    elif CAUSAL:
+        vis = rel <= 0
+    else:
+        vis = rel == rel
+    return vis
+
+
+@triton.jit
+def scores_tile(q, k, cols, rows, Sq, Sk, qk_scale, KP_row, BIAS_bh, stride_bm, stride_bn, slope2, cap2, left, right,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                WIDE: tl.constexpr):
+    """Scaled scores q k^T in log2 units with the score modifiers, (len(rows), len(cols)), and
+    modify_scores' dcap. On masked (diagonal/window edge/tail/padded) blocks, keys past Sk, outside
+    query i's causal/window range, or (HAS_KPM) marked as padding in the key-padding row KP_row
+    are -inf."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s, dcap = modify_scores(s, rows[:, None], cols[None, :], Sq, Sk, BIAS_bh, stride_bm, stride_bn, slope2, cap2,
+                            HAS_BIAS, HAS_ALIBI, SOFTCAP, WIDE)
     if MASKED:
         visible = cols[None, :] < Sk
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= rows[:, None] + (Sk - Sq))
+        if CAUSAL or LOCAL:
+            visible = visible & window_visible(rows[:, None], cols[None, :], Sq, Sk, left, right, CAUSAL, LOCAL)
         if HAS_KPM:
             visible = visible & (tl.load(KP_row + cols, mask=cols < Sk, other=0) != 0)[None, :]
         s = tl.where(visible, s, float("-inf"))
-    return s
+    return s, dcap
 
 
 @triton.jit
@@ -123,22 +180,49 @@ def key_range(start_m, Sq, Sk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAU
 
 
 @triton.jit
-def key_blocks(start_m, Sq, Sk, KV_BOUNDS, b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
-    """(lo, full_end, hi) for a query block: [lo, full_end) needs no mask, [full_end, hi) does.
-    With a key-padding mask every visited block is masked, and blocks outside the batch element's
-    [first real key, last real key] are skipped. A query block past the sequence (varlen) visits none."""
-    full_end, hi = key_range(start_m, Sq, Sk, BLOCK_M, BLOCK_N, CAUSAL)
+def window_key_range(start_m, Sq, Sk, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """key_range under a sliding window: (lo, full_lo, full_hi, hi). Row i sees keys
+    [i + diag - left, i + diag + right]; blocks in [full_lo, full_hi) are inside every row's window
+    and the sequence (no mask), [lo, full_lo) and [full_hi, hi) are the window's edges (masked);
+    the rest is skipped, so the cost follows the window's width."""
+    diag = Sk - Sq
+    last = start_m + BLOCK_M - 1  # the block's last row
+    lo = (tl.maximum(start_m + diag - left, 0) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(tl.maximum(last + diag + right + 1, 0), Sk)
+    lo = tl.minimum(lo, hi)
+    full_lo = tl.minimum(tl.cdiv(tl.maximum(last + diag - left, 0), BLOCK_N) * BLOCK_N, hi)
+    full_lo = tl.maximum(full_lo, lo)
+    full_hi = (tl.maximum(start_m + diag + right + 1, 0) // BLOCK_N) * BLOCK_N
+    full_hi = tl.minimum(full_hi, (Sk // BLOCK_N) * BLOCK_N)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def key_blocks(start_m, Sq, Sk, KV_BOUNDS, b, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr):
+    """(lo, full_lo, full_end, hi) for a query block: [full_lo, full_end) needs no mask, [lo, full_lo)
+    (a window's left edge; empty without LOCAL) and [full_end, hi) do. With a key-padding mask every
+    visited block is masked, and blocks outside the batch element's [first real key, last real key]
+    are skipped. A query block past the sequence (varlen) visits none."""
+    if LOCAL:
+        lo, full_lo, full_end, hi = window_key_range(start_m, Sq, Sk, left, right, BLOCK_M, BLOCK_N)
+    else:
+        full_end, hi = key_range(start_m, Sq, Sk, BLOCK_M, BLOCK_N, CAUSAL)
+        lo = full_end * 0
+        full_lo = lo
     hi = tl.where(start_m < Sq, hi, 0)
     kv_lo, kv_hi = padded_key_bounds(KV_BOUNDS, b, Sk, HAS_KPM)
     if HAS_KPM:
         hi = tl.minimum(hi, kv_hi)
-        lo = tl.minimum((kv_lo // BLOCK_N) * BLOCK_N, hi)
+        lo = tl.minimum(tl.maximum(lo, (kv_lo // BLOCK_N) * BLOCK_N), hi)
+        full_lo = lo
         full_end = lo
     else:
+        lo = tl.minimum(lo, hi)
+        full_lo = tl.minimum(full_lo, hi)
         full_end = tl.minimum(full_end, hi)
-        lo = full_end * 0
-    return lo, full_end, hi
+    return lo, full_lo, full_end, hi
 
 
 @triton.jit
@@ -161,6 +245,23 @@ def query_range(start_n, Sq, Sk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, C
         lo = 0
         full_start = 0
     return lo, full_start, hi
+
+
+@triton.jit
+def window_query_range(start_n, Sq, Sk, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """query_range under a sliding window: (lo, full_lo, full_hi, hi). Query i sees key j iff
+    j - diag - right <= i <= j - diag + left; blocks in [full_lo, full_hi) see every key of the key
+    block, [lo, full_lo) and [full_hi, hi) are masked edges, the rest is skipped."""
+    diag = Sk - Sq
+    last = start_n + BLOCK_N - 1  # the block's last key
+    end = tl.cdiv(Sq, BLOCK_M) * BLOCK_M
+    lo = (tl.maximum(start_n - diag - right, 0) // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(tl.cdiv(tl.maximum(last - diag + left + 1, 0), BLOCK_M) * BLOCK_M, end)
+    lo = tl.minimum(lo, hi)
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last - diag - right, 0), BLOCK_M) * BLOCK_M, lo), hi)
+    full_hi = (tl.maximum(start_n - diag + left + 1, 0) // BLOCK_M) * BLOCK_M
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from fastattn import kvcache
+from fastattn.modifiers import ScoreMods
 from fastattn.shape import AttentionShape
 
 
@@ -27,6 +28,7 @@ class AttentionCall:
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    mods: ScoreMods | None = None  # score modifiers; None (the usual case) when there are none
 
     @property
     def varlen(self) -> bool:
@@ -41,7 +43,8 @@ class AttentionCall:
             q = self.q[cu_q[i]:cu_q[i + 1]][None]
             k, v = self.k[cu_k[i]:cu_k[i + 1]][None], self.v[cu_k[i]:cu_k[i + 1]][None]
             shape = AttentionShape(1, q.shape[1], k.shape[1], s.heads_q, s.heads_kv, s.head_dim)
-            yield AttentionCall(q, k, v, shape, self.causal, self.scale, None, self.return_lse)
+            mods = None if self.mods is None else self.mods.sequence(i, q.shape[1], k.shape[1])
+            yield AttentionCall(q, k, v, shape, self.causal, self.scale, None, self.return_lse, mods=mods)
 
     def per_sequence(self, run_one):
         """Run a padded-layout backend on each packed sequence and pack the results back:

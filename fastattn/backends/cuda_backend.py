@@ -41,6 +41,8 @@ def unavailable() -> str | None:
 def unsupported(call: AttentionCall) -> str | None:
     if call.varlen:
         return "packed sequences (attention_varlen) are not supported by the CUDA kernels yet"
+    if call.mods is not None:
+        return f"score modifiers ({', '.join(call.mods.names())}) are not supported by the CUDA kernels"
     if call.q.dtype not in DTYPES:
         return f"dtype {call.q.dtype} is not supported by the CUDA kernels (float16, bfloat16)"
     if call.shape.head_dim not in launch.HEAD_DIMS:

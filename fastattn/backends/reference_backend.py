@@ -18,5 +18,6 @@ def unsupported(call: AttentionCall | KVCacheCall) -> str | None:
 def run(call: AttentionCall):
     if call.varlen:
         return call.per_sequence(run)
+    mods = {} if call.mods is None else call.mods.reference_kwargs()
     return reference.attention(call.q, call.k, call.v, causal=call.causal, scale=call.scale,
-                               key_padding_mask=call.key_padding_mask, return_lse=call.return_lse)
+                               key_padding_mask=call.key_padding_mask, return_lse=call.return_lse, **mods)

@@ -1,5 +1,7 @@
 """Backend "torch": PyTorch's scaled_dot_product_attention, with fastattn's conventions on top:
-bottom-right causal, key-padding masks, rows without keys -> 0 (SDPA gives NaN). No lse."""
+bottom-right causal, key-padding masks, rows without keys -> 0 (SDPA gives NaN). No lse.
+Score modifiers that an SDPA float mask can express run here (bias, ALiBi materialised, window);
+softcap and sinks cannot be expressed and are refused."""
 
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ def unavailable() -> str | None:
 def unsupported(call: AttentionCall | KVCacheCall) -> str | None:
     if call.return_lse:
         return "return_lse=True: PyTorch SDPA does not return the log-sum-exp"
+    mods = call.mods
+    if mods is not None and (mods.softcap or mods.sinks is not None):
+        return "softcap and sinks cannot be expressed as an SDPA mask (backend 'triton' or 'reference' runs them)"
     return None
-
 
 
 def run(call: AttentionCall):
@@ -38,8 +42,8 @@ def run(call: AttentionCall):
     # (B, S, H, D) -> (B, H, S, D), SDPA's layout.
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = call.shape.heads_q != call.shape.heads_kv
-    if call.key_padding_mask is not None:
-        out = _with_padding(qt, kt, vt, call, gqa)
+    if call.key_padding_mask is not None or call.mods is not None:
+        out = _with_mask(qt, kt, vt, call, gqa, skipped)
     elif call.causal and q.shape[1] != sk:
         mask = causal_lower_right(q.shape[1], sk)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=call.scale, enable_gqa=gqa)
@@ -51,13 +55,24 @@ def run(call: AttentionCall):
     return out
 
 
-def _with_padding(qt, kt, vt, call: AttentionCall, gqa: bool) -> torch.Tensor:
-    """SDPA with key_padding_mask as a boolean attn_mask (and the bottom-right causal mask):
-    (B, H, Sq, D) -> (B, H, Sq, D). SDPA returns NaN for a query that sees no key, and NaN
-    gradients through it; such rows get every key un-masked (finite values) and are then zeroed,
-    so they return 0 with zero gradients, as the kernels do."""
-    visible = reference.visible_keys(qt.shape[2], kt.shape[2], causal=call.causal,
-                                     key_padding_mask=call.key_padding_mask, device=qt.device)  # (B, 1, Sq, Sk)
-    empty = ~visible.any(dim=-1, keepdim=True)  # (B, 1, Sq or 1, 1)
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=visible | empty, scale=call.scale, enable_gqa=gqa)
+def _with_mask(qt, kt, vt, call: AttentionCall, gqa: bool, skipped: int) -> torch.Tensor:
+    """SDPA with key_padding_mask, the bottom-right causal mask and the window as a boolean attn_mask,
+    or, with a bias or ALiBi, a float one: (B, H, Sq, D) -> (B, H, Sq, D). SDPA returns NaN for a
+    query that sees no key, and NaN gradients through it; such rows get every key un-masked (finite
+    values) and are then zeroed, so they return 0 with zero gradients, as the kernels do. `skipped`:
+    the leading queries (of a causal Sq > Sk call) already cut off, which the bias still counts."""
+    sq, sk = qt.shape[2] + skipped, kt.shape[2]
+    mods = call.mods
+    window = mods.window if mods is not None and mods.local else None
+    visible = reference.visible_keys(sq, sk, causal=call.causal, key_padding_mask=call.key_padding_mask,
+                                     device=qt.device, window=window)[:, :, skipped:]  # (B, 1, Sq, Sk)
+    additive = None if mods is None else mods.additive_mask(sq, sk, qt.dtype)
+    if additive is not None:
+        additive = additive[:, :, skipped:] if additive.shape[2] > 1 else additive
+        visible = visible & (additive != float("-inf"))  # a bias of -inf hides a key too
+    empty = ~visible.any(dim=-1, keepdim=True)  # (B, 1 or H, Sq or 1, 1)
+    mask = visible | empty
+    if additive is not None:
+        mask = additive.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=call.scale, enable_gqa=gqa)
     return out.masked_fill(empty, 0.0)

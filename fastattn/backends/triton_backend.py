@@ -68,6 +68,6 @@ def run_kvcache(call: KVCacheCall):
 def run(call: AttentionCall):
     if call.varlen:
         return varlen_attention(call.q, call.k, call.v, call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q,
-                                call.max_seqlen_k, call.causal, call.scale, call.return_lse)
+                                call.max_seqlen_k, call.causal, call.scale, call.return_lse, call.mods)
     return padded_attention(call.q, call.k, call.v, call.key_padding_mask, call.causal, call.scale,
-                            call.return_lse, "triton")
+                            call.return_lse, "triton", call.mods)

@@ -7,6 +7,11 @@ key-padding mask (B, Sk) (True = real key) applies to padded inputs, with its ke
 (``masks.key_bounds``; the ops compute them once per forward and pass them to the backward too).
 Outputs are allocated contiguous.
 
+Score modifiers (fastattn/modifiers.py) arrive as bias (4-D, broadcastable to (B, Hq, Sq, Sk); its
+stride-0 expansion is what the kernels read), alibi_slopes (B or 1, Hq) float32, sinks (Hq,),
+window_left/right (-1 = unbounded) and softcap (0 = off). Without them every modifier argument is
+a constant and the kernels compile without the modifier code.
+
 Host time is part of a call's cost. A call builds its integer arguments once and looks its launch
 plans up (``plans``) by everything that decides them: kernel flags, dtype, device, the integers
 themselves and pointer alignment. A hit launches straight away; a miss (a new shape) builds the
@@ -107,44 +112,83 @@ def _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k):
     return kpm, bounds, q, q, kpm.stride(0), (kpm, bounds)
 
 
-def _constexprs(q, causal, has_kpm, varlen, head_dim, wide) -> dict:
+def _constexprs(q, causal, has_kpm, varlen, head_dim, wide, flags=None) -> dict:
     # fp32 inputs are computed in true fp32: tf32 would fail the tolerance rule on a GPU.
     return dict(CAUSAL=causal, HAS_KPM=has_kpm, VARLEN=varlen, HEAD_DIM=head_dim,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()), WIDE=wide)
+                BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()), WIDE=wide, **(flags or _NO_FLAGS))
+
+
+_NO_FLAGS = dict(LOCAL=False, HAS_BIAS=False, HAS_ALIBI=False, SOFTCAP=False, HAS_SINKS=False)
+_NO_MOD_INTS = (0, 0, 0, 0, 0, 0, 0)
+
+
+def _modifiers(q, b, hq, sq, sk, bias, alibi_slopes, sinks, window_left, window_right, softcap):
+    """The kernels' modifier arguments: (pointers bias/alibi/sinks, ints (bias strides (b, h, m, n),
+    slope batch stride, window left/right), cap2, flags, whether bias offsets need 64 bits).
+    Absent pointers get q (never read). An unbounded window side becomes Sq + Sk (past every key)."""
+    flags = dict(LOCAL=window_left >= 0 or window_right >= 0, HAS_BIAS=bias is not None,
+                 HAS_ALIBI=alibi_slopes is not None, SOFTCAP=softcap != 0.0, HAS_SINKS=sinks is not None)
+    bias_strides, wide = (0, 0, 0, 0), False
+    if bias is not None:
+        bias_strides = bias.expand(b, hq, sq, sk).stride()  # broadcast dims read with stride 0
+        wide = (sq + 256) * abs(bias_strides[2]) + (sk + 256) * abs(bias_strides[3]) >= 2**31
+    slope_stride = 0
+    if alibi_slopes is not None:
+        slope_stride = alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0
+    unbounded = sq + sk
+    ints = (*bias_strides, slope_stride, window_left if window_left >= 0 else unbounded,
+            window_right if window_right >= 0 else unbounded)
+    ptrs = tuple(q if x is None else x for x in (bias, alibi_slopes, sinks))
+    return ptrs, ints, softcap * LOG2E, flags, wide
 
 
 def _candidates(kind: str, consts: dict) -> list[configs.BlockConfig]:
     return configs.candidates(kind, consts["BLOCK_D"], consts["DOT_PRECISION"] == "ieee")
 
 
-def forward(q, k, v, key_padding_mask, kv_bounds, causal: bool, scale: float):
+def forward(q, k, v, key_padding_mask, kv_bounds, causal: bool, scale: float, bias=None, alibi_slopes=None,
+            sinks=None, window_left: int = -1, window_right: int = -1, softcap: float = 0.0):
     """Padded batches: out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) float32, natural log.
     kv_bounds: key_bounds(key_padding_mask), or None to compute it here."""
-    return _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, None, None, 0, 0)
+    return _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, None, None, 0, 0,
+                    (bias, alibi_slopes, sinks, window_left, window_right, softcap))
 
 
 def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                   scale: float):
+                   scale: float, bias=None, alibi_slopes=None, sinks=None, window_left: int = -1,
+                   window_right: int = -1, softcap: float = 0.0):
     """Packed sequences q (Tq, Hq, D), k/v (Tk, Hkv, D): out (Tq, Hq, D) and lse (Hq, Tq) float32."""
-    return _forward(q, k, v, causal, scale, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _forward(q, k, v, causal, scale, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    (bias, alibi_slopes, sinks, window_left, window_right, softcap))
 
 
-def backward(dout, q, k, v, out, lse, dlse, key_padding_mask, kv_bounds, causal: bool, scale: float):
-    """Padded batches: (dq, dk, dv) given dout and, when the caller differentiates through lse, dlse
-    (else None)."""
-    return _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv_bounds, None, None, 0, 0)
+def backward(dout, q, k, v, out, lse, dlse, key_padding_mask, kv_bounds, causal: bool, scale: float, bias=None,
+             alibi_slopes=None, sinks=None, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+             bias_grad: bool = False):
+    """Padded batches: (dq, dk, dv, dbias, dsinks) given dout and, when the caller differentiates
+    through lse, dlse (else None). dbias (bias's shape) only with bias_grad, dsinks only with sinks;
+    else None."""
+    return _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv_bounds, None, None, 0, 0,
+                     (bias, alibi_slopes, sinks, window_left, window_right, softcap), bias_grad)
 
 
 def backward_varlen(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
-                    max_seqlen_k: int, causal: bool, scale: float):
-    """Packed sequences: (dq, dk, dv)."""
+                    max_seqlen_k: int, causal: bool, scale: float, bias=None, alibi_slopes=None, sinks=None,
+                    window_left: int = -1, window_right: int = -1, softcap: float = 0.0, bias_grad: bool = False):
+    """Packed sequences: (dq, dk, dv, dbias, dsinks)."""
     return _backward(dout, q, k, v, out, lse, dlse, causal, scale, None, None, cu_seqlens_q, cu_seqlens_k,
-                     max_seqlen_q, max_seqlen_k)
+                     max_seqlen_q, max_seqlen_k, (bias, alibi_slopes, sinks, window_left, window_right, softcap),
+                     bias_grad)
+
+
+def _no_mods(mods) -> bool:
+    bias, alibi, sinks, left, right, softcap = mods
+    return bias is None and alibi is None and sinks is None and left < 0 and right < 0 and softcap == 0.0
 
 
 def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-             max_seqlen_k):
+             max_seqlen_k, mods):
     varlen = cu_seqlens_q is not None
     (q, k, v), in_strides = _layout(varlen, q, k, v)
     b, sq, sk, hq, hkv, d, tq, tk = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
@@ -156,21 +200,28 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
     lse_strides = (0, tq) if varlen else (hq * sq, sq)
     strides = (*in_strides, *_contiguous_strides(varlen, sq, hq, d))
     sizes = (kpm_stride, hq // hkv, sq, sk)
-    args = (q, k, v, out, lse, kpm, bounds, cu_q, cu_k, *strides, *lse_strides, *sizes, tq, tk, scale * LOG2E)
+    if _no_mods(mods):
+        mod_ptrs, mod_ints, cap2, flags, mod_key = (q, q, q), _NO_MOD_INTS, 0.0, None, None
+    else:
+        mod_ptrs, mod_ints, cap2, flags, bias_wide = _modifiers(q, b, hq, sq, sk, *mods)
+        mod_key = (tuple(flags.values()), mod_ints, bias_wide, tuple(x.dtype for x in mod_ptrs))
+        extra = (*extra, *mod_ptrs)
+    args = (q, k, v, out, lse, kpm, bounds, cu_q, cu_k, *mod_ptrs, *strides, *lse_strides, *sizes, tq, tk, *mod_ints,
+            scale * LOG2E, cap2)
     grid = lambda c: (-(-sq // c.block_m), hq, b)
     device = q.get_device()
     # Fresh outputs are aligned; the inputs' alignment is part of the key (Triton specialises on it).
     # Packed totals change with every batch: key on how Triton specialises them, not their values.
     totals = plans.specialization((tq, tk)) if varlen else None
     key = ("fwd", q.dtype, device, causal, key_padding_mask is not None, varlen, d, strides, sizes, totals,
-           plans.aligned((q, k, v, *extra)))
+           plans.aligned((q, k, v, *extra)), mod_key)
     found = _plans.get(key)
     if found is not None:
         plan, = found
         plans.launch(device, ((plan, grid(plan.config), args),))
         return out, lse
-    consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d,
-                         _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out))
+    wide = _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out) or (mod_key is not None and mod_key[2])
+    consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide, flags)
     with on_device(device):
         plan = plans.build("fwd", attn_fwd_kernel, _candidates("fwd", consts), grid, args, consts,
                            seq_len=max(sq, sk), outputs=(3, 4), device=q.device)
@@ -179,7 +230,7 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
 
 
 def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k,
-              max_seqlen_q, max_seqlen_k):
+              max_seqlen_q, max_seqlen_k, mods, bias_grad):
     varlen = cu_seqlens_q is not None
     (q, k, v, dout, out), in_strides = _layout(varlen, q, k, v, dout, out)
     s_qkvdo, s_out = in_strides[:12], in_strides[12:]
@@ -187,8 +238,18 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    plain = _no_mods(mods)
+    bias, sinks = mods[0], mods[2]
+    dbias, dbias_out = None, None  # the kernel's (B, Hq, Sq, Sk) buffer; the gradient in bias's shape
+    if bias_grad:
+        full = (b, hq, sq, sk)
+        reduce_dims = [i for i in range(4) if bias.shape[i] == 1 and full[i] > 1]
+        # Tiles the kernels skip (outside the window, padding) are never written: start from 0. A
+        # broadcast bias sums its gradient over the broadcast dims afterwards, in float32.
+        dbias = q.new_zeros(full, dtype=torch.float32 if reduce_dims else bias.dtype)
     if dq.numel() == 0 or dk.numel() == 0 or b == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return (dq.zero_(), dk.zero_(), dv.zero_(), _reduce_dbias(dbias, bias),
+                None if sinks is None else torch.zeros_like(sinks))
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     has_dlse = dlse is not None
@@ -198,14 +259,28 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     s_dk = _contiguous_strides(varlen, sk, hkv, d)  # dk and dv
     s_dq = _contiguous_strides(varlen, sq, hq, d)
     sizes = (kpm_stride, hq // hkv, sq, sk)
+    if plain:
+        (bias_p, alibi_p, _), mod_ints, cap2, flags, mod_key = (q, q, q), _NO_MOD_INTS, 0.0, _NO_FLAGS, None
+        dbias_args = (q, 0, 0, 0)
+    else:
+        mod_ptrs, mod_ints, cap2, flags, bias_wide = _modifiers(q, b, hq, sq, sk, *mods)
+        bias_p, alibi_p, _ = mod_ptrs
+        wide_dbias = dbias is not None and (sq + 256) * sk >= 2**31
+        mod_key = (tuple(flags.values()), mod_ints, bias_wide or wide_dbias, tuple(x.dtype for x in mod_ptrs),
+                   None if dbias is None else dbias.dtype)
+        extra = (*extra, *mod_ptrs)
+        dbias_args = (q, 0, 0, 0) if dbias is None else (dbias, *dbias.stride()[:3])
     # The preprocess is row-wise: packed inputs run as one sequence of Tq rows, so their row offsets
     # span all of them (64-bit if that reaches 2**31 elements).
     rows, pre_batch = (tq, 1) if varlen else (sq, b)
     pre_wide = varlen and (rows + 64) * max(out.stride(0), dout.stride(0)) >= 2**31
-    tail = (*lse_strides, *sizes, tq, tk, scale, scale * LOG2E)
+    tail = (*lse_strides, *sizes, tq, tk, *mod_ints)
+    floats = (scale, scale * LOG2E, cap2)
     pre_args = (out, dout, dlse, delta, *s_out, *s_qkvdo[9:], *lse_strides, rows)
-    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, kpm, bounds, cu_q, cu_k, *s_qkvdo, *s_dk, *s_dk, *tail)
-    dq_args = (q, k, v, dout, lse, delta, dq, kpm, bounds, cu_q, cu_k, *s_qkvdo, *s_dq, *tail)
+    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, kpm, bounds, cu_q, cu_k, bias_p, alibi_p, *s_qkvdo, *s_dk, *s_dk,
+                 *tail, *floats)
+    dq_args = (q, k, v, dout, lse, delta, dq, kpm, bounds, cu_q, cu_k, bias_p, alibi_p, dbias_args[0], *s_qkvdo,
+               *s_dq, *tail, *dbias_args[1:], *floats)
     grids = (lambda c: (-(-rows // c.block_m), hq, pre_batch),
              lambda c: (-(-sk // c.block_n), hkv, b),
              lambda c: (-(-sq // c.block_m), hq, b))
@@ -213,23 +288,44 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     # As the forward's key; the packed totals (Tq, Tk, the lse stride, the preprocess rows) by class.
     totals = (plans.specialization((tq, tk)), pre_wide) if varlen else (lse_strides, rows)
     key = ("bwd", q.dtype, device, causal, key_padding_mask is not None, varlen, has_dlse, d, b, hq, hkv, in_strides,
-           sizes, totals, plans.aligned((q, k, v, dout, out, lse, dlse, *extra)))
+           sizes, totals, plans.aligned((q, k, v, dout, out, lse, dlse, *extra)), mod_key)
     all_args = (pre_args, dkdv_args, dq_args)
     found = _plans.get(key)
     if found is not None:
         plans.launch(device, [(plan, grid(plan.config), args) for plan, grid, args in zip(found, grids, all_args)])
-        return dq, dk, dv
-    wide = _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out, dout, dq, dk, dv)
-    consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide)
-    pre_consts = dict(HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], WIDE=wide or pre_wide)
-    with on_device(device):
-        built = (
-            plans.build("bwd_preprocess", attn_bwd_preprocess_kernel, [configs.PREPROCESS], grids[0], pre_args,
-                        pre_consts, seq_len=rows, outputs=(3,), device=q.device),
-            plans.build("dkdv", attn_bwd_dkdv_kernel, _candidates("dkdv", consts), grids[1], dkdv_args, consts,
-                        seq_len=max(sq, sk), outputs=(6, 7), device=q.device),
-            plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts), grids[2], dq_args, consts,
-                        seq_len=max(sq, sk), outputs=(6,), device=q.device),
-        )
-    plans.remember(_plans, key, built, MAX_CACHED_SIGNATURES)
-    return dq, dk, dv
+    else:
+        wide = (_needs_wide_offsets(varlen, max(sq, sk), q, k, v, out, dout, dq, dk, dv)
+                or (mod_key is not None and mod_key[2]))
+        flags = {name: on for name, on in flags.items() if name != "HAS_SINKS"}  # the sinks' gradient is ours
+        flags_dq = {**flags, "HAS_DBIAS": dbias is not None}
+        consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide, flags)
+        consts_dq = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide, flags_dq)
+        pre_consts = dict(HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], WIDE=wide or pre_wide)
+        with on_device(device):
+            built = (
+                plans.build("bwd_preprocess", attn_bwd_preprocess_kernel, [configs.PREPROCESS], grids[0], pre_args,
+                            pre_consts, seq_len=rows, outputs=(3,), device=q.device),
+                plans.build("dkdv", attn_bwd_dkdv_kernel, _candidates("dkdv", consts), grids[1], dkdv_args, consts,
+                            seq_len=max(sq, sk), outputs=(6, 7), device=q.device),
+                # dbias (zero-filled, partly written) is not checked against a sentinel; dq is.
+                plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts_dq), grids[2], dq_args, consts_dq,
+                            seq_len=max(sq, sk), outputs=(6,), device=q.device),
+            )
+        plans.remember(_plans, key, built, MAX_CACHED_SIGNATURES)
+    if plain:
+        return dq, dk, dv, None, None
+    dsinks = None
+    if sinks is not None:
+        # d loss / d sink_h = -sum over rows of P(sink) * delta, P(sink) = exp(sink_h - lse) (lse counts the sink).
+        head_view = (hq, 1) if varlen else (1, hq, 1)
+        p_sink = torch.exp(sinks.float().view(head_view) - lse)
+        dsinks = -(p_sink * delta).sum(dim=1 if varlen else (0, 2)).to(sinks.dtype)
+    return dq, dk, dv, _reduce_dbias(dbias, bias), dsinks
+
+
+def _reduce_dbias(dbias, bias):
+    """The kernel's (B, Hq, Sq, Sk) bias gradient summed over the dims that bias broadcasts, in bias's dtype."""
+    if dbias is None:
+        return None
+    dims = [i for i in range(4) if bias.shape[i] == 1 and dbias.shape[i] > 1]
+    return dbias.sum(dim=dims, keepdim=True).to(bias.dtype) if dims else dbias

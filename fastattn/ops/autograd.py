@@ -9,6 +9,9 @@ tensor subclasses, they call the ops, which those systems can see and trace.
 Key bounds of a key-padding mask are computed once in the forward and saved for the backward. The
 returned lse is differentiable when asked for (return_lse); when it is not returned, or not used,
 the backward gets no dlse (no zeros are made for it).
+
+Score modifiers (a ScoreMods, Triton only) travel as extra arguments: bias and sinks are inputs of
+the Functions, so they get gradients; the kernels compute dbias only when bias needs one.
 """
 
 from __future__ import annotations
@@ -33,20 +36,35 @@ _VARLEN_LAUNCH = (triton_launch.forward_varlen, triton_launch.backward_varlen)
 _VARLEN_OPS = (triton_attention.triton_attn_varlen_fwd, triton_attention.triton_attn_varlen_bwd)
 
 
-def padded_attention(q, k, v, key_padding_mask, causal: bool, scale: float, return_lse: bool, backend: str):
-    """out [, lse] of padded attention through backend "triton" or "cuda", differentiable."""
+def padded_attention(q, k, v, key_padding_mask, causal: bool, scale: float, return_lse: bool, backend: str,
+                     mods=None):
+    """out [, lse] of padded attention through backend "triton" or "cuda", differentiable; mods: a
+    fastattn.modifiers.ScoreMods (Triton) or None."""
     if torch.compiler.is_compiling():
         q, k, v = _distinct(q, k, v)
-    return PaddedAttention.apply(q, k, v, key_padding_mask, causal, scale, return_lse, backend)
+    if mods is None:
+        return PaddedAttention.apply(q, k, v, key_padding_mask, causal, scale, return_lse, backend)
+    return PaddedAttention.apply(q, k, v, key_padding_mask, causal, scale, return_lse, backend, mods.bias, mods.sinks,
+                                 mods.alibi_slopes, *mods.window, mods.softcap)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                     scale: float, return_lse: bool):
+                     scale: float, return_lse: bool, mods=None):
     """out [, lse] of packed-sequence attention (Triton), differentiable."""
     if torch.compiler.is_compiling():
         q, k, v, cu_seqlens_q, cu_seqlens_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if mods is None:
+        return VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                                     return_lse)
     return VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                                 return_lse)
+                                 return_lse, mods.bias, mods.sinks, mods.alibi_slopes, *mods.window, mods.softcap)
+
+
+def _mod_args(bias, sinks, alibi, left, right, softcap) -> tuple:
+    """The launchers' / ops' trailing modifier arguments; () without modifiers (the CUDA ops take none)."""
+    if bias is None and sinks is None and alibi is None and left < 0 and right < 0 and not softcap:
+        return ()
+    return bias, alibi, sinks, left, right, softcap
 
 
 def _distinct(*xs: torch.Tensor) -> list[torch.Tensor]:
@@ -73,12 +91,13 @@ def _first_order(backward):
     return wrapper
 
 
-def _direct(q, k, v, x=None, y=None) -> bool:
-    """Call the launcher itself rather than the op: plain tensors (x, y: optional ones), eager, no
+def _direct(q, k, v, x=None, y=None, z=None) -> bool:
+    """Call the launcher itself rather than the op: plain tensors (x, y, z: optional ones), eager, no
     dispatch mode. (Written out: a generator over the tensors costs more than the checks.)"""
     tensor = torch.Tensor
     return (type(q) is tensor and type(k) is tensor and type(v) is tensor
             and (x is None or type(x) is tensor) and (y is None or type(y) is tensor)
+            and (z is None or type(z) is tensor)
             and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
 
 
@@ -86,48 +105,61 @@ class PaddedAttention(torch.autograd.Function):
     """(q, k, v) -> out [, lse] for padded batches, through backend "triton" or "cuda"."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, causal, scale, return_lse, backend):
-        direct = _direct(q, k, v, key_padding_mask)
+    def forward(ctx, q, k, v, key_padding_mask, causal, scale, return_lse, backend, bias=None, sinks=None, alibi=None,
+                window_left=-1, window_right=-1, softcap=0.0):
+        direct = _direct(q, k, v, key_padding_mask, bias)
         bounds = None
         if key_padding_mask is not None:  # a kernel launch, or torch ops that tracing can see
             bounds = (key_bounds if direct else key_bounds_torch)(key_padding_mask)
         fwd = (_PADDED_LAUNCH if direct else _PADDED_OPS)[backend][0]
-        out, lse = fwd(q, k, v, key_padding_mask, bounds, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, bounds)
+        mods = _mod_args(bias, sinks, alibi, window_left, window_right, softcap)
+        out, lse = fwd(q, k, v, key_padding_mask, bounds, causal, scale, *mods)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, bounds, bias, sinks, alibi)
         ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        ctx.mods = mods and (window_left, window_right, softcap)
         ctx.set_materialize_grads(False)
         return (out, lse) if return_lse else out
 
     @staticmethod
     @_first_order  # the kernels' gradients are not differentiable again: an error, not a silent zero
     def backward(ctx, dout, dlse=None):
-        q, k, v, out, lse, key_padding_mask, bounds = ctx.saved_tensors
+        q, k, v, out, lse, key_padding_mask, bounds, bias, sinks, alibi = ctx.saved_tensors
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
-        bwd = (_PADDED_LAUNCH if _direct(q, k, v, dout, key_padding_mask) else _PADDED_OPS)[ctx.backend][1]
-        dq, dk, dv = bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, bounds, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None
+        bwd = (_PADDED_LAUNCH if _direct(q, k, v, dout, key_padding_mask, bias) else _PADDED_OPS)[ctx.backend][1]
+        if not ctx.mods:
+            dq, dk, dv, *_ = bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, bounds, ctx.causal, ctx.scale)
+            return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv, dbias, dsinks = bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, bounds, ctx.causal, ctx.scale,
+                                        bias, alibi, sinks, *ctx.mods, ctx.needs_input_grad[8])
+        return dq, dk, dv, None, None, None, None, None, dbias, dsinks, None, None, None, None
 
 
 class VarlenAttention(torch.autograd.Function):
     """(q, k, v) -> out [, lse] for packed sequences (Triton)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, return_lse):
-        fwd = (_VARLEN_LAUNCH if _direct(q, k, v, cu_seqlens_q, cu_seqlens_k) else _VARLEN_OPS)[0]
-        out, lse = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, return_lse,
+                bias=None, sinks=None, alibi=None, window_left=-1, window_right=-1, softcap=0.0):
+        fwd = (_VARLEN_LAUNCH if _direct(q, k, v, cu_seqlens_q, cu_seqlens_k, bias) else _VARLEN_OPS)[0]
+        mods = _mod_args(bias, sinks, alibi, window_left, window_right, softcap)
+        out, lse = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *mods)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, bias, sinks, alibi)
         ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal, ctx.scale = max_seqlen_q, max_seqlen_k, causal, scale
+        ctx.mods = mods and (window_left, window_right, softcap)
         ctx.set_materialize_grads(False)
         return (out, lse) if return_lse else out
 
     @staticmethod
     @_first_order
     def backward(ctx, dout, dlse=None):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, bias, sinks, alibi = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        bwd = (_VARLEN_LAUNCH if _direct(q, k, v, dout, cu_q) else _VARLEN_OPS)[1]
-        dq, dk, dv = bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal,
-                         ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        bwd = (_VARLEN_LAUNCH if _direct(q, k, v, dout, cu_q, bias) else _VARLEN_OPS)[1]
+        args = (dout, q, k, v, out, lse, dlse, cu_q, cu_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal, ctx.scale)
+        if not ctx.mods:
+            dq, dk, dv, *_ = bwd(*args)
+            return dq, dk, dv, None, None, None, None, None, None, None
+        dq, dk, dv, dbias, dsinks = bwd(*args, bias, alibi, sinks, *ctx.mods, ctx.needs_input_grad[10])
+        return dq, dk, dv, None, None, None, None, None, None, None, dbias, dsinks, None, None, None, None

@@ -19,6 +19,13 @@ PADDED_FWD = ("(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? 
               "float scale) -> (Tensor, Tensor)")
 PADDED_BWD = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
               "Tensor? key_padding_mask, Tensor? kv_bounds, bool causal, float scale) -> (Tensor, Tensor, Tensor)")
+# The Triton ops add the score modifiers (fastattn/modifiers.py) and their backward also returns
+# dbias and dsinks (None unless asked for / given).
+MODS = ("Tensor? bias=None, Tensor? alibi_slopes=None, Tensor? sinks=None, int window_left=-1, "
+        "int window_right=-1, float softcap=0.0")
+TRITON_PADDED_FWD = PADDED_FWD.replace(") ->", f", {MODS}) ->")
+TRITON_PADDED_BWD = (PADDED_BWD.replace(") ->", f", {MODS}, bool bias_grad=False) ->")
+                     .replace("(Tensor, Tensor, Tensor)", "(Tensor, Tensor, Tensor, Tensor?, Tensor?)"))
 # Packed sequences: q (Tq, Hq, D), k/v (Tk, Hkv, D); out (Tq, Hq, D), lse (Hq, Tq) float32.
 VARLEN_FWD = ("(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
               "SymInt max_seqlen_k, bool causal, float scale) -> (Tensor, Tensor)")
@@ -27,18 +34,41 @@ VARLEN_BWD = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor ls
               "-> (Tensor, Tensor, Tensor)")
 
 
-def padded_fwd_fake(q, k, v, key_padding_mask, kv_bounds, causal, scale):
+VARLEN_FWD = VARLEN_FWD.replace(") ->", f", {MODS}) ->")
+VARLEN_BWD = (VARLEN_BWD.replace(") ->", f", {MODS}, bool bias_grad=False) ->")
+              .replace("(Tensor, Tensor, Tensor)", "(Tensor, Tensor, Tensor, Tensor?, Tensor?)"))
+
+
+def padded_fwd_fake(q, k, v, key_padding_mask, kv_bounds, causal, scale, *mods):
     b, sq, hq, d = q.shape
     return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
-def varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+def varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *mods):
     tq, hq, d = q.shape
     return q.new_empty((tq, hq, d)), q.new_empty((hq, tq), dtype=torch.float32)
 
 
 def bwd_fake(dout, q, k, v, *rest):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _mod_grads_fake(bias, sinks, bias_grad):
+    return (bias.new_empty(bias.shape) if bias is not None and bias_grad else None,
+            sinks.new_empty(sinks.shape) if sinks is not None else None)
+
+
+def triton_padded_bwd_fake(dout, q, k, v, out, lse, dlse, key_padding_mask, kv_bounds, causal, scale, bias=None,
+                           alibi_slopes=None, sinks=None, window_left=-1, window_right=-1, softcap=0.0,
+                           bias_grad=False):
+    """bwd_fake plus dbias (bias's shape, with bias_grad) and dsinks (with sinks)."""
+    return (*bwd_fake(dout, q, k, v), *_mod_grads_fake(bias, sinks, bias_grad))
+
+
+def triton_varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           causal, scale, bias=None, alibi_slopes=None, sinks=None, window_left=-1, window_right=-1,
+                           softcap=0.0, bias_grad=False):
+    return (*bwd_fake(dout, q, k, v), *_mod_grads_fake(bias, sinks, bias_grad))
 
 
 def define(name: str, schema: str, kernel, fake):
