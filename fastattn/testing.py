@@ -98,22 +98,31 @@ def random_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, *, dtype=
 
 
 def check_against_reference(fn, q, k, v, *, causal=False, scale=None, key_padding_mask=None,
-                            grads=True, lse=True, lse_grad=False, generator=None, ref_fn=None) -> list[Comparison]:
-    """Run ``fn(q, k, v) -> (out, lse)`` and compare out, lse and (optionally) dq/dk/dv with the
-    float64 reference under the tolerance rule. Inputs are fresh leaves; q/k/v are not modified.
+                            grads=True, lse=True, lse_grad=False, generator=None, ref_fn=None,
+                            mods=None) -> list[Comparison]:
+    """Run ``fn(q, k, v, **mods) -> (out, lse)`` and compare out, lse and (optionally) dq/dk/dv with
+    the float64 reference under the tolerance rule. Inputs are fresh leaves; q/k/v are not modified.
     With lse_grad the gradients also flow from a random cotangent on lse (d lse / d s = P).
-    ref_fn(q, k, v) -> (out, lse) replaces the naive reference (e.g. its packed-sequence form); it
-    is run in float64 and in the input dtype like the default."""
+    ref_fn(q, k, v, **mods) -> (out, lse) replaces the naive reference (e.g. its packed-sequence
+    form); it is run in float64 and in the input dtype like the default.
+    mods: score modifiers (keyword arguments of fastattn.reference.attention). Its "bias" and
+    "sinks" are differentiable inputs like q, k, v: fresh leaves per run (in the run's dtype for the
+    references, their own dtype for fn), with their gradients compared as "dbias" and "dsinks"."""
+    mods = dict(mods or {})
     kw = dict(causal=causal, scale=scale, key_padding_mask=key_padding_mask, return_lse=True)
+    learned = [name for name in ("bias", "sinks") if mods.get(name) is not None]
 
-    def run(f, dtype):
+    def run(f, dtype, own_dtype=False):
         xs = [x.detach().to(dtype).requires_grad_(grads) for x in (q, k, v)]
-        o, l = f(*xs)
-        return xs, o, l
+        m = dict(mods)
+        for name in learned:
+            m[name] = mods[name].detach().to(mods[name].dtype if own_dtype else dtype).requires_grad_(grads)
+        o, l = f(*xs, **m)
+        return xs + [m[name] for name in learned], o, l
 
-    xs, out, out_lse = run(fn, q.dtype)
+    xs, out, out_lse = run(fn, q.dtype, own_dtype=True)
     if ref_fn is None:
-        ref_fn = lambda a, b, c: reference.attention(a, b, c, **kw)
+        ref_fn = lambda a, b, c, **m: reference.attention(a, b, c, **kw, **m)
     x64, ref, ref_lse = run(ref_fn, torch.float64)
     xlp, naive, naive_lse = run(ref_fn, q.dtype)
     results = [compare("out", out, naive, ref, OUT_FACTOR)]
@@ -127,9 +136,12 @@ def check_against_reference(fn, q, k, v, *, causal=False, scale=None, key_paddin
                 torch.autograd.backward([o, l], [dout.to(o.dtype), dlse.to(l.dtype)])
             else:
                 o.backward(dout.to(o.dtype))
-        grad_scale = magnitude(*(x.grad for x in x64))  # dq, dk, dv are coupled through dS
-        for name, a, b_, c in zip(("dq", "dk", "dv"), xs, x64, xlp):
-            results.append(compare(name, a.grad, c.grad, b_.grad, GRAD_FACTOR, grad_scale))
+        grad_scale = magnitude(*(x.grad for x in x64[:3]))  # dq, dk, dv are coupled through dS
+        names = ("dq", "dk", "dv", *("d" + name for name in learned))
+        for name, a, b_, c in zip(names, xs, x64, xlp):
+            # dbias is dS itself (summed over broadcast dims), dsinks a sum over rows: their own scale
+            scale_ = grad_scale if name in ("dq", "dk", "dv") else magnitude(b_.grad)
+            results.append(compare(name, a.grad, c.grad, b_.grad, GRAD_FACTOR, scale_))
     return results
 
 

@@ -1,0 +1,289 @@
+"""Score modifiers (bias, ALiBi, sliding window, softcap, sinks) in the Triton kernels against the
+float64 reference with the tolerance rule: outputs, lse and every gradient (dbias and dsinks
+included), alone and combined, with causal, key padding, GQA and packed sequences; the torch
+backend's share; the errors for what is refused. On CPU through the Triton interpreter."""
+
+import pytest
+import torch
+from conftest import DEVICE, KERNEL_DTYPES
+
+import fastattn
+from fastattn import reference, testing
+from fastattn.kernels.configs import BlockConfig
+from fastattn.launchers import triton_attention as launch
+
+
+def assert_ok(results, what):
+    bad = [str(r) for r in results if not r.ok]
+    assert not bad, f"{what}: " + "; ".join(bad)
+
+
+def make_mods(names, b, hq, sq, sk, gen, bias_shape=None, dtype=torch.float32):
+    """Random modifiers: bias (learnable) of bias_shape (default (1, Hq, Sq, Sk)), slopes, a window,
+    a softcap and sinks (learnable), for the given names."""
+    mods = {}
+    if "bias" in names:
+        shape = bias_shape or (1, hq, sq, sk)
+        mods["bias"] = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    if "alibi" in names:
+        mods["alibi_slopes"] = (torch.rand(hq, generator=gen) * 0.5).to(DEVICE)
+    if "window" in names:
+        mods["window"] = (int(torch.randint(0, max(sk, 1), (1,), generator=gen)),
+                          int(torch.randint(-1, max(sk // 2, 1), (1,), generator=gen)))
+    if "softcap" in names:
+        mods["softcap"] = 1.5  # small enough to bend the logits of N(0, 1) inputs
+    if "sinks" in names:
+        mods["sinks"] = torch.randn(hq, generator=gen).to(DEVICE)
+    return mods
+
+
+def check(q, k, v, causal, mods, gen, key_padding_mask=None, lse_grad=True):
+    fn = lambda a, b, c, **m: fastattn.attention(a, b, c, causal=causal, key_padding_mask=key_padding_mask,
+                                                 return_lse=True, backend="triton", **m)
+    results = testing.check_against_reference(fn, q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                                              lse_grad=lse_grad, generator=gen, mods=mods)
+    names = [r.name for r in results]
+    for name in ("bias", "sinks"):
+        assert (name not in mods) or ("d" + name in names)
+    assert_ok(results, f"q{tuple(q.shape)} k{tuple(k.shape)} causal={causal} mods={ {n: getattr(m, 'shape', m) for n, m in mods.items()} }")
+
+
+# (B, Sq, Sk, Hq, Hkv, D): Sq != Sk both ways, GQA, a head dim that is not a power of two.
+SHAPES = [(2, 37, 53, 4, 2, 16), (1, 70, 29, 2, 1, 40), (2, 64, 64, 2, 2, 32)]
+SINGLE = ["bias", "alibi", "window", "softcap", "sinks"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mod", SINGLE)
+def test_each_modifier_matches_reference(mod, shape, causal, gen):
+    b, sq, sk, hq, hkv, d = shape
+    q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, device=DEVICE, generator=gen)
+    check(q, k, v, causal, make_mods([mod], b, hq, sq, sk, gen), gen)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_all_modifiers_with_padding_and_gqa(causal, dtype, gen):
+    b, sq, sk, hq, hkv, d = 3, 45, 61, 4, 2, 32
+    q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=dtype, device=DEVICE, generator=gen)
+    mask = torch.rand(b, sk, generator=gen).to(DEVICE) > 0.3
+    mask[1] = False  # a batch element without keys: zeros (the sinks take everything)
+    mods = make_mods(SINGLE, b, hq, sq, sk, gen, bias_shape=(b, 1, sq, sk), dtype=dtype)
+    mods["window"] = (17, 4)
+    check(q, k, v, causal, mods, gen, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 40, 30), (4, 40, 30), (40, 30), (2, 1, 1, 30), (1, 4, 40, 1), (2, 4, 1, 1)],
+                         ids=str)
+def test_bias_broadcasts_and_sums_its_gradient(shape, gen):
+    """Any of B/H/Sq/Sk broadcast (stride 0, no copy); dbias has the bias's own shape, summed over
+    the broadcast dims."""
+    q, k, v = testing.random_qkv(2, 40, 30, 4, 2, 16, device=DEVICE, generator=gen)
+    check(q, k, v, True, {"bias": torch.randn(shape, generator=gen).to(DEVICE)}, gen)
+
+
+def test_bias_with_strides_and_half_precision(gen):
+    """A transposed (non-contiguous) float32 bias with fp16 inputs: read through its strides."""
+    q, k, v = testing.random_qkv(2, 33, 33, 2, 2, 16, dtype=torch.float16, device=DEVICE, generator=gen)
+    bias = torch.randn(2, 2, 33, 33, generator=gen).to(DEVICE).transpose(2, 3)
+    check(q, k, v, False, {"bias": bias}, gen)
+
+
+def test_bias_of_minus_infinity_hides_keys(gen):
+    """-inf in the bias masks like the key-padding mask, in any tile, with no NaN (a row of only
+    -inf returns 0 and zero gradients)."""
+    q, k, v = testing.random_qkv(1, 40, 70, 2, 2, 16, device=DEVICE, generator=gen, requires_grad=True)
+    bias = torch.randn(1, 2, 40, 70, generator=gen).to(DEVICE)
+    bias[..., :35] = float("-inf")  # whole key tiles hidden
+    bias[0, 0, 3] = float("-inf")   # one row with no key at all
+    bias.requires_grad_(True)
+    out = fastattn.attention(q, k, v, bias=bias, backend="triton")
+    ref = reference.attention(q.detach().double(), k.detach().double(), v.detach().double(), bias=bias.detach().double())
+    assert torch.isfinite(out).all() and (out[0, 3, 0] == 0).all()
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    out.square().sum().backward()
+    for x in (q, k, v, bias):
+        assert torch.isfinite(x.grad).all()
+    assert (q.grad[0, 3, 0] == 0).all() and (bias.grad[0, 0, 3] == 0).all() and (bias.grad[..., :35] == 0).all()
+
+
+@pytest.mark.parametrize("window", [(0, 0), (5, -1), (-1, 3), (0, 70), (31, 31)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_edges(window, causal, gen):
+    """Windows narrower than a tile, one-sided, wider than the sequence; causal caps right at 0.
+    Sq > Sk leaves rows that see no key."""
+    q, k, v = testing.random_qkv(1, 75, 50, 2, 1, 16, device=DEVICE, generator=gen)
+    check(q, k, v, causal, {"window": window}, gen)
+
+
+@pytest.mark.parametrize("fwd,dkdv,dq", [
+    (BlockConfig(16, 16), BlockConfig(16, 16), BlockConfig(16, 16)),
+    (BlockConfig(16, 64), BlockConfig(64, 16), BlockConfig(16, 64)),
+])
+def test_window_under_other_tilings(fwd, dkdv, dq, gen):
+    q, k, v = testing.random_qkv(1, 90, 110, 2, 2, 16, device=DEVICE, generator=gen)
+    with launch.forced_configs(fwd=fwd, dkdv=dkdv, dq=dq):
+        for causal, window in ((False, (7, 12)), (True, (20, -1))):
+            check(q, k, v, causal, {"window": window, "alibi_slopes": torch.rand(2).to(DEVICE)}, gen)
+
+
+def test_window_skips_tiles_outside_it(gen):
+    """Key tiles outside every query's window are never read: NaN there must not reach the outputs
+    or the gradients (a masked-but-visited tile would give 0 * NaN = NaN)."""
+    cfg = BlockConfig(16, 16)
+    q, k, v = testing.random_qkv(1, 16, 128, 2, 2, 16, device=DEVICE, generator=gen)
+    # Bottom-right aligned: query i sees keys i + 112 - 8 .. i + 112; keys < 96 lie in skipped tiles.
+    clean_k, clean_v = k.clone(), v.clone()
+    k[:, :96], v[:, :96] = float("nan"), float("nan")
+    xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    with launch.forced_configs(fwd=cfg, dkdv=cfg, dq=cfg):
+        out = fastattn.attention(*xs, window=(8, 0), backend="triton")
+        out.sum().backward()
+    ref = reference.attention(q.double(), clean_k.double(), clean_v.double(), window=(8, 0))
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(xs[0].grad).all()
+    assert (xs[1].grad[:, :96] == 0).all() and (xs[2].grad[:, :96] == 0).all()
+
+
+def test_softcap_bends_large_logits(gen):
+    """Logits far beyond the cap (tanh saturates) and gradients through the saturated region."""
+    q, k, v = testing.random_qkv(1, 33, 40, 2, 2, 16, device=DEVICE, generator=gen)
+    check(q * 4, k * 4, v, True, {"softcap": 5.0}, gen)
+
+
+def test_sinks_take_mass_and_give_lse(gen):
+    """A row without keys: out 0, lse = its sink's logit; a very large sink drives out to 0."""
+    q, k, v = testing.random_qkv(1, 10, 4, 2, 2, 16, device=DEVICE, generator=gen)
+    sinks = torch.tensor([0.5, 30.0], device=DEVICE)
+    out, lse = fastattn.attention(q, k, v, causal=True, sinks=sinks, return_lse=True, backend="triton")
+    assert (out[:, :6] == 0).all()
+    torch.testing.assert_close(lse[0, :, :6], sinks[:, None].expand(2, 6))
+    assert out[..., 1, :].abs().max() < 1e-6  # the second head's sink holds ~all the mass
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_with_modifiers(causal, gen):
+    """Packed sequences: bias (B, Hq, max_q, max_k) by positions within each sequence, per-sequence
+    slopes, window, softcap, sinks; an empty sequence and one without keys."""
+    lengths_q, lengths_k, hq, hkv, d = [5, 0, 33, 17, 3], [9, 4, 33, 40, 0], 4, 2, 16
+    cu_q = torch.tensor([0] + lengths_q).cumsum(0).to(DEVICE, torch.int32)
+    cu_k = torch.tensor([0] + lengths_k).cumsum(0).to(DEVICE, torch.int32)
+    mq, mk, b = max(lengths_q), max(lengths_k), len(lengths_q)
+    q = torch.randn(sum(lengths_q), hq, d, generator=gen).to(DEVICE)
+    k = torch.randn(sum(lengths_k), hkv, d, generator=gen).to(DEVICE)
+    v = torch.randn(sum(lengths_k), hkv, d, generator=gen).to(DEVICE)
+    mods = make_mods(SINGLE, b, hq, mq, mk, gen, bias_shape=(b, hq, mq, mk))
+    mods["alibi_slopes"] = torch.rand(b, hq, generator=gen).to(DEVICE)
+    mods["window"] = (6, 2)
+
+    def varlen(backend):
+        return lambda a, b_, c, **m: fastattn.attention_varlen(a, b_, c, cu_q, cu_k, mq, mk, causal=causal,
+                                                               return_lse=True, backend=backend, **m)
+
+    results = testing.check_against_reference(varlen("triton"), q, k, v, lse_grad=True, generator=gen,
+                                              ref_fn=varlen("reference"), mods=mods)
+    assert {"dbias", "dsinks"} <= {r.name for r in results}
+    assert_ok(results, "varlen")
+
+
+def test_backward_with_bias_is_deterministic(gen):
+    q, k, v = testing.random_qkv(2, 50, 50, 4, 1, 16, device=DEVICE, generator=gen)
+    bias, sinks = torch.randn(1, 4, 50, 50, generator=gen).to(DEVICE), torch.randn(4, generator=gen).to(DEVICE)
+    dout = torch.randn(q.shape, generator=gen).to(DEVICE)
+
+    def grads():
+        xs = [x.clone().requires_grad_(True) for x in (q, k, v, bias, sinks)]
+        fastattn.attention(*xs[:3], bias=xs[3], sinks=xs[4], window=(9, 9), backend="triton").backward(dout)
+        return [x.grad for x in xs]
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+def test_bias_without_grad_skips_dbias(gen, monkeypatch):
+    """A bias that needs no gradient (a fixed mask) costs no dbias buffer."""
+    q, k, v = testing.random_qkv(1, 20, 20, 2, 2, 16, device=DEVICE, generator=gen, requires_grad=True)
+    seen = []
+    backward = launch.backward
+    monkeypatch.setattr("fastattn.ops.autograd._PADDED_LAUNCH",
+                        {"triton": (launch.forward, lambda *a: seen.append(a[-1]) or backward(*a))})
+    fastattn.attention(q, k, v, bias=torch.zeros(20, 20, device=DEVICE), backend="triton").sum().backward()
+    assert seen == [False]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_backend_runs_bias_alibi_window(causal, gen):
+    """SDPA with a float mask: matches the reference, bias gradient included; rows without keys 0."""
+    b, sq, sk, hq, hkv, d = 2, 23, 17, 4, 2, 16
+    q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, device=DEVICE, generator=gen)
+    mods = make_mods(["bias", "alibi"], b, hq, sq, sk, gen)
+    mods["window"] = (5, 2)
+    mask = torch.rand(b, sk, generator=gen).to(DEVICE) > 0.3
+    fn = lambda a, b_, c, **m: (fastattn.attention(a, b_, c, causal=causal, key_padding_mask=mask, backend="torch",
+                                                   **m), None)
+    results = testing.check_against_reference(fn, q, k, v, causal=causal, key_padding_mask=mask, lse=False,
+                                              generator=gen, mods=mods)
+    assert_ok(results, "torch backend")
+
+
+def test_which_backend_runs_what(gen):
+    q, k, v = testing.random_qkv(1, 8, 8, 2, 2, 16, device=DEVICE, generator=gen)
+    with pytest.raises(ValueError, match="softcap and sinks cannot be expressed"):
+        fastattn.attention(q, k, v, softcap=5.0, backend="torch")
+    with pytest.raises(ValueError, match=r"score modifiers \(window\) are not supported by the CUDA kernels|cuda"):
+        fastattn.attention(q, k, v, window=(2, 2), backend="cuda")
+    # "auto" on CPU: torch for what SDPA expresses, else the reference.
+    out = fastattn.attention(q, k, v, sinks=torch.zeros(2, device=DEVICE))
+    torch.testing.assert_close(out, reference.attention(q, k, v, sinks=torch.zeros(2, device=DEVICE)))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(bias=torch.zeros(3, 8, 8)), ValueError, "bias must be broadcastable"),
+    (dict(bias=torch.zeros(8, 8, dtype=torch.int32)), TypeError, "bias must be a floating tensor"),
+    (dict(bias=torch.zeros(1, 1, 1, 1, 8, 8)), ValueError, "bias must have"),
+    (dict(alibi_slopes=torch.zeros(2, dtype=torch.float16)), TypeError, "alibi_slopes must be float32"),
+    (dict(alibi_slopes=torch.zeros(3)), ValueError, "alibi_slopes must have shape"),
+    (dict(window=(2,)), ValueError, "window must be"),
+    (dict(window=(-2, 0)), ValueError, "window must be"),
+    (dict(window=(1.5, 0)), ValueError, "window must be"),
+    (dict(softcap=-1.0), ValueError, "softcap must be"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be"),
+    (dict(softcap="1"), ValueError, "softcap must be"),
+    (dict(sinks=torch.zeros(3)), ValueError, "sinks must have shape"),
+    (dict(sinks=[0.0, 0.0]), TypeError, "sinks must be"),
+])
+def test_bad_modifiers_name_the_argument(kwargs, error, match, gen):
+    q, k, v = testing.random_qkv(1, 8, 8, 2, 2, 16, generator=gen)
+    with pytest.raises(error, match=match):
+        fastattn.attention(q, k, v, **kwargs)
+
+
+def test_no_modifier_values_are_plain_attention(gen):
+    """window=(-1, -1), softcap=0 and causal's own window are no modifiers at all."""
+    from fastattn.validation import validate_mods, validate_qkv
+
+    q, k, v = testing.random_qkv(1, 8, 8, 2, 2, 16, generator=gen)
+    shape = validate_qkv(q, k, v)
+    assert validate_mods(None, None, (-1, -1), 0.0, None, shape, q, False) is None
+    assert validate_mods(None, None, (-1, 5), None, None, shape, q, True) is None
+    assert validate_mods(None, None, (3, 5), None, None, shape, q, True).window == (3, 0)
+
+
+def test_modifiers_through_the_ops_and_compile(gen):
+    """The modifier arguments pass opcheck (schemas, fakes) and trace under torch.compile."""
+    from fastattn.ops import triton_attention as ops
+
+    q, k, v = testing.random_qkv(1, 20, 24, 2, 1, 16, device=DEVICE, generator=gen)
+    bias, slopes, sinks = torch.randn(1, 2, 20, 24).to(DEVICE), torch.rand(2).to(DEVICE), torch.randn(2).to(DEVICE)
+    mods = (bias, slopes, sinks, 5, 0, 3.0)
+    torch.library.opcheck(ops.triton_attn_fwd, (q, k, v, None, None, True, 0.25, *mods))
+    out, lse = ops.triton_attn_fwd(q, k, v, None, None, True, 0.25, *mods)
+    torch.library.opcheck(ops.triton_attn_bwd, (torch.randn_like(out), q, k, v, out, lse, None, None, None, True, 0.25,
+                                                *mods, True))
+
+    def f(a, b, c, bias_):
+        return fastattn.attention(a, b, c, causal=True, bias=bias_, alibi_slopes=slopes, window=(5, 0), softcap=3.0,
+                                  sinks=sinks, backend="triton")
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, bias), f(q, k, v, bias))
