@@ -130,6 +130,11 @@ def attention_with_kvcache(
     scale: float | None = None,
     return_lse: bool = False,
     num_splits: int = 0,
+    bias: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str = "auto",
 ):
     """Decoding: a few new query tokens per sequence against a KV cache (FlashAttention's
@@ -149,6 +154,10 @@ def attention_with_kvcache(
             cache_seqlens[b] + S_new - Sq + t (with S_new = Sq: itself and everything before it).
         num_splits: 0 = choose (split the keys across programs when batch x KV heads cannot fill
             the GPU); n >= 1 forces n (at most 128).
+        bias, alibi_slopes, window, softcap, sinks: as ``attention``, by cache position: new token
+            t of sequence b sits at position cache_seqlens[b] + S_new - Sq + t; bias is
+            broadcastable to (B, Hq, Sq, capacity) and indexed by cache position. The window also
+            narrows the keys the kernel reads.
         backend: "auto", "triton" (the split-KV decode kernel), "torch" (SDPA over the cache with a
             padding mask) or "reference".
 
@@ -162,9 +171,13 @@ def attention_with_kvcache(
     scale = validate_scale(scale, shape.head_dim)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= kvcache.MAX_SPLITS:
         raise ValueError(f"num_splits must be an int in [0, {kvcache.MAX_SPLITS}] (0 = choose), got {num_splits!r}")
+    mods = None
+    if bias is not None or alibi_slopes is not None or window is not None or softcap or sinks is not None:
+        mods = validate_mods(bias, alibi_slopes, window, softcap, sinks, shape, q, causal)
+        _refuse_grad(bias, sinks)
     _refuse_grad(q, k, v)
     call = KVCacheCall(q, k_cache, v_cache, k, v, cache_seqlens, block_table, shape, n_new, causal, scale,
-                       return_lse, num_splits)
+                       return_lse, num_splits, mods)
     return backends.run_kvcache(backends.choose_kvcache(backend, call), call)
 
 

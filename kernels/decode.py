@@ -17,10 +17,19 @@ read on the device only, so they are clamped to the cache: bad ones give wrong r
 access outside it.
 
 Causal is bottom-right: new token t (of SQ) sees keys j <= t + Sk - SQ.
+
+Score modifiers (fastattn/modifiers.py; constexpr flags, so a plain call compiles without them):
+softcap, bias (B or 1, Hq or 1, SQ or 1, CAPACITY or 1), ALiBi and a sliding window act on each
+row's scores with the row's head and position (t + Sk - SQ). The window moves the first key of the
+split range up to the first key any row sees, so the splits share only the keys in the window.
+The sink joins the softmax of split 0 only: its partial lse then counts the sink once, and the
+combine's lse-weighted merge gives the exact result.
 """
 
 import triton
 import triton.language as tl
+
+from .tiles import LOG2E_T, _tanh
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -69,13 +78,16 @@ def _kv_tile(cache_ptrs, NEW_base, stride_new, cols, col_ok, cached, offs_d, d_o
 
 
 @triton.jit
-def _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, lo, hi, cached, last_visible,
-                stride_kp, stride_ks, stride_vp, stride_vs, stride_kns, stride_vns, N_PAGES, qk_scale,
-                FROM_NEW: tl.constexpr, CAUSAL: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, bias_rows, row_ok, lo, hi, cached, last_visible,
+                stride_kp, stride_ks, stride_vp, stride_vs, stride_kns, stride_vns, stride_bn, N_PAGES, left, right,
+                qk_scale, slope2, cap2,
+                FROM_NEW: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr):
     """Fold key tiles [lo, hi) into the running (acc, row max m_i, row sum l_i). FROM_NEW: the tiles
     reach the new tokens (positions >= cached), whose keys/values are read from k/v themselves (this
-    launch is what writes them into the cache)."""
+    launch is what writes them into the cache). last_visible: each row's own position (its causal
+    diagonal); bias_rows: each row's bias row pointer; slope2: each row's ALiBi slope * log2(e)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -87,9 +99,19 @@ def _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, lo, 
         k = _kv_tile(k_base + k_off + k_rows[:, None] + offs_d[None, :], KN_base, stride_kns, cols, col_ok, cached,
                      offs_d, d_ok, FROM_NEW)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_R, BLOCK_N), log2 units
+        rel = cols[None, :] - last_visible[:, None]  # key position relative to each row's own
+        if SOFTCAP:
+            s = cap2 * _tanh(s / cap2)
+        if HAS_BIAS:
+            s += tl.load(bias_rows[:, None] + cols[None, :] * stride_bn, mask=col_ok[None, :] & row_ok[:, None],
+                         other=0.0).to(tl.float32) * LOG2E_T
+        if HAS_ALIBI:
+            s -= slope2[:, None] * tl.abs(rel).to(tl.float32)
         visible = col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= last_visible[:, None])
+        if LOCAL:
+            visible = visible & (rel >= -left) & (rel <= right)
+        elif CAUSAL:
+            visible = visible & (rel <= 0)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
@@ -130,7 +152,7 @@ def _store_new_rows(K, V, KN_base, VN_base, BT_row, b, hk, lo, hi, cached, strid
 # Arguments: pointers, then integers, then floats, then constexprs (the launch plans rely on it).
 @triton.jit
 def decode_attn_kernel(
-    Q, K, V, K_NEW, V_NEW, SEQLENS, BLOCK_TABLE, O, LSE,
+    Q, K, V, K_NEW, V_NEW, SEQLENS, BLOCK_TABLE, O, LSE, BIAS, ALIBI, SINKS,
     stride_qb, stride_qs, stride_qh,
     stride_kp, stride_ks, stride_kh,
     stride_vp, stride_vs, stride_vh,
@@ -140,8 +162,11 @@ def decode_attn_kernel(
     stride_o_split, stride_ob, stride_os, stride_oh,
     stride_l_split, stride_lb, stride_lh,
     GROUP, SQ, N_NEW, CAPACITY, N_PAGES, N_SPLITS, ROW_TILES,
-    qk_scale,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_ab, left, right,
+    qk_scale, cap2,
     CAUSAL: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Grid (N_SPLITS, Hkv * ROW_TILES, B). K/V strides: (batch, row, head) for a contiguous cache,
@@ -166,10 +191,13 @@ def decode_attn_kernel(
 
     cached = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), CAPACITY)
     seq_len = tl.minimum(cached + N_NEW, CAPACITY)
-    # This split's keys: an equal share of this sequence's, in whole BLOCK_N tiles (so short
-    # sequences in a cache sized for long ones still spread over the splits).
-    chunk = tl.cdiv(tl.cdiv(seq_len, N_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
+    # This split's keys: an equal share of this sequence's (from the window's first key), in whole
+    # BLOCK_N tiles (so short sequences in a cache sized for long ones still spread over the splits).
+    first = seq_len * 0
+    if LOCAL:
+        first = (tl.maximum(seq_len - SQ - left, 0) // BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len - first, N_SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
     # Tiles before `mid` hold cached keys only; from `mid` on they may reach the new ones.
     mid = tl.minimum(tl.maximum((cached // BLOCK_N) * BLOCK_N, lo), tl.maximum(hi, lo))
@@ -183,21 +211,40 @@ def decode_attn_kernel(
         v_base = V + b * stride_vp + hk * stride_vh
     KN_base = K_NEW + b * stride_knb + hk * stride_knh
     VN_base = V_NEW + b * stride_vnb + hk * stride_vnh
-    last_visible = t + seq_len - SQ  # causal: the last key each row sees
+    last_visible = t + seq_len - SQ  # each row's position: causal, the last key it sees
+    # Per row: its bias row and its ALiBi slope.
+    bias_rows = BIAS + b * stride_bb + h.to(tl.int64) * stride_bh + t * stride_bm
+    slope2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b * stride_ab + h, mask=row_ok, other=0.0) * LOG2E_T
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, lo, mid, cached,
+    acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, bias_rows, row_ok, lo, mid,
+                                cached,
                                 last_visible, stride_kp, stride_ks, stride_vp, stride_vs, stride_kns, stride_vns,
-                                N_PAGES, qk_scale, False, CAUSAL, PAGE_SIZE, HEAD_DIM, DOT_PRECISION, BLOCK_N,
-                                BLOCK_D, WIDE)
-    acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, mid, hi, cached,
+                                stride_bn, N_PAGES, left, right, qk_scale, slope2, cap2, False, CAUSAL, LOCAL, HAS_BIAS,
+                                HAS_ALIBI, SOFTCAP, PAGE_SIZE, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D, WIDE)
+    acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, bias_rows, row_ok, mid, hi,
+                                cached,
                                 last_visible, stride_kp, stride_ks, stride_vp, stride_vs, stride_kns, stride_vns,
-                                N_PAGES, qk_scale, True, CAUSAL, PAGE_SIZE, HEAD_DIM, DOT_PRECISION, BLOCK_N,
-                                BLOCK_D, WIDE)
+                                stride_bn, N_PAGES, left, right, qk_scale, slope2, cap2, True, CAUSAL, LOCAL, HAS_BIAS,
+                                HAS_ALIBI, SOFTCAP, PAGE_SIZE, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D, WIDE)
+    if HAS_SINKS:  # split 0 only: the combine then counts each sink once
+        sink2 = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32) * LOG2E_T
+        sink2 = tl.where(split == 0, sink2, float("-inf"))
+        m_f = tl.maximum(m_i, sink2)
+        m_f = tl.where(m_f == float("-inf"), 0.0, m_f)
+        alpha = tl.exp2(m_i - m_f)
+        l_i = l_i * alpha + tl.exp2(sink2 - m_f)
+        acc = acc * alpha[:, None]
+        m_i = m_f
     if tile == 0:
-        _store_new_rows(K, V, KN_base, VN_base, BT_row, b, hk, lo, hi, cached, stride_kp, stride_ks, stride_kh,
+        # New tokens before the window's first key (more new tokens than the window spans) are
+        # still written, by split 0.
+        store_lo = tl.where(split == 0, 0, lo)
+        _store_new_rows(K, V, KN_base, VN_base, BT_row, b, hk, store_lo, hi, cached, stride_kp, stride_ks, stride_kh,
                         stride_vp, stride_vs, stride_vh, stride_kns, stride_vns, N_PAGES, PAGE_SIZE, HEAD_DIM,
                         BLOCK_D)
 

@@ -77,17 +77,20 @@ class KVCacheCall:
     scale: float
     return_lse: bool
     num_splits: int
+    mods: ScoreMods | None = None
 
     def padded(self, run_one):
         """The call through a padded-layout backend (torch, reference): append k/v with torch ops,
         then attend over the cache as dense keys (B, capacity, Hkv, D) with the keys each query sees
         as a key-padding mask, in one call for all queries or, causal with several new tokens, one
-        per token. Returns out [, lse]."""
+        per token. Score modifiers that depend on positions (ALiBi, window) become a bias over the
+        cache's positions. Returns out [, lse]."""
         s = self.shape
         if self.k is not None:
             kvcache.append(self.k_cache, self.v_cache, self.k, self.v, self.cache_seqlens, self.block_table)
         k, v = kvcache.dense(self.k_cache, self.block_table), kvcache.dense(self.v_cache, self.block_table)
         lengths = kvcache.key_lengths(self.cache_seqlens, self.n_new, s.seqlen_k)  # (B,)
+        mods = None if self.mods is None else self._dense_mods(lengths)
         pos = torch.arange(s.seqlen_k, device=self.q.device)
         # (first query, end, keys hidden from it at the end): bottom-right causal hides the last
         # Sq - 1 - t keys from new token t.
@@ -99,10 +102,30 @@ class KVCacheCall:
         for start, end, hidden in groups:
             mask = pos[None, :] < (lengths - hidden)[:, None]  # (B, capacity), True = a key it sees
             shape = AttentionShape(s.batch, end - start, s.seqlen_k, s.heads_q, s.heads_kv, s.head_dim)
+            part = None if mods is None else ScoreMods(mods.bias[:, :, start:end], softcap=mods.softcap,
+                                                       sinks=mods.sinks)
             results.append(run_one(AttentionCall(self.q[:, start:end], k, v, shape, False, self.scale, mask,
-                                                 self.return_lse)))
+                                                 self.return_lse, mods=part)))
         if len(results) == 1:
             return results[0]
         if not self.return_lse:
             return torch.cat(results, dim=1)
         return torch.cat([o for o, _ in results], dim=1), torch.cat([l for _, l in results], dim=2)
+
+    def _dense_mods(self, lengths: torch.Tensor) -> ScoreMods:
+        """The modifiers over the dense cache: bias (B or 1, Hq or 1, Sq, capacity) holding the call's
+        bias, ALiBi and the window (-inf outside it) by each query's own position lengths[b] - Sq + t;
+        softcap and sinks as they are."""
+        s, m = self.shape, self.mods
+        t = torch.arange(s.seqlen_q, device=self.q.device)
+        query_pos = lengths[:, None] - s.seqlen_q + t  # (B, Sq)
+        rel = torch.arange(s.seqlen_k, device=self.q.device) - query_pos[:, :, None]  # (B, Sq, capacity)
+        bias = torch.zeros((), device=self.q.device) if m.bias is None else m.bias.float()
+        if m.alibi_slopes is not None:
+            bias = bias - m.alibi_slopes[:, :, None, None] * rel[:, None].abs()
+        if m.local:
+            left, right = m.window
+            outside = ((rel < -left) if left >= 0 else False) | ((rel > right) if right >= 0 else False)
+            bias = bias + torch.zeros(outside.shape, device=self.q.device).masked_fill(outside, float("-inf"))[:, None]
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(-1, -1, s.seqlen_q, -1)
+        return ScoreMods(bias, softcap=m.softcap, sinks=m.sinks)

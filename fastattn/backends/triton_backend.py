@@ -61,7 +61,7 @@ def unsupported_append(k) -> str | None:
 
 def run_kvcache(call: KVCacheCall):
     out, lse = kvcache_attention(call.q, call.k_cache, call.v_cache, call.k, call.v, call.cache_seqlens,
-                                 call.block_table, call.causal, call.scale, call.num_splits)
+                                 call.block_table, call.causal, call.scale, call.num_splits, call.mods)
     return (out, lse) if call.return_lse else out
 
 

@@ -20,6 +20,7 @@ from fastattn.kernels import configs
 from fastattn.kernels.decode import decode_attn_kernel, decode_combine_kernel, kv_append_kernel
 from fastattn.launchers import plans
 from fastattn.launchers.device import on_device
+from fastattn.launchers.score_mods import NO_FLAGS, NO_MOD_INTS, kernel_args, no_mods
 
 LOG2E = math.log2(math.e)
 NOMINAL_BLOCK_N = 64  # key tile the split heuristic counts in (the split count must not depend on the config)
@@ -110,12 +111,15 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
     plans.remember(_plans, key, (plan,))
 
 
-def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, scale: float, num_splits: int = 0):
+def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, scale: float, num_splits: int = 0,
+           bias=None, alibi_slopes=None, sinks=None, window_left: int = -1, window_right: int = -1,
+           softcap: float = 0.0):
     """Attention of q (B, Sq, Hq, D) over each sequence's cached keys followed by the new tokens'
     k, v (B, S_new, Hkv, D) or None, which are written into the cache at cache_seqlens[b] + t by the
     same launch: out (B, Sq, Hq, D) in q's dtype, lse (B, Hq, Sq) float32. Lengths are clamped to
     the cache's capacity. num_splits: 0 chooses (num_splits_heuristic), n forces n (at most
-    kvcache.MAX_SPLITS)."""
+    kvcache.MAX_SPLITS). Score modifiers as the prefill launcher's; bias is broadcastable to
+    (B, Hq, Sq, capacity) and indexed by cache position."""
     q = q if q.stride(-1) == 1 else q.contiguous()
     b, sq, hq, d = q.shape
     hkv = k_cache.shape[2]
@@ -148,13 +152,20 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
         o_strides, l_strides = o.stride()[:4], l_.stride()[:3]
     ints = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *new_strides, stride_bt, *o_strides,
             *l_strides, group, sq, n_new, cap, n_pages, splits, row_tiles)
-    args = (q, k_cache, v_cache, k, v, seqlens, bt, o, l_, *ints, scale * LOG2E)
+    mods = (bias, alibi_slopes, sinks, window_left, window_right, softcap)
+    if no_mods(mods):
+        mod_ptrs, mod_ints, cap2, flags, mod_key = (q, q, q), NO_MOD_INTS, 0.0, NO_FLAGS, None
+    else:
+        mod_ptrs, mod_ints, cap2, flags, bias_wide = kernel_args(q, b, hq, sq, cap, *mods)
+        mod_key = (tuple(flags.values()), mod_ints, bias_wide, tuple(x.dtype for x in mod_ptrs),
+                   plans.aligned(mod_ptrs))
+    args = (q, k_cache, v_cache, k, v, seqlens, bt, o, l_, *mod_ptrs, *ints, *mod_ints, scale * LOG2E, cap2)
     grid = (splits, hkv * row_tiles, b)
     combine = None
     if splits > 1:
         combine = (o, l_, out, lse, *o.stride()[:4], *l_.stride()[:3], *out.stride()[:3], *lse.stride()[:2], splits)
     key = ("decode", q.dtype, device, causal, page_size, d, b, hq, ints,
-           plans.aligned((q, k_cache, v_cache, k, v, seqlens, bt)))
+           plans.aligned((q, k_cache, v_cache, k, v, seqlens, bt)), mod_key)
     found = _plans.get(key)
     if found is not None:
         attn_plan, combine_plan = found
@@ -172,7 +183,7 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
     else:
         wide = (n_pages + 1) * max(k_cache.stride(0), v_cache.stride(0)) >= 2**31
     consts = dict(CAUSAL=causal, PAGE_SIZE=page_size, HEAD_DIM=d, DOT_PRECISION="ieee" if fp32 else "tf32",
-                  BLOCK_R=block_r, BLOCK_D=block_d, WIDE=wide)
+                  BLOCK_R=block_r, BLOCK_D=block_d, WIDE=wide or (mod_key is not None and mod_key[2]), **flags)
     with on_device(device):
         # The launch also writes the new rows into the cache: the same values every time, so the
         # tuning runs and the direct-launch check may repeat it.

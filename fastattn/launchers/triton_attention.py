@@ -32,6 +32,7 @@ from fastattn.kernels.attn_fwd import attn_fwd_kernel
 from fastattn.launchers import plans
 from fastattn.launchers.device import on_device
 from fastattn.launchers.masks import key_bounds
+from fastattn.launchers.score_mods import NO_FLAGS, NO_MOD_INTS, kernel_args, no_mods
 
 LOG2E = math.log2(math.e)
 MAX_CACHED_SIGNATURES = plans.MAX_SIGNATURES
@@ -116,31 +117,7 @@ def _constexprs(q, causal, has_kpm, varlen, head_dim, wide, flags=None) -> dict:
     # fp32 inputs are computed in true fp32: tf32 would fail the tolerance rule on a GPU.
     return dict(CAUSAL=causal, HAS_KPM=has_kpm, VARLEN=varlen, HEAD_DIM=head_dim,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()), WIDE=wide, **(flags or _NO_FLAGS))
-
-
-_NO_FLAGS = dict(LOCAL=False, HAS_BIAS=False, HAS_ALIBI=False, SOFTCAP=False, HAS_SINKS=False)
-_NO_MOD_INTS = (0, 0, 0, 0, 0, 0, 0)
-
-
-def _modifiers(q, b, hq, sq, sk, bias, alibi_slopes, sinks, window_left, window_right, softcap):
-    """The kernels' modifier arguments: (pointers bias/alibi/sinks, ints (bias strides (b, h, m, n),
-    slope batch stride, window left/right), cap2, flags, whether bias offsets need 64 bits).
-    Absent pointers get q (never read). An unbounded window side becomes Sq + Sk (past every key)."""
-    flags = dict(LOCAL=window_left >= 0 or window_right >= 0, HAS_BIAS=bias is not None,
-                 HAS_ALIBI=alibi_slopes is not None, SOFTCAP=softcap != 0.0, HAS_SINKS=sinks is not None)
-    bias_strides, wide = (0, 0, 0, 0), False
-    if bias is not None:
-        bias_strides = bias.expand(b, hq, sq, sk).stride()  # broadcast dims read with stride 0
-        wide = (sq + 256) * abs(bias_strides[2]) + (sk + 256) * abs(bias_strides[3]) >= 2**31
-    slope_stride = 0
-    if alibi_slopes is not None:
-        slope_stride = alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0
-    unbounded = sq + sk
-    ints = (*bias_strides, slope_stride, window_left if window_left >= 0 else unbounded,
-            window_right if window_right >= 0 else unbounded)
-    ptrs = tuple(q if x is None else x for x in (bias, alibi_slopes, sinks))
-    return ptrs, ints, softcap * LOG2E, flags, wide
+                BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()), WIDE=wide, **(flags or NO_FLAGS))
 
 
 def _candidates(kind: str, consts: dict) -> list[configs.BlockConfig]:
@@ -182,11 +159,6 @@ def backward_varlen(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, m
                      bias_grad)
 
 
-def _no_mods(mods) -> bool:
-    bias, alibi, sinks, left, right, softcap = mods
-    return bias is None and alibi is None and sinks is None and left < 0 and right < 0 and softcap == 0.0
-
-
 def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
              max_seqlen_k, mods):
     varlen = cu_seqlens_q is not None
@@ -200,10 +172,10 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
     lse_strides = (0, tq) if varlen else (hq * sq, sq)
     strides = (*in_strides, *_contiguous_strides(varlen, sq, hq, d))
     sizes = (kpm_stride, hq // hkv, sq, sk)
-    if _no_mods(mods):
-        mod_ptrs, mod_ints, cap2, flags, mod_key = (q, q, q), _NO_MOD_INTS, 0.0, None, None
+    if no_mods(mods):
+        mod_ptrs, mod_ints, cap2, flags, mod_key = (q, q, q), NO_MOD_INTS, 0.0, None, None
     else:
-        mod_ptrs, mod_ints, cap2, flags, bias_wide = _modifiers(q, b, hq, sq, sk, *mods)
+        mod_ptrs, mod_ints, cap2, flags, bias_wide = kernel_args(q, b, hq, sq, sk, *mods)
         mod_key = (tuple(flags.values()), mod_ints, bias_wide, tuple(x.dtype for x in mod_ptrs))
         extra = (*extra, *mod_ptrs)
     args = (q, k, v, out, lse, kpm, bounds, cu_q, cu_k, *mod_ptrs, *strides, *lse_strides, *sizes, tq, tk, *mod_ints,
@@ -238,7 +210,7 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    plain = _no_mods(mods)
+    plain = no_mods(mods)
     bias, sinks = mods[0], mods[2]
     dbias, dbias_out = None, None  # the kernel's (B, Hq, Sq, Sk) buffer; the gradient in bias's shape
     if bias_grad:
@@ -260,10 +232,10 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     s_dq = _contiguous_strides(varlen, sq, hq, d)
     sizes = (kpm_stride, hq // hkv, sq, sk)
     if plain:
-        (bias_p, alibi_p, _), mod_ints, cap2, flags, mod_key = (q, q, q), _NO_MOD_INTS, 0.0, _NO_FLAGS, None
+        (bias_p, alibi_p, _), mod_ints, cap2, flags, mod_key = (q, q, q), NO_MOD_INTS, 0.0, NO_FLAGS, None
         dbias_args = (q, 0, 0, 0)
     else:
-        mod_ptrs, mod_ints, cap2, flags, bias_wide = _modifiers(q, b, hq, sq, sk, *mods)
+        mod_ptrs, mod_ints, cap2, flags, bias_wide = kernel_args(q, b, hq, sq, sk, *mods)
         bias_p, alibi_p, _ = mod_ptrs
         wide_dbias = dbias is not None and (sq + 256) * sk >= 2**31
         mod_key = (tuple(flags.values()), mod_ints, bias_wide or wide_dbias, tuple(x.dtype for x in mod_ptrs),

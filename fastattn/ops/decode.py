@@ -11,19 +11,19 @@ import torch
 
 from fastattn.launchers import decode as launch
 from fastattn.ops.autograd import _direct
-from fastattn.ops.library import define
+from fastattn.ops.library import MODS, define
 
 APPEND = ("(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? block_table) "
           "-> ()")
 ATTEND = ("(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens, "
-          "Tensor? block_table, bool causal, float scale, SymInt num_splits) -> (Tensor, Tensor)")
+          f"Tensor? block_table, bool causal, float scale, SymInt num_splits, {MODS}) -> (Tensor, Tensor)")
 
 
 def _append_fake(k, v, k_cache, v_cache, cache_seqlens, block_table):
     return None
 
 
-def _attend_fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits):
+def _attend_fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits, *mods):
     b, sq, hq, d = q.shape
     return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
 
@@ -39,8 +39,12 @@ def append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
 
 
 def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, scale: float,
-                      num_splits: int):
+                      num_splits: int, mods=None):
     """Attend over the cache and k/v (if given), writing k/v into the cache in the same launch:
-    (out (B, Sq, Hq, D), lse (B, Hq, Sq) float32)."""
-    fn = launch.attend if _direct(q, k_cache, v_cache, k, cache_seqlens) else triton_kvcache_attention
-    return fn(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits)
+    (out (B, Sq, Hq, D), lse (B, Hq, Sq) float32). mods: a fastattn.modifiers.ScoreMods or None."""
+    bias = None if mods is None else mods.bias
+    fn = launch.attend if _direct(q, k_cache, v_cache, k, cache_seqlens, bias) else triton_kvcache_attention
+    if mods is None:
+        return fn(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits)
+    return fn(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits, mods.bias,
+              mods.alibi_slopes, mods.sinks, *mods.window, mods.softcap)
