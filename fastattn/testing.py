@@ -156,11 +156,25 @@ def cached_rows(cache: torch.Tensor, block_table: torch.Tensor | None, b: int, n
 
 
 def check_kvcache_against_reference(fn, q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, *,
-                                    causal=True, scale=None) -> list[Comparison]:
+                                    causal=True, scale=None, mods=None) -> list[Comparison]:
     """Run ``fn() -> (out, lse or None)``, a call of attention_with_kvcache that appends k/v (or
     None) to the cache, and compare with ``fastattn.reference`` on each sequence's own keys: what it
     held before the call, then k/v (bottom-right causal over exactly them), in float64 and in q's
-    dtype (the tolerance rule)."""
+    dtype (the tolerance rule). mods: the call's score modifiers as reference keyword arguments,
+    with bias (B or 1, Hq or 1, Sq or 1, capacity or 1) and alibi_slopes (Hq,) or (B, Hq): each
+    sequence gets its own row and, of the bias, its first keys."""
+    mods = dict(mods or {})
+
+    def sequence_mods(b, n_keys):
+        m = dict(mods)
+        if m.get("bias") is not None:
+            bias = m["bias"].reshape((1,) * (4 - m["bias"].dim()) + tuple(m["bias"].shape))
+            bias = bias[b:b + 1] if bias.shape[0] > 1 else bias
+            m["bias"] = bias[..., :n_keys] if bias.shape[3] > 1 else bias
+        if m.get("alibi_slopes") is not None and m["alibi_slopes"].dim() == 2:
+            m["alibi_slopes"] = m["alibi_slopes"][b:b + 1]
+        return m
+
     keys, values = [], []
     for b, n in enumerate(cache_seqlens.tolist()):
         kb, vb = cached_rows(k_cache, block_table, b, n), cached_rows(v_cache, block_table, b, n)
@@ -172,7 +186,8 @@ def check_kvcache_against_reference(fn, q, k_cache, v_cache, k, v, cache_seqlens
 
     def per_sequence(dtype):
         results = [reference.attention(q[b:b + 1].to(dtype), keys[b][None].to(dtype), values[b][None].to(dtype),
-                                       causal=causal, scale=scale, return_lse=True) for b in range(q.shape[0])]
+                                       causal=causal, scale=scale, return_lse=True,
+                                       **sequence_mods(b, keys[b].shape[0])) for b in range(q.shape[0])]
         return torch.cat([o for o, _ in results]), torch.cat([l_ for _, l_ in results])
 
     (ref, ref_lse), (naive, naive_lse) = per_sequence(torch.float64), per_sequence(q.dtype)

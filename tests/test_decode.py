@@ -40,7 +40,7 @@ def expected_keys(k_cache, v_cache, table, lens):
 
 
 def run_case(gen, lens, hq, hkv, d, n_new, page_size, splits, dtype=torch.float32, backend="triton", sq=None,
-             capacity=None, causal=True):
+             capacity=None, causal=True, mods=None):
     sq = n_new if sq is None else sq
     capacity = capacity or max(lens) + n_new + 5
     k_cache, v_cache, table, seqlens = make_cache(lens, capacity, hkv, d, dtype=dtype, page_size=page_size, gen=gen)
@@ -57,11 +57,12 @@ def run_case(gen, lens, hq, hkv, d, n_new, page_size, splits, dtype=torch.float3
     def call():
         result = fastattn.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,
                                                  causal=causal, return_lse=lse_wanted, num_splits=splits,
-                                                 backend=backend)
+                                                 backend=backend, **(mods or {}))
         outputs.append(result if lse_wanted else (result, None))
         return outputs[-1]
 
-    results = testing.check_kvcache_against_reference(call, q, k_cache, v_cache, k, v, seqlens, table, causal=causal)
+    results = testing.check_kvcache_against_reference(call, q, k_cache, v_cache, k, v, seqlens, table, causal=causal,
+                                                      mods=mods)
     assert all(r.ok for r in results), [str(r) for r in results]
     out = outputs[0][0]
     # The cache now holds the new tokens at their positions, and nothing else changed.
@@ -132,6 +133,48 @@ def test_fallback_backends(backend, page_size, gen):
 
 def test_not_causal(gen):
     run_case(gen, [5, 30], 4, 2, 32, 3, 16, 2, causal=False)
+
+
+def decode_mods(name, b, hq, sq, capacity, gen):
+    """One score modifier for a decode call over a cache of `capacity` positions."""
+    return {"softcap": {"softcap": 2.0},
+            "alibi": {"alibi_slopes": torch.rand(b, hq, generator=gen).to(DEVICE)},
+            "window": {"window": (28, -1)},  # sequence 2: its first visible key (62) is just below a tile
+            "window2": {"window": (3, 1)},
+            "sinks": {"sinks": torch.randn(hq, generator=gen).to(DEVICE)},
+            "bias": {"bias": torch.randn(b, 1, sq, capacity, generator=gen).to(DEVICE)}}[name]
+
+
+MODS = ["softcap", "alibi", "window", "window2", "sinks", "bias"]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("mod", MODS)
+def test_score_modifiers(mod, causal, backend, gen):
+    """Each modifier by cache position, split (triton: 3 splits over a window that starts mid-cache)
+    and paged, against the reference on each sequence's own keys."""
+    lens, n_new, sq, page = [0, 17, 90], 3, 3, 16
+    capacity = max(lens) + n_new + 5
+    mods = decode_mods(mod, len(lens), 4, sq, -(-capacity // page) * page, gen)
+    run_case(gen, lens, 4, 2, 32, n_new, page, 3, sq=sq, capacity=capacity, causal=causal, mods=mods,
+             backend=backend)
+
+
+def test_all_modifiers_together_and_many_new_tokens(gen):
+    """More new tokens than the window spans: those before its first key are still written."""
+    lens, n_new, sq = [5, 60], 12, 1
+    mods = {"softcap": 3.0, "window": (4, 0), "sinks": torch.randn(4, generator=gen).to(DEVICE),
+            "alibi_slopes": torch.rand(4, generator=gen).to(DEVICE)}
+    run_case(gen, lens, 4, 1, 32, n_new, 0, 2, sq=sq, mods=mods)
+
+
+def test_modifiers_are_validated_and_refuse_grad(gen):
+    a = bad_inputs(gen)
+    with pytest.raises(ValueError, match="inference-only"):
+        fastattn.attention_with_kvcache(**a, sinks=torch.zeros(4, device=DEVICE, requires_grad=True))
+    with pytest.raises(ValueError, match=r"bias must be broadcastable to \(B, Hq, Sq, Sk\) = \(2, 4, 1, 32\)"):
+        fastattn.attention_with_kvcache(**a, bias=torch.zeros(2, 4, 1, 31, device=DEVICE))
 
 
 def test_auto_is_the_torch_path_until_a_gpu_has_run_the_kernel(gen, monkeypatch):
