@@ -45,7 +45,8 @@ def check(q, k, v, causal, mods, gen, key_padding_mask=None, lse_grad=True):
     names = [r.name for r in results]
     for name in ("bias", "sinks"):
         assert (name not in mods) or ("d" + name in names)
-    assert_ok(results, f"q{tuple(q.shape)} k{tuple(k.shape)} causal={causal} mods={ {n: getattr(m, 'shape', m) for n, m in mods.items()} }")
+    described = {n: getattr(m, "shape", m) for n, m in mods.items()}
+    assert_ok(results, f"q{tuple(q.shape)} k{tuple(k.shape)} causal={causal} mods={described}")
 
 
 # (B, Sq, Sk, Hq, Hkv, D): Sq != Sk both ways, GQA, a head dim that is not a power of two.
@@ -99,7 +100,7 @@ def test_bias_of_minus_infinity_hides_keys(gen):
     bias[0, 0, 3] = float("-inf")   # one row with no key at all
     bias.requires_grad_(True)
     out = fastattn.attention(q, k, v, bias=bias, backend="triton")
-    ref = reference.attention(q.detach().double(), k.detach().double(), v.detach().double(), bias=bias.detach().double())
+    ref = reference.attention(*(x.detach().double() for x in (q, k, v)), bias=bias.detach().double())
     assert torch.isfinite(out).all() and (out[0, 3, 0] == 0).all()
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
     out.square().sum().backward()

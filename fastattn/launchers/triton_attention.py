@@ -212,7 +212,7 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     plain = no_mods(mods)
     bias, sinks = mods[0], mods[2]
-    dbias, dbias_out = None, None  # the kernel's (B, Hq, Sq, Sk) buffer; the gradient in bias's shape
+    dbias = None  # the kernel's (B, Hq, Sq, Sk) bias gradient
     if bias_grad:
         full = (b, hq, sq, sk)
         reduce_dims = [i for i in range(4) if bias.shape[i] == 1 and full[i] > 1]
