@@ -3,6 +3,7 @@
 import pytest
 
 from fastattn.flops import attention_flops, mean_visible_keys
+from fastattn.reference import visible_keys
 
 
 def test_flops_formula():
@@ -15,6 +16,34 @@ def test_flops_formula():
     assert mean_visible_keys(2, 5, causal=True) == pytest.approx((4 + 5) / 2)
     with pytest.raises(ValueError, match="mode"):
         attention_flops(1, 1, 1, 1, 1, causal=False, mode="both")
+
+
+def test_mean_visible_keys_counts_what_the_reference_masks():
+    """Exact: the mean over queries of the keys fastattn.reference.visible_keys lets each one see
+    (bottom-right aligned window, intersected with causal), for every kind of window and Sq vs Sk."""
+    windows = [None, (-1, -1), (0, 0), (3, 0), (0, 3), (2, 5), (5, -1), (-1, 4), (40, 40), (-1, 0)]
+    for sq, sk in [(1, 1), (7, 7), (33, 33), (5, 19), (19, 5), (1, 40), (40, 1), (3, 0)]:
+        for causal in (False, True):
+            for window in windows:
+                brute = visible_keys(sq, sk, causal=causal, window=window).sum().item() / sq
+                where = (sq, sk, causal, window)
+                assert mean_visible_keys(sq, sk, causal, window) == pytest.approx(brute, abs=1e-12), where
+                flops = attention_flops(2, 3, sq, sk, 8, causal=causal, window=window, mode="fwd_bwd")
+                assert flops == pytest.approx(3.5 * 4 * 2 * 3 * sq * 8 * brute, abs=1e-9), where
+
+
+def test_window_flops_scale_with_the_window():
+    s = 4096
+    # Causal window (w, 0): query i sees min(i, w) + 1 keys; far from the start about w + 1.
+    assert mean_visible_keys(s, s, True, (128, 0)) == pytest.approx((sum(range(1, 129)) + (s - 128) * 129) / s)
+    # A symmetric window (w, w) without causal: 2w + 1 keys away from both ends.
+    assert mean_visible_keys(s, s, False, (64, 64)) == pytest.approx(129 - 2 * sum(range(1, 65)) / s)
+    # A window at least as wide as the sequence is no window; with causal, right is ignored as the API does.
+    assert mean_visible_keys(s, s, True, (s, -1)) == mean_visible_keys(s, s, True)
+    assert mean_visible_keys(s, s, True, (-1, 5)) == mean_visible_keys(s, s, True)
+    assert mean_visible_keys(100, 100, False, (200, 200)) == 100.0
+    local, full = (attention_flops(1, 1, s, s, 64, causal=True, window=w) for w in ((128, 0), None))
+    assert local < full / 15
 
 
 def test_self_check_runs_and_passes():

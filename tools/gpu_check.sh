@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: install + build fastattn._C (no network), CUDA smoke run, GPU tests, host overhead per
-# call vs SDPA, decode benchmark, quick kernel benchmark, model benchmark, a compute-sanitizer pass;
-# summary table last.
+# call vs SDPA, decode benchmark, score-modifier benchmark, quick kernel benchmark, model benchmark, a
+# compute-sanitizer pass; summary table last.
 #
 #   tools/gpu_check.sh OUTDIR            (BUDGET_S=520 by default: the whole script, in seconds)
 #
@@ -16,7 +16,8 @@
 #   models.log    model benchmark progress (benchmarks/bench_models.py)
 #   summary.md    the short table printed last (with the decode table: GB/s, % of copy, vs SDPA and
 #                 the prefill kernel, from benchmarks/decode.py)
-#   results.tgz   bench.json/md + PNG plots, models.json/md, decode.json + log, sanitizer.log
+#   results.tgz   bench.json/md + PNG plots, models.json/md, decode.json + log, score_mods.json/md + log,
+#                 sanitizer.log (summary.md also shows the score-modifier tables)
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -84,6 +85,18 @@ if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left 175)" -gt 20 ]; then
   stamp "decode rc=$decode_rc"
 fi
 
+# Score-modifier benchmark (bias, ALiBi, window, softcap, sinks vs none; bias vs SDPA's float mask), untuned
+# configs (autotuning each modifier's kernels would not fit here); its tables are rewritten after every case.
+smods_rc=-
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left 190)" -gt 45 ]; then
+  sb=$(left 190); sb=$(( sb > 120 ? 120 : sb ))
+  FASTATTN_AUTOTUNE=0 timeout "$sb" $PY benchmarks/score_mods.py --budget-s $(( sb - 25 )) --out "$WORK/score_mods" \
+    > "$WORK/score_mods.log" 2>&1
+  smods_rc=$?
+  [ -f "$WORK/score_mods/score_mods.md" ] || tail -40 "$WORK/score_mods.log" > "$WORK/score_mods.md"
+  stamp "score mods rc=$smods_rc"
+fi
+
 # Kernel benchmark with autotuning on (as a user gets it): the quick grid under a time budget.
 bench_rc=-
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
@@ -146,6 +159,8 @@ fi
   echo "| tests (rest) | $test2_rc | $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | grep -E '^=+ ' | tail -1) |"
   echo "| host overhead | $host_rc | $(grep -E '^\| dense causal \| fwd\+bwd' "$OUT/host.md" 2>/dev/null) |"
   echo "| decode | $decode_rc | $(grep -E 'failed the gate' "$WORK/decode.log" 2>/dev/null | tail -1) |"
+  echo "| score mods | $smods_rc | $(grep -E 'failed the gate' "$WORK/score_mods.log" 2>/dev/null | tail -1); \
+$(grep -E 'bar checks met' "$WORK/score_mods/score_mods.md" 2>/dev/null | tail -1) |"
   echo "| bench | $bench_rc | $(grep -E '^[0-9]+ timings' "$OUT/bench.log" | tail -1) |"
   echo "| models | $models_rc | $(grep -c 'train step' "$OUT/models.log" 2>/dev/null) rows |"
   echo "| sanitizer | $san_rc | $(grep -E 'ERROR SUMMARY' "$WORK/sanitizer.log" 2>/dev/null | tail -1) |"
@@ -154,6 +169,7 @@ fi
   echo
   [ -f "$WORK/bench/bench.json" ] && $PY -m benchmarks.report "$WORK/bench/bench.json" --summary
   cat "$WORK/decode/decode.md" "$WORK/decode.md" 2>/dev/null
+  cat "$WORK/score_mods/score_mods.md" "$WORK/score_mods.md" 2>/dev/null
   [ -f "$WORK/models/models.md" ] && cat "$WORK/models/models.md"
   [ -f "$OUT/host.md" ] && cat "$OUT/host.md"
 } > "$OUT/summary.md" 2>&1

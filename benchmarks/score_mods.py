@@ -1,0 +1,430 @@
+"""The score-modifier benchmark: what bias, ALiBi, a sliding window, softcap and sinks cost.
+
+    python benchmarks/score_mods.py [--out DIR] [--seqlens 2048,8192] [--windows 128,512,2048,4096]
+    python benchmarks/score_mods.py --smoke      # tiny float32 shapes through the Triton interpreter (CPU)
+
+On a GPU, bf16, D=128, hidden 2048 (16 heads), 16k tokens per batch (batch = 16384 // S), causal and
+not, each case is timed for fastattn.attention(backend="triton") without a modifier and with each
+one, forward and forward+backward, in one run on one device (benchmarks.common: do_bench medians,
+the matmul ceiling measured first):
+
+- sliding window: (w, 0) causal, (w, w) not, for each w < S, against no window (full). TFLOPS count
+  only the keys a query sees (fastattn.flops with the window), so "TFLOPS vs none" near 1 means the
+  time falls in proportion to the window (key tiles outside it are skipped);
+- ALiBi, softcap, sinks vs none: forward (and fwd+bwd) TFLOPS ratio, modified / unmodified;
+- bias (1, H, S, S) requiring grad, fwd+bwd: fastattn vs PyTorch SDPA given the same float mask
+  (attn_mask; with causal the mask is folded into the bias once, untimed), and vs no bias.
+
+Bars (issue 12, checked on a GPU only): ALiBi, softcap and window forward TFLOPS within 10% of the
+unmodified kernel's (ratio >= 0.9); bias fwd+bwd >= 2x SDPA with the float mask.
+
+A correctness gate runs first for every row: batch 0, head 0, the last 256 queries over all keys
+(bottom-right positions keep their place) of the benchmarked call's output, and for fwd+bwd of its
+dq, dk, dv, dbias, dsinks under a cotangent that is zero elsewhere, against the float64 reference
+(fastattn.reference with the same modifiers) under the tests' tolerance rule (fastattn.testing).
+A row that fails is still timed but flagged: no ratios, no bars. Writes score_mods.json and
+score_mods.md into --out after every case (partial runs survive). Exit status 1 when a fastattn
+row fails the gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import use_interpreter_without_gpu  # noqa: E402
+
+use_interpreter_without_gpu()  # before fastattn (and triton) are imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fastattn  # noqa: E402
+from benchmarks.cases import HIDDEN, TOKENS, Case, make_inputs  # noqa: E402
+from benchmarks.common import _wall_clock_median, environment, measure_ceilings, peak_memory_mib, time_ms  # noqa: E402
+from benchmarks.measure import GATE_OK, Gate, _guarded, mode_callable  # noqa: E402
+from fastattn import reference, testing  # noqa: E402
+from fastattn.flops import attention_flops, mean_visible_keys  # noqa: E402
+
+MODES = ("fwd", "fwd_bwd")
+LEARNED = ("bias", "sinks")  # modifiers with a gradient: leaves requiring grad in fwd_bwd
+GATE_QUERIES = 256  # the gate's slice: the last queries of batch 0, head 0, over all keys
+SOFTCAP = 5.0  # small enough to bend N(0, 1) logits, so the gate sees a kernel that ignores it
+BAR_RATIO, BAR_VS_SDPA = 0.9, 2.0
+BUDGET_SKIP = "time budget spent"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One modifier setting; name "none" is the unmodified kernel every other row is compared with."""
+
+    name: str
+    window: int | None = None  # the sliding window's size w: (w, 0) causal, (w, w) not
+
+    def window_arg(self, causal: bool) -> tuple[int, int] | None:
+        return None if self.window is None else (self.window, 0 if causal else self.window)
+
+    def mods(self, case: Case, device: str, gen: torch.Generator) -> dict:
+        """fastattn.attention's keyword arguments for this modifier (fresh random values)."""
+        h, s = case.heads_q, case.seqlen_q
+        if self.name == "alibi":  # the ALiBi paper's slopes: 2^(-8 (h + 1) / H)
+            return {"alibi_slopes": torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], device=device)}
+        if self.name == "softcap":
+            return {"softcap": SOFTCAP}
+        if self.name == "sinks":
+            return {"sinks": torch.randn(h, device=device, generator=gen)}
+        if self.name == "bias":
+            return {"bias": torch.randn(1, h, s, s, device=device, generator=gen).to(case.torch_dtype)}
+        if self.window is not None:
+            return {"window": self.window_arg(case.causal)}
+        return {}
+
+
+def variants(case: Case, windows) -> list[Variant]:
+    """Most wanted first: the unmodified kernel, the bars' modifiers, then the window sweep (w < S)."""
+    fixed = [Variant(name) for name in ("none", "alibi", "softcap", "sinks", "bias")]
+    return fixed + [Variant(f"window {w}", w) for w in windows if w < case.seqlen_q]
+
+
+@dataclass(frozen=True)
+class Provider:
+    """This script's contenders (benchmarks.providers' take no modifiers): fn(q, k, v, **mods) -> out
+    in FlashAttention's layout; prepare(case, mods) -> the mods this provider gets (once, untimed)."""
+
+    name: str
+    fn: object
+    prepare: object = None
+
+
+def _fastattn(causal: bool):
+    return partial(fastattn.attention, causal=causal, backend="triton")
+
+
+def _sdpa_prepare(case: Case, mods: dict) -> dict:
+    """The float mask SDPA gets: the bias, with the causal mask folded in (-inf above the diagonal)."""
+    bias = mods["bias"]
+    if case.causal:
+        vis = reference.visible_keys(case.seqlen_q, case.seqlen_k, causal=True, device=bias.device)
+        bias = bias.masked_fill(~vis, float("-inf"))
+    return {"bias": bias}
+
+
+def _sdpa(q, k, v, *, bias):
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
+    return out.transpose(1, 2)  # (B, H, S, D) -> (B, S, H, D)
+
+
+def providers(case: Case, variant: Variant) -> list[Provider]:
+    found = [Provider("fastattn", _fastattn(case.causal))]
+    if variant.name == "bias":
+        found.append(Provider("sdpa", _sdpa, _sdpa_prepare))
+    return found
+
+
+def with_grads(mods: dict, grads: bool) -> dict:
+    """The learned modifiers as fresh leaves (requiring grad when `grads`), the others as they are."""
+    return {k: v.detach().requires_grad_(grads) if k in LEARNED else v for k, v in mods.items()}
+
+
+class ModGate:
+    """The float64 reference of one (case, variant) on batch 0, head 0, the last m queries over all
+    keys, and the verdicts on a provider's full call there (the tolerance rule; measure.Gate's
+    verdict). The cotangent of the backward check is zero outside the slice, so the slice's dq, dk,
+    dv (MHA: key head 0 serves query head 0 only), dbias rows and dsinks[0] are the slice's own."""
+
+    def __init__(self, case: Case, q, k, v, mods: dict, gen: torch.Generator):
+        self.m = m = min(GATE_QUERIES, case.seqlen_q)
+        self.causal = case.causal
+        self.sl = [q[:1, -m:, :1], k[:1, :, :1], v[:1, :, :1]]
+        self.mods = self._slice(mods)
+        self.dout = torch.randn(1, m, 1, case.head_dim, device=q.device, generator=gen)
+        self.ref = self._reference(torch.float64)
+        self.naive = self._reference(q.dtype)
+
+    def _slice(self, mods: dict) -> dict:
+        sliced = dict(mods)
+        if "bias" in mods:
+            sliced["bias"] = mods["bias"][:, :1, -self.m:, :]  # (1, 1, m, Sk)
+        for name in ("alibi_slopes", "sinks"):
+            if name in mods:
+                sliced[name] = mods[name][:1]
+        return sliced
+
+    def _reference(self, dtype):
+        """(out, {name: grad}) of the naive reference on the slice in `dtype`."""
+        xs = [x.detach().to(dtype).requires_grad_(True) for x in self.sl]
+        mods = {k: v.detach().to(dtype).requires_grad_(True) if k in LEARNED else v for k, v in self.mods.items()}
+        out = reference.attention(*xs, causal=self.causal, **mods)
+        out.backward(self.dout.to(dtype))
+        grads = {f"d{n}": x.grad for n, x in zip("qkv", xs)}
+        grads.update({f"d{n}": mods[n].grad for n in LEARNED if n in mods})
+        return out.detach(), grads
+
+    def _out(self, out):
+        return [testing.compare("out", out[:1, -self.m:, :1], self.naive[0], self.ref[0], testing.OUT_FACTOR)]
+
+    def check_forward(self, fn, q, k, v, mods) -> str:
+        return Gate._verdict(self._out(fn(q, k, v, **with_grads(mods, False))))
+
+    def check_backward(self, fn, q, k, v, mods) -> str:
+        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        leaves = with_grads(mods, True)
+        out = fn(*xs, **leaves)
+        dout = torch.zeros_like(out)
+        dout[:1, -self.m:, :1] = self.dout.to(out.dtype)
+        out.backward(dout)
+        got = {"dq": xs[0].grad[:1, -self.m:, :1], "dk": xs[1].grad[:1, :, :1], "dv": xs[2].grad[:1, :, :1]}
+        if "bias" in leaves:
+            got["dbias"] = leaves["bias"].grad[:, :1, -self.m:, :]
+        if "sinks" in leaves:
+            got["dsinks"] = leaves["sinks"].grad[:1]
+        ref, naive = self.ref[1], self.naive[1]
+        scale = testing.magnitude(ref["dq"], ref["dk"], ref["dv"])  # coupled through dS
+        results = self._out(out.detach())
+        for name, x in got.items():  # dbias and dsinks on their own scale, as the tests do
+            s = scale if name in ("dq", "dk", "dv") else testing.magnitude(ref[name])
+            results.append(testing.compare(name, x, naive[name], ref[name], testing.GRAD_FACTOR, s))
+        return Gate._verdict(results)
+
+
+@dataclass
+class Settings:
+    seqlens: tuple = (2048, 8192)
+    windows: tuple = (128, 512, 2048, 4096)
+    head_dim: int = 128
+    dtype: str = "bfloat16"
+    tokens: int = TOKENS
+    hidden: int = HIDDEN
+    warmup_ms: float = 25
+    rep_ms: float = 100
+    budget_s: float | None = None
+    smoke: bool = False
+
+    def cases(self) -> list[Case]:
+        """The longest sequences first (the bars' most telling cases), causal before not."""
+        return [Case(max(1, self.tokens // s), s, s, self.hidden // self.head_dim, self.hidden // self.head_dim,
+                     self.head_dim, kind="self", causal=c, dtype=self.dtype)
+                for s in sorted(self.seqlens, reverse=True) for c in (True, False)]
+
+
+# Tiny float32 shapes (the interpreter cannot run bf16 dots): 48 keys = a full and a partial key tile there.
+SMOKE = dict(seqlens=(48,), windows=(8,), head_dim=16, dtype="float32", tokens=48, hidden=16, warmup_ms=1, rep_ms=1,
+             smoke=True)
+
+
+@dataclass
+class Run:
+    settings: Settings
+    device: str
+    ceilings: dict
+    gen: torch.Generator
+    t0: float = field(default_factory=time.monotonic)
+
+    def out_of_time(self) -> bool:
+        b = self.settings.budget_s
+        return b is not None and time.monotonic() - self.t0 > b
+
+
+def _row(case: Case, variant: Variant, provider: str, mode: str) -> dict:
+    window = variant.window_arg(case.causal)
+    keys = mean_visible_keys(case.seqlen_q, case.seqlen_k, case.causal, window)
+    return {"case": case.as_dict(), "variant": variant.name, "window": window, "provider": provider, "mode": mode,
+            "keys_per_query": keys, "flops": attention_flops(case.batch, case.heads_q, case.seqlen_q, case.seqlen_k,
+                                                             case.head_dim, causal=case.causal, mode=mode,
+                                                             window=window)}
+
+
+def run_variant(run: Run, case: Case, variant: Variant, inputs) -> list[dict]:
+    """Every provider of one (case, variant): the gate, then the time of each mode."""
+    q, k, v = inputs
+    rows = []
+    mods, reason = _guarded(lambda: variant.mods(case, run.device, run.gen), [])
+    gate, reason = (None, reason) if reason else _guarded(lambda: ModGate(case, q, k, v, mods, run.gen), [])
+    for p in providers(case, variant):
+        own, why = (None, reason) if reason else _guarded(lambda: p.prepare(case, mods) if p.prepare else mods, [])
+        checks = {"fwd": gate.check_forward, "fwd_bwd": gate.check_backward} if not why else {}
+        for mode in MODES:
+            row = _row(case, variant, p.name, mode)
+            verdict, why_mode = (None, why) if why else _guarded(lambda: checks[mode](p.fn, q, k, v, own), [])
+            row["gate"] = verdict or ""
+            if why_mode:
+                row["skipped"] = why_mode
+            else:  # timed even when the gate failed: flagged, never ranked
+                _time(run, row, partial(p.fn, **with_grads(own, mode != "fwd")), q, k, v)
+            rows.append(row)
+        if run.device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _time(run: Run, row: dict, fn, q, k, v) -> None:
+    s = run.settings
+    prepared, why = _guarded(lambda: mode_callable(fn, q, k, v, row["mode"]), [])
+    if not why:
+        call, grad_to_none = prepared
+        learned = [x for x in fn.keywords.values() if isinstance(x, torch.Tensor) and x.requires_grad]
+        grad_to_none = None if grad_to_none is None else [*grad_to_none, *learned]
+        if row["mode"] != "fwd":
+            row["peak_mib"], why = _guarded(lambda: peak_memory_mib(call, run.device), [])
+    if not why and s.smoke and run.device == "cpu":  # one warm-up, one timed call: the interpreter's times mean nothing
+        row["ms"], why = _guarded(lambda: _wall_clock_median(call, grad_to_none, 0, 0, min_reps=1), [])
+    elif not why:
+        row["ms"], why = _guarded(lambda: time_ms(call, device=run.device, grad_to_none=grad_to_none,
+                                                  warmup_ms=s.warmup_ms, rep_ms=s.rep_ms), [])
+    if why:
+        row["skipped"] = why
+        return
+    row["tflops"] = row["flops"] / row["ms"] * 1e-9
+    row["pct_matmul"] = 100 * row["tflops"] / run.ceilings["matmul_tflops"]
+
+
+def _ranked(r: dict) -> bool:
+    return "ms" in r and r["gate"] == GATE_OK
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """fastattn rows: TFLOPS vs the unmodified kernel (same case and mode) and time vs it; the bias
+    row: SDPA's time / fastattn's. Only between rows that passed the gate."""
+    def key(r):
+        return r["case"]["label"], r["mode"]
+    none = {key(r): r for r in rows if r["variant"] == "none" and r["provider"] == "fastattn" and _ranked(r)}
+    sdpa = {key(r): r for r in rows if r["provider"] == "sdpa" and _ranked(r)}
+    for r in rows:
+        if r["provider"] != "fastattn" or not _ranked(r):
+            continue
+        base = none.get(key(r))
+        if base is not None:
+            r["vs_none"] = r["tflops"] / base["tflops"]
+            r["time_vs_none"] = r["ms"] / base["ms"]
+            r["keys_vs_none"] = r["keys_per_query"] / base["keys_per_query"]
+        if r["variant"] == "bias" and key(r) in sdpa:
+            r["vs_sdpa"] = sdpa[key(r)]["ms"] / r["ms"]
+
+
+def bars(rows: list[dict]) -> list[dict]:
+    """The issue's bars, one line per check (GPU runs)."""
+    out = []
+    for r in rows:
+        if r["provider"] != "fastattn":
+            continue
+        if r["mode"] == "fwd" and (r["variant"] in ("alibi", "softcap") or r["window"]) and "vs_none" in r:
+            out.append({"case": r["case"]["label"], "check": f"{r['variant']} fwd TFLOPS / none",
+                        "value": r["vs_none"], "bar": BAR_RATIO, "ok": r["vs_none"] >= BAR_RATIO})
+        if r["mode"] == "fwd_bwd" and "vs_sdpa" in r:
+            out.append({"case": r["case"]["label"], "check": "bias fwd+bwd: SDPA (float mask) time / fastattn",
+                        "value": r["vs_sdpa"], "bar": BAR_VS_SDPA, "ok": r["vs_sdpa"] >= BAR_VS_SDPA})
+    return out
+
+
+def _fmt(r: dict | None, key: str, spec: str, suffix: str = "") -> str:
+    return "-" if r is None or r.get(key) is None else format(r[key], spec) + suffix
+
+
+def markdown(doc: dict) -> str:
+    env, ceil = doc["environment"], doc["ceilings"]
+    smoke = doc["settings"]["smoke"]
+    lines = [f"# Score-modifier benchmark: {env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; {env['timer']}; FASTATTN_AUTOTUNE="
+             f"{env['fastattn_autotune']}. Matmul ceiling {ceil['matmul_tflops']:.1f} TFLOPS ({ceil['matmul']}, "
+             "measured in this run). TFLOPS count only the keys a query sees (causal, window: fastattn.flops); "
+             "\"vs none\" = TFLOPS / the unmodified kernel's in the same case and mode (for a window: ~1 means "
+             "time in proportion to the window).", ""]
+    if smoke:
+        where = " through the Triton interpreter on the CPU" if env["device_type"] == "cpu" else ""
+        lines += [f"**Smoke run** (tiny float32 shapes{where}): the gate means something, the times do not.", ""]
+    by = {(r["case"]["label"], r["variant"], r["provider"], r["mode"]): r for r in doc["rows"]}
+    keys = list(dict.fromkeys((r["case"]["label"], r["variant"]) for r in doc["rows"]))
+    lines += ["## fastattn (Triton), each modifier vs none", "",
+              "| case | modifier | keys/query | fwd ms | fwd TFLOPS | fwd vs none | fwd+bwd ms | fwd+bwd TFLOPS | "
+              "fwd+bwd vs none | gate |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, variant in keys:
+        f, fb = by.get((label, variant, "fastattn", "fwd")), by.get((label, variant, "fastattn", "fwd_bwd"))
+        if f is None:
+            continue
+        gate = "; ".join(dict.fromkeys(x for x in (f.get("gate"), fb and fb.get("gate"), f.get("skipped"),
+                                                   fb and fb.get("skipped")) if x))
+        lines.append(f"| {label} | {variant} | {f['keys_per_query']:.0f} | {_fmt(f, 'ms', '.3f')} | "
+                     f"{_fmt(f, 'tflops', '.1f')} | {_fmt(f, 'vs_none', '.2f')} | {_fmt(fb, 'ms', '.3f')} | "
+                     f"{_fmt(fb, 'tflops', '.1f')} | {_fmt(fb, 'vs_none', '.2f')} | {gate or '-'} |")
+    lines += ["", "## Bias (1, H, S, S) requiring grad: fastattn vs SDPA with the same float mask", "",
+              "| case | mode | fastattn ms | SDPA ms | SDPA / fastattn | fastattn bias / no bias (time) | "
+              "peak MiB fastattn / SDPA | gates |", "|---|---|---|---|---|---|---|---|"]
+    for label, variant in keys:
+        if variant != "bias":
+            continue
+        for mode in MODES:
+            f, s = by.get((label, variant, "fastattn", mode)), by.get((label, variant, "sdpa", mode))
+            gates = " / ".join((r.get("gate") or r.get("skipped", "-")) if r else "-" for r in (f, s))
+            lines.append(f"| {label} | {mode} | {_fmt(f, 'ms', '.3f')} | {_fmt(s, 'ms', '.3f')} | "
+                         f"{_fmt(f, 'vs_sdpa', '.2f', 'x')} | {_fmt(f, 'time_vs_none', '.2f', 'x')} | "
+                         f"{_fmt(f, 'peak_mib', '.0f')} / {_fmt(s, 'peak_mib', '.0f')} | {gates} |")
+    lines += ["", f"## Bars (ALiBi, softcap, window: fwd TFLOPS >= {BAR_RATIO} x none; bias fwd+bwd >= "
+              f"{BAR_VS_SDPA:.0f}x SDPA)", ""]
+    if smoke:
+        lines.append("Not judged on a smoke run.")
+    else:
+        lines += ["| case | check | value | bar | |", "|---|---|---|---|---|"]
+        lines += [f"| {b['case']} | {b['check']} | {b['value']:.2f} | >= {b['bar']} | {'ok' if b['ok'] else 'MISSED'} |"
+                  for b in doc["bars"]]
+        missed = sum(not b["ok"] for b in doc["bars"])
+        lines += ["", f"{len(doc['bars']) - missed} of {len(doc['bars'])} bar checks met."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
+    ap.add_argument("--out", type=Path, default=Path(".benchmarks/score_mods"))
+    ap.add_argument("--smoke", action="store_true", help="tiny float32 shapes on the CPU (the default without a GPU)")
+    ap.add_argument("--seqlens", type=ints, default=Settings.seqlens)
+    ap.add_argument("--windows", type=ints, default=Settings.windows)
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new case past this many seconds")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if args.smoke or not cuda:
+        settings = Settings(**SMOKE, budget_s=args.budget_s)
+        if not args.smoke:
+            print("no CUDA GPU: running the smoke mode (tiny float32 shapes through the Triton interpreter)")
+    else:
+        settings = Settings(seqlens=args.seqlens, windows=args.windows, budget_s=args.budget_s)
+    run = Run(settings, device, measure_ceilings(device), torch.Generator(device=device).manual_seed(0))
+    doc = {"environment": environment(device), "ceilings": run.ceilings, "settings": settings.__dict__, "rows": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for case in settings.cases():
+        inputs = make_inputs(case, device, run.gen)[:3]
+        for variant in variants(case, settings.windows):
+            if run.out_of_time():
+                rows = [{**_row(case, variant, p.name, m), "gate": "", "skipped": BUDGET_SKIP}
+                        for p in providers(case, variant) for m in MODES]
+            else:
+                rows = run_variant(run, case, variant, inputs)
+            doc["rows"] += rows
+            for r in rows:
+                print(f"{case.label:<40} {variant.name:<12} {r['provider']:<8} {r['mode']:<7} "
+                      + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOPS" if "ms" in r else r.get("skipped", ""))
+                      + f"  gate {r['gate'] or '-'}", flush=True)
+        add_ratios(doc["rows"])
+        doc["bars"] = [] if settings.smoke else bars(doc["rows"])
+        (args.out / "score_mods.json").write_text(json.dumps(doc, indent=2, default=str))
+        (args.out / "score_mods.md").write_text(markdown(doc))  # after every case: partial runs survive
+        del inputs
+    # A fastattn row fails when its gate fails or it raised (a budget skip is not a failure).
+    failed = [r for r in doc["rows"] if r["provider"] == "fastattn" and r.get("skipped") != BUDGET_SKIP
+              and r["gate"] != GATE_OK]
+    print(markdown(doc))
+    print(f"wrote {args.out / 'score_mods.json'} and score_mods.md; {len(failed)} fastattn rows failed the gate "
+          "or raised")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

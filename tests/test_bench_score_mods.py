@@ -1,0 +1,60 @@
+"""benchmarks/score_mods.py end to end in its smoke mode (tiny float32 shapes, the Triton interpreter):
+every fastattn row passes the float64 gate and is timed, the ratios and both reports are written."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run; gpu_check runs the GPU one")
+
+
+def test_score_mods_benchmark_smoke(tmp_path, monkeypatch):
+    from benchmarks import score_mods
+
+    monkeypatch.setattr(score_mods, "measure_ceilings", lambda device: {"matmul_tflops": 1.0, "matmul": "test"})
+    assert score_mods.main(["--smoke", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "score_mods.json").read_text())
+    rows = doc["rows"]
+    by = {(r["case"]["causal"], r["variant"], r["provider"], r["mode"]): r for r in rows}
+    variants = {"none", "alibi", "softcap", "sinks", "bias", "window 8"}
+    assert set(by) == {(c, v, p, m) for c in (True, False) for v in variants
+                       for p in ("fastattn", "sdpa") if p == "fastattn" or v == "bias" for m in ("fwd", "fwd_bwd")}
+    for r in rows:  # every row checked against float64 (the backward rows with dbias, dsinks) and timed
+        assert r["gate"] == "ok" and r["ms"] > 0 and r["tflops"] > 0, r
+        if r["provider"] == "fastattn":
+            assert r["vs_none"] > 0 and r["time_vs_none"] > 0, r
+    for causal in (True, False):
+        none, window = by[causal, "none", "fastattn", "fwd"], by[causal, "window 8", "fastattn", "fwd"]
+        assert none["vs_none"] == 1.0
+        # TFLOPS count the visible keys only: (8, 0) causal, (8, 8) not.
+        assert window["window"] == [8, 0 if causal else 8]
+        assert window["keys_per_query"] < none["keys_per_query"] and window["flops"] < none["flops"]
+        bias = by[causal, "bias", "fastattn", "fwd_bwd"]
+        assert bias["vs_sdpa"] == pytest.approx(by[causal, "bias", "sdpa", "fwd_bwd"]["ms"] / bias["ms"])
+    assert doc["bars"] == []  # judged on GPU runs only
+    md = (tmp_path / "score_mods.md").read_text()
+    assert "Smoke run" in md and "| self B1 S48 H1 D16 causal float32 | window 8 | " in md
+    assert "fastattn vs SDPA with the same float mask" in md
+
+
+def test_score_mods_gate_catches_a_wrong_kernel(monkeypatch):
+    """A provider that ignores its modifier fails the gate: flagged, not ranked."""
+    from benchmarks import score_mods
+    from benchmarks.cases import Case, make_inputs
+
+    case = Case(1, 40, 40, 2, 2, 16, kind="self", causal=True, dtype="float32")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, _ = make_inputs(case, "cpu", gen)
+    for name in ("alibi", "softcap", "sinks", "bias"):
+        mods = score_mods.Variant(name).mods(case, "cpu", gen)
+        gate = score_mods.ModGate(case, q, k, v, mods, gen)
+        right = lambda q_, k_, v_, **m: score_mods.reference.attention(q_, k_, v_, causal=True, **m)
+        ignores = lambda q_, k_, v_, **m: score_mods.reference.attention(q_, k_, v_, causal=True)
+        assert gate.check_forward(right, q, k, v, mods) == "ok"
+        assert gate.check_backward(right, q, k, v, mods) == "ok"
+        assert gate.check_forward(ignores, q, k, v, mods).startswith("FAIL out"), name
