@@ -35,10 +35,11 @@ def run_check(device: str | None = None, out=print) -> bool:
     out(f"fastattn self-check on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
         f" (torch {torch.__version__})")
     out("")
-    out(f"{'backend':<10} {'available':<9} reason")
+    out(f"{'backend':<10} {'available':<9} {'score modifiers':<42} reason")
     statuses = api.available_backends()
     for st in statuses.values():
-        out(f"{st.name:<10} {'yes' if st.available else 'no':<9} {st.reason}")
+        mods = ", ".join(st.score_modifiers) or "none"
+        out(f"{st.name:<10} {'yes' if st.available else 'no':<9} {mods:<42} {st.reason}")
     out("")
     header = f"{'backend':<10} {'dtype':<9} {'case':<32} {'worst (err / tol)':<28} {'pass':<5} {'time':>6}"
     out(header)

@@ -288,3 +288,11 @@ def test_modifiers_through_the_ops_and_compile(gen):
                                   sinks=sinks, backend="triton")
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, bias), f(q, k, v, bias))
+
+
+def test_available_backends_say_which_modifiers_they_run():
+    statuses = fastattn.available_backends()
+    assert statuses["triton"].score_modifiers == ("bias", "alibi_slopes", "window", "softcap", "sinks")
+    assert statuses["reference"].score_modifiers == statuses["triton"].score_modifiers
+    assert statuses["torch"].score_modifiers == ("bias", "alibi_slopes", "window")
+    assert statuses["cuda"].score_modifiers == ()

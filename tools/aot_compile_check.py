@@ -1,6 +1,7 @@
 """Compile the Triton kernels for a GPU target on a machine without a GPU (no launch).
 
-    python tools/aot_compile_check.py [--arch 90] [--dtype fp16] [--head-dims 64,128,256] [--fp32]
+    python tools/aot_compile_check.py [--arch 90] [--dtype fp16] [--head-dims 64,128,256]
+        [--variants dense,mask,varlen,bias,alibi,window,softcap,sinks,all] [--decode-only]
 
 Catches what the interpreter does not: compile errors, configs whose shared memory exceeds the
 chip (H100: 227 KiB per block), and dots that did not lower to tensor-core instructions
@@ -50,9 +51,20 @@ def _load_kernels():
 configs, _fwd, _bwd, _bounds, _decode = _load_kernels()
 KERNELS = {"fwd": _fwd.attn_fwd_kernel, "dkdv": _bwd.attn_bwd_dkdv_kernel, "dq": _bwd.attn_bwd_dq_kernel}
 TENSOR_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "K_NEW", "V_NEW", "K_CACHE", "V_CACHE")
-FP32_POINTERS = ("LSE", "DELTA", "DLSE", "O_PART", "LSE_PART")
+FP32_POINTERS = ("LSE", "DELTA", "DLSE", "O_PART", "LSE_PART", "ALIBI", "SINKS", "DBIAS")
 INT32_POINTERS = ("KV_BOUNDS", "CU_Q", "CU_K", "BOUNDS", "SEQLENS", "BLOCK_TABLE")
-SCALARS_FP32 = ("qk_scale", "sm_scale")
+SCALARS_FP32 = ("qk_scale", "sm_scale", "cap2")
+# Score-modifier variants (--variants): the kernels' modifier flags each turns on.
+MOD_VARIANTS = {"bias": ("HAS_BIAS", "HAS_DBIAS"), "alibi": ("HAS_ALIBI",), "window": ("LOCAL",),
+                "softcap": ("SOFTCAP",), "sinks": ("HAS_SINKS",),
+                "all": ("HAS_BIAS", "HAS_DBIAS", "HAS_ALIBI", "LOCAL", "SOFTCAP", "HAS_SINKS")}
+MOD_FLAGS = ("LOCAL", "HAS_BIAS", "HAS_ALIBI", "SOFTCAP", "HAS_SINKS", "HAS_DBIAS")
+
+
+def mod_flags(kernel, variant: str) -> dict:
+    """The kernel's modifier constexprs for a variant (off for dense/mask/varlen)."""
+    on = MOD_VARIANTS.get(variant, ())
+    return {f: f in on for f in MOD_FLAGS if f in kernel.arg_names}
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
@@ -70,7 +82,7 @@ def signature(kernel, dtype: str, constexprs: dict, fp32_outputs: bool = False) 
             sig[name] = "*i32"
         elif name == "KPM":
             sig[name] = "*u8"
-        elif name in TENSOR_POINTERS:
+        elif name in TENSOR_POINTERS or name == "BIAS":
             sig[name] = "*" + dtype
         elif name in SCALARS_FP32:
             sig[name] = "fp32"
@@ -81,10 +93,11 @@ def signature(kernel, dtype: str, constexprs: dict, fp32_outputs: bool = False) 
 
 def compile_one(kind, cfg, dtype, head_dim, causal, arch, variant="dense"):
     block_d = max(16, triton.next_power_of_2(head_dim))
+    kernel = KERNELS[kind]
     constexprs = dict(CAUSAL=causal, HAS_KPM=variant == "mask", VARLEN=variant == "varlen", HEAD_DIM=head_dim,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, WIDE=False)
-    kernel = KERNELS[kind]
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, WIDE=False,
+                      **mod_flags(kernel, variant))
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
     t0 = time.time()
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -118,11 +131,12 @@ def compile_small_kernels(dtype, arch):
     return bad
 
 
-def compile_decode_kernels(dtype, arch, head_dims):
+def compile_decode_kernels(dtype, arch, head_dims, variants=("dense",)):
     """The split-KV decode kernel (each candidate; contiguous and paged caches; one query row
-    tile of GQA 4 x 1 token and a full one; final output and fp32 partials), its combine, the KV
-    append."""
+    tile of GQA 4 x 1 token and a full one; final output and fp32 partials; each score-modifier
+    variant asked for), its combine, the KV append."""
     jobs = []
+    variants = [v for v in variants if v in ("dense", *MOD_VARIANTS)]
     for d in head_dims:
         block_d = max(16, triton.next_power_of_2(d))
         fp32 = dtype == "fp32"
@@ -131,13 +145,15 @@ def compile_decode_kernels(dtype, arch, head_dims):
         for cfg in cands:
             for page_size in (0, 16, 64):
                 for block_r in (16, 64 if d <= 128 else 32):
-                    partial = block_r == 16 and page_size == 16
-                    consts = dict(CAUSAL=True, PAGE_SIZE=page_size, HEAD_DIM=d,
-                                  DOT_PRECISION="ieee" if fp32 else "tf32", BLOCK_R=block_r, BLOCK_N=cfg.block_n,
-                                  BLOCK_D=block_d, WIDE=False)
-                    label = f"decode D{d} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} page{page_size} r{block_r}"
-                    jobs.append((label + (" partial" if partial else ""), _decode.decode_attn_kernel, consts, cfg,
-                                 partial))
+                    for variant in variants:
+                        partial = block_r == 16 and page_size == 16
+                        consts = dict(CAUSAL=True, PAGE_SIZE=page_size, HEAD_DIM=d,
+                                      DOT_PRECISION="ieee" if fp32 else "tf32", BLOCK_R=block_r, BLOCK_N=cfg.block_n,
+                                      BLOCK_D=block_d, WIDE=False, **mod_flags(_decode.decode_attn_kernel, variant))
+                        label = (f"decode D{d} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} page{page_size} "
+                                 f"r{block_r} {variant}")
+                        jobs.append((label + (" partial" if partial else ""), _decode.decode_attn_kernel, consts, cfg,
+                                     partial))
         jobs.append((f"decode_combine D{d}", _decode.decode_combine_kernel,
                      dict(HEAD_DIM=d, BLOCK_S=128, BLOCK_D=block_d), configs.PREPROCESS, False))
         for page_size in (0, 16):
@@ -185,11 +201,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     ap.add_argument("--head-dims", default="64,128,256")
     ap.add_argument("--causal", default="0,1")
-    ap.add_argument("--variants", default="dense", help="comma list of dense, mask (key padding), varlen")
+    ap.add_argument("--variants", default="dense",
+                    help="comma list of dense, mask (key padding), varlen, and the score modifiers "
+                         f"{', '.join(MOD_VARIANTS)}")
     ap.add_argument("--decode-only", action="store_true", help="only the decoding kernels (kernels/decode.py)")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}")
-    bad = compile_decode_kernels(args.dtype, args.arch, list(map(int, args.head_dims.split(","))))
+    bad = compile_decode_kernels(args.dtype, args.arch, list(map(int, args.head_dims.split(","))),
+                                 args.variants.split(","))
     if args.decode_only:
         print(f"{bad} problem(s)")
         return 1 if bad else 0

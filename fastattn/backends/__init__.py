@@ -43,6 +43,7 @@ class BackendStatus:
     name: str
     available: bool
     reason: str
+    score_modifiers: tuple[str, ...] = ()  # the attention() arguments it runs (bias, alibi_slopes, ...)
 
 
 _unavailable: dict[str, str | None] = {}
@@ -60,7 +61,7 @@ def available_backends() -> dict[str, BackendStatus]:
     result = {}
     for name in BACKENDS:
         reason = unavailable_reason(name)
-        result[name] = BackendStatus(name, reason is None, reason or "available")
+        result[name] = BackendStatus(name, reason is None, reason or "available", _MODULES[name].SCORE_MODIFIERS)
     return result
 
 

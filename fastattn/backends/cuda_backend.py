@@ -8,6 +8,7 @@ import torch
 from fastattn.backends.call import AttentionCall
 
 DTYPES = (torch.float16, torch.bfloat16)
+SCORE_MODIFIERS = ()  # the attention() modifiers it runs
 
 # Imported once, eagerly, so that torch.compile never traces an import.
 try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastattn import reference
 from fastattn.backends.call import AttentionCall, KVCacheCall
 
+SCORE_MODIFIERS = ("bias", "alibi_slopes", "window", "softcap", "sinks")  # the attention() modifiers it runs
+
 
 def unavailable() -> str | None:
     return None

@@ -12,6 +12,8 @@ from torch.nn.attention.bias import causal_lower_right
 from fastattn import reference
 from fastattn.backends.call import AttentionCall, KVCacheCall
 
+SCORE_MODIFIERS = ("bias", "alibi_slopes", "window")  # as one SDPA float mask
+
 
 def unavailable() -> str | None:
     return None

@@ -10,6 +10,7 @@ from fastattn.backends.call import AttentionCall, KVCacheCall
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GRID_YZ = 65535  # heads and batch are CUDA grid axes 1 and 2
+SCORE_MODIFIERS = ("bias", "alibi_slopes", "window", "softcap", "sinks")  # the attention() modifiers it runs
 
 # Imported once, eagerly, so that torch.compile never traces an import.
 try:
