@@ -296,3 +296,55 @@ def test_available_backends_say_which_modifiers_they_run():
     assert statuses["reference"].score_modifiers == statuses["triton"].score_modifiers
     assert statuses["torch"].score_modifiers == ("bias", "alibi_slopes", "window")
     assert statuses["cuda"].score_modifiers == ()
+
+
+@pytest.mark.gpu
+def test_modifiers_are_graph_safe_and_sync_free(gen):
+    """fwd + bwd with every modifier (dbias, dsinks included) and a decode step with them: no host
+    sync (sync debug mode "error") after warm-up, and a CUDA graph replays with eager's results."""
+    q, k, v = testing.random_qkv(2, 96, 96, 4, 2, 64, dtype=torch.bfloat16, device="cuda", generator=gen)
+    bias = torch.randn(1, 4, 96, 96, device="cuda", dtype=torch.bfloat16)
+    sinks, slopes = torch.randn(4, device="cuda"), torch.rand(4, device="cuda")
+    dout = torch.randn_like(q)
+    xs = [x.clone().requires_grad_(True) for x in (q, k, v, bias, sinks)]
+
+    def step():
+        for x in xs:
+            x.grad = None
+        out = fastattn.attention(*xs[:3], causal=True, bias=xs[3], sinks=xs[4], alibi_slopes=slopes, window=(40, 0),
+                                 softcap=20.0, backend="triton")
+        out.backward(dout)
+        return out
+
+    eager = [step().detach().clone()] + [x.grad.clone() for x in xs]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        k_cache, v_cache = torch.zeros(2, 256, 2, 64, device="cuda", dtype=torch.bfloat16), torch.zeros(
+            2, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
+        lens = torch.tensor([10, 200], dtype=torch.int32, device="cuda")
+        with torch.no_grad():
+            for _ in range(2):
+                fastattn.attention_with_kvcache(q[:, :1], k_cache, v_cache, k[:, :1], v[:, :1], cache_seqlens=lens,
+                                                sinks=sinks, alibi_slopes=slopes, window=(64, 0), softcap=20.0,
+                                                backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for x in xs:
+        x.grad = torch.zeros_like(x)
+    with torch.cuda.graph(graph):
+        out = fastattn.attention(*xs[:3], causal=True, bias=xs[3], sinks=xs[4], alibi_slopes=slopes, window=(40, 0),
+                                 softcap=20.0, backend="triton")
+        out.backward(dout)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip([out] + [x.grad for x in xs], eager):
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-2 * want.float().abs().max().item())
