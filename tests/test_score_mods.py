@@ -290,6 +290,16 @@ def test_modifiers_through_the_ops_and_compile(gen):
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, bias), f(q, k, v, bias))
 
 
+def test_auto_keeps_gpu_unverified_modifier_kernels_out():
+    """Until a GPU has run the modifier variants, "auto" on CUDA tensors sends modifier calls to SDPA
+    or the reference; plain calls still take the Triton kernels."""
+    from fastattn import backends
+    from fastattn.modifiers import ScoreMods
+
+    assert backends.auto_order(torch.device("cuda"))[0] == "triton"
+    assert "triton" not in backends.auto_order(torch.device("cuda"), ScoreMods(softcap=1.0))
+
+
 def test_available_backends_say_which_modifiers_they_run():
     statuses = fastattn.available_backends()
     assert statuses["triton"].score_modifiers == ("bias", "alibi_slopes", "window", "softcap", "sinks")

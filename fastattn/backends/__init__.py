@@ -29,6 +29,11 @@ _MODULES = {"triton": triton_backend, "cuda": cuda_backend, "torch": sdpa_backen
 # yet: backend="cuda" selects them. On CPU tensors: PyTorch's SDPA.
 AUTO_CUDA_ORDER = ("triton", "torch", "reference")
 AUTO_CPU_ORDER = ("torch", "reference")
+# Calls with score modifiers (bias, ALiBi, window, softcap, sinks): the Triton kernels' modifier
+# variants have passed the CPU (interpreter) tests and compile for sm_90, but no GPU has run them,
+# so on CUDA tensors "auto" takes SDPA with a float mask (bias, ALiBi, window) or the reference;
+# backend="triton" selects them, and tools/gpu_check.sh verifies and times them.
+AUTO_CUDA_MODS_ORDER = ("torch", "reference")
 # attention_with_kvcache: a module's unsupported_kvcache / run_kvcache, or for a module without a
 # decode path of its own (torch, reference) its unsupported / run on the dense cache
 # (KVCacheCall.padded: a torch-op append, then a key-padding mask per query). The Triton split-KV
@@ -70,14 +75,16 @@ def why_not(name: str, call: AttentionCall) -> str | None:
     return unavailable_reason(name) or _MODULES[name].unsupported(call)
 
 
-def auto_order(device: torch.device) -> tuple[str, ...]:
-    return AUTO_CUDA_ORDER if device.type == "cuda" else AUTO_CPU_ORDER
+def auto_order(device: torch.device, mods=None) -> tuple[str, ...]:
+    if device.type != "cuda":
+        return AUTO_CPU_ORDER
+    return AUTO_CUDA_ORDER if mods is None else AUTO_CUDA_MODS_ORDER
 
 
 def choose(backend: str, call: AttentionCall) -> str:
     """The backend that runs `call`: `backend` itself (ValueError saying why if it cannot), or for
     "auto" the first of auto_order that can."""
-    return _choose(backend, call, auto_order(call.q.device), "unsupported")
+    return _choose(backend, call, auto_order(call.q.device, call.mods), "unsupported")
 
 
 def choose_kvcache(backend: str, call: KVCacheCall) -> str:
