@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fastattn.models.layers import NO_CACHE_WITH_RELATIVE_BIAS
+
 
 def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of different lengths -> tokens (B, S_max) and mask (B, S_max), True = real token.
@@ -105,6 +107,11 @@ def generate(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor | None,
     """
     if cuda_graph and (cache is None or not tokens.is_cuda):
         raise ValueError("cuda_graph=True needs a KV cache (use_cache=True) and CUDA tensors")
+    if cache is None and mask is not None:
+        # Padding to the front of each prompt (a stable sort of "is real"), so that new tokens follow
+        # their prompt directly: relative position bias counts distances in columns.
+        order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)  # (B, S)
+        tokens, mask = tokens.gather(1, order), mask.gather(1, order)
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     last = tokens.shape[1] - 1 if mask is None else last_real(mask)
     first = forward(tokens, mask, cache)[rows, last]
@@ -155,6 +162,17 @@ def graphed_step(step: Callable[[torch.Tensor], torch.Tensor], cache, example: t
         return static_out
 
     return replay
+
+
+def resolve_use_cache(config, use_cache: bool | None) -> bool:
+    """generate()'s use_cache: None (the default) takes the KV cache when the model can decode with one;
+    a model with relative position bias (config.positions == "relative", T5) cannot yet:
+    fastattn.attention_with_kvcache takes no bias, so it recomputes the sequence every step and
+    refuses use_cache=True."""
+    relative = config.positions == "relative"
+    if use_cache and relative:
+        raise ValueError(NO_CACHE_WITH_RELATIVE_BIAS)
+    return not relative if use_cache is None else bool(use_cache)
 
 
 def check_room(needed: int, max_len: int, what: str) -> None:

@@ -1,5 +1,6 @@
 """Layers shared by the three models: multi-head attention (self or cross), feed-forward, the
-pre-norm transformer block, and token + position embeddings.
+pre-norm transformer block, and token + position embeddings (or T5's relative position bias,
+``relative_position.py``).
 
 All attention goes through ``fastattn.attention`` in FlashAttention's (B, S, H, D) layout, so the
 heads are split with a view (no transpose, no copy). ``attn_backend`` picks the kernels: "auto",
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn import reference
+from fastattn.models.relative_position import RelativePositionBias
 
 
 class MultiHeadAttention(nn.Module):
@@ -48,7 +50,8 @@ class MultiHeadAttention(nn.Module):
         return kv[:, :, 0], kv[:, :, 1]
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, *,
-                key_padding_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None, cache=None, bias: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """x (B, S, d_model) -> (B, S, d_model).
 
         memory: the sequence to attend to for cross-attention (B, S_mem, d_model).
@@ -56,6 +59,8 @@ class MultiHeadAttention(nn.Module):
             (the prompt's own padding); the cache holds no padding.
         cache: a ``LayerCache``. Self-attention attends to everything cached so far plus this call's
             keys/values, and stores them; cross-attention projects ``memory`` once and reuses it.
+        bias: additive scores broadcastable to (B, H, S, S_keys), e.g. the relative position bias
+            (1, H, S, S); passed to ``fastattn.attention``. The cached decode path takes none.
         """
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # (B, S, Hq, D)
@@ -71,29 +76,34 @@ class MultiHeadAttention(nn.Module):
         else:
             k, v = self.project_kv(x)
             if cache is not None:  # attends over the cached keys and its own, and stores its own
+                if bias is not None:
+                    raise ValueError("attention with a bias runs without a KV cache: "
+                                     "fastattn.attention_with_kvcache takes no bias yet")
                 out = cache.attend(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
                                    backend=self.attn_backend)
                 return self.out_proj(out.reshape(b, s, self.n_heads * self.head_dim))
-        out = fastattn.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
+        out = fastattn.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, bias=bias,
                                  backend=self.attn_backend)
         return self.out_proj(out.reshape(b, s, self.n_heads * self.head_dim))  # heads merged: (B, S, d_model)
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor, memory: torch.Tensor | None = None,
-                      key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      key_padding_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The attention weights of a call without a cache, averaged over heads: (B, S, S_keys).
 
         Fused kernels never store them; they are recomputed from the queries, the keys and the
-        log-sum-exp the kernel returns: p = exp(q . k * scale - lse).
+        log-sum-exp the kernel returns: p = exp(q . k * scale + bias - lse).
         """
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # (B, S, Hq, D)
         k, v = self.project_kv(x if memory is None else memory)  # (B, S_keys, Hkv, D)
         backend = "reference" if self.attn_backend == "torch" else self.attn_backend  # SDPA returns no lse
         _, lse = fastattn.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, return_lse=True,
-                                    backend=backend)
+                                    bias=bias, backend=backend)
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)  # GQA: each query head's key head
         scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / self.head_dim ** 0.5  # (B, Hq, S, S_keys)
+        if bias is not None:
+            scores = scores + bias.float()
         p = torch.exp(scores - lse[..., None])
         visible = reference.visible_keys(s, k.shape[1], causal=self.causal, key_padding_mask=key_padding_mask,
                                          device=x.device)  # (B or 1, 1, S, S_keys)
@@ -133,29 +143,32 @@ class Block(nn.Module):
         self.norm_ff = nn.LayerNorm(d_model)
         self.ff = FeedForward(d_model, d_ff)
 
-    def forward(self, x, *, key_padding_mask=None, memory=None, memory_padding_mask=None, cache=None):
-        x = x + self.self_attn(self.norm_self(x), key_padding_mask=key_padding_mask, cache=cache)
+    def forward(self, x, *, key_padding_mask=None, memory=None, memory_padding_mask=None, cache=None, bias=None):
+        """bias: the self-attention's (relative position bias); cross-attention takes none."""
+        x = x + self.self_attn(self.norm_self(x), key_padding_mask=key_padding_mask, cache=cache, bias=bias)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), memory, key_padding_mask=memory_padding_mask, cache=cache)
         return x + self.ff(self.norm_ff(x))
 
 
 class Embeddings(nn.Module):
-    """Token embedding plus a learned absolute position embedding.
+    """Token embedding plus a learned absolute position embedding (none with learned_positions=False:
+    a model with relative position bias adds positions in the attention instead).
 
     Positions count real tokens only, so a left-padded prompt numbers its first real token 0,
     exactly as it would alone: padding never shifts what the model sees.
     """
 
-    def __init__(self, vocab_size: int, d_model: int, max_len: int):
+    def __init__(self, vocab_size: int, d_model: int, max_len: int, *, learned_positions: bool = True):
         super().__init__()
         self.max_len = max_len
         self.tokens = nn.Embedding(vocab_size, d_model)
-        self.positions = nn.Embedding(max_len, d_model)
+        self.positions = nn.Embedding(max_len, d_model) if learned_positions else None
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens (B, S), their positions (B, S) (``positions_of`` or the KV cache's) -> (B, S, d_model)."""
-        return self.tokens(tokens) + self.positions(positions)
+        x = self.tokens(tokens)
+        return x if self.positions is None else x + self.positions(positions)
 
     def positions_of(self, mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
         """Positions (B, S) of a whole sequence with padding mask (B, S) (None: no padding)."""
@@ -167,18 +180,29 @@ class Embeddings(nn.Module):
         return (mask.long().cumsum(-1) - 1).clamp(min=0)  # pads reuse a neighbour's
 
 
+NO_CACHE_WITH_RELATIVE_BIAS = ("a model with relative position bias (positions='relative', T5) decodes without the "
+                               "KV cache for now: fastattn.attention_with_kvcache takes no bias; use use_cache=False")
+
+
 class Stack(nn.Module):
     """Embeddings, a stack of blocks and a final norm: the body of every model here.
 
     causal=False is an encoder (each token sees the whole sequence but no padding); causal=True a
     decoder (each token sees itself and the tokens before it); cross_attention=True adds attention to
     an encoder's output in every block (the decoder of an encoder-decoder).
+
+    config.positions == "relative" (T5): no position embedding; one relative position bias table for
+    the whole stack (bidirectional buckets in an encoder, causal ones in a decoder), turned into a
+    (1, H, S, S) bias once per forward and shared by every block's self-attention.
     """
 
     def __init__(self, config, n_layers: int, *, causal: bool, cross_attention: bool = False):
         super().__init__()
         c = config
-        self.embed = Embeddings(c.vocab_size, c.d_model, c.max_len)
+        relative = c.positions == "relative"
+        self.embed = Embeddings(c.vocab_size, c.d_model, c.max_len, learned_positions=not relative)
+        self.relative_bias = RelativePositionBias(c.n_heads, bidirectional=not causal, num_buckets=c.num_buckets,
+                                                  max_distance=c.max_distance) if relative else None
         self.blocks = nn.ModuleList(
             Block(c.d_model, c.n_heads, c.kv_heads, c.ff_dim, causal=causal, cross_attention=cross_attention,
                   attn_backend=c.attn_backend)
@@ -197,12 +221,16 @@ class Stack(nn.Module):
         """
         if cache is None:
             positions, key_padding_mask = self.embed.positions_of(mask, tokens), mask
+        elif self.relative_bias is not None:
+            raise ValueError(NO_CACHE_WITH_RELATIVE_BIAS)
         else:
             positions, key_padding_mask = cache.begin(mask, tokens.shape[1])
+        # (1, H, S, S), computed once and shared by every layer
+        bias = None if self.relative_bias is None else self.relative_bias(tokens.shape[1])
         x = self.embed(tokens, positions)
         for i, block in enumerate(self.blocks):
             x = block(x, key_padding_mask=key_padding_mask, memory=memory, memory_padding_mask=memory_mask,
-                      cache=None if cache is None else cache.layers[i])
+                      cache=None if cache is None else cache.layers[i], bias=bias)
         if cache is not None:
             cache.end(tokens.shape[1])
         return self.norm(x)
