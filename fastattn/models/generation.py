@@ -166,9 +166,9 @@ def graphed_step(step: Callable[[torch.Tensor], torch.Tensor], cache, example: t
 
 def resolve_use_cache(config, use_cache: bool | None) -> bool:
     """generate()'s use_cache: None (the default) takes the KV cache when the model can decode with one;
-    a model with relative position bias (config.positions == "relative", T5) cannot yet:
-    fastattn.attention_with_kvcache takes no bias, so it recomputes the sequence every step and
-    refuses use_cache=True."""
+    a model with relative position bias (config.positions == "relative", T5) cannot yet (its cached
+    step would need the bias over cache positions, which attention_with_kvcache takes but the
+    models do not build), so it recomputes the sequence every step and refuses use_cache=True."""
     relative = config.positions == "relative"
     if use_cache and relative:
         raise ValueError(NO_CACHE_WITH_RELATIVE_BIAS)

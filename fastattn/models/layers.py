@@ -77,8 +77,8 @@ class MultiHeadAttention(nn.Module):
             k, v = self.project_kv(x)
             if cache is not None:  # attends over the cached keys and its own, and stores its own
                 if bias is not None:
-                    raise ValueError("attention with a bias runs without a KV cache: "
-                                     "fastattn.attention_with_kvcache takes no bias yet")
+                    raise ValueError("a layer with a bias runs without a KV cache: the cached step does not "
+                                     "build the bias over cache positions yet")
                 out = cache.attend(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
                                    backend=self.attn_backend)
                 return self.out_proj(out.reshape(b, s, self.n_heads * self.head_dim))
@@ -181,7 +181,8 @@ class Embeddings(nn.Module):
 
 
 NO_CACHE_WITH_RELATIVE_BIAS = ("a model with relative position bias (positions='relative', T5) decodes without the "
-                               "KV cache for now: fastattn.attention_with_kvcache takes no bias; use use_cache=False")
+                               "KV cache for now (the cached step does not build the bias over cache positions yet); "
+                               "use use_cache=False")
 
 
 class Stack(nn.Module):
