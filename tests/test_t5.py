@@ -1,8 +1,8 @@
 """The T5-style encoder-decoder (positions="relative"): the bucket function against hand-computed
 values, the model on each backend against the same weights on "reference" (logits and every
 parameter gradient, the relative-bias tables included, under docs/design.md's tolerance rule), a
-short training run, one bias per stack and forward shared by all its layers, and generation
-without the KV cache."""
+short training run, one bias per stack and forward shared by all its layers, and cached generation
+(the bias over the cache's positions) equal to recomputation."""
 
 import copy
 import random
@@ -17,7 +17,6 @@ from fastattn.demo.train import date_loss
 from fastattn.models import (
     Decoder,
     EncoderDecoder,
-    KVCache,
     ModelConfig,
     RelativePositionBias,
     pad_left,
@@ -188,28 +187,22 @@ def greedy_by_hand(model, src, src_mask, n, bos_id):
     return tgt[:, 1:]
 
 
-def test_generation_recomputes_without_the_cache(gen):
-    """The relative bias runs through fastattn.attention, not the KV-cache decode path: generate()
-    recomputes the target every step (the default for this model), and use_cache=True is refused.
-    On "reference": the kernels' bias path is checked above, and through the interpreter every
-    recomputed step costs seconds."""
-    model = t5_model(gen, attn_backend="reference").eval()
+@pytest.mark.parametrize("backend,page_size", [("reference", None), ("reference", 4), ("triton", 4)])
+def test_cached_generation_equals_recomputation(backend, page_size, gen):
+    """Cached steps get the relative bias over the cache's positions (attention_with_kvcache's
+    bias): the tokens equal recomputing the whole target every step, contiguous or paged."""
+    model = t5_model(gen, attn_backend=backend).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(8.0)  # context-dependent predictions (see test_models.sharpened)
     src = torch.randint(3, 32, (3, 11), generator=gen).to(DEVICE)
     src_mask = padding_mask([11, 4, 7], 11).to(DEVICE)
-    out = model.generate(src, src_mask, 5, bos_id=1)
+    out = model.generate(src, src_mask, 5, bos_id=1, page_size=page_size)
     assert out.shape == (3, 5)
     with torch.no_grad():
         assert torch.equal(out, greedy_by_hand(model, src, src_mask, 5, bos_id=1))
     assert torch.equal(model.generate(src, src_mask, 5, bos_id=1, use_cache=False), out)
-    with pytest.raises(ValueError, match="without the KV cache"):
-        model.generate(src, src_mask, 5, bos_id=1, use_cache=True)
-    with pytest.raises(ValueError, match="without the KV cache"), torch.no_grad():
-        cache = KVCache.for_config(model.config, model.config.decoder_layers, 3, 5, DEVICE)
-        model.decode(src[:, :1], model.encode(src, src_mask), src_mask, cache=cache)
 
 
 def test_relative_decoder_generates_alike_from_left_or_right_padding(gen):
@@ -223,5 +216,6 @@ def test_relative_decoder_generates_alike_from_left_or_right_padding(gen):
     prompts = [torch.randint(1, 32, (n,), generator=gen).tolist() for n in (5, 1, 9)]
     left = model.generate(*pad_left(prompts, device=DEVICE), 6)
     assert torch.equal(model.generate(*pad_right(prompts, device=DEVICE), 6), left)
+    assert torch.equal(model.generate(*pad_right(prompts, device=DEVICE), 6, use_cache=False), left)
     for i, p in enumerate(prompts):
         assert torch.equal(model.generate(torch.tensor([p], device=DEVICE), None, 6)[0], left[i])

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from fastattn.models.config import ModelConfig
-from fastattn.models.generation import check_room, generate, resolve_use_cache
+from fastattn.models.generation import check_room, generate
 from fastattn.models.kv_cache import KVCache
 from fastattn.models.layers import Stack, as_padding_mask, init_weights, tied_logits
 
@@ -44,7 +44,7 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-                 *, use_cache: bool | None = None, page_size: int | None = None, cuda_graph: bool = False,
+                 *, use_cache: bool = True, page_size: int | None = None, cuda_graph: bool = False,
                  **sampling) -> torch.Tensor:
         """Continue each prompt by up to max_new_tokens tokens; returns the new tokens (B, n).
 
@@ -52,12 +52,10 @@ class Decoder(nn.Module):
         marking their real tokens. With use_cache each step runs the model on the one new token
         against the cached keys/values (fastattn.attention_with_kvcache; a paged cache with
         page_size; cuda_graph=True replays one captured step per token on CUDA); without, it
-        recomputes the whole sequence (the slow way, kept to check the cache against). use_cache
-        None: the cache unless the model has relative position bias (``resolve_use_cache``). sampling:
+        recomputes the whole sequence (the slow way, kept to check the cache against). sampling:
         temperature, top_k, eos_id, pad_id (default config.pad_id), generator (see
         ``generation.decode_loop``).
         """
-        use_cache = resolve_use_cache(self.config, use_cache)
         b, s = tokens.shape
         needed = s + max_new_tokens - 1  # the last new token is never fed back
         check_room(needed, self.config.max_len, f"a prompt of {s} tokens + {max_new_tokens} new ones")

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from fastattn.models.config import ModelConfig
-from fastattn.models.generation import check_room, generate, resolve_use_cache
+from fastattn.models.generation import check_room, generate
 from fastattn.models.kv_cache import KVCache
 from fastattn.models.layers import Stack, as_padding_mask, init_weights, tied_logits
 
@@ -48,17 +48,15 @@ class EncoderDecoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, src: torch.Tensor, src_mask: torch.Tensor | None = None, max_new_tokens: int = 32, *,
-                 bos_id: int, use_cache: bool | None = None, page_size: int | None = None, cuda_graph: bool = False,
+                 bos_id: int, use_cache: bool = True, page_size: int | None = None, cuda_graph: bool = False,
                  **sampling) -> torch.Tensor:
         """Translate: the target starts with bos_id; returns the new tokens (B, n).
 
         With use_cache the decoder runs on one new token per step (self-attention K/V cached, the
         cross-attention K/V computed from the encoder output once; page_size and cuda_graph as in
-        ``Decoder.generate``); without, it recomputes the whole target every step. use_cache None:
-        the cache unless the model has relative position bias (T5; ``resolve_use_cache``). sampling:
+        ``Decoder.generate``); without, it recomputes the whole target every step. sampling:
         temperature, top_k, eos_id, pad_id (default config.pad_id), generator.
         """
-        use_cache = resolve_use_cache(self.config, use_cache)
         b = src.shape[0]
         check_room(max_new_tokens, self.config.max_len, f"bos + {max_new_tokens} new tokens")
         sampling.setdefault("pad_id", self.config.pad_id)

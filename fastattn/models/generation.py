@@ -7,8 +7,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from fastattn.models.layers import NO_CACHE_WITH_RELATIVE_BIAS
-
 
 def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of different lengths -> tokens (B, S_max) and mask (B, S_max), True = real token.
@@ -162,17 +160,6 @@ def graphed_step(step: Callable[[torch.Tensor], torch.Tensor], cache, example: t
         return static_out
 
     return replay
-
-
-def resolve_use_cache(config, use_cache: bool | None) -> bool:
-    """generate()'s use_cache: None (the default) takes the KV cache when the model can decode with one;
-    a model with relative position bias (config.positions == "relative", T5) cannot yet (its cached
-    step would need the bias over cache positions, which attention_with_kvcache takes but the
-    models do not build), so it recomputes the sequence every step and refuses use_cache=True."""
-    relative = config.positions == "relative"
-    if use_cache and relative:
-        raise ValueError(NO_CACHE_WITH_RELATIVE_BIAS)
-    return not relative if use_cache is None else bool(use_cache)
 
 
 def check_room(needed: int, max_len: int, what: str) -> None:

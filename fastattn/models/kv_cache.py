@@ -59,6 +59,11 @@ class KVCache:
     def prefilled(self) -> bool:
         return self.length > 0
 
+    @property
+    def capacity(self) -> int:
+        """Positions per sequence: max_len, or whole pages' worth."""
+        return self.max_len if self.page_size is None else -(-self.max_len // self.page_size) * self.page_size
+
     def begin(self, mask: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Before the layers run on the next n tokens: their positions (B, n), and the key padding
         mask the first call's attention needs (None after it, or if the prompt has no padding).
@@ -112,17 +117,20 @@ class LayerCache:
         self.cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-               key_padding_mask: torch.Tensor | None, backend: str) -> torch.Tensor:
+               key_padding_mask: torch.Tensor | None, backend: str, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention of the new tokens q (B, n, Hq, D) over everything cached plus their own
-        keys/values k, v (B, n, Hkv, D), which are stored. Returns (B, n, Hq, D)."""
+        keys/values k, v (B, n, Hkv, D), which are stored. Returns (B, n, Hq, D). bias: additive
+        scores over this call's keys: the prompt's own (first call), else the cache's positions
+        (B or 1, H, n, capacity)."""
         c = self.cache
         k_cache, v_cache = c.layer_buffers(self.layer, k)
         # The CUDA C++ backend has no decode kernel: its models decode on "auto".
         backend = "auto" if backend == "cuda" else backend
         if c.prefilled:
             return fastattn.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=c.seqlens,
-                                                   block_table=c.block_table, causal=causal, backend=backend)
-        out = fastattn.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, backend=backend)
+                                                   block_table=c.block_table, causal=causal, bias=bias,
+                                                   backend=backend)
+        out = fastattn.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, bias=bias, backend=backend)
         if c.prompt_mask is not None:
             # Each sequence's real tokens to the front, in order (a stable sort of "is padding"):
             # the cache holds no padding, so later steps need no mask. (B, n) -> (B, n, Hkv, D) index.

@@ -60,7 +60,7 @@ class MultiHeadAttention(nn.Module):
         cache: a ``LayerCache``. Self-attention attends to everything cached so far plus this call's
             keys/values, and stores them; cross-attention projects ``memory`` once and reuses it.
         bias: additive scores broadcastable to (B, H, S, S_keys), e.g. the relative position bias
-            (1, H, S, S); passed to ``fastattn.attention``. The cached decode path takes none.
+            (1, H, S, S); with a cache after its first call, over the cache's positions.
         """
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # (B, S, Hq, D)
@@ -76,11 +76,8 @@ class MultiHeadAttention(nn.Module):
         else:
             k, v = self.project_kv(x)
             if cache is not None:  # attends over the cached keys and its own, and stores its own
-                if bias is not None:
-                    raise ValueError("a layer with a bias runs without a KV cache: the cached step does not "
-                                     "build the bias over cache positions yet")
                 out = cache.attend(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
-                                   backend=self.attn_backend)
+                                   backend=self.attn_backend, bias=bias)
                 return self.out_proj(out.reshape(b, s, self.n_heads * self.head_dim))
         out = fastattn.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, bias=bias,
                                  backend=self.attn_backend)
@@ -180,11 +177,6 @@ class Embeddings(nn.Module):
         return (mask.long().cumsum(-1) - 1).clamp(min=0)  # pads reuse a neighbour's
 
 
-NO_CACHE_WITH_RELATIVE_BIAS = ("a model with relative position bias (positions='relative', T5) decodes without the "
-                               "KV cache for now (the cached step does not build the bias over cache positions yet); "
-                               "use use_cache=False")
-
-
 class Stack(nn.Module):
     """Embeddings, a stack of blocks and a final norm: the body of every model here.
 
@@ -194,7 +186,9 @@ class Stack(nn.Module):
 
     config.positions == "relative" (T5): no position embedding; one relative position bias table for
     the whole stack (bidirectional buckets in an encoder, causal ones in a decoder), turned into a
-    (1, H, S, S) bias once per forward and shared by every block's self-attention.
+    (1, H, S, S) bias once per forward and shared by every block's self-attention; a cached step
+    gets it over the cache's positions from the new tokens' positions (on the device, so a CUDA
+    graph can replay it).
     """
 
     def __init__(self, config, n_layers: int, *, causal: bool, cross_attention: bool = False):
@@ -220,14 +214,15 @@ class Stack(nn.Module):
         sequence). memory, memory_mask: the encoder output (B, S_src, d_model) and its padding
         mask, for cross-attention.
         """
+        step = cache is not None and cache.prefilled  # a decode step over the cache
         if cache is None:
             positions, key_padding_mask = self.embed.positions_of(mask, tokens), mask
-        elif self.relative_bias is not None:
-            raise ValueError(NO_CACHE_WITH_RELATIVE_BIAS)
         else:
             positions, key_padding_mask = cache.begin(mask, tokens.shape[1])
-        # (1, H, S, S), computed once and shared by every layer
-        bias = None if self.relative_bias is None else self.relative_bias(tokens.shape[1])
+        bias = None  # computed once and shared by every layer
+        if self.relative_bias is not None:
+            bias = (self.relative_bias(cache.capacity, positions) if step  # (B, H, S, capacity)
+                    else self.relative_bias(tokens.shape[1]))  # (1, H, S, S)
         x = self.embed(tokens, positions)
         for i, block in enumerate(self.blocks):
             x = block(x, key_padding_mask=key_padding_mask, memory=memory, memory_padding_mask=memory_mask,

@@ -59,14 +59,19 @@ class RelativePositionBias(nn.Module):
         relative_position_bucket(torch.zeros(1, dtype=torch.long), bidirectional=bidirectional,
                                  num_buckets=num_buckets, max_distance=max_distance)  # bad sizes fail here
 
-    def forward(self, seqlen: int) -> torch.Tensor:
+    def forward(self, seqlen: int, query_positions: torch.Tensor | None = None) -> torch.Tensor:
         """-> bias (1, H, S, S): bias[0, h, i, j] = table[bucket(j - i), h].
 
         Distances count columns, so padding must sit at one end of each sequence (left or right,
-        as everywhere in fastattn.models): then every pair of real tokens keeps its distance."""
+        as everywhere in fastattn.models): then every pair of real tokens keeps its distance.
+
+        With query_positions (B, n) (a cached decode step: the new tokens' positions in the cache,
+        on the device), the keys are the cache's seqlen positions: bias (B, H, n, seqlen)."""
         pos = torch.arange(seqlen, device=self.embed.weight.device)
-        bucket = relative_position_bucket(pos[None, :] - pos[:, None], bidirectional=self.bidirectional,
-                                          num_buckets=self.num_buckets, max_distance=self.max_distance)  # (S, S)
-        # Gathered from the transposed table: (H, S, S) comes out contiguous, so the kernels read
-        # each query's biases along the keys with stride 1.
-        return self.embed.weight.t()[:, bucket][None]  # (1, H, S, S)
+        rel = pos[None, :] - (pos[:, None] if query_positions is None else query_positions[:, :, None])
+        bucket = relative_position_bucket(rel, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+                                          max_distance=self.max_distance)  # (S, S) or (B, n, seqlen)
+        # Gathered from the transposed table: (H, ..., S) comes out with the keys contiguous, so the
+        # kernels read each query's biases along the keys with stride 1.
+        bias = self.embed.weight.t()[:, bucket]
+        return bias[None] if query_positions is None else bias.transpose(0, 1)  # (1 or B, H, n, S)
