@@ -358,3 +358,10 @@ def test_modifiers_are_graph_safe_and_sync_free(gen):
     torch.cuda.synchronize()
     for got, want in zip([out] + [x.grad for x in xs], eager):
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-2 * want.float().abs().max().item())
+
+
+def test_sinks_without_keys_still_get_the_lse_gradient(gen):
+    """No keys at all: out = 0 and lse = the sink, so d lse / d sink = 1 reaches dsinks."""
+    q = torch.randn(2, 5, 2, 16, generator=gen).to(DEVICE)
+    k = v = torch.randn(2, 0, 2, 16, generator=gen).to(DEVICE)
+    check(q, k, v, False, {"sinks": torch.randn(2, generator=gen).to(DEVICE)}, gen)

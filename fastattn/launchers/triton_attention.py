@@ -220,8 +220,11 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
         # broadcast bias sums its gradient over the broadcast dims afterwards, in float32.
         dbias = q.new_zeros(full, dtype=torch.float32 if reduce_dims else bias.dtype)
     if dq.numel() == 0 or dk.numel() == 0 or b == 0:
-        return (dq.zero_(), dk.zero_(), dv.zero_(), _reduce_dbias(dbias, bias),
-                None if sinks is None else torch.zeros_like(sinks))
+        dsinks = None
+        if sinks is not None:  # no keys (or no queries): out = 0, lse = the sink, so delta = -dlse
+            dsinks = (torch.zeros_like(sinks) if dlse is None or dq.numel() == 0
+                      else _dsinks(sinks, lse, -dlse.float(), varlen))
+        return dq.zero_(), dk.zero_(), dv.zero_(), _reduce_dbias(dbias, bias), dsinks
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     has_dlse = dlse is not None
@@ -286,13 +289,16 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
         plans.remember(_plans, key, built, MAX_CACHED_SIGNATURES)
     if plain:
         return dq, dk, dv, None, None
-    dsinks = None
-    if sinks is not None:
-        # d loss / d sink_h = -sum over rows of P(sink) * delta, P(sink) = exp(sink_h - lse) (lse counts the sink).
-        head_view = (hq, 1) if varlen else (1, hq, 1)
-        p_sink = torch.exp(sinks.float().view(head_view) - lse)
-        dsinks = -(p_sink * delta).sum(dim=1 if varlen else (0, 2)).to(sinks.dtype)
+    dsinks = None if sinks is None else _dsinks(sinks, lse, delta, varlen)
     return dq, dk, dv, _reduce_dbias(dbias, bias), dsinks
+
+
+def _dsinks(sinks, lse, delta, varlen: bool):
+    """d loss / d sink_h = -sum over rows of P(sink) * delta with P(sink) = exp(sink_h - lse) (lse
+    counts the sink) and delta = rowsum(dO * O) - dlse; lse/delta (B, Hq, Sq) or packed (Hq, Tq)."""
+    head_view = (sinks.shape[0], 1) if varlen else (1, sinks.shape[0], 1)
+    p_sink = torch.exp(sinks.float().view(head_view) - lse)
+    return -(p_sink * delta).sum(dim=1 if varlen else (0, 2)).to(sinks.dtype)
 
 
 def _reduce_dbias(dbias, bias):
