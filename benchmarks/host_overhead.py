@@ -48,6 +48,7 @@ from fastattn.launchers import decode as decode_launcher  # noqa: E402
 from fastattn.launchers import plans  # noqa: E402
 from fastattn.launchers import triton_attention as launcher  # noqa: E402
 from fastattn.launchers.masks import key_bounds  # noqa: E402
+from fastattn.modifiers import ScoreMods  # noqa: E402
 from fastattn.ops import padded_attention, varlen_attention  # noqa: E402
 
 LAYERS = ("api", "autograd", "launcher", "launch")
@@ -136,13 +137,36 @@ def build_paths(device, dtype, b, s, h, d):
         out, lse = saved
         return launcher.backward_varlen(dout_p, qp, kp, vp, out, lse, None, cu, cu, s, s, True, scale)
 
+    # Score modifiers: a learnable bias (1, H, S, S), a window and sinks (all on the modified kernels'
+    # path, dbias and dsinks included); SDPA's counterpart takes the same bias as a float mask.
+    bias = leaf(1, h, s, s)
+    sinks = torch.zeros(h, device=device).requires_grad_()
+    window = (s // 2, 0)
+    mods = ScoreMods(bias, None, window, 0.0, sinks)
+    bias_t = bias.detach().clone().requires_grad_()
+
+    def mods_fwd():
+        return launcher.forward(q, k, v, None, None, True, scale, bias, None, sinks, *window, 0.0)
+
+    def mods_bwd(saved):
+        out, lse = saved
+        return launcher.backward(dout, q, k, v, out, lse, None, None, None, True, scale, bias, None, sinks, *window,
+                                 0.0, True)
+
+    modified = AttentionPath("bias + window + sinks", {
+        "api": lambda: fastattn.attention(q, k, v, causal=True, bias=bias, window=window, sinks=sinks,
+                                          backend="triton"),
+        "autograd": lambda: padded_attention(q, k, v, None, True, scale, False, "triton", mods),
+        "launcher": (mods_fwd, mods_bwd),
+    }, lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias_t))
     varlen = AttentionPath("varlen causal", {
         "api": lambda: fastattn.attention_varlen(qp, kp, vp, cu, cu, s, s, causal=True, backend="triton"),
         "autograd": lambda: varlen_attention(qp, kp, vp, cu, cu, s, s, True, scale, False),
         "launcher": (varlen_fwd, varlen_bwd),
     }, None)
-    return [dense, padded, varlen], {"dense causal": (dout, dout_t), "key-padding mask": (dout, dout_t),
-                                     "varlen causal": (dout_p, None)}
+    return [dense, padded, modified, varlen], {"dense causal": (dout, dout_t), "key-padding mask": (dout, dout_t),
+                                               "bias + window + sinks": (dout, dout_t),
+                                               "varlen causal": (dout_p, None)}
 
 
 def decode_path(device, dtype, b, s, h, d):

@@ -16,7 +16,7 @@ import torch
 from fastattn import reference
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ScoreMods:
     """bias: 4-D (B or 1, Hq or 1, Sq or 1, Sk or 1), the caller's tensor viewed with leading unit
     dims (no copy; differentiable). alibi_slopes: float32 (B or 1, Hq). window: (left, right) with

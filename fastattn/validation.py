@@ -106,12 +106,15 @@ def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionSh
     b, hq = shape.batch, shape.heads_q
     full = (b, hq, shape.seqlen_q, shape.seqlen_k)
     if bias is not None:
-        _check_tensor("bias", bias, bias.dim() if isinstance(bias, torch.Tensor) and 0 < bias.dim() <= 4 else 4,
-                      "broadcastable to (B, Hq, Sq, Sk)")
+        if not (type(bias) is torch.Tensor and bias.dtype in FLOAT_DTYPES and 0 < bias.dim() <= 4
+                and bias.layout == torch.strided):  # one test for the usual case; else the error
+            _check_tensor("bias", bias, bias.dim() if isinstance(bias, torch.Tensor) and 0 < bias.dim() <= 4 else 4,
+                          "broadcastable to (B, Hq, Sq, Sk)")
         if bias.device != q.device:
             raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
-        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))  # a view: leading unit dims
-        if any(n not in (1, m) for n, m in zip(bias.shape, full)):
+        if bias.dim() != 4:
+            bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))  # a view: leading unit dims
+        if any(n != 1 and n != m for n, m in zip(bias.shape, full)):
             raise ValueError(f"bias must be broadcastable to (B, Hq, Sq, Sk) = {full}, got shape {tuple(bias.shape)}")
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor):
@@ -128,8 +131,8 @@ def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionSh
             alibi_slopes = alibi_slopes.contiguous()
     left, right = -1, -1
     if window is not None:
-        if (not isinstance(window, (tuple, list)) or len(window) != 2
-                or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window)):
+        if (not isinstance(window, (tuple, list)) or len(window) != 2 or type(window[0]) is not int
+                or type(window[1]) is not int or window[0] < -1 or window[1] < -1):
             raise ValueError(f"window must be (left, right), two ints >= -1 (-1 = unbounded), got {window!r}")
         left, right = window
     if causal:
@@ -144,12 +147,13 @@ def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionSh
         if not isinstance(sinks, torch.Tensor) or sinks.dtype not in FLOAT_DTYPES:
             raise TypeError(f"sinks must be a floating torch.Tensor of shape (Hq,), got "
                             f"{getattr(sinks, 'dtype', type(sinks).__name__)}")
-        if tuple(sinks.shape) != (hq,):
+        if sinks.dim() != 1 or sinks.shape[0] != hq:
             raise ValueError(f"sinks must have shape (Hq,) = ({hq},), got {tuple(sinks.shape)}")
         if sinks.device != q.device:
             raise ValueError(f"sinks is on {sinks.device} but q is on {q.device}")
-    mods = ScoreMods(bias, alibi_slopes, (left, right), float(softcap), sinks)
-    return mods if mods.names() else None
+    if bias is None and alibi_slopes is None and left == right == -1 and softcap == 0 and sinks is None:
+        return None  # e.g. window=(-1, -1), or causal's own window
+    return ScoreMods(bias, alibi_slopes, (left, right), float(softcap), sinks)
 
 
 def validate_flag(name: str, value) -> bool:

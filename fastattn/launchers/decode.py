@@ -156,9 +156,8 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
     if no_mods(mods):
         mod_ptrs, mod_ints, cap2, flags, mod_key = (q, q, q), NO_MOD_INTS, 0.0, NO_FLAGS, None
     else:
-        mod_ptrs, mod_ints, cap2, flags, bias_wide = kernel_args(q, b, hq, sq, cap, *mods)
-        mod_key = (tuple(flags.values()), mod_ints, bias_wide, tuple(x.dtype for x in mod_ptrs),
-                   plans.aligned(mod_ptrs))
+        mod_ptrs, mod_ints, cap2, flags, mod_key = kernel_args(q, b, hq, sq, cap, *mods)
+        mod_key = (mod_key, plans.aligned(mod_ptrs))
     args = (q, k_cache, v_cache, k, v, seqlens, bt, o, l_, *mod_ptrs, *ints, *mod_ints, scale * LOG2E, cap2)
     grid = (splits, hkv * row_tiles, b)
     combine = None
@@ -183,7 +182,7 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
     else:
         wide = (n_pages + 1) * max(k_cache.stride(0), v_cache.stride(0)) >= 2**31
     consts = dict(CAUSAL=causal, PAGE_SIZE=page_size, HEAD_DIM=d, DOT_PRECISION="ieee" if fp32 else "tf32",
-                  BLOCK_R=block_r, BLOCK_D=block_d, WIDE=wide or (mod_key is not None and mod_key[2]), **flags)
+                  BLOCK_R=block_r, BLOCK_D=block_d, WIDE=wide or (mod_key is not None and mod_key[0][2]), **flags)
     with on_device(device):
         # The launch also writes the new rows into the cache: the same values every time, so the
         # tuning runs and the direct-launch check may repeat it.

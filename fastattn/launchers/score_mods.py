@@ -5,6 +5,7 @@ constants (NO_MOD_INTS, NO_FLAGS): the flags compile the modifier code out."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 LOG2E = math.log2(math.e)
@@ -22,19 +23,33 @@ NO_MOD_INTS = (0, 0, 0, 0, 0, 0, 0)
 
 def kernel_args(q, b, hq, sq, sk, bias, alibi_slopes, sinks, window_left, window_right, softcap):
     """The kernels' modifier arguments: (pointers bias/alibi/sinks, ints (bias strides (b, h, m, n),
-    slope batch stride, window left/right), cap2, flags, whether bias offsets need 64 bits).
-    Absent pointers get q (never read). An unbounded window side becomes Sq + Sk (past every key)."""
+    slope batch stride, window left/right), cap2, flags, key). Absent pointers get q (never read).
+    key: everything about the modifiers that a launch plan depends on (flags, ints, dtypes, whether
+    bias offsets need 64 bits: key[2]). Worked out once per layout (_layout), as it runs every call."""
+    layout = _layout(b, hq, sq, sk, None if bias is None else (bias.shape, bias.stride(), bias.dtype),
+                     None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride()),
+                     None if sinks is None else sinks.dtype, window_left, window_right, softcap)
+    ptrs = (q if bias is None else bias, q if alibi_slopes is None else alibi_slopes, q if sinks is None else sinks)
+    return (ptrs, *layout)
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(b, hq, sq, sk, bias, alibi, sinks_dtype, window_left, window_right, softcap):
+    """(ints, cap2, flags, key) for kernel_args from the modifiers' shapes, strides and dtypes. An
+    unbounded window side becomes Sq + Sk (past every key)."""
     flags = dict(LOCAL=window_left >= 0 or window_right >= 0, HAS_BIAS=bias is not None,
-                 HAS_ALIBI=alibi_slopes is not None, SOFTCAP=softcap != 0.0, HAS_SINKS=sinks is not None)
-    bias_strides, wide = (0, 0, 0, 0), False
+                 HAS_ALIBI=alibi is not None, SOFTCAP=softcap != 0.0, HAS_SINKS=sinks_dtype is not None)
+    bias_strides, wide, dtypes = (0, 0, 0, 0), False, (None, sinks_dtype)
     if bias is not None:
-        bias_strides = bias.expand(b, hq, sq, sk).stride()  # broadcast dims read with stride 0
+        shape, stride, dtype = bias
+        # Broadcast dims are read with stride 0 (a dim of size 1 against a larger one).
+        bias_strides = tuple(0 if n == 1 else st for n, st in zip(shape, stride))
         wide = (sq + 256) * abs(bias_strides[2]) + (sk + 256) * abs(bias_strides[3]) >= 2**31
+        dtypes = (dtype, sinks_dtype)
     slope_stride = 0
-    if alibi_slopes is not None:
-        slope_stride = alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0
+    if alibi is not None:
+        slope_stride = alibi[1][0] if alibi[0][0] > 1 else 0
     unbounded = sq + sk
     ints = (*bias_strides, slope_stride, window_left if window_left >= 0 else unbounded,
             window_right if window_right >= 0 else unbounded)
-    ptrs = tuple(q if x is None else x for x in (bias, alibi_slopes, sinks))
-    return ptrs, ints, softcap * LOG2E, flags, wide
+    return ints, softcap * LOG2E, flags, (tuple(flags.values()), ints, wide, dtypes)

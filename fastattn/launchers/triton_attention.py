@@ -175,8 +175,7 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
     if no_mods(mods):
         mod_ptrs, mod_ints, cap2, flags, mod_key = (q, q, q), NO_MOD_INTS, 0.0, None, None
     else:
-        mod_ptrs, mod_ints, cap2, flags, bias_wide = kernel_args(q, b, hq, sq, sk, *mods)
-        mod_key = (tuple(flags.values()), mod_ints, bias_wide, tuple(x.dtype for x in mod_ptrs))
+        mod_ptrs, mod_ints, cap2, flags, mod_key = kernel_args(q, b, hq, sq, sk, *mods)
         extra = (*extra, *mod_ptrs)
     args = (q, k, v, out, lse, kpm, bounds, cu_q, cu_k, *mod_ptrs, *strides, *lse_strides, *sizes, tq, tk, *mod_ints,
             scale * LOG2E, cap2)
@@ -238,11 +237,10 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
         (bias_p, alibi_p, _), mod_ints, cap2, flags, mod_key = (q, q, q), NO_MOD_INTS, 0.0, NO_FLAGS, None
         dbias_args = (q, 0, 0, 0)
     else:
-        mod_ptrs, mod_ints, cap2, flags, bias_wide = kernel_args(q, b, hq, sq, sk, *mods)
+        mod_ptrs, mod_ints, cap2, flags, mod_key = kernel_args(q, b, hq, sq, sk, *mods)
         bias_p, alibi_p, _ = mod_ptrs
-        wide_dbias = dbias is not None and (sq + 256) * sk >= 2**31
-        mod_key = (tuple(flags.values()), mod_ints, bias_wide or wide_dbias, tuple(x.dtype for x in mod_ptrs),
-                   None if dbias is None else dbias.dtype)
+        if dbias is not None:  # its (Sq, Sk) slices take 64-bit offsets from 2**31 elements
+            mod_key = (*mod_key[:2], mod_key[2] or (sq + 256) * sk >= 2**31, mod_key[3], dbias.dtype)
         extra = (*extra, *mod_ptrs)
         dbias_args = (q, 0, 0, 0) if dbias is None else (dbias, *dbias.stride()[:3])
     # The preprocess is row-wise: packed inputs run as one sequence of Tq rows, so their row offsets
