@@ -272,10 +272,11 @@ def test_host_overhead_cpu_smoke(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((tmp_path / "host_overhead.json").read_text())
     assert result["launches_stubbed"] is True
-    assert [r["path"] for r in result["rows"]] == ["dense causal", "key-padding mask", "varlen causal", "decode step"]
-    for row in result["rows"][:3]:
+    assert [r["path"] for r in result["rows"]] == ["dense causal", "key-padding mask", "bias + window + sinks",
+                                                  "varlen causal", "decode step"]
+    for row in result["rows"][:4]:
         assert all(row[f"{layer} fwd+bwd"] > 0 for layer in ("api", "autograd", "launcher", "launch"))
-    decode = result["rows"][3]  # inference: forward only, no autograd layer
+    decode = result["rows"][4]  # inference: forward only, no autograd layer
     assert all(decode[f"{layer} fwd"] > 0 for layer in ("api", "launcher", "launch", "sdpa"))
     assert "api fwd+bwd" not in decode and "autograd fwd" not in decode
     assert "STUBBED" in (tmp_path / "host_overhead.md").read_text()
