@@ -8,6 +8,7 @@ from fastattn.api import (
     available_backends,
     scaled_dot_product_attention,
 )
+from fastattn.flash_api import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from fastattn.padding import pad_input, unpad_input
 
 __version__ = "0.1.0"
@@ -18,6 +19,9 @@ __all__ = [
     "append_to_kvcache",
     "available_backends",
     "scaled_dot_product_attention",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
     "pad_input",
     "unpad_input",
     "__version__",

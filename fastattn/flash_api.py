@@ -1,0 +1,91 @@
+"""FlashAttention 2's public functions on fastattn: ``flash_attn_func``, ``flash_attn_varlen_func``
+and ``flash_attn_with_kvcache`` with FlashAttention's argument names, defaults, layouts and return
+values, so that ``from flash_attn import flash_attn_func`` becomes ``from fastattn import
+flash_attn_func``.
+
+What differs (README, "Switch from flash_attn"):
+- dropout_p > 0 raises (the kernels have no dropout); deterministic is accepted and has no effect
+  (fastattn's backward is always deterministic).
+- return_attn_probs returns (out, softmax_lse, None): FlashAttention's third value is a testing-only
+  dropout mask that fastattn does not make.
+- flash_attn_with_kvcache: rotary embeddings, cache_batch_idx and cache_leftpad raise.
+- ``backend=`` (keyword) picks fastattn's backend; "auto" as in ``fastattn.attention``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastattn import api
+
+
+def _window(window_size) -> tuple[int, int] | None:
+    """FlashAttention's window_size -> fastattn's window ((-1, -1): none)."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"window_size must be (left, right), two ints >= -1 (-1 = unbounded), got {window_size!r}")
+    window = tuple(window_size)
+    return None if window == (-1, -1) else window
+
+
+def _check_dropout(dropout_p) -> None:
+    if dropout_p:
+        raise ValueError(f"dropout_p={dropout_p}: fastattn's kernels have no dropout (pass dropout_p=0.0, as for "
+                         "inference or a model trained without attention dropout)")
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, backend="auto"):
+    """FlashAttention's flash_attn_func: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D),
+    or (out, softmax_lse (B, Hq, Sq) float32, None) with return_attn_probs. Causal is bottom-right
+    aligned; window_size (left, right), -1 = unbounded; softcap 0 = off; alibi_slopes (Hq,) or
+    (B, Hq) float32. Differentiable in q, k, v."""
+    _check_dropout(dropout_p)
+    result = api.attention(q, k, v, causal=causal, scale=softmax_scale, return_lse=return_attn_probs,
+                           alibi_slopes=alibi_slopes, window=_window(window_size), softcap=softcap or None,
+                           backend=backend)
+    return (*result, None) if return_attn_probs else result
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, *, backend="auto"):
+    """FlashAttention's flash_attn_varlen_func: packed q (Tq, Hq, D), k/v (Tk, Hkv, D) with int32
+    cu_seqlens -> out (Tq, Hq, D), or (out, softmax_lse (Hq, Tq) float32, None). A paged KV
+    (block_table) is not supported here: use flash_attn_with_kvcache."""
+    _check_dropout(dropout_p)
+    if block_table is not None:
+        raise ValueError("block_table (a paged KV cache) is not supported by flash_attn_varlen_func in fastattn; "
+                         "flash_attn_with_kvcache takes one")
+    result = api.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                  scale=softmax_scale, return_lse=return_attn_probs, alibi_slopes=alibi_slopes,
+                                  window=_window(window_size), softcap=softcap or None, backend=backend)
+    return (*result, None) if return_attn_probs else result
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
+                            *, backend="auto"):
+    """FlashAttention's flash_attn_with_kvcache: q (B, Sq, Hq, D) over a contiguous (B, S_max, Hkv, D)
+    or paged (num_pages, page_size, Hkv, D) cache with block_table, after writing k/v (B, S_new,
+    Hkv, D) in place at cache_seqlens[b] (an int, or (B,) int32; not advanced here). cache_seqlens
+    None: every sequence fills the cache (no k/v then). Returns out, or (out, softmax_lse
+    (B, Hq, Sq)) with return_softmax_lse. Inference only."""
+    for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
+                        ("cache_leftpad", cache_leftpad)):
+        if value is not None:
+            raise ValueError(f"{name} is not supported by fastattn's flash_attn_with_kvcache (apply rotary "
+                             "embeddings before the call; index the cache yourself)")
+    if cache_seqlens is None or isinstance(cache_seqlens, int):
+        if cache_seqlens is None and k is not None:
+            raise ValueError("cache_seqlens is needed when new keys/values k, v are written into the cache")
+        if not isinstance(k_cache, torch.Tensor) or not isinstance(q, torch.Tensor):
+            raise TypeError("q and k_cache must be torch.Tensors")
+        full = (k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1])
+        cache_seqlens = torch.full((q.shape[0],), full if cache_seqlens is None else cache_seqlens, dtype=torch.int32,
+                                   device=q.device)
+    return api.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                                      causal=causal, scale=softmax_scale, return_lse=return_softmax_lse,
+                                      num_splits=num_splits, alibi_slopes=alibi_slopes, window=_window(window_size),
+                                      softcap=softcap or None, backend=backend)

@@ -1,0 +1,93 @@
+"""FlashAttention 2's functions on fastattn (fastattn/flash_api.py): FlashAttention's argument names,
+defaults and return values, checked against the float64 reference with the tolerance rule, and
+the documented differences (no dropout, no rotary) as clear errors."""
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import fastattn
+from fastattn import reference, testing
+
+
+def assert_ok(results, what):
+    bad = [str(r) for r in results if not r.ok]
+    assert not bad, f"{what}: " + "; ".join(bad)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_func_with_window_softcap_alibi(causal, gen):
+    q, k, v = testing.random_qkv(2, 37, 45, 4, 2, 32, device=DEVICE, generator=gen)
+    slopes = torch.rand(4, generator=gen).to(DEVICE)
+
+    def fn(a, b, c):
+        out, lse, probs = fastattn.flash_attn_func(a, b, c, 0.0, 0.3, causal, (9, 4), 3.0, slopes,
+                                                   return_attn_probs=True, backend="triton")
+        assert probs is None
+        return out, lse
+
+    ref = lambda a, b, c: reference.attention(a, b, c, causal=causal, scale=0.3, window=(9, 4), softcap=3.0,
+                                              alibi_slopes=slopes, return_lse=True)
+    assert_ok(testing.check_against_reference(fn, q, k, v, lse_grad=True, generator=gen, ref_fn=ref), "flash_attn_func")
+
+
+def test_flash_attn_func_defaults_are_flash_attentions(gen):
+    """No causal, scale 1/sqrt(D), no window: plain attention; out alone without return_attn_probs."""
+    q, k, v = testing.random_qkv(1, 9, 11, 2, 1, 16, device=DEVICE, generator=gen)
+    out = fastattn.flash_attn_func(q, k, v, backend="triton")
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, reference.attention(q, k, v), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fastattn.flash_attn_func(q, k, v, deterministic=True, backend="triton"), out)
+
+
+def test_flash_attn_varlen_func(gen):
+    lengths = [5, 17, 1]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(DEVICE, torch.int32)
+    q = torch.randn(sum(lengths), 2, 16, generator=gen).to(DEVICE)
+    k = torch.randn(sum(lengths), 1, 16, generator=gen).to(DEVICE)
+    v = torch.randn(sum(lengths), 1, 16, generator=gen).to(DEVICE)
+
+    def varlen(backend):
+        def fn(a, b, c):
+            out, lse, _ = fastattn.flash_attn_varlen_func(a, b, c, cu, cu, 17, 17, causal=True, window_size=(3, 0),
+                                                          return_attn_probs=True, backend=backend)
+            return out, lse
+        return fn
+
+    assert_ok(testing.check_against_reference(varlen("triton"), q, k, v, generator=gen, ref_fn=varlen("reference")),
+              "flash_attn_varlen_func")
+
+
+def test_flash_attn_with_kvcache(gen):
+    """FlashAttention's defaults (causal=False), an int cache_seqlens, the cache written in place and
+    not advanced, return_softmax_lse."""
+    b, cap, hq, hkv, d = 2, 40, 4, 2, 16
+    k_cache = torch.randn(b, cap, hkv, d, generator=gen).to(DEVICE)
+    v_cache = torch.randn(b, cap, hkv, d, generator=gen).to(DEVICE)
+    q = torch.randn(b, 2, hq, d, generator=gen).to(DEVICE)
+    k_new, v_new = (torch.randn(b, 2, hkv, d, generator=gen).to(DEVICE) for _ in range(2))
+    keys, values = torch.cat([k_cache[:, :20], k_new], 1), torch.cat([v_cache[:, :20], v_new], 1)
+    out, lse = fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=20,
+                                                window_size=(8, -1), return_softmax_lse=True, backend="triton")
+    ref, ref_lse = reference.attention(q, keys, values, window=(8, -1), return_lse=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    assert torch.equal(k_cache[:, 20:22], k_new) and torch.equal(v_cache[:, 20:22], v_new)
+    # cache_seqlens=None: the whole cache, no new tokens.
+    full = fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, causal=True, backend="triton")
+    torch.testing.assert_close(full, reference.attention(q, k_cache, v_cache, causal=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda q: fastattn.flash_attn_func(q, q, q, dropout_p=0.1), "dropout_p=0.1"),
+    (lambda q: fastattn.flash_attn_func(q, q, q, window_size=4), "window_size must be"),
+    (lambda q: fastattn.flash_attn_varlen_func(q[0], q[0], q[0], *[torch.tensor([0, 3], dtype=torch.int32)] * 2, 3,
+                                               3, block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
+    (lambda q: fastattn.flash_attn_with_kvcache(q, q, q, rotary_cos=q), "rotary_cos"),
+    (lambda q: fastattn.flash_attn_with_kvcache(q, q, q, cache_batch_idx=q), "cache_batch_idx"),
+    (lambda q: fastattn.flash_attn_with_kvcache(q, q, q, q, q), "cache_seqlens is needed"),
+])
+def test_what_differs_is_a_clear_error(call, match, gen):
+    q = torch.randn(1, 3, 2, 16, generator=gen)
+    with pytest.raises(ValueError, match=match):
+        call(q)
