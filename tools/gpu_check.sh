@@ -54,7 +54,7 @@ stamp "cuda smoke rc=$smoke_rc"
 
 # Tests on the GPU, 16 workers; the files that have never run on a GPU first, then the rest.
 workers=$(( $(nproc) > 16 ? 16 : $(nproc) ))
-FIRST="tests/test_score_mods.py tests/test_t5.py tests/test_decode.py tests/test_models.py tests/test_launch_plans.py tests/test_ops.py \
+FIRST="tests/test_score_mods.py tests/test_t5.py tests/test_flash_api.py tests/test_decode.py tests/test_models.py tests/test_launch_plans.py tests/test_ops.py \
 tests/test_triton_attention.py tests/test_padding_varlen.py tests/test_cuda_attention.py"
 REST=$(ls tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<< "$FIRST"))
 timeout "$(left 330)" $PY -m pytest -v -m "not slow" -n "$workers" --timeout 150 -p no:cacheprovider $FIRST \
