@@ -244,11 +244,11 @@ def scaled_dot_product_attention(
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: (B, H, S, D) layout and
     top-left causal, as torch does.
 
-    Runs in fastattn when attn_mask is None or a bool key-padding mask broadcastable to
-    (B, 1, 1, Sk) (True = attend). Any other mask, dropout_p > 0, inputs that are not 4-D, or a
-    value head dim different from the query's fall back to torch's SDPA with a one-time warning
-    that says why. One difference: a query that sees no key returns 0 here,
-    where torch returns NaN.
+    Runs in fastattn when attn_mask is None, a float mask broadcastable to (B, H, Sq, Sk) (the
+    kernels' additive bias, differentiable) or a bool key-padding mask broadcastable to
+    (B, 1, 1, Sk) (True = attend). Any other bool mask, dropout_p > 0, inputs that are not 4-D, or
+    a value head dim different from the query's fall back to torch's SDPA with a one-time warning
+    that says why. One difference: a query that sees no key returns 0 here, where torch returns NaN.
     """
     if dropout_p != 0.0:
         return _fallback_to_torch("dropout_p > 0 is not supported", query, key, value, attn_mask, dropout_p,
@@ -265,20 +265,24 @@ def scaled_dot_product_attention(
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"query has {query.shape[1]} heads but key has {key.shape[1]}: pass enable_gqa=True "
                          "for grouped-query attention")
-    kpm = None
+    kpm = bias = None
     if attn_mask is not None:
         if is_causal:
             raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
-        kpm = _as_key_padding_mask(attn_mask, query.shape[0], key.shape[2])
-        if kpm is None:
-            return _fallback_to_torch("only bool key-padding masks (broadcastable to (B, 1, 1, Sk)) run in the "
-                                      "kernels", query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if attn_mask.is_floating_point() and attn_mask.dim() <= 4:
+            bias = attn_mask  # SDPA's (B, H, Sq, Sk) float mask is fastattn's additive bias, same layout
+        else:
+            kpm = _as_key_padding_mask(attn_mask, query.shape[0], key.shape[2])
+            if kpm is None:
+                return _fallback_to_torch("only float masks and bool key-padding masks (broadcastable to "
+                                          "(B, 1, 1, Sk)) run in the kernels", query, key, value, attn_mask,
+                                          dropout_p, is_causal, scale, enable_gqa)
     # (B, H, S, D) -> FlashAttention's (B, S, H, D) views, no copy.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     sq, sk = q.shape[1], k.shape[1]
 
     def run(q_, k_, v_, causal, mask):
-        return attention(q_, k_, v_, causal=causal, scale=scale, key_padding_mask=mask, backend=backend)
+        return attention(q_, k_, v_, causal=causal, scale=scale, key_padding_mask=mask, bias=bias, backend=backend)
 
     if not is_causal or sq == sk:
         out = run(q, k, v, is_causal, kpm)

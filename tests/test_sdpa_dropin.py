@@ -75,7 +75,24 @@ def test_fully_masked_rows_are_zero_not_nan(gen):
     torch.testing.assert_close(out[0], F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[0])
 
 
-@pytest.mark.parametrize("kind", ["float mask", "full bool mask", "dropout", "3-D inputs", "value head dim"])
+@pytest.mark.parametrize("mask_shape", [(10, 12), (1, 2, 10, 12), (2, 1, 10, 1)])
+def test_float_masks_run_in_the_kernel_as_a_bias(mask_shape, gen, monkeypatch):
+    """A float attn_mask is the kernels' additive bias (broadcast, -inf allowed), with its gradient."""
+    q, k, v = bhsd(gen, 2, 2, 10, 16), bhsd(gen, 2, 2, 12, 16), bhsd(gen, 2, 2, 12, 16)
+    mask = torch.randn(mask_shape, generator=gen).to(DEVICE)
+    mask.view(-1)[1] = float("-inf")
+    monkeypatch.setattr(api, "_fallback_to_torch", lambda *a: pytest.fail("fell back to torch"))
+    masks = [mask.clone().requires_grad_(True) for _ in range(2)]
+    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=masks[0], backend="triton")
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[1])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    dout = torch.randn(out.shape, generator=gen).to(DEVICE)
+    out.backward(dout)
+    ref.backward(dout)
+    torch.testing.assert_close(masks[0].grad, masks[1].grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["full bool mask", "dropout", "3-D inputs", "value head dim"])
 def test_other_masks_fall_back_with_one_warning(kind, gen):
     q, k, v = bhsd(gen, 1, 2, 10, 16), bhsd(gen, 1, 2, 12, 16), bhsd(gen, 1, 2, 12, 16)
     if kind == "3-D inputs":
@@ -83,7 +100,6 @@ def test_other_masks_fall_back_with_one_warning(kind, gen):
     elif kind == "value head dim":
         v = bhsd(gen, 1, 2, 12, 24)
     kw = {
-        "float mask": dict(attn_mask=torch.randn(10, 12, generator=gen).to(DEVICE)),
         "full bool mask": dict(attn_mask=(torch.rand(1, 2, 10, 12, generator=gen) > 0.2).to(DEVICE)),
         "dropout": dict(dropout_p=0.0001),
     }.get(kind, {})
