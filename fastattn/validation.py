@@ -11,6 +11,7 @@ from fastattn.modifiers import ScoreMods
 from fastattn.shape import AttentionShape
 
 MAX_HEAD_DIM = 256
+MAX_SOFTCAP = 1e30  # softcap * log2(e) must stay finite in float32 inside the kernels
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -126,6 +127,9 @@ def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionSh
                              f"{tuple(alibi_slopes.shape)}")
         if alibi_slopes.device != q.device:
             raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+        if alibi_slopes.requires_grad and torch.is_grad_enabled():
+            raise ValueError("alibi_slopes are fixed, not learned: the kernels give them no gradient (pass "
+                             "alibi_slopes.detach(), or a bias tensor for a learned positional bias)")
         alibi_slopes = alibi_slopes.reshape(-1, hq)
         if alibi_slopes.stride(-1) != 1:
             alibi_slopes = alibi_slopes.contiguous()
@@ -141,8 +145,9 @@ def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionSh
         left, right = -1, -1  # causal alone: no window
     if softcap is None:
         softcap = 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    if (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap)
+            or not 0 <= softcap <= MAX_SOFTCAP):
+        raise ValueError(f"softcap must be a float in [0, {MAX_SOFTCAP:g}] (0 = off), got {softcap!r}")
     if sinks is not None:
         if not isinstance(sinks, torch.Tensor) or sinks.dtype not in FLOAT_DTYPES:
             raise TypeError(f"sinks must be a floating torch.Tensor of shape (Hq,), got "
@@ -151,6 +156,8 @@ def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionSh
             raise ValueError(f"sinks must have shape (Hq,) = ({hq},), got {tuple(sinks.shape)}")
         if sinks.device != q.device:
             raise ValueError(f"sinks is on {sinks.device} but q is on {q.device}")
+        if sinks.stride(0) != 1:
+            sinks = sinks.contiguous()  # the kernels read it with unit stride (differentiable copy)
     if bias is None and alibi_slopes is None and left == right == -1 and softcap == 0 and sinks is None:
         return None  # e.g. window=(-1, -1), or causal's own window
     return ScoreMods(bias, alibi_slopes, (left, right), float(softcap), sinks)

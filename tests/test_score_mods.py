@@ -365,3 +365,26 @@ def test_sinks_without_keys_still_get_the_lse_gradient(gen):
     q = torch.randn(2, 5, 2, 16, generator=gen).to(DEVICE)
     k = v = torch.randn(2, 0, 2, 16, generator=gen).to(DEVICE)
     check(q, k, v, False, {"sinks": torch.randn(2, generator=gen).to(DEVICE)}, gen)
+
+
+def test_strided_and_infinite_sinks(gen):
+    """Sinks read through a strided view (made contiguous for the kernels), and a sink of -inf on
+    rows without keys: 0 output, finite (zero) dsinks, as the reference."""
+    q, k, v = testing.random_qkv(1, 24, 20, 2, 2, 16, device=DEVICE, generator=gen)
+    strided = torch.randn(2, 2, generator=gen).to(DEVICE)[:, 0]
+    check(q, k, v, True, {"sinks": strided}, gen)
+    check(q, k, v, True, {"sinks": torch.tensor([float("-inf"), 0.5], device=DEVICE)}, gen, lse_grad=False)
+
+
+@pytest.mark.parametrize("window", [(2**31 - 1, -1), (-1, 2**31 - 1), (2**40, 2**31 - 1)], ids=str)
+def test_windows_wider_than_int32_are_unbounded(window, gen):
+    q, k, v = testing.random_qkv(1, 10, 8, 2, 2, 16, device=DEVICE, generator=gen)
+    check(q, k, v, False, {"window": window}, gen)
+
+
+def test_alibi_slopes_that_want_a_gradient_are_refused(gen):
+    q, k, v = testing.random_qkv(1, 8, 8, 2, 2, 16, generator=gen)
+    with pytest.raises(ValueError, match="alibi_slopes are fixed"):
+        fastattn.attention(q, k, v, alibi_slopes=torch.rand(2, requires_grad=True))
+    with pytest.raises(ValueError, match="softcap must be"):
+        fastattn.attention(q, k, v, softcap=1e39)

@@ -36,7 +36,7 @@ def kernel_args(q, b, hq, sq, sk, bias, alibi_slopes, sinks, window_left, window
 @functools.lru_cache(maxsize=1024)
 def _layout(b, hq, sq, sk, bias, alibi, sinks_dtype, window_left, window_right, softcap):
     """(ints, cap2, flags, key) for kernel_args from the modifiers' shapes, strides and dtypes. An
-    unbounded window side becomes Sq + Sk (past every key)."""
+    unbounded window side, or one wider than that, becomes Sq + Sk (past every key)."""
     flags = dict(LOCAL=window_left >= 0 or window_right >= 0, HAS_BIAS=bias is not None,
                  HAS_ALIBI=alibi is not None, SOFTCAP=softcap != 0.0, HAS_SINKS=sinks_dtype is not None)
     bias_strides, wide, dtypes = (0, 0, 0, 0), False, (None, sinks_dtype)
@@ -49,7 +49,9 @@ def _layout(b, hq, sq, sk, bias, alibi, sinks_dtype, window_left, window_right, 
     slope_stride = 0
     if alibi is not None:
         slope_stride = alibi[1][0] if alibi[0][0] > 1 else 0
+    # A side past every key (unbounded, or wider than the sequences) is Sq + Sk: the kernels' int32
+    # range arithmetic must not wrap.
     unbounded = sq + sk
-    ints = (*bias_strides, slope_stride, window_left if window_left >= 0 else unbounded,
-            window_right if window_right >= 0 else unbounded)
+    ints = (*bias_strides, slope_stride, window_left if 0 <= window_left < unbounded else unbounded,
+            window_right if 0 <= window_right < unbounded else unbounded)
     return ints, softcap * LOG2E, flags, (tuple(flags.values()), ints, wide, dtypes)

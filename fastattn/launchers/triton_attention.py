@@ -295,7 +295,8 @@ def _dsinks(sinks, lse, delta, varlen: bool):
     """d loss / d sink_h = -sum over rows of P(sink) * delta with P(sink) = exp(sink_h - lse) (lse
     counts the sink) and delta = rowsum(dO * O) - dlse; lse/delta (B, Hq, Sq) or packed (Hq, Tq)."""
     head_view = (sinks.shape[0], 1) if varlen else (1, sinks.shape[0], 1)
-    p_sink = torch.exp(sinks.float().view(head_view) - lse)
+    # lse is -inf only on a row without keys whose sink is -inf too: P(sink) = 0 there, not NaN.
+    p_sink = torch.exp(sinks.float().view(head_view) - lse).masked_fill_(lse == float("-inf"), 0.0)
     return -(p_sink * delta).sum(dim=1 if varlen else (0, 2)).to(sinks.dtype)
 
 
