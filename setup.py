@@ -27,6 +27,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 PACKAGES = ["fastattn", "fastattn.backends", "fastattn.ops", "fastattn.launchers", "fastattn.models", "fastattn.demo",
+            "fastattn.integrations",
             "fastattn.kernels"]
 
 

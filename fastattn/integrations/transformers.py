@@ -1,0 +1,183 @@
+"""Hugging Face transformers on fastattn: ``register()`` adds an attention implementation that
+``from_pretrained(..., attn_implementation="fastattn")`` / ``from_config`` use in every layer.
+
+transformers hands each layer (B, H, S, D) tensors and the mask its mask function built; we pass
+fastattn (B, S, H, D) views (no copy), K/V with their own Hkv heads (GQA without repeat_kv) and:
+- a boolean mask that is exactly key padding (+ causal, + sliding window) -> key_padding_mask, the
+  kernels' fast path (found by rebuilding the mask from its own key columns and comparing);
+- any other mask (packed sequences, custom 4-D masks, T5's position_bias) -> an additive bias;
+- no mask -> SDPA's meaning of is_causal (top-left; transformers skips the mask only where that
+  matches), which we mirror exactly.
+Calls fastattn cannot run (dropout in training, output_attentions) fall back to torch SDPA (or the
+model's own eager function where SDPA cannot do it either) with a one-time warning naming the reason.
+``CALLS`` counts both so a caller can check which path ran.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections import Counter
+
+import torch
+
+import fastattn
+
+try:
+    import transformers  # noqa: F401  (only to fail early with the install hint)
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("fastattn.integrations.transformers needs transformers: pip install fastattn[hf]") from exc
+
+__all__ = ["CALLS", "attention_forward", "register", "reset_counts"]
+
+# "fastattn" (every call it ran), "mask: none|key padding|bias" (how the mask went), "fallback: <reason>"
+CALLS: Counter = Counter()
+_settings = {"backend": "auto"}
+_warned: set[str] = set()
+# id(mask) -> (mask, causal, window, key_padding or None): the layers of a forward share a few mask
+# tensors (Gemma 2: a sliding and a full one), so each is analysed once; holding the mask keeps its id.
+_mask_cache: dict[int, tuple] = {}
+
+
+def register(name: str = "fastattn", *, backend: str = "auto") -> str:
+    """Register ``name`` as a transformers attention implementation backed by fastattn.
+
+    backend: fastattn's backend for every call ("auto": Triton kernels on CUDA, SDPA on CPU).
+    Returns ``name``, for ``attn_implementation=register()``.
+    """
+    if not isinstance(name, str) or not name or name in ("eager", "sdpa") or name.startswith("flash_attention"):
+        raise ValueError(f"name must be a new attention implementation name, got {name!r}")
+    if backend != "auto" and backend not in fastattn.available_backends():
+        raise ValueError(f"backend must be 'auto' or one of {tuple(fastattn.available_backends())}, got {backend!r}")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    _settings["backend"] = backend
+    AttentionInterface.register(name, attention_forward)
+    # Without a mask function of its own, transformers builds no mask at all for a custom name. SDPA's
+    # boolean mask (None where is_causal alone is exact) is what attention_forward reads.
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def reset_counts() -> None:
+    """Clear CALLS and the once-per-reason warnings (tests)."""
+    CALLS.clear()
+    _warned.clear()
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      sliding_window=None, softcap=None, s_aux=None, position_bias=None, **kwargs):
+    """transformers' attention-function contract: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D),
+    the mask from the registered mask function; returns (out (B, Sq, Hq, D), None)."""
+    reason = _unsupported(module, dropout, kwargs)
+    if reason:
+        return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                         sliding_window, softcap, s_aux, position_bias, **kwargs)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    sq, sk = query.shape[2], key.shape[2]
+    window = None
+    if sliding_window is not None:
+        # transformers' causal window keeps `sliding_window` keys including the query's own
+        # (masking_utils.sliding_window_overlay: kv > q - w); the bidirectional one |q - kv| <= w.
+        window = (sliding_window - 1, 0) if causal else (sliding_window, sliding_window)
+    key_padding, bias = None, None
+    if attention_mask is None:
+        if causal and sq == 1:
+            causal = False  # SDPA's is_causal with one query: it sees every key
+        elif causal and sk > sq:
+            key, value = key[:, :, :sq], value[:, :, :sq]  # top-left causal: as SDPA crops (static cache prefill)
+            sk = sq
+    elif position_bias is None:
+        key_padding = _key_padding(attention_mask, causal, window, sq, sk)
+        if key_padding is not None:
+            key_padding = key_padding.expand(query.shape[0], sk)  # a mask broadcast over the batch
+    if attention_mask is not None and key_padding is None:  # not key padding: the mask itself, additively
+        bias = attention_mask if attention_mask.dtype != torch.bool else _bool_to_bias(attention_mask, query.dtype)
+        causal, window = False, None
+    if position_bias is not None:  # T5-style scores (as sdpa_attention_forward, with the mask's pattern or causal)
+        position_bias = position_bias[..., :sk]
+        if causal:
+            keep = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril()
+            position_bias = position_bias.masked_fill(~keep, float("-inf"))
+            causal = False
+        bias = position_bias if bias is None else bias + position_bias
+    CALLS["fastattn"] += 1
+    CALLS["mask: " + ("bias" if bias is not None else "key padding" if key_padding is not None else "none")] += 1
+    out = fastattn.attention(_bshd(query), _bshd(key), _bshd(value), causal=causal, scale=scaling,
+                             key_padding_mask=key_padding, bias=bias, window=window, softcap=softcap or None,
+                             sinks=s_aux, backend=_settings["backend"])
+    return out, None
+
+
+def _unsupported(module, dropout, kwargs) -> str | None:
+    if dropout and dropout > 0:
+        return "attention dropout > 0 (training): fastattn has no dropout"
+    if kwargs.get("output_attentions"):
+        return "output_attentions=True: fastattn does not form the attention matrix"
+    return None
+
+
+def _bshd(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) -> a (B, S, H, D) view; a copy only if the last dim is not contiguous."""
+    x = x.transpose(1, 2)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _bool_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, float("-inf"))
+
+
+def _key_padding(mask, causal, window, sq, sk):
+    """(B, Sk) key-padding mask if the boolean `mask` (B, 1|H, Sq, Sk) is exactly key padding plus
+    fastattn's bottom-right causal/window pattern, else None (then the mask runs as a bias, so a
+    mask this test misjudges costs speed, never correctness). One host sync per distinct mask."""
+    cached = _mask_cache.get(id(mask))
+    if cached is not None and cached[0] is mask and cached[1:3] == (causal, window):
+        return cached[3]
+    result = None
+    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[-2:] == (sq, sk):
+        key_padding = mask.any(dim=2).all(dim=1)  # (B, Sk): a key some query sees
+        i = torch.arange(sq, device=mask.device)[:, None] + (sk - sq)
+        j = torch.arange(sk, device=mask.device)[None, :]
+        pattern = torch.ones(sq, sk, dtype=torch.bool, device=mask.device)
+        if causal:
+            pattern &= j <= i
+        if window is not None:
+            pattern &= (j >= i - window[0]) & (causal or j <= i + window[1])
+        if torch.equal(mask, (key_padding[:, None, None, :] & pattern).expand_as(mask)):
+            result = key_padding
+    if len(_mask_cache) >= 8:  # masks of earlier forwards
+        _mask_cache.clear()
+    _mask_cache[id(mask)] = (mask, causal, window, result)
+    return result
+
+
+def _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window,
+              softcap, s_aux, position_bias, **kwargs):
+    """torch SDPA (transformers' own sdpa function), or the model's eager function where SDPA cannot
+    run the call (attention weights, softcap, sinks)."""
+    CALLS[f"fallback: {reason}"] += 1
+    needs_eager = bool(kwargs.get("output_attentions") or softcap or s_aux is not None)
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"fastattn: {reason}; running {'eager' if needs_eager else 'torch SDPA'} attention instead",
+                      stacklevel=3)
+    if not needs_eager:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, position_bias=position_bias, **kwargs)
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(f"fastattn: {reason}, and {type(module).__name__} has no eager attention function")
+    if attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", False)):
+        sq, sk = query.shape[2], key.shape[2]
+        diagonal = sk - 1 if sq == 1 else 0  # SDPA's is_causal meaning, as in attention_forward
+        attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(diagonal)[None, None]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+    extra = {k: v for k, v in (("sliding_window", sliding_window), ("softcap", softcap), ("s_aux", s_aux))
+             if v is not None}
+    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **extra, **kwargs)

@@ -1,0 +1,348 @@
+"""fastattn.integrations.transformers: tiny random Hugging Face models (built in code, no downloads)
+run with attn_implementation="fastattn" (Triton kernels through the interpreter on CPU) and match
+the same weights with "eager" under the tolerance rule (eager in float64 is the reference, eager in
+float32 the naive run). Each test also checks that fastattn ran and how the mask reached it."""
+
+import copy
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference, testing
+
+
+def _import_transformers():
+    # transformers imports the PyPI package `kernels`; the repository's own kernels/ (installed as
+    # fastattn.kernels) shadows it when the repo root is on sys.path (python -m pytest from there).
+    root = Path(fastattn.__file__).resolve().parents[1]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = saved
+    return pytest.importorskip("transformers")
+
+
+transformers = _import_transformers()
+from fastattn.integrations import transformers as fhf  # noqa: E402
+
+VOCAB = 64
+
+
+def _eager64(module, query, key, value, attention_mask, **kwargs):
+    """The model's own eager attention for the float64 reference, with masked logits at float32's
+    lowest value: eager softmaxes in float32, where float64's lowest becomes -inf and a query that
+    sees no key (left padding) turns into NaN that then spreads through the next layer's keys."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.clamp_min(torch.finfo(torch.float32).min)
+    return eager(module, query, key, value, attention_mask, **kwargs)
+
+
+transformers.AttentionInterface.register("eager64", _eager64)
+transformers.masking_utils.AttentionMaskInterface.register("eager64", transformers.masking_utils.eager_mask)
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    fhf.register(backend="triton")  # the kernels themselves, not "auto"'s SDPA on CPU
+    fhf.reset_counts()
+    yield
+    fhf.register()  # back to "auto"
+
+
+def build(model_cls, config, *, seed=0, init=None):
+    """(fastattn float32, eager float32, eager float64) copies of one random model; `init(model)`
+    changes the weights first (e.g. parameters a model initialises to zeros)."""
+    torch.manual_seed(seed)
+    made = {}
+    for impl in ("eager", "fastattn"):
+        made[impl] = model_cls._from_config(copy.deepcopy(config), attn_implementation=impl).eval()
+    if init is not None:
+        with torch.no_grad():
+            init(made["eager"])
+    ref = model_cls._from_config(copy.deepcopy(config), attn_implementation="eager64").eval()
+    for model in (made["fastattn"], ref):
+        model.load_state_dict(made["eager"].state_dict())
+    return made["fastattn"], made["eager"], ref.double()
+
+
+def check(name, fast, naive, ref, keep=None):
+    """The tolerance rule on outputs (rows `keep` only: padded queries are not compared, fastattn
+    gives a query that sees no key 0 where eager averages the masked scores)."""
+    if keep is not None:
+        fast, naive, ref = fast[keep], naive[keep], ref[keep]
+    result = testing.compare(name, fast, naive, ref, factor=2.0)
+    assert result.ok, str(result)
+
+
+def logits(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def assert_ran(masks):
+    """fastattn ran every attention call, each with the expected mask path(s)."""
+    assert fhf.CALLS["fastattn"] > 0, fhf.CALLS
+    fallbacks = [k for k in fhf.CALLS if k.startswith("fallback")]
+    assert not fallbacks, f"unexpected fallback: {fhf.CALLS}"
+    seen = {k.removeprefix("mask: ") for k in fhf.CALLS if k.startswith("mask: ")}
+    assert seen == set(masks), fhf.CALLS
+
+
+def padding_mask(batch, seq, pads, left):
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for b, n in enumerate(pads):
+        if n:
+            mask[b, :n] = 0 if left else mask[b, :n]
+            if not left:
+                mask[b, seq - n:] = 0
+    return mask
+
+
+def run_all(models, **inputs):
+    fast, naive, ref = models
+    out_fast = logits(fast, **inputs)
+    counts = dict(fhf.CALLS)
+    out_naive, out_ref = logits(naive, **inputs), logits(ref, **inputs)
+    assert dict(fhf.CALLS) == counts  # the eager copies never reach fastattn
+    return out_fast, out_naive, out_ref
+
+
+def test_gpt2_causal_with_right_padding():
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    mask = padding_mask(2, 12, [0, 3], left=False)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    outs = run_all(build(transformers.GPT2LMHeadModel, config), input_ids=ids, attention_mask=mask)
+    check("gpt2 logits", *outs, keep=mask.bool())
+    assert_ran({"key padding"})
+    assert fhf.CALLS["fastattn"] == 2
+
+
+def test_bert_padded_batch_is_key_padding():
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    mask = padding_mask(3, 11, [0, 4, 10], left=False)
+    ids = torch.randint(0, VOCAB, (3, 11))
+    outs = run_all(build(transformers.BertForMaskedLM, config), input_ids=ids, attention_mask=mask)
+    check("bert logits", *outs, keep=mask.bool())
+    assert_ran({"key padding"})
+
+
+def llama_config(**extra):
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
+
+
+def test_llama_gqa_left_padding():
+    mask = padding_mask(2, 13, [0, 5], left=True)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    outs = run_all(build(transformers.LlamaForCausalLM, llama_config()), input_ids=ids, attention_mask=mask)
+    check("llama logits", *outs, keep=mask.bool())
+    assert_ran({"key padding"})
+
+
+def test_llama_without_mask_uses_the_causal_flag():
+    ids = torch.randint(0, VOCAB, (1, 9))
+    outs = run_all(build(transformers.LlamaForCausalLM, llama_config()), input_ids=ids)
+    check("llama logits, no mask", *outs)
+    assert_ran({"none"})
+
+
+# The mask's finfo.min times log2(e) overflows to -inf inside the kernel (as intended: the key is hidden);
+# numpy warns about it in the interpreter.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_llama_custom_4d_mask_runs_as_a_bias():
+    """A 4-D float mask (here block-diagonal causal: two packed sequences) is not key padding, so it
+    goes in as fastattn's additive bias."""
+    ids = torch.randint(0, VOCAB, (1, 12))
+    seq = torch.tensor([0] * 5 + [1] * 7)
+    keep = (seq[:, None] == seq[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+    mask = torch.zeros(1, 1, 12, 12).masked_fill(~keep, torch.finfo(torch.float32).min)
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    outs = run_all(build(transformers.LlamaForCausalLM, llama_config()), input_ids=ids, attention_mask=mask,
+                   position_ids=pos)
+    check("llama logits, 4-D mask", *outs)
+    assert_ran({"bias"})
+
+
+def mistral_config():
+    return transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      sliding_window=4)
+
+
+@pytest.mark.parametrize("model", ["llama", "mistral"])
+def test_generate_with_cache(model):
+    """Greedy generation with a KV cache and left padding: prefill, then one query per step against
+    the cache (Mistral: a window of 4 over 7 + 5 tokens, so the cache outgrows it)."""
+    cls, config = {"llama": (transformers.LlamaForCausalLM, llama_config()),
+                   "mistral": (transformers.MistralForCausalLM, mistral_config())}[model]
+    mask = padding_mask(2, 7, [0, 3], left=True)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    fast, naive, ref = build(cls, config)
+    for m in (fast, naive, ref):
+        m.generation_config.eos_token_id = None  # always 5 new tokens (random weights hit eos early)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        runs = [m.generate(**kwargs) for m in (fast, naive, ref)]
+    assert torch.equal(runs[0].sequences, runs[2].sequences)
+    for step, step_logits in enumerate(zip(*(r.logits for r in runs))):
+        check(f"{model} generate step {step}", *step_logits)
+    assert_ran({"key padding"})
+    assert fhf.CALLS["fastattn"] == 2 * 5  # prefill + 4 cached decode steps, 2 layers each
+
+
+def test_auto_backend_on_cpu():
+    """register() with backend "auto" (torch SDPA on CPU tensors, the Triton kernels on CUDA)."""
+    fhf.register()
+    mask = padding_mask(2, 9, [0, 4], left=True)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    outs = run_all(build(transformers.LlamaForCausalLM, llama_config()), input_ids=ids, attention_mask=mask)
+    check("llama logits, auto", *outs, keep=mask.bool())
+    assert_ran({"key padding"})
+
+
+def test_mistral_sliding_window_smaller_than_the_sequence():
+    config = mistral_config()
+    mask = padding_mask(2, 14, [0, 3], left=True)
+    ids = torch.randint(0, VOCAB, (2, 14))
+    outs = run_all(build(transformers.MistralForCausalLM, config), input_ids=ids, attention_mask=mask)
+    check("mistral logits", *outs, keep=mask.bool())
+    assert_ran({"key padding"})
+    # Without padding the window alone shapes the mask (it cannot be skipped: 14 > 4 keys).
+    fhf.reset_counts()
+    outs = run_all(build(transformers.MistralForCausalLM, config), input_ids=ids)
+    check("mistral logits, no padding", *outs)
+    assert_ran({"key padding"})
+
+
+def test_gemma2_softcap_and_sliding_window_layers():
+    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                       max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=2.0,
+                                       query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"])
+    mask = padding_mask(2, 12, [0, 2], left=True)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    outs = run_all(build(transformers.Gemma2ForCausalLM, config), input_ids=ids, attention_mask=mask)
+    check("gemma2 logits", *outs, keep=mask.bool())
+    assert_ran({"key padding"})
+
+
+def test_bart_encoder_decoder_cross_attention():
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=32)
+    src_mask = padding_mask(2, 10, [0, 4], left=False)
+    src = torch.randint(4, VOCAB, (2, 10))
+    tgt = torch.randint(4, VOCAB, (2, 7))
+    outs = run_all(build(transformers.BartForConditionalGeneration, config), input_ids=src, attention_mask=src_mask,
+                   decoder_input_ids=tgt)
+    check("bart logits", *outs)
+    # 2 encoder self, 2 decoder self, 2 cross; the decoder's self-attention needs no mask (square, causal).
+    assert fhf.CALLS["fastattn"] == 6
+    assert_ran({"key padding", "none"})
+
+
+def test_gpt_oss_sinks_and_sliding_window():
+    config = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                       num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4,
+                                       layer_types=["sliding_attention", "full_attention"])
+    config._experts_implementation = "eager"  # the grouped-mm experts refuse float64
+
+    def random_sinks(model):  # gpt-oss starts them at 0
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_()
+
+    mask = padding_mask(2, 11, [0, 3], left=True)
+    ids = torch.randint(0, VOCAB, (2, 11))
+    outs = run_all(build(transformers.GptOssForCausalLM, config, init=random_sinks), input_ids=ids,
+                   attention_mask=mask)
+    check("gpt-oss logits", *outs, keep=mask.bool())
+    assert_ran({"key padding"})
+
+
+def test_t5_position_bias_runs_as_a_bias():
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    mask = padding_mask(2, 9, [0, 3], left=False)
+    outs = run_all(build(transformers.T5ForConditionalGeneration, config), input_ids=torch.randint(1, VOCAB, (2, 9)),
+                   attention_mask=mask, decoder_input_ids=torch.randint(1, VOCAB, (2, 5)))
+    check("t5 logits", *outs)
+    assert fhf.CALLS["fastattn"] == 6  # encoder self, decoder self and cross, 2 layers each
+    assert_ran({"bias"})
+
+
+def test_dropout_in_training_falls_back_to_sdpa_with_a_warning():
+    config = llama_config(attention_dropout=0.5)
+    fast, naive, _ = build(transformers.LlamaForCausalLM, config)
+    fast.train()
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with pytest.warns(UserWarning, match="dropout > 0.*torch SDPA"):
+        fast(input_ids=ids)
+    assert fhf.CALLS["fastattn"] == 0
+    assert fhf.CALLS["fallback: attention dropout > 0 (training): fastattn has no dropout"] == 2
+
+
+def test_output_attentions_falls_back_to_eager_with_a_warning():
+    fast, naive, _ = build(transformers.LlamaForCausalLM, llama_config())
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with pytest.warns(UserWarning, match="output_attentions"), torch.no_grad():
+        got = fast(input_ids=ids, output_attentions=True)
+    with torch.no_grad():
+        want = naive(input_ids=ids, output_attentions=True)
+    assert fhf.CALLS["fastattn"] == 0
+    assert any(k.startswith("fallback: output_attentions") for k in fhf.CALLS)
+    torch.testing.assert_close(got.logits, want.logits)
+    torch.testing.assert_close(got.attentions[0], want.attentions[0])
+
+
+def test_register_rejects_bad_names_and_backends():
+    with pytest.raises(ValueError, match="name"):
+        fhf.register("sdpa")
+    with pytest.raises(ValueError, match="backend"):
+        fhf.register(backend="nope")
+
+
+def test_import_without_transformers_says_how_to_install():
+    code = ("import sys; sys.modules['transformers'] = None; import fastattn\n"
+            "try:\n    import fastattn.integrations.transformers\n"
+            "except ImportError as e:\n    print(e)")
+    root = Path(fastattn.__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True).stdout
+    assert "pip install fastattn[hf]" in out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_masks_from_transformers_mask_functions(causal):
+    """attention_forward on the boolean masks transformers builds (sdpa_mask) for a sliding window
+    with padding, causal (w keys including the query's own) and bidirectional (|q - kv| <= w): the
+    key-padding path with fastattn's window, checked against the float64 reference with that mask."""
+    mu = transformers.masking_utils
+    w, b, sq, sk = 3, 2, 9, 9
+    pad = torch.ones(b, sk, dtype=torch.bool)
+    pad[1, 6:] = False
+    function = (mu.sliding_window_causal_mask_function if causal else mu.sliding_window_bidirectional_mask_function)(w)
+    mask = mu.sdpa_mask(batch_size=b, q_length=sq, kv_length=sk, mask_function=function, attention_mask=pad,
+                        allow_is_causal_skip=False)
+    module = torch.nn.Module()
+    module.is_causal = causal
+    q, k, v = testing.random_qkv(b, sq, sk, 4, 2, 16)
+    heads = lambda x: x.transpose(1, 2)  # transformers' (B, H, S, D)
+    out, weights = fhf.attention_forward(module, heads(q), heads(k), heads(v), mask, scaling=0.4, sliding_window=w)
+    assert weights is None and out.shape == q.shape
+    bias = lambda dtype: torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+    ref = lambda dtype: reference.attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=0.4, bias=bias(dtype))
+    keep = mask.any(-1)[:, 0]  # queries that see a key (the rest: 0 from fastattn)
+    check("attention_forward", out, ref(torch.float32), ref(torch.float64), keep=keep)
+    assert_ran({"key padding"})
