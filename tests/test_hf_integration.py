@@ -346,3 +346,23 @@ def test_masks_from_transformers_mask_functions(causal):
     keep = mask.any(-1)[:, 0]  # queries that see a key (the rest: 0 from fastattn)
     check("attention_forward", out, ref(torch.float32), ref(torch.float64), keep=keep)
     assert_ran({"key padding"})
+
+
+def test_llama_training_gradients():
+    """Training without attention dropout stays on fastattn; the loss's gradients match eager's
+    (3x, the rule for gradients)."""
+    mask = padding_mask(2, 10, [0, 3], left=True)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    models = build(transformers.LlamaForCausalLM, llama_config())
+    weights = torch.randn(int(mask.sum()), VOCAB)  # a loss of the real positions' logits only (padding differs)
+    grads = []
+    for model in models:
+        model.train()
+        logits = model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        (logits * weights.to(logits.dtype)).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                 "model.layers.1.self_attn.v_proj.weight", "model.embed_tokens.weight"):
+        result = testing.compare(name, *(g[name] for g in grads), factor=3.0)
+        assert result.ok, str(result)
+    assert_ran({"key padding"})
