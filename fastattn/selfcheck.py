@@ -30,6 +30,23 @@ def _dtypes(device: torch.device) -> list[torch.dtype]:
     return [torch.float32, torch.float16]
 
 
+def _integrations() -> list[str]:
+    """What plugs fastattn into other code: the FlashAttention-compatible functions, and the Hugging
+    Face integration when transformers is installed (its version read without importing it)."""
+    from importlib import metadata
+
+    lines = ["integrations: fastattn.flash_attn_func / flash_attn_varlen_func / flash_attn_with_kvcache "
+             "(FlashAttention 2's API)"]
+    try:
+        version = metadata.version("transformers")
+        lines.append(f"              transformers {version}: fastattn.integrations.transformers.register() adds "
+                     "attn_implementation=\"fastattn\"")
+    except metadata.PackageNotFoundError:
+        lines.append("              transformers not installed (pip install fastattn[hf] for attn_implementation="
+                     "\"fastattn\")")
+    return lines
+
+
 def run_check(device: str | None = None, out=print) -> bool:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out(f"fastattn self-check on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
@@ -40,6 +57,9 @@ def run_check(device: str | None = None, out=print) -> bool:
     for st in statuses.values():
         mods = ", ".join(st.score_modifiers) or "none"
         out(f"{st.name:<10} {'yes' if st.available else 'no':<9} {mods:<42} {st.reason}")
+    out("")
+    for line in _integrations():
+        out(line)
     out("")
     header = f"{'backend':<10} {'dtype':<9} {'case':<32} {'worst (err / tol)':<28} {'pass':<5} {'time':>6}"
     out(header)
