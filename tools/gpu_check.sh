@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: install + build fastattn._C (no network), CUDA smoke run, GPU tests, host overhead per
-# call vs SDPA, decode benchmark, score-modifier benchmark, quick kernel benchmark, model benchmark, a
+# call vs SDPA, decode benchmark, score-modifier benchmark, HF Llama step (if transformers is
+# installed), quick kernel benchmark, model benchmark, a
 # compute-sanitizer pass; summary table last.
 #
 #   tools/gpu_check.sh OUTDIR            (BUDGET_S=520 by default: the whole script, in seconds)
@@ -17,6 +18,7 @@
 #   summary.md    the short table printed last (with the decode table: GB/s, % of copy, vs SDPA and
 #                 the prefill kernel, from benchmarks/decode.py)
 #   results.tgz   bench.json/md + PNG plots, models.json/md, decode.json + log, score_mods.json/md + log,
+#                 hf_llama.json/md + log,
 #                 sanitizer.log (summary.md also shows the score-modifier tables)
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR}
@@ -54,7 +56,8 @@ stamp "cuda smoke rc=$smoke_rc"
 
 # Tests on the GPU, 16 workers; the files that have never run on a GPU first, then the rest.
 workers=$(( $(nproc) > 16 ? 16 : $(nproc) ))
-FIRST="tests/test_score_mods.py tests/test_t5.py tests/test_flash_api.py tests/test_decode.py tests/test_models.py tests/test_launch_plans.py tests/test_ops.py \
+FIRST="tests/test_score_mods.py tests/test_t5.py tests/test_flash_api.py tests/test_hf_integration.py \
+tests/test_decode.py tests/test_models.py tests/test_launch_plans.py tests/test_ops.py \
 tests/test_triton_attention.py tests/test_padding_varlen.py tests/test_cuda_attention.py"
 REST=$(ls tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<< "$FIRST"))
 timeout "$(left 330)" $PY -m pytest -v -m "not slow" -n "$workers" --timeout 150 -p no:cacheprovider $FIRST \
@@ -95,6 +98,17 @@ if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left 190)" -gt 45 ]; then
   smods_rc=$?
   [ -f "$WORK/score_mods/score_mods.md" ] || tail -40 "$WORK/score_mods.log" > "$WORK/score_mods.md"
   stamp "score mods rc=$smods_rc"
+fi
+
+# Hugging Face Llama-style training step, attn_implementation fastattn vs sdpa (issue 13's bar): only
+# where transformers is installed (the bare GPU image has none: carry a wheelhouse to run it).
+hf_rc=-
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left 160)" -gt 40 ] \
+   && $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('transformers') is None)"; then
+  hb=$(left 160); hb=$(( hb > 90 ? 90 : hb ))
+  timeout "$hb" $PY benchmarks/hf_llama.py --out "$WORK/hf_llama" > "$WORK/hf_llama.log" 2>&1
+  hf_rc=$?
+  stamp "hf llama rc=$hf_rc"
 fi
 
 # Kernel benchmark with autotuning on (as a user gets it): the quick grid under a time budget.
@@ -161,6 +175,7 @@ fi
   echo "| decode | $decode_rc | $(grep -E 'failed the gate' "$WORK/decode.log" 2>/dev/null | tail -1) |"
   echo "| score mods | $smods_rc | $(grep -E 'failed the gate' "$WORK/score_mods.log" 2>/dev/null | tail -1); \
 $(grep -E 'bar checks met' "$WORK/score_mods/score_mods.md" 2>/dev/null | tail -1) |"
+  echo "| hf llama | $hf_rc | $(grep -E 'fastattn vs sdpa' "$WORK/hf_llama/hf_llama.md" 2>/dev/null) |"
   echo "| bench | $bench_rc | $(grep -E '^[0-9]+ timings' "$OUT/bench.log" | tail -1) |"
   echo "| models | $models_rc | $(grep -c 'train step' "$OUT/models.log" 2>/dev/null) rows |"
   echo "| sanitizer | $san_rc | $(grep -E 'ERROR SUMMARY' "$WORK/sanitizer.log" 2>/dev/null | tail -1) |"
