@@ -139,10 +139,8 @@ def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionSh
                 or type(window[1]) is not int or window[0] < -1 or window[1] < -1):
             raise ValueError(f"window must be (left, right), two ints >= -1 (-1 = unbounded), got {window!r}")
         left, right = window
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    if (left, right) == (-1, 0) and causal:
-        left, right = -1, -1  # causal alone: no window
+    if causal:  # causal caps the right side at the diagonal; with no left side that is causal alone
+        left, right = (-1, -1) if left == -1 else (left, 0)
     if softcap is None:
         softcap = 0.0
     if (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SEED
 
 import fastattn
 from fastattn import reference, testing
@@ -62,7 +63,7 @@ def registered():
 def build(model_cls, config, *, seed=0, init=None):
     """(fastattn float32, eager float32, eager float64) copies of one random model; `init(model)`
     changes the weights first (e.g. parameters a model initialises to zeros)."""
-    torch.manual_seed(seed)
+    torch.manual_seed(SEED + seed)  # fresh weights (and the inputs drawn after) per run; FASTATTN_TEST_SEED replays
     made = {}
     for impl in ("eager", "fastattn"):
         made[impl] = model_cls._from_config(copy.deepcopy(config), attn_implementation=impl).eval()

@@ -232,8 +232,13 @@ def test_which_backend_runs_what(gen):
     q, k, v = testing.random_qkv(1, 8, 8, 2, 2, 16, device=DEVICE, generator=gen)
     with pytest.raises(ValueError, match="softcap and sinks cannot be expressed"):
         fastattn.attention(q, k, v, softcap=5.0, backend="torch")
-    with pytest.raises(ValueError, match=r"score modifiers \(window\) are not supported by the CUDA kernels|cuda"):
-        fastattn.attention(q, k, v, window=(2, 2), backend="cuda")
+    from fastattn.backends import AttentionCall, cuda_backend
+    from fastattn.modifiers import ScoreMods
+    from fastattn.validation import validate_qkv
+
+    call = AttentionCall(q, k, v, validate_qkv(q, k, v), False, 0.25, None, False,
+                         mods=ScoreMods(window=(2, 2), softcap=1.0))
+    assert cuda_backend.unsupported(call) == "score modifiers (window, softcap) are not supported by the CUDA kernels"
     # "auto" on CPU: torch for what SDPA expresses, else the reference.
     out = fastattn.attention(q, k, v, sinks=torch.zeros(2, device=DEVICE))
     torch.testing.assert_close(out, reference.attention(q, k, v, sinks=torch.zeros(2, device=DEVICE)))
