@@ -1,0 +1,234 @@
+"""Ring (context-parallel) attention: each rank holds a shard of the sequence; the K/V shards travel
+around the ring of ranks while every rank attends its queries to the shard it holds, and the
+partial results merge by log-sum-exp.
+
+    step s on rank r: hold the K/V shard of rank (r - s) mod W; send it on to rank r + 1 and receive
+    the next from rank r - 1 (async, overlapped with this step's kernel); attend; merge.
+
+The backward runs the same ring once more: K/V travel again, and with each shard travels its dK/dV
+accumulator, which every rank adds its part to; after W steps the accumulators come home. The
+block kernels are fastattn's (fastattn/distributed/blocks.py); the transport is torch.distributed
+point-to-point (NCCL on GPUs, gloo on CPUs).
+
+Causal attention uses the zig-zag layout (layout.py): rank r holds chunks r and 2W - 1 - r of the
+sequence, so at each step a rank does the same work. With c = S_local / 2, the K/V of rank src is,
+from rank r's point of view:
+    src == r: both chunks, causal (the diagonal);
+    src <  r: its head chunk precedes both of r's chunks and its tail follows them: all queries x
+              the first c keys, no mask;
+    src >  r: both its chunks precede r's tail chunk and follow r's head chunk: the last c queries x
+              all keys, no mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fastattn.distributed import blocks
+from fastattn.distributed.layout import group_info
+from fastattn.validation import (
+    validate_flag,
+    validate_key_padding_mask,
+    validate_qkv,
+    validate_scale,
+    value_checks,
+)
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Attention over a sequence sharded across the ranks of `group`, as ``fastattn.attention``
+    would compute it on the whole sequence on one device. Differentiable.
+
+    Args:
+        q: (B, Sq_local, Hq, D), this rank's queries; k, v: (B, Sk_local, Hkv, D), its keys and
+            values (Hq % Hkv == 0: GQA/MQA; only Hkv heads travel). Every rank's shards have the
+            same shapes (``fastattn.distributed.shard`` pads the sequence to make them so).
+        group: the torch.distributed process group (None: the default group).
+        causal: the sequence is sharded in the zig-zag layout (``shard``) and q, k, v are the same
+            positions (self-attention, Sq_local == Sk_local, even). Without causal, any layout
+            works, as long as k, v and key_padding_mask share theirs, and Sq may differ from Sk
+            (cross-attention between two sharded sequences).
+        scale: softmax scale, default 1/sqrt(D).
+        key_padding_mask: (B, Sk_local) bool, True = real key: this rank's part of the whole mask
+            (``shard(mask)``; it travels with K/V). Non-causal attention over a padded shard needs
+            it, or the padding is attended to.
+        return_lse: also return the log-sum-exp (B, Hq, Sq_local) float32.
+        backend: the block kernels: "auto" (CUDA: "triton"; CPU: "torch", or "reference" with
+            return_lse), "triton", "cuda", "torch" (CPU only) or "reference".
+
+    Partial results merge in float32 (float64 for float64 inputs); dQ and the travelling dK/dV
+    accumulators are float32 too, so the ring's gradients are no coarser than the kernels'.
+    Returns out (B, Sq_local, Hq, D) [, lse].
+    """
+    shape = validate_qkv(q, k, v)
+    causal = validate_flag("causal", causal)
+    return_lse = validate_flag("return_lse", return_lse)
+    scale = validate_scale(scale, shape.head_dim)
+    validate_key_padding_mask(key_padding_mask, shape, q)
+    ring = Ring(group)
+    if causal and (shape.seqlen_q != shape.seqlen_k or shape.seqlen_q % 2):
+        raise ValueError("causal ring attention is self-attention in the zig-zag layout: q and k must hold the same "
+                         f"positions, an even number per rank (got Sq_local={shape.seqlen_q}, "
+                         f"Sk_local={shape.seqlen_k}); shard the sequence with fastattn.distributed.shard")
+    if shape.seqlen_q == 0 or shape.seqlen_k == 0:
+        raise ValueError("ring_attention needs at least one query and one key per rank")
+    block = blocks.choose(backend, q, k, v, shape, causal, scale, key_padding_mask, return_lse)
+    if value_checks(q.device):
+        ring.check_same_shapes(q, k, key_padding_mask)
+    out, lse = RingAttention.apply(q, k, v, key_padding_mask, causal, scale, block, ring)
+    return (out, lse) if return_lse else out
+
+
+class Ring:
+    """Point-to-point exchange with this rank's neighbours in `group`: send to rank + 1, receive
+    from rank - 1, asynchronously."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank, self.world = group_info(group)
+        to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+        self.next, self.prev = to_global((self.rank + 1) % self.world), to_global((self.rank - 1) % self.world)
+
+    def exchange(self, tensors, tag: int = 0) -> Exchange:
+        """Start sending `tensors` (contiguous) to the next rank and receiving tensors of the same
+        shapes from the previous one."""
+        received = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group, tag) for r in received]
+        return Exchange(dist.batch_isend_irecv(ops), tensors, received)
+
+    def check_same_shapes(self, q, k, key_padding_mask) -> None:
+        """Every rank's shards have the same shapes, or the receive buffers would not fit (one small
+        all_gather; run where value checks are on: CPU tensors, or FASTATTN_CHECK_VALUES=1)."""
+        mine = torch.tensor([*q.shape, *k.shape, key_padding_mask is not None], device=q.device)
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine, group=self.group)
+        for r, theirs in enumerate(every):
+            if not torch.equal(theirs, mine):
+                raise ValueError(f"ring_attention: rank {r}'s shards (q {tuple(theirs[:4].tolist())}, k "
+                                 f"{tuple(theirs[4:8].tolist())}, mask {bool(theirs[8])}) differ from rank "
+                                 f"{self.rank}'s (q {tuple(q.shape)}, k {tuple(k.shape)}, mask "
+                                 f"{key_padding_mask is not None}): every rank needs the same shapes "
+                                 "(fastattn.distributed.shard pads them)")
+
+
+class Exchange:
+    """Sends and receives in flight; wait() returns the received tensors. It holds the sent tensors
+    until then, so their memory is not reused while they travel."""
+
+    def __init__(self, works, sent, received):
+        self._works, self._sent, self._received = works, sent, received
+
+    def wait(self) -> list[torch.Tensor]:
+        for w in self._works:
+            w.wait()
+        self._sent = None
+        return self._received
+
+
+def _step(causal: bool, rank: int, src: int, half: int):
+    """(query rows, key rows, causal) of the block rank `rank` computes with rank `src`'s K/V."""
+    everything = slice(None)
+    if not causal:
+        return everything, everything, False
+    if src == rank:
+        return everything, everything, True
+    if src < rank:
+        return everything, slice(0, half), False
+    return slice(half, None), everything, False
+
+
+def _merge(out, lse, block_out, block_lse) -> None:
+    """In place: (out, lse) <- the softmax over the union of the keys behind (out, lse) and behind
+    (block_out, block_lse). out (B, S, H, D), lse (B, H, S), in the accumulation dtype. Rows that
+    have seen no key yet (lse -inf) take no weight instead of NaN."""
+    new = torch.logaddexp(lse, block_lse.to(lse.dtype))
+    finite = torch.where(new == float("-inf"), 0.0, new)
+    w_old = torch.exp(lse - finite).transpose(1, 2)[..., None]  # (B, H, S) -> (B, S, H, 1)
+    w_new = torch.exp(block_lse.to(lse.dtype) - finite).transpose(1, 2)[..., None]
+    out.mul_(w_old).add_(block_out.to(out.dtype) * w_new)
+    lse.copy_(new)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class RingAttention(torch.autograd.Function):
+    """(q, k, v) -> (out, lse) over the ring; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, causal, scale, block, ring):
+        k, v = k.contiguous(), v.contiguous()
+        # Masks travel as uint8 (not every transport sends bool).
+        mask = None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
+        acc = _accumulation_dtype(q.dtype)
+        half = q.shape[1] // 2
+        travelling = [k, v] if mask is None else [k, v, mask]
+        out = lse = None
+        for step in range(ring.world):
+            pending = ring.exchange(travelling) if step + 1 < ring.world else None
+            kb, vb, *mb = travelling
+            mb = mb[0].view(torch.bool) if mb else None
+            rows, keys, block_causal = _step(causal, ring.rank, (ring.rank - step) % ring.world, half)
+            o, l = block.forward(q[:, rows], kb[:, keys], vb[:, keys], None if mb is None else mb[:, keys],
+                                 block_causal, scale)
+            if out is None:  # step 0 covers every query row
+                out, lse = o.to(acc), l.to(acc).contiguous()
+            else:
+                _merge(out[:, rows], lse[:, :, rows], o, l)
+            if pending is not None:
+                travelling = pending.wait()
+        out = out.to(q.dtype)
+        lse = lse.float() if acc == torch.float32 else lse
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.causal, ctx.scale, ctx.block, ctx.ring = causal, scale, block, ring
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        ring, block, causal, scale = ctx.ring, ctx.block, ctx.causal, ctx.scale
+        if dout is None:  # only lse was used
+            dout = torch.zeros_like(out)
+        dout = dout.contiguous()
+        acc = _accumulation_dtype(q.dtype)
+        half = q.shape[1] // 2
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (k, v))  # travel with their K/V
+        travelling = [k, v] if mask is None else [k, v, mask]
+        grads_in = None
+        for step in range(ring.world):
+            pending = ring.exchange(travelling) if step + 1 < ring.world else None
+            if grads_in is not None:
+                dk, dv = grads_in.wait()  # the accumulators of the K/V shard now held
+            kb, vb, *mb = travelling
+            mb = mb[0].view(torch.bool) if mb else None
+            rows, keys, block_causal = _step(causal, ring.rank, (ring.rank - step) % ring.world, half)
+            grads = block.backward(
+                dout[:, rows], None if dlse is None else dlse[:, :, rows].contiguous(), q[:, rows], kb[:, keys],
+                vb[:, keys], out[:, rows], lse[:, :, rows].contiguous(), None if mb is None else mb[:, keys],
+                block_causal, scale)
+            dq[:, rows] += grads[0]
+            dk[:, keys] += grads[1]
+            dv[:, keys] += grads[2]
+            if ring.world > 1:  # the last step's send brings each accumulator home
+                grads_in = ring.exchange([dk, dv], tag=1)
+            if pending is not None:
+                travelling = pending.wait()
+        if grads_in is not None:
+            dk, dv = grads_in.wait()
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
