@@ -44,3 +44,88 @@ def _entry(rank, fn, world_size, store, group_timeout, args):
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
+
+
+# Workers (each runs on every rank).
+
+def check_ring_cases(rank, world_size, cases):
+    """Each case (batch, Sq, Sk, Hq, Hkv, D, causal, masked, backend, dtype, seed): the whole inputs
+    are drawn from the seed on every rank, sharded, run through ring_attention and gathered back;
+    outputs, lse and gradients are compared with the float64 reference of the whole sequence under
+    the tolerance rule (shard's backward all-gathers, so every rank holds whole-sequence gradients)."""
+    from fastattn.distributed import ring_attention, shard, unshard
+    from fastattn.testing import check_against_reference, random_qkv
+
+    for b, sq, sk, hq, hkv, d, causal, masked, backend, dtype, seed in cases:
+        gen = torch.Generator().manual_seed(seed)
+        q, k, v = random_qkv(b, sq, sk, hq, hkv, d, dtype=dtype, generator=gen)
+        mask = torch.rand(b, sk, generator=gen) > 0.3 if masked else None
+        with_lse = backend != "torch"  # the CPU op's backward takes no lse gradient
+
+        def ring(q_, k_, v_):
+            # Without the causal mask, the padding at the end of a shard must be masked.
+            whole = mask if mask is not None or causal else torch.ones(b, sk, dtype=torch.bool)
+            res = ring_attention(shard(q_), shard(k_), shard(v_), causal=causal, return_lse=with_lse,
+                                 key_padding_mask=None if whole is None else shard(whole), backend=backend)
+            if not with_lse:
+                return unshard(res, sq), None
+            return unshard(res[0], sq), unshard(res[1], sq, dim=2)
+
+        results = check_against_reference(ring, q, k, v, causal=causal, key_padding_mask=mask, lse=with_lse,
+                                          lse_grad=with_lse, generator=torch.Generator().manual_seed(seed + 1))
+        failed = [str(r) for r in results if not r.ok]
+        assert not failed, f"rank {rank}/{world_size}, {backend}, causal={causal}, masked={masked}, " \
+                           f"Sq={sq}, Sk={sk}, Hq={hq}, Hkv={hkv}, {dtype}: " + "; ".join(failed)
+
+
+def check_decoder_step(rank, world_size, backend, seed, config):
+    """One training step of a decoder on a sequence sharded across the ranks (each rank: its tokens
+    in the zig-zag layout, its share of the next-token loss, then the gradients all-reduced, as data
+    parallelism would) against the same step on one process: the loss and every parameter gradient
+    under the tolerance rule (float64 and naive low-precision single-process runs on "reference")."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from fastattn.distributed import shard, shard_positions
+    from fastattn.models import Decoder, ModelConfig, set_attn_backend, set_context_parallel
+    from fastattn.testing import GRAD_FACTOR, OUT_FACTOR, compare
+
+    gen = torch.Generator().manual_seed(seed)
+    cfg = ModelConfig.preset("tiny", attn_backend=backend, **config)
+    torch.manual_seed(seed)
+    base = Decoder(cfg)  # the same weights on every rank
+    batch, seqlen = 2, 19  # odd: the shards are padded
+    tokens = torch.randint(1, cfg.vocab_size, (batch, seqlen), generator=gen)
+    count = batch * (seqlen - 1)  # next-token targets
+
+    def one_process(model):
+        model.zero_grad()
+        logits = model(tokens)[:, :-1]  # (B, S - 1, vocab): position i predicts token i + 1
+        loss = F.cross_entropy(logits.reshape(count, -1).double(), tokens[:, 1:].reshape(-1), reduction="sum") / count
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def sharded(model):
+        model.zero_grad()
+        positions = shard_positions(seqlen)  # (S_local,) global positions; >= seqlen: padding
+        real = positions < seqlen - 1  # positions with a next token
+        targets = shard(torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1))  # token i + 1 at position i
+        logits = model(shard(tokens), positions=positions.clamp(max=seqlen - 1))  # (B, S_local, vocab)
+        loss = F.cross_entropy(logits[:, real].reshape(-1, cfg.vocab_size).double(), targets[:, real].reshape(-1),
+                               reduction="sum") / count
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        for g in grads.values():  # each rank holds the gradient of its share of the loss
+            torch.distributed.all_reduce(g)
+        loss = loss.detach().clone()
+        torch.distributed.all_reduce(loss)
+        return loss, grads
+
+    ref = one_process(set_attn_backend(copy.deepcopy(base).double(), "reference"))
+    naive = one_process(set_attn_backend(copy.deepcopy(base), "reference"))
+    test = sharded(set_context_parallel(copy.deepcopy(base)))
+    results = [compare("loss", test[0], naive[0], ref[0], OUT_FACTOR)]
+    results += [compare(f"d {n}", test[1][n], naive[1][n], ref[1][n], GRAD_FACTOR) for n in ref[1]]
+    failed = [str(r) for r in results if not r.ok]
+    assert not failed, f"rank {rank}/{world_size}, {backend} {config}: " + "; ".join(failed)

@@ -13,8 +13,9 @@ from fastattn.models.encoder import Encoder
 from fastattn.models.encoder_decoder import EncoderDecoder
 from fastattn.models.generation import pad_left, pad_right, sample
 from fastattn.models.kv_cache import KVCache
-from fastattn.models.layers import MultiHeadAttention, set_attn_backend
+from fastattn.models.layers import MultiHeadAttention, set_attn_backend, set_context_parallel
 from fastattn.models.relative_position import RelativePositionBias, relative_position_bucket
 
 __all__ = ["PRESETS", "ModelConfig", "Decoder", "Encoder", "EncoderDecoder", "KVCache", "MultiHeadAttention",
-           "RelativePositionBias", "pad_left", "pad_right", "relative_position_bucket", "sample", "set_attn_backend"]
+           "RelativePositionBias", "pad_left", "pad_right", "relative_position_bucket", "sample", "set_attn_backend",
+           "set_context_parallel"]

@@ -26,14 +26,16 @@ class Decoder(nn.Module):
         self.apply(init_weights)
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, S) -> next-token logits (B, S, vocab).
 
         attention_mask: (B, S), True/1 = a real token. Left padding (batched prompts) and right
         padding (training batches) both work: positions count real tokens only.
         cache: continue after the cached tokens (see ``generate``).
+        positions: the tokens' positions in the whole sequence when it is sharded across ranks
+            (``set_context_parallel``; README "Long sequences across GPUs").
         """
-        h = self.body(tokens, as_padding_mask(attention_mask, tokens), cache=cache)  # (B, S, d_model)
+        h = self.body(tokens, as_padding_mask(attention_mask, tokens), cache=cache, positions=positions)  # (B, S, d)
         return tied_logits(h, self.body.embed, self.lm_bias)
 
     def new_cache(self, batch: int, max_len: int, *, page_size: int | None = None) -> KVCache:

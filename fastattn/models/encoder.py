@@ -26,10 +26,12 @@ class Encoder(nn.Module):
         self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.apply(init_weights)
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, S), attention_mask (B, S) True/1 = real token -> hidden states (B, S, d_model).
-        Rows of padding positions are computed but meaningless."""
-        return self.body(tokens, as_padding_mask(attention_mask, tokens))
+        Rows of padding positions are computed but meaningless. positions: as ``Decoder.forward``,
+        for a sequence sharded across ranks."""
+        return self.body(tokens, as_padding_mask(attention_mask, tokens), positions=positions)
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, S, d_model) -> logits (B, S, vocab) for the masked-token objective."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn import reference
+from fastattn.distributed import ring_attention
 from fastattn.models.relative_position import RelativePositionBias
 
 
@@ -39,6 +40,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("cross-attention is not causal: every target token may see the whole source")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
         self.causal, self.cross, self.attn_backend = causal, cross, attn_backend
+        self.sharded, self.sequence_group = False, None  # set_context_parallel: the ranks holding the sequence
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim)
         self.kv_proj = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim)  # keys and values in one matmul
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model)
@@ -79,9 +81,21 @@ class MultiHeadAttention(nn.Module):
                 out = cache.attend(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
                                    backend=self.attn_backend, bias=bias)
                 return self.out_proj(out.reshape(b, s, self.n_heads * self.head_dim))
+        if self.sharded:
+            out = self._ring(q, k, v, key_padding_mask, cache, bias)
+            return self.out_proj(out.reshape(b, s, self.n_heads * self.head_dim))
         out = fastattn.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, bias=bias,
                                  backend=self.attn_backend)
         return self.out_proj(out.reshape(b, s, self.n_heads * self.head_dim))  # heads merged: (B, S, d_model)
+
+    def _ring(self, q, k, v, key_padding_mask, cache, bias):
+        """Attention over a sequence sharded across ranks (``set_context_parallel``): x and memory are
+        this rank's shards in fastattn.distributed's layout."""
+        if cache is not None or bias is not None:
+            raise ValueError("a context-parallel (sequence-sharded) model runs without a KV cache and without a "
+                             "relative position bias")
+        return ring_attention(q, k, v, group=self.sequence_group, causal=self.causal,
+                              key_padding_mask=key_padding_mask, backend=self.attn_backend)
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor, memory: torch.Tensor | None = None,
@@ -204,18 +218,30 @@ class Stack(nn.Module):
             for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(c.d_model)
+        self.sharded = False  # set_context_parallel: tokens are a shard, positions come from the caller
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, cache=None,
-                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, S) -> hidden states (B, S, d_model).
 
         mask: (B, S) bool, True = a real token (None: all real). With a cache, tokens are the next
         S tokens after the cached ones (a mask only on the first call: later tokens continue each
         sequence). memory, memory_mask: the encoder output (B, S_src, d_model) and its padding
         mask, for cross-attention.
+        positions: (S,) or (B, S), the tokens' positions in the whole sequence: required, and only
+        taken, when the sequence is sharded (``set_context_parallel``; ``shard_positions``).
         """
         step = cache is not None and cache.prefilled  # a decode step over the cache
-        if cache is None:
+        if self.sharded or positions is not None:
+            if positions is None or not self.sharded:
+                raise ValueError("positions go with a sequence-sharded model (set_context_parallel), which needs "
+                                 "them: pass fastattn.distributed.shard_positions(seqlen)")
+            if positions.shape[-1] != tokens.shape[1]:
+                raise ValueError(f"positions must have shape (S,) or (B, S) with S = {tokens.shape[1]}, got "
+                                 f"{tuple(positions.shape)}")
+            positions, key_padding_mask = positions.expand(tokens.shape), mask
+        elif cache is None:
             positions, key_padding_mask = self.embed.positions_of(mask, tokens), mask
         else:
             positions, key_padding_mask = cache.begin(mask, tokens.shape[1])
@@ -252,6 +278,19 @@ def set_attn_backend(model: nn.Module, backend: str) -> nn.Module:
     for m in model.modules():
         if isinstance(m, MultiHeadAttention):
             m.attn_backend = backend
+    return model
+
+
+def set_context_parallel(model: nn.Module, group=None, enabled: bool = True) -> nn.Module:
+    """Shard `model`'s sequences across the ranks of a torch.distributed `group` (None: the default
+    group): every attention layer runs ``fastattn.distributed.ring_attention``. The model then takes
+    this rank's tokens in the zig-zag layout (``fastattn.distributed.shard``) with their global
+    ``positions`` (``shard_positions``); enabled=False switches back. Returns model."""
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention):
+            m.sharded, m.sequence_group = enabled, group
+        if isinstance(m, Stack):
+            m.sharded = enabled
     return model
 
 

@@ -1,0 +1,150 @@
+"""fastattn.distributed: ring attention on 2 and 4 CPU processes (gloo) against the single-device
+float64 reference, the zig-zag layout helpers, a sharded decoder training step against one process,
+and failures that raise instead of hanging. The workers live in ring_harness.py (spawned processes
+import them from there); each test starts one set of processes and runs several cases in it."""
+
+import time
+
+import pytest
+import torch
+from conftest import HAS_CUDA, SEED
+from ring_harness import check_decoder_step, check_ring_cases, run_ranks
+
+from fastattn.distributed import ring_attention, zigzag_positions
+from fastattn.distributed.layout import padded_length
+
+
+def cases(backend, world_size, dtypes=(torch.float32,)):
+    """Odd whole lengths (every shard padded), causal and not, with and without a key-padding
+    mask, GQA, and cross-attention with Sq != Sk; fresh inputs from the run's seed."""
+    seed = SEED + 1000 * world_size + sum(map(ord, backend))
+    out = []
+    for dtype in dtypes:
+        for causal in (False, True):
+            for masked in (False, True):
+                out.append((2, 13, 13, 4, 2, 16, causal, masked, backend, dtype, seed + len(out)))
+        out.append((1, 9, 21, 2, 1, 16, False, True, backend, dtype, seed + len(out)))  # cross, MQA
+        out.append((1, 4 * world_size + 1, 4 * world_size + 1, 2, 2, 8, True, False, backend, dtype, seed + len(out)))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ring_matches_single_device(world_size, backend):
+    dtypes = (torch.float32, torch.float16) if backend == "triton" and world_size == 2 else (torch.float32,)
+    run_ranks(check_ring_cases, world_size, cases(backend, world_size, dtypes))
+
+
+@pytest.mark.parametrize("backend,config", [("triton", {}), ("torch", {"n_heads": 4, "n_kv_heads": 2})])
+def test_sharded_decoder_step_matches_one_process(backend, config):
+    run_ranks(check_decoder_step, 2, backend, SEED, config)
+
+
+def test_zigzag_layout_balances_causal_work():
+    for seqlen in (1, 7, 16, 33):
+        for world in (1, 2, 3, 4):
+            parts = [zigzag_positions(seqlen, world, r) for r in range(world)]
+            padded = padded_length(seqlen, world)
+            assert torch.equal(torch.cat(parts).sort().values, torch.arange(padded))  # a partition
+            # (query, key) pairs under the causal mask per rank: equal, so every rank works as long.
+            work = {int((p[:, None] >= torch.arange(padded)[None]).sum()) for p in parts}
+            assert len(work) == 1, (seqlen, world, work)
+
+
+def check_layout(rank, world_size):
+    from fastattn.distributed import shard, shard_positions, unshard
+
+    x = torch.randn(2, 11, 3, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    local = shard(x)
+    assert local.shape == (2, padded_length(11, world_size) // world_size, 3)
+    pos = shard_positions(11)
+    real = pos < 11
+    assert torch.equal(local[:, real], x[:, pos[real]]) and not local[:, ~real].any()
+    assert shard(torch.ones(2, 11, dtype=torch.bool))[:, ~real].logical_not().all()  # padding is False
+    whole = unshard(local * 2, 11)
+    assert torch.equal(whole, x * 2)
+    # Replicated conventions: unshard keeps this rank's part of the gradient, shard all-gathers it.
+    whole.backward(torch.ones_like(whole))
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_shard_unshard_round_trip(world_size):
+    run_ranks(check_layout, world_size)
+
+
+def check_errors(rank, world_size):
+    from fastattn.distributed import ring_attention
+
+    q = torch.randn(1, 4, 2, 8)
+
+    def raises(match, **kw):
+        with pytest.raises(ValueError, match=match):
+            ring_attention(kw.pop("q", q), kw.pop("k", q), kw.pop("v", q), **kw)
+
+    raises("causal ring attention is self-attention", k=q[:, :2], v=q[:, :2], causal=True)
+    raises("an even number per rank", q=q[:, :3], k=q[:, :3], v=q[:, :3], causal=True)
+    raises("return_lse", backend="torch", return_lse=True)
+    raises("backend must be one of", backend="flash")
+    raises("key_padding_mask", key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
+    raises("at least one query", q=q[:, :0], k=q[:, :0], v=q[:, :0])
+    # Shards of different shapes on different ranks: caught before any transfer (CPU value checks).
+    k = q[:, :2 + rank]
+    raises(f"rank {1 - rank}'s shards .* differ from rank {rank}'s", k=k, v=k)
+
+
+def test_errors_name_the_problem():
+    run_ranks(check_errors, 2)
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        ring_attention(*(torch.randn(1, 4, 2, 8),) * 3)
+
+
+def stalled_peer(rank, world_size):
+    """Rank 1 never joins the ring; rank 0's ring_attention must raise (the group's timeout)."""
+    if rank == 1:
+        time.sleep(60)
+        return
+    q = torch.randn(1, 4, 2, 8)
+    start = time.monotonic()
+    try:
+        ring_attention(q, q, q, backend="reference")
+    except Exception as e:  # gloo raises a RuntimeError (DistBackendError) naming the timeout
+        raise RuntimeError(f"rank 0 raised after {time.monotonic() - start:.0f} s: {e}") from e
+    raise AssertionError("ring_attention returned without its peer")
+
+
+def test_a_stalled_rank_raises_instead_of_hanging():
+    start = time.monotonic()
+    with pytest.raises(Exception, match="rank 0 raised after"):
+        run_ranks(stalled_peer, 2, group_timeout=3)
+    assert time.monotonic() - start < 45
+
+
+def hangs(rank, world_size):
+    time.sleep(600)
+
+
+def test_harness_kills_ranks_past_its_deadline():
+    with pytest.raises(TimeoutError):
+        run_ranks(hangs, 2, timeout=5)
+
+
+def single_gpu(rank, world_size):
+    from fastattn.testing import check_against_reference, random_qkv
+
+    gen = torch.Generator().manual_seed(SEED)
+    for dtype in (torch.float16, torch.bfloat16):
+        for causal in (False, True):
+            q, k, v = random_qkv(2, 256, 256, 8, 2, 128, dtype=dtype, device="cuda", generator=gen)
+            results = check_against_reference(
+                lambda a, b, c: ring_attention(a, b, c, causal=causal, return_lse=True, backend="triton"),
+                q, k, v, causal=causal, lse_grad=True, generator=gen)
+            assert all(r.ok for r in results), results
+
+
+@pytest.mark.gpu
+def test_ring_blocks_on_one_gpu():
+    """The ring's block path on CUDA tensors (one rank, so no transfers): the Triton kernels given
+    the merged out/lse, fp16 and bf16."""
+    assert HAS_CUDA
+    run_ranks(single_gpu, 1)
