@@ -49,17 +49,23 @@ def _entry(rank, fn, world_size, store, group_timeout, args):
 # Workers (each runs on every rank).
 
 def check_ring_cases(rank, world_size, cases):
-    """Each case (batch, Sq, Sk, Hq, Hkv, D, causal, masked, backend, dtype, seed): the whole inputs
+    """Each case (batch, Sq, Sk, Hq, Hkv, D, causal, mask, backend, dtype, seed), mask None, "random"
+    or "sparse" (rows without any key; shards of padding only): the whole inputs
     are drawn from the seed on every rank, sharded, run through ring_attention and gathered back;
     outputs, lse and gradients are compared with the float64 reference of the whole sequence under
     the tolerance rule (shard's backward all-gathers, so every rank holds whole-sequence gradients)."""
     from fastattn.distributed import ring_attention, shard, unshard
     from fastattn.testing import check_against_reference, random_qkv
 
-    for b, sq, sk, hq, hkv, d, causal, masked, backend, dtype, seed in cases:
+    for b, sq, sk, hq, hkv, d, causal, mask_kind, backend, dtype, seed in cases:
         gen = torch.Generator().manual_seed(seed)
         q, k, v = random_qkv(b, sq, sk, hq, hkv, d, dtype=dtype, generator=gen)
-        mask = torch.rand(b, sk, generator=gen) > 0.3 if masked else None
+        mask = None
+        if mask_kind == "random":
+            mask = torch.rand(b, sk, generator=gen) > 0.3
+        elif mask_kind == "sparse":  # a sequence of padding only; one with real keys only at its end
+            mask = torch.zeros(b, sk, dtype=torch.bool)
+            mask[-1, -3:] = True
         with_lse = backend != "torch"  # the CPU op's backward takes no lse gradient
 
         def ring(q_, k_, v_):
@@ -74,7 +80,7 @@ def check_ring_cases(rank, world_size, cases):
         results = check_against_reference(ring, q, k, v, causal=causal, key_padding_mask=mask, lse=with_lse,
                                           lse_grad=with_lse, generator=torch.Generator().manual_seed(seed + 1))
         failed = [str(r) for r in results if not r.ok]
-        assert not failed, f"rank {rank}/{world_size}, {backend}, causal={causal}, masked={masked}, " \
+        assert not failed, f"rank {rank}/{world_size}, {backend}, causal={causal}, mask={mask_kind}, " \
                            f"Sq={sq}, Sk={sk}, Hq={hq}, Hkv={hkv}, {dtype}: " + "; ".join(failed)
 
 

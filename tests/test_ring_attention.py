@@ -15,16 +15,17 @@ from fastattn.distributed.layout import padded_length
 
 
 def cases(backend, world_size, dtypes=(torch.float32,)):
-    """Odd whole lengths (every shard padded), causal and not, with and without a key-padding
-    mask, GQA, and cross-attention with Sq != Sk; fresh inputs from the run's seed."""
+    """Odd whole lengths (every shard padded), causal and not, without a key-padding mask, with a
+    random one and with a sparse one (rows that see no key at all or none in a shard), GQA, and
+    cross-attention with Sq != Sk; fresh inputs from the run's seed."""
     seed = SEED + 1000 * world_size + sum(map(ord, backend))
     out = []
     for dtype in dtypes:
         for causal in (False, True):
-            for masked in (False, True):
-                out.append((2, 13, 13, 4, 2, 16, causal, masked, backend, dtype, seed + len(out)))
-        out.append((1, 9, 21, 2, 1, 16, False, True, backend, dtype, seed + len(out)))  # cross, MQA
-        out.append((1, 4 * world_size + 1, 4 * world_size + 1, 2, 2, 8, True, False, backend, dtype, seed + len(out)))
+            for mask in (None, "random", "sparse"):
+                out.append((2, 13, 13, 4, 2, 16, causal, mask, backend, dtype, seed + len(out)))
+        out.append((1, 9, 21, 2, 1, 16, False, "random", backend, dtype, seed + len(out)))  # cross, MQA
+        out.append((1, 4 * world_size + 1, 4 * world_size + 1, 2, 2, 8, True, None, backend, dtype, seed + len(out)))
     return out
 
 
