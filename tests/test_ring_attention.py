@@ -29,14 +29,21 @@ def cases(backend, world_size, dtypes=(torch.float32,)):
     return out
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+# The processes hold CPU tensors: the Triton kernels run on them through the interpreter (machines
+# without a GPU); on a GPU machine test_ring_blocks_on_one_gpu runs them on CUDA tensors instead.
+TRITON_ON_CPU = pytest.param("triton", marks=pytest.mark.skipif(HAS_CUDA, reason="CPU processes: interpreter only"))
+
+
+@pytest.mark.parametrize("backend", [TRITON_ON_CPU, "torch", "reference"])
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ring_matches_single_device(world_size, backend):
     dtypes = (torch.float32, torch.float16) if backend == "triton" and world_size == 2 else (torch.float32,)
     run_ranks(check_ring_cases, world_size, cases(backend, world_size, dtypes))
 
 
-@pytest.mark.parametrize("backend,config", [("triton", {}), ("torch", {"n_heads": 4, "n_kv_heads": 2})])
+@pytest.mark.parametrize("backend,config", [
+    pytest.param("triton", {}, marks=pytest.mark.skipif(HAS_CUDA, reason="CPU processes: interpreter only")),
+    ("torch", {"n_heads": 4, "n_kv_heads": 2})])
 def test_sharded_decoder_step_matches_one_process(backend, config):
     run_ranks(check_decoder_step, 2, backend, SEED, config)
 

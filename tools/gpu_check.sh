@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: install + build fastattn._C (no network), CUDA smoke run, GPU tests, host overhead per
 # call vs SDPA, decode benchmark, score-modifier benchmark, HF Llama step (if transformers is
-# installed), quick kernel benchmark, model benchmark, a
+# installed), ring attention across GPUs (2+ GPUs), quick kernel benchmark, model benchmark, a
 # compute-sanitizer pass; summary table last.
 #
 #   tools/gpu_check.sh OUTDIR            (BUDGET_S=520 by default: the whole script, in seconds)
@@ -18,7 +18,7 @@
 #   summary.md    the short table printed last (with the decode table: GB/s, % of copy, vs SDPA and
 #                 the prefill kernel, from benchmarks/decode.py)
 #   results.tgz   bench.json/md + PNG plots, models.json/md, decode.json + log, score_mods.json/md + log,
-#                 hf_llama.json/md + log,
+#                 hf_llama.json/md + log, ring.json/md + log,
 #                 sanitizer.log (summary.md also shows the score-modifier tables)
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR}
@@ -56,7 +56,7 @@ stamp "cuda smoke rc=$smoke_rc"
 
 # Tests on the GPU, 16 workers; the files that have never run on a GPU first, then the rest.
 workers=$(( $(nproc) > 16 ? 16 : $(nproc) ))
-FIRST="tests/test_score_mods.py tests/test_t5.py tests/test_flash_api.py tests/test_hf_integration.py \
+FIRST="tests/test_ring_attention.py tests/test_score_mods.py tests/test_t5.py tests/test_flash_api.py tests/test_hf_integration.py \
 tests/test_decode.py tests/test_models.py tests/test_launch_plans.py tests/test_ops.py \
 tests/test_triton_attention.py tests/test_padding_varlen.py tests/test_cuda_attention.py"
 REST=$(ls tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<< "$FIRST"))
@@ -109,6 +109,17 @@ if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left 160)" -gt 40 ] \
   timeout "$hb" $PY benchmarks/hf_llama.py --out "$WORK/hf_llama" > "$WORK/hf_llama.log" 2>&1
   hf_rc=$?
   stamp "hf llama rc=$hf_rc"
+fi
+
+# Ring attention across GPUs (benchmarks/ring.py under torchrun): only on a machine with 2+ GPUs.
+ring_rc=-
+ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$ngpu" -ge 2 ] && [ "$(left 140)" -gt 40 ]; then
+  rb=$(left 140); rb=$(( rb > 90 ? 90 : rb ))
+  timeout "$rb" $PY -m torch.distributed.run --nproc-per-node "$ngpu" benchmarks/ring.py --seqlens 32768,131072 \
+    --out "$WORK/ring" > "$WORK/ring.log" 2>&1
+  ring_rc=$?
+  stamp "ring ($ngpu GPUs) rc=$ring_rc"
 fi
 
 # Kernel benchmark with autotuning on (as a user gets it): the quick grid under a time budget.
@@ -176,6 +187,7 @@ fi
   echo "| score mods | $smods_rc | $(grep -E 'failed the gate' "$WORK/score_mods.log" 2>/dev/null | tail -1); \
 $(grep -E 'bar checks met' "$WORK/score_mods/score_mods.md" 2>/dev/null | tail -1) |"
   echo "| hf llama | $hf_rc | $(grep -E 'fastattn vs sdpa' "$WORK/hf_llama/hf_llama.md" 2>/dev/null) |"
+  echo "| ring | $ring_rc | $ngpu GPUs; $(grep -c '"ring gate": "ok"' "$WORK/ring.log" 2>/dev/null) gated rows |"
   echo "| bench | $bench_rc | $(grep -E '^[0-9]+ timings' "$OUT/bench.log" | tail -1) |"
   echo "| models | $models_rc | $(grep -c 'train step' "$OUT/models.log" 2>/dev/null) rows |"
   echo "| sanitizer | $san_rc | $(grep -E 'ERROR SUMMARY' "$WORK/sanitizer.log" 2>/dev/null | tail -1) |"
@@ -185,6 +197,7 @@ $(grep -E 'bar checks met' "$WORK/score_mods/score_mods.md" 2>/dev/null | tail -
   [ -f "$WORK/bench/bench.json" ] && $PY -m benchmarks.report "$WORK/bench/bench.json" --summary
   cat "$WORK/decode/decode.md" "$WORK/decode.md" 2>/dev/null
   cat "$WORK/score_mods/score_mods.md" "$WORK/score_mods.md" 2>/dev/null
+  cat "$WORK/ring/ring.md" 2>/dev/null
   [ -f "$WORK/models/models.md" ] && cat "$WORK/models/models.md"
   [ -f "$OUT/host.md" ] && cat "$OUT/host.md"
 } > "$OUT/summary.md" 2>&1
