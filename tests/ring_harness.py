@@ -135,3 +135,38 @@ def check_decoder_step(rank, world_size, backend, seed, config):
     results += [compare(f"d {n}", test[1][n], naive[1][n], ref[1][n], GRAD_FACTOR) for n in ref[1]]
     failed = [str(r) for r in results if not r.ok]
     assert not failed, f"rank {rank}/{world_size}, {backend} {config}: " + "; ".join(failed)
+
+
+def check_ring_varlen_cases(rank, world_size, cases):
+    """Each case (doc lengths q, doc lengths k or None (self-attention), Hq, Hkv, D, causal, backend,
+    seed): the packed streams drawn on every rank, sharded along the tokens, run through
+    ring_attention_varlen, gathered, and compared with the float64 reference of attention_varlen on
+    the whole streams (outputs, lse, gradients)."""
+    import fastattn
+    from fastattn.distributed import ring_attention_varlen, shard, unshard
+    from fastattn.testing import check_against_reference
+
+    def cumulative(lengths):
+        return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
+
+    for lengths_q, lengths_k, hq, hkv, d, causal, backend, seed in cases:
+        lengths_k = lengths_q if lengths_k is None else lengths_k
+        cu_q, cu_k = cumulative(lengths_q), cumulative(lengths_k)
+        tq, tk = int(cu_q[-1]), int(cu_k[-1])
+        gen = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(t, h, d, generator=gen) for t, h in ((tq, hq), (tk, hkv), (tk, hkv)))
+
+        def ring(q_, k_, v_):
+            o, l = ring_attention_varlen(shard(q_, dim=0), shard(k_, dim=0), shard(v_, dim=0), cu_q, cu_k,
+                                         causal=causal, return_lse=True, backend=backend)
+            return unshard(o, tq, dim=0), unshard(l, tq, dim=1)
+
+        def whole(q_, k_, v_):
+            return fastattn.attention_varlen(q_, k_, v_, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal,
+                                             return_lse=True, backend="reference")
+
+        results = check_against_reference(ring, q, k, v, ref_fn=whole, lse_grad=True,
+                                          generator=torch.Generator().manual_seed(seed + 1))
+        failed = [str(r) for r in results if not r.ok]
+        assert not failed, f"rank {rank}/{world_size}, {backend}, causal={causal}, docs q {lengths_q} k " \
+                           f"{lengths_k}: " + "; ".join(failed)

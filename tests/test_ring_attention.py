@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 from conftest import HAS_CUDA, SEED
-from ring_harness import check_decoder_step, check_ring_cases, run_ranks
+from ring_harness import check_decoder_step, check_ring_cases, check_ring_varlen_cases, run_ranks
 
 from fastattn.distributed import ring_attention, zigzag_positions
 from fastattn.distributed.layout import padded_length
@@ -39,6 +39,25 @@ TRITON_ON_CPU = pytest.param("triton", marks=pytest.mark.skipif(HAS_CUDA, reason
 def test_ring_matches_single_device(world_size, backend):
     dtypes = (torch.float32, torch.float16) if backend == "triton" and world_size == 2 else (torch.float32,)
     run_ranks(check_ring_cases, world_size, cases(backend, world_size, dtypes))
+
+
+def varlen_cases(backend, world_size):
+    """Packed documents crossing shard boundaries, an empty one, one document longer than a shard,
+    the stream's padding (lengths not divisible by 2 x world_size), causal and not, GQA, and
+    cross-attention with different documents on both sides."""
+    seed = SEED + 2000 * world_size + sum(map(ord, backend))
+    docs = [5, 0, 11, 3, 9]  # 28 tokens
+    return [(docs, None, 4, 2, 16, True, backend, seed), (docs, None, 4, 2, 16, False, backend, seed + 1),
+            ([3, 7, 1], [9, 2, 6], 2, 1, 16, False, backend, seed + 2), ([27], None, 2, 2, 8, True, backend, seed + 3)]
+
+
+@pytest.mark.parametrize("backend", [TRITON_ON_CPU, "reference"])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ring_varlen_matches_single_device(world_size, backend):
+    cases = varlen_cases(backend, world_size)
+    if backend == "triton" and world_size == 4:
+        cases = cases[::2]  # the interpreter is slow: causal documents and cross-attention
+    run_ranks(check_ring_varlen_cases, world_size, cases)
 
 
 @pytest.mark.parametrize("backend,config", [
@@ -96,6 +115,20 @@ def check_errors(rank, world_size):
     raises("backend must be one of", backend="flash")
     raises("key_padding_mask", key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
     raises("at least one query", q=q[:, :0], k=q[:, :0], v=q[:, :0])
+    from fastattn.distributed import ring_attention_varlen
+
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    p = torch.randn(4, 2, 8)  # 8 tokens over 2 ranks
+    with pytest.raises(ValueError, match="q has 4 rows, but a shard of the 11 packed tokens"):
+        ring_attention_varlen(p, p, p, torch.tensor([0, 3, 11]), torch.tensor([0, 3, 11]))
+    with pytest.raises(ValueError, match="must be equal"):
+        ring_attention_varlen(p, p, p, cu, torch.tensor([0, 4, 8], dtype=torch.int32), causal=True)
+    with pytest.raises(ValueError, match="same number of documents"):
+        ring_attention_varlen(p, p, p, cu, torch.tensor([0, 8], dtype=torch.int32))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ring_attention_varlen(p, p, p, torch.tensor([0, 5, 3, 8], dtype=torch.int32), cu)
+    with pytest.raises(ValueError, match="packed documents run on"):
+        ring_attention_varlen(p, p, p, cu, cu, backend="torch")
     # Shards of different shapes on different ranks: caught before any transfer (CPU value checks).
     k = q[:, :2 + rank]
     raises(f"rank {1 - rank}'s shards .* differ from rank {rank}'s", k=k, v=k)

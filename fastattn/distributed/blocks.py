@@ -7,16 +7,33 @@ P = exp(s - lse) with the final lse and uses delta = rowsum(dout * out) of the f
     "torch": PyTorch's CPU flash-attention op, which also returns lse (CPU tensors only; PyTorch has
         no public SDPA that returns it), without return_lse's gradient.
     "reference": fastattn.reference, differentiated again in the backward (recompute): the oracle.
+
+Each block gets `layout`: None, its keys' padding mask (B, Sk) or, for packed documents, a
+VarlenStep; then q, k, v are (1, T, H, D) views of the packed (T, H, D) and lse is (1, H, T).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fastattn import backends, reference
+from fastattn.backends import reference_backend
 from fastattn.backends.call import AttentionCall
+from fastattn.shape import AttentionShape
 
 RING_BACKENDS = ("triton", "cuda", "torch", "reference")
+VARLEN_BACKENDS = ("triton", "reference")
+
+
+class VarlenStep(NamedTuple):
+    """One ring step's block over packed documents (varlen.py): the varlen call's arguments."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
 AUTO_CUDA = ("triton", "cuda", "reference")
 AUTO_CPU = ("torch", "reference")
 
@@ -30,16 +47,22 @@ class KernelBlock:
         from fastattn.launchers.masks import key_bounds
 
         self.name, self._bounds = name, key_bounds
-        launch = triton_attention if name == "triton" else cuda_attention
-        self._fwd, self._bwd = launch.forward, launch.backward
+        self._launch = triton_attention if name == "triton" else cuda_attention
 
-    def forward(self, q, k, v, mask, causal, scale):
-        bounds = None if mask is None else self._bounds(mask)
-        return self._fwd(q, k, v, mask, bounds, causal, scale)
+    def forward(self, q, k, v, layout, causal, scale):
+        if isinstance(layout, VarlenStep):
+            out, lse = self._launch.forward_varlen(q[0], k[0], v[0], *layout, causal, scale)
+            return out[None], lse[None]
+        bounds = None if layout is None else self._bounds(layout)
+        return self._launch.forward(q, k, v, layout, bounds, causal, scale)
 
-    def backward(self, dout, dlse, q, k, v, out, lse, mask, causal, scale):
-        bounds = None if mask is None else self._bounds(mask)
-        dq, dk, dv, *_ = self._bwd(dout, q, k, v, out, lse, dlse, mask, bounds, causal, scale)
+    def backward(self, dout, dlse, q, k, v, out, lse, layout, causal, scale):
+        if isinstance(layout, VarlenStep):
+            dq, dk, dv, *_ = self._launch.backward_varlen(dout[0], q[0], k[0], v[0], out[0], lse[0],
+                                                          None if dlse is None else dlse[0], *layout, causal, scale)
+            return dq[None], dk[None], dv[None]
+        bounds = None if layout is None else self._bounds(layout)
+        dq, dk, dv, *_ = self._launch.backward(dout, q, k, v, out, lse, dlse, layout, bounds, causal, scale)
         return dq, dk, dv
 
 
@@ -98,14 +121,24 @@ class ReferenceBlock:
 
     name = "reference"
 
-    def forward(self, q, k, v, mask, causal, scale):
-        with torch.no_grad():
-            return reference.attention(q, k, v, causal=causal, scale=scale, key_padding_mask=mask, return_lse=True)
+    @staticmethod
+    def _attention(q, k, v, layout, causal, scale):
+        if not isinstance(layout, VarlenStep):
+            return reference.attention(q, k, v, causal=causal, scale=scale, key_padding_mask=layout, return_lse=True)
+        shape = AttentionShape(layout.cu_seqlens_q.shape[0] - 1, layout.max_seqlen_q, layout.max_seqlen_k,
+                               q.shape[2], k.shape[2], q.shape[3])
+        call = AttentionCall(q[0], k[0], v[0], shape, causal, scale, None, True, *layout)
+        out, lse = reference_backend.run(call)  # each document piece on its own, packed back
+        return out[None], lse[None]
 
-    def backward(self, dout, dlse, q, k, v, out, lse, mask, causal, scale):
+    def forward(self, q, k, v, layout, causal, scale):
+        with torch.no_grad():
+            return self._attention(q, k, v, layout, causal, scale)
+
+    def backward(self, dout, dlse, q, k, v, out, lse, layout, causal, scale):
         with torch.enable_grad():
             xs = [x.detach().requires_grad_() for x in (q, k, v)]
-            o, l = reference.attention(*xs, causal=causal, scale=scale, key_padding_mask=mask, return_lse=True)
+            o, l = self._attention(*xs, layout, causal, scale)
             acc = lse.dtype
             w = torch.where(l == float("-inf"), 0.0, torch.exp(l.to(acc) - lse))  # (B, H, S)
             g_lse = (dout.to(acc) * (o.detach().to(acc) - out.to(acc))).sum(-1).transpose(1, 2)  # (B, H, S)
@@ -115,12 +148,15 @@ class ReferenceBlock:
             return torch.autograd.grad((o, l), xs, (g_out.to(o.dtype), (w * g_lse).to(l.dtype)))
 
 
-def choose(backend: str, q, k, v, shape, causal: bool, scale: float, key_padding_mask, return_lse: bool):
+def choose(backend: str, q, k, v, shape, causal: bool, scale: float, key_padding_mask, return_lse: bool,
+           varlen: bool = False):
     """The block implementation for `backend` ("auto": the first of AUTO_CUDA / AUTO_CPU that can
     run the call); ValueError saying why a named backend cannot."""
     call = AttentionCall(q, k, v, shape, causal, scale, key_padding_mask, return_lse)
 
     def why(name):
+        if varlen and name not in VARLEN_BACKENDS:
+            return f"packed documents run on {VARLEN_BACKENDS} only"
         if name != "torch":
             return backends.why_not(name, call)
         if q.device.type != "cpu":

@@ -52,6 +52,20 @@ def shard_positions(seqlen: int, *, group=None, device=None) -> torch.Tensor:
     return zigzag_positions(seqlen, world, rank, device)
 
 
+def zigzag_block(causal: bool, rank: int, src: int, half: int) -> tuple[slice, slice, bool]:
+    """(query rows, key rows, causal) of the block that rank `rank` computes with rank `src`'s K/V,
+    each holding 2 x `half` tokens in the zig-zag layout (ring.py's module docstring). Without
+    causal, the whole shards, unmasked."""
+    everything = slice(None)
+    if not causal:
+        return everything, everything, False
+    if src == rank:
+        return everything, everything, True
+    if src < rank:
+        return everything, slice(0, half), False
+    return slice(half, None), everything, False
+
+
 def shard(x: torch.Tensor, *, dim: int = 1, group=None) -> torch.Tensor:
     """This rank's part of `x` along `dim` in the zig-zag layout, padded at the sequence's end with
     zeros (False for a bool mask). x is the whole sequence, the same on every rank.

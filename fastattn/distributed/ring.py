@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from fastattn.distributed import blocks
-from fastattn.distributed.layout import group_info
+from fastattn.distributed.layout import group_info, padded_length, zigzag_block
+from fastattn.distributed.varlen import host_lengths, step_plans
 from fastattn.validation import (
     validate_flag,
     validate_key_padding_mask,
@@ -87,8 +88,66 @@ def ring_attention(
     block = blocks.choose(backend, q, k, v, shape, causal, scale, key_padding_mask, return_lse)
     if value_checks(q.device):
         ring.check_same_shapes(q, k, key_padding_mask)
-    out, lse = RingAttention.apply(q, k, v, key_padding_mask, causal, scale, block, ring)
+    out, lse = RingAttention.apply(q, k, v, key_padding_mask, causal, scale, block, ring, None)
     return (out, lse) if return_lse else out
+
+
+def ring_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    group=None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Ring attention over packed documents (FlashAttention's varlen layout) sharded across ranks:
+    each token attends only within its document, as ``fastattn.attention_varlen`` would compute it
+    on the whole packed stream on one device. Differentiable.
+
+    Args:
+        q: (Tq_local, Hq, D), this rank's part of the packed queries, ``shard(q_packed, dim=0)``;
+            k, v: (Tk_local, Hkv, D), likewise. Documents may cross shard (and rank) boundaries.
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32/int64, the *whole* streams' cumulative document
+            lengths, the same on every rank. Read on the host (a device sync for CUDA tensors: pass
+            CPU tensors to avoid it); each step's plan is cached per distinct value.
+        causal: self-attention (cu_seqlens_q == cu_seqlens_k), bottom-right within each document.
+        backend: "auto" (CUDA: "triton"; CPU: "reference"), "triton" or "reference".
+
+    Returns out (Tq_local, Hq, D) [, lse (Hq, Tq_local) float32]; the padding rows ``shard`` adds
+    at the stream's end attend only to each other.
+    """
+    rank, world = group_info(group)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"{name} must be a (T_local, H, D) tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    q4, k4, v4 = q[None], k[None], v[None]  # (T, H, D) -> (1, T, H, D): the ring's padded layout
+    shape = validate_qkv(q4, k4, v4)
+    causal = validate_flag("causal", causal)
+    return_lse = validate_flag("return_lse", return_lse)
+    scale = validate_scale(scale, shape.head_dim)
+    cu_q, cu_k = host_lengths(cu_seqlens_q, "cu_seqlens_q"), host_lengths(cu_seqlens_k, "cu_seqlens_k")
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must hold the same number of documents, got "
+                         f"{len(cu_q) - 1} and {len(cu_k) - 1}")
+    for name, cu, local in (("q", cu_q, shape.seqlen_q), ("k", cu_k, shape.seqlen_k)):
+        if padded_length(cu[-1], world) != local * world:
+            raise ValueError(f"{name} has {local} rows, but a shard of the {cu[-1]} packed tokens of cu_seqlens_{name} "
+                             f"over {world} ranks has {padded_length(cu[-1], world) // world} "
+                             "(fastattn.distributed.shard(x, dim=0))")
+    if causal and cu_q != cu_k:
+        raise ValueError("causal ring attention is self-attention: cu_seqlens_q and cu_seqlens_k must be equal")
+    if shape.seqlen_q == 0 or shape.seqlen_k == 0:
+        raise ValueError("ring_attention_varlen needs at least one query and one key per rank")
+    block = blocks.choose(backend, q4, k4, v4, shape, causal, scale, None, return_lse, varlen=True)
+    plans = step_plans(cu_q, cu_k, causal, rank, world, q.device)
+    out, lse = RingAttention.apply(q4, k4, v4, None, causal, scale, block, Ring(group), plans)
+    return (out[0], lse[0]) if return_lse else out[0]
 
 
 class Ring:
@@ -138,18 +197,6 @@ class Exchange:
         return self._received
 
 
-def _step(causal: bool, rank: int, src: int, half: int):
-    """(query rows, key rows, causal) of the block rank `rank` computes with rank `src`'s K/V."""
-    everything = slice(None)
-    if not causal:
-        return everything, everything, False
-    if src == rank:
-        return everything, everything, True
-    if src < rank:
-        return everything, slice(0, half), False
-    return slice(half, None), everything, False
-
-
 def _merge(out, lse, block_out, block_lse) -> None:
     """In place: (out, lse) <- the softmax over the union of the keys behind (out, lse) and behind
     (block_out, block_lse). out (B, S, H, D), lse (B, H, S), in the accumulation dtype. Rows that
@@ -170,7 +217,7 @@ class RingAttention(torch.autograd.Function):
     """(q, k, v) -> (out, lse) over the ring; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, causal, scale, block, ring):
+    def forward(ctx, q, k, v, key_padding_mask, causal, scale, block, ring, plans):
         k, v = k.contiguous(), v.contiguous()
         # Masks travel as uint8 (not every transport sends bool).
         mask = None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
@@ -182,9 +229,9 @@ class RingAttention(torch.autograd.Function):
             pending = ring.exchange(travelling) if step + 1 < ring.world else None
             kb, vb, *mb = travelling
             mb = mb[0].view(torch.bool) if mb else None
-            rows, keys, block_causal = _step(causal, ring.rank, (ring.rank - step) % ring.world, half)
-            o, l = block.forward(q[:, rows], kb[:, keys], vb[:, keys], None if mb is None else mb[:, keys],
-                                 block_causal, scale)
+            rows, keys, block_causal = zigzag_block(causal, ring.rank, (ring.rank - step) % ring.world, half)
+            layout = plans[step] if plans is not None else None if mb is None else mb[:, keys]
+            o, l = block.forward(q[:, rows], kb[:, keys], vb[:, keys], layout, block_causal, scale)
             if out is None:  # step 0 covers every query row
                 out, lse = o.to(acc), l.to(acc).contiguous()
             else:
@@ -194,7 +241,7 @@ class RingAttention(torch.autograd.Function):
         out = out.to(q.dtype)
         lse = lse.float() if acc == torch.float32 else lse
         ctx.save_for_backward(q, k, v, mask, out, lse)
-        ctx.causal, ctx.scale, ctx.block, ctx.ring = causal, scale, block, ring
+        ctx.causal, ctx.scale, ctx.block, ctx.ring, ctx.plans = causal, scale, block, ring, plans
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -217,11 +264,11 @@ class RingAttention(torch.autograd.Function):
                 dk, dv = grads_in.wait()  # the accumulators of the K/V shard now held
             kb, vb, *mb = travelling
             mb = mb[0].view(torch.bool) if mb else None
-            rows, keys, block_causal = _step(causal, ring.rank, (ring.rank - step) % ring.world, half)
+            rows, keys, block_causal = zigzag_block(causal, ring.rank, (ring.rank - step) % ring.world, half)
+            layout = ctx.plans[step] if ctx.plans is not None else None if mb is None else mb[:, keys]
             grads = block.backward(
                 dout[:, rows], None if dlse is None else dlse[:, :, rows].contiguous(), q[:, rows], kb[:, keys],
-                vb[:, keys], out[:, rows], lse[:, :, rows].contiguous(), None if mb is None else mb[:, keys],
-                block_causal, scale)
+                vb[:, keys], out[:, rows], lse[:, :, rows].contiguous(), layout, block_causal, scale)
             dq[:, rows] += grads[0]
             dk[:, keys] += grads[1]
             dv[:, keys] += grads[2]
@@ -231,4 +278,4 @@ class RingAttention(torch.autograd.Function):
                 travelling = pending.wait()
         if grads_in is not None:
             dk, dv = grads_in.wait()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
