@@ -205,7 +205,7 @@ def _merge(out, lse, block_out, block_lse) -> None:
     finite = torch.where(new == float("-inf"), 0.0, new)
     w_old = torch.exp(lse - finite).transpose(1, 2)[..., None]  # (B, H, S) -> (B, S, H, 1)
     w_new = torch.exp(block_lse.to(lse.dtype) - finite).transpose(1, 2)[..., None]
-    out.mul_(w_old).add_(block_out.to(out.dtype) * w_new)
+    out.mul_(w_old).addcmul_(block_out, w_new)  # two passes over out; block_out read once, in its dtype
     lse.copy_(new)
 
 
