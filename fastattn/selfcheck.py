@@ -44,6 +44,15 @@ def _integrations() -> list[str]:
     except metadata.PackageNotFoundError:
         lines.append("              transformers not installed (pip install fastattn[hf] for attn_implementation="
                      "\"fastattn\")")
+    import torch.distributed as dist
+
+    if dist.is_available():
+        transports = [name for name, ok in (("nccl", dist.is_nccl_available()), ("gloo", dist.is_gloo_available()))
+                      if ok]
+        lines.append(f"              fastattn.distributed.ring_attention (context parallel; torchrun): "
+                     f"{', '.join(transports) or 'no transport'}")
+    else:
+        lines.append("              fastattn.distributed: this torch build has no torch.distributed")
     return lines
 
 

@@ -73,3 +73,4 @@ def test_check_command_runs_the_triton_kernels_without_a_gpu():
     rows = [line for line in res.stdout.splitlines() if line.startswith("triton ")]
     assert rows[0].split()[1] == "yes", rows[0]
     assert sum(" ok " in line for line in rows) >= 10, res.stdout
+    assert "fastattn.distributed.ring_attention (context parallel; torchrun): gloo" in res.stdout
