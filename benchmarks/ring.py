@@ -15,10 +15,11 @@ causal and not. Per case, in one run, forward and forward+backward:
 
 Times: a fixed number of calls on every rank (collectives need the same count), CUDA events, the
 slowest rank's mean. TFLOPS per GPU count the whole sequence's FLOP / W (fastattn.flops).
-Correctness gate first, for the ring and the all-gather way: rank 0's last 256 queries (the
-sequence's tail: bottom-right causal keeps their place) of head 0 against the float64 reference
-over the whole gathered K/V, under the tests' tolerance rule. Writes ring.json and ring.md into
---out (rank 0); exit status 1 when a gate fails.
+Correctness gate first, for the ring and the all-gather way: 256 query positions spread over the
+sequence (every rank, every kind of ring block) of head 0, their outputs and dQ, and dK, dV of KV
+head 0 under a cotangent on those rows only, against the float64 reference over the whole
+gathered sequence, under the tests' tolerance rule. Writes ring.json and ring.md into --out (rank
+0); exit status 1 when a gate fails.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from fastattn import reference, testing  # noqa: E402
 from fastattn.distributed import ring_attention, unshard, zigzag_positions  # noqa: E402
 from fastattn.flops import attention_flops  # noqa: E402
 
-GATE_QUERIES = 256
+GATE_QUERIES = 256  # query positions checked per case, spread over the sequence
 
 
 class GatherSequence(torch.autograd.Function):
@@ -125,22 +126,49 @@ def modes(run, inputs):
     return {"fwd": fwd, "fwd_bwd": fwd_bwd}
 
 
-def gate(out_local, q, k, v, causal, seqlen) -> dict:
-    """Rank 0's last GATE_QUERIES queries (positions up to seqlen - 1), head 0, against the float64
-    reference over the whole K/V of head 0 (gathered on every rank)."""
-    k0, v0 = (unshard(x[:, :, :1].detach(), seqlen) for x in (k, v))  # (B, S, 1, D)
-    if dist.get_rank() != 0:
+def gate(run, inputs, causal, seqlen) -> dict:
+    """Forward and backward of `run` on head 0: GATE_QUERIES query positions spread over the whole
+    sequence (so every rank and every kind of ring block holds some) against the float64 reference
+    over the whole K/V; the cotangent is random on those rows of head 0 and zero elsewhere, so dQ of
+    those rows and dK, dV of KV head 0 (every position) are the reference's too. Tolerance rule of
+    the tests; rank 0 reports."""
+    q, k, v = inputs
+    world, rank = dist.get_world_size(), dist.get_rank()
+    chosen = torch.linspace(0, seqlen - 1, min(GATE_QUERIES, seqlen)).round().long().unique()
+    gen = torch.Generator().manual_seed(7)  # the same cotangent on every rank
+    d_chosen = torch.randn(chosen.shape[0], q.shape[-1], generator=gen)  # (n, D)
+    pos = zigzag_positions(seqlen, world, rank)
+    mine = torch.isin(pos, chosen)  # this rank's rows among the chosen
+    dout = torch.zeros_like(q)
+    dout[0, mine.to(q.device), 0] = d_chosen[torch.searchsorted(chosen, pos[mine])].to(q)
+    for x in inputs:
+        x.grad = None
+    out = run(q, k, v)
+    out.backward(dout)
+    # Head 0 of everything, the whole sequence on every rank: (1, S, 1, D) each.
+    whole = {name: unshard(x[:1, :, :1].detach(), seqlen) for name, x in
+             (("q", q), ("k", k), ("v", v), ("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad))}
+    if rank != 0:
         return {}
-    n = min(GATE_QUERIES, q.shape[1] // 2)
-    rows = slice(q.shape[1] - n, None)  # the end of rank 0's tail chunk: the sequence's last tokens
-    pos = zigzag_positions(seqlen, dist.get_world_size(), 0)[rows]
-    real = int((pos < seqlen).sum())  # padding at the very end of the sequence is not checked
-    qs = q[:1, rows][:, :real, :1].detach()
-    keys = int(pos[real - 1]) + 1 if causal else seqlen
-    ref = reference.attention(qs.double(), k0[:1, :keys].double(), v0[:1, :keys].double(), causal=causal)
-    naive = reference.attention(qs, k0[:1, :keys], v0[:1, :keys], causal=causal)
-    c = testing.compare("out", out_local[:1, rows][:, :real, :1], naive, ref, testing.OUT_FACTOR)
-    return {"gate": "ok" if c.ok else "FAIL", "gate_detail": str(c)}
+    keys = torch.arange(seqlen)
+    hidden = keys[None, :] > chosen[:, None] if causal else torch.zeros(chosen.shape[0], seqlen, dtype=torch.bool)
+    bias = torch.zeros(hidden.shape).masked_fill(hidden, float("-inf"))[None, None]  # (1, 1, n, S): causal by position
+
+    def reference_run(dtype):
+        xs = [whole[n][:, chosen].to("cpu", dtype) if n == "q" else whole[n].to("cpu", dtype) for n in ("q", "k", "v")]
+        for x in xs:
+            x.requires_grad_()
+        o = reference.attention(*xs, bias=bias.to(dtype))
+        o.backward(d_chosen[None, :, None].to(dtype))
+        return {"out": o, "dq": xs[0].grad, "dk": xs[1].grad, "dv": xs[2].grad}
+
+    ref, naive = reference_run(torch.float64), reference_run(q.dtype)
+    got = {"out": whole["out"][:, chosen], "dq": whole["dq"][:, chosen], "dk": whole["dk"], "dv": whole["dv"]}
+    grad_scale = testing.magnitude(ref["dq"], ref["dk"], ref["dv"])
+    results = [testing.compare(n, got[n].cpu(), naive[n], ref[n], testing.OUT_FACTOR if n == "out" else
+                               testing.GRAD_FACTOR, None if n == "out" else grad_scale) for n in got]
+    return {"gate": "ok" if all(c.ok for c in results) else "FAIL",
+            "gate_detail": "; ".join(str(c) for c in results)}
 
 
 def main():
@@ -181,8 +209,7 @@ def main():
                 runs["all-gather"] = lambda q, k, v: all_gather_attention(q, k, v, causal, seqlen, backend)
             row = {"seqlen": seqlen, "causal": causal, "world": world, "dtype": str(dtype).replace("torch.", "")}
             for name, run in runs.items():
-                row.update({f"{name} {key}": value for key, value in
-                            gate(run(*inputs), *inputs, causal, seqlen).items()})
+                row.update({f"{name} {key}": value for key, value in gate(run, inputs, causal, seqlen).items()})
                 for mode, fn in modes(run, inputs).items():
                     ms = timed_ms(fn, calls, warmup, device)
                     row[f"{name} {mode} ms"] = ms

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, group_timeout: float = 60.0) -> None:
+def run_ranks(fn, world_size: int, *args, timeout: float = 600.0, group_timeout: float = 180.0) -> None:
     """fn(rank, world_size, *args) on `world_size` processes; re-raises the first failure (with the
     rank's traceback), or TimeoutError after `timeout` seconds."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +94,7 @@ def check_decoder_step(rank, world_size, backend, seed, config):
     import torch.nn.functional as F
 
     from fastattn.distributed import shard, shard_positions
-    from fastattn.models import Decoder, ModelConfig, set_attn_backend, set_context_parallel
+    from fastattn.models import Decoder, Encoder, ModelConfig, set_attn_backend, set_context_parallel
     from fastattn.testing import GRAD_FACTOR, OUT_FACTOR, compare
 
     gen = torch.Generator().manual_seed(seed)
@@ -104,6 +104,7 @@ def check_decoder_step(rank, world_size, backend, seed, config):
     batch, seqlen = 2, 19  # odd: the shards are padded
     tokens = torch.randint(1, cfg.vocab_size, (batch, seqlen), generator=gen)
     count = batch * (seqlen - 1)  # next-token targets
+    positions_clamped = shard_positions(seqlen).clamp(max=seqlen - 1)  # the padding's beyond the sequence
 
     def one_process(model):
         model.zero_grad()
@@ -117,7 +118,7 @@ def check_decoder_step(rank, world_size, backend, seed, config):
         positions = shard_positions(seqlen)  # (S_local,) global positions; >= seqlen: padding
         real = positions < seqlen - 1  # positions with a next token
         targets = shard(torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1))  # token i + 1 at position i
-        logits = model(shard(tokens), positions=positions.clamp(max=seqlen - 1))  # (B, S_local, vocab)
+        logits = model(shard(tokens), positions=positions_clamped)  # (B, S_local, vocab)
         loss = F.cross_entropy(logits[:, real].reshape(-1, cfg.vocab_size).double(), targets[:, real].reshape(-1),
                                reduction="sum") / count
         loss.backward()
@@ -135,6 +136,25 @@ def check_decoder_step(rank, world_size, backend, seed, config):
     results += [compare(f"d {n}", test[1][n], naive[1][n], ref[1][n], GRAD_FACTOR) for n in ref[1]]
     failed = [str(r) for r in results if not r.ok]
     assert not failed, f"rank {rank}/{world_size}, {backend} {config}: " + "; ".join(failed)
+
+    # An encoder (no causal mask): the padding shard() adds is masked through attention_mask; the
+    # real rows' hidden states match one process.
+    torch.manual_seed(seed + 1)
+    encoder = Encoder(cfg)
+    mask = torch.ones(batch, seqlen, dtype=torch.bool)
+    mask[1, 13:] = False  # and padding of its own
+    with torch.no_grad():
+        whole = {name: set_attn_backend(copy.deepcopy(encoder).to(dtype), "reference")(tokens, mask)
+                 for name, dtype in (("ref", torch.float64), ("naive", torch.float32))}
+        mine = set_context_parallel(copy.deepcopy(encoder))(shard(tokens), shard(mask), positions=positions_clamped)
+    real = shard_positions(seqlen) < seqlen
+    rows = shard_positions(seqlen)[real]
+    # (B, this rank's real rows, d) against the same rows of the whole sequence; padding rows zeroed
+    # (their values are meaningless).
+    keep = mask[:, rows, None]
+    c = compare("encoder hidden", mine[:, real] * keep, whole["naive"][:, rows] * keep, whole["ref"][:, rows] * keep,
+                OUT_FACTOR)
+    assert c.ok, f"rank {rank}/{world_size}, {backend} {config}: {c}"
 
 
 def check_ring_varlen_cases(rank, world_size, cases):

@@ -67,6 +67,28 @@ def test_sharded_decoder_step_matches_one_process(backend, config):
     run_ranks(check_decoder_step, 2, backend, SEED, config)
 
 
+def test_sharded_models_refuse_what_they_cannot_run():
+    from fastattn.models import Decoder, Encoder, EncoderDecoder, ModelConfig, set_context_parallel
+
+    cfg = ModelConfig.preset("tiny", attn_backend="reference")
+    tokens = torch.randint(1, cfg.vocab_size, (2, 8))
+    decoder, encoder = set_context_parallel(Decoder(cfg)), set_context_parallel(Encoder(cfg))
+    with pytest.raises(ValueError, match="needs them: pass fastattn.distributed.shard_positions"):
+        decoder(tokens)
+    with pytest.raises(ValueError, match="without a KV cache"):
+        decoder(tokens, cache=decoder.new_cache(2, 16), positions=torch.arange(8))
+    with pytest.raises(ValueError, match="positions must be < max_len"):
+        decoder(tokens, positions=torch.arange(8) + cfg.max_len - 4)
+    with pytest.raises(ValueError, match="encoder needs attention_mask=shard"):
+        encoder(tokens, positions=torch.arange(8))
+    with pytest.raises(ValueError, match="not computed"):
+        encoder.body.blocks[0].self_attn.probabilities(torch.randn(2, 8, cfg.d_model))
+    with pytest.raises(ValueError, match="cross-attention is not sharded"):
+        set_context_parallel(EncoderDecoder(cfg))
+    with pytest.raises(ValueError, match="go with a sequence-sharded model"):
+        set_context_parallel(decoder, enabled=False)(tokens, positions=torch.arange(8))
+
+
 def test_zigzag_layout_balances_causal_work():
     for seqlen in (1, 7, 16, 33):
         for world in (1, 2, 3, 4):

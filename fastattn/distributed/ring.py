@@ -6,7 +6,8 @@ partial results merge by log-sum-exp.
     the next from rank r - 1 (async, overlapped with this step's kernel); attend; merge.
 
 The backward runs the same ring once more: K/V travel again, and with each shard travels its dK/dV
-accumulator, which every rank adds its part to; after W steps the accumulators come home. The
+accumulator, which every rank adds its part to (it travels during the next step's kernel); after W
+steps the accumulators come home. The
 block kernels are fastattn's (fastattn/distributed/blocks.py); the transport is torch.distributed
 point-to-point (NCCL on GPUs, gloo on CPUs).
 
@@ -65,13 +66,17 @@ def ring_attention(
         key_padding_mask: (B, Sk_local) bool, True = real key: this rank's part of the whole mask
             (``shard(mask)``; it travels with K/V). Non-causal attention over a padded shard needs
             it, or the padding is attended to.
-        return_lse: also return the log-sum-exp (B, Hq, Sq_local) float32.
+        return_lse: also return the log-sum-exp (B, Hq, Sq_local) float32 (float64 for float64 inputs).
         backend: the block kernels: "auto" (CUDA: "triton"; CPU: "torch", or "reference" with
             return_lse), "triton", "cuda", "torch" (CPU only) or "reference".
 
     Partial results merge in float32 (float64 for float64 inputs); dQ and the travelling dK/dV
     accumulators are float32 too, so the ring's gradients are no coarser than the kernels'.
     Returns out (B, Sq_local, Hq, D) [, lse].
+
+    It is a collective, like all_reduce: every rank of the group calls it in the same order, and
+    every rank runs its backward (a loss that depends on the output, as with DDP); a rank that does
+    not leaves the others waiting until the process group's timeout, when they raise.
     """
     shape = validate_qkv(q, k, v)
     causal = validate_flag("causal", causal)
@@ -260,8 +265,6 @@ class RingAttention(torch.autograd.Function):
         grads_in = None
         for step in range(ring.world):
             pending = ring.exchange(travelling) if step + 1 < ring.world else None
-            if grads_in is not None:
-                dk, dv = grads_in.wait()  # the accumulators of the K/V shard now held
             kb, vb, *mb = travelling
             mb = mb[0].view(torch.bool) if mb else None
             rows, keys, block_causal = zigzag_block(causal, ring.rank, (ring.rank - step) % ring.world, half)
@@ -270,6 +273,8 @@ class RingAttention(torch.autograd.Function):
                 dout[:, rows], None if dlse is None else dlse[:, :, rows].contiguous(), q[:, rows], kb[:, keys],
                 vb[:, keys], out[:, rows], lse[:, :, rows].contiguous(), layout, block_causal, scale)
             dq[:, rows] += grads[0]
+            if grads_in is not None:  # the accumulators of the K/V shard held, which travelled during the kernel
+                dk, dv = grads_in.wait()
             dk[:, keys] += grads[1]
             dv[:, keys] += grads[2]
             if ring.world > 1:  # the last step's send brings each accumulator home

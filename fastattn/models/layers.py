@@ -66,6 +66,9 @@ class MultiHeadAttention(nn.Module):
         """
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # (B, S, Hq, D)
+        if self.sharded:
+            out = self._ring(q, x, key_padding_mask, cache, bias)
+            return self.out_proj(out.reshape(b, s, self.n_heads * self.head_dim))
         if self.cross:
             if cache is not None and cache.cross_kv is not None:
                 k, v = cache.cross_kv
@@ -81,19 +84,17 @@ class MultiHeadAttention(nn.Module):
                 out = cache.attend(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
                                    backend=self.attn_backend, bias=bias)
                 return self.out_proj(out.reshape(b, s, self.n_heads * self.head_dim))
-        if self.sharded:
-            out = self._ring(q, k, v, key_padding_mask, cache, bias)
-            return self.out_proj(out.reshape(b, s, self.n_heads * self.head_dim))
         out = fastattn.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, bias=bias,
                                  backend=self.attn_backend)
         return self.out_proj(out.reshape(b, s, self.n_heads * self.head_dim))  # heads merged: (B, S, d_model)
 
-    def _ring(self, q, k, v, key_padding_mask, cache, bias):
-        """Attention over a sequence sharded across ranks (``set_context_parallel``): x and memory are
-        this rank's shards in fastattn.distributed's layout."""
+    def _ring(self, q, x, key_padding_mask, cache, bias):
+        """Self-attention over a sequence sharded across ranks (``set_context_parallel``): x is this
+        rank's shard in fastattn.distributed's layout."""
         if cache is not None or bias is not None:
             raise ValueError("a context-parallel (sequence-sharded) model runs without a KV cache and without a "
                              "relative position bias")
+        k, v = self.project_kv(x)
         return ring_attention(q, k, v, group=self.sequence_group, causal=self.causal,
                               key_padding_mask=key_padding_mask, backend=self.attn_backend)
 
@@ -105,6 +106,9 @@ class MultiHeadAttention(nn.Module):
         Fused kernels never store them; they are recomputed from the queries, the keys and the
         log-sum-exp the kernel returns: p = exp(q . k * scale + bias - lse).
         """
+        if self.sharded:
+            raise ValueError("attention probabilities of a sequence-sharded model are not computed (they would "
+                             "cover this rank's keys only)")
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # (B, S, Hq, D)
         k, v = self.project_kv(x if memory is None else memory)  # (B, S_keys, Hkv, D)
@@ -218,6 +222,7 @@ class Stack(nn.Module):
             for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(c.d_model)
+        self.causal = causal
         self.sharded = False  # set_context_parallel: tokens are a shard, positions come from the caller
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, cache=None,
@@ -240,7 +245,17 @@ class Stack(nn.Module):
             if positions.shape[-1] != tokens.shape[1]:
                 raise ValueError(f"positions must have shape (S,) or (B, S) with S = {tokens.shape[1]}, got "
                                  f"{tuple(positions.shape)}")
-            positions, key_padding_mask = positions.expand(tokens.shape), mask
+            if cache is not None:
+                raise ValueError("a sequence-sharded model runs without a KV cache (generation is not sharded)")
+            if not self.causal and mask is None:
+                raise ValueError("a sequence-sharded encoder needs attention_mask=shard(mask) (True = real token; "
+                                 "shard(torch.ones(B, S, dtype=torch.bool)) without padding): the padding shard() "
+                                 "adds when 2 x world size does not divide S must be masked")
+            # Checked where reading them costs no device sync (shard_positions gives CPU tensors).
+            if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= self.embed.max_len:
+                raise ValueError(f"positions must be < max_len ({self.embed.max_len}); clamp the padding positions "
+                                 "of shard_positions(S): .clamp(max=S - 1)")
+            positions, key_padding_mask = positions.to(tokens.device).expand(tokens.shape), mask
         elif cache is None:
             positions, key_padding_mask = self.embed.positions_of(mask, tokens), mask
         else:
@@ -286,6 +301,9 @@ def set_context_parallel(model: nn.Module, group=None, enabled: bool = True) -> 
     group): every attention layer runs ``fastattn.distributed.ring_attention``. The model then takes
     this rank's tokens in the zig-zag layout (``fastattn.distributed.shard``) with their global
     ``positions`` (``shard_positions``); enabled=False switches back. Returns model."""
+    if enabled and any(isinstance(m, MultiHeadAttention) and m.cross for m in model.modules()):
+        raise ValueError("set_context_parallel shards self-attention models (Decoder, Encoder); an encoder-decoder's "
+                         "cross-attention is not sharded here (fastattn.distributed.ring_attention runs it directly)")
     for m in model.modules():
         if isinstance(m, MultiHeadAttention):
             m.sharded, m.sequence_group = enabled, group
