@@ -84,27 +84,30 @@ def all_gather_attention(q, k, v, causal, seqlen, backend):
                                          backend=backend)], dim=1)
 
 
-def timed_ms(fn, calls: int, warmup: int, device) -> float:
-    """Mean ms per call over `calls` calls after `warmup`, the same count on every rank; the slowest
-    rank's time."""
-    for _ in range(warmup):
-        fn()
-    dist.barrier()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        ms = start.elapsed_time(end) / calls
-    else:
+def elapsed_ms(fn, calls: int, device) -> float:
+    """Mean ms per call over `calls` back-to-back calls (CUDA events on a GPU, wall clock on a CPU)."""
+    if device.type != "cuda":
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        ms = (time.perf_counter() - t0) * 1e3 / calls
-    slowest = torch.tensor([ms], dtype=torch.float64, device=device)
+        return (time.perf_counter() - t0) * 1e3 / calls
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def timed_ms(fn, calls: int, warmup: int, device) -> float:
+    """elapsed_ms after `warmup` calls, the same counts on every rank (collectives need them); the
+    slowest rank's time."""
+    for _ in range(warmup):
+        fn()
+    dist.barrier()
+    slowest = torch.tensor([elapsed_ms(fn, calls, device)], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return slowest.item()
 
@@ -239,15 +242,8 @@ def one_gpu(seqlen, heads, head_dim, dtype, causal, calls, flops, world) -> dict
                    for _ in range(3))
         row = {}
         for mode, fn in modes(lambda a, b, c: fastattn.attention(a, b, c, causal=causal), (q, k, v)).items():
-            fn()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end) / calls
+            fn()  # warm-up
+            ms = elapsed_ms(fn, calls, q.device)
             row[f"one-gpu {mode} ms"] = ms
             row[f"one-gpu {mode} TFLOPS"] = flops[mode] * world / ms / 1e9
         return row
