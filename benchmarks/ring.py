@@ -69,8 +69,13 @@ class GatherSequence(torch.autograd.Function):
 
 def all_gather_attention(q, k, v, causal, seqlen, backend):
     """The rank's queries against the whole sequence's K/V, gathered."""
-    world, rank = dist.get_world_size(), dist.get_rank()
     k_all, v_all = GatherSequence.apply(k), GatherSequence.apply(v)  # (B, S, Hkv, D), zig-zag order
+    return gathered_attention(q, k_all, v_all, causal, seqlen, dist.get_world_size(), dist.get_rank(), backend)
+
+
+def gathered_attention(q, k_all, v_all, causal, seqlen, world, rank, backend):
+    """Rank `rank`'s queries (zig-zag shard) against the whole K/V (B, S_padded, Hkv, D), which is
+    in rank order of the shards."""
     if not causal:
         return fastattn.attention(q, k_all, v_all, backend=backend)
     order = torch.cat([zigzag_positions(seqlen, world, r, q.device) for r in range(world)]).argsort()
@@ -251,15 +256,15 @@ def one_gpu(seqlen, heads, head_dim, dtype, causal, calls, flops, world) -> dict
         return {"one-gpu": "out of memory"}
 
 
-def write(rows, out: Path) -> None:
+def write(rows, out: Path, name: str = "ring") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ring.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     keys = sorted({k for r in rows for k in r if not k.endswith("gate_detail")}, key=lambda k: (k.count(" "), k))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, ""))
                                        for k in keys) + " |")
-    (out / "ring.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,3 +21,13 @@ def test_ring_benchmark_smoke(tmp_path):
     assert sum("all-gather gate" in r for r in rows) == 3  # not the padded non-causal case
     assert all(r["ring fwd_bwd ms"] > 0 for r in rows)
     assert (tmp_path / "ring.md").exists()
+
+
+def test_ring_compute_benchmark_smoke(tmp_path):
+    """benchmarks/ring_compute.py --smoke: one process plays rank 0 of a 2-rank ring (CPU)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ring_compute.py"), "--smoke", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "ring_compute.json").read_text())
+    assert len(rows) == 2 and all(r["gate"] == "ok" for r in rows)
+    assert all(r["ring compute fwd_bwd ms"] > 0 and r["gathered fwd ms"] > 0 for r in rows)

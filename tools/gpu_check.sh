@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: install + build fastattn._C (no network), CUDA smoke run, GPU tests, host overhead per
 # call vs SDPA, decode benchmark, score-modifier benchmark, HF Llama step (if transformers is
-# installed), ring attention across GPUs (2+ GPUs), quick kernel benchmark, model benchmark, a
+# installed), ring attention's compute on one GPU and across GPUs (2+), quick kernel benchmark, model benchmark, a
 # compute-sanitizer pass; summary table last.
 #
 #   tools/gpu_check.sh OUTDIR            (BUDGET_S=520 by default: the whole script, in seconds)
@@ -18,7 +18,7 @@
 #   summary.md    the short table printed last (with the decode table: GB/s, % of copy, vs SDPA and
 #                 the prefill kernel, from benchmarks/decode.py)
 #   results.tgz   bench.json/md + PNG plots, models.json/md, decode.json + log, score_mods.json/md + log,
-#                 hf_llama.json/md + log, ring.json/md + log,
+#                 hf_llama.json/md + log, ring_compute.json/md + log, ring.json/md + log,
 #                 sanitizer.log (summary.md also shows the score-modifier tables)
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR}
@@ -111,6 +111,17 @@ if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left 160)" -gt 40 ] \
   stamp "hf llama rc=$hf_rc"
 fi
 
+# The ring's compute per rank on one GPU (one rank of 8, transfers replaced: merges + smaller blocks vs
+# the same work as one call and vs 1/8 of one-GPU attention), 32k and 128k tokens.
+rc_rc=-
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left 150)" -gt 30 ]; then
+  cb=$(left 150); cb=$(( cb > 60 ? 60 : cb ))
+  timeout "$cb" $PY benchmarks/ring_compute.py --world 8 --seqlens 32768,131072 --out "$WORK/ring_compute" \
+    > "$WORK/ring_compute.log" 2>&1
+  rc_rc=$?
+  stamp "ring compute rc=$rc_rc"
+fi
+
 # Ring attention across GPUs (benchmarks/ring.py under torchrun): only on a machine with 2+ GPUs.
 ring_rc=-
 ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
@@ -187,6 +198,7 @@ fi
   echo "| score mods | $smods_rc | $(grep -E 'failed the gate' "$WORK/score_mods.log" 2>/dev/null | tail -1); \
 $(grep -E 'bar checks met' "$WORK/score_mods/score_mods.md" 2>/dev/null | tail -1) |"
   echo "| hf llama | $hf_rc | $(grep -E 'fastattn vs sdpa' "$WORK/hf_llama/hf_llama.md" 2>/dev/null) |"
+  echo "| ring compute (1 GPU) | $rc_rc | $(grep -c '"gate": "ok"' "$WORK/ring_compute.log" 2>/dev/null) gated rows |"
   echo "| ring | $ring_rc | $ngpu GPUs; $(grep -c '"ring gate": "ok"' "$WORK/ring.log" 2>/dev/null) gated rows |"
   echo "| bench | $bench_rc | $(grep -E '^[0-9]+ timings' "$OUT/bench.log" | tail -1) |"
   echo "| models | $models_rc | $(grep -c 'train step' "$OUT/models.log" 2>/dev/null) rows |"
@@ -197,7 +209,7 @@ $(grep -E 'bar checks met' "$WORK/score_mods/score_mods.md" 2>/dev/null | tail -
   [ -f "$WORK/bench/bench.json" ] && $PY -m benchmarks.report "$WORK/bench/bench.json" --summary
   cat "$WORK/decode/decode.md" "$WORK/decode.md" 2>/dev/null
   cat "$WORK/score_mods/score_mods.md" "$WORK/score_mods.md" 2>/dev/null
-  cat "$WORK/ring/ring.md" 2>/dev/null
+  cat "$WORK/ring_compute/ring_compute.md" "$WORK/ring/ring.md" 2>/dev/null
   [ -f "$WORK/models/models.md" ] && cat "$WORK/models/models.md"
   [ -f "$OUT/host.md" ] && cat "$OUT/host.md"
 } > "$OUT/summary.md" 2>&1
