@@ -5,7 +5,8 @@
 
 Catches what the interpreter does not: compile errors, configs whose shared memory exceeds the
 chip (H100: 227 KiB per block), and dots that did not lower to tensor-core instructions
-(wgmma on sm_90, mma on sm_80), with registers and spills from ptxas -v. Uses the ptxas bundled
+(wgmma on sm_90, mma on sm_80; "+tma" where tiles move through tensor descriptors), with registers
+and spills from ptxas -v. Uses the ptxas bundled
 with triton. Takes minutes: a maintainer tool, not part of the test suite.
 
 Needs only Triton (not torch, not an installed fastattn): kernels/ is loaded as fastattn.kernels
@@ -103,8 +104,7 @@ def compile_one(kind, cfg, dtype, head_dim, causal, arch, variant="dense"):
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     ptx = compiled.asm["ptx"]
-    mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
-    return compiled.metadata.shared, mma, time.time() - t0, _registers(ptx, arch)
+    return compiled.metadata.shared, _instructions(ptx), time.time() - t0, _registers(ptx, arch)
 
 
 def compile_small_kernels(dtype, arch):
@@ -167,7 +167,7 @@ def compile_decode_kernels(dtype, arch, head_dims, variants=("dense",)):
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             ptx = compiled.asm["ptx"]
-            mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
+            mma = _instructions(ptx)
             over = compiled.metadata.shared > SMEM_LIMIT.get(arch, 1 << 30)
             bad += over
             print(f"{label:<52} ok   smem {compiled.metadata.shared:>6} {mma:<6} {_registers(ptx, arch):<22} "
@@ -176,6 +176,14 @@ def compile_decode_kernels(dtype, arch, head_dims, variants=("dense",)):
             bad += 1
             print(f"{label:<52} FAILED: {type(e).__name__}: {str(e)[-400:]}")
     return bad
+
+
+def _instructions(ptx: str) -> str:
+    """The matrix instructions in the PTX (wgmma on sm_90, mma.sync otherwise, or none), plus "+tma"
+    when it moves tiles with the tensor memory accelerator (cp.async.bulk.tensor: tensor
+    descriptors)."""
+    mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
+    return mma + ("+tma" if "cp.async.bulk.tensor" in ptx else "")
 
 
 def _registers(ptx: str, arch: int) -> str:
@@ -235,7 +243,7 @@ def main(argv=None) -> int:
                     flag = " OVER SMEM LIMIT" if over else ""
                     bad += bool(flag)
                     # wgmma needs 64-row tiles; 32-row tiles (the fallback) use mma.sync on sm_90.
-                    flag += f" (note: {mma}, not {want})" if args.dtype != "fp32" and mma != want else ""
+                    flag += f" (note: {mma}, not {want})" if args.dtype != "fp32" and not mma.startswith(want) else ""
                     label = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} {variant}"
                     print(f"{kind:<5} {d:>4} {causal!s:<6} {label:<24} {smem:>7} {mma:<6} {regs:<22} {dt:4.1f}s{flag}",
                           flush=True)
