@@ -1,8 +1,9 @@
-"""One GPU plays one rank of a W-rank ring: the ring's compute per rank (its blocks and merges, the
-transfers replaced by handing over the next shard), against the same rank's work done as one
-attention call over the whole K/V (the all-gather way's compute) and against 1/W of one-GPU
-attention on the whole sequence. It measures what overlap cannot hide: the merges and the smaller
-blocks (docs/context_parallel.md estimates them for 8 GPUs at 128k tokens).
+"""One GPU plays the last rank of a W-rank ring (the one with the most merge work): the ring's
+compute per rank (its blocks and merges, the transfers replaced by handing over the next shard),
+against the same rank's work done as one attention call over the whole K/V (the all-gather way's
+compute) and against 1/W of one-GPU attention on the whole sequence. It measures what overlap
+cannot hide: the merges and the smaller blocks (docs/context_parallel.md estimates them for 8 GPUs
+at 128k tokens).
 
     python benchmarks/ring_compute.py [--world 8] [--seqlens 32768,131072] [--out DIR]
     python benchmarks/ring_compute.py --smoke    # CPU, float32, tiny shapes, backend "torch" (a test)
@@ -73,7 +74,9 @@ def main():
     world = args.world if cuda else 2
     seqlens = [int(s) for s in args.seqlens.split(",")] if cuda else [64]
     calls = args.calls if cuda else 2
-    rank = 0
+    # The last rank: in the causal zig-zag ring every step after the diagonal merges all of its rows
+    # (earlier shards: all queries x half the keys), the most merge work of any rank.
+    rank = world - 1
     rows = []
     for seqlen in seqlens:
         if seqlen % (2 * world):
@@ -95,7 +98,8 @@ def main():
                     "gathered": lambda q_, k_, v_: gathered_attention(q_, k_all, v_all, causal, seqlen, world,
                                                                       rank, backend)}
             row = {"seqlen": seqlen, "world": world, "causal": causal, "dtype": str(dtype).replace("torch.", "")}
-            row.update(gate(runs["ring compute"], q, k, v, k_all, v_all, causal, seqlen, world))
+            row = {"rank": rank, **row}
+            row.update(gate(runs["ring compute"], q, k, v, k_all, v_all, causal, seqlen, world, rank))
             for name, run in runs.items():
                 for mode, fn in modes(run, [q, k, v]).items():
                     fn()  # warm-up
@@ -110,17 +114,17 @@ def main():
                 row[f"ring compute {mode} TFLOPS"] = flop / row[f"ring compute {mode} ms"] / 1e9
             rows.append(row)
             print(json.dumps(row), flush=True)
-    write(rows, Path(args.out), "ring_compute")
+            write(rows, Path(args.out), "ring_compute")  # after every row: a cut-short run keeps its rows
     if any(r["gate"] == "FAIL" for r in rows):
         sys.exit(1)
 
 
-def gate(run, q, k, v, k_all, v_all, causal, seqlen, world) -> dict:
-    """Rank 0's first GATE rows and last GATE rows (its head and tail chunks) of head 0: output and
-    dQ (cotangent on those rows only) against the float64 reference over the whole K/V."""
+def gate(run, q, k, v, k_all, v_all, causal, seqlen, world, rank) -> dict:
+    """The rank's first GATE rows and last GATE rows (its head and tail chunks) of head 0: output
+    and dQ (cotangent on those rows only) against the float64 reference over the whole K/V."""
     half = q.shape[1] // 2
     rows = torch.cat([torch.arange(min(GATE, half)), torch.arange(q.shape[1] - min(GATE, half), q.shape[1])])
-    pos = zigzag_positions(seqlen, world, 0)[rows]
+    pos = zigzag_positions(seqlen, world, rank)[rows]
     order = torch.cat([zigzag_positions(seqlen, world, r) for r in range(world)]).argsort()
     keys = [x[:, order.to(x.device), :1].detach().cpu() for x in (k_all, v_all)]  # (1, S, 1, D), in order
     dout_rows = torch.randn(1, rows.shape[0], 1, q.shape[-1], generator=torch.Generator().manual_seed(3))

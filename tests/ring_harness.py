@@ -8,9 +8,12 @@ died raises), and run_ranks kills every process and raises once its own deadline
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import tempfile
 import time
+import traceback
 from datetime import timedelta
 
 import torch
@@ -42,8 +45,14 @@ def _entry(rank, fn, world_size, store, group_timeout, args):
                             timeout=timedelta(seconds=group_timeout))
     try:
         fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        # Printed now: with transfers still in flight, tearing the group down may abort the process
+        # (SIGABRT), and the exception would never reach the parent.
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
+    gc.collect()  # nothing of the run (tensors, works) left for interpreter exit, after the group is gone
+    dist.destroy_process_group()
 
 
 # Workers (each runs on every rank).

@@ -151,6 +151,10 @@ def check_errors(rank, world_size):
         ring_attention_varlen(p, p, p, torch.tensor([0, 5, 3, 8], dtype=torch.int32), cu)
     with pytest.raises(ValueError, match="packed documents run on"):
         ring_attention_varlen(p, p, p, cu, cu, backend="torch")
+    # Same shapes, different documents on different ranks: caught (CPU value checks), not a wrong answer.
+    mine = torch.tensor([0, 3 + rank, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match=f"rank {1 - rank}'s cu_seqlens differ from rank {rank}'s"):
+        ring_attention_varlen(p, p, p, mine, mine)
     # Shards of different shapes on different ranks: caught before any transfer (CPU value checks).
     k = q[:, :2 + rank]
     raises(f"rank {1 - rank}'s shards .* differ from rank {rank}'s", k=k, v=k)

@@ -112,11 +112,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left 160)" -gt 40 ] \
 fi
 
 # The ring's compute per rank on one GPU (one rank of 8, transfers replaced: merges + smaller blocks vs
-# the same work as one call and vs 1/8 of one-GPU attention), 32k and 128k tokens.
+# the same work as one call and vs 1/8 of one-GPU attention), 128k tokens.
 rc_rc=-
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left 150)" -gt 30 ]; then
-  cb=$(left 150); cb=$(( cb > 60 ? 60 : cb ))
-  timeout "$cb" $PY benchmarks/ring_compute.py --world 8 --seqlens 32768,131072 --out "$WORK/ring_compute" \
+  cb=$(left 150); cb=$(( cb > 90 ? 90 : cb ))
+  timeout "$cb" $PY benchmarks/ring_compute.py --world 8 --seqlens 131072 --calls 3 --out "$WORK/ring_compute" \
     > "$WORK/ring_compute.log" 2>&1
   rc_rc=$?
   stamp "ring compute rc=$rc_rc"

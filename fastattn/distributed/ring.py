@@ -29,6 +29,7 @@ import torch.distributed as dist
 from fastattn.distributed import blocks
 from fastattn.distributed.layout import group_info, padded_length, zigzag_block
 from fastattn.distributed.varlen import host_lengths, step_plans
+from fastattn.shape import AttentionShape
 from fastattn.validation import (
     validate_flag,
     validate_key_padding_mask,
@@ -123,8 +124,8 @@ def ring_attention_varlen(
         causal: self-attention (cu_seqlens_q == cu_seqlens_k), bottom-right within each document.
         backend: "auto" (CUDA: "triton"; CPU: "reference"), "triton" or "reference".
 
-    Returns out (Tq_local, Hq, D) [, lse (Hq, Tq_local) float32]; the padding rows ``shard`` adds
-    at the stream's end attend only to each other.
+    Returns out (Tq_local, Hq, D) [, lse (Hq, Tq_local) float32, float64 for float64 inputs]; the
+    padding rows ``shard`` adds at the stream's end attend only to each other.
     """
     rank, world = group_info(group)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -149,9 +150,15 @@ def ring_attention_varlen(
         raise ValueError("causal ring attention is self-attention: cu_seqlens_q and cu_seqlens_k must be equal")
     if shape.seqlen_q == 0 or shape.seqlen_k == 0:
         raise ValueError("ring_attention_varlen needs at least one query and one key per rank")
-    block = blocks.choose(backend, q4, k4, v4, shape, causal, scale, None, return_lse, varlen=True)
+    # Each block launches one sequence per document, plus the padding's: the backend checks that count.
+    per_block = AttentionShape(len(cu_q), shape.seqlen_q, shape.seqlen_k, shape.heads_q, shape.heads_kv,
+                               shape.head_dim)
+    block = blocks.choose(backend, q4, k4, v4, per_block, causal, scale, None, return_lse, varlen=True)
+    ring = Ring(group)
+    if value_checks(q.device):
+        ring.check_same_shapes(q4, k4, None, (cu_q, cu_k))
     plans = step_plans(cu_q, cu_k, causal, rank, world, q.device)
-    out, lse = RingAttention.apply(q4, k4, v4, None, causal, scale, block, Ring(group), plans)
+    out, lse = RingAttention.apply(q4, k4, v4, None, causal, scale, block, ring, plans)
     return (out[0], lse[0]) if return_lse else out[0]
 
 
@@ -173,16 +180,21 @@ class Ring:
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group, tag) for r in received]
         return Exchange(dist.batch_isend_irecv(ops), tensors, received)
 
-    def check_same_shapes(self, q, k, key_padding_mask) -> None:
-        """Every rank's shards have the same shapes, or the receive buffers would not fit (one small
-        all_gather; run where value checks are on: CPU tensors, or FASTATTN_CHECK_VALUES=1)."""
-        mine = torch.tensor([*q.shape, *k.shape, key_padding_mask is not None], device=q.device)
+    def check_same_shapes(self, q, k, key_padding_mask, documents: tuple = ()) -> None:
+        """Every rank's shards have the same shapes (or the receive buffers would not fit) and, for
+        packed documents, the same cu_seqlens (`documents`: both as tuples). One small all_gather;
+        run where value checks are on: CPU tensors, or FASTATTN_CHECK_VALUES=1."""
+        digest = hash(documents) & 0x7FFFFFFF  # ints hash the same in every process
+        mine = torch.tensor([*q.shape, *k.shape, key_padding_mask is not None, digest], device=q.device)
         every = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(every, mine, group=self.group)
         for r, theirs in enumerate(every):
+            if torch.equal(theirs[:-1], mine[:-1]) and theirs[-1] != mine[-1]:
+                raise ValueError(f"ring_attention_varlen: rank {r}'s cu_seqlens differ from rank {self.rank}'s: every "
+                                 "rank passes the whole streams' cu_seqlens")
             if not torch.equal(theirs, mine):
-                raise ValueError(f"ring_attention: rank {r}'s shards (q {tuple(theirs[:4].tolist())}, k "
-                                 f"{tuple(theirs[4:8].tolist())}, mask {bool(theirs[8])}) differ from rank "
+                raise ValueError(f"ring_attention: rank {r}'s shards (q {tuple(theirs[:-6].tolist())}, k "
+                                 f"{tuple(theirs[-6:-2].tolist())}, mask {bool(theirs[-2])}) differ from rank "
                                  f"{self.rank}'s (q {tuple(q.shape)}, k {tuple(k.shape)}, mask "
                                  f"{key_padding_mask is not None}): every rank needs the same shapes "
                                  "(fastattn.distributed.shard pads them)")
@@ -198,7 +210,9 @@ class Exchange:
     def wait(self) -> list[torch.Tensor]:
         for w in self._works:
             w.wait()
-        self._sent = None
+        # Drop the finished works and what they hold: a transport's work object that outlives its
+        # process group (e.g. until interpreter exit) can abort the process when destroyed.
+        self._works, self._sent = (), None
         return self._received
 
 
