@@ -177,15 +177,16 @@ def test_modifiers_are_validated_and_refuse_grad(gen):
         fastattn.attention_with_kvcache(**a, bias=torch.zeros(2, 4, 1, 31, device=DEVICE))
 
 
-def test_auto_is_the_torch_path_until_a_gpu_has_run_the_kernel(gen, monkeypatch):
+def test_auto_takes_the_decode_kernel_on_cuda_and_sdpa_on_cpu(gen):
+    """"auto" on CUDA tensors is the Triton split-KV kernel (GPU-verified), the torch path on CPU."""
     from fastattn import backends
 
+    assert backends.AUTO_KVCACHE_CUDA_ORDER[0] == "triton"
     k_cache, v_cache, table, seqlens = make_cache([3], 8, 1, 16, dtype=torch.float32, page_size=0, gen=gen)
     q = torch.randn(1, 1, 2, 16, generator=gen).to(DEVICE)
     call = backends.KVCacheCall(q, k_cache, v_cache, None, None, seqlens, None,
                                 fastattn.shape.AttentionShape(1, 1, 8, 2, 1, 16), 0, True, 1.0, False, 0)
-    assert backends.choose_kvcache("auto", call) == "torch"
-    assert "triton" not in backends.AUTO_KVCACHE_CUDA_ORDER
+    assert backends.choose_kvcache("auto", call) == ("triton" if DEVICE == "cuda" else "torch")
     assert "no decode kernel" in backends.cuda_backend.unsupported_kvcache(call)
 
 
@@ -260,8 +261,8 @@ BAD_INPUTS = [
     (lambda a: dict(cache_seqlens=a["cache_seqlens"][:1]), ValueError, "cache_seqlens must have shape"),
     (lambda a: dict(block_table=a["block_table"].long()), TypeError, "block_table must be int32"),
     (lambda a: dict(block_table=a["block_table"][:1]), ValueError, "block_table must have shape"),
-    (lambda a: dict(cache_seqlens=torch.tensor([3, 32], dtype=torch.int32)), ValueError, "does not fit"),
-    (lambda a: dict(cache_seqlens=torch.tensor([-1, 3], dtype=torch.int32)), ValueError, "does not fit"),
+    (lambda a: dict(cache_seqlens=torch.tensor([3, 32], dtype=torch.int32, device=DEVICE)), ValueError, "does not fit"),
+    (lambda a: dict(cache_seqlens=torch.tensor([-1, 3], dtype=torch.int32, device=DEVICE)), ValueError, "does not fit"),
     (lambda a: dict(block_table=a["block_table"].clone().fill_(99)), ValueError, "outside k_cache"),
     (lambda a: dict(v=None), ValueError, "both k and v"),
     (lambda a: dict(k=a["k"][:, :, :1], v=a["v"][:, :, :1]), ValueError, "must have shape"),
@@ -284,6 +285,8 @@ def test_bad_inputs_name_the_argument(change, error, match, value_checks, gen, m
     fast path, then the full checks)."""
     if not value_checks:
         monkeypatch.setattr(validation, "value_checks", lambda device: False)
+    else:
+        monkeypatch.setenv("FASTATTN_CHECK_VALUES", "1")  # CUDA tensors: the opt-in host checks
     args = bad_inputs(gen)
     args.update(change(args))
     with pytest.raises(error, match=match):
@@ -297,7 +300,8 @@ def test_fast_validation_path_accepts_valid_calls(gen, monkeypatch):
     full = validation.validate_kvcache(*args.values())
     monkeypatch.setattr(validation, "value_checks", lambda device: False)
     assert validation._kvcache_fast_path(*args.values()) == full
-    args.update(k=None, v=None, block_table=None, k_cache=torch.zeros(2, 8, 2, 16), v_cache=torch.zeros(2, 8, 2, 16))
+    args.update(k=None, v=None, block_table=None, k_cache=torch.zeros(2, 8, 2, 16, device=DEVICE),
+                v_cache=torch.zeros(2, 8, 2, 16, device=DEVICE))
     assert validation._kvcache_fast_path(*args.values()) == validation.validate_kvcache(*args.values())
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SEED
+from conftest import DEVICE, SEED
 
 import fastattn
 from fastattn import reference, testing
@@ -50,6 +50,13 @@ def _eager64(module, query, key, value, attention_mask, **kwargs):
 
 transformers.AttentionInterface.register("eager64", _eager64)
 transformers.masking_utils.AttentionMaskInterface.register("eager64", transformers.masking_utils.eager_mask)
+
+
+@pytest.fixture(autouse=True)
+def on_device():
+    """Models and inputs are made on DEVICE: the Triton kernels on a GPU, the interpreter on a CPU."""
+    with torch.device(DEVICE):
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -203,7 +210,7 @@ def test_generate_with_cache(model):
     assert fhf.CALLS["fastattn"] == 2 * 5  # prefill + 4 cached decode steps, 2 layers each
 
 
-def test_auto_backend_on_cpu():
+def test_auto_backend():
     """register() with backend "auto" (torch SDPA on CPU tensors, the Triton kernels on CUDA)."""
     fhf.register()
     mask = padding_mask(2, 9, [0, 4], left=True)
@@ -338,7 +345,7 @@ def test_masks_from_transformers_mask_functions(causal):
                         allow_is_causal_skip=False)
     module = torch.nn.Module()
     module.is_causal = causal
-    q, k, v = testing.random_qkv(b, sq, sk, 4, 2, 16)
+    q, k, v = testing.random_qkv(b, sq, sk, 4, 2, 16, device=DEVICE)
     heads = lambda x: x.transpose(1, 2)  # transformers' (B, H, S, D)
     out, weights = fhf.attention_forward(module, heads(q), heads(k), heads(v), mask, scaling=0.4, sliding_window=w)
     assert weights is None and out.shape == q.shape

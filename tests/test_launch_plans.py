@@ -305,6 +305,9 @@ def test_cuda_graph_captures_a_model_layer_forward_and_backward(padded, gen):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_y = step()
+    # The tensors the graph accumulates into (the eager runs below give the parameters new ones).
+    static_grads = [p.grad for p in layer.parameters()]
+    static_grad = layer.q_proj.weight.grad
 
     for trial in range(2):
         x = torch.randn(b, s, 128, generator=gen).cuda().to(torch.bfloat16)
@@ -317,11 +320,11 @@ def test_cuda_graph_captures_a_model_layer_forward_and_backward(padded, gen):
         static_x.data.copy_(x)
         static_dy.copy_(dy)
         static_x.grad.zero_()
-        for p in layer.parameters():
-            p.grad.zero_()
+        for g in static_grads:
+            g.zero_()
         graph.replay()
         torch.cuda.synchronize()
-        graph_out = (static_y.detach().clone(), static_x.grad.clone(), layer.q_proj.weight.grad.clone())
+        graph_out = (static_y.detach().clone(), static_x.grad.clone(), static_grad.clone())
 
         x_eager = x.clone().requires_grad_()
         for p in layer.parameters():

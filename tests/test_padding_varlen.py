@@ -205,13 +205,15 @@ BAD_CU = [
 
 
 @pytest.mark.parametrize("desc,mutate,exc,fragment", BAD_CU, ids=[c[0] for c in BAD_CU])
-def test_bad_cu_seqlens(desc, mutate, exc, fragment, gen):
+def test_bad_cu_seqlens(desc, mutate, exc, fragment, gen, monkeypatch):
+    monkeypatch.setenv("FASTATTN_CHECK_VALUES", "1")  # CUDA tensors: values are checked on request only
     q, k, v, cu_q, cu_k, mq, mk = packed([4, 6, 10], [4, 6, 10], 2, 2, 16, torch.float32, gen)
     with pytest.raises(exc, match=fragment):
         fastattn.attention_varlen(q, k, v, mutate(cu_q), cu_k, mq, mk)
 
 
-def test_bad_max_seqlen(gen):
+def test_bad_max_seqlen(gen, monkeypatch):
+    monkeypatch.setenv("FASTATTN_CHECK_VALUES", "1")  # CUDA tensors: values are checked on request only
     q, k, v, cu_q, cu_k, mq, mk = packed([4, 6, 10], [4, 6, 10], 2, 2, 16, torch.float32, gen)
     with pytest.raises(ValueError, match="max_seqlen_q"):
         fastattn.attention_varlen(q, k, v, cu_q, cu_k, 9, mk)

@@ -295,14 +295,15 @@ def test_modifiers_through_the_ops_and_compile(gen):
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, bias), f(q, k, v, bias))
 
 
-def test_auto_keeps_gpu_unverified_modifier_kernels_out():
-    """Until a GPU has run the modifier variants, "auto" on CUDA tensors sends modifier calls to SDPA
-    or the reference; plain calls still take the Triton kernels."""
+def test_auto_takes_the_modifier_kernels_on_cuda():
+    """"auto" on CUDA tensors runs modifier calls in the Triton kernels (GPU-verified), plain calls too;
+    on CPU tensors SDPA."""
     from fastattn import backends
     from fastattn.modifiers import ScoreMods
 
     assert backends.auto_order(torch.device("cuda"))[0] == "triton"
-    assert "triton" not in backends.auto_order(torch.device("cuda"), ScoreMods(softcap=1.0))
+    assert backends.auto_order(torch.device("cuda"), ScoreMods(softcap=1.0))[0] == "triton"
+    assert backends.auto_order(torch.device("cpu"), ScoreMods(softcap=1.0))[0] == "torch"
 
 
 def test_available_backends_say_which_modifiers_they_run():
@@ -332,13 +333,12 @@ def test_modifiers_are_graph_safe_and_sync_free(gen):
         return out
 
     eager = [step().detach().clone()] + [x.grad.clone() for x in xs]
+    k_cache, v_cache = (torch.zeros(2, 256, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lens = torch.tensor([10, 200], dtype=torch.int32, device="cuda")  # a host-to-device copy: before the mode
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         step()
-        k_cache, v_cache = torch.zeros(2, 256, 2, 64, device="cuda", dtype=torch.bfloat16), torch.zeros(
-            2, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
-        lens = torch.tensor([10, 200], dtype=torch.int32, device="cuda")
         with torch.no_grad():
             for _ in range(2):
                 fastattn.attention_with_kvcache(q[:, :1], k_cache, v_cache, k[:, :1], v[:, :1], cache_seqlens=lens,

@@ -84,7 +84,8 @@ def test_float_masks_run_in_the_kernel_as_a_bias(mask_shape, gen, monkeypatch):
     monkeypatch.setattr(api, "_fallback_to_torch", lambda *a: pytest.fail("fell back to torch"))
     masks = [mask.clone().requires_grad_(True) for _ in range(2)]
     out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=masks[0], backend="triton")
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[1])
+    # torch's CUDA kernels refuse a mask whose last dim has stride 0 ((2, 1, 10, 1)): give it a dense copy.
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[1].expand(2, 2, 10, 12).contiguous())
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     dout = torch.randn(out.shape, generator=gen).to(DEVICE)
     out.backward(dout)

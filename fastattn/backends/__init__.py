@@ -29,18 +29,14 @@ _MODULES = {"triton": triton_backend, "cuda": cuda_backend, "torch": sdpa_backen
 # yet: backend="cuda" selects them. On CPU tensors: PyTorch's SDPA.
 AUTO_CUDA_ORDER = ("triton", "torch", "reference")
 AUTO_CPU_ORDER = ("torch", "reference")
-# Calls with score modifiers (bias, ALiBi, window, softcap, sinks): the Triton kernels' modifier
-# variants have passed the CPU (interpreter) tests and compile for sm_90, but no GPU has run them,
-# so on CUDA tensors "auto" takes SDPA with a float mask (bias, ALiBi, window) or the reference;
-# backend="triton" selects them, and tools/gpu_check.sh verifies and times them.
-AUTO_CUDA_MODS_ORDER = ("torch", "reference")
+# Calls with score modifiers (bias, ALiBi, window, softcap, sinks): the Triton modifier variants
+# (verified on an H200, benchmarks/results/2026-12-04-h200-verify/); SDPA takes what they cannot.
+AUTO_CUDA_MODS_ORDER = ("triton", "torch", "reference")
 # attention_with_kvcache: a module's unsupported_kvcache / run_kvcache, or for a module without a
 # decode path of its own (torch, reference) its unsupported / run on the dense cache
-# (KVCacheCall.padded: a torch-op append, then a key-padding mask per query). The Triton split-KV
-# decode kernel has passed the CPU (interpreter) tests but has not run on a GPU yet, so "auto" does
-# not pick it: backend="triton" selects it; tools/gpu_check.sh verifies and times it. Until then
-# CUDA tensors take the torch path (torch-op append, SDPA over the cache with a padding mask).
-AUTO_KVCACHE_CUDA_ORDER = ("torch", "reference")
+# (KVCacheCall.padded: a torch-op append, then a key-padding mask per query). On CUDA tensors the
+# Triton split-KV decode kernel (verified on an H200, same results folder), then that torch path.
+AUTO_KVCACHE_CUDA_ORDER = ("triton", "torch", "reference")
 
 
 @dataclass(frozen=True)
@@ -123,8 +119,11 @@ def run_kvcache(name: str, call: KVCacheCall):
 
 
 def append_kv(backend: str, k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
-    """Write new keys/values into a KV cache in place: the Triton kernel for backend="triton"; torch
-    ops for "torch", "reference" and, until a GPU has run the kernel, "auto"."""
+    """Write new keys/values into a KV cache in place: the Triton kernel for backend="triton" (and
+    "auto" on CUDA tensors when it can run the call); torch ops otherwise."""
+    if backend == "auto" and k.device.type == "cuda" and AUTO_KVCACHE_CUDA_ORDER[0] == "triton" \
+            and not (unavailable_reason("triton") or triton_backend.unsupported_append(k)):
+        backend = "triton"
     if backend == "triton":
         reason = unavailable_reason("triton") or triton_backend.unsupported_append(k)
         if reason:
