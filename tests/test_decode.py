@@ -232,6 +232,30 @@ def test_append_skips_positions_outside_the_cache(gen):
     assert torch.equal(pages[2:4], before[2:4])
 
 
+def test_append_check_looks_only_where_the_kernel_writes(gen):
+    """The one-time check of a direct append launch (launch.appended) compares the positions inside
+    the cache: positions the kernel skips (past the cache, on pages outside it) do not fail it (on an
+    H200 they did, and the append stayed on Triton's slower launch path); rows not written do."""
+    cache = torch.randn(2, 16, 1, 16, generator=gen).to(DEVICE)
+    k = torch.randn(2, 4, 1, 16, generator=gen).to(DEVICE)
+    for lens in ([14, 3], [14, 100]):  # 14 + 4 runs past 16; 100 is outside
+        seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+        kc, vc = cache.clone(), cache.clone()
+        assert not launch.appended(k, k, kc, vc, seqlens, None)
+        launch.append(k, k, kc, vc, seqlens, None)
+        assert launch.appended(k, k, kc, vc, seqlens, None)
+    outside = torch.tensor([100, 16], dtype=torch.int32, device=DEVICE)
+    assert not launch.appended(k, k, cache, cache, outside, None)  # nothing written: nothing proven
+
+    pages = torch.randn(4, 4, 1, 16, generator=gen).to(DEVICE)
+    table = torch.tensor([[0, -1], [1, 7]], dtype=torch.int32, device=DEVICE)  # -1, 7: not pages of the cache
+    seqlens = torch.tensor([2, 2], dtype=torch.int32, device=DEVICE)
+    kc, vc = pages.clone(), pages.clone()
+    assert not launch.appended(k, k, kc, vc, seqlens, table)
+    launch.append(k, k, kc, vc, seqlens, table)
+    assert launch.appended(k, k, kc, vc, seqlens, table)
+
+
 def test_attend_clamps_lengths_to_the_cache(gen):
     """A length past the cache (unchecked on CUDA) attends over the whole cache, no further."""
     k_cache, v_cache, _, _ = make_cache([0], 20, 1, 16, dtype=torch.float32, page_size=0, gen=gen)

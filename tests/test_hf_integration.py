@@ -342,7 +342,7 @@ def test_masks_from_transformers_mask_functions(causal):
     pad[1, 6:] = False
     function = (mu.sliding_window_causal_mask_function if causal else mu.sliding_window_bidirectional_mask_function)(w)
     mask = mu.sdpa_mask(batch_size=b, q_length=sq, kv_length=sk, mask_function=function, attention_mask=pad,
-                        allow_is_causal_skip=False)
+                        allow_is_causal_skip=False).to(DEVICE)  # made on sdpa_mask's device= (default "cpu")
     module = torch.nn.Module()
     module.is_causal = causal
     q, k, v = testing.random_qkv(b, sq, sk, 4, 2, 16, device=DEVICE)

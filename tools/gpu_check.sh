@@ -103,7 +103,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left 190)" -gt 45 ]; then
 fi
 
 # Hugging Face Llama-style training step, attn_implementation fastattn vs sdpa (issue 13's bar): only
-# where transformers is installed (the bare GPU image has none: carry a wheelhouse to run it).
+# where transformers is installed (the GPU image has 5.17; elsewhere carry a wheelhouse).
 hf_rc=-
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left 160)" -gt 40 ] \
    && $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('transformers') is None)"; then
@@ -203,6 +203,7 @@ $(grep -E 'bar checks met' "$WORK/score_mods/score_mods.md" 2>/dev/null | tail -
   echo "| ring | $ring_rc | $ngpu GPUs; $(grep -c '"ring gate": "ok"' "$WORK/ring.log" 2>/dev/null) gated rows |"
   echo "| bench | $bench_rc | $(grep -E '^[0-9]+ timings' "$OUT/bench.log" | tail -1) |"
   echo "| models | $models_rc | $(grep -c 'train step' "$OUT/models.log" 2>/dev/null) rows |"
+  echo "| direct-launch fallbacks | - | $(grep -c 'directly failed its check' "$OUT/pytest.log") warnings in pytest.log (0 expected) |"
   echo "| sanitizer | $san_rc | $(grep -E 'ERROR SUMMARY' "$WORK/sanitizer.log" 2>/dev/null | tail -1) |"
   echo
   grep -E "FAILED|ERROR" "$OUT/pytest.log" | head -30

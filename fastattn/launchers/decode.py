@@ -98,17 +98,35 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
         plans.launch(device, ((found[0], grid, args),))
         return
 
-    def verify() -> bool:  # the rows the direct launch wrote hold k and v (only ever run once per plan)
-        pos = kvcache.positions(seqlens, n, cap)
-        rows = torch.arange(b, device=k.device)[:, None]
-        kc, vc = kvcache.dense(k_cache, block_table), kvcache.dense(v_cache, block_table)
-        return torch.equal(kc[rows, pos], k) and torch.equal(vc[rows, pos], v)
+    def verify() -> bool:  # what the direct launch wrote (run once per plan)
+        return appended(k, v, k_cache, v_cache, seqlens, block_table)
 
     consts = dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), PAGE_SIZE=page_size)
     with on_device(device):
         plan = plans.build("kv_append", kv_append_kernel, [configs.PREPROCESS], lambda c: grid, args, consts,
                            seq_len=cap, outputs=(), device=k.device, verify=verify)
     plans.remember(_plans, key, (plan,))
+
+
+def appended(k, v, k_cache, v_cache, cache_seqlens, block_table) -> bool:
+    """Whether the cache holds k, v (B, S_new, Hkv, D) at every position the append kernel writes:
+    cache_seqlens[b] + t inside the cache and on one of its pages (the kernel skips the others, so
+    they say nothing about the launch). False when no position is written (nothing to check). Reads
+    the device (a sync): for the one-time check of a direct launch only."""
+    b, n = k.shape[:2]
+    cap = kvcache.capacity(k_cache, block_table)
+    if cap == 0:
+        return False
+    pos = cache_seqlens.long()[:, None] + torch.arange(n, device=k.device)  # (B, S_new), unclamped
+    inside = (pos >= 0) & (pos < cap)
+    pos = pos.clamp(0, cap - 1)
+    if block_table is not None:
+        page = block_table.long().gather(1, pos // k_cache.shape[1])
+        inside &= (page >= 0) & (page < k_cache.shape[0])
+    rows = torch.arange(b, device=k.device)[:, None].expand(b, n)
+    kc, vc = kvcache.dense(k_cache, block_table), kvcache.dense(v_cache, block_table)
+    return bool(inside.any()) and torch.equal(kc[rows, pos][inside], k[inside]) \
+        and torch.equal(vc[rows, pos][inside], v[inside])
 
 
 def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, scale: float, num_splits: int = 0,
