@@ -115,6 +115,14 @@ def _sdpa_only(backend_name: str):
     return context
 
 
+def _flash_not_torchs() -> str | None:
+    """SDPA's flash backend is not PyTorch's own while another impl is active (fastattn's would
+    measure fastattn against itself)."""
+    current = getattr(torch.nn.attention, "current_flash_attention_impl", lambda: None)()
+    return None if current is None else (f"torch's flash-attention impl is {current!r} "
+                                         "(torch.nn.attention.restore_flash_attention_impl() for FlashAttention-2)")
+
+
 def _materialising_unsupported(case: Case, device: str) -> str | None:
     if case.scores_bytes() > MATERIALISED_SCORES_LIMIT:
         return (f"materialises the {case.scores_bytes() / 2**30:.0f} GiB score matrix "
@@ -191,7 +199,7 @@ PROVIDERS = {
         Provider("fastattn-cuda", "fastattn", "fastattn.attention(backend='cuda')", _fastattn("cuda"),
                  unavailable=lambda: _backend_unavailable("cuda")),
         Provider("sdpa-flash", "baseline", "SDPA, FLASH_ATTENTION backend (FlashAttention-2)",
-                 _sdpa("FLASH_ATTENTION"), context=_sdpa_only("FLASH_ATTENTION")),
+                 _sdpa("FLASH_ATTENTION"), unavailable=_flash_not_torchs, context=_sdpa_only("FLASH_ATTENTION")),
         Provider("sdpa-cudnn", "baseline", "SDPA, CUDNN_ATTENTION backend", _sdpa("CUDNN_ATTENTION"),
                  unavailable=_cuda_only, context=_sdpa_only("CUDNN_ATTENTION")),
         Provider("sdpa-efficient", "baseline", "SDPA, EFFICIENT_ATTENTION backend (xformers' kernel)",

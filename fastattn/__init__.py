@@ -9,9 +9,15 @@ from fastattn.api import (
     scaled_dot_product_attention,
 )
 from fastattn.flash_api import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from fastattn.integrations import torch_flash as _torch_flash
 from fastattn.padding import pad_input, unpad_input
 
 __version__ = "0.1.0"
+
+# torch.nn.attention.activate_flash_attention_impl("fastattn") can now route PyTorch's own flash
+# attention here (fastattn/integrations/torch_flash.py); FASTATTN_ACTIVATE_SDPA=1 activates it now.
+_torch_flash.register()
+_torch_flash.activate_if_asked()
 __all__ = [
     "attention",
     "attention_varlen",

@@ -10,6 +10,9 @@ What differs (README, "Switch from flash_attn"):
   dropout mask that fastattn does not make.
 - flash_attn_with_kvcache: rotary embeddings, cache_batch_idx and cache_leftpad raise.
 - ``backend=`` (keyword) picks fastattn's backend; "auto" as in ``fastattn.attention``.
+- Attention sinks (gpt-oss): ``s_aux`` (vLLM's FlashAttention 3 name) or ``learnable_sink`` (FlashAttention
+  4's), (Hq,) logits, as fastattn's ``sinks``; transformers passes them under either name when the
+  function's signature has it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ def _window(window_size) -> tuple[int, int] | None:
     return None if window == (-1, -1) else window
 
 
+def _sinks(s_aux, learnable_sink):
+    """The sink logits under either of FlashAttention's names (one of them, not both)."""
+    if s_aux is not None and learnable_sink is not None:
+        raise ValueError("pass attention sinks as s_aux or as learnable_sink, not both")
+    return s_aux if s_aux is not None else learnable_sink
+
+
 def _check_dropout(dropout_p) -> None:
     if dropout_p:
         raise ValueError(f"dropout_p={dropout_p}: fastattn's kernels have no dropout (pass dropout_p=0.0, as for "
@@ -34,21 +44,23 @@ def _check_dropout(dropout_p) -> None:
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, backend="auto"):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, s_aux=None,
+                    learnable_sink=None, backend="auto"):
     """FlashAttention's flash_attn_func: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D),
     or (out, softmax_lse (B, Hq, Sq) float32, None) with return_attn_probs. Causal is bottom-right
     aligned; window_size (left, right), -1 = unbounded; softcap 0 = off; alibi_slopes (Hq,) or
-    (B, Hq) float32. Differentiable in q, k, v."""
+    (B, Hq) float32; s_aux / learnable_sink (Hq,) sink logits. Differentiable in q, k, v (and the sinks)."""
     _check_dropout(dropout_p)
     result = api.attention(q, k, v, causal=causal, scale=softmax_scale, return_lse=return_attn_probs,
                            alibi_slopes=alibi_slopes, window=_window(window_size), softcap=softcap or None,
-                           backend=backend)
+                           sinks=_sinks(s_aux, learnable_sink), backend=backend)
     return (*result, None) if return_attn_probs else result
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None, *, backend="auto"):
+                           deterministic=False, return_attn_probs=False, block_table=None, *, s_aux=None,
+                           learnable_sink=None, backend="auto"):
     """FlashAttention's flash_attn_varlen_func: packed q (Tq, Hq, D), k/v (Tk, Hkv, D) with int32
     cu_seqlens -> out (Tq, Hq, D), or (out, softmax_lse (Hq, Tq) float32, None). A paged KV
     (block_table) is not supported here: use flash_attn_with_kvcache."""
@@ -58,7 +70,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                          "flash_attn_with_kvcache takes one")
     result = api.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                   scale=softmax_scale, return_lse=return_attn_probs, alibi_slopes=alibi_slopes,
-                                  window=_window(window_size), softcap=softcap or None, backend=backend)
+                                  window=_window(window_size), softcap=softcap or None,
+                                  sinks=_sinks(s_aux, learnable_sink), backend=backend)
     return (*result, None) if return_attn_probs else result
 
 
@@ -66,7 +79,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
-                            *, backend="auto"):
+                            *, s_aux=None, learnable_sink=None, backend="auto"):
     """FlashAttention's flash_attn_with_kvcache: q (B, Sq, Hq, D) over a contiguous (B, S_max, Hkv, D)
     or paged (num_pages, page_size, Hkv, D) cache with block_table, after writing k/v (B, S_new,
     Hkv, D) in place at cache_seqlens[b] (an int, or (B,) int32; not advanced here). cache_seqlens
@@ -88,4 +101,5 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return api.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                                       causal=causal, scale=softmax_scale, return_lse=return_softmax_lse,
                                       num_splits=num_splits, alibi_slopes=alibi_slopes, window=_window(window_size),
-                                      softcap=softcap or None, backend=backend)
+                                      softcap=softcap or None, sinks=_sinks(s_aux, learnable_sink),
+                                      backend=backend)

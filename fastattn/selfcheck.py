@@ -44,6 +44,13 @@ def _integrations() -> list[str]:
     except metadata.PackageNotFoundError:
         lines.append("              transformers not installed (pip install fastattn[hf] for attn_implementation="
                      "\"fastattn\")")
+    from fastattn.integrations import torch_flash
+
+    missing = torch_flash.hook_missing()
+    lines.append("              PyTorch's flash attention: " + (
+        f"not replaceable here: {missing}" if missing else
+        'torch.nn.attention.activate_flash_attention_impl("fastattn") routes SDPA\'s flash backend and '
+        "varlen_attn to fastattn" + (" (active)" if torch_flash.active() else "")))
     import torch.distributed as dist
 
     if dist.is_available():

@@ -91,3 +91,25 @@ def test_what_differs_is_a_clear_error(call, match, gen):
     q = torch.randn(1, 3, 2, 16, generator=gen)
     with pytest.raises(ValueError, match=match):
         call(q)
+
+
+@pytest.mark.parametrize("name", ["s_aux", "learnable_sink"])
+def test_sinks_under_flash_attentions_names(name, gen):
+    """Attention sinks as vLLM's FlashAttention 3 (s_aux) and FlashAttention 4 (learnable_sink) name
+    them, in the three functions: fastattn's sinks."""
+    q, k, v = testing.random_qkv(2, 7, 9, 4, 2, 16, device=DEVICE, generator=gen)
+    sinks = torch.randn(4, generator=gen).to(DEVICE)
+    want = reference.attention(q, k, v, causal=True, sinks=sinks)
+    got = fastattn.flash_attn_func(q, k, v, causal=True, backend="triton", **{name: sinks})
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    cu = torch.tensor([0, 7, 14], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 9, 18], dtype=torch.int32, device=DEVICE)
+    packed = fastattn.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu_k, 7, 9,
+                                             causal=True, backend="triton", **{name: sinks})
+    torch.testing.assert_close(packed, want.flatten(0, 1), atol=1e-5, rtol=1e-5)
+    lens = torch.full((2,), 9, dtype=torch.int32, device=DEVICE)
+    cached = fastattn.flash_attn_with_kvcache(q, k.contiguous(), v.contiguous(), cache_seqlens=lens, causal=True,
+                                              backend="triton", **{name: sinks})
+    torch.testing.assert_close(cached, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="s_aux or as learnable_sink, not both"):
+        fastattn.flash_attn_func(q, k, v, s_aux=sinks, learnable_sink=sinks)

@@ -374,3 +374,52 @@ def test_llama_training_gradients():
         result = testing.compare(name, *(g[name] for g in grads), factor=3.0)
         assert result.ok, str(result)
     assert_ran({"key padding"})
+
+
+@pytest.fixture
+def fastattn_as_transformers_flash(monkeypatch):
+    """transformers' own flash-attention path (integrations/flash_attention.py) on fastattn's
+    FlashAttention-compatible functions: what it does with a FlashAttention package, which it looks
+    for by name (here "fastattn_fa", registered like "flash_attention_2"; a name with "flash" in it is remapped
+    for gpt-oss by transformers)."""
+    import functools
+
+    mfau = transformers.modeling_flash_attention_utils
+    funcs = tuple(functools.partial(f, backend="triton") for f in
+                  (fastattn.flash_attn_func, fastattn.flash_attn_varlen_func, fastattn.flash_attn_with_kvcache))
+    monkeypatch.setattr(mfau, "_lazy_imports", lambda *a, **kw: (*funcs, mfau._pad_input, mfau._unpad_input))
+    monkeypatch.setattr(mfau, "_loaded_implementation", None)
+    hf_flash = transformers.integrations.flash_attention.flash_attention_forward
+    transformers.AttentionInterface.register("fastattn_fa", hf_flash)
+    mu = transformers.masking_utils
+    mu.AttentionMaskInterface.register("fastattn_fa", mu.flash_attention_mask)
+    return "fastattn_fa"
+
+
+def test_gpt_oss_sinks_reach_fastattn_through_transformers_flash_path(fastattn_as_transformers_flash):
+    """transformers passes gpt-oss's sinks to a flash function as s_aux or learnable_sink, whichever
+    its signature has; fastattn's flash_attn_* take both (without, transformers drops the sinks)."""
+    config = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                       num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4,
+                                       layer_types=["sliding_attention", "full_attention"])
+    config._experts_implementation = "eager"
+    torch.manual_seed(SEED)
+    eager = transformers.GptOssForCausalLM._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for layer in eager.model.layers:
+            layer.self_attn.sinks.normal_()
+    models = {}
+    for impl in (fastattn_as_transformers_flash, "eager64"):
+        models[impl] = transformers.GptOssForCausalLM._from_config(copy.deepcopy(config), attn_implementation=impl)
+        models[impl].load_state_dict(eager.state_dict())
+        models[impl].eval()
+    ids = torch.randint(0, VOCAB, (2, 11))
+    fast = logits(models[fastattn_as_transformers_flash], input_ids=ids)
+    check("gpt-oss logits (transformers' flash path)", fast, logits(eager, input_ids=ids),
+          logits(models["eager64"].double(), input_ids=ids))
+    no_sinks = eager.state_dict()
+    for name in [n for n in no_sinks if n.endswith("sinks")]:
+        no_sinks[name] = torch.full_like(no_sinks[name], -1e4)
+    models[fastattn_as_transformers_flash].load_state_dict(no_sinks)
+    assert (logits(models[fastattn_as_transformers_flash], input_ids=ids) - fast).abs().max() > 1e-3  # sinks count

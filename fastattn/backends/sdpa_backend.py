@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from fastattn import reference
 from fastattn.backends.call import AttentionCall, KVCacheCall
 
 SCORE_MODIFIERS = ("bias", "alibi_slopes", "window")  # as one SDPA float mask
+# SDPA's kernels other than flash: while fastattn is torch's flash-attention impl
+# (fastattn/integrations/torch_flash.py), SDPA's flash backend is fastattn itself.
+TORCH_OWN = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def flash_is_fastattn() -> bool:
+    """Whether torch.nn.attention.activate_flash_attention_impl("fastattn") is in effect."""
+    current = getattr(torch.nn.attention, "current_flash_attention_impl", None)
+    return current is not None and current() == "fastattn"
 
 
 def unavailable() -> str | None:
@@ -29,8 +39,15 @@ def unsupported(call: AttentionCall | KVCacheCall) -> str | None:
 
 
 def run(call: AttentionCall):
+    if call.q.is_cuda and flash_is_fastattn():  # "torch" stays PyTorch's kernels (and never calls back here)
+        with sdpa_kernel(TORCH_OWN):
+            return _run(call)
+    return _run(call)
+
+
+def _run(call: AttentionCall):
     if call.varlen:
-        return call.per_sequence(run)
+        return call.per_sequence(_run)
     b, sq, sk = call.shape.batch, call.shape.seqlen_q, call.shape.seqlen_k
     q, k, v = call.q, call.k, call.v
     skipped = 0
