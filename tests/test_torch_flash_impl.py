@@ -197,17 +197,24 @@ def test_sdpa_wrappers_called_directly(engine, gen):
                                                                                          scale=0.2)
     assert (cu_q, cu_k, max_q, max_k) == (None, None, sq, sk) and out.shape == q.shape and lse.shape == (b, h, sq)
     assert rng.dtype == unused.dtype == torch.uint64 and debug.numel() == 0
-    ref_args = [x.transpose(1, 2).double().requires_grad_() for x in (q, k, v)]
-    ref, ref_lse = fastattn.attention(*ref_args, causal=True, scale=0.2, return_lse=True, backend="reference")
     dout = torch.randn(out.shape, generator=gen).to(DEVICE)
-    ref.backward(dout.transpose(1, 2).double())
     dq, dk, dv = torch_flash.sdpa_flash_backward(dout, q, k, v, out, lse, None, None, sq, sk, 0.0, True, rng, unused,
                                                  scale=0.2)
-    for name, got, want in (("out", out, ref.transpose(1, 2)), ("lse", lse, ref_lse), ("dq", dq, ref_args[0].grad),
-                            ("dk", dk, ref_args[1].grad), ("dv", dv, ref_args[2].grad)):
-        want = want.transpose(1, 2) if name.startswith("d") else want
-        assert got.shape == want.shape, name
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=name)
+
+    def reference(dtype):  # (out, lse, dq, dk, dv) of fastattn.reference in dtype, in the ops' (B, H, S, D) layout
+        args = [x.transpose(1, 2).to(dtype).requires_grad_() for x in (q, k, v)]
+        o, lse_ = fastattn.attention(*args, causal=True, scale=0.2, return_lse=True, backend="reference")
+        o.backward(dout.transpose(1, 2).to(dtype))
+        return [o.transpose(1, 2), lse_, *(a.grad.transpose(1, 2) for a in args)]
+
+    ref64, naive = reference(torch.float64), reference(q.dtype)
+    grad_scale = testing.magnitude(*ref64[2:])
+    results = [testing.compare(name, got, lowprec, want, testing.OUT_FACTOR if name in ("out", "lse") else
+                               testing.GRAD_FACTOR, None if name in ("out", "lse") else grad_scale)
+               for name, got, lowprec, want in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), naive,
+                                                   ref64)]
+    assert all(got.shape == want.shape for got, want in zip((out, lse, dq, dk, dv), ref64))
+    assert_ok(results, "SDPA wrappers")
 
 
 def test_varlen_attn_out_writes_the_given_buffer(fastattn_active, gen):

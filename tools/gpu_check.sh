@@ -201,7 +201,7 @@ $(grep -E 'bar checks met' "$WORK/score_mods/score_mods.md" 2>/dev/null | tail -
   echo "| hf llama | $hf_rc | $(grep -E 'fastattn vs sdpa' "$WORK/hf_llama/hf_llama.md" 2>/dev/null) |"
   echo "| ring compute (1 GPU) | $rc_rc | $(grep -c '"gate": "ok"' "$WORK/ring_compute.log" 2>/dev/null) gated rows |"
   echo "| ring | $ring_rc | $ngpu GPUs; $(grep -c '"ring gate": "ok"' "$WORK/ring.log" 2>/dev/null) gated rows |"
-  echo "| bench | $bench_rc | $(grep -E '^[0-9]+ timings' "$OUT/bench.log" | tail -1) |"
+  echo "| bench | $bench_rc | $(grep -E '^[0-9]+ timings' "$OUT/bench.log" 2>/dev/null | tail -1) |"
   echo "| models | $models_rc | $(grep -c 'train step' "$OUT/models.log" 2>/dev/null) rows |"
   echo "| direct-launch fallbacks | - | $(grep -c 'directly failed its check' "$OUT/pytest.log") warnings in pytest.log (0 expected) |"
   echo "| sanitizer | $san_rc | $(grep -E 'ERROR SUMMARY' "$WORK/sanitizer.log" 2>/dev/null | tail -1) |"

@@ -218,7 +218,7 @@ def _forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, i
                                                              return_attn_probs=True, backend=backend)
     except (ValueError, TypeError) as e:
         raise _refused("bad arguments", str(e)) from e
-    lse = lse.masked_fill(lse == -math.inf, math.inf)  # FlashAttention 2's lse of a row without keys
+    lse = lse.nan_to_num_(nan=math.nan, posinf=math.inf, neginf=math.inf)  # FA2's lse of a keyless row: one pass
     if out is not None:
         out.copy_(o)
         o = out
@@ -247,7 +247,7 @@ def _cached_keys(q, k, v, cum_seq_q, max_q, causal, scale, window, seqused_k, al
                                                alibi_slopes=alibi_slopes, num_splits=num_splits or 0,
                                                return_softmax_lse=True, backend=backend)
     if packed:
-        return o[:, 0], lse[:, :, 0].t()  # (B, 1, H, D) -> (B, H, D); lse (B, H, 1) -> (H, B)
+        return o[:, 0], lse[:, :, 0].t().contiguous()  # (B, 1, H, D) -> (B, H, D); lse (B, H, 1) -> (H, B)
     return o, lse
 
 
@@ -259,7 +259,7 @@ def _backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k,
     if _backend(query) == "reference":
         return _recomputed_grads(grad_out, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, is_causal, scale,
                                  window)
-    lse = logsumexp.masked_fill(logsumexp == math.inf, -math.inf)  # back to fastattn's convention
+    lse = logsumexp.nan_to_num(nan=math.nan, posinf=-math.inf, neginf=-math.inf)  # back to fastattn's -inf
     try:
         if cum_seq_q is None:
             shape = validation.validate_qkv(query, key, value)
