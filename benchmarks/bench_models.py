@@ -1,7 +1,8 @@
 """Model-level benchmark: a training step and token-by-token generation of the three reference
 models with each attention backend, against PyTorch SDPA ("torch") and the naive "reference".
 
-    python benchmarks/bench_models.py [--out DIR] [--size gpu|cpu]
+    python benchmarks/bench_models.py [--out DIR] [--size gpu|cpu] [--models decoder,...] [--backends torch,triton]
+                                      [--rounds N]
 
 Only the attention kernels differ between rows of one model: same weights, same inputs. A training
 step is forward + backward + AdamW on a padded batch (encoder, encoder-decoder) or a full one
@@ -18,6 +19,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +58,8 @@ SIZES = {
 
 
 def backends_to_run(device: str) -> dict[str, str | None]:
-    """backend -> None if it runs here, else why not. Baselines first: a fastattn kernel that
-    crashes the CUDA context must not take the baselines' numbers with it."""
+    """backend -> None if it runs here, else why not. Baselines first: each round times them
+    before any fastattn kernel runs (the log shows which row was running if a kernel crashes)."""
     status = fastattn.available_backends()
     rows = {}
     for name in ["torch", "reference"] + [n for n in ("triton", "cuda") if n in status]:
@@ -100,13 +102,18 @@ def workloads(size: Size, device: str, gen: torch.Generator):
 
 
 def measure(row: dict, key: str, fn):
-    """row[key] = fn(), or the reason it failed in row[key + "_error"] (e.g. the naive reference out
-    of memory, a backend refusing an input): one failure never hides the other measurements."""
+    """fn() appended to row["_" + key] (one timing per round), or the reason it failed in
+    row[key + "_error"] (e.g. the naive reference out of memory, a backend refusing an input): one
+    failure never hides the other measurements, and a failed measurement is not retried."""
+    if key + "_error" in row:
+        return None
     try:
-        row[key] = fn()
+        ms = fn()
     except (RuntimeError, ValueError) as e:
         row[key + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    return row.get(key)
+        return None
+    row.setdefault("_" + key, []).append(ms)
+    return ms
 
 
 def train_step(model, forward, opt):
@@ -117,44 +124,62 @@ def train_step(model, forward, opt):
     return step
 
 
-def run(size_name: str, out: Path | None = None, device: str | None = None) -> dict:
+def run(size_name: str, out: Path | None = None, device: str | None = None, models: list[str] | None = None,
+        backends: list[str] | None = None, rounds: int = 1) -> dict:
+    """Every (model, backend) row timed `rounds` times, the backends taking turns within a round
+    (a clock or thermal drift hits every backend alike); each figure is the median over rounds."""
     size = SIZES[size_name]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
-    backends = backends_to_run(device)
+    status = backends_to_run(device)
+    if backends:
+        status = {name: status.get(name, "not a fastattn backend") for name in backends}
     results = []
-    models = {}
     work = workloads(size, device, gen)  # once: every backend gets the same inputs
-    for backend, reason in backends.items():  # backends outer: the untested last, for every model
-        for model_name, (cls, forward, generate) in work.items():
-            if model_name not in models:
-                torch.manual_seed(0)
-                models[model_name] = cls(size.config).to(device=device, dtype=size.dtype)
-            row = {"model": model_name, "backend": backend, "skipped": reason}
+    for model_name, (cls, forward, generate) in work.items():
+        if models and model_name not in models:
+            continue
+        torch.manual_seed(0)
+        base = cls(size.config).to(device=device, dtype=size.dtype)
+        rows, runs = [], {}
+        for backend, reason in status.items():  # baselines first: their first round runs before any fastattn kernel
+            rows.append({"model": model_name, "backend": backend, "skipped": reason})
             if reason is None:
                 # Every row starts from the same weights (a fresh copy of the model).
-                model = set_attn_backend(copy.deepcopy(models[model_name]), backend)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-                measure(row, "train_ms", lambda: time_ms(train_step(model, forward, opt), device=device))
-                del opt
-                if generate is not None:
-                    model.eval()
-                    ms = measure(row, "gen_ms", lambda: time_ms(lambda: generate(model), device=device, rep_ms=300))
-                    if ms:
-                        row["gen_tokens_per_s"] = size.batch * size.new_tokens / ms * 1e3
-                    if device == "cuda":  # the decode step captured once, replayed per token
-                        ms = measure(row, "gen_graph_ms", lambda: time_ms(lambda: generate(model, cuda_graph=True),
-                                                                          device=device, rep_ms=300))
-                        if ms:
-                            row["gen_graph_tokens_per_s"] = size.batch * size.new_tokens / ms * 1e3
-                del model
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                model = set_attn_backend(copy.deepcopy(base), backend)
+                runs[backend] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+        for _ in range(rounds):
+            for row in rows:
+                if row["backend"] not in runs:
+                    continue
+                model, opt = runs[row["backend"]]
+                model.train()
+                # 300 ms of steps per timing (~15 at these sizes): a host-bound step on a noisy host needs them.
+                measure(row, "train_ms", lambda: time_ms(train_step(model, forward, opt), device=device, rep_ms=300))
+                if generate is None:
+                    continue
+                model.eval()
+                measure(row, "gen_ms", lambda: time_ms(lambda: generate(model), device=device, rep_ms=300))
+                if device == "cuda":  # the decode step captured once, replayed per token
+                    measure(row, "gen_graph_ms", lambda: time_ms(lambda: generate(model, cuda_graph=True),
+                                                                 device=device, rep_ms=300))
+        for row in rows:
+            for key in ("train_ms", "gen_ms", "gen_graph_ms"):
+                times = row.pop("_" + key, None)
+                if times:
+                    row[key] = statistics.median(times)
+                    if len(times) > 1:
+                        row[key + "_rounds"] = times
+            for key in ("gen", "gen_graph"):
+                if row.get(key + "_ms"):
+                    row[key + "_tokens_per_s"] = size.batch * size.new_tokens / row[key + "_ms"] * 1e3
             results.append(row)
             print(format_row(row), flush=True)
-    order = list(work)
-    results.sort(key=lambda r: order.index(r["model"]))  # stable: grouped by model, backends in run order
-    report = {"environment": environment(device), "size": size_name, "setup": describe(size), "results": results}
+        del runs, base
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    report = {"environment": environment(device), "size": size_name, "setup": {**describe(size), "rounds": rounds},
+              "results": results}
     add_ratios(results)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -180,10 +205,12 @@ def add_ratios(results: list[dict]) -> None:
                 b = by.get((r["model"], base), {}).get(key)
                 if r.get(key) and b:
                     r[f"{key.split('_')[0]}_vs_{base}"] = b / r[key]
-        # Graph-replayed generation against "torch" generating eagerly (what an SDPA user runs).
-        b = by.get((r["model"], "torch"), {}).get("gen_ms")
-        if r.get("gen_graph_ms") and b:
-            r["gen_graph_vs_torch"] = b / r["gen_graph_ms"]
+        # Graph-replayed generation against "torch" generating eagerly (what an SDPA user runs) and
+        # against "torch" replaying the same graphed step.
+        torch_row = by.get((r["model"], "torch"), {})
+        for base_key, name in (("gen_ms", "gen_graph_vs_torch"), ("gen_graph_ms", "gen_graph_vs_torch_graph")):
+            if r.get("gen_graph_ms") and torch_row.get(base_key):
+                r[name] = torch_row[base_key] / r["gen_graph_ms"]
 
 
 def cell(r: dict, key: str, fmt: str) -> str:
@@ -218,19 +245,23 @@ def markdown(report: dict) -> str:
              "batch, is bound by launch overhead. The kernel benchmark (benchmarks/run.py) isolates "
              "attention.", "",
              "Generation with a CUDA graph: the decode step captured once and replayed per token "
-             "(`generate(..., cuda_graph=True)`, CUDA only); its ratio is to \"torch\" generating eagerly.", "",
+             "(`generate(..., cuda_graph=True)`, CUDA only); its ratios are to \"torch\" generating eagerly "
+             "and to \"torch\" with the same CUDA graph.", "",
+             f"Each figure is the median of {s.get('rounds', 1)} timing(s), the backends taking turns "
+             "(interleaved: drift hits every backend alike).", "",
              "| model | backend | train step ms | vs torch | vs reference | generate tok/s | vs torch | vs reference "
-             "| with CUDA graph tok/s | vs torch eager |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| with CUDA graph tok/s | vs torch eager | vs torch graphed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     ratio = lambda r, key: f"{r[key]:.2f}x" if key in r else "-"
     for r in report["results"]:
         if r["skipped"]:
-            lines.append(f"| {r['model']} | {r['backend']} | skipped: {r['skipped']} ||||||||")
+            lines.append(f"| {r['model']} | {r['backend']} | skipped: {r['skipped']} |||||||||")
             continue
         lines.append(f"| {r['model']} | {r['backend']} | {cell(r, 'train_ms', '.2f')} | {ratio(r, 'train_vs_torch')} | "
                      f"{ratio(r, 'train_vs_reference')} | {cell(r, 'gen_tokens_per_s', '.0f')} | "
                      f"{ratio(r, 'gen_vs_torch')} | {ratio(r, 'gen_vs_reference')} | "
-                     f"{cell(r, 'gen_graph_tokens_per_s', '.0f')} | {ratio(r, 'gen_graph_vs_torch')} |")
+                     f"{cell(r, 'gen_graph_tokens_per_s', '.0f')} | {ratio(r, 'gen_graph_vs_torch')} | "
+                     f"{ratio(r, 'gen_graph_vs_torch_graph')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -238,8 +269,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest-models"))
+    parser.add_argument("--models", help="comma-separated subset of encoder,decoder,encoder-decoder")
+    parser.add_argument("--backends", help="comma-separated backends to run, in order (default: all, baselines first)")
+    parser.add_argument("--rounds", type=int, default=3 if torch.cuda.is_available() else 1,
+                        help="timings per row, backends taking turns; the median is reported")
     args = parser.parse_args(argv)
-    run(args.size, args.out)
+    split = lambda text: text.split(",") if text else None  # noqa: E731
+    run(args.size, args.out, models=split(args.models), backends=split(args.backends), rounds=args.rounds)
     print(f"wrote {args.out / 'models.json'} and {args.out / 'models.md'}")
     return 0
 

@@ -4,6 +4,7 @@ _flash_attention_forward, varlen_attn_out) and the SDPA wrappers called directly
 float64 reference under the tolerance rule; every refusal; on a GPU, SDPA / varlen_attn /
 torch.compile / CUDA graphs dispatching into fastattn and matching aten's own kernel."""
 
+import inspect
 import math
 import subprocess
 import sys
@@ -26,7 +27,27 @@ if torch_flash.hook_missing() is None:
         list_flash_attention_impls,
         restore_flash_attention_impl,
     )
-    from torch.nn.attention.varlen import AuxRequest, varlen_attn, varlen_attn_out
+    from torch.nn.attention.varlen import AuxRequest, varlen_attn
+
+    varlen_attn_out = getattr(torch.nn.attention.varlen, "varlen_attn_out", None)  # torch 2.12+
+    VARLEN_KEYWORDS = set(inspect.signature(varlen_attn).parameters)
+
+
+def torch_varlen_attn(*args, **kw):
+    """torch's varlen_attn with what this torch takes: enable_gqa (2.12+) is dropped where it does not
+    exist (2.11's packed kernel takes grouped heads as they come); a test needing seqused_k or
+    block_table (2.12+) skips."""
+    if "enable_gqa" not in VARLEN_KEYWORDS:
+        kw.pop("enable_gqa", None)
+    missing = sorted(set(kw) - VARLEN_KEYWORDS)
+    if missing:
+        pytest.skip(f"torch {torch.__version__}'s varlen_attn has no {missing}")
+    return varlen_attn(*args, **kw)
+
+
+def aten_takes(argument: str) -> bool:
+    """Whether this torch's aten::_flash_attention_forward has the argument (block_table: 2.12+)."""
+    return any(a.name == argument for a in torch.ops.aten._flash_attention_forward.default._schema.arguments)
 
 
 @pytest.fixture
@@ -73,7 +94,8 @@ def test_registered_at_import_never_activated():
 
 
 def test_activate_and_restore_put_the_kernels_in_and_out():
-    ops = ("_flash_attention_forward", "_flash_attention_forward_no_dropout_inplace", "_flash_attention_backward")
+    ops = [op for op in torch_flash.CPU_OPS if op in torch_flash.present_ops()]
+    assert len(ops) >= 2  # every torch with the hook has the varlen forward and backward
     activate_flash_attention_impl("fastattn")
     try:
         assert current_flash_attention_impl() == "fastattn" and torch_flash.active()
@@ -99,7 +121,8 @@ def test_an_unknown_schema_argument_refuses_to_register(monkeypatch):
         activate_flash_attention_impl("fastattn")
     assert current_flash_attention_impl() is None
     assert not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_flash_attention_forward", "CPU")
-    assert all(torch_flash.schema_mismatch(n) is None for n in torch_flash.SCHEMAS if n != "_flash_attention_backward")
+    assert all(torch_flash.schema_mismatch(n) is None for n in torch_flash.present_ops()
+               if n != "_flash_attention_backward")
 
 
 def test_without_the_hook_nothing_is_registered_and_check_says_so(monkeypatch):
@@ -143,8 +166,8 @@ def test_varlen_attn_runs_fastattn(case, dtype, engine, fastattn_active, gen):
     q, k, v, cu_q, cu_k, mq, mk = packed(lengths_q, lengths_k, hq, hkv, d, dtype, gen)
 
     def torch_varlen(a, b, c):
-        out, lse = varlen_attn(a, b, c, cu_q, cu_k, mq, mk, return_aux=AuxRequest(lse=True), window_size=window,
-                               enable_gqa=hq != hkv)
+        out, lse = torch_varlen_attn(a, b, c, cu_q, cu_k, mq, mk, return_aux=AuxRequest(lse=True),
+                                     window_size=window, enable_gqa=hq != hkv)
         assert lse.shape == (hq, q.shape[0]) and lse.dtype == torch.float32
         return out, fastattn_lse(lse)
 
@@ -217,6 +240,31 @@ def test_sdpa_wrappers_called_directly(engine, gen):
     assert_ok(results, "SDPA wrappers")
 
 
+def test_outputs_and_grads_are_laid_out_as_aten_allocates_them(engine, fastattn_active, gen):
+    """aten's flash ops allocate out and dq/dk/dv with empty_like(query/key/value) (FlashAttention 2's
+    convention; their fake kernels say so and torch.compile asserts it at run time: the H200 run of
+    2026-12-04 failed there). SDPA's query is (B, H, S, D)-contiguous; the kernels write (B, S, H, D)."""
+    b, h, hkv, s, d = 2, 4, 2, 13, 16
+    bshd = testing.random_qkv(b, s, s, h, hkv, d, device=DEVICE, generator=gen)
+    q, k, v = (x.transpose(1, 2).contiguous() for x in bshd)  # (B, H, S, D) memory, as SDPA users hold them
+    dout = torch.randn(b, h, s, d, generator=gen).to(DEVICE)
+    results = {}
+    for layout, (a, b_, c) in (("bhsd", (q, k, v)), ("bshd", (x.transpose(1, 2) for x in bshd))):
+        out, lse, *_, rng, unused, _ = torch_flash.sdpa_flash_forward(a, b_, c, 0.0, True)
+        grads = torch_flash.sdpa_flash_backward(dout, a, b_, c, out, lse, None, None, s, s, 0.0, True, rng, unused)
+        assert [t.stride() for t in (out, *grads)] == [t.stride() for t in (a, a, b_, c)], layout
+        results[layout] = (out, *grads)
+    for x, y in zip(results["bhsd"], results["bshd"]):  # the layout changes nothing else
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    # The dense aten op through the dispatcher: (B, S, H, D) views of (B, H, S, D) memory.
+    qv, kv, vv = (x.transpose(1, 2) for x in (q, k, v))
+    out = torch.ops.aten._flash_attention_forward(qv, kv, vv, None, None, s, s, 0.0, True, False)[0]
+    assert out.stride() == qv.stride()
+    torch.testing.assert_close(out, results["bshd"][0].transpose(1, 2), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(varlen_attn_out is None if torch_flash.hook_missing() is None else False,
+                    reason=f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn_out")
 def test_varlen_attn_out_writes_the_given_buffer(fastattn_active, gen):
     q, k, v, cu_q, cu_k, mq, mk = packed([4, 9], [6, 9], 2, 2, 16, torch.float32, gen)
     out = torch.full_like(q, float("nan"))
@@ -237,8 +285,8 @@ def test_seqused_k_runs_the_decode_path(paged, fastattn_active, gen):
         table = torch.tensor([[3, 0, 9], [1, 2, 4], [8, 5, 6]], dtype=torch.int32, device=DEVICE)
         q = torch.randn(b, hq, d, generator=gen).to(DEVICE)
         cu_q = torch.arange(b + 1, dtype=torch.int32, device=DEVICE)
-        out, lse = varlen_attn(q, k_pages, v_pages, cu_q, None, 1, 3 * page, return_aux=AuxRequest(lse=True),
-                               window_size=(-1, 0), enable_gqa=True, seqused_k=lens, block_table=table)
+        out, lse = torch_varlen_attn(q, k_pages, v_pages, cu_q, None, 1, 3 * page, return_aux=AuxRequest(lse=True),
+                                     window_size=(-1, 0), enable_gqa=True, seqused_k=lens, block_table=table)
         keys = [testing.cached_rows(k_pages, table, i, n) for i, n in enumerate(lens.tolist())]
         values = [testing.cached_rows(v_pages, table, i, n) for i, n in enumerate(lens.tolist())]
         q4, lse = q[:, None], lse.t()[:, :, None]  # (B, H, D) -> (B, 1, H, D); lse (H, B) -> (B, H, 1)
@@ -281,6 +329,8 @@ REFUSALS = [
 
 @pytest.mark.parametrize("change,error,match", REFUSALS, ids=[r[2] for r in REFUSALS])
 def test_refusals_name_the_argument(change, error, match, fastattn_active, gen):
+    if "block_table" in change and not aten_takes("block_table"):
+        pytest.skip(f"torch {torch.__version__}'s aten::_flash_attention_forward has no block_table")
     change = {n: (x.to(DEVICE) if isinstance(x, torch.Tensor) else x) for n, x in change.items()}
     with pytest.raises(error, match=match):
         _dense(gen, **change)()
@@ -303,6 +353,8 @@ def test_packed_seqused_k_beyond_decode_is_not_implemented(fastattn_active, gen)
     with pytest.raises(NotImplementedError, match="packed keys and no block_table"):
         torch.ops.aten._flash_attention_forward(q[:2], k, v, cu_q.new_tensor([0, 1, 2]), cu_k, 1, mk, 0.0, False,
                                                 False, seqused_k=lens)
+    if not aten_takes("block_table"):
+        return  # torch 2.11: no paged caches through this op
     table = torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(NotImplementedError, match="max_q=3"):
         torch.ops.aten._flash_attention_forward(q, k[None], v[None], cu_q, None, mq, mk, 0.0, False, False,
@@ -378,8 +430,8 @@ def test_varlen_attn_on_cuda_matches_aten_and_captures_in_a_graph(monkeypatch, g
     q, k, v, cu_q, cu_k, mq, mk = packed([100, 3, 257], [90, 40, 257], 8, 2, 128, torch.bfloat16, gen)
 
     def run():
-        return varlen_attn(q, k, v, cu_q, cu_k, mq, mk, return_aux=AuxRequest(lse=True), window_size=(-1, 0),
-                           enable_gqa=True)
+        return torch_varlen_attn(q, k, v, cu_q, cu_k, mq, mk, return_aux=AuxRequest(lse=True), window_size=(-1, 0),
+                                 enable_gqa=True)
 
     aten_out, aten_lse = run()
     calls = _counting(monkeypatch)

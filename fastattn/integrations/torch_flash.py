@@ -122,6 +122,11 @@ def schema_mismatch(name: str) -> str | None:
     return None
 
 
+def present_ops() -> tuple[str, ...]:
+    """The aten flash-attention ops this torch has, of those fastattn implements."""
+    return tuple(name for name in SCHEMAS if hasattr(torch.ops.aten, name))
+
+
 @dataclass
 class _Handle:
     """What activation registered: remove() puts aten's own kernels back."""
@@ -135,8 +140,11 @@ class _Handle:
 
 
 def _activate() -> _Handle:
-    """torch's register_fn: implement the aten ops on CUDA (and the varlen ones on CPU)."""
-    for name in SCHEMAS:
+    """torch's register_fn: implement the aten ops on CUDA (and the varlen ones on CPU). An op this
+    torch does not have is left out (torch 2.11 has no _flash_attention_forward_no_dropout_inplace:
+    nothing can call it); one whose schema differs from what fastattn implements refuses activation."""
+    present = present_ops()
+    for name in present:
         problem = schema_mismatch(name)
         if problem:
             raise RuntimeError(f"fastattn cannot replace PyTorch's flash attention: {problem}")
@@ -146,10 +154,11 @@ def _activate() -> _Handle:
              "_scaled_dot_product_flash_attention": sdpa_flash_forward,
              "_scaled_dot_product_flash_attention_backward": sdpa_flash_backward}
     libraries = []
-    for key, names in (("CUDA", tuple(SCHEMAS)), ("CPU", CPU_OPS)):
+    for key, names in (("CUDA", present), ("CPU", CPU_OPS)):
         lib = torch.library.Library("aten", "IMPL", key)
         for name in names:
-            lib.impl(name, impls[name], key)
+            if name in present:
+                lib.impl(name, impls[name], key)
         libraries.append(lib)
     return _Handle(libraries)
 
@@ -222,7 +231,20 @@ def _forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, i
     if out is not None:
         out.copy_(o)
         o = out
-    return o, lse
+    return _strided_like(o, query), lse
+
+
+def _strided_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """x laid out as torch.empty_like(ref): aten's flash ops (FlashAttention 2's) allocate their
+    outputs and gradients so, their fake kernels say so, and torch.compile asserts it at run time.
+    The kernels write contiguous (B, S, H, D); a query made by transposing (B, H, S, D), as SDPA's
+    is, costs one copy."""
+    if x.stride() == ref.stride() or not ref.numel():
+        return x
+    y = torch.empty_like(ref)
+    if y.stride() == x.stride():  # ref not dense (expanded, overlapping): empty_like is contiguous too
+        return x
+    return y.copy_(x)
 
 
 def _cached_keys(q, k, v, cum_seq_q, max_q, causal, scale, window, seqused_k, alibi_slopes, block_table, num_splits,
@@ -257,8 +279,9 @@ def _backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k,
     _check_common(dropout_p)
     window = _window(window_size_left, window_size_right)
     if _backend(query) == "reference":
-        return _recomputed_grads(grad_out, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, is_causal, scale,
-                                 window)
+        grads = _recomputed_grads(grad_out, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, is_causal, scale,
+                                  window)
+        return tuple(_strided_like(g, x) for g, x in zip(grads, (query, key, value)))
     lse = logsumexp.nan_to_num(nan=math.nan, posinf=-math.inf, neginf=-math.inf)  # back to fastattn's -inf
     try:
         if cum_seq_q is None:
@@ -280,7 +303,7 @@ def _backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k,
         dq, dk, dv, _, _ = triton_ops.triton_attn_varlen_bwd(grad_out, query, key, value, out, lse, None, cum_seq_q,
                                                              cum_seq_k, max_q, max_k, is_causal, scale,
                                                              window_left=left, window_right=right)
-    return dq, dk, dv
+    return _strided_like(dq, query), _strided_like(dk, key), _strided_like(dv, value)
 
 
 @contextlib.contextmanager

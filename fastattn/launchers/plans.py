@@ -151,6 +151,14 @@ def remember(cache: dict, key: tuple, value: tuple, limit: int = MAX_SIGNATURES)
     cache[key] = value
 
 
+def tuned_configs() -> list[dict]:
+    """Every config chosen so far (tuned, or the first that fit): kernel name, constexprs, dtype,
+    sequence bucket, config. For benchmark reports: which tile each measured call ran."""
+    return [{"kernel": name, "constexprs": dict(consts), "dtype": dtype, "seq_bucket": bucket,
+             "config": [c.block_m, c.block_n, c.num_warps, c.num_stages]}
+            for (name, _, consts, dtype, _, bucket), c in _tuned.items()]
+
+
 def clear() -> None:
     """Forget every launch plan and tuned config (tests; a long-running process changing shapes)."""
     for cache in _signature_caches:
