@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fastattn import backends, kvcache
 from fastattn.backends import AttentionCall, KVCacheCall
 from fastattn.validation import (
+    check_broadcastable,
     validate_cache,
     validate_flag,
     validate_key_padding_mask,
@@ -174,8 +175,8 @@ def attention_with_kvcache(
     mods = None
     if bias is not None or alibi_slopes is not None or window is not None or softcap or sinks is not None:
         mods = validate_mods(bias, alibi_slopes, window, softcap, sinks, shape, q, causal)
-        _refuse_grad(bias, sinks)
-    _refuse_grad(q, k, v)
+        _refuse_grad(bias=bias, sinks=sinks)
+    _refuse_grad(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     call = KVCacheCall(q, k_cache, v_cache, k, v, cache_seqlens, block_table, shape, n_new, causal, scale,
                        return_lse, num_splits, mods)
     return backends.run_kvcache(backends.choose_kvcache(backend, call), call)
@@ -197,14 +198,20 @@ def append_to_kvcache(
     if not isinstance(k, torch.Tensor):
         raise TypeError(f"k must be a torch.Tensor, got {type(k).__name__}")
     validate_cache(k_cache, v_cache, k, v, cache_seqlens, block_table, like=k, what="k")
-    _refuse_grad(k, v)
+    _refuse_grad(k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     backends.append_kv(backend, k, v, k_cache, v_cache, cache_seqlens, block_table)
 
 
-def _refuse_grad(*xs) -> None:
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs):
-        raise ValueError("the KV-cache functions are inference-only (not differentiable): call them under "
-                         "torch.no_grad() / torch.inference_mode(), or use fastattn.attention for training")
+def _refuse_grad(**xs) -> None:
+    """The KV-cache functions write the cache in place and have no backward: an input that requires
+    grad is refused (by name) while autograd records, on every backend."""
+    if not torch.is_grad_enabled():
+        return
+    named = [name for name, x in xs.items() if x is not None and x.requires_grad]
+    if named:
+        raise ValueError(f"{', '.join(named)} {'requires' if len(named) == 1 else 'require'} grad, but the KV-cache "
+                         "functions are inference-only (not differentiable): call them under torch.no_grad() / "
+                         "torch.inference_mode(), or use fastattn.attention for training")
 
 
 _warned: set[str] = set()
@@ -270,6 +277,7 @@ def scaled_dot_product_attention(
         if is_causal:
             raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
         if attn_mask.is_floating_point() and attn_mask.dim() <= 4:
+            check_broadcastable("attn_mask", attn_mask, (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
             bias = attn_mask  # SDPA's (B, H, Sq, Sk) float mask is fastattn's additive bias, same layout
         else:
             kpm = _as_key_padding_mask(attn_mask, query.shape[0], key.shape[2])

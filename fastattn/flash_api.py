@@ -10,6 +10,8 @@ What differs (README, "Switch from flash_attn"):
   dropout mask that fastattn does not make.
 - flash_attn_with_kvcache: rotary embeddings, cache_batch_idx and cache_leftpad raise.
 - ``backend=`` (keyword) picks fastattn's backend; "auto" as in ``fastattn.attention``.
+- window_size: any two ints (tuple, list, 1-D integer tensor); softcap <= 0 is off, as in FlashAttention
+  (``fastattn.attention`` refuses a negative softcap).
 - Attention sinks (gpt-oss): ``s_aux`` (vLLM's FlashAttention 3 name) or ``learnable_sink`` (FlashAttention
   4's), (Hq,) logits, as fastattn's ``sinks``; transformers passes them under either name when the
   function's signature has it.
@@ -17,17 +19,40 @@ What differs (README, "Switch from flash_attn"):
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from fastattn import api
 
 
 def _window(window_size) -> tuple[int, int] | None:
-    """FlashAttention's window_size -> fastattn's window ((-1, -1): none)."""
+    """FlashAttention's window_size -> fastattn's window ((-1, -1): none). Any two ints: a tuple, a
+    list, or a 1-D integer tensor of two (FlashAttention's own tests pass one; reading a CUDA
+    tensor's values syncs, as FlashAttention's binding does)."""
+    bad = ValueError(f"window_size must be (left, right), two ints >= -1 (-1 = unbounded), got {window_size!r}")
+    if isinstance(window_size, torch.Tensor):
+        if window_size.shape != (2,) or window_size.dtype.is_floating_point or window_size.dtype.is_complex \
+                or window_size.dtype == torch.bool:
+            raise bad
+        window_size = window_size.tolist()
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise ValueError(f"window_size must be (left, right), two ints >= -1 (-1 = unbounded), got {window_size!r}")
-    window = tuple(window_size)
+        raise bad
+    try:  # ints and int-like scalars (numpy ints, 0-d integer tensors); never floats or bools
+        window = tuple(operator.index(w) for w in window_size if not isinstance(w, bool))
+    except TypeError:
+        raise bad from None
+    if len(window) != 2 or min(window) < -1:
+        raise bad
     return None if window == (-1, -1) else window
+
+
+def _softcap(softcap) -> float | None:
+    """FlashAttention's softcap: anything > 0 turns it on, 0 or negative is off (fastattn.attention
+    itself refuses a negative cap)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float (> 0 caps the scores, <= 0 is off), got {type(softcap).__name__}")
+    return float(softcap) if softcap > 0 else None
 
 
 def _sinks(s_aux, learnable_sink):
@@ -52,7 +77,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (B, Hq) float32; s_aux / learnable_sink (Hq,) sink logits. Differentiable in q, k, v (and the sinks)."""
     _check_dropout(dropout_p)
     result = api.attention(q, k, v, causal=causal, scale=softmax_scale, return_lse=return_attn_probs,
-                           alibi_slopes=alibi_slopes, window=_window(window_size), softcap=softcap or None,
+                           alibi_slopes=alibi_slopes, window=_window(window_size), softcap=_softcap(softcap),
                            sinks=_sinks(s_aux, learnable_sink), backend=backend)
     return (*result, None) if return_attn_probs else result
 
@@ -70,7 +95,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                          "flash_attn_with_kvcache takes one")
     result = api.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                   scale=softmax_scale, return_lse=return_attn_probs, alibi_slopes=alibi_slopes,
-                                  window=_window(window_size), softcap=softcap or None,
+                                  window=_window(window_size), softcap=_softcap(softcap),
                                   sinks=_sinks(s_aux, learnable_sink), backend=backend)
     return (*result, None) if return_attn_probs else result
 
@@ -101,5 +126,5 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return api.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                                       causal=causal, scale=softmax_scale, return_lse=return_softmax_lse,
                                       num_splits=num_splits, alibi_slopes=alibi_slopes, window=_window(window_size),
-                                      softcap=softcap or None, sinks=_sinks(s_aux, learnable_sink),
+                                      softcap=_softcap(softcap), sinks=_sinks(s_aux, learnable_sink),
                                       backend=backend)

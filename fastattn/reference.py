@@ -93,6 +93,9 @@ def attention(
     kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
     vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
 
+    if key_padding_mask is not None:  # padded keys are never read: garbage there (NaN, inf) gives nothing
+        padded = ~key_padding_mask[:, None, :, None]  # (B or 1, 1, Sk, 1)
+        kh, vh = kh.masked_fill(padded, 0.0), vh.masked_fill(padded, 0.0)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)

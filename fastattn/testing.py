@@ -145,6 +145,35 @@ def check_against_reference(fn, q, k, v, *, causal=False, scale=None, key_paddin
     return results
 
 
+def random_kv_cache(lens, capacity, hkv, d, *, dtype=torch.float32, page_size=0, device="cpu", generator=None,
+                    spare_pages=3):
+    """A random KV cache for len(lens) sequences of `capacity` positions: (k_cache, v_cache,
+    block_table or None, cache_seqlens int32). Paged (page_size > 0): pages in a random order, with
+    spare pages no sequence uses."""
+    b = len(lens)
+    if page_size:
+        max_pages = -(-capacity // page_size)
+        n_pages = b * max_pages + spare_pages
+        shape = (n_pages, page_size, hkv, d)
+        table = torch.randperm(n_pages, generator=generator)[:b * max_pages].view(b, max_pages).int().to(device)
+    else:
+        shape, table = (b, capacity, hkv, d), None
+    k_cache = torch.randn(shape, generator=generator).to(device, dtype)
+    v_cache = torch.randn(shape, generator=generator).to(device, dtype)
+    return k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+def fill_cache_rows(cache: torch.Tensor, block_table: torch.Tensor | None, b: int, start: int, value: float) -> None:
+    """Set sequence b's positions from `start` to its capacity to `value`, in place (garbage past
+    its length, as a cache from torch.empty holds)."""
+    if block_table is None:
+        cache[b, start:] = value
+        return
+    page = cache.shape[1]
+    for j in range(start, block_table.shape[1] * page):
+        cache[int(block_table[b, j // page]), j % page] = value
+
+
 def cached_rows(cache: torch.Tensor, block_table: torch.Tensor | None, b: int, n: int) -> torch.Tensor:
     """Sequence b's first n positions (n, Hkv, D) of a contiguous (B, S, Hkv, D) or paged (pages,
     page_size, Hkv, D) KV cache, read position by position (independent of fastattn.kvcache)."""

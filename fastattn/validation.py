@@ -92,6 +92,13 @@ def validate_key_padding_mask(mask, shape: AttentionShape, q: torch.Tensor) -> N
         raise ValueError(f"key_padding_mask is on {mask.device} but q is on {device}")
 
 
+def check_broadcastable(name: str, t: torch.Tensor, full: tuple[int, int, int, int]) -> None:
+    """t (at most 4-D) must broadcast to full = (B, H, Sq, Sk) as torch broadcasts (right-aligned)."""
+    shape = (1,) * (4 - t.dim()) + tuple(t.shape)
+    if t.dim() > 4 or any(n != 1 and n != m for n, m in zip(shape, full)):
+        raise ValueError(f"{name} must be broadcastable to (B, Hq, Sq, Sk) = {full}, got shape {tuple(t.shape)}")
+
+
 def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionShape, q: torch.Tensor,
                   causal: bool) -> ScoreMods | None:
     """Check the score modifiers (fastattn.modifiers) of a call with `shape`; None when there are none.
@@ -113,10 +120,9 @@ def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionSh
                           "broadcastable to (B, Hq, Sq, Sk)")
         if bias.device != q.device:
             raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
+        check_broadcastable("bias", bias, full)
         if bias.dim() != 4:
             bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))  # a view: leading unit dims
-        if any(n != 1 and n != m for n, m in zip(bias.shape, full)):
-            raise ValueError(f"bias must be broadcastable to (B, Hq, Sq, Sk) = {full}, got shape {tuple(bias.shape)}")
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor):
             raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")

@@ -13,7 +13,16 @@ the key loop, as one more (value-less) entry of the running max and sum.
 import triton
 import triton.language as tl
 
-from .tiles import LOG2E_T, key_blocks, load_tile, program_coords, scores_tile, sequence_bounds, store_tile
+from .tiles import (
+    LOG2E_T,
+    drop_padded_keys,
+    key_blocks,
+    load_tile,
+    program_coords,
+    scores_tile,
+    sequence_bounds,
+    store_tile,
+)
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -43,6 +52,8 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, BIAS_bh, stride_ks
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_tile(v_base, cols, stride_vs, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
+        if MASKED:  # with a key-padding mask every visited block is a masked one
+            v = drop_padded_keys(v, KP_row, cols, Sk, HAS_KPM)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i

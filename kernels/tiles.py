@@ -42,6 +42,17 @@ def load_tile(ptr, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.con
 
 
 @triton.jit
+def drop_padded_keys(x, KP_row, cols, Sk, HAS_KPM: tl.constexpr):
+    """x (len(cols), BLOCK_D), a K or V tile, with the rows of keys marked as padding set to 0: a
+    select, not a multiply, so that garbage (NaN, inf) in a padded key never reaches an output
+    through its zero probability (0 * NaN is NaN)."""
+    if HAS_KPM:
+        keep = tl.load(KP_row + cols, mask=cols < Sk, other=0) != 0
+        x = tl.where(keep[:, None], x, 0.0)
+    return x
+
+
+@triton.jit
 def store_tile(ptr, x, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                WIDE: tl.constexpr):
     """Store a (len(rows), BLOCK_D) tile, skipping padded rows and head-dim columns."""

@@ -18,19 +18,9 @@ from fastattn.launchers import plans
 
 
 def make_cache(lens, capacity, hkv, d, *, dtype, page_size, gen, spare_pages=3):
-    """A random cache for len(lens) sequences of `capacity` positions: (k_cache, v_cache, block_table,
-    cache_seqlens). Paged caches get their pages in a random order, with spare pages unused."""
-    b = len(lens)
-    if page_size:
-        max_pages = -(-capacity // page_size)
-        n_pages = b * max_pages + spare_pages
-        shape = (n_pages, page_size, hkv, d)
-        table = torch.randperm(n_pages, generator=gen)[:b * max_pages].view(b, max_pages).int().to(DEVICE)
-    else:
-        shape, table = (b, capacity, hkv, d), None
-    k_cache = torch.randn(shape, generator=gen).to(DEVICE, dtype)
-    v_cache = torch.randn(shape, generator=gen).to(DEVICE, dtype)
-    return k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    """testing.random_kv_cache on DEVICE: (k_cache, v_cache, block_table, cache_seqlens)."""
+    return testing.random_kv_cache(lens, capacity, hkv, d, dtype=dtype, page_size=page_size, device=DEVICE,
+                                   generator=gen, spare_pages=spare_pages)
 
 
 def expected_keys(k_cache, v_cache, table, lens):

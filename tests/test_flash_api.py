@@ -78,6 +78,38 @@ def test_flash_attn_with_kvcache(gen):
     torch.testing.assert_close(full, reference.attention(q, k_cache, v_cache, causal=True), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window_size", [(3, 0), [3, 0], torch.tensor([3, 0]), torch.tensor([3, 0], dtype=torch.int32),
+                                         (torch.tensor(3), 0)], ids=["tuple", "list", "int64", "int32", "0-d"])
+def test_window_size_as_flash_attention_takes_it(window_size, gen):
+    """Any two ints: FlashAttention's own tests pass torch.randint(0, seqlen_k, (2,))."""
+    q, k, v = testing.random_qkv(1, 9, 9, 2, 2, 16, device=DEVICE, generator=gen)
+    got = fastattn.flash_attn_func(q, k, v, window_size=window_size, backend="reference")
+    torch.testing.assert_close(got, reference.attention(q, k, v, window=(3, 0)), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("window_size", [4, (1, 2, 3), (1.0, 2), (True, 0), (-2, 0), torch.tensor([1.0, 2.0]),
+                                         torch.tensor([[1, 2]]), "ab", None])
+def test_window_size_refused_naming_it(window_size, gen):
+    q = torch.randn(1, 3, 2, 16, generator=gen)
+    with pytest.raises(ValueError, match="window_size must be"):
+        fastattn.flash_attn_func(q, q, q, window_size=window_size)
+
+
+@pytest.mark.parametrize("softcap", [0.0, -1.0, -30, 0])
+def test_softcap_zero_or_negative_is_off_as_in_flash_attention(softcap, gen):
+    q, k, v = testing.random_qkv(1, 7, 9, 2, 1, 16, device=DEVICE, generator=gen)
+    want = reference.attention(q, k, v, causal=True)
+    for call in (lambda: fastattn.flash_attn_func(q, k, v, causal=True, softcap=softcap, backend="reference"),
+                 lambda: fastattn.flash_attn_varlen_func(q[0], k[0], v[0], *[torch.tensor([0, n], dtype=torch.int32)
+                                                                              for n in (7, 9)], 7, 9, causal=True,
+                                                         softcap=softcap, backend="reference")[None]):
+        torch.testing.assert_close(call(), want, atol=1e-6, rtol=1e-6)
+    with pytest.raises(TypeError, match="softcap"):
+        fastattn.flash_attn_func(q, k, v, softcap="1")
+    with pytest.raises(ValueError, match="softcap"):  # fastattn's own API keeps its stricter rule
+        fastattn.attention(q, k, v, softcap=-1.0)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda q: fastattn.flash_attn_func(q, q, q, dropout_p=0.1), "dropout_p=0.1"),
     (lambda q: fastattn.flash_attn_func(q, q, q, window_size=4), "window_size must be"),

@@ -321,7 +321,7 @@ def _dense(gen, **kw):
 REFUSALS = [
     (dict(dropout_p=0.1), RuntimeError, "dropout_p=0.1"),
     (dict(return_debug_mask=True), RuntimeError, "return_debug_mask"),
-    (dict(window_size_left=-2), RuntimeError, "window must be"),
+    (dict(window_size_left=-2), RuntimeError, "window_size must be"),
     (dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), RuntimeError, "block_table without seqused_k"),
     (dict(cum_seq_q=torch.tensor([0, 4], dtype=torch.int32)), RuntimeError, "cum_seq_k=None"),
 ]

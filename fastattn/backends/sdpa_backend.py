@@ -68,6 +68,8 @@ def _run(call: AttentionCall):
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=call.scale, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=call.causal, scale=call.scale, enable_gqa=gqa)
+    if call.key_padding_mask is None and call.mods is None:  # every row sees a key here
+        out = _keep_nan(out, qt)
     out = out.transpose(1, 2)  # back to (B, S, H, D)
     if skipped:
         out = torch.cat([out.new_zeros(b, skipped, *out.shape[2:]), out], dim=1)
@@ -89,9 +91,20 @@ def _with_mask(qt, kt, vt, call: AttentionCall, gqa: bool, skipped: int) -> torc
     if additive is not None:
         additive = additive[:, :, skipped:] if additive.shape[2] > 1 else additive
         visible = visible & (additive != float("-inf"))  # a bias of -inf hides a key too
+    if call.key_padding_mask is not None:  # padded keys are never read (SDPA would mix their NaN into rows)
+        padded = ~call.key_padding_mask[:, None, :, None]  # (B, 1, Sk, 1)
+        kt, vt = kt.masked_fill(padded, 0.0), vt.masked_fill(padded, 0.0)
     empty = ~visible.any(dim=-1, keepdim=True)  # (B, 1 or H, Sq or 1, 1)
     mask = visible | empty
     if additive is not None:
         mask = additive.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0)
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=call.scale, enable_gqa=gqa)
-    return out.masked_fill(empty, 0.0)
+    return _keep_nan(out, qt).masked_fill(empty, 0.0)
+
+
+def _keep_nan(out: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
+    """PyTorch's CPU SDPA returns 0 for a query row holding a NaN (its row max is NaN, taken for a row
+    without keys); every other path, and the reference, gives NaN there. (B, H, Sq, D) both."""
+    if qt.is_cuda:
+        return out
+    return out.masked_fill(qt.isnan().any(dim=-1, keepdim=True), float("nan"))

@@ -42,8 +42,12 @@ def unsupported(call: AttentionCall | KVCacheCall) -> str | None:
         return f"dtype {call.q.dtype} is not supported (float16, bfloat16, float32)"
     if call.shape.batch > MAX_GRID_YZ or call.shape.heads_q > MAX_GRID_YZ:
         return f"batch size and head count must be <= {MAX_GRID_YZ} (CUDA grid limit)"
-    if not call.q.is_cuda and not interpreter():
-        return f"tensors are on {call.q.device}; the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
+    if not call.q.is_cuda:
+        if not interpreter():
+            return f"tensors are on {call.q.device}; the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
+        if call.q.dtype == torch.bfloat16:
+            return ("bfloat16 in the Triton interpreter (CPU tensors): its tl.dot multiplies bf16 bit patterns as "
+                    "integers (triton-lang/triton#11584), a wrong answer; use float16 or float32 on the CPU, or a GPU")
     return None
 
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 from fastattn.models.config import ModelConfig
-from fastattn.models.generation import check_room, generate
+from fastattn.models.generation import check_room, empty_continuation, generate
 from fastattn.models.kv_cache import KVCache
-from fastattn.models.layers import Stack, as_padding_mask, init_weights, tied_logits
+from fastattn.models.layers import Stack, as_padding_mask, check_tokens, init_weights, tied_logits
 
 
 class Decoder(nn.Module):
@@ -58,7 +58,11 @@ class Decoder(nn.Module):
         temperature, top_k, eos_id, pad_id (default config.pad_id), generator (see
         ``generation.decode_loop``).
         """
+        check_tokens(tokens, self.config.vocab_size)
         b, s = tokens.shape
+        empty = empty_continuation(max_new_tokens, b, tokens.device)
+        if empty is not None:
+            return empty
         needed = s + max_new_tokens - 1  # the last new token is never fed back
         check_room(needed, self.config.max_len, f"a prompt of {s} tokens + {max_new_tokens} new ones")
         sampling.setdefault("pad_id", self.config.pad_id)

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 
 from fastattn.models.config import ModelConfig
-from fastattn.models.generation import check_room, generate
+from fastattn.models.generation import check_room, empty_continuation, generate
 from fastattn.models.kv_cache import KVCache
-from fastattn.models.layers import Stack, as_padding_mask, init_weights, tied_logits
+from fastattn.models.layers import Stack, as_padding_mask, check_tokens, init_weights, tied_logits
 
 
 class EncoderDecoder(nn.Module):
@@ -57,7 +57,11 @@ class EncoderDecoder(nn.Module):
         ``Decoder.generate``); without, it recomputes the whole target every step. sampling:
         temperature, top_k, eos_id, pad_id (default config.pad_id), generator.
         """
+        check_tokens(src, self.config.vocab_size, "src")
         b = src.shape[0]
+        empty = empty_continuation(max_new_tokens, b, src.device)
+        if empty is not None:
+            return empty
         check_room(max_new_tokens, self.config.max_len, f"bos + {max_new_tokens} new tokens")
         sampling.setdefault("pad_id", self.config.pad_id)
         memory = self.encode(src, src_mask)  # once, for every step

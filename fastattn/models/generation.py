@@ -162,6 +162,13 @@ def graphed_step(step: Callable[[torch.Tensor], torch.Tensor], cache, example: t
     return replay
 
 
+def empty_continuation(max_new_tokens, batch: int, device) -> torch.Tensor | None:
+    """Check max_new_tokens (an int >= 0); for 0 the (B, 0) continuation to return, else None."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    return torch.zeros((batch, 0), dtype=torch.long, device=device) if max_new_tokens == 0 else None
+
+
 def check_room(needed: int, max_len: int, what: str) -> None:
     if needed > max_len:
         raise ValueError(f"{what} needs {needed} positions but the model's max_len is {max_len}")

@@ -17,6 +17,7 @@ import fastattn
 from fastattn import reference
 from fastattn.distributed import ring_attention
 from fastattn.models.relative_position import RelativePositionBias
+from fastattn.validation import value_checks
 
 
 class MultiHeadAttention(nn.Module):
@@ -237,6 +238,7 @@ class Stack(nn.Module):
         positions: (S,) or (B, S), the tokens' positions in the whole sequence: required, and only
         taken, when the sequence is sharded (``set_context_parallel``; ``shard_positions``).
         """
+        check_tokens(tokens, self.embed.tokens.num_embeddings)
         step = cache is not None and cache.prefilled  # a decode step over the cache
         if self.sharded or positions is not None:
             if positions is None or not self.sharded:
@@ -271,6 +273,19 @@ class Stack(nn.Module):
         if cache is not None:
             cache.end(tokens.shape[1])
         return self.norm(x)
+
+
+def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
+    """tokens: (B, S) integer ids in [0, vocab_size). The range is read where that costs no device
+    sync (CPU tensors, or FASTATTN_CHECK_VALUES=1); on a GPU an id out of range is a device assert."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point() \
+            or tokens.is_complex() or tokens.dtype == torch.bool:
+        got = f"shape {tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"{name} must be a (B, S) integer tensor of token ids, got {got}")
+    if tokens.numel() and value_checks(tokens.device):
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name} must be token ids in [0, vocab_size={vocab_size}), got values in [{low}, {high}]")
 
 
 def tied_logits(h: torch.Tensor, embed: Embeddings, bias: torch.Tensor) -> torch.Tensor:
