@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    drop_padded_keys,
     key_blocks,
+    load_keys,
     load_tile,
     modify_scores,
     padded_key_bounds,
@@ -79,13 +79,10 @@ def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, BI
         rows = start_m + tl.arange(0, BLOCK_M)
         q = load_tile(q_base, rows, stride_qs, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
         lse2 = _lse_log2(LSE_row, rows, Sq)
-        # Work transposed, (BLOCK_N, BLOCK_M), so dK/dV come out without transposing P.
-        if DOT_PRECISION == "ieee":
-            # fp32: q k^T exactly as the forward rounded it when it made lse (P = exp2(s - lse) is only as
-            # good as s and lse agree; another summation order costs up to 10x in dK/dV at large logits).
-            s_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)) * qk_scale
-        else:
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        # Work transposed, (BLOCK_N, BLOCK_M), so dK/dV come out without transposing P. (fp32: a GPU's
+        # "ieee" dot is an ordered FMA chain per element, so s rounds exactly as in the forward that made
+        # lse; docs/design.md, "Precision of the backward".)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         s_t, dcap_t = modify_scores(s_t, rows[None, :], offs_n[:, None], Sq, Sk, BIAS_bh, stride_bm, stride_bn,
                                     slope2, cap2, HAS_BIAS, HAS_ALIBI, SOFTCAP, WIDE)
         p_t = tl.exp2(s_t - lse2[None, :])
@@ -129,10 +126,12 @@ def attn_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
 
-    k = load_tile(K + b * stride_kb + hk * stride_kh + k_start * stride_ks, offs_n, stride_ks, Sk, HEAD_DIM,
-                  BLOCK_D, True, WIDE)
-    v = load_tile(V + b * stride_vb + hk * stride_vh + k_start * stride_vs, offs_n, stride_vs, Sk, HEAD_DIM,
-                  BLOCK_D, True, WIDE)
+    # Padded keys read as 0 (not loaded): their garbage stays out of dK = dS q and dP = dO v.
+    KP_row = KPM + b * stride_kpm_b
+    k = load_keys(K + b * stride_kb + hk * stride_kh + k_start * stride_ks, offs_n, stride_ks, Sk, KP_row, HEAD_DIM,
+                  BLOCK_D, True, HAS_KPM, WIDE)
+    v = load_keys(V + b * stride_vb + hk * stride_vh + k_start * stride_vs, offs_n, stride_vs, Sk, KP_row, HEAD_DIM,
+                  BLOCK_D, True, HAS_KPM, WIDE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -146,10 +145,8 @@ def attn_bwd_dkdv_kernel(
     skip = (start_n >= Sk) | (start_n + BLOCK_N <= kv_lo) | (start_n >= kv_hi)
     kp = offs_n < Sk
     if HAS_KPM:
-        kp = kp & (tl.load(KPM + b * stride_kpm_b + offs_n, mask=offs_n < Sk, other=0) != 0)
+        kp = kp & (tl.load(KP_row + offs_n, mask=offs_n < Sk, other=0) != 0)
         skip = skip | (tl.max(kp.to(tl.int32), 0) == 0)  # an all-padding tile inside the real range too
-        k = tl.where(kp[:, None], k, 0.0)  # padded keys' garbage stays out of dK = dS q (select, not multiply)
-        v = tl.where(kp[:, None], v, 0.0)
     hi = tl.where(skip, 0, hi)
     lo = tl.minimum(lo, hi)
     full_start = tl.minimum(full_start, hi)
@@ -196,11 +193,9 @@ def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, BIAS_bh, DBIA
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
-        v = load_tile(v_base, cols, stride_vs, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
-        if MASKED:  # padded keys: dS = 0 * (dO . v) and dQ += dS k must not see their garbage
-            k = drop_padded_keys(k, KP_row, cols, Sk, HAS_KPM)
-            v = drop_padded_keys(v, KP_row, cols, Sk, HAS_KPM)
+        # Padded keys read as 0: dS = 0 * (dO . v) and dQ += dS k must not see their garbage.
+        k = load_keys(k_base, cols, stride_ks, Sk, KP_row, HEAD_DIM, BLOCK_D, MASKED, HAS_KPM, WIDE)
+        v = load_keys(v_base, cols, stride_vs, Sk, KP_row, HEAD_DIM, BLOCK_D, MASKED, HAS_KPM, WIDE)
         s, dcap = scores_tile(q, k, cols, offs_m, Sq, Sk, qk_scale, KP_row, BIAS_bh, stride_bm, stride_bn, slope2, cap2,
                               left, right, MASKED, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP,
                               DOT_PRECISION, WIDE)

@@ -15,8 +15,8 @@ import triton.language as tl
 
 from .tiles import (
     LOG2E_T,
-    drop_padded_keys,
     key_blocks,
+    load_keys,
     load_tile,
     program_coords,
     scores_tile,
@@ -51,9 +51,7 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, BIAS_bh, stride_ks
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(v_base, cols, stride_vs, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
-        if MASKED:  # with a key-padding mask every visited block is a masked one
-            v = drop_padded_keys(v, KP_row, cols, Sk, HAS_KPM)
+        v = load_keys(v_base, cols, stride_vs, Sk, KP_row, HEAD_DIM, BLOCK_D, MASKED, HAS_KPM, WIDE)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i

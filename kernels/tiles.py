@@ -22,14 +22,20 @@ LOG2E_T = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def load_tile(ptr, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              CHECK_ROWS: tl.constexpr, WIDE: tl.constexpr):
-    """Load a (len(rows), BLOCK_D) tile; masked entries read as 0."""
+              CHECK_ROWS: tl.constexpr, WIDE: tl.constexpr, keep=None):
+    """Load a (len(rows), BLOCK_D) tile; masked entries read as 0. keep: which rows to read (a
+    (len(rows),) bool, rows < n_rows included); the others read as 0 without being loaded."""
     offs_d = tl.arange(0, BLOCK_D)
     if WIDE:
         ptrs = ptr + rows.to(tl.int64)[:, None] * stride + offs_d[None, :]
     else:
         ptrs = ptr + rows[:, None] * stride + offs_d[None, :]
-    if CHECK_ROWS:
+    if keep is not None:
+        mask = keep[:, None]
+        if HEAD_DIM != BLOCK_D:
+            mask = mask & (offs_d[None, :] < HEAD_DIM)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    elif CHECK_ROWS:
         mask = rows[:, None] < n_rows
         if HEAD_DIM != BLOCK_D:
             mask = mask & (offs_d[None, :] < HEAD_DIM)
@@ -42,14 +48,15 @@ def load_tile(ptr, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.con
 
 
 @triton.jit
-def drop_padded_keys(x, KP_row, cols, Sk, HAS_KPM: tl.constexpr):
-    """x (len(cols), BLOCK_D), a K or V tile, with the rows of keys marked as padding set to 0: a
-    select, not a multiply, so that garbage (NaN, inf) in a padded key never reaches an output
-    through its zero probability (0 * NaN is NaN)."""
-    if HAS_KPM:
-        keep = tl.load(KP_row + cols, mask=cols < Sk, other=0) != 0
-        x = tl.where(keep[:, None], x, 0.0)
-    return x
+def load_keys(ptr, cols, stride, Sk, KP_row, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+              HAS_KPM: tl.constexpr, WIDE: tl.constexpr):
+    """A K or V tile (len(cols), BLOCK_D). On masked tiles with a key-padding mask, the keys marked as
+    padding are not loaded and read as 0: garbage there (NaN, inf) never reaches an output through
+    its zero probability (0 * NaN is NaN), for the cost of a predicate on the load."""
+    if MASKED and HAS_KPM:
+        keep = (cols < Sk) & (tl.load(KP_row + cols, mask=cols < Sk, other=0) != 0)
+        return load_tile(ptr, cols, stride, Sk, HEAD_DIM, BLOCK_D, True, WIDE, keep)
+    return load_tile(ptr, cols, stride, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
 
 
 @triton.jit

@@ -63,22 +63,34 @@ def assert_all_ok(results, case):
     assert not bad, f"{case}: " + "; ".join(bad)
 
 
+def shared(draw) -> dict:
+    """What every family draws: dtype, backend, whether lse is asked for, the inputs' seed."""
+    return dict(dtype=draw(st.sampled_from(DTYPES)), backend=draw(st.sampled_from(BACKENDS)),
+                lse=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def generator(case) -> torch.Generator | None:
+    """The case's generator; None when it cannot run here (bf16 needs a GPU: the interpreter's bf16
+    dot is wrong)."""
+    if case["dtype"] == torch.bfloat16 and not HAS_CUDA:
+        return None
+    return torch.Generator().manual_seed(case["seed"])
+
+
 @st.composite
 def padded_cases(draw):
     b, hkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 4]))
     sq, sk = draw(st.integers(0, 90)), draw(st.integers(0, 90))
     return dict(b=b, sq=sq, sk=sk, hkv=hkv, hq=hkv * group, d=draw(st.sampled_from([16, 40, 64, 72])),
-                dtype=draw(st.sampled_from(DTYPES)), causal=draw(st.booleans()),
-                mask=draw(st.sampled_from([None, "random", "tail", "empty-row"])),
-                mods=draw(modifiers(hkv * group, b)), backend=draw(st.sampled_from(BACKENDS)),
-                seed=draw(st.integers(0, 2**31 - 1)))
+                causal=draw(st.booleans()), mask=draw(st.sampled_from([None, "random", "tail", "empty-row"])),
+                mods=draw(modifiers(hkv * group, b)), **shared(draw))
 
 
 def run_padded(case):
-    gen = torch.Generator().manual_seed(case["seed"])
-    b, sq, sk, hq, hkv, d = (case[n] for n in ("b", "sq", "sk", "hq", "hkv", "d"))
-    if case["dtype"] == torch.bfloat16 and not HAS_CUDA:
+    gen = generator(case)
+    if gen is None:
         return
+    b, sq, sk, hq, hkv, d = (case[n] for n in ("b", "sq", "sk", "hq", "hkv", "d"))
     q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=case["dtype"], device=DEVICE, generator=gen)
     mask = None
     if case["mask"] is not None:
@@ -93,12 +105,13 @@ def run_padded(case):
     mods = materialise(case["mods"], b, hq, sq, sk, gen)
     backend = case["backend"]
 
-    def fn(a, b_, c, **m):
-        return fastattn.attention(a, b_, c, causal=case["causal"], key_padding_mask=mask, return_lse=True,
-                                  backend=backend, **m)
+    def fn(a, b_, c, **m):  # without lse "auto" may take PyTorch SDPA
+        r = fastattn.attention(a, b_, c, causal=case["causal"], key_padding_mask=mask, return_lse=case["lse"],
+                               backend=backend, **m)
+        return r if case["lse"] else (r, None)
 
     results = testing.check_against_reference(fn, q, k, v, causal=case["causal"], key_padding_mask=mask,
-                                              generator=gen, mods=mods, lse_grad=True)
+                                              generator=gen, mods=mods, lse=case["lse"], lse_grad=case["lse"])
     assert_all_ok(results, case)
 
 
@@ -110,14 +123,13 @@ def varlen_cases(draw):
     same = draw(st.booleans())
     lengths_k = lengths_q if same else draw(st.lists(st.sampled_from([0, 1, 5, 40, 70]), min_size=n, max_size=n))
     return dict(lengths_q=lengths_q, lengths_k=lengths_k, hkv=hkv, hq=hkv * group,
-                d=draw(st.sampled_from([16, 32, 64])), dtype=draw(st.sampled_from(DTYPES)),
-                causal=draw(st.booleans()), window=draw(st.sampled_from([None, (3, 0), (8, 8), (-1, 2)])),
-                backend=draw(st.sampled_from(BACKENDS)), seed=draw(st.integers(0, 2**31 - 1)))
+                d=draw(st.sampled_from([16, 32, 64])), causal=draw(st.booleans()),
+                window=draw(st.sampled_from([None, (3, 0), (8, 8), (-1, 2)])), **shared(draw))
 
 
 def run_varlen(case):
-    gen = torch.Generator().manual_seed(case["seed"])
-    if case["dtype"] == torch.bfloat16 and not HAS_CUDA:
+    gen = generator(case)
+    if gen is None:
         return
     hq, hkv, d, dt = case["hq"], case["hkv"], case["d"], case["dtype"]
     lq, lk = case["lengths_q"], case["lengths_k"]
@@ -128,8 +140,9 @@ def run_varlen(case):
     mods = {} if case["window"] is None else {"window": case["window"]}
 
     def fn(a, b_, c, **m):
-        return fastattn.attention_varlen(a, b_, c, cu_q, cu_k, mq, mk, causal=case["causal"], return_lse=True,
-                                         backend=case["backend"], **m)
+        r = fastattn.attention_varlen(a, b_, c, cu_q, cu_k, mq, mk, causal=case["causal"], return_lse=case["lse"],
+                                      backend=case["backend"], **m)
+        return r if case["lse"] else (r, None)
 
     def per_sequence(a, b_, c, **m):  # the reference, sequence by sequence, packed back
         outs, lses = [], []
@@ -142,7 +155,7 @@ def run_varlen(case):
         return torch.cat(outs), torch.cat(lses, dim=1)
 
     results = testing.check_against_reference(fn, q, k, v, causal=case["causal"], generator=gen, mods=mods,
-                                              ref_fn=per_sequence)
+                                              ref_fn=per_sequence, lse=case["lse"])
     assert_all_ok(results, case)
 
 
@@ -153,14 +166,13 @@ def decode_cases(draw):
     return dict(lens=draw(st.lists(st.integers(0, 70), min_size=n, max_size=n)), n_new=draw(st.integers(0, 3)),
                 sq=draw(st.integers(1, 3)), hkv=hkv, hq=hkv * group, d=draw(st.sampled_from([16, 64])),
                 page_size=draw(st.sampled_from([0, 8, 16])), splits=draw(st.sampled_from([0, 1, 3])),
-                causal=draw(st.booleans()), dtype=draw(st.sampled_from(DTYPES)),
-                window=draw(st.sampled_from([None, (5, 0), (-1, -1)])), sinks=draw(st.booleans()),
-                backend=draw(st.sampled_from(BACKENDS)), seed=draw(st.integers(0, 2**31 - 1)))
+                causal=draw(st.booleans()), window=draw(st.sampled_from([None, (5, 0), (-1, -1)])),
+                sinks=draw(st.booleans()), **shared(draw))
 
 
 def run_decode(case):
-    gen = torch.Generator().manual_seed(case["seed"])
-    if case["dtype"] == torch.bfloat16 and not HAS_CUDA:
+    gen = generator(case)
+    if gen is None:
         return
     lens, n_new, hq, hkv, d, dt = (case[n] for n in ("lens", "n_new", "hq", "hkv", "d", "dtype"))
     sq = n_new if n_new else case["sq"]
@@ -178,13 +190,17 @@ def run_decode(case):
         mods["window"] = case["window"]
     if case["sinks"]:
         mods["sinks"] = torch.randn(hq, generator=gen).to(DEVICE)
-    kw = dict(cache_seqlens=seqlens, block_table=table, causal=case["causal"], return_lse=True,
+    kw = dict(cache_seqlens=seqlens, block_table=table, causal=case["causal"], return_lse=case["lse"],
               backend=case["backend"], **mods)
     if case["backend"] == "triton":
         kw["num_splits"] = case["splits"]
-    results = testing.check_kvcache_against_reference(
-        lambda: fastattn.attention_with_kvcache(q, k_cache, v_cache, k, v, **kw), q, k_cache, v_cache, k, v,
-        seqlens, table, causal=case["causal"], mods=mods)
+
+    def call():
+        r = fastattn.attention_with_kvcache(q, k_cache, v_cache, k, v, **kw)
+        return r if case["lse"] else (r, None)
+
+    results = testing.check_kvcache_against_reference(call, q, k_cache, v_cache, k, v, seqlens, table,
+                                                      causal=case["causal"], mods=mods)
     assert_all_ok(results, case)
 
 
