@@ -71,9 +71,10 @@ def compare(name: str, out: torch.Tensor, naive_lowprec: torch.Tensor, ref64: to
         # The rule is undefined here (it would accept anything): make the input smaller instead.
         raise ValueError(f"{name}: the naive low-precision result is not finite; the tolerance rule needs it finite")
     scale = magnitude(ref64) if scale is None else scale
-    # Floor: 1e-5, or one unit of the output dtype's precision, whichever is larger (rounding the
-    # result to fp16/bf16 alone costs half a unit; the naive result may be exact by luck).
-    floor = max(ABS_FLOOR, torch.finfo(out.dtype).eps)
+    # Floor: 1e-5, or one unit of the computation's precision (the naive result's dtype: the input
+    # dtype, also for a float32 bias or sinks learned in an fp16 call), whichever is larger (rounding
+    # to fp16/bf16 alone costs half a unit; the naive result may be exact by luck).
+    floor = max(ABS_FLOOR, torch.finfo(naive_lowprec.dtype).eps)
     tol = factor * naive_err + floor * scale
     return Comparison(name, max_abs_error(out, ref64), tol)
 

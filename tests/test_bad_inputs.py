@@ -22,11 +22,16 @@ def close(got, want, what):
 # ---------------------------------------------------------------- garbage nobody may read
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["cuda"])
 @pytest.mark.parametrize("garbage", [float("nan"), float("inf")])
 def test_garbage_in_padded_keys_never_reaches_the_output(backend, garbage, gen):
     """A key that key_padding_mask marks as padding is masked for every query of its sequence:
-    its K and V are never read (FlashAttention's padded keys come from torch.empty too)."""
+    its K and V are never read (FlashAttention's padded keys come from torch.empty too). The CUDA C++
+    backend (opt-in, not in "auto") has not been changed for this yet: on a GPU this case is expected
+    to fail for it until it is."""
+    status = fastattn.available_backends().get(backend)
+    if status is not None and not status.available:
+        pytest.skip(f"{backend}: {status.reason}")
     b, sq, sk, h, d = 2, 37, 70, 2, 16
     q, k, v = testing.random_qkv(b, sq, sk, h, h, d, device=DEVICE, generator=gen)
     mask = torch.ones(b, sk, dtype=torch.bool, device=DEVICE)
