@@ -39,7 +39,8 @@ def _window(window_size) -> tuple[int, int] | None:
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise bad
     try:  # ints and int-like scalars (numpy ints, 0-d integer tensors); never floats or bools
-        window = tuple(operator.index(w) for w in window_size if not isinstance(w, bool))
+        window = tuple(operator.index(w) for w in window_size
+                       if not (isinstance(w, bool) or isinstance(w, torch.Tensor) and w.dtype == torch.bool))
     except TypeError:
         raise bad from None
     if len(window) != 2 or min(window) < -1:
@@ -52,6 +53,8 @@ def _softcap(softcap) -> float | None:
     itself refuses a negative cap)."""
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise TypeError(f"softcap must be a float (> 0 caps the scores, <= 0 is off), got {type(softcap).__name__}")
+    if softcap != softcap:
+        raise ValueError("softcap must be a number (> 0 caps the scores, <= 0 is off), got nan")
     return float(softcap) if softcap > 0 else None
 
 

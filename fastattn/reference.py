@@ -88,14 +88,14 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     group = hq // hkv
+    if key_padding_mask is not None:  # padded keys are never read: garbage there (NaN, inf) gives nothing
+        padded = ~key_padding_mask[:, :, None, None]  # (B or 1, Sk, 1, 1)
+        k, v = k.masked_fill(padded, 0.0), v.masked_fill(padded, 0.0)
     # (B, S, H, D) -> (B, H, S, D); each KV head serves `group` consecutive query heads.
     qh = q.transpose(1, 2)
     kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
     vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
 
-    if key_padding_mask is not None:  # padded keys are never read: garbage there (NaN, inf) gives nothing
-        padded = ~key_padding_mask[:, None, :, None]  # (B or 1, 1, Sk, 1)
-        kh, vh = kh.masked_fill(padded, 0.0), vh.masked_fill(padded, 0.0)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)

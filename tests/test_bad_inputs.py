@@ -22,13 +22,16 @@ def close(got, want, what):
 # ---------------------------------------------------------------- garbage nobody may read
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["cuda"])
+CUDA_READS_PADDING = pytest.mark.xfail(strict=True, reason="the CUDA C++ kernels (opt-in, not in auto) still "
+                                       "multiply padded keys' values by a zero probability (csrc/attn_fwd.cuh)")
+
+
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param("cuda", marks=CUDA_READS_PADDING)])
 @pytest.mark.parametrize("garbage", [float("nan"), float("inf")])
 def test_garbage_in_padded_keys_never_reaches_the_output(backend, garbage, gen):
     """A key that key_padding_mask marks as padding is masked for every query of its sequence:
-    its K and V are never read (FlashAttention's padded keys come from torch.empty too). The CUDA C++
-    backend (opt-in, not in "auto") has not been changed for this yet: on a GPU this case is expected
-    to fail for it until it is."""
+    its garbage never reaches an output or a gradient (FlashAttention's padded keys come from
+    torch.empty too). The CUDA C++ backend is a known exception (strict xfail: fixing it flips it)."""
     status = fastattn.available_backends().get(backend)
     if status is not None and not status.available:
         pytest.skip(f"{backend}: {status.reason}")

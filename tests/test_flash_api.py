@@ -87,8 +87,8 @@ def test_window_size_as_flash_attention_takes_it(window_size, gen):
     torch.testing.assert_close(got, reference.attention(q, k, v, window=(3, 0)), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("window_size", [4, (1, 2, 3), (1.0, 2), (True, 0), (-2, 0), torch.tensor([1.0, 2.0]),
-                                         torch.tensor([[1, 2]]), "ab", None])
+@pytest.mark.parametrize("window_size", [4, (1, 2, 3), (1.0, 2), (True, 0), (torch.tensor(True), 0), (-2, 0),
+                                         torch.tensor([1.0, 2.0]), torch.tensor([[1, 2]]), "ab", None])
 def test_window_size_refused_naming_it(window_size, gen):
     q = torch.randn(1, 3, 2, 16, generator=gen)
     with pytest.raises(ValueError, match="window_size must be"):
@@ -106,6 +106,8 @@ def test_softcap_zero_or_negative_is_off_as_in_flash_attention(softcap, gen):
         torch.testing.assert_close(call(), want, atol=1e-6, rtol=1e-6)
     with pytest.raises(TypeError, match="softcap"):
         fastattn.flash_attn_func(q, k, v, softcap="1")
+    with pytest.raises(ValueError, match="softcap must be a number"):
+        fastattn.flash_attn_func(q, k, v, softcap=float("nan"))
     with pytest.raises(ValueError, match="softcap"):  # fastattn's own API keeps its stricter rule
         fastattn.attention(q, k, v, softcap=-1.0)
 

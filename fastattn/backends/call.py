@@ -91,7 +91,15 @@ class KVCacheCall:
         k, v = kvcache.dense(self.k_cache, self.block_table), kvcache.dense(self.v_cache, self.block_table)
         lengths = kvcache.key_lengths(self.cache_seqlens, self.n_new, s.seqlen_k)  # (B,)
         mods = None if self.mods is None else self._dense_mods(lengths)
-        pos = torch.arange(s.seqlen_k, device=self.q.device)
+        used = s.seqlen_k
+        if not self.q.is_cuda and lengths.numel():
+            # CPU: the lengths are on the host already: attend over the positions in use only (the
+            # rows past them are masked and zeroed by the backends: no work for an empty cache tail).
+            used = int(lengths.max())
+            k, v = k[:, :used], v[:, :used]
+            if mods is not None:
+                mods = ScoreMods(mods.bias[..., :used], softcap=mods.softcap, sinks=mods.sinks)
+        pos = torch.arange(used, device=self.q.device)
         # (first query, end, keys hidden from it at the end): bottom-right causal hides the last
         # Sq - 1 - t keys from new token t.
         if self.causal and s.seqlen_q > 1:
@@ -101,7 +109,7 @@ class KVCacheCall:
         results = []
         for start, end, hidden in groups:
             mask = pos[None, :] < (lengths - hidden)[:, None]  # (B, capacity), True = a key it sees
-            shape = AttentionShape(s.batch, end - start, s.seqlen_k, s.heads_q, s.heads_kv, s.head_dim)
+            shape = AttentionShape(s.batch, end - start, used, s.heads_q, s.heads_kv, s.head_dim)
             part = None if mods is None else ScoreMods(mods.bias[:, :, start:end], softcap=mods.softcap,
                                                        sinks=mods.sinks)
             results.append(run_one(AttentionCall(self.q[:, start:end], k, v, shape, False, self.scale, mask,

@@ -55,9 +55,10 @@ def _run(call: AttentionCall):
         # Bottom-right causal: the first Sq - Sk queries see no key and return 0 (SDPA would give NaN).
         skipped, q = sq - sk, q[:, sq - sk:]
     if sk == 0 or q.shape[1] == 0:
-        # Empty: zeros that stay attached to the autograd graph.
+        # Empty: zeros that stay attached to the autograd graph (bias and sinks included).
+        mods = {} if call.mods is None else call.mods.reference_kwargs()
         return reference.attention(call.q, call.k, call.v, causal=call.causal, scale=call.scale,
-                                   key_padding_mask=call.key_padding_mask)
+                                   key_padding_mask=call.key_padding_mask, **mods)
     # (B, S, H, D) -> (B, H, S, D), SDPA's layout.
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = call.shape.heads_q != call.shape.heads_kv
@@ -104,7 +105,6 @@ def _with_mask(qt, kt, vt, call: AttentionCall, gqa: bool, skipped: int) -> torc
 
 def _keep_nan(out: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
     """PyTorch's CPU SDPA returns 0 for a query row holding a NaN (its row max is NaN, taken for a row
-    without keys); every other path, and the reference, gives NaN there. (B, H, Sq, D) both."""
-    if qt.is_cuda:
-        return out
+    without keys); every other path, and the reference, gives NaN there. Applied on CUDA too (whether
+    its kernels do the same is not checked yet): no sync, one pass over q. (B, H, Sq, D) both."""
     return out.masked_fill(qt.isnan().any(dim=-1, keepdim=True), float("nan"))
