@@ -126,12 +126,14 @@ def attn_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
 
+    kp = offs_n < Sk  # the keys this program reads: in the sequence and, with a mask, not padding
+    if HAS_KPM:
+        kp = kp & (tl.load(KPM + b * stride_kpm_b + offs_n, mask=offs_n < Sk, other=0) != 0)
     # Padded keys read as 0 (not loaded): their garbage stays out of dK = dS q and dP = dO v.
-    KP_row = KPM + b * stride_kpm_b
-    k = load_keys(K + b * stride_kb + hk * stride_kh + k_start * stride_ks, offs_n, stride_ks, Sk, KP_row, HEAD_DIM,
-                  BLOCK_D, True, HAS_KPM, WIDE)
-    v = load_keys(V + b * stride_vb + hk * stride_vh + k_start * stride_vs, offs_n, stride_vs, Sk, KP_row, HEAD_DIM,
-                  BLOCK_D, True, HAS_KPM, WIDE)
+    k = load_tile(K + b * stride_kb + hk * stride_kh + k_start * stride_ks, offs_n, stride_ks, Sk, HEAD_DIM,
+                  BLOCK_D, True, WIDE, kp)
+    v = load_tile(V + b * stride_vb + hk * stride_vh + k_start * stride_vs, offs_n, stride_vs, Sk, HEAD_DIM,
+                  BLOCK_D, True, WIDE, kp)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -143,9 +145,7 @@ def attn_bwd_dkdv_kernel(
     # A key tile past the sequence (varlen), or made only of padding, gets zero gradients.
     kv_lo, kv_hi = padded_key_bounds(KV_BOUNDS, b, Sk, HAS_KPM)
     skip = (start_n >= Sk) | (start_n + BLOCK_N <= kv_lo) | (start_n >= kv_hi)
-    kp = offs_n < Sk
     if HAS_KPM:
-        kp = kp & (tl.load(KP_row + offs_n, mask=offs_n < Sk, other=0) != 0)
         skip = skip | (tl.max(kp.to(tl.int32), 0) == 0)  # an all-padding tile inside the real range too
     hi = tl.where(skip, 0, hi)
     lo = tl.minimum(lo, hi)

@@ -105,6 +105,9 @@ def _with_mask(qt, kt, vt, call: AttentionCall, gqa: bool, skipped: int) -> torc
 
 def _keep_nan(out: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
     """PyTorch's CPU SDPA returns 0 for a query row holding a NaN (its row max is NaN, taken for a row
-    without keys); every other path, and the reference, gives NaN there. Applied on CUDA too (whether
-    its kernels do the same is not checked yet): no sync, one pass over q. (B, H, Sq, D) both."""
+    without keys); every other path, and the reference, gives NaN there. CPU only: on CUDA the
+    "torch" backend is the SDPA users would otherwise call, kept free of extra passes (whether CUDA
+    SDPA swallows such rows too is for tests/test_bad_inputs.py to show on a GPU). (B, H, Sq, D)."""
+    if qt.is_cuda:
+        return out
     return out.masked_fill(qt.isnan().any(dim=-1, keepdim=True), float("nan"))
