@@ -148,7 +148,7 @@ def main(argv=None) -> int:
             rewind()
             replay = graphed_step(lambda t: token(tok=t)[:, -1], cache, tok)
 
-            def token_graphed():
+            def token_graphed(replay=replay):
                 rewind()
                 return replay(tok)
 

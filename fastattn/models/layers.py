@@ -280,7 +280,8 @@ def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
     sync (CPU tensors, or FASTATTN_CHECK_VALUES=1); on a GPU an id out of range is a device assert."""
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point() \
             or tokens.is_complex() or tokens.dtype == torch.bool:
-        got = f"shape {tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        got = (f"shape {tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor)
+               else type(tokens).__name__)
         raise ValueError(f"{name} must be a (B, S) integer tensor of token ids, got {got}")
     if tokens.numel() and value_checks(tokens.device):
         low, high = int(tokens.min()), int(tokens.max())

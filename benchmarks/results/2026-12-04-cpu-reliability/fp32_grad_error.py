@@ -3,11 +3,14 @@ PyTorch fp32 autograd of the same math. B2 Sq256 Sk128 Hq4 Hkv1 D256, q scaled b
 
     python fp32_grad_error.py 1 10 50
 """
-import os, sys
+import os
+import sys
+
 os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch
+
 import fastattn
-from fastattn import reference
+
 
 def naive(q, k, v, scale):
     g = q.shape[2] // k.shape[2]
@@ -33,10 +36,12 @@ def errs(qs, seed=0):
     fa = grads(lambda a, b, c: fastattn.attention(a, b, c, backend="triton"), torch.float32)
     res = {}
     for name, r, t, f in zip(("out", "dq", "dk", "dv"), ref, tor, fa):
-        et = (t.double() - r).abs().max().item(); ef = (f.double() - r).abs().max().item()
+        et = (t.double() - r).abs().max().item()
+        ef = (f.double() - r).abs().max().item()
         res[name] = (ef, et, ef / et)
     return res
 
 for qs in [float(a) for a in sys.argv[1:]] or [1.0, 10.0, 50.0]:
     r = errs(qs)
-    print(f"q x{qs:g}: " + ", ".join(f"{n} {ef:.1e} vs {et:.1e} ({ratio:.1f}x)" for n, (ef, et, ratio) in r.items()), flush=True)
+    parts = [f"{n} {ef:.1e} vs {et:.1e} ({ratio:.1f}x)" for n, (ef, et, ratio) in r.items()]
+    print(f"q x{qs:g}: " + ", ".join(parts), flush=True)

@@ -3,12 +3,14 @@ against PyTorch's fp32 autograd of the same math. 'same dot': the backward's q.k
 rounding (a GPU's ordered fp32 FMA dot); 'other dot': a different summation order (numpy's BLAS in
 the interpreter)."""
 import torch
+
 torch.manual_seed(0)
 Sq, Sk, D = 256, 128, 256
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 f32 = torch.float32
 def grads_from_p(p, q, k, v, do, scale):
-    p = p.double(); q, k, v, do = (x.double() for x in (q, k, v, do))
+    p = p.double()
+    q, k, v, do = (x.double() for x in (q, k, v, do))
     dv = p.T @ do
     dp = do @ v.T
     o = p @ v
@@ -16,7 +18,8 @@ def grads_from_p(p, q, k, v, do, scale):
     ds = p * (dp - delta)
     return ds @ k * scale, ds.T @ q * scale, dv
 def run(qs):
-    q = torch.randn(Sq, D) * qs; k = torch.randn(Sk, D); v = torch.randn(Sk, D); do = torch.randn(Sq, D)
+    q = torch.randn(Sq, D) * qs
+    k, v, do = torch.randn(Sk, D), torch.randn(Sk, D), torch.randn(Sq, D)
     scale = D ** -0.5
     xs = [x.double().requires_grad_() for x in (q, k, v)]
     (torch.softmax(xs[0] @ xs[1].T * scale, -1) @ xs[2]).backward(do.double())

@@ -1,7 +1,11 @@
-import inspect, torch
+import inspect
+
+import torch
 import torch.nn.attention as a
 import torch.nn.attention.varlen as v
+
 from fastattn.integrations import torch_flash
+
 print("torch", torch.__version__)
 print("hook_missing:", torch_flash.hook_missing())
 print("present ops:", torch_flash.present_ops())
