@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import fastattn
 from benchmarks.cases import DECODE_SKIP_REASON, Case
 from benchmarks.common import interpreter_on
-from fastattn import reference
+from fastattn import reference, semantics
 
 # Non-fused implementations materialise the (B, Hq, Sq, Sk) scores (and more for the backward):
 # above this they are skipped instead of running out of memory or time.
@@ -71,11 +71,11 @@ def _sdpa_mask(case: Case, mask, device):
     aligned, so bottom-right causal with Sq != Sk needs an explicit mask."""
     if mask is not None:  # key padding, (B, 1, 1, Sk) broadcast; with causal, the full (B, 1, Sq, Sk)
         if case.causal:
-            return reference.visible_keys(case.seqlen_q, case.seqlen_k, causal=True, key_padding_mask=mask,
+            return semantics.visible_keys(case.seqlen_q, case.seqlen_k, causal=True, key_padding_mask=mask,
                                           device=device)
         return mask[:, None, None, :]
     if case.causal and case.seqlen_q != case.seqlen_k:
-        return reference.visible_keys(case.seqlen_q, case.seqlen_k, causal=True, device=device)
+        return semantics.visible_keys(case.seqlen_q, case.seqlen_k, causal=True, device=device)
     return None
 
 

@@ -51,7 +51,7 @@ import fastattn  # noqa: E402
 from benchmarks.cases import HIDDEN, TOKENS, Case, make_inputs  # noqa: E402
 from benchmarks.common import _wall_clock_median, environment, measure_ceilings, peak_memory_mib, time_ms  # noqa: E402
 from benchmarks.measure import GATE_OK, Gate, _guarded, mode_callable  # noqa: E402
-from fastattn import reference, testing  # noqa: E402
+from fastattn import reference, semantics, testing  # noqa: E402
 from fastattn.flops import attention_flops, mean_visible_keys  # noqa: E402
 
 MODES = ("fwd", "fwd_bwd")
@@ -112,8 +112,8 @@ def _sdpa_prepare(case: Case, mods: dict) -> dict:
     """The float mask SDPA gets: the bias, with the causal mask folded in (-inf above the diagonal)."""
     bias = mods["bias"]
     if case.causal:
-        vis = reference.visible_keys(case.seqlen_q, case.seqlen_k, causal=True, device=bias.device)
-        bias = bias.masked_fill(~vis, float("-inf"))
+        vis = semantics.visible_keys(case.seqlen_q, case.seqlen_k, causal=True, device=bias.device)
+        bias = bias + semantics.bool_to_bias(vis, bias.dtype)
     return {"bias": bias}
 
 

@@ -7,8 +7,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from fastattn import backends, kvcache
-from fastattn.backends import AttentionCall, KVCacheCall
+from fastattn import backends, kvcache, semantics
+from fastattn.backends import AppendCall, AttentionCall, KVCacheCall
 from fastattn.validation import (
     check_broadcastable,
     validate_cache,
@@ -72,7 +72,7 @@ def attention(
     if bias is not None or alibi_slopes is not None or window is not None or softcap or sinks is not None:
         mods = validate_mods(bias, alibi_slopes, window, softcap, sinks, shape, q, causal)
     call = AttentionCall(q, k, v, shape, causal, scale, key_padding_mask, return_lse, mods=mods)
-    return backends.run(backends.choose(backend, call), call)
+    return backends.run(backends.choose("attention", call, backend), "attention", call)
 
 
 def attention_varlen(
@@ -115,7 +115,7 @@ def attention_varlen(
     mods = validate_mods(bias, alibi_slopes, window, softcap, sinks, shape, q, causal)
     call = AttentionCall(q, k, v, shape, causal, scale, None, return_lse, cu_seqlens_q, cu_seqlens_k,
                          max_seqlen_q, max_seqlen_k, mods)
-    return backends.run(backends.choose(backend, call), call)
+    return backends.run(backends.choose("varlen", call, backend), "varlen", call)
 
 
 def attention_with_kvcache(
@@ -179,7 +179,7 @@ def attention_with_kvcache(
     _refuse_grad(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     call = KVCacheCall(q, k_cache, v_cache, k, v, cache_seqlens, block_table, shape, n_new, causal, scale,
                        return_lse, num_splits, mods)
-    return backends.run_kvcache(backends.choose_kvcache(backend, call), call)
+    return backends.run(backends.choose("kvcache", call, backend), "kvcache", call)
 
 
 def append_to_kvcache(
@@ -199,7 +199,8 @@ def append_to_kvcache(
         raise TypeError(f"k must be a torch.Tensor, got {type(k).__name__}")
     validate_cache(k_cache, v_cache, k, v, cache_seqlens, block_table, like=k, what="k")
     _refuse_grad(k=k, v=v, k_cache=k_cache, v_cache=v_cache)
-    backends.append_kv(backend, k, v, k_cache, v_cache, cache_seqlens, block_table)
+    call = AppendCall(k, v, k_cache, v_cache, cache_seqlens, block_table)
+    backends.run(backends.choose("append", call, backend), "append", call)
 
 
 def _refuse_grad(**xs) -> None:
@@ -224,16 +225,6 @@ def _fallback_to_torch(reason: str, query, key, value, attn_mask, dropout_p, is_
                       "torch.nn.functional.scaled_dot_product_attention", stacklevel=3)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-
-
-def _as_key_padding_mask(attn_mask: torch.Tensor, batch: int, seqlen_k: int) -> torch.Tensor | None:
-    """A bool mask broadcastable to (B, 1, 1, Sk) -> (B, Sk); None for any other mask."""
-    if attn_mask.dtype != torch.bool or attn_mask.dim() > 4:
-        return None
-    m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    if m.shape[1] != 1 or m.shape[2] != 1 or m.shape[0] not in (1, batch) or m.shape[3] not in (1, seqlen_k):
-        return None
-    return m[:, 0, 0, :].expand(batch, seqlen_k)
 
 
 def scaled_dot_product_attention(
@@ -280,27 +271,21 @@ def scaled_dot_product_attention(
             check_broadcastable("attn_mask", attn_mask, (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
             bias = attn_mask  # SDPA's (B, H, Sq, Sk) float mask is fastattn's additive bias, same layout
         else:
-            kpm = _as_key_padding_mask(attn_mask, query.shape[0], key.shape[2])
+            kpm = semantics.key_padding_from_mask(attn_mask, query.shape[0], key.shape[2])
             if kpm is None:
                 return _fallback_to_torch("only float masks and bool key-padding masks (broadcastable to "
                                           "(B, 1, 1, Sk)) run in the kernels", query, key, value, attn_mask,
                                           dropout_p, is_causal, scale, enable_gqa)
     # (B, H, S, D) -> FlashAttention's (B, S, H, D) views, no copy.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    sq, sk = q.shape[1], k.shape[1]
-
-    def run(q_, k_, v_, causal, mask):
-        return attention(q_, k_, v_, causal=causal, scale=scale, key_padding_mask=mask, bias=bias, backend=backend)
-
-    if not is_causal or sq == sk:
-        out = run(q, k, v, is_causal, kpm)
-    elif sq < sk:
-        # Top-left causal: query i sees keys j <= i, so keys from Sq on are never seen; on the first
-        # Sq keys top-left and bottom-right coincide.
-        out = run(q, k[:, :sq], v[:, :sq], True, None if kpm is None else kpm[:, :sq])
-    else:
-        # Sq > Sk: the first Sk queries are square-causal; the rest see every key.
-        out = torch.cat([run(q[:, :sk], k, v, True, kpm), run(q[:, sk:], k, v, False, kpm)], dim=1)
+    if not is_causal:
+        out = attention(q, k, v, scale=scale, key_padding_mask=kpm, bias=bias, backend=backend)
+        return out.transpose(1, 2)  # (B, S, H, D) -> (B, H, S, D)
+    parts = []
+    for rows, keys, causal in semantics.top_left_causal(q.shape[1], k.shape[1]):  # SDPA's causal is top-left
+        parts.append(attention(q[:, rows], k[:, :keys], v[:, :keys], causal=causal, scale=scale,
+                               key_padding_mask=None if kpm is None else kpm[:, :keys], bias=bias, backend=backend))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return out.transpose(1, 2)  # (B, S, H, D) -> (B, H, S, D)
 
 

@@ -9,7 +9,7 @@ def mean_visible_keys(seqlen_q: int, seqlen_k: int, causal: bool, window: tuple[
     """Mean number of keys a query sees. Positions are bottom-right aligned: query i sits at key
     position i + Sk - Sq. Causal: query i sees j <= i + Sk - Sq. window (left, right) (a sliding
     window, -1 = unbounded on that side): query i sees i + Sk - Sq - left <= j <= i + Sk - Sq + right,
-    combined with causal (as fastattn.reference.visible_keys)."""
+    combined with causal (as fastattn.semantics.visible_keys)."""
     if seqlen_q == 0:
         return 0.0
     left, right = (-1, -1) if window is None else window

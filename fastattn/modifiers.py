@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastattn import reference
+from fastattn import semantics
 
 
 @dataclass(slots=True)
@@ -58,9 +58,7 @@ class ScoreMods:
     def additive_mask(self, sq: int, sk: int, dtype: torch.dtype) -> torch.Tensor | None:
         """bias + ALiBi as one float tensor broadcastable to (B, Hq, Sq, Sk) (ALiBi materialised):
         what an SDPA float attn_mask can carry. None when neither is set."""
-        mask = None if self.bias is None else self.bias.to(dtype)
-        if self.alibi_slopes is not None:
-            dist = reference.relative_positions(sq, sk, self.alibi_slopes.device).abs().to(dtype)  # (Sq, Sk)
-            alibi = -self.alibi_slopes.to(dtype)[:, :, None, None] * dist  # (B or 1, Hq, Sq, Sk)
-            mask = alibi if mask is None else mask + alibi
-        return mask
+        if self.bias is None and self.alibi_slopes is None:
+            return None
+        rel = semantics.relative_positions(sq, sk, (self.bias if self.bias is not None else self.alibi_slopes).device)
+        return semantics.modifier_bias(self.bias, self.alibi_slopes, None, rel, dtype)

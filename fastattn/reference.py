@@ -13,45 +13,7 @@ import math
 
 import torch
 
-
-def relative_positions(sq: int, sk: int, device=None) -> torch.Tensor:
-    """(Sq, Sk) int64: j - (i + Sk - Sq), key j's position relative to query i with the two sequences
-    aligned at their ends (0 on the causal diagonal, negative for earlier keys)."""
-    i = torch.arange(sq, device=device)[:, None]
-    j = torch.arange(sk, device=device)[None, :]
-    return j - (i + (sk - sq))
-
-
-def visible_keys(
-    sq: int,
-    sk: int,
-    *,
-    causal: bool,
-    key_padding_mask: torch.Tensor | None = None,
-    device: torch.device | str | None = None,
-    window: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """Boolean (B or 1, 1, Sq, Sk) mask: True where query i may attend to key j.
-
-    Causal is bottom-right aligned: query i sees keys j <= i + Sk - Sq.
-    key_padding_mask (B, Sk): True marks a real key.
-    window (left, right): query i sees only keys i + Sk - Sq - left <= j <= i + Sk - Sq + right
-    (-1 = unbounded on that side); combined with causal, right is at most 0.
-    """
-    rel = relative_positions(sq, sk, device)
-    vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
-    if causal:
-        vis = rel <= 0
-    if window is not None:
-        left, right = window
-        if left >= 0:
-            vis = vis & (rel >= -left)
-        if right >= 0:
-            vis = vis & (rel <= right)
-    vis = vis[None, None]  # (1, 1, Sq, Sk)
-    if key_padding_mask is not None:
-        vis = vis & key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
-    return vis
+from fastattn.semantics import alibi_bias, relative_positions, visible_keys
 
 
 def attention(
@@ -102,8 +64,8 @@ def attention(
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
     if alibi_slopes is not None:
-        slopes = alibi_slopes.to(scores.dtype).reshape(-1, hq, 1, 1)  # (B or 1, Hq, 1, 1)
-        scores = scores - slopes * relative_positions(sq, sk, q.device).abs().to(scores.dtype)
+        slopes = alibi_slopes.reshape(-1, hq)  # (B or 1, Hq)
+        scores = scores + alibi_bias(slopes, relative_positions(sq, sk, q.device), scores.dtype)
     vis = visible_keys(sq, sk, causal=causal, key_padding_mask=key_padding_mask, device=q.device, window=window)
     scores = scores.masked_fill(~vis, float("-inf"))
 

@@ -1,5 +1,7 @@
 """Public API: backend choice, the torch backend, and clear errors for bad input."""
 
+import re
+
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA
@@ -12,12 +14,24 @@ def qkv(gen, b=1, sq=8, sk=8, hq=2, hkv=2, d=16, dtype=torch.float32):
     return testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=dtype, device=DEVICE, generator=gen)
 
 
-def test_available_backends_reports_each_with_reason():
+def test_available_backends_reports_each_with_reason(gen):
+    """The report renders the table, and an unavailable backend's reason is the one a call gets."""
+    from fastattn import backends
+
     status = fastattn.available_backends()
-    assert set(status) == {"triton", "cuda", "torch", "reference"}
+    assert set(status) == set(backends.TABLE) == {"triton", "cuda", "torch", "reference"}
     assert status["reference"].available and status["torch"].available
-    for st in status.values():
-        assert st.reason
+    q, k, v = qkv(gen)
+    for name, st in status.items():
+        record = backends.TABLE[name]
+        assert (st.kinds, st.score_modifiers, st.returns_lse) == (record.kinds, record.modifiers, record.returns_lse)
+        assert set(st.gpu_verified) <= set(record.kinds)
+        if st.available:
+            assert st.reason == "available"
+        else:
+            assert st.reason != "available"
+            with pytest.raises(ValueError, match=re.escape(st.reason)):
+                fastattn.attention(q, k, v, backend=name)
 
 
 def test_auto_picks_torch_on_cpu_and_triton_on_cuda(gen, monkeypatch):
@@ -25,7 +39,7 @@ def test_auto_picks_torch_on_cpu_and_triton_on_cuda(gen, monkeypatch):
 
     chosen = []
     real_run = backends.run
-    monkeypatch.setattr(backends, "run", lambda name, call: chosen.append(name) or real_run(name, call))
+    monkeypatch.setattr(backends, "run", lambda name, kind, call: chosen.append(name) or real_run(name, kind, call))
     q, k, v = qkv(gen)
     fastattn.attention(q, k, v)
     assert chosen == ["triton" if HAS_CUDA else "torch"]

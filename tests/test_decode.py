@@ -171,13 +171,13 @@ def test_auto_takes_the_decode_kernel_on_cuda_and_sdpa_on_cpu(gen):
     """"auto" on CUDA tensors is the Triton split-KV kernel (GPU-verified), the torch path on CPU."""
     from fastattn import backends
 
-    assert backends.AUTO_KVCACHE_CUDA_ORDER[0] == "triton"
+    assert backends.auto_order(torch.device("cuda"))[0] == "triton" and "kvcache" in backends.TABLE["triton"].kinds
     k_cache, v_cache, table, seqlens = make_cache([3], 8, 1, 16, dtype=torch.float32, page_size=0, gen=gen)
     q = torch.randn(1, 1, 2, 16, generator=gen).to(DEVICE)
     call = backends.KVCacheCall(q, k_cache, v_cache, None, None, seqlens, None,
                                 fastattn.shape.AttentionShape(1, 1, 8, 2, 1, 16), 0, True, 1.0, False, 0)
-    assert backends.choose_kvcache("auto", call) == ("triton" if DEVICE == "cuda" else "torch")
-    assert "no decode kernel" in backends.cuda_backend.unsupported_kvcache(call)
+    assert backends.choose("kvcache", call) == ("triton" if DEVICE == "cuda" else "torch")
+    assert "does not run KV-cache decoding" in backends.cannot_run("cuda", "kvcache", call)
 
 
 # ---------------------------------------------------------------- appends

@@ -3,7 +3,7 @@
 import pytest
 
 from fastattn.flops import attention_flops, mean_visible_keys
-from fastattn.reference import visible_keys
+from fastattn.semantics import visible_keys
 
 
 def test_flops_formula():
@@ -19,7 +19,7 @@ def test_flops_formula():
 
 
 def test_mean_visible_keys_counts_what_the_reference_masks():
-    """Exact: the mean over queries of the keys fastattn.reference.visible_keys lets each one see
+    """Exact: the mean over queries of the keys fastattn.semantics.visible_keys lets each one see
     (bottom-right aligned window, intersected with causal), for every kind of window and Sq vs Sk."""
     windows = [None, (-1, -1), (0, 0), (3, 0), (0, 3), (2, 5), (5, -1), (-1, 4), (40, 40), (-1, 0)]
     for sq, sk in [(1, 1), (7, 7), (33, 33), (5, 19), (19, 5), (1, 40), (40, 1), (3, 0)]:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastattn import reference, testing
+from fastattn import reference, semantics, testing
 
 
 def test_matches_plain_softmax_formula(gen):
@@ -17,7 +17,7 @@ def test_matches_plain_softmax_formula(gen):
 
 def test_causal_is_bottom_right(gen):
     q, k, v = testing.random_qkv(1, 3, 5, 1, 1, 4, dtype=torch.float64, generator=gen)
-    vis = reference.visible_keys(3, 5, causal=True)[0, 0]
+    vis = semantics.visible_keys(3, 5, causal=True)[0, 0]
     assert vis.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     # Query i attends exactly to keys 0..i+2: same as running it alone on that prefix.
     out = reference.attention(q, k, v, causal=True)

@@ -1,50 +1,96 @@
-"""The backends behind fastattn.attention and how "auto" chooses one.
+"""The backends behind fastattn's functions: one table of what each runs, and one choose().
 
-    fastattn.api  ->  backends (choose)  ->  fastattn.ops (autograd, torch ops)  ->  launchers  ->  kernels
+    fastattn.api / distributed / models  ->  backends (choose, run)  ->  fastattn.ops  ->  launchers  ->  kernels
 
-One module per backend, each with three functions: ``unavailable()`` (why it cannot run on this
-machine at all, or None; asked once per process), ``unsupported(call)`` (why it cannot run this
-call, or None) and ``run(call)``.
+Each backend is a record in TABLE (the call kinds it runs, dtypes, modifiers, whether it returns
+the lse and is differentiable, its grid limit, where a GPU verified it) plus a module with
+``unavailable()`` (why it cannot run on this machine at all, or None; asked once per process),
+``unsupported(kind, call)`` (what the record cannot say: why it cannot run this call, or None)
+and the runners of the kinds it has. ``choose(kind, call, backend)`` is the one backend choice:
+the API, the ring, the models, the benchmarks and ``python -m fastattn check`` all ask it.
+
+Call kinds: "attention" (padded batches), "varlen" (packed sequences), "kvcache" (decoding over a
+KV cache), "append" (writing a KV cache), "ring" and "ring-varlen" (one block of ring attention).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
 from fastattn import kvcache
 from fastattn.backends import cuda_backend, reference_backend, sdpa_backend, triton_backend
-from fastattn.backends.call import AttentionCall, KVCacheCall
+from fastattn.backends.call import AppendCall, AttentionCall, KVCacheCall
 
-__all__ = ["AttentionCall", "BackendStatus", "BACKENDS", "KVCacheCall", "append_kv", "available_backends", "choose",
-           "choose_kvcache", "run", "run_kvcache", "why_not"]
+__all__ = ["AppendCall", "AttentionCall", "Backend", "BackendStatus", "BACKENDS", "KINDS", "KVCacheCall", "TABLE",
+           "auto_order", "available_backends", "cannot_run", "choose", "ring_block", "run", "why_not"]
 
-BACKENDS = ("triton", "cuda", "torch", "reference")
-_MODULES = {"triton": triton_backend, "cuda": cuda_backend, "torch": sdpa_backend, "reference": reference_backend}
+KINDS = {"attention": "padded attention", "varlen": "packed sequences (attention_varlen)",
+         "kvcache": "KV-cache decoding (attention_with_kvcache)", "append": "KV-cache append",
+         "ring": "ring attention blocks", "ring-varlen": "ring attention over packed documents"}
+ALL_MODIFIERS = ("bias", "alibi_slopes", "window", "softcap", "sinks")
 
-# "auto" takes the first backend in the list that supports the call. On CUDA tensors: the Triton
-# kernels (1.05-1.39x SDPA's FlashAttention-2 backend on an H100, benchmarks/results/); the CUDA C++
-# kernels are correct on a GPU but slower (0.62-0.76x FlashAttention-2), so "auto" does not pick them
-# yet: backend="cuda" selects them. On CPU tensors: PyTorch's SDPA.
-AUTO_CUDA_ORDER = ("triton", "torch", "reference")
-AUTO_CPU_ORDER = ("torch", "reference")
-# Calls with score modifiers (bias, ALiBi, window, softcap, sinks): the Triton modifier variants
-# (verified on an H200, benchmarks/results/2026-12-04-h200-verify/); SDPA takes what they cannot.
-AUTO_CUDA_MODS_ORDER = ("triton", "torch", "reference")
-# attention_with_kvcache: a module's unsupported_kvcache / run_kvcache, or for a module without a
-# decode path of its own (torch, reference) its unsupported / run on the dense cache
-# (KVCacheCall.padded: a torch-op append, then a key-padding mask per query). On CUDA tensors the
-# Triton split-KV decode kernel (verified on an H200, same results folder), then that torch path.
-AUTO_KVCACHE_CUDA_ORDER = ("triton", "torch", "reference")
+
+@dataclass(frozen=True)
+class Backend:
+    """What one backend runs. dtypes None = any floating dtype; grid_limit: the most batch elements
+    and heads a launch takes (None = no limit); gpu_verified: the results folder where a GPU ran its
+    tests, per kind ("" = never on a GPU: such a kind stays out of "auto")."""
+
+    name: str
+    module: ModuleType
+    kinds: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...] | None
+    modifiers: tuple[str, ...]
+    returns_lse: bool
+    differentiable: bool
+    grid_limit: int | None
+    gpu_verified: dict
+    about: str
+
+
+H200_VERIFY = "benchmarks/results/2026-12-04-h200-verify"
+TABLE = {b.name: b for b in (
+    Backend("triton", triton_backend, ("attention", "varlen", "kvcache", "append", "ring", "ring-varlen"),
+            (torch.float16, torch.bfloat16, torch.float32), ALL_MODIFIERS, returns_lse=True, differentiable=True,
+            grid_limit=triton_backend.MAX_GRID_YZ,
+            gpu_verified={kind: H200_VERIFY for kind in ("attention", "varlen", "kvcache", "append", "ring")},
+            about="the Triton kernels (kernels/); CPU tensors through the Triton interpreter"),
+    Backend("cuda", cuda_backend, ("attention", "ring"), (torch.float16, torch.bfloat16), (), returns_lse=True,
+            differentiable=True, grid_limit=cuda_backend.MAX_GRID_YZ,
+            gpu_verified={"attention": H200_VERIFY, "ring": H200_VERIFY},
+            about="the CUDA C++ kernels (csrc/, fastattn._C); correct on a GPU but slower than 'triton'"),
+    Backend("torch", sdpa_backend, ("attention", "varlen", "kvcache", "append", "ring"), None,
+            ("bias", "alibi_slopes", "window"), returns_lse=False, differentiable=True, grid_limit=None,
+            gpu_verified={}, about="PyTorch's scaled_dot_product_attention (what users would otherwise call)"),
+    Backend("reference", reference_backend, ("attention", "varlen", "kvcache", "append", "ring", "ring-varlen"), None,
+            ALL_MODIFIERS, returns_lse=True, differentiable=True, grid_limit=None, gpu_verified={},
+            about="fastattn.reference, the naive implementation (materialised scores)"),
+)}
+BACKENDS = tuple(TABLE)
+
+# "auto": the first backend of the device's list whose record and module accept the call. On CUDA
+# tensors the Triton kernels (1.05-1.39x SDPA's FlashAttention-2 backend on an H100,
+# benchmarks/results/; every kind verified on an H200, H200_VERIFY); the CUDA C++ kernels are correct
+# on a GPU but slower (0.62-0.76x FlashAttention-2), so "auto" never picks them: backend="cuda" does.
+# On CPU tensors PyTorch's SDPA, then the reference where SDPA cannot (the lse, softcap, sinks).
+AUTO = {"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "reference")}
 
 
 @dataclass(frozen=True)
 class BackendStatus:
+    """One backend as available_backends() reports it."""
+
     name: str
     available: bool
     reason: str
     score_modifiers: tuple[str, ...] = ()  # the attention() arguments it runs (bias, alibi_slopes, ...)
+    kinds: tuple[str, ...] = ()
+    returns_lse: bool = False
+    gpu_verified: tuple[str, ...] = ()  # the kinds a GPU has verified
+    about: str = ""
 
 
 _unavailable: dict[str, str | None] = {}
@@ -53,84 +99,88 @@ _unavailable: dict[str, str | None] = {}
 def unavailable_reason(name: str) -> str | None:
     """Why backend `name` cannot run on this machine (None if it can); found once per process."""
     if name not in _unavailable:
-        _unavailable[name] = _MODULES[name].unavailable()
+        _unavailable[name] = TABLE[name].module.unavailable()
     return _unavailable[name]
 
 
 def available_backends() -> dict[str, BackendStatus]:
-    """Every backend with whether it is usable on this machine and, if not, why."""
+    """Every backend with whether it is usable on this machine and, if not, why: the table, rendered."""
     result = {}
-    for name in BACKENDS:
+    for name, b in TABLE.items():
         reason = unavailable_reason(name)
-        result[name] = BackendStatus(name, reason is None, reason or "available", _MODULES[name].SCORE_MODIFIERS)
+        result[name] = BackendStatus(name, reason is None, reason or "available", b.modifiers, b.kinds,
+                                     b.returns_lse, tuple(k for k in b.kinds if b.gpu_verified.get(k)), b.about)
     return result
 
 
-def why_not(name: str, call: AttentionCall) -> str | None:
-    """None if backend `name` can run `call`, else the reason it cannot."""
-    return unavailable_reason(name) or _MODULES[name].unsupported(call)
+def why_not(name: str, kind: str, call) -> str | None:
+    """None if backend `name` can run `call` of `kind` here, else the reason it cannot (a kind it never
+    runs said first: that is the more useful reason)."""
+    if kind not in TABLE[name].kinds:
+        return cannot_run(name, kind, call)
+    return unavailable_reason(name) or cannot_run(name, kind, call)
 
 
-def auto_order(device: torch.device, mods=None) -> tuple[str, ...]:
-    if device.type != "cuda":
-        return AUTO_CPU_ORDER
-    return AUTO_CUDA_ORDER if mods is None else AUTO_CUDA_MODS_ORDER
+def cannot_run(name: str, kind: str, call) -> str | None:
+    """Why backend `name` cannot run `call` of `kind` on any machine (None if it can): first what its
+    record says (kind, modifiers, dtype, lse, grid), then its module's own checks."""
+    b = TABLE[name]
+    if kind not in b.kinds:
+        return f"backend {name!r} does not run {KINDS[kind]}"
+    mods = getattr(call, "mods", None)
+    if mods is not None:
+        missing = [m for m in mods.names() if m not in b.modifiers]
+        if missing:
+            why = getattr(b.module, "MODIFIERS_WHY", None)
+            return f"score modifiers ({', '.join(missing)}) are not supported by backend {name!r}" + \
+                (f": {why}" if why else "")
+    if b.dtypes is not None and call.dtype not in b.dtypes:
+        return f"dtype {call.dtype} is not supported by backend {name!r} ({', '.join(str(d)[6:] for d in b.dtypes)})"
+    if getattr(call, "return_lse", False) and not b.returns_lse and kind in ("attention", "varlen", "kvcache"):
+        return f"return_lse=True: backend {name!r} does not return the log-sum-exp"
+    if b.grid_limit is not None and max(call.grid_extent) > b.grid_limit:
+        return f"batch size and head count must be <= {b.grid_limit} (CUDA grid limit)"
+    return b.module.unsupported(kind, call)
 
 
-def choose(backend: str, call: AttentionCall) -> str:
-    """The backend that runs `call`: `backend` itself (ValueError saying why if it cannot), or for
-    "auto" the first of auto_order that can."""
-    return _choose(backend, call, auto_order(call.q.device, call.mods), "unsupported")
+def auto_order(device: torch.device) -> tuple[str, ...]:
+    return AUTO["cuda" if device.type == "cuda" else "cpu"]
 
 
-def choose_kvcache(backend: str, call: KVCacheCall) -> str:
-    """choose() for attention_with_kvcache."""
-    order = AUTO_KVCACHE_CUDA_ORDER if call.q.device.type == "cuda" else AUTO_CPU_ORDER
-    return _choose(backend, call, order, "unsupported_kvcache")
-
-
-def _choose(backend, call, order, check) -> str:
-    def why(name):
-        module = _MODULES[name]
-        return unavailable_reason(name) or getattr(module, check, module.unsupported)(call)
-
+def choose(kind: str, call, backend: str = "auto") -> str:
+    """The backend that runs `call` of `kind`: `backend` itself (ValueError saying why if it cannot),
+    or for "auto" the first of auto_order that can."""
     if backend == "auto":
-        for name in order:
-            if why(name) is None:
+        for name in auto_order(call.device):
+            if why_not(name, kind, call) is None:
                 return name
         raise AssertionError("the reference backend supports every valid call")  # pragma: no cover
-    if not isinstance(backend, str) or backend not in _MODULES:
-        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
-    reason = why(backend)
+    if not isinstance(backend, str) or backend not in TABLE:
+        names = [n for n, b in TABLE.items() if kind in b.kinds]
+        raise ValueError(f"backend must be one of {tuple(names) + ('auto',)} for {KINDS[kind]}, got {backend!r}")
+    reason = why_not(backend, kind, call)
     if reason:
         raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
     return backend
 
 
-def run(name: str, call: AttentionCall):
-    return _MODULES[name].run(call)
+def run(name: str, kind: str, call):
+    """Run `call` of kind "attention", "varlen", "kvcache" or "append" on backend `name`."""
+    module = TABLE[name].module
+    if kind in ("attention", "varlen"):
+        return module.run(call)
+    if kind == "kvcache":
+        run_kvcache = getattr(module, "run_kvcache", None)
+        # A backend without a decode path of its own: a torch-op append, then dense keys with a mask.
+        return call.over_dense_cache(module.run) if run_kvcache is None else run_kvcache(call)
+    if kind == "append":
+        append = getattr(module, "append_kv", None)
+        if append is None:
+            return kvcache.append(call.k_cache, call.v_cache, call.k, call.v, call.cache_seqlens, call.block_table)
+        return append(call)
+    raise ValueError(f"run() takes a call of kind attention/varlen/kvcache/append, got {kind!r}")
 
 
-def run_kvcache(name: str, call: KVCacheCall):
-    module = _MODULES[name]
-    if hasattr(module, "run_kvcache"):
-        return module.run_kvcache(call)
-    return call.padded(module.run)
-
-
-def append_kv(backend: str, k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
-    """Write new keys/values into a KV cache in place: the Triton kernel for backend="triton" (and
-    "auto" on CUDA tensors when it can run the call); torch ops otherwise."""
-    if backend == "auto" and k.device.type == "cuda" and AUTO_KVCACHE_CUDA_ORDER[0] == "triton" \
-            and not (unavailable_reason("triton") or triton_backend.unsupported_append(k)):
-        backend = "triton"
-    if backend == "triton":
-        reason = unavailable_reason("triton") or triton_backend.unsupported_append(k)
-        if reason:
-            raise ValueError(f"backend='triton' cannot run this call: {reason}")
-        triton_backend.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table)
-    elif backend in ("auto", "torch", "reference"):
-        kvcache.append(k_cache, v_cache, k, v, cache_seqlens, block_table)
-    else:
-        raise ValueError(f"backend must be one of 'auto', 'triton', 'torch', 'reference' for a KV-cache append, "
-                         f"got {backend!r}")
+def ring_block(name: str):
+    """Backend `name`'s ring-attention block (forward -> (out, lse); backward from the merged out/lse)."""
+    return TABLE[name].module.ring_block()

@@ -1,4 +1,5 @@
-"""AttentionCall and KVCacheCall: one validated, normalised call, as every backend receives it."""
+"""AttentionCall, KVCacheCall and AppendCall: one validated, normalised call, as every backend receives
+it. Each says its dtype, device and grid extent (batch, heads) for the backend table's checks."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastattn import kvcache
+from fastattn import kvcache, semantics
 from fastattn.modifiers import ScoreMods
 from fastattn.shape import AttentionShape
 
@@ -33,6 +34,18 @@ class AttentionCall:
     @property
     def varlen(self) -> bool:
         return self.cu_seqlens_q is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def grid_extent(self) -> tuple[int, int]:
+        return self.shape.batch, self.shape.heads_q
 
     def sequences(self):
         """Packed call -> one padded (1, S_i, H, D) call per sequence, for the backends without a
@@ -79,7 +92,11 @@ class KVCacheCall:
     num_splits: int
     mods: ScoreMods | None = None
 
-    def padded(self, run_one):
+    dtype = AttentionCall.dtype
+    device = AttentionCall.device
+    grid_extent = AttentionCall.grid_extent
+
+    def over_dense_cache(self, run_one):
         """The call through a padded-layout backend (torch, reference): append k/v with torch ops,
         then attend over the cache as dense keys (B, capacity, Hkv, D) with the keys each query sees
         as a key-padding mask, in one call for all queries or, causal with several new tokens, one
@@ -128,12 +145,25 @@ class KVCacheCall:
         t = torch.arange(s.seqlen_q, device=self.q.device)
         query_pos = lengths[:, None] - s.seqlen_q + t  # (B, Sq)
         rel = torch.arange(s.seqlen_k, device=self.q.device) - query_pos[:, :, None]  # (B, Sq, capacity)
-        bias = torch.zeros((), device=self.q.device) if m.bias is None else m.bias.float()
-        if m.alibi_slopes is not None:
-            bias = bias - m.alibi_slopes[:, :, None, None] * rel[:, None].abs()
-        if m.local:
-            left, right = m.window
-            outside = ((rel < -left) if left >= 0 else False) | ((rel > right) if right >= 0 else False)
-            bias = bias + torch.zeros(outside.shape, device=self.q.device).masked_fill(outside, float("-inf"))[:, None]
+        bias = semantics.modifier_bias(m.bias, m.alibi_slopes, m.window if m.local else None, rel, torch.float32)
+        if bias is None:
+            bias = torch.zeros((), device=self.q.device)
         bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(-1, -1, s.seqlen_q, -1)
         return ScoreMods(bias, softcap=m.softcap, sinks=m.sinks)
+
+
+@dataclass(slots=True)
+class AppendCall:
+    """One validated call of append_to_kvcache: k, v (B, n_new, Hkv, D) written into the cache (the
+    layouts of KVCacheCall) at positions cache_seqlens[b] + t."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cache_seqlens: torch.Tensor
+    block_table: torch.Tensor | None
+
+    dtype = property(lambda self: self.k.dtype)
+    device = property(lambda self: self.k.device)
+    grid_extent = property(lambda self: (self.k.shape[0], self.k.shape[2]))  # (batch, KV heads)

@@ -7,17 +7,17 @@ import torch
 
 from fastattn.backends.call import AttentionCall
 
-DTYPES = (torch.float16, torch.bfloat16)
-SCORE_MODIFIERS = ()  # the attention() modifiers it runs
-
 # Imported once, eagerly, so that torch.compile never traces an import.
 try:
-    from fastattn.launchers import cuda_attention as launch
-    from fastattn.ops import padded_attention  # registers the ops
+    from fastattn.ops import cuda_attention as ext  # registers the ops; what the extension was built with
+    from fastattn.ops import padded_attention
+    from fastattn.ops.ring_blocks import KernelBlock
 
+    MAX_GRID_YZ = ext.MAX_GRID_YZ
     _IMPORT_ERROR = None
 except Exception as e:  # pragma: no cover - depends on the machine
-    padded_attention = launch = None
+    padded_attention = ext = None
+    MAX_GRID_YZ = 65535
     _IMPORT_ERROR = f"the cuda ops could not be registered: {type(e).__name__}: {e}"
 
 
@@ -31,35 +31,24 @@ def _capability_reason(device: torch.device) -> str | None:
 def unavailable() -> str | None:
     if _IMPORT_ERROR:
         return _IMPORT_ERROR
-    if launch.IMPORT_ERROR:
-        return (f"fastattn._C is not built ({launch.IMPORT_ERROR}); it is built at install time when a CUDA GPU "
+    if ext.IMPORT_ERROR:
+        return (f"fastattn._C is not built ({ext.IMPORT_ERROR}); it is built at install time when a CUDA GPU "
                 "and nvcc are present, or with FASTATTN_BUILD_CUDA=1 (pip install --no-build-isolation -e .)")
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible (fastattn._C is built, but its kernels need an sm_80+ GPU)"
     return _capability_reason(torch.device("cuda", torch.cuda.current_device()))
 
 
-def unsupported(call: AttentionCall) -> str | None:
-    if call.varlen:
-        return "packed sequences (attention_varlen) are not supported by the CUDA kernels yet"
-    if call.mods is not None:
-        return f"score modifiers ({', '.join(call.mods.names())}) are not supported by the CUDA kernels"
-    if call.q.dtype not in DTYPES:
-        return f"dtype {call.q.dtype} is not supported by the CUDA kernels (float16, bfloat16)"
-    if call.shape.head_dim not in launch.HEAD_DIMS:
+def unsupported(kind: str, call: AttentionCall) -> str | None:
+    """What the table cannot say (kinds "attention" and "ring"; dtypes, modifiers, grid: the table)."""
+    if call.shape.head_dim not in ext.HEAD_DIMS:
         return (f"head dim {call.shape.head_dim} is not supported by the CUDA kernels "
-                f"(built for {', '.join(map(str, launch.HEAD_DIMS))})")
+                f"(built for {', '.join(map(str, ext.HEAD_DIMS))})")
     if not call.q.is_cuda:
         return f"tensors are on {call.q.device}; the CUDA kernels need CUDA tensors"
-    if max(call.shape.batch, call.shape.heads_q) > launch.MAX_GRID_YZ:
-        return f"batch size and head count must be <= {launch.MAX_GRID_YZ} (CUDA grid limit)"
-    if max(call.shape.seqlen_q, call.shape.seqlen_k) > launch.MAX_SEQLEN:
-        return f"sequence lengths must be <= {launch.MAX_SEQLEN} (32-bit positions in the kernels)"
+    if max(call.shape.seqlen_q, call.shape.seqlen_k) > ext.MAX_SEQLEN:
+        return f"sequence lengths must be <= {ext.MAX_SEQLEN} (32-bit positions in the kernels)"
     return _device_reason(call.q.device)
-
-
-def unsupported_kvcache(call) -> str | None:
-    return "the CUDA kernels have no decode kernel yet (backend='triton' has one)"
 
 
 _device_reasons: dict[torch.device, str | None] = {}
@@ -75,3 +64,7 @@ def _device_reason(device: torch.device) -> str | None:
 def run(call: AttentionCall):
     return padded_attention(call.q, call.k, call.v, call.key_padding_mask, call.causal, call.scale,
                             call.return_lse, "cuda")
+
+
+def ring_block():
+    return KernelBlock("cuda")

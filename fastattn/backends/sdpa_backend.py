@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from fastattn import reference
+from fastattn import reference, semantics
 from fastattn.backends.call import AttentionCall, KVCacheCall
 
-SCORE_MODIFIERS = ("bias", "alibi_slopes", "window")  # as one SDPA float mask
+# The table's modifiers for "torch" are bias, ALiBi and window (as one SDPA float mask); why not the others:
+MODIFIERS_WHY = "softcap and sinks cannot be expressed as an SDPA mask (backend 'triton' or 'reference' runs them)"
 # SDPA's kernels other than flash: while fastattn is torch's flash-attention impl
 # (fastattn/integrations/torch_flash.py), SDPA's flash backend is fastattn itself.
 TORCH_OWN = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -29,12 +30,14 @@ def unavailable() -> str | None:
     return None
 
 
-def unsupported(call: AttentionCall | KVCacheCall) -> str | None:
-    if call.return_lse:
-        return "return_lse=True: PyTorch SDPA does not return the log-sum-exp"
-    mods = call.mods
-    if mods is not None and (mods.softcap or mods.sinks is not None):
-        return "softcap and sinks cannot be expressed as an SDPA mask (backend 'triton' or 'reference' runs them)"
+def unsupported(kind: str, call: AttentionCall | KVCacheCall) -> str | None:
+    """What the table cannot say: a ring block needs PyTorch's CPU flash op (the only one that
+    returns the lse), and its backward takes no lse gradient."""
+    if kind == "ring":
+        if call.device.type != "cpu":
+            return "PyTorch has no public SDPA that returns the log-sum-exp on CUDA (use 'triton' or 'cuda')"
+        if call.return_lse:
+            return "return_lse=True: the CPU op's backward takes no lse gradient"
     return None
 
 
@@ -86,7 +89,7 @@ def _with_mask(qt, kt, vt, call: AttentionCall, gqa: bool, skipped: int) -> torc
     sq, sk = qt.shape[2] + skipped, kt.shape[2]
     mods = call.mods
     window = mods.window if mods is not None and mods.local else None
-    visible = reference.visible_keys(sq, sk, causal=call.causal, key_padding_mask=call.key_padding_mask,
+    visible = semantics.visible_keys(sq, sk, causal=call.causal, key_padding_mask=call.key_padding_mask,
                                      device=qt.device, window=window)[:, :, skipped:]  # (B, 1, Sq, Sk)
     additive = None if mods is None else mods.additive_mask(sq, sk, qt.dtype)
     if additive is not None:
@@ -95,7 +98,7 @@ def _with_mask(qt, kt, vt, call: AttentionCall, gqa: bool, skipped: int) -> torc
     if call.key_padding_mask is not None:  # padded keys are never read (SDPA would mix their NaN into rows)
         padded = ~call.key_padding_mask[:, None, :, None]  # (B, 1, Sk, 1)
         kt, vt = kt.masked_fill(padded, 0.0), vt.masked_fill(padded, 0.0)
-    empty = ~visible.any(dim=-1, keepdim=True)  # (B, 1 or H, Sq or 1, 1)
+    empty = semantics.keyless_rows(visible)  # (B, 1 or H, Sq or 1, 1)
     mask = visible | empty
     if additive is not None:
         mask = additive.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0)
@@ -111,3 +114,52 @@ def _keep_nan(out: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
     if qt.is_cuda:
         return out
     return out.masked_fill(qt.isnan().any(dim=-1, keepdim=True), float("nan"))
+
+
+class TorchBlock:
+    """PyTorch's CPU flash attention (aten::_scaled_dot_product_flash_attention_for_cpu and its
+    backward) in its (B, H, S, D) layout. Its causal mask is top-left, which the ring only uses on
+    square diagonal blocks, where both alignments agree. A row with no visible key returns lse 0
+    there; it is set to -inf here so that the merge gives it no weight."""
+
+    name = "torch"
+
+    @staticmethod
+    def _heads_first(q, k, v):
+        group = q.shape[2] // k.shape[2]
+        # (B, S, H, D) -> (B, H, S, D); GQA: each KV head repeated for its group of query heads.
+        return (q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(group, dim=1),
+                v.transpose(1, 2).repeat_interleave(group, dim=1))
+
+    @staticmethod
+    def _mask(mask, dtype):
+        return None if mask is None else semantics.bool_to_bias(mask, dtype)[:, None, None, :]  # (B, 1, 1, Sk)
+
+    def forward(self, q, k, v, mask, causal, scale):
+        qt, kt, vt = self._heads_first(q, k, v)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, 0.0, causal, attn_mask=self._mask(mask, q.dtype), scale=scale)
+        if mask is not None:
+            # Rows with no real key: none at all, or (causal, square) none at or before the diagonal.
+            empty = (mask.cumsum(-1) == 0) if causal else ~mask.any(-1, keepdim=True)  # (B, Sq or 1)
+            lse = lse.masked_fill(empty[:, None, :], float("-inf"))
+            out = out.masked_fill(empty[:, None, :, None], 0.0)
+        return out.transpose(1, 2), lse  # (B, H, S, D) -> (B, S, H, D)
+
+    def backward(self, dout, dlse, q, k, v, out, lse, mask, causal, scale):
+        if dlse is not None:
+            raise RuntimeError("ring_attention with backend='torch' cannot differentiate lse")
+        qt, kt, vt = self._heads_first(q, k, v)
+        # A row that sees no key anywhere (lse -inf): +inf makes its P = exp(s - lse) zero, not NaN.
+        lse = torch.where(lse == float("-inf"), float("inf"), lse)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.transpose(1, 2), qt, kt, vt, out.transpose(1, 2), lse, 0.0, causal,
+            attn_mask=self._mask(mask, q.dtype), scale=scale)
+        b, hkv, sk, d = k.shape[0], k.shape[2], k.shape[1], k.shape[3]
+        # (B, Hq, Sk, D) -> (B, Hkv, group, Sk, D), summed over each KV head's group, -> (B, Sk, Hkv, D)
+        dk, dv = (g.reshape(b, hkv, -1, sk, d).sum(2).transpose(1, 2) for g in (dk, dv))
+        return dq.transpose(1, 2), dk, dv
+
+
+def ring_block():
+    return TorchBlock()

@@ -6,20 +6,20 @@ from __future__ import annotations
 
 import torch
 
-from fastattn.backends.call import AttentionCall, KVCacheCall
+from fastattn.backends.call import AppendCall, AttentionCall, KVCacheCall
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_GRID_YZ = 65535  # heads and batch are CUDA grid axes 1 and 2
-SCORE_MODIFIERS = ("bias", "alibi_slopes", "window", "softcap", "sinks")  # the attention() modifiers it runs
+MAX_GRID_YZ = 65535  # heads and batch are CUDA grid axes 1 and 2 (decode: KV heads x row tiles, and batch)
 
 # Imported once, eagerly, so that torch.compile never traces an import.
 try:
     from fastattn.kernels.configs import interpreter_enabled
-    from fastattn.ops import append_kv, kvcache_attention, padded_attention, varlen_attention  # registers the ops
+    from fastattn.ops import append_kv as append_op  # registers the ops
+    from fastattn.ops import kvcache_attention, padded_attention, varlen_attention
+    from fastattn.ops.ring_blocks import KernelBlock
 
     _IMPORT_ERROR = None
 except Exception as e:  # pragma: no cover - depends on the machine
-    padded_attention = varlen_attention = kvcache_attention = append_kv = interpreter_enabled = None
+    padded_attention = varlen_attention = kvcache_attention = append_op = interpreter_enabled = KernelBlock = None
     _IMPORT_ERROR = f"triton could not be imported: {type(e).__name__}: {e}"
 
 
@@ -37,31 +37,20 @@ def unavailable() -> str | None:
             "Triton kernels on the CPU through the interpreter; slow, meant for testing)")
 
 
-def unsupported(call: AttentionCall | KVCacheCall) -> str | None:
-    if call.q.dtype not in DTYPES:
-        return f"dtype {call.q.dtype} is not supported (float16, bfloat16, float32)"
-    if call.shape.batch > MAX_GRID_YZ or call.shape.heads_q > MAX_GRID_YZ:
-        return f"batch size and head count must be <= {MAX_GRID_YZ} (CUDA grid limit)"
-    if not call.q.is_cuda:
+def unsupported(kind: str, call: AttentionCall | KVCacheCall | AppendCall) -> str | None:
+    """What the table cannot say (dtypes and the grid limit are the table's): the device, and bf16
+    in the interpreter (every kind but the append, which has no dot)."""
+    if call.device.type != "cuda":
         if not interpreter():
-            return f"tensors are on {call.q.device}; the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
-        if call.q.dtype == torch.bfloat16:
+            return f"tensors are on {call.device}; the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
+        if call.dtype == torch.bfloat16 and kind != "append":
             return ("bfloat16 in the Triton interpreter (CPU tensors): its tl.dot multiplies bf16 bit patterns as "
                     "integers (triton-lang/triton#11584), a wrong answer; use float16 or float32 on the CPU, or a GPU")
     return None
 
 
-unsupported_kvcache = unsupported  # the decode grid's axes 1 and 2 are (KV heads x row tiles) and batch
-
-
-def unsupported_append(k) -> str | None:
-    if k.dtype not in DTYPES:
-        return f"dtype {k.dtype} is not supported (float16, bfloat16, float32)"
-    if k.shape[0] > MAX_GRID_YZ or k.shape[2] > MAX_GRID_YZ:
-        return f"batch size and head count must be <= {MAX_GRID_YZ} (CUDA grid limit)"
-    if not k.is_cuda and not interpreter():
-        return f"tensors are on {k.device}; the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
-    return None
+def append_kv(call: AppendCall) -> None:
+    append_op(call.k, call.v, call.k_cache, call.v_cache, call.cache_seqlens, call.block_table)
 
 
 def run_kvcache(call: KVCacheCall):
@@ -76,3 +65,7 @@ def run(call: AttentionCall):
                                 call.max_seqlen_k, call.causal, call.scale, call.return_lse, call.mods)
     return padded_attention(call.q, call.k, call.v, call.key_padding_mask, call.causal, call.scale,
                             call.return_lse, "triton", call.mods)
+
+
+def ring_block():
+    return KernelBlock("triton")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from fastattn import semantics
 from fastattn.distributed import blocks
 from fastattn.distributed.layout import group_info, padded_length, zigzag_block
 from fastattn.distributed.varlen import host_lengths, step_plans
@@ -216,18 +217,6 @@ class Exchange:
         return self._received
 
 
-def _merge(out, lse, block_out, block_lse) -> None:
-    """In place: (out, lse) <- the softmax over the union of the keys behind (out, lse) and behind
-    (block_out, block_lse). out (B, S, H, D), lse (B, H, S), in the accumulation dtype. Rows that
-    have seen no key yet (lse -inf) take no weight instead of NaN."""
-    new = torch.logaddexp(lse, block_lse.to(lse.dtype))
-    finite = torch.where(new == float("-inf"), 0.0, new)
-    w_old = torch.exp(lse - finite).transpose(1, 2)[..., None]  # (B, H, S) -> (B, S, H, 1)
-    w_new = torch.exp(block_lse.to(lse.dtype) - finite).transpose(1, 2)[..., None]
-    out.mul_(w_old).addcmul_(block_out, w_new)  # two passes over out; block_out read once, in its dtype
-    lse.copy_(new)
-
-
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -254,7 +243,7 @@ class RingAttention(torch.autograd.Function):
             if out is None:  # step 0 covers every query row
                 out, lse = o.to(acc), l.to(acc).contiguous()
             else:
-                _merge(out[:, rows], lse[:, :, rows], o, l)
+                semantics.merge_state(out[:, rows], lse[:, :, rows], o, l)
             if pending is not None:
                 travelling = pending.wait()
         out = out.to(q.dtype)

@@ -22,6 +22,7 @@ from collections import Counter
 import torch
 
 import fastattn
+from fastattn import semantics
 
 try:
     import transformers  # noqa: F401  (only to fail early with the install hint)
@@ -93,7 +94,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         if key_padding is not None:
             key_padding = key_padding.expand(query.shape[0], sk)  # a mask broadcast over the batch
     if attention_mask is not None and key_padding is None:  # not key padding: the mask itself, additively
-        bias = attention_mask if attention_mask.dtype != torch.bool else _bool_to_bias(attention_mask, query.dtype)
+        bias = attention_mask
+        if attention_mask.dtype == torch.bool:
+            bias = semantics.bool_to_bias(attention_mask, query.dtype)
         causal, window = False, None
     if position_bias is not None:  # T5-style scores (as sdpa_attention_forward, with the mask's pattern or causal)
         position_bias = position_bias[..., :sk]
@@ -124,11 +127,6 @@ def _bshd(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _bool_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    zero = torch.zeros((), dtype=dtype, device=mask.device)
-    return torch.where(mask, zero, float("-inf"))
-
-
 def _key_padding(mask, causal, window, sq, sk):
     """(B, Sk) key-padding mask if the boolean `mask` (B, 1|H, Sq, Sk) is exactly key padding plus
     fastattn's bottom-right causal/window pattern, else None (then the mask runs as a bias, so a
@@ -137,17 +135,8 @@ def _key_padding(mask, causal, window, sq, sk):
     if cached is not None and cached[0] is mask and cached[1:3] == (causal, window):
         return cached[3]
     result = None
-    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[-2:] == (sq, sk):
-        key_padding = mask.any(dim=2).all(dim=1)  # (B, Sk): a key some query sees
-        i = torch.arange(sq, device=mask.device)[:, None] + (sk - sq)
-        j = torch.arange(sk, device=mask.device)[None, :]
-        pattern = torch.ones(sq, sk, dtype=torch.bool, device=mask.device)
-        if causal:
-            pattern &= j <= i
-        if window is not None:
-            pattern &= (j >= i - window[0]) & (causal or j <= i + window[1])
-        if torch.equal(mask, (key_padding[:, None, None, :] & pattern).expand_as(mask)):
-            result = key_padding
+    if mask.dim() == 4 and mask.shape[-2:] == (sq, sk):
+        result = semantics.key_padding_of_pattern(mask, causal, window)
     if len(_mask_cache) >= 8:  # masks of earlier forwards
         _mask_cache.clear()
     _mask_cache[id(mask)] = (mask, causal, window, result)

@@ -18,6 +18,8 @@ would.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import fastattn
@@ -124,8 +126,7 @@ class LayerCache:
         (B or 1, H, n, capacity)."""
         c = self.cache
         k_cache, v_cache = c.layer_buffers(self.layer, k)
-        # The CUDA C++ backend has no decode kernel: its models decode on "auto".
-        backend = "auto" if backend == "cuda" else backend
+        backend = _with_decode(backend)
         if c.prefilled:
             return fastattn.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=c.seqlens,
                                                    block_table=c.block_table, causal=causal, bias=bias,
@@ -140,3 +141,11 @@ class LayerCache:
         fastattn.append_to_kvcache(k_cache, v_cache, k.to(k_cache.dtype), v.to(v_cache.dtype), cache_seqlens=c.seqlens,
                                    block_table=c.block_table, backend="triton" if backend == "triton" else "auto")
         return out
+
+
+@functools.cache
+def _with_decode(backend: str) -> str:
+    """The model's backend if it has a decode path, else "auto" (the CUDA C++ kernels have none):
+    the cached call, its prefill included, runs on it. Asked of the backend table once per name."""
+    status = fastattn.available_backends().get(backend)
+    return backend if status is None or "kvcache" in status.kinds else "auto"

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastattn
-from fastattn import reference
+from fastattn import semantics
 from fastattn.distributed import ring_attention
 from fastattn.models.relative_position import RelativePositionBias
 from fastattn.validation import value_checks
@@ -113,7 +113,8 @@ class MultiHeadAttention(nn.Module):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # (B, S, Hq, D)
         k, v = self.project_kv(x if memory is None else memory)  # (B, S_keys, Hkv, D)
-        backend = "reference" if self.attn_backend == "torch" else self.attn_backend  # SDPA returns no lse
+        status = fastattn.available_backends().get(self.attn_backend)
+        backend = self.attn_backend if status is None or status.returns_lse else "reference"  # one that returns it
         _, lse = fastattn.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, return_lse=True,
                                     bias=bias, backend=backend)
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)  # GQA: each query head's key head
@@ -121,7 +122,7 @@ class MultiHeadAttention(nn.Module):
         if bias is not None:
             scores = scores + bias.float()
         p = torch.exp(scores - lse[..., None])
-        visible = reference.visible_keys(s, k.shape[1], causal=self.causal, key_padding_mask=key_padding_mask,
+        visible = semantics.visible_keys(s, k.shape[1], causal=self.causal, key_padding_mask=key_padding_mask,
                                          device=x.device)  # (B or 1, 1, S, S_keys)
         return p.masked_fill(~visible, 0.0).mean(dim=1)
 

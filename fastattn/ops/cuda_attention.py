@@ -12,3 +12,7 @@ from fastattn.ops.library import PADDED_BWD, PADDED_FWD, bwd_fake, define, padde
 
 cuda_attn_fwd = define("cuda_attn_fwd", PADDED_FWD, launch.forward, padded_fwd_fake)
 cuda_attn_bwd = define("cuda_attn_bwd", PADDED_BWD, launch.backward, bwd_fake)
+
+# What the backend layer knows of the extension (it imports no launcher).
+IMPORT_ERROR, HEAD_DIMS, MAX_GRID_YZ, MAX_SEQLEN = launch.IMPORT_ERROR, launch.HEAD_DIMS, launch.MAX_GRID_YZ, \
+    launch.MAX_SEQLEN
