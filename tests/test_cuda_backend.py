@@ -14,7 +14,6 @@ from conftest import HAS_CUDA
 
 import fastattn
 from fastattn import backends, testing
-from fastattn.backends import cuda_backend
 from fastattn.launchers import cuda_attention as launch
 from fastattn.validation import validate_qkv
 
