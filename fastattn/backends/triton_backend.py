@@ -12,9 +12,8 @@ MAX_GRID_YZ = 65535  # heads and batch are CUDA grid axes 1 and 2 (decode: KV he
 
 # Imported once, eagerly, so that torch.compile never traces an import.
 try:
-    from fastattn.kernels.configs import interpreter_enabled
     from fastattn.ops import append_kv as append_op  # registers the ops
-    from fastattn.ops import kvcache_attention, padded_attention, varlen_attention
+    from fastattn.ops import interpreter_enabled, kvcache_attention, padded_attention, varlen_attention
     from fastattn.ops.ring_blocks import KernelBlock
 
     _IMPORT_ERROR = None

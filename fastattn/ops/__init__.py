@@ -1,7 +1,8 @@
 """torch.library ops over the launchers (fastattn::triton_attn_fwd, ...; fake implementations for
 torch.compile) and the autograd Functions that differentiate them (fastattn.ops.autograd)."""
 
+from fastattn.kernels.configs import interpreter_enabled  # for the backends, which import no kernel
 from fastattn.ops.autograd import padded_attention, varlen_attention
 from fastattn.ops.decode import append_kv, kvcache_attention
 
-__all__ = ["append_kv", "kvcache_attention", "padded_attention", "varlen_attention"]
+__all__ = ["append_kv", "interpreter_enabled", "kvcache_attention", "padded_attention", "varlen_attention"]
