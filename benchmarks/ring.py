@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import fastattn  # noqa: E402
-from fastattn import reference, testing  # noqa: E402
+from fastattn import reference, semantics, testing  # noqa: E402
 from fastattn.distributed import ring_attention, unshard, zigzag_positions  # noqa: E402
 from fastattn.flops import attention_flops  # noqa: E402
 
@@ -160,7 +160,7 @@ def gate(run, inputs, causal, seqlen) -> dict:
         return {}
     keys = torch.arange(seqlen)
     hidden = keys[None, :] > chosen[:, None] if causal else torch.zeros(chosen.shape[0], seqlen, dtype=torch.bool)
-    bias = torch.zeros(hidden.shape).masked_fill(hidden, float("-inf"))[None, None]  # (1, 1, n, S): causal by position
+    bias = semantics.bool_to_bias(~hidden, torch.float32)[None, None]  # (1, 1, n, S): causal by position
 
     def reference_run(dtype):
         xs = [whole[n][:, chosen].to("cpu", dtype) if n == "q" else whole[n].to("cpu", dtype) for n in ("q", "k", "v")]

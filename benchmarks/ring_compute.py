@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 import fastattn  # noqa: E402
 from benchmarks.ring import elapsed_ms, gathered_attention, modes, write  # noqa: E402
-from fastattn import reference, testing  # noqa: E402
+from fastattn import reference, semantics, testing  # noqa: E402
 from fastattn.distributed import blocks, zigzag_positions  # noqa: E402
 from fastattn.distributed.ring import RingAttention  # noqa: E402
 from fastattn.flops import attention_flops  # noqa: E402
@@ -134,7 +134,7 @@ def gate(run, q, k, v, k_all, v_all, causal, seqlen, world, rank) -> dict:
     out = run(q, k, v)
     out.backward(dout)
     hidden = torch.arange(seqlen)[None, :] > pos[:, None] if causal else torch.zeros(rows.shape[0], seqlen, dtype=bool)
-    bias = torch.zeros(hidden.shape).masked_fill(hidden, float("-inf"))[None, None]  # (1, 1, rows, S)
+    bias = semantics.bool_to_bias(~hidden, torch.float32)[None, None]  # (1, 1, rows, S)
 
     def reference_run(dtype):
         qs = q[:, rows.to(q.device), :1].detach().cpu().to(dtype).requires_grad_()
