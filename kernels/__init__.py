@@ -6,5 +6,7 @@ torch.library custom ops.
 
 - ``attn_fwd``: FlashAttention-2 forward (writes O and the log-sum-exp).
 - ``attn_bwd``: backward (delta preprocess, dK/dV, dQ), deterministic: no atomics.
-- ``tiles``: jit helpers shared by both (masked tile loads/stores, causal block ranges).
+- ``decode``: split-KV decoding over a KV cache (contiguous or paged), its combine, the KV append.
+- ``tiles``: jit helpers shared by all of them: the one definition of a logit (score modifiers),
+  of visibility and of the online softmax (update, sink, finalize), tile loads/stores, block ranges.
 """

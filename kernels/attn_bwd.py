@@ -22,28 +22,29 @@ import triton
 import triton.language as tl
 
 from .tiles import (
+    LOG2E_T,
     key_blocks,
+    key_padding,
     load_keys,
     load_tile,
     modify_scores,
     padded_key_bounds,
     program_coords,
     query_range,
+    relative_position,
     scores_tile,
-    sequence_bounds,
+    sequence_info,
     store_tile,
+    visible,
     window_query_range,
-    window_visible,
 )
-
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
 def _lse_log2(LSE_row, rows, Sq):
     """Saved lse (natural log) -> log2 units; out-of-range and empty rows -> +inf (P = 0)."""
     lse = tl.load(LSE_row + rows, mask=rows < Sq, other=float("inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_T)
 
 
 @triton.jit
@@ -58,8 +59,10 @@ def attn_bwd_preprocess_kernel(
     """Row-wise, so packed (varlen) inputs run as one long sequence: DELTA has LSE's layout."""
     pid_m, b, h = program_coords()
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = load_tile(O + b * stride_ob + h * stride_oh, rows, stride_os, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, stride_dos, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
+    o = load_tile(O + b * stride_ob + h * stride_oh, rows, stride_os, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+                  CHECK_ROWS=True, WIDE=WIDE)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, stride_dos, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+                   CHECK_ROWS=True, WIDE=WIDE)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     row_off = b * stride_lb + h * stride_lh + rows
     if HAS_DLSE:
@@ -68,30 +71,34 @@ def attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, BIAS_bh, stride_qs, stride_dos,
-                       stride_bm, stride_bn, offs_n, lo, hi, Sq, Sk, left, right, qk_scale, slope2, cap2,
-                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, stride_qs, stride_dos, offs_n, lo, hi,
+                       seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                       LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """Accumulate one query head's contribution from query blocks [lo, hi) into dk, dv (fp32)."""
+    Sq = seq[1]
+    Sk = seq[3]
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = load_tile(q_base, rows, stride_qs, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
+        q = load_tile(q_base, rows, stride_qs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
         lse2 = _lse_log2(LSE_row, rows, Sq)
         # Work transposed, (BLOCK_N, BLOCK_M), so dK/dV come out without transposing P. (fp32: a GPU's
         # "ieee" dot is an ordered FMA chain per element, so s rounds exactly as in the forward that made
         # lse; docs/design.md, "Precision of the backward".)
+        r = rows[None, :]
+        c = offs_n[:, None]
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        s_t, dcap_t = modify_scores(s_t, rows[None, :], offs_n[:, None], Sq, Sk, BIAS_bh, stride_bm, stride_bn,
-                                    slope2, cap2, HAS_BIAS, HAS_ALIBI, SOFTCAP, WIDE)
+        s_t, dcap_t = modify_scores(s_t, r, c, Sq, Sk, mods, SOFTCAP=SOFTCAP, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
+                                    WIDE=WIDE)
         p_t = tl.exp2(s_t - lse2[None, :])
-        if MASKED:  # causal diagonal / window edge
-            p_t = tl.where(window_visible(rows[None, :], offs_n[:, None], Sq, Sk, left, right, CAUSAL, LOCAL),
-                           p_t, 0.0)
-        if HAS_KPM:  # padded keys get no probability
+        if MASKED:  # causal diagonal / window edge (and padded keys: no probability)
+            vis = visible(relative_position(r, c, Sq, Sk), mods[5], mods[6], kp=kp[:, None], CAUSAL=CAUSAL,
+                          LOCAL=LOCAL, HAS_KPM=HAS_KPM)
+            p_t = tl.where(vis, p_t, 0.0)
+        elif HAS_KPM:  # padded keys get no probability
             p_t = tl.where(kp[:, None], p_t, 0.0)
-        do = load_tile(do_base, rows, stride_dos, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
+        do = load_tile(do_base, rows, stride_dos, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         delta = tl.load(DELTA_row + rows, mask=rows < Sq, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -100,6 +107,15 @@ def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, BI
             ds_t = ds_t * dcap_t
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
+
+
+@triton.jit
+def _slope2(ALIBI, b, stride_ab, h, HAS_ALIBI: tl.constexpr):
+    """Head h's ALiBi slope * log2(e) (0.0 without ALiBi)."""
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b * stride_ab + h) * LOG2E_T
+    return slope2
 
 
 # Arguments: pointers, integers, floats, constexprs (as the forward's).
@@ -122,28 +138,30 @@ def attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_n, b, hk = program_coords()
-    q_start, Sq, k_start, Sk = sequence_bounds(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN)
+    seq = sequence_info(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN=VARLEN)
+    q_start, Sq, k_start, Sk = seq
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
 
     kp = offs_n < Sk  # the keys this program reads: in the sequence and, with a mask, not padding
     if HAS_KPM:
-        kp = kp & (tl.load(KPM + b * stride_kpm_b + offs_n, mask=offs_n < Sk, other=0) != 0)
+        kp = kp & key_padding(KPM + b * stride_kpm_b, offs_n, Sk)
     # Padded keys read as 0 (not loaded): their garbage stays out of dK = dS q and dP = dO v.
-    k = load_tile(K + b * stride_kb + hk * stride_kh + k_start * stride_ks, offs_n, stride_ks, Sk, HEAD_DIM,
-                  BLOCK_D, True, WIDE, kp)
-    v = load_tile(V + b * stride_vb + hk * stride_vh + k_start * stride_vs, offs_n, stride_vs, Sk, HEAD_DIM,
-                  BLOCK_D, True, WIDE, kp)
+    k = load_tile(K + b * stride_kb + hk * stride_kh + k_start * stride_ks, offs_n, stride_ks, Sk, keep=kp,
+                  HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
+    v = load_tile(V + b * stride_vb + hk * stride_vh + k_start * stride_vs, offs_n, stride_vs, Sk, keep=kp,
+                  HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     if LOCAL:
-        lo, full_start, full_end, hi = window_query_range(start_n, Sq, Sk, left, right, BLOCK_M, BLOCK_N)
+        lo, full_start, full_end, hi = window_query_range(start_n, Sq, Sk, left, right, BLOCK_M=BLOCK_M,
+                                                          BLOCK_N=BLOCK_N)
     else:
-        lo, full_start, hi = query_range(start_n, Sq, Sk, BLOCK_M, BLOCK_N, CAUSAL)
+        lo, full_start, hi = query_range(start_n, Sq, Sk, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL)
         full_end = hi
     # A key tile past the sequence (varlen), or made only of padding, gets zero gradients.
-    kv_lo, kv_hi = padded_key_bounds(KV_BOUNDS, b, Sk, HAS_KPM)
+    kv_lo, kv_hi = padded_key_bounds(KV_BOUNDS, b, Sk, HAS_KPM=HAS_KPM)
     skip = (start_n >= Sk) | (start_n + BLOCK_N <= kv_lo) | (start_n >= kv_hi)
     if HAS_KPM:
         skip = skip | (tl.max(kp.to(tl.int32), 0) == 0)  # an all-padding tile inside the real range too
@@ -156,49 +174,52 @@ def attn_bwd_dkdv_kernel(
         q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
         do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dos
         row_base = b * stride_lb + h * stride_lh + q_start
-        BIAS_bh = BIAS + b * stride_bb + h * stride_bh
-        slope2 = 0.0
-        if HAS_ALIBI:
-            slope2 = tl.load(ALIBI + b * stride_ab + h) * LOG2E
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base, BIAS_bh,
-                                    stride_qs, stride_dos, stride_bm, stride_bn, offs_n, lo, full_start, Sq, Sk,
-                                    left, right, qk_scale, slope2, cap2, True, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS,
-                                    HAS_ALIBI, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, WIDE)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base, BIAS_bh,
-                                    stride_qs, stride_dos, stride_bm, stride_bn, offs_n, full_start, full_end, Sq,
-                                    Sk, left, right, qk_scale, slope2, cap2, False, CAUSAL, HAS_KPM, LOCAL,
-                                    HAS_BIAS, HAS_ALIBI, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, WIDE)
+        mods = (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn,
+                _slope2(ALIBI, b, stride_ab, h, HAS_ALIBI=HAS_ALIBI), cap2, left, right)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base, stride_qs,
+                                    stride_dos, offs_n, lo, full_start, seq, mods, qk_scale, MASKED=True,
+                                    CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+                                    HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                                    BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base, stride_qs,
+                                    stride_dos, offs_n, full_start, full_end, seq, mods, qk_scale, MASKED=False,
+                                    CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+                                    HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                                    BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
         if LOCAL:  # the window's far edge
             dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base,
-                                        BIAS_bh, stride_qs, stride_dos, stride_bm, stride_bn, offs_n, full_end, hi,
-                                        Sq, Sk, left, right, qk_scale, slope2, cap2, True, CAUSAL, HAS_KPM, LOCAL,
-                                        HAS_BIAS, HAS_ALIBI, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION,
-                                        WIDE)
+                                        stride_qs, stride_dos, offs_n, full_end, hi, seq, mods, qk_scale, MASKED=True,
+                                        CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+                                        HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                                        BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
 
     store_tile(DK + b * stride_dkb + hk * stride_dkh + k_start * stride_dks, (dk * sm_scale).to(DK.dtype.element_ty),
-               offs_n, stride_dks, Sk, HEAD_DIM, BLOCK_D, WIDE)
+               offs_n, stride_dks, Sk, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, WIDE=WIDE)
     store_tile(DV + b * stride_dvb + hk * stride_dvh + k_start * stride_dvs, dv.to(DV.dtype.element_ty), offs_n,
-               stride_dvs, Sk, HEAD_DIM, BLOCK_D, WIDE)
+               stride_dvs, Sk, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, WIDE=WIDE)
 
 
 @triton.jit
-def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, BIAS_bh, DBIAS_bh, stride_ks, stride_vs, stride_bm,
-                   stride_bn, stride_dbm, offs_m, lo, hi, Sq, Sk, left, right, qk_scale, slope2, cap2,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DBIAS: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs, stride_dbm, offs_m,
+                   lo, hi, seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                   LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                   HAS_DBIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """Accumulate dQ (unscaled) over key blocks [lo, hi); with HAS_DBIAS also store dS, the bias
     gradient, into the (Sq, Sk) slice DBIAS_bh (row stride stride_dbm)."""
+    Sq = seq[1]
+    Sk = seq[3]
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         # Padded keys read as 0: dS = 0 * (dO . v) and dQ += dS k must not see their garbage.
-        k = load_keys(k_base, cols, stride_ks, Sk, KP_row, HEAD_DIM, BLOCK_D, MASKED, HAS_KPM, WIDE)
-        v = load_keys(v_base, cols, stride_vs, Sk, KP_row, HEAD_DIM, BLOCK_D, MASKED, HAS_KPM, WIDE)
-        s, dcap = scores_tile(q, k, cols, offs_m, Sq, Sk, qk_scale, KP_row, BIAS_bh, stride_bm, stride_bn, slope2, cap2,
-                              left, right, MASKED, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP,
-                              DOT_PRECISION, WIDE)
+        k = load_keys(k_base, cols, stride_ks, Sk, KP_row, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED,
+                      HAS_KPM=HAS_KPM, WIDE=WIDE)
+        v = load_keys(v_base, cols, stride_vs, Sk, KP_row, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED,
+                      HAS_KPM=HAS_KPM, WIDE=WIDE)
+        s, dcap = scores_tile(q, k, offs_m, cols, seq, mods, qk_scale, KP_row, MASKED=MASKED, CAUSAL=CAUSAL,
+                              HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                              DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
         p = tl.exp2(s - lse2[:, None])  # masked keys: exp2(-inf) = 0
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -235,41 +256,41 @@ def attn_bwd_dq_kernel(
 ):
     pid_m, b, h = program_coords()
     hk = h // GROUP
-    q_start, Sq, k_start, Sk = sequence_bounds(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN)
+    seq = sequence_info(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN=VARLEN)
+    q_start, Sq, k_start, Sk = seq
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh + q_start * stride_qs, offs_m, stride_qs, Sq, HEAD_DIM,
-                  BLOCK_D, True, WIDE)
-    do = load_tile(DO + b * stride_dob + h * stride_doh + q_start * stride_dos, offs_m, stride_dos, Sq, HEAD_DIM,
-                   BLOCK_D, True, WIDE)
+    q = load_tile(Q + b * stride_qb + h * stride_qh + q_start * stride_qs, offs_m, stride_qs, Sq, HEAD_DIM=HEAD_DIM,
+                  BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
+    do = load_tile(DO + b * stride_dob + h * stride_doh + q_start * stride_dos, offs_m, stride_dos, Sq,
+                   HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
     row_base = b * stride_lb + h * stride_lh + q_start
     lse2 = _lse_log2(LSE + row_base, offs_m, Sq)
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Sq, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     KP_row = KPM + b * stride_kpm_b
-    BIAS_bh = BIAS + b * stride_bb + h * stride_bh
     DBIAS_bh = DBIAS + b * stride_dbb + h * stride_dbh
-    slope2 = 0.0
-    if HAS_ALIBI:
-        slope2 = tl.load(ALIBI + b * stride_ab + h) * LOG2E
+    mods = (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn,
+            _slope2(ALIBI, b, stride_ab, h, HAS_ALIBI=HAS_ALIBI), cap2, left, right)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_end, hi = key_blocks(start_m, Sq, Sk, KV_BOUNDS, b, left, right, BLOCK_M, BLOCK_N, CAUSAL,
-                                           HAS_KPM, LOCAL)
+    lo, full_lo, full_end, hi = key_blocks(start_m, seq, KV_BOUNDS, b, left, right, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                           CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL)
     if LOCAL:  # the window's left edge
-        dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, BIAS_bh, DBIAS_bh, stride_ks, stride_vs,
-                            stride_bm, stride_bn, stride_dbm, offs_m, lo, full_lo, Sq, Sk, left, right, qk_scale,
-                            slope2, cap2, True, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP, HAS_DBIAS,
-                            HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
-    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, BIAS_bh, DBIAS_bh, stride_ks, stride_vs,
-                        stride_bm, stride_bn, stride_dbm, offs_m, full_lo, full_end, Sq, Sk, left, right, qk_scale,
-                        slope2, cap2, False, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP, HAS_DBIAS,
-                        HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
-    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, BIAS_bh, DBIAS_bh, stride_ks, stride_vs,
-                        stride_bm, stride_bn, stride_dbm, offs_m, full_end, hi, Sq, Sk, left, right, qk_scale,
-                        slope2, cap2, True, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP, HAS_DBIAS,
-                        HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
+        dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs, stride_dbm,
+                            offs_m, lo, full_lo, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
+                            LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HAS_DBIAS=HAS_DBIAS,
+                            HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION,
+                            WIDE=WIDE)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs, stride_dbm,
+                        offs_m, full_lo, full_end, seq, mods, qk_scale, MASKED=False, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
+                        LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HAS_DBIAS=HAS_DBIAS,
+                        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs, stride_dbm,
+                        offs_m, full_end, hi, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
+                        LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HAS_DBIAS=HAS_DBIAS,
+                        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
     store_tile(DQ + b * stride_dqb + h * stride_dqh + q_start * stride_dqs, (dq * sm_scale).to(DQ.dtype.element_ty),
-               offs_m, stride_dqs, Sq, HEAD_DIM, BLOCK_D, WIDE)
+               offs_m, stride_dqs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, WIDE=WIDE)

@@ -15,45 +15,39 @@ import triton.language as tl
 
 from .tiles import (
     LOG2E_T,
+    finalize,
+    fold_sink,
     key_blocks,
     load_keys,
     load_tile,
     program_coords,
     scores_tile,
-    sequence_bounds,
+    sequence_info,
+    softmax_update,
     store_tile,
 )
 
-LN2 = tl.constexpr(0.6931471805599453)
-
 
 @triton.jit
-def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, BIAS_bh, stride_ks, stride_vs, stride_bm, stride_bn,
-                    offs_m, lo, hi, Sq, Sk, left, right, qk_scale, slope2, cap2,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr,
+def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, lo, hi, seq, mods,
+                    qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """Fold key blocks [lo, hi) into the running (acc, row max m_i, row sum l_i)."""
+    Sk = seq[3]
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
-        s, _ = scores_tile(q, k, cols, offs_m, Sq, Sk, qk_scale, KP_row, BIAS_bh, stride_bm, stride_bn, slope2, cap2,
-                           left, right, MASKED, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP, DOT_PRECISION,
-                           WIDE)  # (BLOCK_M, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = m_new
-        if MASKED or HAS_BIAS:
-            # A row that has seen no visible key yet (a bias of -inf hides keys too) keeps m = -inf;
-            # shift it by 0 instead so that exp2(-inf - (-inf)) never produces NaN.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_keys(v_base, cols, stride_vs, Sk, KP_row, HEAD_DIM, BLOCK_D, MASKED, HAS_KPM, WIDE)
+        k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=MASKED, WIDE=WIDE)
+        s, _ = scores_tile(q, k, offs_m, cols, seq, mods, qk_scale, KP_row, MASKED=MASKED, CAUSAL=CAUSAL,
+                           HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                           DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)  # (BLOCK_M, BLOCK_N)
+        # A bias of -inf hides keys too: rows may still have m = -inf after an unmasked tile.
+        p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, GUARD=MASKED or HAS_BIAS)
+        v = load_keys(v_base, cols, stride_vs, Sk, KP_row, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED,
+                      HAS_KPM=HAS_KPM, WIDE=WIDE)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
     return acc, m_i, l_i
 
 
@@ -77,53 +71,47 @@ def attn_fwd_kernel(
 ):
     pid_m, b, h = program_coords()
     hk = h // GROUP  # the KV head shared by this query head's group
-    q_start, Sq, k_start, Sk = sequence_bounds(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN)
+    seq = sequence_info(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN=VARLEN)
+    q_start, Sq, k_start, Sk = seq
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
     q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
-    q = load_tile(q_base, offs_m, stride_qs, Sq, HEAD_DIM, BLOCK_D, True, WIDE)
+    q = load_tile(q_base, offs_m, stride_qs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     KP_row = KPM + b * stride_kpm_b
-    BIAS_bh = BIAS + b * stride_bb + h * stride_bh
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(ALIBI + b * stride_ab + h) * LOG2E_T
+    mods = (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn, slope2, cap2, left, right)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    lo, full_lo, full_end, hi = key_blocks(start_m, Sq, Sk, KV_BOUNDS, b, left, right, BLOCK_M, BLOCK_N, CAUSAL,
-                                           HAS_KPM, LOCAL)
+    lo, full_lo, full_end, hi = key_blocks(start_m, seq, KV_BOUNDS, b, left, right, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                           CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL)
     if LOCAL:  # the window's left edge
-        acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, BIAS_bh, stride_ks, stride_vs,
-                                        stride_bm, stride_bn, offs_m, lo, full_lo, Sq, Sk, left, right, qk_scale,
-                                        slope2, cap2, True, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP,
-                                        HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, BIAS_bh, stride_ks, stride_vs,
-                                    stride_bm, stride_bn, offs_m, full_lo, full_end, Sq, Sk, left, right, qk_scale,
-                                    slope2, cap2, False, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP,
-                                    HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, BIAS_bh, stride_ks, stride_vs,
-                                    stride_bm, stride_bn, offs_m, full_end, hi, Sq, Sk, left, right, qk_scale,
-                                    slope2, cap2, True, CAUSAL, HAS_KPM, LOCAL, HAS_BIAS, HAS_ALIBI, SOFTCAP,
-                                    HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION, WIDE)
-    if HAS_SINKS:
-        # The sink: one more softmax entry (logit SINKS[h]) with no value. m stays finite from here.
-        sink2 = tl.load(SINKS + h).to(tl.float32) * LOG2E_T
-        m_f = tl.maximum(m_i, sink2)
-        m_f = tl.where(m_f == float("-inf"), 0.0, m_f)  # a sink of -inf on a row without keys
-        alpha = tl.exp2(m_i - m_f)
-        l_i = l_i * alpha + tl.exp2(sink2 - m_f)
-        acc = acc * alpha[:, None]
-        m_i = m_f
+        acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, lo,
+                                        full_lo, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
+                                        LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                                        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, full_lo,
+                                    full_end, seq, mods, qk_scale, MASKED=False, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
+                                    LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                                    HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                                    DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, full_end,
+                                    hi, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
+                                    LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                                    HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                                    DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+    if HAS_SINKS:  # the sink: one more softmax entry (logit SINKS[h]) with no value
+        acc, m_i, l_i = fold_sink(acc, m_i, l_i, tl.load(SINKS + h).to(tl.float32) * LOG2E_T)
 
-    # Rows that saw no key have l = 0 and acc = 0: divide by 1 to return 0, and lse = -inf.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    out, lse = finalize(acc, m_i, l_i)
     store_tile(O + b * stride_ob + h * stride_oh + q_start * stride_os, out.to(O.dtype.element_ty), offs_m,
-               stride_os, Sq, HEAD_DIM, BLOCK_D, WIDE)
+               stride_os, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, WIDE=WIDE)
     tl.store(LSE + b * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=offs_m < Sq)

@@ -18,6 +18,9 @@ access outside it.
 
 Causal is bottom-right: new token t (of SQ) sees keys j <= t + Sk - SQ.
 
+The logits, visibility and online softmax are tiles.py's (score_mods, visible, softmax_update,
+fold_sink, finalize), as in the prefill forward: the two cannot drift apart.
+
 Score modifiers (fastattn/modifiers.py; constexpr flags, so a plain call compiles without them):
 softcap, bias (B or 1, Hq or 1, SQ or 1, CAPACITY or 1), ALiBi and a sliding window act on each
 row's scores with the row's head and position (t + Sk - SQ). The window moves the first key of the
@@ -29,21 +32,28 @@ combine's lse-weighted merge gives the exact result.
 import triton
 import triton.language as tl
 
-from .tiles import LOG2E_T, _tanh
-
-LN2 = tl.constexpr(0.6931471805599453)
+from .tiles import (
+    LOG2E_T,
+    finalize,
+    fold_sink,
+    score_mods,
+    softmax_update,
+    visible,
+)
 
 
 @triton.jit
-def _tile_offsets(BT_row, start, cols, valid, stride_kp, stride_ks, stride_vp, stride_vs, N_PAGES,
-                  PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
+def _tile_offsets(BT_row, start, cols, valid, strides, N_PAGES, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  WIDE: tl.constexpr):
     """Element offsets of one key tile (cache rows `cols` = start + arange(BLOCK_N) of one sequence)
     in K and in V, as (K base, K rows, V base, V rows): a scalar base plus per-row offsets. A
     contiguous cache's sequence base is applied by the caller. Paged: tiles start at multiples of
     BLOCK_N, so when BLOCK_N divides the page size a tile lies in one page (one block-table read,
     32-bit row offsets, as cheap as contiguous); otherwise each row reads its page. Page indices
     are clamped to the cache. WIDE (paged): the cache reaches 2**31 elements, so page offsets are
-    64-bit (per-row 64-bit offsets cost registers: only then)."""
+    64-bit (per-row 64-bit offsets cost registers: only then). strides: (stride_kp, stride_ks,
+    stride_vp, stride_vs, new k's and v's row strides)."""
+    stride_kp, stride_ks, stride_vp, stride_vs = strides[0], strides[1], strides[2], strides[3]
     if PAGE_SIZE > 0:
         if PAGE_SIZE % BLOCK_N == 0:
             page = tl.load(BT_row + start // PAGE_SIZE)
@@ -78,75 +88,70 @@ def _kv_tile(cache_ptrs, NEW_base, stride_new, cols, col_ok, cached, offs_d, d_o
 
 
 @triton.jit
-def _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, bias_rows, row_ok, lo, hi, cached, last_visible,
-                stride_kp, stride_ks, stride_vp, stride_vs, stride_kns, stride_vns, stride_bn, N_PAGES, left, right,
-                qk_scale, slope2, cap2,
-                FROM_NEW: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr):
-    """Fold key tiles [lo, hi) into the running (acc, row max m_i, row sum l_i). FROM_NEW: the tiles
-    reach the new tokens (positions >= cached), whose keys/values are read from k/v themselves (this
-    launch is what writes them into the cache). last_visible: each row's own position (its causal
-    diagonal); bias_rows: each row's bias row pointer; slope2: each row's ALiBi slope * log2(e)."""
+def _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, lo, hi, cached, row_ok, diag, mods, strides,
+                N_PAGES, qk_scale, FROM_NEW: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                WIDE: tl.constexpr):
+    """Fold key tiles [lo, hi) into the running (acc, row max m_i, row sum l_i), with the logits,
+    visibility and online softmax of tiles.py (as the prefill forward). FROM_NEW: the tiles reach the
+    new tokens (positions >= cached), whose keys/values are read from k/v themselves (this launch is
+    what writes them into the cache). row_ok: the real rows; diag: each row's diagonal() (its own
+    position: causally, the last key it sees); mods = (bias_rows, stride_bn, slope2, cap2, left,
+    right): each row's bias row pointer and ALiBi slope * log2(e) (a row's head is its own), softcap,
+    window; strides: _tile_offsets'."""
+    bias_rows, stride_bn, slope2, cap2, left, right = mods
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         col_ok = cols < hi
-        k_off, k_rows, v_off, v_rows = _tile_offsets(BT_row, start, cols, col_ok, stride_kp, stride_ks, stride_vp,
-                                                     stride_vs, N_PAGES, PAGE_SIZE, BLOCK_N, WIDE)
-        k = _kv_tile(k_base + k_off + k_rows[:, None] + offs_d[None, :], KN_base, stride_kns, cols, col_ok, cached,
-                     offs_d, d_ok, FROM_NEW)
+        k_off, k_rows, v_off, v_rows = _tile_offsets(BT_row, start, cols, col_ok, strides, N_PAGES,
+                                                     PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, WIDE=WIDE)
+        k = _kv_tile(k_base + k_off + k_rows[:, None] + offs_d[None, :], KN_base, strides[4], cols, col_ok, cached,
+                     offs_d, d_ok, FROM_NEW=FROM_NEW)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_R, BLOCK_N), log2 units
-        rel = cols[None, :] - last_visible[:, None]  # key position relative to each row's own
-        if SOFTCAP:
-            s = cap2 * _tanh(s / cap2)
-        if HAS_BIAS:
-            s += tl.load(bias_rows[:, None] + cols[None, :] * stride_bn, mask=col_ok[None, :] & row_ok[:, None],
-                         other=0.0).to(tl.float32) * LOG2E_T
-        if HAS_ALIBI:
-            s -= slope2[:, None] * tl.abs(rel).to(tl.float32)
-        visible = col_ok[None, :]
-        if LOCAL:
-            visible = visible & (rel >= -left) & (rel <= right)
-        elif CAUSAL:
-            visible = visible & (rel <= 0)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _kv_tile(v_base + v_off + v_rows[:, None] + offs_d[None, :], VN_base, stride_vns, cols, col_ok, cached,
-                     offs_d, d_ok, FROM_NEW)
+        c = cols[None, :]
+        rel = c - diag[:, None]  # relative_position
+        s, _ = score_mods(s, rel, bias_rows[:, None], c * stride_bn, row_ok[:, None], col_ok[None, :],
+                          slope2[:, None], cap2, SOFTCAP=SOFTCAP, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI)
+        s = tl.where(visible(rel, left, right, key_ok=col_ok[None, :], CAUSAL=CAUSAL, LOCAL=LOCAL), s, float("-inf"))
+        p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, GUARD=True)
+        v = _kv_tile(v_base + v_off + v_rows[:, None] + offs_d[None, :], VN_base, strides[5], cols, col_ok, cached,
+                     offs_d, d_ok, FROM_NEW=FROM_NEW)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
-def _store_new_rows(K, V, KN_base, VN_base, BT_row, b, hk, lo, hi, cached, stride_kp, stride_ks, stride_kh,
-                    stride_vp, stride_vs, stride_vh, stride_kns, stride_vns, N_PAGES,
-                    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Write the new tokens whose positions fall in [lo, hi) into the cache (KV head hk of sequence
-    b); a page index outside the cache is skipped, not clamped (it would overwrite another page)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    for position in range(tl.maximum(lo, cached), hi):
-        pos = b * 0 + position  # 64-bit (b is): pos * stride may pass 2**31 in a big cache
-        if PAGE_SIZE > 0:
+def append_row(K, V, KN_base, VN_base, row, stride_kns, stride_vns, BT_row, b, hk, pos, cache_strides, N_PAGES,
+               ok=None, PAGE_SIZE: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0, BLOCK_D: tl.constexpr = 0):
+    """Write one new token's key and value rows (row `row` of KN_base/VN_base: its (D,) rows, row
+    strides stride_kns/stride_vns) into KV head hk of
+    sequence b's cache at position pos (64-bit: pos * stride may pass 2**31 in a big cache), where
+    ok (None: pos is known to lie in the cache). cache_strides = (stride_kp, stride_ks, stride_kh,
+    stride_vp, stride_vs, stride_vh). Paged: a page index outside the cache is skipped, not clamped
+    (it would overwrite another page)."""
+    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh = cache_strides
+    if PAGE_SIZE > 0:
+        if ok is None:
             page = tl.load(BT_row + pos // PAGE_SIZE).to(tl.int64)
             ok = (page >= 0) & (page < N_PAGES)
-            k_dst = K + page * stride_kp + (pos % PAGE_SIZE) * stride_ks
-            v_dst = V + page * stride_vp + (pos % PAGE_SIZE) * stride_vs
         else:
+            page = tl.load(BT_row + pos // PAGE_SIZE, mask=ok, other=-1).to(tl.int64)
+            ok = ok & (page >= 0) & (page < N_PAGES)
+        k_dst = K + page * stride_kp + (pos % PAGE_SIZE) * stride_ks
+        v_dst = V + page * stride_vp + (pos % PAGE_SIZE) * stride_vs
+    else:
+        if ok is None:
             ok = pos >= 0
-            k_dst = K + b * stride_kp + pos * stride_ks
-            v_dst = V + b * stride_vp + pos * stride_vs
-        mask = offs_d < tl.where(ok, HEAD_DIM, 0)  # (a scalar bool & a vector trips the interpreter)
-        row = pos - cached
-        tl.store(k_dst + hk * stride_kh + offs_d, tl.load(KN_base + row * stride_kns + offs_d, mask=mask), mask=mask)
-        tl.store(v_dst + hk * stride_vh + offs_d, tl.load(VN_base + row * stride_vns + offs_d, mask=mask), mask=mask)
+        k_dst = K + b * stride_kp + pos * stride_ks
+        v_dst = V + b * stride_vp + pos * stride_vs
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = offs_d < tl.where(ok, HEAD_DIM, 0)  # (a scalar bool & a vector trips the interpreter)
+    tl.store(k_dst + hk * stride_kh + offs_d, tl.load(KN_base + row * stride_kns + offs_d, mask=mask), mask=mask)
+    tl.store(v_dst + hk * stride_vh + offs_d, tl.load(VN_base + row * stride_vns + offs_d, mask=mask), mask=mask)
 
 
 # Arguments: pointers, then integers, then floats, then constexprs (the launch plans rely on it).
@@ -211,47 +216,45 @@ def decode_attn_kernel(
         v_base = V + b * stride_vp + hk * stride_vh
     KN_base = K_NEW + b * stride_knb + hk * stride_knh
     VN_base = V_NEW + b * stride_vnb + hk * stride_vnh
-    last_visible = t + seq_len - SQ  # each row's position: causal, the last key it sees
+    strides = (stride_kp, stride_ks, stride_vp, stride_vs, stride_kns, stride_vns)
+    # Each row's tiles.diagonal(t, SQ, seq_len) (its own position: causally, the last key it sees),
+    # written as (t + seq_len) - SQ: the association ptxas has always seen (fewer spills, measured).
+    diag = t + seq_len - SQ
     # Per row: its bias row and its ALiBi slope.
     bias_rows = BIAS + b * stride_bb + h.to(tl.int64) * stride_bh + t * stride_bm
     slope2 = tl.zeros([BLOCK_R], dtype=tl.float32)
     if HAS_ALIBI:
         slope2 = tl.load(ALIBI + b * stride_ab + h, mask=row_ok, other=0.0) * LOG2E_T
+    mods = (bias_rows, stride_bn, slope2, cap2, left, right)
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, bias_rows, row_ok, lo, mid,
-                                cached,
-                                last_visible, stride_kp, stride_ks, stride_vp, stride_vs, stride_kns, stride_vns,
-                                stride_bn, N_PAGES, left, right, qk_scale, slope2, cap2, False, CAUSAL, LOCAL, HAS_BIAS,
-                                HAS_ALIBI, SOFTCAP, PAGE_SIZE, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D, WIDE)
-    acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, bias_rows, row_ok, mid, hi,
-                                cached,
-                                last_visible, stride_kp, stride_ks, stride_vp, stride_vs, stride_kns, stride_vns,
-                                stride_bn, N_PAGES, left, right, qk_scale, slope2, cap2, True, CAUSAL, LOCAL, HAS_BIAS,
-                                HAS_ALIBI, SOFTCAP, PAGE_SIZE, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D, WIDE)
+    acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, lo, mid, cached,
+                                row_ok, diag, mods, strides, N_PAGES, qk_scale, FROM_NEW=False,
+                                CAUSAL=CAUSAL, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                                PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+                                BLOCK_D=BLOCK_D, WIDE=WIDE)
+    acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, mid, hi, cached,
+                                row_ok, diag, mods, strides, N_PAGES, qk_scale, FROM_NEW=True,
+                                CAUSAL=CAUSAL, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                                PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+                                BLOCK_D=BLOCK_D, WIDE=WIDE)
     if HAS_SINKS:  # split 0 only: the combine then counts each sink once
         sink2 = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32) * LOG2E_T
-        sink2 = tl.where(split == 0, sink2, float("-inf"))
-        m_f = tl.maximum(m_i, sink2)
-        m_f = tl.where(m_f == float("-inf"), 0.0, m_f)
-        alpha = tl.exp2(m_i - m_f)
-        l_i = l_i * alpha + tl.exp2(sink2 - m_f)
-        acc = acc * alpha[:, None]
-        m_i = m_f
+        acc, m_i, l_i = fold_sink(acc, m_i, l_i, tl.where(split == 0, sink2, float("-inf")))
     if tile == 0:
         # New tokens before the window's first key (more new tokens than the window spans) are
         # still written, by split 0.
         store_lo = tl.where(split == 0, 0, lo)
-        _store_new_rows(K, V, KN_base, VN_base, BT_row, b, hk, store_lo, hi, cached, stride_kp, stride_ks, stride_kh,
-                        stride_vp, stride_vs, stride_vh, stride_kns, stride_vns, N_PAGES, PAGE_SIZE, HEAD_DIM,
-                        BLOCK_D)
+        cache_strides = (stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh)
+        for position in range(tl.maximum(store_lo, cached), hi):
+            pos = b * 0 + position  # 64-bit (b is): pos * stride may pass 2**31 in a big cache
+            append_row(K, V, KN_base, VN_base, pos - cached, stride_kns, stride_vns, BT_row, b, hk, pos, cache_strides,
+                       N_PAGES, PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
 
     # A row that saw no key (an empty split, or none visible) has l = 0, acc = 0: out 0, lse -inf.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    out, lse = finalize(acc, m_i, l_i)
     split_off = split.to(tl.int64)
     o_ptrs = O + split_off * stride_o_split + b * stride_ob + (t * stride_os + h * stride_oh)[:, None] + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -311,18 +314,7 @@ def kv_append_kernel(
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     pos = tl.maximum(tl.load(SEQLENS + b), 0) + t
-    ok = pos < CAPACITY
-    if PAGE_SIZE > 0:
-        page = tl.load(BLOCK_TABLE + b * stride_bt + pos // PAGE_SIZE, mask=ok, other=-1).to(tl.int64)
-        ok = ok & (page >= 0) & (page < N_PAGES)
-        k_dst = K_CACHE + page * stride_kp + (pos % PAGE_SIZE) * stride_ks
-        v_dst = V_CACHE + page * stride_vp + (pos % PAGE_SIZE) * stride_vs
-    else:
-        k_dst = K_CACHE + b * stride_kp + pos.to(tl.int64) * stride_ks
-        v_dst = V_CACHE + b * stride_vp + pos.to(tl.int64) * stride_vs
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = offs_d < tl.where(ok, HEAD_DIM, 0)  # (a scalar bool & a vector trips the interpreter)
-    k = tl.load(K_NEW + b * stride_knb + t * stride_kns + hk * stride_knh + offs_d, mask=mask)
-    v = tl.load(V_NEW + b * stride_vnb + t * stride_vns + hk * stride_vnh + offs_d, mask=mask)
-    tl.store(k_dst + hk * stride_kh + offs_d, k, mask=mask)
-    tl.store(v_dst + hk * stride_vh + offs_d, v, mask=mask)
+    append_row(K_CACHE, V_CACHE, K_NEW + b * stride_knb + hk * stride_knh, V_NEW + b * stride_vnb + hk * stride_vnh, t,
+               stride_kns, stride_vns, BLOCK_TABLE + b * stride_bt, b, hk, pos.to(tl.int64),
+               (stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh), N_PAGES, ok=pos < CAPACITY,
+               PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)

@@ -1,4 +1,6 @@
-"""Jit helpers shared by the forward and backward kernels.
+"""Jit helpers shared by the forward, backward and decoding kernels: the one definition of a logit
+(``score_mods``), of which keys a query sees (``visible``), of the online softmax
+(``softmax_update``, ``fold_sink``, ``finalize``), plus tile loads/stores and block ranges.
 
 Conventions: a tile is BLOCK rows of a (S, D) slice whose rows are `stride` elements apart and
 whose last dimension is contiguous. Row offsets are 32-bit unless WIDE: the launcher sets WIDE when
@@ -12,12 +14,19 @@ Score modifiers (fastattn/modifiers.py) apply to the scores in log2 units: the s
 ALiBi terms arrive pre-multiplied by log2(e) where they are scalars. A sliding window (LOCAL)
 passes `left`/`right` as ints (the launcher replaces an unbounded side by Sq + Sk); with causal,
 right <= 0, so the window alone decides visibility.
+
+Grouped values (tuples, built in the kernels as FlashAttention's SeqlenInfo/BlockInfo):
+    seq  = (q_start, Sq, k_start, Sk)  (sequence_info)
+    mods = (BIAS_bh, stride_bm, stride_bn, slope2, cap2, left, right)  (the prefill kernels' modifiers
+           for one (batch, query head): bias slice, ALiBi slope * log2(e), softcap * log2(e), window)
+Every constexpr is passed by keyword.
 """
 
 import triton
 import triton.language as tl
 
 LOG2E_T = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -55,8 +64,9 @@ def load_keys(ptr, cols, stride, Sk, KP_row, HEAD_DIM: tl.constexpr, BLOCK_D: tl
     its zero probability (0 * NaN is NaN), for the cost of a predicate on the load."""
     if MASKED and HAS_KPM:
         keep = (cols < Sk) & (tl.load(KP_row + cols, mask=cols < Sk, other=0) != 0)
-        return load_tile(ptr, cols, stride, Sk, HEAD_DIM, BLOCK_D, True, WIDE, keep)
-    return load_tile(ptr, cols, stride, Sk, HEAD_DIM, BLOCK_D, MASKED, WIDE)
+        return load_tile(ptr, cols, stride, Sk, keep=keep, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True,
+                         WIDE=WIDE)
+    return load_tile(ptr, cols, stride, Sk, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=MASKED, WIDE=WIDE)
 
 
 @triton.jit
@@ -83,62 +93,145 @@ def _tanh(x):
 
 
 @triton.jit
-def modify_scores(s, r, c, Sq, Sk, BIAS_bh, stride_bm, stride_bn, slope2, cap2, HAS_BIAS: tl.constexpr,
-                  HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, WIDE: tl.constexpr):
-    """The score modifiers on a tile of scores s (log2 units) of queries r and keys c, index tensors
-    that broadcast to s's shape ((rows, 1) x (1, cols), or transposed). Returns (s, dcap):
-    dcap = d softcap / d logit = 1 - tanh^2 with SOFTCAP (the backward needs it), else s (unused).
-    BIAS_bh points at this (batch, head)'s bias; slope2 = ALiBi slope * log2(e); cap2 = softcap * log2(e)."""
+def diagonal(r, Sq, Sk):
+    """Query r's position among the keys (bottom-right aligned): the last key causal attention lets it see."""
+    return r + (Sk - Sq)
+
+
+@triton.jit
+def relative_position(r, c, Sq, Sk):
+    """Key c's position relative to query r's diagonal(): <= 0 where causal attention sees it. r, c
+    broadcast to the score tile. (Decode computes diagonal() once per row, outside its key loop.)"""
+    return c - diagonal(r, Sq, Sk)
+
+
+@triton.jit
+def score_mods(s, rel, bias_rows, bias_cols, row_ok, col_ok, slope2, cap2, SOFTCAP: tl.constexpr,
+               HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """The one definition of a modified logit (log2 units), in the order of fastattn/modifiers.py:
+    softcap, then bias, then ALiBi. Returns (s, dcap): dcap = d softcap / d logit = 1 - tanh^2 with
+    SOFTCAP (the backward needs it), else s (unused).
+
+    rel: relative_position of the tile's entries. bias_rows: pointers to each row's bias row (a
+    (rows, 1) tile, or transposed (1, rows)), bias_cols: each column's element offset in it;
+    row_ok/col_ok: where the bias may be read. slope2: ALiBi slope * log2(e), a scalar (one head) or
+    a per-row tile (decode: rows of several heads); cap2 = softcap * log2(e)."""
     dcap = s
     if SOFTCAP:
         t = _tanh(s / cap2)
         s = cap2 * t
         dcap = 1.0 - t * t
     if HAS_BIAS:
-        if WIDE:
-            offs = r.to(tl.int64) * stride_bm + c.to(tl.int64) * stride_bn
-        else:
-            offs = r * stride_bm + c * stride_bn
-        s += tl.load(BIAS_bh + offs, mask=(r < Sq) & (c < Sk), other=0.0).to(tl.float32) * LOG2E_T
+        s += tl.load(bias_rows + bias_cols, mask=row_ok & col_ok, other=0.0).to(tl.float32) * LOG2E_T
     if HAS_ALIBI:
-        s -= slope2 * tl.abs(c - (r + (Sk - Sq))).to(tl.float32)
+        s -= slope2 * tl.abs(rel).to(tl.float32)
     return s, dcap
 
 
 @triton.jit
-def window_visible(r, c, Sq, Sk, left, right, CAUSAL: tl.constexpr, LOCAL: tl.constexpr):
-    """Whether query r sees key c by position (causal, window), broadcast as modify_scores' r, c.
-    Neither flag: all True (padding and the sequence end are the caller's)."""
-    rel = c - (r + (Sk - Sq))  # key position relative to the query's diagonal
-    if LOCAL:
+def modify_scores(s, r, c, Sq, Sk, mods, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                  WIDE: tl.constexpr):
+    """score_mods for the prefill kernels: one (batch, head)'s modifiers `mods` (see the module
+    doc), queries r and keys c (index tensors broadcasting to s: (rows, 1) x (1, cols), or
+    transposed)."""
+    BIAS_bh, stride_bm, stride_bn, slope2, cap2 = mods[0], mods[1], mods[2], mods[3], mods[4]
+    if WIDE:
+        r_off = r.to(tl.int64) * stride_bm
+        c_off = c.to(tl.int64) * stride_bn
+    else:
+        r_off = r * stride_bm
+        c_off = c * stride_bn
+    return score_mods(s, relative_position(r, c, Sq, Sk), BIAS_bh + r_off, c_off, r < Sq, c < Sk, slope2, cap2,
+                      SOFTCAP=SOFTCAP, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI)
+
+
+@triton.jit
+def visible(rel, left, right, key_ok=None, kp=None, CAUSAL: tl.constexpr = False, LOCAL: tl.constexpr = False,
+            HAS_KPM: tl.constexpr = False):
+    """Whether each query sees each key: key_ok (a bool tile: the key is inside the sequence, or a
+    split's range; None: not checked), by relative position rel (CAUSAL: rel <= 0; LOCAL:
+    -left <= rel <= right, which decides alone, see the module doc) and (HAS_KPM) not padding: kp.
+    key_ok and kp broadcast to rel. Nothing to check: all True."""
+    if key_ok is not None:
+        vis = key_ok
+        if LOCAL:
+            vis = vis & (rel >= -left) & (rel <= right)
+        elif CAUSAL:
+            vis = vis & (rel <= 0)
+    elif LOCAL:
         vis = (rel >= -left) & (rel <= right)
     elif CAUSAL:
         vis = rel <= 0
     else:
         vis = rel == rel
+    if HAS_KPM:
+        vis = vis & kp
     return vis
 
 
 @triton.jit
-def scores_tile(q, k, cols, rows, Sq, Sk, qk_scale, KP_row, BIAS_bh, stride_bm, stride_bn, slope2, cap2, left, right,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                WIDE: tl.constexpr):
+def key_padding(KP_row, cols, Sk):
+    """Which keys `cols` are real (not padding) in the key-padding row KP_row (bytes, nonzero = real)."""
+    return tl.load(KP_row + cols, mask=cols < Sk, other=0) != 0
+
+
+@triton.jit
+def scores_tile(q, k, rows, cols, seq, mods, qk_scale, KP_row, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_KPM: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """Scaled scores q k^T in log2 units with the score modifiers, (len(rows), len(cols)), and
-    modify_scores' dcap. On masked (diagonal/window edge/tail/padded) blocks, keys past Sk, outside
-    query i's causal/window range, or (HAS_KPM) marked as padding in the key-padding row KP_row
-    are -inf."""
+    score_mods' dcap. On masked (diagonal/window edge/tail/padded) blocks, keys that are not
+    visible() (past Sk, outside query i's causal/window range, or (HAS_KPM) marked as padding in the
+    key-padding row KP_row) are -inf."""
+    Sq = seq[1]
+    Sk = seq[3]
+    r = rows[:, None]
+    c = cols[None, :]
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    s, dcap = modify_scores(s, rows[:, None], cols[None, :], Sq, Sk, BIAS_bh, stride_bm, stride_bn, slope2, cap2,
-                            HAS_BIAS, HAS_ALIBI, SOFTCAP, WIDE)
+    s, dcap = modify_scores(s, r, c, Sq, Sk, mods, SOFTCAP=SOFTCAP, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, WIDE=WIDE)
     if MASKED:
-        visible = cols[None, :] < Sk
-        if CAUSAL or LOCAL:
-            visible = visible & window_visible(rows[:, None], cols[None, :], Sq, Sk, left, right, CAUSAL, LOCAL)
-        if HAS_KPM:
-            visible = visible & (tl.load(KP_row + cols, mask=cols < Sk, other=0) != 0)[None, :]
-        s = tl.where(visible, s, float("-inf"))
+        vis = visible(relative_position(r, c, Sq, Sk), mods[5], mods[6], key_ok=c < Sk, CAUSAL=CAUSAL, LOCAL=LOCAL)
+        if HAS_KPM:  # (visible()'s kp, loaded after the position test as it always was: fewer registers)
+            vis = vis & key_padding(KP_row, cols, Sk)[None, :]
+        s = tl.where(vis, s, float("-inf"))
     return s, dcap
+
+
+@triton.jit
+def softmax_update(s, m_i, l_i, GUARD: tl.constexpr):
+    """One step of the online softmax (base 2) over a score tile s: (p, alpha, m_new, l_new), after
+    which the caller scales its accumulator by alpha and adds p @ v. GUARD: some row may have seen no
+    visible key yet (masked tiles, a bias of -inf) and so keep m = -inf; it is shifted by 0 instead,
+    so that exp2(-inf - (-inf)) never produces NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = m_new
+    if GUARD:
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_new
+
+
+@triton.jit
+def fold_sink(acc, m_i, l_i, sink2):
+    """A sink (logit sink2, log2 units; a scalar or per row) joins the softmax as one more entry with
+    no value: (acc, m, l) after it. m is finite from here (0 on a row without keys whose sink is -inf)."""
+    m_f = tl.maximum(m_i, sink2)
+    m_f = tl.where(m_f == float("-inf"), 0.0, m_f)
+    alpha = tl.exp2(m_i - m_f)
+    l_i = l_i * alpha + tl.exp2(sink2 - m_f)
+    return acc * alpha[:, None], m_f, l_i
+
+
+@triton.jit
+def finalize(acc, m_i, l_i):
+    """(out, lse natural log) of the online softmax: rows that saw no key (l = 0, acc = 0) get out 0
+    (divided by 1) and lse -inf."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    return out, lse
 
 
 @triton.jit
@@ -151,8 +244,8 @@ def _packed_range(CU, b, max_len, total):
 
 
 @triton.jit
-def sequence_bounds(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN: tl.constexpr):
-    """(q_start, Sq, k_start, Sk) of batch element b. Packed (varlen) sequences read them from the
+def sequence_info(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN: tl.constexpr):
+    """seq = (q_start, Sq, k_start, Sk) of batch element b. Packed (varlen) sequences read them from the
     cumulative lengths (Sq/Sk are then the max lengths, Tq/Tk the totals); padded batches start at
     row 0 with the common lengths."""
     if VARLEN:
@@ -217,20 +310,23 @@ def window_key_range(start_m, Sq, Sk, left, right, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def key_blocks(start_m, Sq, Sk, KV_BOUNDS, b, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def key_blocks(start_m, seq, KV_BOUNDS, b, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr):
-    """(lo, full_lo, full_end, hi) for a query block: [full_lo, full_end) needs no mask, [lo, full_lo)
-    (a window's left edge; empty without LOCAL) and [full_end, hi) do. With a key-padding mask every
+    """The block ranges (lo, full_lo, full_end, hi) of a query block of sequence `seq`:
+    [full_lo, full_end) needs no mask, [lo, full_lo) (a window's left edge; empty without LOCAL) and
+    [full_end, hi) do. With a key-padding mask every
     visited block is masked, and blocks outside the batch element's [first real key, last real key]
     are skipped. A query block past the sequence (varlen) visits none."""
+    Sq = seq[1]
+    Sk = seq[3]
     if LOCAL:
-        lo, full_lo, full_end, hi = window_key_range(start_m, Sq, Sk, left, right, BLOCK_M, BLOCK_N)
+        lo, full_lo, full_end, hi = window_key_range(start_m, Sq, Sk, left, right, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     else:
-        full_end, hi = key_range(start_m, Sq, Sk, BLOCK_M, BLOCK_N, CAUSAL)
+        full_end, hi = key_range(start_m, Sq, Sk, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL)
         lo = full_end * 0
         full_lo = lo
     hi = tl.where(start_m < Sq, hi, 0)
-    kv_lo, kv_hi = padded_key_bounds(KV_BOUNDS, b, Sk, HAS_KPM)
+    kv_lo, kv_hi = padded_key_bounds(KV_BOUNDS, b, Sk, HAS_KPM=HAS_KPM)
     if HAS_KPM:
         hi = tl.minimum(hi, kv_hi)
         lo = tl.minimum(tl.maximum(lo, (kv_lo // BLOCK_N) * BLOCK_N), hi)

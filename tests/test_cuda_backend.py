@@ -80,9 +80,9 @@ def test_prepare_keeps_aligned_views_and_copies_the_rest():
 def test_key_bounds_are_the_shared_ones():
     # One key_bounds for both kernel backends (tested in test_padding_varlen.py); the CUDA kernels
     # treat first >= last as an empty range, as the Triton kernels do.
-    from fastattn.launchers import masks
+    from fastattn.launchers import key_bounds
 
-    assert launch.key_bounds is masks.key_bounds
+    assert launch.key_bounds is key_bounds.key_bounds
 
 
 # ---------------------------------------------------------------- setup.py

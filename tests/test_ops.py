@@ -8,7 +8,7 @@ from conftest import DEVICE
 import fastattn
 import fastattn.ops  # noqa: F401  (registers the ops)
 from fastattn import testing
-from fastattn.launchers.masks import key_bounds
+from fastattn.launchers.key_bounds import key_bounds
 
 
 def small_inputs(gen, dtype=torch.float32, causal=True):

@@ -1,7 +1,7 @@
 """Compile the Triton kernels for a GPU target on a machine without a GPU (no launch).
 
     python tools/aot_compile_check.py [--arch 90] [--dtype fp16] [--head-dims 64,128,256]
-        [--variants dense,mask,varlen,bias,alibi,window,softcap,sinks,all] [--decode-only]
+        [--variants dense,mask,varlen,bias,alibi,window,softcap,sinks,all] [--decode-only | --no-decode]
 
 Catches what the interpreter does not: compile errors, configs whose shared memory exceeds the
 chip (H100: 227 KiB per block), and dots that did not lower to tensor-core instructions
@@ -213,10 +213,13 @@ def main(argv=None) -> int:
                     help="comma list of dense, mask (key padding), varlen, and the score modifiers "
                          f"{', '.join(MOD_VARIANTS)}")
     ap.add_argument("--decode-only", action="store_true", help="only the decoding kernels (kernels/decode.py)")
+    ap.add_argument("--no-decode", action="store_true", help="all but the decoding kernels")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}")
-    bad = compile_decode_kernels(args.dtype, args.arch, list(map(int, args.head_dims.split(","))),
-                                 args.variants.split(","))
+    bad = 0
+    if not args.no_decode:
+        bad += compile_decode_kernels(args.dtype, args.arch, list(map(int, args.head_dims.split(","))),
+                                      args.variants.split(","))
     if args.decode_only:
         print(f"{bad} problem(s)")
         return 1 if bad else 0

@@ -15,7 +15,7 @@ import importlib.util
 import torch
 
 from fastattn.launchers.device import on_device, stream_of
-from fastattn.launchers.masks import key_bounds
+from fastattn.launchers.key_bounds import key_bounds
 
 IMPORT_ERROR: str | None = None
 if importlib.util.find_spec("fastattn._C") is None:  # not built: no GPU / nvcc at install time

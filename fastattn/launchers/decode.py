@@ -6,6 +6,9 @@ contiguous), outputs and scratch come from torch's allocator, plans are looked u
 and pointer alignment, nothing reads a tensor's values on the host, so a warmed-up decode step is
 CUDA-graph capturable. The split count depends only on shapes and the GPU (not on the cached
 lengths, which live on the device): each split takes an equal share of its sequence's keys.
+
+Each kernel's flat runtime argument order is written once, in its builder (``_append_args``,
+``_decode_args``, ``_combine_args``); the capacity of a cache is ``kvcache.capacity``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from fastattn.kernels import configs
 from fastattn.kernels.decode import decode_attn_kernel, decode_combine_kernel, kv_append_kernel
 from fastattn.launchers import plans
 from fastattn.launchers.device import on_device
-from fastattn.launchers.score_mods import NO_FLAGS, NO_MOD_INTS, kernel_args, no_mods
+from fastattn.launchers.score_mods import Mods, launch_args
 
 LOG2E = math.log2(math.e)
 NOMINAL_BLOCK_N = 64  # key tile the split heuristic counts in (the split count must not depend on the config)
@@ -77,6 +80,32 @@ def _table_args(k_cache, block_table):
     return bt, bt.stride(0), k_cache.shape[1], k_cache.shape[0]
 
 
+def _append_args(k, v, k_cache, v_cache, seqlens, table, cap):
+    """kv_append_kernel's runtime arguments in its order; table: _table_args'."""
+    bt, stride_bt, _, n_pages = table
+    return (k, v, k_cache, v_cache, seqlens, bt, *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3],
+            *v_cache.stride()[:3], stride_bt, cap, n_pages)
+
+
+def _decode_args(q, k_cache, v_cache, k, v, seqlens, bt, o, lse, mod_ptrs, ints, mod_ints, qk_scale, cap2):
+    """decode_attn_kernel's runtime arguments in its order; ints: the integers up to ROW_TILES
+    (_decode_ints), mod_ptrs/mod_ints: score_mods.kernel_args'."""
+    return (q, k_cache, v_cache, k, v, seqlens, bt, o, lse, *mod_ptrs, *ints, *mod_ints, qk_scale, cap2)
+
+
+def _decode_ints(q, k_cache, v_cache, new_strides, stride_bt, o_strides, l_strides, sizes):
+    """decode_attn_kernel's integers before the modifiers': strides of q, the caches, the new k/v,
+    the block table, the output and lse (with their split strides), then sizes (GROUP, SQ, N_NEW,
+    CAPACITY, N_PAGES, N_SPLITS, ROW_TILES). Part of the plan key."""
+    return (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *new_strides, stride_bt, *o_strides,
+            *l_strides, *sizes)
+
+
+def _combine_args(o, l_, out, lse, splits):
+    """decode_combine_kernel's runtime arguments in its order."""
+    return (o, l_, out, lse, *o.stride()[:4], *l_.stride()[:3], *out.stride()[:3], *lse.stride()[:2], splits)
+
+
 def append(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
     """Write k, v (B, S_new, Hkv, D) into the cache at positions cache_seqlens[b] + t, in place;
     positions outside the cache are skipped (kvcache.append is the torch version)."""
@@ -86,10 +115,10 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     seqlens = cache_seqlens.contiguous()
-    bt, stride_bt, page_size, n_pages = _table_args(k_cache, block_table)
-    cap = k_cache.shape[1] if block_table is None else block_table.shape[1] * page_size
-    args = (k, v, k_cache, v_cache, seqlens, bt, *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3],
-            *v_cache.stride()[:3], stride_bt, cap, n_pages)
+    table = _table_args(k_cache, block_table)
+    bt, page_size = table[0], table[2]
+    cap = kvcache.capacity(k_cache, block_table)
+    args = _append_args(k, v, k_cache, v_cache, seqlens, table, cap)
     grid = (n, hkv, b)
     device = k.get_device()
     key = ("append", k.dtype, device, page_size, d, args[6:], plans.aligned((k, v, k_cache, v_cache, seqlens, bt)))
@@ -155,7 +184,7 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
         new_strides, n_new = (*k.stride()[:3], *v.stride()[:3]), k.shape[1]
     seqlens = cache_seqlens.contiguous()
     bt, stride_bt, page_size, n_pages = _table_args(k_cache, block_table)
-    cap = k_cache.shape[1] if block_table is None else block_table.shape[1] * page_size
+    cap = kvcache.capacity(k_cache, block_table)
     group = hq // hkv
     block_r = row_tile(group * sq, d)
     row_tiles = -(-group * sq // block_r)
@@ -168,19 +197,15 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
         o = q.new_empty((splits, b, sq, hq, d), dtype=torch.float32)
         l_ = q.new_empty((splits, b, hq, sq), dtype=torch.float32)
         o_strides, l_strides = o.stride()[:4], l_.stride()[:3]
-    ints = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *new_strides, stride_bt, *o_strides,
-            *l_strides, group, sq, n_new, cap, n_pages, splits, row_tiles)
-    mods = (bias, alibi_slopes, sinks, window_left, window_right, softcap)
-    if no_mods(mods):
-        mod_ptrs, mod_ints, cap2, flags, mod_key = (q, q, q), NO_MOD_INTS, 0.0, NO_FLAGS, None
-    else:
-        mod_ptrs, mod_ints, cap2, flags, mod_key = kernel_args(q, b, hq, sq, cap, *mods)
+    ints = _decode_ints(q, k_cache, v_cache, new_strides, stride_bt, o_strides, l_strides,
+                        (group, sq, n_new, cap, n_pages, splits, row_tiles))
+    mod_ptrs, mod_ints, cap2, flags, mod_key = launch_args(
+        q, b, hq, sq, cap, Mods(bias, alibi_slopes, sinks, window_left, window_right, softcap))
+    if mod_key is not None:
         mod_key = (mod_key, plans.aligned(mod_ptrs))
-    args = (q, k_cache, v_cache, k, v, seqlens, bt, o, l_, *mod_ptrs, *ints, *mod_ints, scale * LOG2E, cap2)
+    args = _decode_args(q, k_cache, v_cache, k, v, seqlens, bt, o, l_, mod_ptrs, ints, mod_ints, scale * LOG2E, cap2)
     grid = (splits, hkv * row_tiles, b)
-    combine = None
-    if splits > 1:
-        combine = (o, l_, out, lse, *o.stride()[:4], *l_.stride()[:3], *out.stride()[:3], *lse.stride()[:2], splits)
+    combine = _combine_args(o, l_, out, lse, splits) if splits > 1 else None
     key = ("decode", q.dtype, device, causal, page_size, d, b, hq, ints,
            plans.aligned((q, k_cache, v_cache, k, v, seqlens, bt)), mod_key)
     found = _plans.get(key)

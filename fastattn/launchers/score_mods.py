@@ -1,31 +1,56 @@
-"""The score modifiers' kernel arguments, shared by the attention and decode launchers: the kernels
-take (bias, alibi_slopes, sinks) pointers, seven ints (bias strides (b, h, m, n), the slopes' batch
-stride, window left/right), softcap * log2(e) and constexpr flags. A call without modifiers passes
+"""The score modifiers of a launcher call (``Mods``) and their kernel arguments, shared by the
+attention and decode launchers: the kernels take (bias, alibi_slopes, sinks) pointers, seven ints
+(bias strides (b, h, m, n), the slopes' batch stride, window left/right), softcap * log2(e) and
+constexpr flags. A call without modifiers passes
 constants (NO_MOD_INTS, NO_FLAGS): the flags compile the modifier code out."""
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 LOG2E = math.log2(math.e)
 
 
-def no_mods(mods) -> bool:
-    """True when the (bias, alibi_slopes, sinks, window_left, window_right, softcap) are all off."""
-    bias, alibi, sinks, left, right, softcap = mods
-    return bias is None and alibi is None and sinks is None and left < 0 and right < 0 and softcap == 0.0
+class Mods(NamedTuple):
+    """The score modifiers of one launcher call (the launchers' record; fastattn.modifiers.ScoreMods
+    is the API's, ``of`` converts): bias, alibi_slopes, sinks, window_left/right (-1 = unbounded),
+    softcap (0 = off), as the ops' flat arguments."""
+
+    bias: object = None
+    alibi_slopes: object = None
+    sinks: object = None
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+
+    @classmethod
+    def of(cls, mods) -> Mods:
+        """From a fastattn.modifiers.ScoreMods (None: no modifiers)."""
+        if mods is None:
+            return NO_MODS
+        return cls(mods.bias, mods.alibi_slopes, mods.sinks, *mods.window, mods.softcap)
+
+    def off(self) -> bool:
+        """True when every modifier is off: the kernels' plain path."""
+        return (self.bias is None and self.alibi_slopes is None and self.sinks is None and self.window_left < 0
+                and self.window_right < 0 and self.softcap == 0.0)
+
+
+NO_MODS = Mods()
 
 
 NO_FLAGS = dict(LOCAL=False, HAS_BIAS=False, HAS_ALIBI=False, SOFTCAP=False, HAS_SINKS=False)
 NO_MOD_INTS = (0, 0, 0, 0, 0, 0, 0)
 
 
-def kernel_args(q, b, hq, sq, sk, bias, alibi_slopes, sinks, window_left, window_right, softcap):
-    """The kernels' modifier arguments: (pointers bias/alibi/sinks, ints (bias strides (b, h, m, n),
+def kernel_args(q, b, hq, sq, sk, mods: Mods):
+    """The kernels' modifier arguments for a Mods record: (pointers bias/alibi/sinks, ints (bias strides (b, h, m, n),
     slope batch stride, window left/right), cap2, flags, key). Absent pointers get q (never read).
     key: everything about the modifiers that a launch plan depends on (flags, ints, dtypes, whether
     bias offsets need 64 bits: key[2]). Worked out once per layout (_layout), as it runs every call."""
+    bias, alibi_slopes, sinks, window_left, window_right, softcap = mods
     layout = _layout(b, hq, sq, sk, None if bias is None else (bias.shape, bias.stride(), bias.dtype),
                      None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride()),
                      None if sinks is None else sinks.dtype, window_left, window_right, softcap)
@@ -55,3 +80,11 @@ def _layout(b, hq, sq, sk, bias, alibi, sinks_dtype, window_left, window_right, 
     ints = (*bias_strides, slope_stride, window_left if 0 <= window_left < unbounded else unbounded,
             window_right if 0 <= window_right < unbounded else unbounded)
     return ints, softcap * LOG2E, flags, (tuple(flags.values()), ints, wide, dtypes)
+
+
+def launch_args(q, b, hq, sq, sk, mods: Mods):
+    """kernel_args, or for a call without modifiers the constants that compile them out:
+    (pointers (q as a never-read placeholder), NO_MOD_INTS, cap2 0.0, NO_FLAGS, key None)."""
+    if mods.off():
+        return (q, q, q), NO_MOD_INTS, 0.0, NO_FLAGS, None
+    return kernel_args(q, b, hq, sq, sk, mods)

@@ -9,8 +9,13 @@ Outputs are allocated contiguous.
 
 Score modifiers (fastattn/modifiers.py) arrive as bias (4-D, broadcastable to (B, Hq, Sq, Sk); its
 stride-0 expansion is what the kernels read), alibi_slopes (B or 1, Hq) float32, sinks (Hq,),
-window_left/right (-1 = unbounded) and softcap (0 = off). Without them every modifier argument is
-a constant and the kernels compile without the modifier code.
+window_left/right (-1 = unbounded) and softcap (0 = off): the ops' flat arguments, which the
+public functions here take too and gather into one ``score_mods.Mods`` record for the rest. Without
+them every modifier argument is a constant and the kernels compile without the modifier code.
+
+Each kernel's flat runtime argument order (pointers, ints, floats: what the launch plans pass before
+the constexprs) is written once, in its builder (``_fwd_args``, ``_preprocess_args``, ``_dkdv_args``,
+``_dq_args``).
 
 Host time is part of a call's cost. A call builds its integer arguments once and looks its launch
 plans up (``plans``) by everything that decides them: kernel flags, dtype, device, the integers
@@ -31,8 +36,8 @@ from fastattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, 
 from fastattn.kernels.attn_fwd import attn_fwd_kernel
 from fastattn.launchers import plans
 from fastattn.launchers.device import on_device
-from fastattn.launchers.masks import key_bounds
-from fastattn.launchers.score_mods import NO_FLAGS, NO_MOD_INTS, kernel_args, no_mods
+from fastattn.launchers.key_bounds import key_bounds
+from fastattn.launchers.score_mods import NO_FLAGS, Mods, launch_args
 
 LOG2E = math.log2(math.e)
 MAX_CACHED_SIGNATURES = plans.MAX_SIGNATURES
@@ -129,7 +134,7 @@ def forward(q, k, v, key_padding_mask, kv_bounds, causal: bool, scale: float, bi
     """Padded batches: out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) float32, natural log.
     kv_bounds: key_bounds(key_padding_mask), or None to compute it here."""
     return _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, None, None, 0, 0,
-                    (bias, alibi_slopes, sinks, window_left, window_right, softcap))
+                    Mods(bias, alibi_slopes, sinks, window_left, window_right, softcap))
 
 
 def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
@@ -137,7 +142,7 @@ def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_s
                    window_right: int = -1, softcap: float = 0.0):
     """Packed sequences q (Tq, Hq, D), k/v (Tk, Hkv, D): out (Tq, Hq, D) and lse (Hq, Tq) float32."""
     return _forward(q, k, v, causal, scale, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    (bias, alibi_slopes, sinks, window_left, window_right, softcap))
+                    Mods(bias, alibi_slopes, sinks, window_left, window_right, softcap))
 
 
 def backward(dout, q, k, v, out, lse, dlse, key_padding_mask, kv_bounds, causal: bool, scale: float, bias=None,
@@ -147,7 +152,7 @@ def backward(dout, q, k, v, out, lse, dlse, key_padding_mask, kv_bounds, causal:
     through lse, dlse (else None). dbias (bias's shape) only with bias_grad, dsinks only with sinks;
     else None."""
     return _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv_bounds, None, None, 0, 0,
-                     (bias, alibi_slopes, sinks, window_left, window_right, softcap), bias_grad)
+                     Mods(bias, alibi_slopes, sinks, window_left, window_right, softcap), bias_grad)
 
 
 def backward_varlen(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
@@ -155,12 +160,19 @@ def backward_varlen(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, m
                     window_left: int = -1, window_right: int = -1, softcap: float = 0.0, bias_grad: bool = False):
     """Packed sequences: (dq, dk, dv, dbias, dsinks)."""
     return _backward(dout, q, k, v, out, lse, dlse, causal, scale, None, None, cu_seqlens_q, cu_seqlens_k,
-                     max_seqlen_q, max_seqlen_k, (bias, alibi_slopes, sinks, window_left, window_right, softcap),
+                     max_seqlen_q, max_seqlen_k, Mods(bias, alibi_slopes, sinks, window_left, window_right, softcap),
                      bias_grad)
 
 
+def _fwd_args(q, k, v, out, lse, masks, mod_ptrs, strides, lse_strides, sizes, totals, mod_ints, qk_scale, cap2):
+    """attn_fwd_kernel's runtime arguments in its order. masks: (kpm, kv_bounds, cu_q, cu_k);
+    strides: q, k, v, out (batch, seq, head); sizes: (kpm row stride, GROUP, Sq, Sk); totals: (Tq, Tk);
+    mod_ptrs/mod_ints: score_mods.kernel_args'."""
+    return (q, k, v, out, lse, *masks, *mod_ptrs, *strides, *lse_strides, *sizes, *totals, *mod_ints, qk_scale, cap2)
+
+
 def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-             max_seqlen_k, mods):
+             max_seqlen_k, mods: Mods):
     varlen = cu_seqlens_q is not None
     (q, k, v), in_strides = _layout(varlen, q, k, v)
     b, sq, sk, hq, hkv, d, tq, tk = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
@@ -172,13 +184,11 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
     lse_strides = (0, tq) if varlen else (hq * sq, sq)
     strides = (*in_strides, *_contiguous_strides(varlen, sq, hq, d))
     sizes = (kpm_stride, hq // hkv, sq, sk)
-    if no_mods(mods):
-        mod_ptrs, mod_ints, cap2, flags, mod_key = (q, q, q), NO_MOD_INTS, 0.0, None, None
-    else:
-        mod_ptrs, mod_ints, cap2, flags, mod_key = kernel_args(q, b, hq, sq, sk, *mods)
+    mod_ptrs, mod_ints, cap2, flags, mod_key = launch_args(q, b, hq, sq, sk, mods)
+    if mod_key is not None:
         extra = (*extra, *mod_ptrs)
-    args = (q, k, v, out, lse, kpm, bounds, cu_q, cu_k, *mod_ptrs, *strides, *lse_strides, *sizes, tq, tk, *mod_ints,
-            scale * LOG2E, cap2)
+    args = _fwd_args(q, k, v, out, lse, (kpm, bounds, cu_q, cu_k), mod_ptrs, strides, lse_strides, sizes, (tq, tk),
+                     mod_ints, scale * LOG2E, cap2)
     grid = lambda c: (-(-sq // c.block_m), hq, b)
     device = q.get_device()
     # Fresh outputs are aligned; the inputs' alignment is part of the key (Triton specialises on it).
@@ -200,8 +210,28 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
     return out, lse
 
 
+def _preprocess_args(out, dout, dlse, delta, out_strides, dout_strides, lse_strides, rows):
+    """attn_bwd_preprocess_kernel's runtime arguments in its order."""
+    return (out, dout, dlse, delta, *out_strides, *dout_strides, *lse_strides, rows)
+
+
+def _dkdv_args(q, k, v, dout, lse, delta, dk, dv, masks, bias, alibi, in_strides, dk_strides, tail, floats):
+    """attn_bwd_dkdv_kernel's runtime arguments in its order. in_strides: q, k, v, dout; dk_strides:
+    dk's (and dv's, also contiguous); tail: (lse strides, sizes, totals, modifier ints) as the
+    forward's; floats: (sm_scale, qk_scale, cap2)."""
+    return (q, k, v, dout, lse, delta, dk, dv, *masks, bias, alibi, *in_strides, *dk_strides, *dk_strides, *tail,
+            *floats)
+
+
+def _dq_args(q, k, v, dout, lse, delta, dq, masks, bias, alibi, dbias, in_strides, dq_strides, tail, dbias_strides,
+             floats):
+    """attn_bwd_dq_kernel's runtime arguments in its order (as _dkdv_args', plus the bias gradient)."""
+    return (q, k, v, dout, lse, delta, dq, *masks, bias, alibi, dbias, *in_strides, *dq_strides, *tail,
+            *dbias_strides, *floats)
+
+
 def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k,
-              max_seqlen_q, max_seqlen_k, mods, bias_grad):
+              max_seqlen_q, max_seqlen_k, mods: Mods, bias_grad):
     varlen = cu_seqlens_q is not None
     (q, k, v, dout, out), in_strides = _layout(varlen, q, k, v, dout, out)
     s_qkvdo, s_out = in_strides[:12], in_strides[12:]
@@ -209,8 +239,8 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    plain = no_mods(mods)
-    bias, sinks = mods[0], mods[2]
+    plain = mods.off()
+    bias, sinks = mods.bias, mods.sinks
     dbias = None  # the kernel's (B, Hq, Sq, Sk) bias gradient
     if bias_grad:
         full = (b, hq, sq, sk)
@@ -233,12 +263,10 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     s_dk = _contiguous_strides(varlen, sk, hkv, d)  # dk and dv
     s_dq = _contiguous_strides(varlen, sq, hq, d)
     sizes = (kpm_stride, hq // hkv, sq, sk)
-    if plain:
-        (bias_p, alibi_p, _), mod_ints, cap2, flags, mod_key = (q, q, q), NO_MOD_INTS, 0.0, NO_FLAGS, None
-        dbias_args = (q, 0, 0, 0)
-    else:
-        mod_ptrs, mod_ints, cap2, flags, mod_key = kernel_args(q, b, hq, sq, sk, *mods)
-        bias_p, alibi_p, _ = mod_ptrs
+    mod_ptrs, mod_ints, cap2, flags, mod_key = launch_args(q, b, hq, sq, sk, mods)
+    bias_p, alibi_p, _ = mod_ptrs
+    dbias_args = (q, 0, 0, 0)
+    if not plain:
         if dbias is not None:  # its (Sq, Sk) slices take 64-bit offsets from 2**31 elements
             mod_key = (*mod_key[:2], mod_key[2] or (sq + 256) * sk >= 2**31, mod_key[3], dbias.dtype)
         extra = (*extra, *mod_ptrs)
@@ -249,11 +277,11 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     pre_wide = varlen and (rows + 64) * max(out.stride(0), dout.stride(0)) >= 2**31
     tail = (*lse_strides, *sizes, tq, tk, *mod_ints)
     floats = (scale, scale * LOG2E, cap2)
-    pre_args = (out, dout, dlse, delta, *s_out, *s_qkvdo[9:], *lse_strides, rows)
-    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, kpm, bounds, cu_q, cu_k, bias_p, alibi_p, *s_qkvdo, *s_dk, *s_dk,
-                 *tail, *floats)
-    dq_args = (q, k, v, dout, lse, delta, dq, kpm, bounds, cu_q, cu_k, bias_p, alibi_p, dbias_args[0], *s_qkvdo,
-               *s_dq, *tail, *dbias_args[1:], *floats)
+    masks = (kpm, bounds, cu_q, cu_k)
+    pre_args = _preprocess_args(out, dout, dlse, delta, s_out, s_qkvdo[9:], lse_strides, rows)
+    dkdv_args = _dkdv_args(q, k, v, dout, lse, delta, dk, dv, masks, bias_p, alibi_p, s_qkvdo, s_dk, tail, floats)
+    dq_args = _dq_args(q, k, v, dout, lse, delta, dq, masks, bias_p, alibi_p, dbias_args[0], s_qkvdo, s_dq, tail,
+                       dbias_args[1:], floats)
     grids = (lambda c: (-(-rows // c.block_m), hq, pre_batch),
              lambda c: (-(-sk // c.block_n), hkv, b),
              lambda c: (-(-sq // c.block_m), hq, b))

@@ -24,7 +24,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastattn.launchers import cuda_attention as cuda_launch
 from fastattn.launchers import triton_attention as triton_launch
-from fastattn.launchers.masks import key_bounds, key_bounds_torch
+from fastattn.launchers.key_bounds import key_bounds, key_bounds_torch
+from fastattn.launchers.score_mods import Mods
 from fastattn.ops import cuda_attention, triton_attention
 
 # backend -> (forward, backward) for padded batches: (launcher functions, ops).
@@ -62,9 +63,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
 
 def _mod_args(bias, sinks, alibi, left, right, softcap) -> tuple:
     """The launchers' / ops' trailing modifier arguments; () without modifiers (the CUDA ops take none)."""
-    if bias is None and sinks is None and alibi is None and left < 0 and right < 0 and not softcap:
-        return ()
-    return bias, alibi, sinks, left, right, softcap
+    mods = Mods(bias, alibi, sinks, left, right, softcap)
+    return () if mods.off() else mods
 
 
 def _distinct(*xs: torch.Tensor) -> list[torch.Tensor]:

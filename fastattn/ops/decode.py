@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastattn.launchers import decode as launch
+from fastattn.launchers.score_mods import Mods
 from fastattn.ops.autograd import _direct
 from fastattn.ops.library import MODS, define
 
@@ -46,5 +47,4 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cau
     fn = launch.attend if _direct(q, k_cache, v_cache, k, cache_seqlens, bias) else triton_kvcache_attention
     if mods is None:
         return fn(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits)
-    return fn(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits, mods.bias,
-              mods.alibi_slopes, mods.sinks, *mods.window, mods.softcap)
+    return fn(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits, *Mods.of(mods))

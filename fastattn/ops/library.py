@@ -26,17 +26,13 @@ MODS = ("Tensor? bias=None, Tensor? alibi_slopes=None, Tensor? sinks=None, int w
 TRITON_PADDED_FWD = PADDED_FWD.replace(") ->", f", {MODS}) ->")
 TRITON_PADDED_BWD = (PADDED_BWD.replace(") ->", f", {MODS}, bool bias_grad=False) ->")
                      .replace("(Tensor, Tensor, Tensor)", "(Tensor, Tensor, Tensor, Tensor?, Tensor?)"))
-# Packed sequences: q (Tq, Hq, D), k/v (Tk, Hkv, D); out (Tq, Hq, D), lse (Hq, Tq) float32.
+# Packed sequences: q (Tq, Hq, D), k/v (Tk, Hkv, D); out (Tq, Hq, D), lse (Hq, Tq) float32. Triton
+# only, so with the score modifiers (and dbias, dsinks) as the Triton padded pair.
 VARLEN_FWD = ("(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
-              "SymInt max_seqlen_k, bool causal, float scale) -> (Tensor, Tensor)")
+              f"SymInt max_seqlen_k, bool causal, float scale, {MODS}) -> (Tensor, Tensor)")
 VARLEN_BWD = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor cu_seqlens_q, "
-              "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, float scale) "
-              "-> (Tensor, Tensor, Tensor)")
-
-
-VARLEN_FWD = VARLEN_FWD.replace(") ->", f", {MODS}) ->")
-VARLEN_BWD = (VARLEN_BWD.replace(") ->", f", {MODS}, bool bias_grad=False) ->")
-              .replace("(Tensor, Tensor, Tensor)", "(Tensor, Tensor, Tensor, Tensor?, Tensor?)"))
+              "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, float scale, "
+              f"{MODS}, bool bias_grad=False) -> (Tensor, Tensor, Tensor, Tensor?, Tensor?)")
 
 
 def padded_fwd_fake(q, k, v, key_padding_mask, kv_bounds, causal, scale, *mods):
