@@ -47,7 +47,7 @@ from fastattn import validation  # noqa: E402
 from fastattn.launchers import decode as decode_launcher  # noqa: E402
 from fastattn.launchers import plans  # noqa: E402
 from fastattn.launchers import triton_attention as launcher  # noqa: E402
-from fastattn.launchers.masks import key_bounds  # noqa: E402
+from fastattn.launchers.key_bounds import key_bounds  # noqa: E402
 from fastattn.modifiers import ScoreMods  # noqa: E402
 from fastattn.ops import padded_attention, varlen_attention  # noqa: E402
 

@@ -7,7 +7,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from fastattn import backends, kvcache, semantics
+from fastattn import backends, cache_layouts, semantics
 from fastattn.backends import AppendCall, AttentionCall, KVCacheCall
 from fastattn.validation import (
     check_broadcastable,
@@ -170,8 +170,9 @@ def attention_with_kvcache(
     causal = validate_flag("causal", causal)
     return_lse = validate_flag("return_lse", return_lse)
     scale = validate_scale(scale, shape.head_dim)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= kvcache.MAX_SPLITS:
-        raise ValueError(f"num_splits must be an int in [0, {kvcache.MAX_SPLITS}] (0 = choose), got {num_splits!r}")
+    most = cache_layouts.MAX_SPLITS
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= most:
+        raise ValueError(f"num_splits must be an int in [0, {most}] (0 = choose), got {num_splits!r}")
     mods = None
     if bias is not None or alibi_slopes is not None or window is not None or softcap or sinks is not None:
         mods = validate_mods(bias, alibi_slopes, window, softcap, sinks, shape, q, causal)

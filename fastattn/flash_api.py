@@ -23,7 +23,7 @@ import operator
 
 import torch
 
-from fastattn import api, kvcache
+from fastattn import api, cache_layouts
 
 
 def _window(window_size) -> tuple[int, int] | None:
@@ -123,7 +123,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError("cache_seqlens is needed when new keys/values k, v are written into the cache")
         if not isinstance(k_cache, torch.Tensor) or not isinstance(q, torch.Tensor):
             raise TypeError("q and k_cache must be torch.Tensors")
-        full = kvcache.capacity(k_cache, block_table)
+        full = cache_layouts.capacity(k_cache, block_table)
         cache_seqlens = torch.full((q.shape[0],), full if cache_seqlens is None else cache_seqlens, dtype=torch.int32,
                                    device=q.device)
     return api.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,

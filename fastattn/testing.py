@@ -177,7 +177,7 @@ def fill_cache_rows(cache: torch.Tensor, block_table: torch.Tensor | None, b: in
 
 def cached_rows(cache: torch.Tensor, block_table: torch.Tensor | None, b: int, n: int) -> torch.Tensor:
     """Sequence b's first n positions (n, Hkv, D) of a contiguous (B, S, Hkv, D) or paged (pages,
-    page_size, Hkv, D) KV cache, read position by position (independent of fastattn.kvcache)."""
+    page_size, Hkv, D) KV cache, read position by position (independent of fastattn.cache_layouts)."""
     if block_table is None:
         return cache[b, :n]
     page = cache.shape[1]

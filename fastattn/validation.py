@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from fastattn import kvcache
+from fastattn import cache_layouts
 from fastattn.modifiers import ScoreMods
 from fastattn.shape import AttentionShape
 
@@ -273,7 +273,7 @@ def _kvcache_fast_path(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
         ok = False
     if not ok or value_checks(dev):
         return None
-    capacity = kvcache.capacity(k_cache, block_table)
+    capacity = cache_layouts.capacity(k_cache, block_table)
     return AttentionShape(b, qs[1], capacity, qs[2], cs[2], qs[3]), 0 if k is None else k.shape[1]
 
 
@@ -314,7 +314,7 @@ def validate_cache(k_cache, v_cache, k, v, cache_seqlens, block_table, *, like: 
             raise ValueError(f"block_table must have shape (B, max_pages) with B = {b}, got {tuple(block_table.shape)}")
         if k_cache.shape[0] < 1 or k_cache.shape[1] < 1:
             raise ValueError(f"a paged k_cache needs at least one page of at least one row, got {tuple(k_cache.shape)}")
-        capacity, page_size = kvcache.capacity(k_cache, block_table), k_cache.shape[1]
+        capacity, page_size = cache_layouts.capacity(k_cache, block_table), k_cache.shape[1]
     else:
         if k_cache.shape[0] != b:
             raise ValueError(f"k_cache has batch size {k_cache.shape[0]} but {what} has {b} (a paged cache needs "

@@ -17,7 +17,7 @@ from test_triton_attention import SHAPES as TRITON_SHAPES
 
 import fastattn
 from fastattn import testing
-from fastattn.launchers.masks import key_bounds
+from fastattn.launchers.key_bounds import key_bounds
 
 pytestmark = pytest.mark.gpu
 

@@ -78,11 +78,17 @@ def test_prepare_keeps_aligned_views_and_copies_the_rest():
 
 
 def test_key_bounds_are_the_shared_ones():
-    # One key_bounds for both kernel backends (tested in test_padding_varlen.py); the CUDA kernels
-    # treat first >= last as an empty range, as the Triton kernels do.
-    from fastattn.launchers import key_bounds
+    """The CUDA launcher's key bounds are the Triton kernels' ([first real key, last + 1]; [Sk, 0]
+    for a row without one, which the CUDA kernels, like the Triton ones, read as an empty range) and
+    the torch version's, on every kind of row."""
+    from conftest import DEVICE
 
-    assert launch.key_bounds is key_bounds.key_bounds
+    from fastattn.launchers.key_bounds import key_bounds_torch
+
+    mask = torch.tensor([[0, 1, 1, 0, 1, 0], [0] * 6, [1] * 6, [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    want = torch.tensor([[1, 5], [6, 0], [0, 6], [5, 6]], dtype=torch.int32)
+    assert torch.equal(launch.key_bounds(mask.to(DEVICE)).cpu(), want)
+    assert torch.equal(key_bounds_torch(mask), want)
 
 
 # ---------------------------------------------------------------- setup.py

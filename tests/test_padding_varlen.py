@@ -7,7 +7,7 @@ from conftest import DEVICE
 
 import fastattn
 from fastattn import testing
-from fastattn.launchers.masks import key_bounds, key_bounds_torch
+from fastattn.launchers.key_bounds import key_bounds, key_bounds_torch
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 

@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-from fastattn import kvcache
+from fastattn import cache_layouts
 from fastattn.backends import cuda_backend, reference_backend, sdpa_backend, triton_backend
 from fastattn.backends.call import AppendCall, AttentionCall, KVCacheCall
 
@@ -176,7 +176,8 @@ def run(name: str, kind: str, call):
     if kind == "append":
         append = getattr(module, "append_kv", None)
         if append is None:
-            return kvcache.append(call.k_cache, call.v_cache, call.k, call.v, call.cache_seqlens, call.block_table)
+            return cache_layouts.append(call.k_cache, call.v_cache, call.k, call.v, call.cache_seqlens,
+                                        call.block_table)
         return append(call)
     raise ValueError(f"run() takes a call of kind attention/varlen/kvcache/append, got {kind!r}")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastattn import kvcache, semantics
+from fastattn import cache_layouts, semantics
 from fastattn.modifiers import ScoreMods
 from fastattn.shape import AttentionShape
 
@@ -104,9 +104,9 @@ class KVCacheCall:
         cache's positions. Returns out [, lse]."""
         s = self.shape
         if self.k is not None:
-            kvcache.append(self.k_cache, self.v_cache, self.k, self.v, self.cache_seqlens, self.block_table)
-        k, v = kvcache.dense(self.k_cache, self.block_table), kvcache.dense(self.v_cache, self.block_table)
-        lengths = kvcache.key_lengths(self.cache_seqlens, self.n_new, s.seqlen_k)  # (B,)
+            cache_layouts.append(self.k_cache, self.v_cache, self.k, self.v, self.cache_seqlens, self.block_table)
+        k, v = cache_layouts.dense(self.k_cache, self.block_table), cache_layouts.dense(self.v_cache, self.block_table)
+        lengths = cache_layouts.key_lengths(self.cache_seqlens, self.n_new, s.seqlen_k)  # (B,)
         mods = None if self.mods is None else self._dense_mods(lengths)
         used = s.seqlen_k
         if not self.q.is_cuda and lengths.numel():

@@ -8,7 +8,7 @@ CUDA-graph capturable. The split count depends only on shapes and the GPU (not o
 lengths, which live on the device): each split takes an equal share of its sequence's keys.
 
 Each kernel's flat runtime argument order is written once, in its builder (``_append_args``,
-``_decode_args``, ``_combine_args``); the capacity of a cache is ``kvcache.capacity``.
+``_decode_args``, ``_combine_args``); the capacity of a cache is ``cache_layouts.capacity``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from fastattn import kvcache
+from fastattn import cache_layouts
 from fastattn.kernels import configs
 from fastattn.kernels.decode import decode_attn_kernel, decode_combine_kernel, kv_append_kernel
 from fastattn.launchers import plans
@@ -43,7 +43,7 @@ def sm_count(device: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)  # asked on every call with the same few shapes
-def num_splits_heuristic(programs: int, sms: int, key_tiles: int, max_splits: int = kvcache.MAX_SPLITS) -> int:
+def num_splits_heuristic(programs: int, sms: int, key_tiles: int, max_splits: int = cache_layouts.MAX_SPLITS) -> int:
     """How many programs share one sequence's keys, FlashAttention's rule: none while the
     (batch, KV head, row tile) programs fill >= 80% of the SMs; else the smallest split count whose
     wave efficiency (waves / ceil(waves)) reaches 85% of the best one, at most max_splits, the SM
@@ -108,7 +108,7 @@ def _combine_args(o, l_, out, lse, splits):
 
 def append(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
     """Write k, v (B, S_new, Hkv, D) into the cache at positions cache_seqlens[b] + t, in place;
-    positions outside the cache are skipped (kvcache.append is the torch version)."""
+    positions outside the cache are skipped (cache_layouts.append is the torch version)."""
     b, n, hkv, d = k.shape
     if b == 0 or n == 0 or hkv == 0:
         return
@@ -117,7 +117,7 @@ def append(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
     seqlens = cache_seqlens.contiguous()
     table = _table_args(k_cache, block_table)
     bt, page_size = table[0], table[2]
-    cap = kvcache.capacity(k_cache, block_table)
+    cap = cache_layouts.capacity(k_cache, block_table)
     args = _append_args(k, v, k_cache, v_cache, seqlens, table, cap)
     grid = (n, hkv, b)
     device = k.get_device()
@@ -143,7 +143,7 @@ def appended(k, v, k_cache, v_cache, cache_seqlens, block_table) -> bool:
     they say nothing about the launch). False when no position is written (nothing to check). Reads
     the device (a sync): for the one-time check of a direct launch only."""
     b, n = k.shape[:2]
-    cap = kvcache.capacity(k_cache, block_table)
+    cap = cache_layouts.capacity(k_cache, block_table)
     if cap == 0:
         return False
     pos = cache_seqlens.long()[:, None] + torch.arange(n, device=k.device)  # (B, S_new), unclamped
@@ -153,7 +153,7 @@ def appended(k, v, k_cache, v_cache, cache_seqlens, block_table) -> bool:
         page = block_table.long().gather(1, pos // k_cache.shape[1])
         inside &= (page >= 0) & (page < k_cache.shape[0])
     rows = torch.arange(b, device=k.device)[:, None].expand(b, n)
-    kc, vc = kvcache.dense(k_cache, block_table), kvcache.dense(v_cache, block_table)
+    kc, vc = cache_layouts.dense(k_cache, block_table), cache_layouts.dense(v_cache, block_table)
     return bool(inside.any()) and torch.equal(kc[rows, pos][inside], k[inside]) \
         and torch.equal(vc[rows, pos][inside], v[inside])
 
@@ -165,7 +165,7 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
     k, v (B, S_new, Hkv, D) or None, which are written into the cache at cache_seqlens[b] + t by the
     same launch: out (B, Sq, Hq, D) in q's dtype, lse (B, Hq, Sq) float32. Lengths are clamped to
     the cache's capacity. num_splits: 0 chooses (num_splits_heuristic), n forces n (at most
-    kvcache.MAX_SPLITS). Score modifiers as the prefill launcher's; bias is broadcastable to
+    cache_layouts.MAX_SPLITS). Score modifiers as the prefill launcher's; bias is broadcastable to
     (B, Hq, Sq, capacity) and indexed by cache position."""
     q = q if q.stride(-1) == 1 else q.contiguous()
     b, sq, hq, d = q.shape
@@ -184,13 +184,13 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
         new_strides, n_new = (*k.stride()[:3], *v.stride()[:3]), k.shape[1]
     seqlens = cache_seqlens.contiguous()
     bt, stride_bt, page_size, n_pages = _table_args(k_cache, block_table)
-    cap = kvcache.capacity(k_cache, block_table)
+    cap = cache_layouts.capacity(k_cache, block_table)
     group = hq // hkv
     block_r = row_tile(group * sq, d)
     row_tiles = -(-group * sq // block_r)
     device = q.get_device()
     splits = num_splits or num_splits_heuristic(b * hkv * row_tiles, sm_count(device), -(-cap // NOMINAL_BLOCK_N))
-    splits = min(splits, kvcache.MAX_SPLITS)
+    splits = min(splits, cache_layouts.MAX_SPLITS)
     if splits == 1:
         o, l_, o_strides, l_strides = out, lse, (0, *out.stride()[:3]), (0, *lse.stride()[:2])
     else:

@@ -11,7 +11,7 @@ the packed (T, H, D) and lse is (1, H, T).
 from __future__ import annotations
 
 from fastattn.launchers import cuda_attention, triton_attention
-from fastattn.launchers.masks import key_bounds
+from fastattn.launchers.key_bounds import key_bounds
 
 
 class KernelBlock:
