@@ -116,9 +116,10 @@ def available_backends() -> dict[str, BackendStatus]:
 def why_not(name: str, kind: str, call) -> str | None:
     """None if backend `name` can run `call` of `kind` here, else the reason it cannot (a kind it never
     runs said first: that is the more useful reason)."""
-    if kind not in TABLE[name].kinds:
+    reason = _unavailable[name] if name in _unavailable else unavailable_reason(name)
+    if reason is None or kind not in TABLE[name].kinds:
         return cannot_run(name, kind, call)
-    return unavailable_reason(name) or cannot_run(name, kind, call)
+    return reason
 
 
 def cannot_run(name: str, kind: str, call) -> str | None:
@@ -127,7 +128,7 @@ def cannot_run(name: str, kind: str, call) -> str | None:
     b = TABLE[name]
     if kind not in b.kinds:
         return f"backend {name!r} does not run {KINDS[kind]}"
-    mods = getattr(call, "mods", None)
+    mods = call.mods
     if mods is not None:
         missing = [m for m in mods.names() if m not in b.modifiers]
         if missing:
@@ -136,10 +137,12 @@ def cannot_run(name: str, kind: str, call) -> str | None:
                 (f": {why}" if why else "")
     if b.dtypes is not None and call.dtype not in b.dtypes:
         return f"dtype {call.dtype} is not supported by backend {name!r} ({', '.join(str(d)[6:] for d in b.dtypes)})"
-    if getattr(call, "return_lse", False) and not b.returns_lse and kind in ("attention", "varlen", "kvcache"):
+    if not b.returns_lse and call.return_lse and kind in ("attention", "varlen", "kvcache"):
         return f"return_lse=True: backend {name!r} does not return the log-sum-exp"
-    if b.grid_limit is not None and max(call.grid_extent) > b.grid_limit:
-        return f"batch size and head count must be <= {b.grid_limit} (CUDA grid limit)"
+    if b.grid_limit is not None:
+        batch, heads = call.grid_extent
+        if batch > b.grid_limit or heads > b.grid_limit:
+            return f"batch size and head count must be <= {b.grid_limit} (CUDA grid limit)"
     return b.module.unsupported(kind, call)
 
 
@@ -151,7 +154,7 @@ def choose(kind: str, call, backend: str = "auto") -> str:
     """The backend that runs `call` of `kind`: `backend` itself (ValueError saying why if it cannot),
     or for "auto" the first of auto_order that can."""
     if backend == "auto":
-        for name in auto_order(call.device):
+        for name in AUTO["cuda" if call.is_cuda else "cpu"]:
             if why_not(name, kind, call) is None:
                 return name
         raise AssertionError("the reference backend supports every valid call")  # pragma: no cover

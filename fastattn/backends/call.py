@@ -44,6 +44,10 @@ class AttentionCall:
         return self.q.device
 
     @property
+    def is_cuda(self) -> bool:
+        return self.q.is_cuda
+
+    @property
     def grid_extent(self) -> tuple[int, int]:
         return self.shape.batch, self.shape.heads_q
 
@@ -94,6 +98,7 @@ class KVCacheCall:
 
     dtype = AttentionCall.dtype
     device = AttentionCall.device
+    is_cuda = AttentionCall.is_cuda
     grid_extent = AttentionCall.grid_extent
 
     def over_dense_cache(self, run_one):
@@ -164,6 +169,9 @@ class AppendCall:
     cache_seqlens: torch.Tensor
     block_table: torch.Tensor | None
 
+    mods = None  # an append has no score modifiers and returns nothing
+    return_lse = False
     dtype = property(lambda self: self.k.dtype)
     device = property(lambda self: self.k.device)
+    is_cuda = property(lambda self: self.k.is_cuda)
     grid_extent = property(lambda self: (self.k.shape[0], self.k.shape[2]))  # (batch, KV heads)

@@ -39,7 +39,7 @@ def unavailable() -> str | None:
 def unsupported(kind: str, call: AttentionCall | KVCacheCall | AppendCall) -> str | None:
     """What the table cannot say (dtypes and the grid limit are the table's): the device, and bf16
     in the interpreter (every kind but the append, which has no dot)."""
-    if call.device.type != "cuda":
+    if not call.is_cuda:
         if not interpreter():
             return f"tensors are on {call.device}; the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
         if call.dtype == torch.bfloat16 and kind != "append":
