@@ -56,3 +56,34 @@ def test_the_rule_checker_sees_a_violation(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     assert violations("models") == ["models/bad.py imports fastattn.reference",
                                     "models/bad.py imports fastattn.ops.autograd"]
+
+
+def positional_flags(kernel_dir: Path) -> list[str]:
+    """Calls between the Triton jit functions of kernel_dir that pass a constexpr parameter, or a bare
+    True/False, by position (kernels/ passes every flag by keyword: a reordered parameter list then
+    fails to compile instead of silently swapping two flags)."""
+    trees = {f: ast.parse(f.read_text()) for f in sorted(kernel_dir.glob("*.py"))}
+    params = {}  # jit function -> its parameters' annotations
+    for tree in trees.values():
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                params[node.name] = [ast.unparse(a.annotation) if a.annotation else "" for a in node.args.args]
+    found = []
+    for path, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in params:
+                annotations = params[node.func.id]
+                for i, arg in enumerate(node.args):
+                    if isinstance(arg, ast.Starred):
+                        break
+                    if (i < len(annotations) and "constexpr" in annotations[i]) or \
+                            (isinstance(arg, ast.Constant) and isinstance(arg.value, bool)):
+                        found.append(f"{path.name}:{node.lineno} {node.func.id} argument {i}")
+    return found
+
+
+def test_kernel_call_sites_pass_flags_by_keyword(tmp_path):
+    assert positional_flags(ROOT / "kernels") == []
+    (tmp_path / "k.py").write_text("import triton\n\n@triton.jit\ndef f(x, FLAG: tl.constexpr):\n    return x\n\n"
+                                   "@triton.jit\ndef g(x):\n    return f(x, True) + f(x, FLAG=True)\n")
+    assert positional_flags(tmp_path) == ["k.py:9 f argument 1"]  # the check can fail
