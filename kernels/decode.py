@@ -114,8 +114,8 @@ def _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, lo, 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_R, BLOCK_N), log2 units
         c = cols[None, :]
         rel = c - diag[:, None]  # relative_position
-        s, _ = score_mods(s, rel, bias_rows[:, None], c * stride_bn, row_ok[:, None], col_ok[None, :],
-                          slope2[:, None], cap2, SOFTCAP=SOFTCAP, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI)
+        s, _ = score_mods(s, None, c, None, None, bias_rows, 0, stride_bn, slope2, cap2, row_ok=row_ok, key_ok=col_ok,
+                          rel=rel, SOFTCAP=SOFTCAP, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI)
         s = tl.where(visible(rel, left, right, key_ok=col_ok[None, :], CAUSAL=CAUSAL, LOCAL=LOCAL), s, float("-inf"))
         p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, GUARD=True)
         v = _kv_tile(v_base + v_off + v_rows[:, None] + offs_d[None, :], VN_base, strides[5], cols, col_ok, cached,

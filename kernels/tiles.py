@@ -106,25 +106,49 @@ def relative_position(r, c, Sq, Sk):
 
 
 @triton.jit
-def score_mods(s, rel, bias_rows, bias_cols, row_ok, col_ok, slope2, cap2, SOFTCAP: tl.constexpr,
-               HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr):
+def score_mods(s, r, c, Sq, Sk, bias, stride_bm, stride_bn, slope2, cap2, row_ok=None, key_ok=None, rel=None,
+               SOFTCAP: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
+               WIDE: tl.constexpr = False):
     """The one definition of a modified logit (log2 units), in the order of fastattn/modifiers.py:
     softcap, then bias, then ALiBi. Returns (s, dcap): dcap = d softcap / d logit = 1 - tanh^2 with
-    SOFTCAP (the backward needs it), else s (unused).
+    SOFTCAP (the backward needs it), else s (unused). Everything is computed here, after the
+    softcap, in the order the kernels have always used (ptxas spills more otherwise).
 
-    rel: relative_position of the tile's entries. bias_rows: pointers to each row's bias row (a
-    (rows, 1) tile, or transposed (1, rows)), bias_cols: each column's element offset in it;
-    row_ok/col_ok: where the bias may be read. slope2: ALiBi slope * log2(e), a scalar (one head) or
-    a per-row tile (decode: rows of several heads); cap2 = softcap * log2(e)."""
+    Queries r, keys c: index tensors broadcasting to s ((rows, 1) x (1, cols), or transposed), of a
+    sequence of Sq queries and Sk keys. Two forms of the per-row values:
+    - one head (prefill, row_ok None): bias is the (batch, head)'s (Sq, Sk) slice, read at
+      r * stride_bm + c * stride_bn where r < Sq and c < Sk (64-bit offsets with WIDE); slope2 a scalar;
+    - rows of their own heads (decode, row_ok given): bias holds each row's bias row pointer and
+      slope2 each row's slope ((rows,) vectors, as row_ok), keys c are (1, cols); the bias is read at
+      c * stride_bn where row_ok and key_ok (the keys in range, a (cols,) vector).
+    rel: relative_position(r, c, Sq, Sk) when the caller has it (else computed here).
+    slope2 = ALiBi slope * log2(e); cap2 = softcap * log2(e)."""
     dcap = s
     if SOFTCAP:
         t = _tanh(s / cap2)
         s = cap2 * t
         dcap = 1.0 - t * t
     if HAS_BIAS:
-        s += tl.load(bias_rows + bias_cols, mask=row_ok & col_ok, other=0.0).to(tl.float32) * LOG2E_T
+        if row_ok is None:
+            if WIDE:
+                offs = r.to(tl.int64) * stride_bm + c.to(tl.int64) * stride_bn
+            else:
+                offs = r * stride_bm + c * stride_bn
+            s += tl.load(bias + offs, mask=(r < Sq) & (c < Sk), other=0.0).to(tl.float32) * LOG2E_T
+        else:
+            if WIDE:
+                c_off = c.to(tl.int64) * stride_bn
+            else:
+                c_off = c * stride_bn
+            s += tl.load(bias[:, None] + c_off, mask=key_ok[None, :] & row_ok[:, None],
+                         other=0.0).to(tl.float32) * LOG2E_T
     if HAS_ALIBI:
-        s -= slope2 * tl.abs(rel).to(tl.float32)
+        if rel is None:
+            rel = relative_position(r, c, Sq, Sk)
+        if row_ok is None:
+            s -= slope2 * tl.abs(rel).to(tl.float32)
+        else:
+            s -= slope2[:, None] * tl.abs(rel).to(tl.float32)
     return s, dcap
 
 
@@ -134,15 +158,8 @@ def modify_scores(s, r, c, Sq, Sk, mods, SOFTCAP: tl.constexpr, HAS_BIAS: tl.con
     """score_mods for the prefill kernels: one (batch, head)'s modifiers `mods` (see the module
     doc), queries r and keys c (index tensors broadcasting to s: (rows, 1) x (1, cols), or
     transposed)."""
-    BIAS_bh, stride_bm, stride_bn, slope2, cap2 = mods[0], mods[1], mods[2], mods[3], mods[4]
-    if WIDE:
-        r_off = r.to(tl.int64) * stride_bm
-        c_off = c.to(tl.int64) * stride_bn
-    else:
-        r_off = r * stride_bm
-        c_off = c * stride_bn
-    return score_mods(s, relative_position(r, c, Sq, Sk), BIAS_bh + r_off, c_off, r < Sq, c < Sk, slope2, cap2,
-                      SOFTCAP=SOFTCAP, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI)
+    return score_mods(s, r, c, Sq, Sk, mods[0], mods[1], mods[2], mods[3], mods[4], SOFTCAP=SOFTCAP,
+                      HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, WIDE=WIDE)
 
 
 @triton.jit
