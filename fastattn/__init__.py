@@ -8,7 +8,15 @@ from fastattn.api import (
     available_backends,
     scaled_dot_product_attention,
 )
-from fastattn.flash_api import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from fastattn.flash_api import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+)
 from fastattn.integrations import torch_flash as _torch_flash
 from fastattn.padding import pad_input, unpad_input
 
@@ -28,6 +36,10 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
     "pad_input",
     "unpad_input",
     "__version__",

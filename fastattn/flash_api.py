@@ -1,7 +1,8 @@
-"""FlashAttention 2's public functions on fastattn: ``flash_attn_func``, ``flash_attn_varlen_func``
-and ``flash_attn_with_kvcache`` with FlashAttention's argument names, defaults, layouts and return
-values, so that ``from flash_attn import flash_attn_func`` becomes ``from fastattn import
-flash_attn_func``.
+"""FlashAttention 2's public functions on fastattn: ``flash_attn_func``, ``flash_attn_varlen_func``,
+``flash_attn_with_kvcache`` and the packed forms (``flash_attn_qkvpacked_func``,
+``flash_attn_kvpacked_func`` and their varlen twins) with FlashAttention's argument names, defaults,
+layouts and return values, so that ``from flash_attn import flash_attn_func`` becomes ``from
+fastattn import flash_attn_func``.
 
 What differs (README, "Switch from flash_attn"):
 - dropout_p > 0 raises (the kernels have no dropout); deterministic is accepted and has no effect
@@ -101,6 +102,62 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                   window=_window(window_size), softcap=_softcap(softcap),
                                   sinks=_sinks(s_aux, learnable_sink), backend=backend)
     return (*result, None) if return_attn_probs else result
+
+
+def _unpack(packed, name: str, parts: int, varlen: bool) -> tuple[torch.Tensor, ...]:
+    """A packed tensor (B, S, parts, H, D), or (T, parts, H, D) when varlen -> its parts as views (no
+    copy; gradients flow back into the packed tensor, as FlashAttention's dqkv / dkv)."""
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dim() != (4 if varlen else 5) or packed.shape[-3] != parts:
+        heads = "H" if parts == 3 else "Hkv"
+        what = f"(T, {parts}, {heads}, D)" if varlen else f"(B, S, {parts}, {heads}, D)"
+        raise ValueError(f"{name} must have shape {what}, got {tuple(packed.shape)}")
+    return packed.unbind(-3)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                              s_aux=None, learnable_sink=None, backend="auto"):
+    """FlashAttention's flash_attn_qkvpacked_func: qkv (B, S, 3, H, D) -> as flash_attn_func."""
+    q, k, v = _unpack(qkv, "qkv", 3, varlen=False)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, s_aux=s_aux, learnable_sink=learnable_sink,
+                           backend=backend)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                             s_aux=None, learnable_sink=None, backend="auto"):
+    """FlashAttention's flash_attn_kvpacked_func: q (B, Sq, Hq, D), kv (B, Sk, 2, Hkv, D) -> as
+    flash_attn_func."""
+    k, v = _unpack(kv, "kv", 2, varlen=False)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, s_aux=s_aux, learnable_sink=learnable_sink,
+                           backend=backend)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, *, s_aux=None, learnable_sink=None, backend="auto"):
+    """FlashAttention's flash_attn_varlen_qkvpacked_func: packed qkv (T, 3, H, D), one cu_seqlens for
+    queries and keys -> as flash_attn_varlen_func."""
+    q, k, v = _unpack(qkv, "qkv", 3, varlen=True)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  s_aux=s_aux, learnable_sink=learnable_sink, backend=backend)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, s_aux=None,
+                                    learnable_sink=None, backend="auto"):
+    """FlashAttention's flash_attn_varlen_kvpacked_func: q (Tq, Hq, D), kv (Tk, 2, Hkv, D) -> as
+    flash_attn_varlen_func."""
+    k, v = _unpack(kv, "kv", 2, varlen=True)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, s_aux=s_aux, learnable_sink=learnable_sink, backend=backend)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,

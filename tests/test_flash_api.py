@@ -78,6 +78,40 @@ def test_flash_attn_with_kvcache(gen):
     torch.testing.assert_close(full, reference.attention(q, k_cache, v_cache, causal=True), atol=1e-5, rtol=1e-5)
 
 
+PACKED = {  # form -> (call(q, k, v, cu_q, cu_k, max_q, max_k) -> (out, lse), padded or varlen, same heads)
+    "qkvpacked": (lambda a, b, c, *_: fastattn.flash_attn_qkvpacked_func(
+        torch.stack([a, b, c], 2), 0.0, 0.3, True, (5, 2), return_attn_probs=True, backend="triton")[:2], False, True),
+    "kvpacked": (lambda a, b, c, *_: fastattn.flash_attn_kvpacked_func(
+        a, torch.stack([b, c], 2), causal=True, window_size=(5, 2), softmax_scale=0.3, return_attn_probs=True,
+        backend="triton")[:2], False, False),
+    "varlen_qkvpacked": (lambda a, b, c, cu, _, m, __: fastattn.flash_attn_varlen_qkvpacked_func(
+        torch.stack([a, b, c], 1), cu, m, 0.0, 0.3, True, (5, 2), return_attn_probs=True, backend="triton")[:2],
+        True, True),
+    "varlen_kvpacked": (lambda a, b, c, cu_q, cu_k, mq, mk: fastattn.flash_attn_varlen_kvpacked_func(
+        a, torch.stack([b, c], 1), cu_q, cu_k, mq, mk, causal=True, window_size=(5, 2), softmax_scale=0.3,
+        return_attn_probs=True, backend="triton")[:2], True, False),
+}
+
+
+@pytest.mark.parametrize("form", list(PACKED))
+def test_packed_forms(form, gen):
+    """flash_attn_{qkv,kv}packed_func and their varlen twins: views into the packed tensor (the
+    gradients flow back into it through the stack), checked against the reference like the others."""
+    call, varlen, same_heads = PACKED[form]
+    b, sq, hq, d = 2, 23, 4, 16
+    sk, hkv = (sq, hq) if same_heads else (31, 2)
+    q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, device=DEVICE, generator=gen)
+    cu_q, cu_k = (torch.arange(0, b * s + 1, s, dtype=torch.int32, device=DEVICE) for s in (sq, sk))
+    ref = lambda a, b_, c: reference.attention(a, b_, c, causal=True, window=(5, 2), scale=0.3, return_lse=True)
+    if not varlen:
+        fn = lambda a, b_, c: call(a, b_, c)
+    else:  # two sequences of the batch, packed; lse (Hq, T) -> (B, Hq, Sq) to compare
+        def fn(a, b_, c):
+            out, lse = call(a.flatten(0, 1), b_.flatten(0, 1), c.flatten(0, 1), cu_q, cu_k, sq, sk)
+            return out.unflatten(0, (b, sq)), lse.unflatten(1, (b, sq)).transpose(0, 1)
+    assert_ok(testing.check_against_reference(fn, q, k, v, generator=gen, ref_fn=ref), form)
+
+
 @pytest.mark.parametrize("window_size", [(3, 0), [3, 0], torch.tensor([3, 0]), torch.tensor([3, 0], dtype=torch.int32),
                                          (torch.tensor(3), 0)], ids=["tuple", "list", "int64", "int32", "0-d"])
 def test_window_size_as_flash_attention_takes_it(window_size, gen):
@@ -120,6 +154,10 @@ def test_softcap_zero_or_negative_is_off_as_in_flash_attention(softcap, gen):
     (lambda q: fastattn.flash_attn_with_kvcache(q, q, q, rotary_cos=q), "rotary_cos"),
     (lambda q: fastattn.flash_attn_with_kvcache(q, q, q, cache_batch_idx=q), "cache_batch_idx"),
     (lambda q: fastattn.flash_attn_with_kvcache(q, q, q, q, q), "cache_seqlens is needed"),
+    (lambda q: fastattn.flash_attn_qkvpacked_func(q), r"qkv must have shape \(B, S, 3, H, D\)"),
+    (lambda q: fastattn.flash_attn_kvpacked_func(q, torch.stack([q] * 3, 2)), r"kv must have shape \(B, S, 2, Hkv"),
+    (lambda q: fastattn.flash_attn_varlen_qkvpacked_func(torch.stack([q] * 3, 2), torch.tensor([0, 3]), 3),
+     r"qkv must have shape \(T, 3, H, D\)"),
 ])
 def test_what_differs_is_a_clear_error(call, match, gen):
     q = torch.randn(1, 3, 2, 16, generator=gen)
