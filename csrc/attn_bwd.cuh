@@ -122,8 +122,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
 
   if (n_iter > 0) {
     const float scale_log2 = p.scale * kLog2e;
-    load_tile<T, BN, D>(sK, gk, p.k_stride_s, Sk - n0, tid);
-    load_tile<T, BN, D>(sV, gv, p.v_stride_s, Sk - n0, tid);
+    load_tile<T, BN, D>(sK, gk, p.k_stride_s, Sk - n0, tid, kpm ? kpm + n0 : nullptr);  // padded keys: zeros
+    load_tile<T, BN, D>(sV, gv, p.v_stride_s, Sk - n0, tid, kpm ? kpm + n0 : nullptr);
     issue(0, 0);  // one commit group: K, V and the first query step
 
     for (int it = 0; it < n_iter; ++it) {
@@ -293,8 +293,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
     const float scale_log2 = p.scale * kLog2e;
     load_tile<T, BM, D>(sQ, gq, p.q_stride_s, Sq - m0, tid);
     load_tile<T, BM, D>(sdO, gdo, p.do_stride_s, Sq - m0, tid);
-    load_tile<T, BN, D>(sK, gk + tile_lo * BN * p.k_stride_s, p.k_stride_s, Sk - tile_lo * BN, tid);
-    load_tile<T, BN, D>(sV, gv + tile_lo * BN * p.v_stride_s, p.v_stride_s, Sk - tile_lo * BN, tid);
+    load_tile<T, BN, D>(sK, gk + tile_lo * BN * p.k_stride_s, p.k_stride_s, Sk - tile_lo * BN, tid,
+                        kpm ? kpm + tile_lo * BN : nullptr);
+    load_tile<T, BN, D>(sV, gv + tile_lo * BN * p.v_stride_s, p.v_stride_s, Sk - tile_lo * BN, tid,
+                        kpm ? kpm + tile_lo * BN : nullptr);
     cp_async_commit();
 
     for (int j = tile_lo; j < tile_hi; ++j) {
@@ -303,8 +305,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
       __syncthreads();
       if (j + 1 < tile_hi) {
         const int n1 = (j + 1) * BN;
-        load_tile<T, BN, D>(sK + (buf ^ 1) * BN * P, gk + n1 * p.k_stride_s, p.k_stride_s, Sk - n1, tid);
-        load_tile<T, BN, D>(sV + (buf ^ 1) * BN * P, gv + n1 * p.v_stride_s, p.v_stride_s, Sk - n1, tid);
+        load_tile<T, BN, D>(sK + (buf ^ 1) * BN * P, gk + n1 * p.k_stride_s, p.k_stride_s, Sk - n1, tid,
+                            kpm ? kpm + n1 : nullptr);
+        load_tile<T, BN, D>(sV + (buf ^ 1) * BN * P, gv + n1 * p.v_stride_s, p.v_stride_s, Sk - n1, tid,
+                            kpm ? kpm + n1 : nullptr);
         cp_async_commit();
       }
       const T* tK = sK + buf * BN * P;

@@ -124,9 +124,12 @@ __device__ __forceinline__ int swz(int row, int chunk) {
 }
 
 // Copy rows [0, ROWS) of a (row stride `stride` elements) global tile of head dim D into a swizzled
-// smem tile: rows >= valid_rows and the chunks between D and DK are zero-filled and not read.
+// smem tile: rows >= valid_rows, rows whose `keep` byte is 0 (padded keys, when keep != nullptr) and
+// the chunks between D and DK are zero-filled and not read, so garbage there (NaN, inf) never meets
+// a zero probability.
 template <typename T, int ROWS, int D>
-__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t stride, int valid_rows, int tid) {
+__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t stride, int valid_rows, int tid,
+                                          const uint8_t* keep = nullptr) {
   using HD = HeadDim<D>;
   constexpr int kTotal = ROWS * HD::KCHUNKS;
 #pragma unroll
@@ -134,7 +137,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t stride
     const int id = tid + i * kThreads;
     if (kTotal % kThreads != 0 && id >= kTotal) break;
     const int row = id / HD::KCHUNKS, chunk = id % HD::KCHUNKS;
-    const bool ok = row < valid_rows && chunk < HD::CHUNKS;
+    const bool ok = row < valid_rows && chunk < HD::CHUNKS && (keep == nullptr || keep[row] != 0);
     const T* src = ok ? gmem + row * stride + chunk * 8 : gmem;
     cp_async16(smem + swz<HD::P>(row, chunk), src, ok);
   }

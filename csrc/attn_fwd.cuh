@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
     const float scale_log2 = p.scale * kLog2e;
     load_tile<T, BM, D>(sQ, gq, p.q_stride_s, Sq - m0, tid);
     load_tile<T, BN, D>(sK, gk + tile_lo * BN * p.k_stride_s, p.k_stride_s, Sk - tile_lo * BN, tid);
-    load_tile<T, BN, D>(sV, gv + tile_lo * BN * p.v_stride_s, p.v_stride_s, Sk - tile_lo * BN, tid);
+    load_tile<T, BN, D>(sV, gv + tile_lo * BN * p.v_stride_s, p.v_stride_s, Sk - tile_lo * BN, tid,
+                        kpm ? kpm + tile_lo * BN : nullptr);
     cp_async_commit();
 
     uint32_t frag_q[KD][4];
@@ -74,7 +75,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdParams p) {
       if (j + 1 < tile_hi) {  // prefetch tile j + 1 while computing tile j
         const int n1 = (j + 1) * BN;
         load_tile<T, BN, D>(sK + (buf ^ 1) * BN * P, gk + n1 * p.k_stride_s, p.k_stride_s, Sk - n1, tid);
-        load_tile<T, BN, D>(sV + (buf ^ 1) * BN * P, gv + n1 * p.v_stride_s, p.v_stride_s, Sk - n1, tid);
+        load_tile<T, BN, D>(sV + (buf ^ 1) * BN * P, gv + n1 * p.v_stride_s, p.v_stride_s, Sk - n1, tid,
+                            kpm ? kpm + n1 : nullptr);
         cp_async_commit();
       }
       const T* tK = sK + buf * BN * P;
