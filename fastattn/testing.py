@@ -19,6 +19,7 @@ floor is docs/design.md's 1e-5 unchanged.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -225,3 +226,33 @@ def check_kvcache_against_reference(fn, q, k_cache, v_cache, k, v, cache_seqlens
     if out_lse is not None:
         results.append(compare("lse", out_lse, naive_lse, ref_lse, OUT_FACTOR))
     return results
+
+
+@contextlib.contextmanager
+def ordered_fp32_dot():
+    """In the Triton interpreter, an fp32 ``tl.dot`` rounded as a GPU rounds it: each output element
+    is one chain acc = fma(a[k], b[k], acc) over k = 0..K-1 from the accumulator passed in (Triton's
+    fp32 "ieee" dot on NVIDIA lowers to such an FMA chain), instead of numpy's blocked matmul, whose
+    rounding depends on the tile's shape and orientation. Then a score the backward recomputes is
+    bit-identical to the forward's, as on a GPU (docs/design.md, "Precision of the backward").
+    Other dtypes keep the interpreter's dot."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    numpy_dot = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype != np.float32 or b.data.dtype != np.float32:
+            return numpy_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        x, y = a.data.astype(np.float64), b.data.astype(np.float64)  # exact products, one rounding per step
+        acc = np.broadcast_to(d.data, (x.shape[0], y.shape[1])).astype(np.float32)
+        for kk in range(x.shape[1]):
+            acc = (np.outer(x[:, kk], y[kk]) + acc).astype(np.float32)
+        return interpreter.TensorHandle(acc.astype(d.data.dtype), d.dtype.scalar)
+
+    builder.create_dot = create_dot
+    try:
+        yield
+    finally:
+        builder.create_dot = numpy_dot

@@ -1,8 +1,12 @@
 """fp32 gradient error vs float64: fastattn triton (through the interpreter, its default tiles) vs plain
 PyTorch fp32 autograd of the same math. B2 Sq256 Sk128 Hq4 Hkv1 D256, q scaled by argv (issue 26, item 1).
+--ordered-dot: the interpreter's fp32 tl.dot rounded as a GPU's (fastattn.testing.ordered_fp32_dot, one
+FMA chain per element in k order instead of numpy's blocked matmul), three seeds per scale.
 
-    python fp32_grad_error.py 1 10 50
+    python fp32_grad_error.py 1 10 50                      # fp32_grad_error_interpreter.log
+    python fp32_grad_error.py --ordered-dot 1 10 30 50     # fp32_grad_error_ordered_dot.log
 """
+import contextlib
 import os
 import sys
 
@@ -10,6 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch
 
 import fastattn
+from fastattn import testing
 
 
 def naive(q, k, v, scale):
@@ -41,7 +46,10 @@ def errs(qs, seed=0):
         res[name] = (ef, et, ef / et)
     return res
 
-for qs in [float(a) for a in sys.argv[1:]] or [1.0, 10.0, 50.0]:
-    r = errs(qs)
-    parts = [f"{n} {ef:.1e} vs {et:.1e} ({ratio:.1f}x)" for n, (ef, et, ratio) in r.items()]
-    print(f"q x{qs:g}: " + ", ".join(parts), flush=True)
+ordered = "--ordered-dot" in sys.argv
+for qs in [float(a) for a in sys.argv[1:] if a != "--ordered-dot"] or [1.0, 10.0, 50.0]:
+    for seed in (0, 1, 2) if ordered else (0,):
+        with testing.ordered_fp32_dot() if ordered else contextlib.nullcontext():
+            r = errs(qs, seed)
+        parts = [f"{n} {ef:.1e} vs {et:.1e} ({ratio:.1f}x)" for n, (ef, et, ratio) in r.items()]
+        print(f"q x{qs:g}" + (f" seed {seed}" if ordered else "") + ": " + ", ".join(parts), flush=True)
