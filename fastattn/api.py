@@ -268,6 +268,8 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         if is_causal:
             raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
+        if attn_mask.device != query.device:  # named here: past this point it is fastattn's bias or mask
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
         if attn_mask.is_floating_point() and attn_mask.dim() <= 4:
             check_broadcastable("attn_mask", attn_mask, (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
             bias = attn_mask  # SDPA's (B, H, Sq, Sk) float mask is fastattn's additive bias, same layout

@@ -141,6 +141,9 @@ def test_sdpa_dropin_names_attn_mask(gen):
     q = torch.randn(1, 2, 5, 16, generator=gen).to(DEVICE)
     with pytest.raises(ValueError, match="attn_mask must be broadcastable"):
         fastattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(1, 2, 5, 4, device=DEVICE))
+    for mask in (torch.zeros(5, 5, device="meta"), torch.ones(5, 5, dtype=torch.bool, device="meta")):
+        with pytest.raises(ValueError, match="attn_mask is on meta"):
+            fastattn.scaled_dot_product_attention(q, q, q, attn_mask=mask)
 
 
 # ---------------------------------------------------------------- softmax statistics in float32
@@ -224,6 +227,22 @@ SWEEP = [
     ("k, v shapes differ", lambda t: fastattn.attention(t["q"], t["k"], t["v"][:, :6]),
      (ValueError, "k and v must have the same shape")),
     ("batch sizes differ", lambda t: fastattn.attention(t["q"], t["k"][:1], t["v"][:1]), (ValueError, "batch size")),
+    ("k on another device", lambda t: fastattn.attention(t["q"], t["k"].to("meta"), t["v"]),
+     (ValueError, "k is on meta")),
+    ("key_padding_mask on another device", lambda t: fastattn.attention(
+        t["q"], t["k"], t["v"], key_padding_mask=torch.ones(2, 7, dtype=torch.bool, device="meta")),
+     (ValueError, "key_padding_mask is on meta")),
+    ("bias on another device", lambda t: fastattn.attention(t["q"], t["k"], t["v"], bias=torch.zeros(7, device="meta")),
+     (ValueError, "bias is on meta")),
+    ("cu_seqlens on another device", lambda t: fastattn.attention_varlen(t["q"][0], t["k"][0], t["v"][0],
+                                                                        t["cu"].to("meta"), t["cu"], 3, 3),
+     (ValueError, "cu_seqlens_q is on meta")),
+    ("k_cache on another device", lambda t: fastattn.attention_with_kvcache(t["q1"], t["kc"].to("meta"), t["vc"],
+                                                                           cache_seqlens=t["lens"]),
+     (ValueError, "k_cache is on meta")),
+    ("cache_seqlens on another device", lambda t: fastattn.attention_with_kvcache(t["q1"], t["kc"], t["vc"],
+                                                                                 cache_seqlens=t["lens"].to("meta")),
+     (ValueError, "cache_seqlens is on meta")),
     ("empty batch", lambda t: fastattn.attention(t["q"][:0], t["k"][:0], t["v"][:0], backend="triton"), "ok"),
     ("Sq = 0", lambda t: fastattn.attention(t["q"][:, :0], t["k"], t["v"], backend="triton"), "ok"),
     ("Sk = 0", lambda t: fastattn.attention(t["q"], t["k"][:, :0], t["v"][:, :0], backend="triton"), "ok"),
