@@ -42,9 +42,34 @@ from .tiles import (
 
 @triton.jit
 def _lse_log2(LSE_row, rows, Sq):
-    """Saved lse (natural log) -> log2 units; out-of-range and empty rows -> +inf (P = 0)."""
+    """Saved lse (natural log) -> log2 units as (hi, lo) float32: out-of-range and empty rows -> +inf
+    (P = 0). A float64 lse (fp32 inputs) splits into hi + lo, so that exp2((s - hi) - lo) subtracts
+    the forward's statistics without rounding them (s - hi is exact where it matters: the largest
+    scores of a row); a float32 lse has no lo (lo = hi, unused)."""
     lse = tl.load(LSE_row + rows, mask=rows < Sq, other=float("inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_T)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_T)
+    hi = lse2.to(tl.float32)
+    lo = hi
+    if LSE_row.dtype.element_ty == tl.float64:
+        lo = tl.where(hi == float("inf"), 0.0, lse2 - hi.to(tl.float64)).to(tl.float32)
+    return hi, lo
+
+
+@triton.jit
+def _probs(s, hi, lo, TRANSPOSED: tl.constexpr, F64_LSE: tl.constexpr):
+    """P = exp2(s - lse2) from _lse_log2's per-row (hi, lo); s is (rows, keys), or (keys, rows) when
+    TRANSPOSED; lo only with a float64 lse."""
+    if TRANSPOSED:
+        hi = hi[None, :]
+        lo = lo[None, :]
+    else:
+        hi = hi[:, None]
+        lo = lo[:, None]
+    if F64_LSE:
+        p = tl.exp2((s - hi) - lo)
+    else:
+        p = tl.exp2(s - hi)
+    return p
 
 
 @triton.jit
@@ -82,7 +107,7 @@ def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, st
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         q = load_tile(q_base, rows, stride_qs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
-        lse2 = _lse_log2(LSE_row, rows, Sq)
+        lse_hi, lse_lo = _lse_log2(LSE_row, rows, Sq)
         # Work transposed, (BLOCK_N, BLOCK_M), so dK/dV come out without transposing P. (fp32: a GPU's
         # "ieee" dot is an ordered FMA chain per element, so s rounds exactly as in the forward that made
         # lse; docs/design.md, "Precision of the backward".)
@@ -91,7 +116,7 @@ def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, st
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         s_t, dcap_t = modify_scores(s_t, r, c, Sq, Sk, mods, SOFTCAP=SOFTCAP, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
                                     WIDE=WIDE)
-        p_t = tl.exp2(s_t - lse2[None, :])
+        p_t = _probs(s_t, lse_hi, lse_lo, TRANSPOSED=True, F64_LSE=LSE_row.dtype.element_ty == tl.float64)
         if MASKED:  # causal diagonal / window edge (and padded keys: no probability)
             vis = visible(relative_position(r, c, Sq, Sk), mods[5], mods[6], kp=kp[:, None], CAUSAL=CAUSAL,
                           LOCAL=LOCAL, HAS_KPM=HAS_KPM)
@@ -200,11 +225,11 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs, stride_dbm, offs_m,
-                   lo, hi, seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                   LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-                   HAS_DBIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
+def _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs,
+                   stride_dbm, offs_m, lo, hi, seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_KPM: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   SOFTCAP: tl.constexpr, HAS_DBIAS: tl.constexpr, F64_LSE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """Accumulate dQ (unscaled) over key blocks [lo, hi); with HAS_DBIAS also store dS, the bias
     gradient, into the (Sq, Sk) slice DBIAS_bh (row stride stride_dbm)."""
     Sq = seq[1]
@@ -220,7 +245,7 @@ def _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, DBIAS_bh, str
         s, dcap = scores_tile(q, k, offs_m, cols, seq, mods, qk_scale, KP_row, MASKED=MASKED, CAUSAL=CAUSAL,
                               HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
                               DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
-        p = tl.exp2(s - lse2[:, None])  # masked keys: exp2(-inf) = 0
+        p = _probs(s, lse_hi, lse_lo, TRANSPOSED=False, F64_LSE=F64_LSE)  # masked keys: exp2(-inf) = 0
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         if HAS_DBIAS:
@@ -266,7 +291,8 @@ def attn_bwd_dq_kernel(
     do = load_tile(DO + b * stride_dob + h * stride_doh + q_start * stride_dos, offs_m, stride_dos, Sq,
                    HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
     row_base = b * stride_lb + h * stride_lh + q_start
-    lse2 = _lse_log2(LSE + row_base, offs_m, Sq)
+    lse_hi, lse_lo = _lse_log2(LSE + row_base, offs_m, Sq)
+    F64_LSE = LSE.dtype.element_ty == tl.float64  # fp32 inputs (launchers: lse_dtype)
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Sq, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
@@ -279,18 +305,20 @@ def attn_bwd_dq_kernel(
     lo, full_lo, full_end, hi = key_blocks(start_m, seq, KV_BOUNDS, b, left, right, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                                            CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL)
     if LOCAL:  # the window's left edge
-        dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs, stride_dbm,
-                            offs_m, lo, full_lo, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
-                            LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HAS_DBIAS=HAS_DBIAS,
-                            HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION,
-                            WIDE=WIDE)
-    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs, stride_dbm,
-                        offs_m, full_lo, full_end, seq, mods, qk_scale, MASKED=False, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
-                        LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HAS_DBIAS=HAS_DBIAS,
-                        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
-    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs, stride_dbm,
-                        offs_m, full_end, hi, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
-                        LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HAS_DBIAS=HAS_DBIAS,
-                        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+        dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs,
+                            stride_dbm, offs_m, lo, full_lo, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL,
+                            HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                            HAS_DBIAS=HAS_DBIAS, F64_LSE=F64_LSE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                            DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+    dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs,
+                        stride_dbm, offs_m, full_lo, full_end, seq, mods, qk_scale, MASKED=False, CAUSAL=CAUSAL,
+                        HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                        HAS_DBIAS=HAS_DBIAS, F64_LSE=F64_LSE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+    dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs,
+                        stride_dbm, offs_m, full_end, hi, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL,
+                        HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                        HAS_DBIAS=HAS_DBIAS, F64_LSE=F64_LSE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
     store_tile(DQ + b * stride_dqb + h * stride_dqh + q_start * stride_dqs, (dq * sm_scale).to(DQ.dtype.element_ty),
                offs_m, stride_dqs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, WIDE=WIDE)

@@ -111,7 +111,7 @@ def attn_fwd_kernel(
     if HAS_SINKS:  # the sink: one more softmax entry (logit SINKS[h]) with no value
         acc, m_i, l_i = fold_sink(acc, m_i, l_i, tl.load(SINKS + h).to(tl.float32) * LOG2E_T)
 
-    out, lse = finalize(acc, m_i, l_i)
+    out, lse = finalize(acc, m_i, l_i, F64_LSE=LSE.dtype.element_ty == tl.float64)
     store_tile(O + b * stride_ob + h * stride_oh + q_start * stride_os, out.to(O.dtype.element_ty), offs_m,
                stride_os, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, WIDE=WIDE)
     tl.store(LSE + b * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=offs_m < Sq)

@@ -242,12 +242,17 @@ def fold_sink(acc, m_i, l_i, sink2):
 
 
 @triton.jit
-def finalize(acc, m_i, l_i):
+def finalize(acc, m_i, l_i, F64_LSE: tl.constexpr = False):
     """(out, lse natural log) of the online softmax: rows that saw no key (l = 0, acc = 0) get out 0
-    (divided by 1) and lse -inf."""
+    (divided by 1) and lse -inf. F64_LSE (fp32 inputs): lse in float64, so that the backward gets the
+    forward's log2 statistics back exactly (an fp32 natural-log lse rounds them: docs/design.md,
+    "Precision of the backward")."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    if F64_LSE:
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i.to(tl.float64) + tl.log2(l_safe.to(tl.float64))) * LN2)
+    else:
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     return out, lse
 
 

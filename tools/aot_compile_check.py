@@ -77,6 +77,8 @@ def signature(kernel, dtype: str, constexprs: dict, fp32_outputs: bool = False) 
             sig[name] = "constexpr"
         elif fp32_outputs and name == "O":
             sig[name] = "*fp32"
+        elif name == "LSE" and dtype == "fp32" and kernel in KERNELS.values():
+            sig[name] = "*fp64"  # the prefill kernels save a float64 lse for fp32 inputs (launchers: lse_dtype)
         elif name in FP32_POINTERS:
             sig[name] = "*fp32"
         elif name in INT32_POINTERS:

@@ -98,6 +98,14 @@ def _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, hq, k.shape[1], d, tq, k.shape[0]
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the lse the kernels save for the backward: float64 for fp32 inputs (an fp32
+    natural-log lse rounds the forward's log2 statistics by up to 3 ulps, which doubles fp32's
+    gradient error on peaky rows: docs/design.md, "Precision of the backward"), else float32. The
+    lse a caller gets back is float32 either way (fastattn.ops.autograd, ring_blocks)."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
 def _contiguous_strides(varlen: bool, s: int, h: int, d: int) -> tuple:
     # The (batch, seq, head) strides of a freshly allocated contiguous (B, S, H, D) / (T, H, D) tensor.
     return (0, h * d, d) if varlen else (s * h * d, h * d, d)
@@ -131,7 +139,7 @@ def _candidates(kind: str, consts: dict) -> list[configs.BlockConfig]:
 
 def forward(q, k, v, key_padding_mask, kv_bounds, causal: bool, scale: float, bias=None, alibi_slopes=None,
             sinks=None, window_left: int = -1, window_right: int = -1, softcap: float = 0.0):
-    """Padded batches: out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) float32, natural log.
+    """Padded batches: out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) natural log, lse_dtype(q.dtype).
     kv_bounds: key_bounds(key_padding_mask), or None to compute it here."""
     return _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, None, None, 0, 0,
                     Mods(bias, alibi_slopes, sinks, window_left, window_right, softcap))
@@ -140,7 +148,7 @@ def forward(q, k, v, key_padding_mask, kv_bounds, causal: bool, scale: float, bi
 def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                    scale: float, bias=None, alibi_slopes=None, sinks=None, window_left: int = -1,
                    window_right: int = -1, softcap: float = 0.0):
-    """Packed sequences q (Tq, Hq, D), k/v (Tk, Hkv, D): out (Tq, Hq, D) and lse (Hq, Tq) float32."""
+    """Packed sequences q (Tq, Hq, D), k/v (Tk, Hkv, D): out (Tq, Hq, D) and lse (Hq, Tq), lse_dtype(q.dtype)."""
     return _forward(q, k, v, causal, scale, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                     Mods(bias, alibi_slopes, sinks, window_left, window_right, softcap))
 
@@ -177,7 +185,7 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
     (q, k, v), in_strides = _layout(varlen, q, k, v)
     b, sq, sk, hq, hkv, d, tq, tk = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = q.new_empty((hq, tq) if varlen else (b, hq, sq), dtype=torch.float32)
+    lse = q.new_empty((hq, tq) if varlen else (b, hq, sq), dtype=lse_dtype(q.dtype))
     if out.numel() == 0 or b == 0:
         return out, lse
     kpm, bounds, cu_q, cu_k, kpm_stride, extra = _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k)
@@ -254,8 +262,8 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
             dsinks = (torch.zeros_like(sinks) if dlse is None or dq.numel() == 0
                       else _dsinks(sinks, lse, -dlse.float(), varlen))
         return dq.zero_(), dk.zero_(), dv.zero_(), _reduce_dbias(dbias, bias), dsinks
-    lse = lse.contiguous()
-    delta = torch.empty_like(lse)
+    lse = lse.to(lse_dtype(q.dtype)).contiguous()  # a ring's merged lse is float32: one kernel variant per dtype
+    delta = torch.empty_like(lse, dtype=torch.float32)
     has_dlse = dlse is not None
     dlse = dlse.float().contiguous() if has_dlse else delta  # placeholder: not read without HAS_DLSE
     kpm, bounds, cu_q, cu_k, kpm_stride, extra = _masks(q, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k)

@@ -118,7 +118,7 @@ class PaddedAttention(torch.autograd.Function):
         ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
         ctx.mods = mods and (window_left, window_right, softcap)
         ctx.set_materialize_grads(False)
-        return (out, lse) if return_lse else out
+        return (out, lse.float()) if return_lse else out  # fp32 inputs save a float64 lse (launchers)
 
     @staticmethod
     @_first_order  # the kernels' gradients are not differentiable again: an error, not a silent zero
@@ -148,7 +148,7 @@ class VarlenAttention(torch.autograd.Function):
         ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal, ctx.scale = max_seqlen_q, max_seqlen_k, causal, scale
         ctx.mods = mods and (window_left, window_right, softcap)
         ctx.set_materialize_grads(False)
-        return (out, lse) if return_lse else out
+        return (out, lse.float()) if return_lse else out  # fp32 inputs save a float64 lse (launchers)
 
     @staticmethod
     @_first_order

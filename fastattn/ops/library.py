@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from fastattn.launchers.triton_attention import lse_dtype
+
 _lib = torch.library.Library("fastattn", "FRAGMENT")
 
-# Padded batches: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D); out (B, Sq, Hq, D), lse (B, Hq, Sq) float32.
+# Padded batches: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D); out (B, Sq, Hq, D), lse (B, Hq, Sq) float32
+# (float64 for fp32 inputs: launchers.triton_attention.lse_dtype; the CUDA kernels take no fp32).
 PADDED_FWD = ("(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? kv_bounds, bool causal, "
               "float scale) -> (Tensor, Tensor)")
 PADDED_BWD = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
@@ -37,12 +40,12 @@ VARLEN_BWD = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor ls
 
 def padded_fwd_fake(q, k, v, key_padding_mask, kv_bounds, causal, scale, *mods):
     b, sq, hq, d = q.shape
-    return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
+    return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=lse_dtype(q.dtype))
 
 
 def varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *mods):
     tq, hq, d = q.shape
-    return q.new_empty((tq, hq, d)), q.new_empty((hq, tq), dtype=torch.float32)
+    return q.new_empty((tq, hq, d)), q.new_empty((hq, tq), dtype=lse_dtype(q.dtype))
 
 
 def bwd_fake(dout, q, k, v, *rest):

@@ -22,9 +22,10 @@ class KernelBlock:
     def forward(self, q, k, v, layout, causal, scale):
         if isinstance(layout, tuple):
             out, lse = self._launch.forward_varlen(q[0], k[0], v[0], *layout, causal, scale)
-            return out[None], lse[None]
+            return out[None], lse[None].float()
         bounds = None if layout is None else key_bounds(layout)
-        return self._launch.forward(q, k, v, layout, bounds, causal, scale)
+        out, lse = self._launch.forward(q, k, v, layout, bounds, causal, scale)
+        return out, lse.float()  # the ring merges float32 lse (fp32 inputs' kernels save float64)
 
     def backward(self, dout, dlse, q, k, v, out, lse, layout, causal, scale):
         if isinstance(layout, tuple):
