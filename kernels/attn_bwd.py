@@ -51,7 +51,8 @@ def _lse_log2(LSE_row, rows, Sq):
     hi = lse2.to(tl.float32)
     lo = hi
     if LSE_row.dtype.element_ty == tl.float64:
-        lo = tl.where(hi == float("inf"), 0.0, lse2 - hi.to(tl.float64)).to(tl.float32)
+        finite = hi != float("inf")  # +inf rows: lo = 0 (never inf - inf)
+        lo = (tl.where(finite, lse2, 0.0) - tl.where(finite, hi, 0.0).to(tl.float64)).to(tl.float32)
     return hi, lo
 
 

@@ -262,7 +262,9 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
             dsinks = (torch.zeros_like(sinks) if dlse is None or dq.numel() == 0
                       else _dsinks(sinks, lse, -dlse.float(), varlen))
         return dq.zero_(), dk.zero_(), dv.zero_(), _reduce_dbias(dbias, bias), dsinks
-    lse = lse.to(lse_dtype(q.dtype)).contiguous()  # a ring's merged lse is float32: one kernel variant per dtype
+    if lse.dtype != lse_dtype(q.dtype):  # a ring's merged lse is float32: one kernel variant per dtype
+        lse = lse.to(lse_dtype(q.dtype))
+    lse = lse.contiguous()
     delta = torch.empty_like(lse, dtype=torch.float32)
     has_dlse = dlse is not None
     dlse = dlse.float().contiguous() if has_dlse else delta  # placeholder: not read without HAS_DLSE
