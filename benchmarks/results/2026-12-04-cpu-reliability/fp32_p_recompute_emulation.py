@@ -4,7 +4,6 @@ rounding (a GPU's ordered fp32 FMA dot); 'other dot': a different summation orde
 the interpreter)."""
 import torch
 
-torch.manual_seed(0)
 Sq, Sk, D = 256, 128, 256
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 f32 = torch.float32
@@ -17,16 +16,19 @@ def grads_from_p(p, q, k, v, do, scale):
     delta = (do * o).sum(-1, keepdim=True)
     ds = p * (dp - delta)
     return ds @ k * scale, ds.T @ q * scale, dv
-def run(qs):
-    q = torch.randn(Sq, D) * qs
-    k, v, do = torch.randn(Sk, D), torch.randn(Sk, D), torch.randn(Sq, D)
-    scale = D ** -0.5
+def references(q, k, v, do, scale):
+    """(dq, dk, dv) of the plain math in float64, and in fp32 (PyTorch's autograd)."""
     xs = [x.double().requires_grad_() for x in (q, k, v)]
     (torch.softmax(xs[0] @ xs[1].T * scale, -1) @ xs[2]).backward(do.double())
     ref = [x.grad for x in xs]
     xs = [x.clone().requires_grad_() for x in (q, k, v)]
     (torch.softmax(xs[0] @ xs[1].T * scale, -1) @ xs[2]).backward(do)
-    tor = [x.grad for x in xs]
+    return ref, [x.grad for x in xs]
+def run(qs):
+    q = torch.randn(Sq, D) * qs
+    k, v, do = torch.randn(Sk, D), torch.randn(Sk, D), torch.randn(Sq, D)
+    scale = D ** -0.5
+    ref, tor = references(q, k, v, do, scale)
     qk_scale = torch.tensor(scale * LOG2E, dtype=f32)
     dot = q @ k.T
     s2 = dot * qk_scale
@@ -42,5 +44,7 @@ def run(qs):
         res.append(name + ": " + ", ".join(f"{n} {((a - r).abs().max() / (t.double() - r).abs().max()).item():.1f}x"
                                           for n, a, t, r in zip(("dq", "dk", "dv"), g, tor, ref)))
     print(f"q x{qs}: " + "; ".join(res))
-for qs in (1, 10, 50):
-    run(qs)
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    for qs in (1, 10, 50):
+        run(qs)
