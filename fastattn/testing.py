@@ -5,7 +5,8 @@ where ref64 is ``fastattn.reference`` in float64 and naive_lowprec is the same n
 the input dtype. factor is 2 for outputs and lse, 3 for gradients.
 
 The 1e-5 floor is relative to the magnitude of the reference once that exceeds 1 (normwise, not
-elementwise): for outputs and lse their own magnitude, for gradients the largest of dq, dk, dv.
+elementwise): for outputs and lse their own magnitude, for gradients the largest of dq, dk, dv
+(dbias, which is dS: that or its own, whichever is larger; dsinks: its own).
 For fp32 the naive error is one noisy sample of rounding error, and it can be far below what any
 other valid summation order gives: dV of an MQA head with one key sums hundreds of terms (|dV| ~
 30; seen on an H100: 2.07e-5 against an absolute 1e-5-based tolerance of 1.86e-5), and with one
