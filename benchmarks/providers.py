@@ -135,24 +135,29 @@ def _cuda_only() -> str | None:
 
 
 # ---------------------------------------------------------------- FlexAttention (compiled)
-@functools.cache
-def _compiled_flex():
+def raise_recompile_limits() -> None:
+    """One compiled function serves every case: each new shape, dtype, mask or score_mod is a
+    recompile of the same frame, and past dynamo's recompile limit (8) it would silently run
+    flex_attention eagerly (slow, materialising). Raise the limit for the run."""
     import torch._dynamo
-    from torch.nn.attention.flex_attention import flex_attention
 
-    # One compiled function serves every case: each new shape, dtype or mask is a recompile of the
-    # same frame, and past dynamo's recompile limit (8) it would silently run flex_attention
-    # eagerly (slow, materialising). Raise the limit for the run.
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 1024)
     for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 4096)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    raise_recompile_limits()
     return torch.compile(flex_attention)  # default dynamic: what `torch.compile(flex_attention)` gives a user
 
 
-def _flex_unavailable() -> str | None:
+def flex_unavailable() -> str | None:
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
     except ImportError as e:
@@ -208,7 +213,7 @@ PROVIDERS = {
                  unsupported=lambda case, device: _materialising_unsupported(case, device),
                  context=_sdpa_only("MATH")),
         Provider("flex", "baseline", "torch.compile(flex_attention), block mask for causal/padding", _flex,
-                 unavailable=_flex_unavailable),
+                 unavailable=flex_unavailable),
         Provider("naive", "oracle", "fastattn.reference.attention in the input dtype (unfused)", _naive,
                  unsupported=lambda case, device: _materialising_unsupported(case, device)),
     ]

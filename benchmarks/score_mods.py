@@ -1,6 +1,7 @@
 """The score-modifier benchmark: what bias, ALiBi, a sliding window, softcap and sinks cost.
 
     python benchmarks/score_mods.py [--out DIR] [--seqlens 2048,8192] [--windows 128,512,2048,4096]
+                                    [--flex-seqlens 8192] [--flex-windows 512]
     python benchmarks/score_mods.py --smoke      # tiny float32 shapes through the Triton interpreter (CPU)
 
 On a GPU, bf16, D=128, hidden 2048 (16 heads), 16k tokens per batch (batch = 16384 // S), causal and
@@ -13,10 +14,16 @@ the matmul ceiling measured first):
   time falls in proportion to the window (key tiles outside it are skipped);
 - ALiBi, softcap, sinks vs none: forward (and fwd+bwd) TFLOPS ratio, modified / unmodified;
 - bias (1, H, S, S) requiring grad, fwd+bwd: fastattn vs PyTorch SDPA given the same float mask
-  (attn_mask; with causal the mask is folded into the bias once, untimed), and vs no bias.
+  (attn_mask; with causal the mask is folded into the bias once, untimed), and vs no bias;
+- each modifier, fwd and fwd+bwd, vs FlexAttention given the same modifier as score_mod / block
+  mask (benchmarks/flex_mods.py; compiled on a GPU): the windows in --flex-windows, at the sequence
+  lengths in --flex-seqlens. Each (case, modifier) is a compile of its own (fwd and bwd), so
+  FlexAttention runs in a second pass, after every fastattn and SDPA row: a budget it outruns
+  costs FlexAttention rows only.
 
-Bars (issue 12, checked on a GPU only): ALiBi, softcap and window forward TFLOPS within 10% of the
-unmodified kernel's (ratio >= 0.9); bias fwd+bwd >= 2x SDPA with the float mask.
+Bars (issue 23, checked on a GPU only): ALiBi, softcap and window forward TFLOPS within 10% of the
+unmodified kernel's (ratio >= 0.9), fwd+bwd within 15% (>= 0.85); bias fwd+bwd >= 2x SDPA with the
+float mask; every modifier, fwd and fwd+bwd, >= 1.0x FlexAttention (its time / fastattn's).
 
 A correctness gate runs first for every row: batch 0, head 0, the last 256 queries over all keys
 (bottom-right positions keep their place) of the benchmarked call's output, and for fwd+bwd of its
@@ -48,9 +55,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fastattn  # noqa: E402
+from benchmarks import flex_mods  # noqa: E402
 from benchmarks.cases import HIDDEN, TOKENS, Case, make_inputs  # noqa: E402
 from benchmarks.common import _wall_clock_median, environment, measure_ceilings, peak_memory_mib, time_ms  # noqa: E402
 from benchmarks.measure import GATE_OK, Gate, _guarded, mode_callable  # noqa: E402
+from benchmarks.providers import flex_unavailable  # noqa: E402
 from fastattn import reference, semantics, testing  # noqa: E402
 from fastattn.flops import attention_flops, mean_visible_keys  # noqa: E402
 
@@ -58,7 +67,7 @@ MODES = ("fwd", "fwd_bwd")
 LEARNED = ("bias", "sinks")  # modifiers with a gradient: leaves requiring grad in fwd_bwd
 GATE_QUERIES = 256  # the gate's slice: the last queries of batch 0, head 0, over all keys
 SOFTCAP = 5.0  # small enough to bend N(0, 1) logits, so the gate sees a kernel that ignores it
-BAR_RATIO, BAR_VS_SDPA = 0.9, 2.0
+BAR_RATIO, BAR_RATIO_BWD, BAR_VS_SDPA, BAR_VS_FLEX = 0.9, 0.85, 2.0, 1.0
 BUDGET_SKIP = "time budget spent"
 
 
@@ -122,7 +131,10 @@ def _sdpa(q, k, v, *, bias):
     return out.transpose(1, 2)  # (B, H, S, D) -> (B, S, H, D)
 
 
-def providers(case: Case, variant: Variant) -> list[Provider]:
+def providers(case: Case, variant: Variant, flex_pass: bool) -> list[Provider]:
+    """First pass: fastattn, and SDPA with the float mask for the bias. Second: FlexAttention."""
+    if flex_pass:
+        return [Provider("flex", flex_mods.call, flex_mods.prepare)] if flex_unavailable() is None else []
     found = [Provider("fastattn", _fastattn(case.causal))]
     if variant.name == "bias":
         found.append(Provider("sdpa", _sdpa, _sdpa_prepare))
@@ -199,6 +211,11 @@ class ModGate:
 class Settings:
     seqlens: tuple = (2048, 8192)
     windows: tuple = (128, 512, 2048, 4096)
+    flex_seqlens: tuple = (8192,)  # FlexAttention's cases (each modifier there compiles a fwd and a bwd)
+    flex_windows: tuple = (512,)  # FlexAttention's window variants, beside the other modifiers
+
+    def flex_cases(self) -> list[Case]:
+        return [c for c in self.cases() if c.seqlen_q in self.flex_seqlens]
     head_dim: int = 128
     dtype: str = "bfloat16"
     tokens: int = TOKENS
@@ -216,8 +233,8 @@ class Settings:
 
 
 # Tiny float32 shapes (the interpreter cannot run bf16 dots): 48 keys = a full and a partial key tile there.
-SMOKE = dict(seqlens=(48,), windows=(8,), head_dim=16, dtype="float32", tokens=48, hidden=16, warmup_ms=1, rep_ms=1,
-             smoke=True)
+SMOKE = dict(seqlens=(48,), windows=(8,), flex_seqlens=(48,), flex_windows=(8,), head_dim=16, dtype="float32",
+             tokens=48, hidden=16, warmup_ms=1, rep_ms=1, smoke=True)
 
 
 @dataclass
@@ -242,13 +259,13 @@ def _row(case: Case, variant: Variant, provider: str, mode: str) -> dict:
                                                              window=window)}
 
 
-def run_variant(run: Run, case: Case, variant: Variant, inputs) -> list[dict]:
-    """Every provider of one (case, variant): the gate, then the time of each mode."""
+def run_variant(run: Run, case: Case, variant: Variant, inputs, flex_pass: bool) -> list[dict]:
+    """Every provider of one (case, variant) in this pass: the gate, then the time of each mode."""
     q, k, v = inputs
     rows = []
     mods, reason = _guarded(lambda: variant.mods(case, run.device, run.gen), [])
     gate, reason = (None, reason) if reason else _guarded(lambda: ModGate(case, q, k, v, mods, run.gen), [])
-    for p in providers(case, variant):
+    for p in providers(case, variant, flex_pass):
         own, why = (None, reason) if reason else _guarded(lambda: p.prepare(case, mods) if p.prepare else mods, [])
         checks = {"fwd": gate.check_forward, "fwd_bwd": gate.check_backward} if not why else {}
         for mode in MODES:
@@ -292,11 +309,13 @@ def _ranked(r: dict) -> bool:
 
 def add_ratios(rows: list[dict]) -> None:
     """fastattn rows: TFLOPS vs the unmodified kernel (same case and mode) and time vs it; the bias
-    row: SDPA's time / fastattn's. Only between rows that passed the gate."""
+    row: SDPA's time / fastattn's; every row: FlexAttention's time / fastattn's (same case, variant
+    and mode). Only between rows that passed the gate."""
     def key(r):
         return r["case"]["label"], r["mode"]
     none = {key(r): r for r in rows if r["variant"] == "none" and r["provider"] == "fastattn" and _ranked(r)}
     sdpa = {key(r): r for r in rows if r["provider"] == "sdpa" and _ranked(r)}
+    flex = {(*key(r), r["variant"]): r for r in rows if r["provider"] == "flex" and _ranked(r)}
     for r in rows:
         if r["provider"] != "fastattn" or not _ranked(r):
             continue
@@ -307,20 +326,27 @@ def add_ratios(rows: list[dict]) -> None:
             r["keys_vs_none"] = r["keys_per_query"] / base["keys_per_query"]
         if r["variant"] == "bias" and key(r) in sdpa:
             r["vs_sdpa"] = sdpa[key(r)]["ms"] / r["ms"]
+        if (*key(r), r["variant"]) in flex:
+            r["vs_flex"] = flex[(*key(r), r["variant"])]["ms"] / r["ms"]
 
 
 def bars(rows: list[dict]) -> list[dict]:
     """The issue's bars, one line per check (GPU runs)."""
     out = []
+
+    def check(r, what, value, bar):
+        out.append({"case": r["case"]["label"], "check": what, "value": value, "bar": bar, "ok": value >= bar})
     for r in rows:
         if r["provider"] != "fastattn":
             continue
-        if r["mode"] == "fwd" and (r["variant"] in ("alibi", "softcap") or r["window"]) and "vs_none" in r:
-            out.append({"case": r["case"]["label"], "check": f"{r['variant']} fwd TFLOPS / none",
-                        "value": r["vs_none"], "bar": BAR_RATIO, "ok": r["vs_none"] >= BAR_RATIO})
+        mode = "fwd" if r["mode"] == "fwd" else "fwd+bwd"
+        if (r["variant"] in ("alibi", "softcap") or r["window"]) and "vs_none" in r:
+            check(r, f"{r['variant']} {mode} TFLOPS / none", r["vs_none"],
+                  BAR_RATIO if r["mode"] == "fwd" else BAR_RATIO_BWD)
         if r["mode"] == "fwd_bwd" and "vs_sdpa" in r:
-            out.append({"case": r["case"]["label"], "check": "bias fwd+bwd: SDPA (float mask) time / fastattn",
-                        "value": r["vs_sdpa"], "bar": BAR_VS_SDPA, "ok": r["vs_sdpa"] >= BAR_VS_SDPA})
+            check(r, "bias fwd+bwd: SDPA (float mask) time / fastattn", r["vs_sdpa"], BAR_VS_SDPA)
+        if r["variant"] != "none" and "vs_flex" in r:
+            check(r, f"{r['variant']} {mode}: FlexAttention time / fastattn", r["vs_flex"], BAR_VS_FLEX)
     return out
 
 
@@ -366,8 +392,22 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {label} | {mode} | {_fmt(f, 'ms', '.3f')} | {_fmt(s, 'ms', '.3f')} | "
                          f"{_fmt(f, 'vs_sdpa', '.2f', 'x')} | {_fmt(f, 'time_vs_none', '.2f', 'x')} | "
                          f"{_fmt(f, 'peak_mib', '.0f')} / {_fmt(s, 'peak_mib', '.0f')} | {gates} |")
-    lines += ["", f"## Bars (ALiBi, softcap, window: fwd TFLOPS >= {BAR_RATIO} x none; bias fwd+bwd >= "
-              f"{BAR_VS_SDPA:.0f}x SDPA)", ""]
+    lines += ["", "## Each variant vs FlexAttention with the same score_mod / block mask", ""]
+    if doc.get("flex", "ok") != "ok":
+        lines += [f"FlexAttention did not run: {doc['flex']}", ""]
+    lines += [
+              "| case | modifier | mode | fastattn ms | FlexAttention ms | Flex / fastattn | gates |",
+              "|---|---|---|---|---|---|---|"]
+    for label, variant in keys:
+        for mode in MODES:
+            f, x = by.get((label, variant, "fastattn", mode)), by.get((label, variant, "flex", mode))
+            if x is None:
+                continue
+            gates = " / ".join((r.get("gate") or r.get("skipped", "-")) if r else "-" for r in (f, x))
+            lines.append(f"| {label} | {variant} | {mode} | {_fmt(f, 'ms', '.3f')} | {_fmt(x, 'ms', '.3f')} | "
+                         f"{_fmt(f, 'vs_flex', '.2f', 'x')} | {gates} |")
+    lines += ["", f"## Bars (ALiBi, softcap, window TFLOPS vs none: fwd >= {BAR_RATIO}, fwd+bwd >= {BAR_RATIO_BWD}; "
+              f"bias fwd+bwd >= {BAR_VS_SDPA:.0f}x SDPA; every modifier >= {BAR_VS_FLEX:.1f}x FlexAttention)", ""]
     if smoke:
         lines.append("Not judged on a smoke run.")
     else:
@@ -379,6 +419,24 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_case(run: Run, doc: dict, case: Case, case_variants: list[Variant], flex_pass: bool) -> None:
+    """One case's rows of one pass into doc, with the ratios and bars brought up to date."""
+    inputs = make_inputs(case, run.device, run.gen)[:3]
+    for variant in case_variants:
+        if run.out_of_time():
+            rows = [{**_row(case, variant, p.name, m), "gate": "", "skipped": BUDGET_SKIP}
+                    for p in providers(case, variant, flex_pass) for m in MODES]
+        else:
+            rows = run_variant(run, case, variant, inputs, flex_pass)
+        doc["rows"] += rows
+        for r in rows:
+            print(f"{case.label:<40} {variant.name:<12} {r['provider']:<8} {r['mode']:<7} "
+                  + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOPS" if "ms" in r else r.get("skipped", ""))
+                  + f"  gate {r['gate'] or '-'}", flush=True)
+    add_ratios(doc["rows"])
+    doc["bars"] = [] if run.settings.smoke else bars(doc["rows"])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
@@ -386,6 +444,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny float32 shapes on the CPU (the default without a GPU)")
     ap.add_argument("--seqlens", type=ints, default=Settings.seqlens)
     ap.add_argument("--windows", type=ints, default=Settings.windows)
+    ap.add_argument("--flex-seqlens", type=ints, default=Settings.flex_seqlens,
+                    help="sequence lengths where FlexAttention runs too ('' = none)")
+    ap.add_argument("--flex-windows", type=ints, default=Settings.flex_windows)
     ap.add_argument("--budget-s", type=float, default=None, help="start no new case past this many seconds")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -395,28 +456,18 @@ def main(argv=None) -> int:
         if not args.smoke:
             print("no CUDA GPU: running the smoke mode (tiny float32 shapes through the Triton interpreter)")
     else:
-        settings = Settings(seqlens=args.seqlens, windows=args.windows, budget_s=args.budget_s)
+        settings = Settings(seqlens=args.seqlens, windows=args.windows, flex_seqlens=args.flex_seqlens,
+                            flex_windows=args.flex_windows, budget_s=args.budget_s)
     run = Run(settings, device, measure_ceilings(device), torch.Generator(device=device).manual_seed(0))
     doc = {"environment": environment(device), "ceilings": run.ceilings, "settings": settings.__dict__, "rows": []}
     args.out.mkdir(parents=True, exist_ok=True)
-    for case in settings.cases():
-        inputs = make_inputs(case, device, run.gen)[:3]
-        for variant in variants(case, settings.windows):
-            if run.out_of_time():
-                rows = [{**_row(case, variant, p.name, m), "gate": "", "skipped": BUDGET_SKIP}
-                        for p in providers(case, variant) for m in MODES]
-            else:
-                rows = run_variant(run, case, variant, inputs)
-            doc["rows"] += rows
-            for r in rows:
-                print(f"{case.label:<40} {variant.name:<12} {r['provider']:<8} {r['mode']:<7} "
-                      + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOPS" if "ms" in r else r.get("skipped", ""))
-                      + f"  gate {r['gate'] or '-'}", flush=True)
-        add_ratios(doc["rows"])
-        doc["bars"] = [] if settings.smoke else bars(doc["rows"])
-        (args.out / "score_mods.json").write_text(json.dumps(doc, indent=2, default=str))
-        (args.out / "score_mods.md").write_text(markdown(doc))  # after every case: partial runs survive
-        del inputs
+    doc["flex"] = flex_unavailable() or "ok"
+    passes = [(False, settings.cases(), settings.windows), (True, settings.flex_cases(), settings.flex_windows)]
+    for flex_pass, cases, windows in passes:
+        for case in cases:
+            run_case(run, doc, case, variants(case, windows), flex_pass)
+            (args.out / "score_mods.json").write_text(json.dumps(doc, indent=2, default=str))
+            (args.out / "score_mods.md").write_text(markdown(doc))  # after every case: partial runs survive
     # A fastattn row fails when its gate fails or it raised (a budget skip is not a failure).
     failed = [r for r in doc["rows"] if r["provider"] == "fastattn" and r.get("skipped") != BUDGET_SKIP
               and r["gate"] != GATE_OK]

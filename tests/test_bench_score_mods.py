@@ -10,6 +10,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fastattn import testing  # noqa: E402
+
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run; gpu_check runs the GPU one")
 
 
@@ -23,11 +25,15 @@ def test_score_mods_benchmark_smoke(tmp_path, monkeypatch):
     by = {(r["case"]["causal"], r["variant"], r["provider"], r["mode"]): r for r in rows}
     variants = {"none", "alibi", "softcap", "sinks", "bias", "window 8"}
     assert set(by) == {(c, v, p, m) for c in (True, False) for v in variants
-                       for p in ("fastattn", "sdpa") if p == "fastattn" or v == "bias" for m in ("fwd", "fwd_bwd")}
+                       for p in ("fastattn", "sdpa", "flex") if p != "sdpa" or v == "bias" for m in ("fwd", "fwd_bwd")}
     for r in rows:  # every row checked against float64 (the backward rows with dbias, dsinks) and timed
+        if r["provider"] == "flex" and r["mode"] == "fwd_bwd":  # torch has no CPU backward for it
+            assert "backward on CPU" in r["skipped"] and "ms" not in r, r
+            continue
         assert r["gate"] == "ok" and r["ms"] > 0 and r["tflops"] > 0, r
         if r["provider"] == "fastattn":
             assert r["vs_none"] > 0 and r["time_vs_none"] > 0, r
+            assert ("vs_flex" in r) == (r["mode"] == "fwd"), r
     for causal in (True, False):
         none, window = by[causal, "none", "fastattn", "fwd"], by[causal, "window 8", "fastattn", "fwd"]
         assert none["vs_none"] == 1.0
@@ -40,6 +46,7 @@ def test_score_mods_benchmark_smoke(tmp_path, monkeypatch):
     md = (tmp_path / "score_mods.md").read_text()
     assert "Smoke run" in md and "| self B1 S48 H1 D16 causal float32 | window 8 | " in md
     assert "fastattn vs SDPA with the same float mask" in md
+    assert "| self B1 S48 H1 D16 full float32 | sinks | fwd | " in md.split("vs FlexAttention")[1]
 
 
 def test_score_mods_gate_catches_a_wrong_kernel(monkeypatch):
@@ -58,3 +65,28 @@ def test_score_mods_gate_catches_a_wrong_kernel(monkeypatch):
         assert gate.check_forward(right, q, k, v, mods) == "ok"
         assert gate.check_backward(right, q, k, v, mods) == "ok"
         assert gate.check_forward(ignores, q, k, v, mods).startswith("FAIL out"), name
+
+
+@pytest.mark.parametrize("shape", [(40, 40, 2, 2), (24, 40, 4, 2), (40, 24, 2, 1)], ids=["self", "cross-gqa", "sq>sk"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_baseline_means_what_fastattn_means(shape, causal):
+    """FlexAttention given each modifier (score_mod, block mask, sinks through the lse) computes
+    fastattn.reference's attention: Sq != Sk (bottom-right), GQA, windows open on one side."""
+    from benchmarks import flex_mods, score_mods
+    from benchmarks.cases import Case, make_inputs
+
+    sq, sk, hq, hkv = shape
+    case = Case(2, sq, sk, hq, hkv, 16, kind="cross", causal=causal, dtype="float32")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, _ = make_inputs(case, "cpu", gen)
+    mods = [score_mods.Variant(n).mods(case, "cpu", gen) for n in ("none", "alibi", "softcap", "sinks")]
+    mods += [{"bias": torch.randn(2, hq, sq, sk, generator=gen)}, {"bias": torch.randn(1, hq, sq, sk, generator=gen)}]
+    mods += [{"window": w} for w in ((5, 0), (3, 2), (-1, 4), (6, -1))]
+    mods += [{"alibi_slopes": torch.rand(hq, generator=gen), "softcap": 3.0, "window": (7, 1),
+              "sinks": torch.randn(hq, generator=gen)}]
+
+    def flex(q_, k_, v_, **m):
+        return flex_mods.call(q_, k_, v_, **flex_mods.prepare(case, m)), None
+    for m in mods:  # forward only: FlexAttention has no CPU backward (the GPU run's gate checks it)
+        results = testing.check_against_reference(flex, q, k, v, causal=causal, grads=False, lse=False, mods=m)
+        assert all(r.ok for r in results), (list(m), [str(r) for r in results])
