@@ -1,17 +1,22 @@
-"""A Llama-style Hugging Face model on fastattn vs transformers' SDPA: one training step's time.
+"""Hugging Face decoder models on fastattn vs transformers' SDPA: one training step's time.
 
-    python benchmarks/hf_llama.py [--out DIR] [--seqlen 2048] [--batch 4] [--layers 8]
-    python benchmarks/hf_llama.py --smoke    # a tiny float32 model through the Triton interpreter (CPU)
+    python benchmarks/hf_llama.py [--out DIR] [--models llama,mistral] [--layers 8]
+    python benchmarks/hf_llama.py --smoke    # tiny float32 models through the Triton interpreter (CPU)
 
-On a GPU: LlamaForCausalLM from a config (hidden 2048, 16 heads, 4 KV heads: GQA, no download), bf16,
-padded batch (the last quarter of one sequence is padding), forward + backward of the LM loss with
-attn_implementation "sdpa" and "fastattn" (fastattn.integrations.transformers.register()) on the
-same weights, timed in one run. Bar (issue 13): fastattn >= 1.0x sdpa.
+On a GPU, bf16, from configs (no download), hidden 2048, 16 heads, 4 KV heads (GQA), 8 layers:
+- llama: LlamaForCausalLM, batch 4 x 2048 tokens;
+- mistral: MistralForCausalLM with a sliding window of 1024 keys, batch 2 x 4096 tokens (SDPA gets
+  the window as a boolean mask; fastattn skips the key tiles outside it).
+Each is a padded batch (the last quarter of one sequence is padding): forward + backward of the LM
+loss with attn_implementation "sdpa", "fastattn" (fastattn.integrations.transformers.register())
+and "flash_attention_2" where the flash_attn package is installed (CUDA), on the same weights,
+timed in one run. Bar (issue 23): the Llama step with fastattn >= 1.0x sdpa; Mistral's is reported.
 
-Gate, before timing: the fastattn model's logits on the real tokens against the same model in
+Gate, before timing: each implementation's logits on the real tokens against the same model in
 float32 with "sdpa" as the reference, under the tests' tolerance rule with the bf16 "sdpa" run as
-the naive low-precision result (fastattn.testing.compare). Writes hf_llama.json / hf_llama.md.
-Needs transformers (pip install fastattn[hf]); without it the script says so and exits 0.
+the naive low-precision result (fastattn.testing.compare). A row that fails it is timed but not
+ranked. Writes hf_llama.json / hf_llama.md. Needs transformers (pip install fastattn[hf]); without
+it the script says so and exits 0.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -35,23 +41,138 @@ import torch  # noqa: E402
 from fastattn import testing  # noqa: E402
 
 
-def build(args, device, dtype, impl):
+@dataclass(frozen=True)
+class Model:
+    """One model of the run: its transformers class and shape."""
+
+    name: str
+    cls: str  # transformers' CausalLM class; its config class is the same name with Config
+    batch: int
+    seqlen: int
+    window: int | None = None  # sliding_window (Mistral): keys a query sees, its own included
+    bar: float | None = None  # fastattn / sdpa step-time bar, where the issue sets one
+
+    def config(self, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int):
+        import transformers
+
+        extra = {} if self.window is None else {"sliding_window": self.window}
+        cfg_cls = getattr(transformers, self.cls.replace("ForCausalLM", "Config"))
+        return cfg_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=self.seqlen,
+                       **extra)
+
+
+MODELS = {"llama": Model("llama", "LlamaForCausalLM", 4, 2048, bar=1.0),
+          "mistral": Model("mistral", "MistralForCausalLM", 2, 4096, window=1024)}
+SMOKE_MODELS = {"llama": Model("llama", "LlamaForCausalLM", 2, 16),
+                "mistral": Model("mistral", "MistralForCausalLM", 2, 16, window=5)}
+
+
+def flash_attention_2_missing(device: str) -> str | None:
+    """Why transformers' "flash_attention_2" cannot run here (None: it can)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if device != "cuda":
+        return "flash_attention_2 needs CUDA"
+    return None if is_flash_attn_2_available() else "flash_attn (FlashAttention 2) is not installed"
+
+
+# The model's width (GQA: 4 KV heads of 16); smoke: a tiny float32 model for the interpreter.
+SHAPE = dict(layers=8, hidden=2048, heads=16, kv_heads=4, vocab=32000)
+SMOKE_SHAPE = dict(layers=1, hidden=32, heads=4, kv_heads=2, vocab=64)
+
+
+def build(model: Model, shape: dict, device, dtype, impl: str):
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 2,
-                                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                      num_key_value_heads=args.kv_heads, max_position_embeddings=args.seqlen)
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).to(device, dtype).train().requires_grad_(True), config, impl
+    net = getattr(transformers, model.cls)(model.config(**shape)).to(device, dtype).train().requires_grad_(True)
+    net.config._attn_implementation = impl
+    return net
+
+
+def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke: bool) -> dict:
+    """Gate and time each implementation of one model: its section of hf_llama.json."""
+    from fastattn.integrations import transformers as fhf
+
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, shape["vocab"], (model.batch, model.seqlen), generator=g).to(device)
+    mask = torch.ones_like(tokens)
+    mask[0, -model.seqlen // 4:] = 0  # right padding in one sequence
+    real = mask.bool()
+    labels = tokens.masked_fill(~real, -100)
+
+    sdpa = build(model, shape, device, dtype, "sdpa")  # its weights are every implementation's
+    ref_model = build(model, shape, device, torch.float64 if smoke else torch.float32, "sdpa")
+    ref_model.load_state_dict({k: v.to(ref_model.dtype) for k, v in sdpa.state_dict().items()})
+    with torch.no_grad():
+        ref = ref_model(input_ids=tokens, attention_mask=mask).logits[real]
+        naive = sdpa(input_ids=tokens, attention_mask=mask).logits[real]
+    del ref_model
+
+    rows = []
+    for impl, missing in impls:
+        row = {"attn_implementation": impl}
+        rows.append(row)
+        if missing:
+            row["skipped"] = missing
+            continue
+        net = sdpa if impl == "sdpa" else build(model, shape, device, dtype, impl)
+        if net is not sdpa:
+            net.load_state_dict(sdpa.state_dict())
+        fhf.reset_counts()
+        with torch.no_grad():
+            logits = net(input_ids=tokens, attention_mask=mask).logits[real]
+        gate = testing.compare("logits", logits, naive, ref, testing.OUT_FACTOR)
+        row.update(gate=str(gate), gate_ok=gate.ok)
+
+        def step(net=net):
+            net(input_ids=tokens, attention_mask=mask, labels=labels).loss.backward()
+        row["ms"] = time_ms(step, device=device, grad_to_none=list(net.parameters()), rep_ms=30 if smoke else 200)
+        if impl != "sdpa":
+            row["fastattn_calls"] = dict(fhf.CALLS)  # how each call went: mask kind, fallbacks
+    base = rows[0].get("ms")
+    for r in rows:
+        if base and "ms" in r and r.get("gate_ok"):
+            r["vs_sdpa"] = base / r["ms"]  # > 1: faster than sdpa
+    fast = next(r for r in rows if r["attn_implementation"] not in ("sdpa", "flash_attention_2"))
+    met = None if smoke or model.bar is None else bool(fast.get("vs_sdpa", 0) >= model.bar)
+    return {"model": model.name, "class": model.cls, "batch": model.batch, "seqlen": model.seqlen,
+            "window": model.window, "bar": model.bar, "bar_met": met, "rows": rows}
+
+
+def markdown(doc: dict) -> str:
+    shape = doc["shape"]
+    lines = [f"# Hugging Face training step, attn_implementation fastattn vs sdpa ({doc['environment']['device']})", ""]
+    if doc["smoke"]:
+        lines += ["**Smoke run** (tiny float32 models, Triton interpreter): times mean nothing.", ""]
+    lines += [f"{shape['layers']} layers, hidden {shape['hidden']}, heads {shape['heads']}/{shape['kv_heads']} (GQA), "
+              f"{doc['dtype']}, one sequence a quarter padding; fwd+bwd of the LM loss, same weights.", "",
+              "| model | B x S | window | attn_implementation | fwd+bwd ms | sdpa / this | gate (logits vs float32) |",
+              "|---|---|---|---|---|---|---|"]
+    for m in doc["models"]:
+        for r in m["rows"]:
+            ms = f"{r['ms']:.3f}" if "ms" in r else "-"
+            ratio = f"{r['vs_sdpa']:.2f}x" if "vs_sdpa" in r else "-"
+            gate = r.get("skipped") or ("(the gate's naive run)" if r["attn_implementation"] == "sdpa" else r["gate"])
+            lines.append(f"| {m['model']} | {m['batch']} x {m['seqlen']} | {m['window'] or '-'} | "
+                         f"{r['attn_implementation']} | {ms} | {ratio} | {gate} |")
+    lines.append("")
+    for m in doc["models"]:
+        fast = next(r for r in m["rows"] if r["attn_implementation"] not in ("sdpa", "flash_attention_2"))
+        ratio = f"{fast['vs_sdpa']:.2f}x" if "vs_sdpa" in fast else "not ranked"
+        judged = ("not judged on a smoke run" if doc["smoke"] else "reported, no bar" if m["bar"] is None
+                  else f"bar >= {m['bar']}x: {'met' if m['bar_met'] else 'NOT met'}")
+        lines.append(f"{m['model']}: fastattn vs sdpa: {ratio} ({judged})")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="hf_llama")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--models", default=",".join(MODELS), help=f"of {','.join(MODELS)}")
+    ap.add_argument("--layers", type=int, default=SHAPE["layers"])
     args = ap.parse_args(argv)
     try:
         from fastattn.integrations import transformers as fhf
@@ -60,64 +181,28 @@ def main(argv=None) -> int:
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     smoke = args.smoke or device == "cpu"
-    if smoke:
-        args.seqlen, args.batch, args.layers = 16, 2, 1
-        args.hidden, args.heads, args.kv_heads, args.vocab = 32, 4, 2, 64
-        dtype, backend = torch.float32, "triton"
-    else:
-        args.hidden, args.heads, args.kv_heads, args.vocab = 2048, 16, 4, 32000
-        dtype, backend = torch.bfloat16, "auto"
+    table = SMOKE_MODELS if smoke else MODELS
+    unknown = set(args.models.split(",")) - set(table)
+    if unknown:
+        ap.error(f"--models: unknown {sorted(unknown)}; choose from {list(table)}")
+    shape = SMOKE_SHAPE if smoke else {**SHAPE, "layers": args.layers}
+    dtype, backend = (torch.float32, "triton") if smoke else (torch.bfloat16, "auto")
     name = fhf.register(backend=backend)
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, args.vocab, (args.batch, args.seqlen), generator=g).to(device)
-    mask = torch.ones_like(tokens)
-    mask[0, -args.seqlen // 4:] = 0  # right padding in one sequence
-    real = mask.bool()
-
-    models = {}
-    for impl in ("sdpa", name):
-        model, _, _ = build(args, device, dtype, impl)
-        model.config._attn_implementation = impl
-        models[impl] = model
-    models[name].load_state_dict(models["sdpa"].state_dict())
-    ref_model = build(args, device, torch.float32 if not smoke else torch.float64, "sdpa")[0]
-    ref_model.load_state_dict({k: v.to(ref_model.dtype) for k, v in models["sdpa"].state_dict().items()})
-    with torch.no_grad():
-        logits = {impl: m(input_ids=tokens, attention_mask=mask).logits[real] for impl, m in models.items()}
-        ref = ref_model(input_ids=tokens, attention_mask=mask).logits[real]
-    gate = testing.compare("logits", logits[name], logits["sdpa"], ref, testing.OUT_FACTOR)
-    del ref_model
-
-    def step(model):
-        def run():
-            out = model(input_ids=tokens, attention_mask=mask, labels=tokens.masked_fill(~real, -100))
-            out.loss.backward()
-        return run
-
-    fhf.reset_counts()
-    rows = []
-    for impl, model in models.items():
-        ms = time_ms(step(model), device=device, grad_to_none=list(model.parameters()),
-                     rep_ms=30 if smoke else 200)
-        rows.append({"attn_implementation": impl, "ms": ms})
-    ratio = rows[0]["ms"] / rows[1]["ms"]
+    impls = [("sdpa", None), (name, None), ("flash_attention_2", flash_attention_2_missing(device))]
     doc = {"environment": environment(device), "smoke": smoke, "dtype": str(dtype), "backend": backend,
-           "shape": {k: getattr(args, k) for k in ("batch", "seqlen", "layers", "hidden", "heads", "kv_heads")},
-           "gate": str(gate), "gate_ok": gate.ok, "rows": rows, "fastattn_vs_sdpa": ratio,
-           "fastattn_calls": fhf.CALLS["fastattn"], "bar_met": None if smoke else (gate.ok and ratio >= 1.0)}
+           "shape": shape, "models": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "hf_llama.json").write_text(json.dumps(doc, indent=2))
-    md = [f"# Llama-style training step, attn_implementation fastattn vs sdpa ({doc['environment']['device']})", "",
-          f"{'**Smoke run** (tiny float32 model, Triton interpreter): times mean nothing.' if smoke else ''}", "",
-          f"B={args.batch} S={args.seqlen} layers={args.layers} hidden={args.hidden} heads {args.heads}/{args.kv_heads}"
-          f" {dtype}; gate: {gate}", "", "| attn_implementation | fwd+bwd ms |", "|---|---|"]
-    md += [f"| {r['attn_implementation']} | {r['ms']:.3f} |" for r in rows]
-    md += ["", f"fastattn vs sdpa: {ratio:.2f}x (bar >= 1.0x: "
-           f"{'not judged on a smoke run' if smoke else 'met' if doc['bar_met'] else 'NOT met'})"]
-    (out / "hf_llama.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    return 0 if gate.ok else 1
+    for model in args.models.split(","):
+        doc["models"].append(run_model(table[model], shape, device, dtype, impls, smoke))
+        (out / "hf_llama.json").write_text(json.dumps(doc, indent=2))
+        (out / "hf_llama.md").write_text(markdown(doc))  # after every model: partial runs survive
+    print(markdown(doc))
+    failed = [(m["model"], r["attn_implementation"]) for m in doc["models"] for r in m["rows"]
+              if r["attn_implementation"] == name and not r.get("gate_ok")]
+    if failed:
+        print(f"fastattn failed the gate: {failed}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""benchmarks/hf_llama.py end to end in its smoke mode (a tiny float32 Llama through the Triton
-interpreter): the gate passes, both implementations are timed, fastattn ran, the reports are written.
+"""benchmarks/hf_llama.py end to end in its smoke mode (tiny float32 Llama and windowed Mistral models
+through the Triton interpreter): the gates pass, sdpa and fastattn are timed, fastattn ran on its
+key-padding path, flash_attention_2 says why it did not run, the reports are written.
 In a subprocess: run from the repository root, its kernels/ folder would shadow the PyPI package
 `kernels` that transformers imports."""
 
@@ -22,7 +23,16 @@ def test_hf_llama_benchmark_smoke(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     doc = json.loads((tmp_path / "hf_llama.json").read_text())
-    assert doc["smoke"] and doc["gate_ok"] and doc["bar_met"] is None
-    assert [r["attn_implementation"] for r in doc["rows"]] == ["sdpa", "fastattn"]
-    assert all(r["ms"] > 0 for r in doc["rows"]) and doc["fastattn_calls"] > 0
-    assert "fastattn vs sdpa" in (tmp_path / "hf_llama.md").read_text()
+    assert doc["smoke"] and [m["model"] for m in doc["models"]] == ["llama", "mistral"]
+    assert doc["models"][1]["window"] and not doc["models"][0]["window"]
+    for m in doc["models"]:
+        assert m["bar_met"] is None
+        sdpa, fast, fa2 = m["rows"]
+        assert [sdpa["attn_implementation"], fast["attn_implementation"]] == ["sdpa", "fastattn"]
+        assert fa2["attn_implementation"] == "flash_attention_2" and "CUDA" in fa2["skipped"]
+        assert fast["gate_ok"] and sdpa["ms"] > 0 and fast["ms"] > 0
+        # Every layer's call ran fastattn's key-padding path (the sliding window recognised, not a dense bias).
+        calls = fast["fastattn_calls"]
+        assert calls["fastattn"] > 0 and calls["mask: key padding"] == calls["fastattn"], calls
+    md = (tmp_path / "hf_llama.md").read_text()
+    assert "llama: fastattn vs sdpa" in md and "mistral: fastattn vs sdpa" in md

@@ -9,6 +9,7 @@
 #   STAGES="smoke tests host decode models profile" TESTS="tests/test_x.py ..." tools/gpu_check.sh OUTDIR
 #       (only the named stages, of: smoke tests host decode smods hf ringc ring bench models profile
 #        sanitizer; TESTS replaces the test files; MODELS_AUTOTUNE=1 lets the model stages autotune;
+#        SMODS_S / HF_S: the score-mods / HF stages' caps in seconds, default 120 / 90;
 #        MODELS_ARGS adds bench_models.py options, e.g. "--models decoder --backends torch,triton")
 #
 # For a fresh GPU machine that already has torch and triton. Each stage gets what is left of the
@@ -105,11 +106,12 @@ if want decode && [ "$(left 175)" -gt 20 ]; then
   stamp "decode rc=$decode_rc"
 fi
 
-# Score-modifier benchmark (bias, ALiBi, window, softcap, sinks vs none; bias vs SDPA's float mask), untuned
-# configs (autotuning each modifier's kernels would not fit here); its tables are rewritten after every case.
+# Score-modifier benchmark (bias, ALiBi, window, softcap, sinks vs none; bias vs SDPA's float mask; then
+# FlexAttention with each modifier, compiled: its own pass, last), untuned configs (autotuning each
+# modifier's kernels would not fit here); its tables are rewritten after every case.
 smods_rc=-
 if want smods && [ "$(left 190)" -gt 45 ]; then
-  sb=$(left 190); sb=$(( sb > 120 ? 120 : sb ))
+  sb=$(left 190); cap=${SMODS_S:-120}; sb=$(( sb > cap ? cap : sb ))
   FASTATTN_AUTOTUNE=0 timeout "$sb" $PY benchmarks/score_mods.py --budget-s $(( sb - 25 )) --out "$WORK/score_mods" \
     > "$WORK/score_mods.log" 2>&1
   smods_rc=$?
@@ -117,12 +119,12 @@ if want smods && [ "$(left 190)" -gt 45 ]; then
   stamp "score mods rc=$smods_rc"
 fi
 
-# Hugging Face Llama-style training step, attn_implementation fastattn vs sdpa (issue 13's bar): only
-# where transformers is installed (the GPU image has 5.17; elsewhere carry a wheelhouse).
+# Hugging Face training steps (Llama GQA, Mistral windowed), attn_implementation fastattn vs sdpa (and
+# flash_attention_2 where installed): only where transformers is installed (the GPU image has 5.17).
 hf_rc=-
 if want hf && [ "$(left 160)" -gt 40 ] \
    && $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('transformers') is None)"; then
-  hb=$(left 160); hb=$(( hb > 90 ? 90 : hb ))
+  hb=$(left 160); cap=${HF_S:-90}; hb=$(( hb > cap ? cap : hb ))
   timeout "$hb" $PY benchmarks/hf_llama.py --out "$WORK/hf_llama" > "$WORK/hf_llama.log" 2>&1
   hf_rc=$?
   stamp "hf llama rc=$hf_rc"
@@ -225,7 +227,7 @@ fi
   echo "| decode | $decode_rc | $(grep -E 'failed the gate' "$WORK/decode.log" 2>/dev/null | tail -1) |"
   echo "| score mods | $smods_rc | $(grep -E 'failed the gate' "$WORK/score_mods.log" 2>/dev/null | tail -1); \
 $(grep -E 'bar checks met' "$WORK/score_mods/score_mods.md" 2>/dev/null | tail -1) |"
-  echo "| hf llama | $hf_rc | $(grep -E 'fastattn vs sdpa' "$WORK/hf_llama/hf_llama.md" 2>/dev/null) |"
+  echo "| hf models | $hf_rc | $(grep -E 'fastattn vs sdpa' "$WORK/hf_llama/hf_llama.md" 2>/dev/null | tr '\n' ';') |"
   echo "| ring compute (1 GPU) | $rc_rc | $(grep -c '"gate": "ok"' "$WORK/ring_compute.log" 2>/dev/null) gated rows |"
   echo "| ring | $ring_rc | $ngpu GPUs; $(grep -c '"ring gate": "ok"' "$WORK/ring.log" 2>/dev/null) gated rows |"
   echo "| bench | $bench_rc | $(grep -E '^[0-9]+ timings' "$OUT/bench.log" 2>/dev/null | tail -1) |"
@@ -238,7 +240,7 @@ $(grep -E 'bar checks met' "$WORK/score_mods/score_mods.md" 2>/dev/null | tail -
   echo
   [ -f "$WORK/bench/bench.json" ] && $PY -m benchmarks.report "$WORK/bench/bench.json" --summary
   cat "$WORK/decode/decode.md" "$WORK/decode.md" 2>/dev/null
-  cat "$WORK/score_mods/score_mods.md" "$WORK/score_mods.md" 2>/dev/null
+  cat "$WORK/score_mods/score_mods.md" "$WORK/score_mods.md" "$WORK/hf_llama/hf_llama.md" 2>/dev/null
   cat "$WORK/ring_compute/ring_compute.md" "$WORK/ring/ring.md" 2>/dev/null
   [ -f "$WORK/models/models.md" ] && cat "$WORK/models/models.md"
   [ -f "$OUT/host.md" ] && cat "$OUT/host.md"
