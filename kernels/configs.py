@@ -60,6 +60,21 @@ GPU_CANDIDATES = {
     }),
 }
 
+# The wider space the GPU table is chosen from: tools/aot_compile_check.py --configs sweep compiles
+# it for a target (shared memory, registers, spills), benchmarks/config_sweep.py times what
+# compiles well against the table and cuDNN on a GPU; winners move into GPU_CANDIDATES.
+SWEEP_TILES = (32, 64, 128)
+SWEEP_WARPS = (4, 8)
+SWEEP_STAGES = (2, 3, 4)
+
+
+def sweep_space() -> list[BlockConfig]:
+    """Every (BLOCK_M, BLOCK_N, num_warps, num_stages) of the sweep, the same for each kernel and
+    head dim (32x32 tiles left out: the fallback's, too small for wgmma)."""
+    return [BlockConfig(m, n, w, s) for m in SWEEP_TILES for n in SWEEP_TILES if (m, n) != (32, 32)
+            for w in SWEEP_WARPS for s in SWEEP_STAGES]
+
+
 # fp32 runs true-fp32 dots on the FMA units (no tensor cores): small tiles keep registers, shared
 # memory and compile time (fully unrolled FMA dots) in check. It is the accuracy path, not a fast one.
 FP32_CONFIGS = {"fwd": BlockConfig(32, 32, 4, 2), "dkdv": BlockConfig(32, 32, 4, 1), "dq": BlockConfig(32, 32, 4, 1),

@@ -2,12 +2,16 @@
 
     python tools/aot_compile_check.py [--arch 90] [--dtype fp16] [--head-dims 64,128,256]
         [--variants dense,mask,varlen,bias,alibi,window,softcap,sinks,all] [--decode-only | --no-decode]
+        [--configs table|sweep] [--json FILE]
 
 Catches what the interpreter does not: compile errors, configs whose shared memory exceeds the
 chip (H100: 227 KiB per block), and dots that did not lower to tensor-core instructions
 (wgmma on sm_90, mma on sm_80; "+tma" where tiles move through tensor descriptors), with registers
 and spills from ptxas -v. Uses the ptxas bundled
-with triton. Takes minutes: a maintainer tool, not part of the test suite.
+with triton. Takes minutes: a maintainer tool, not part of the test suite. ``--configs sweep``
+compiles the prefill kernels in every config of kernels/configs.sweep_space() instead of the GPU
+table (benchmarks/config_sweep.py times what compiles well); ``--json`` writes one record per
+compiled prefill kernel.
 
 Needs only Triton (not torch, not an installed fastattn): kernels/ is loaded as fastattn.kernels
 from the repository, so the check also runs against another Triton, e.g. the GPU image's version
@@ -205,6 +209,14 @@ def _registers(ptx: str, arch: int) -> str:
     return f"{regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B spill"
 
 
+def _record(kind, d, causal, variant, cfg, smem, mma, regs, arch) -> dict:
+    """One compiled prefill kernel as --json writes it (spill -1: ptxas did not say)."""
+    n_regs, spill = (int(x) if x.isdigit() else -1 for x in re.findall(r"(\S+) (?:regs|B spill)", regs))
+    return {"kind": kind, "head_dim": d, "causal": causal, "variant": variant,
+            "config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages], "smem": smem, "mma": mma,
+            "regs": n_regs, "spill": spill, "fits": smem <= SMEM_LIMIT.get(arch, 1 << 30)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90)
@@ -216,6 +228,9 @@ def main(argv=None) -> int:
                          f"{', '.join(MOD_VARIANTS)}")
     ap.add_argument("--decode-only", action="store_true", help="only the decoding kernels (kernels/decode.py)")
     ap.add_argument("--no-decode", action="store_true", help="all but the decoding kernels")
+    ap.add_argument("--configs", default="table", choices=["table", "sweep"],
+                    help="prefill kernels: the GPU table's candidates, or configs.sweep_space()")
+    ap.add_argument("--json", default=None, help="write the prefill kernels' records here")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}")
     bad = 0
@@ -225,18 +240,22 @@ def main(argv=None) -> int:
     if args.decode_only:
         print(f"{bad} problem(s)")
         return 1 if bad else 0
-    bad += compile_small_kernels(args.dtype, args.arch)
+    if args.configs == "table":
+        bad += compile_small_kernels(args.dtype, args.arch)
+    records = []
     print(f"{'kernel':<5} {'D':>4} {'causal':<6} {'config / variant':<24} {'smem':>7} {'mma':<6} "
           f"{'registers':<22} time")
     for d in map(int, args.head_dims.split(",")):
         block_d = max(16, triton.next_power_of_2(d))
         for causal, variant in ((c == "1", v) for c in args.causal.split(",") for v in args.variants.split(",")):
             for kind in KERNELS:
-                if args.dtype == "fp32":
-                    cands = [configs.FP32_CONFIGS[kind]]
+                if args.configs == "sweep":
+                    cands = configs.sweep_space()
+                elif args.dtype == "fp32":
+                    cands = [configs.FP32_CONFIGS[kind], configs.FALLBACK]
                 else:
-                    cands = configs.GPU_CANDIDATES[kind][configs.head_dim_bucket(block_d)]
-                for cfg in cands + [configs.FALLBACK]:
+                    cands = configs.GPU_CANDIDATES[kind][configs.head_dim_bucket(block_d)] + [configs.FALLBACK]
+                for cfg in cands:
                     try:
                         smem, mma, dt, regs = compile_one(kind, cfg, args.dtype, d, causal, args.arch, variant)
                     except Exception as e:
@@ -246,12 +265,19 @@ def main(argv=None) -> int:
                     over = smem > SMEM_LIMIT.get(args.arch, 1 << 30)
                     want = "wgmma" if args.arch >= 90 else "mma"
                     flag = " OVER SMEM LIMIT" if over else ""
-                    bad += bool(flag)
+                    bad += bool(flag) and args.configs == "table"  # the sweep expects some not to fit
                     # wgmma needs 64-row tiles; 32-row tiles (the fallback) use mma.sync on sm_90.
                     flag += f" (note: {mma}, not {want})" if args.dtype != "fp32" and not mma.startswith(want) else ""
                     label = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} {variant}"
                     print(f"{kind:<5} {d:>4} {causal!s:<6} {label:<24} {smem:>7} {mma:<6} {regs:<22} {dt:4.1f}s{flag}",
                           flush=True)
+                    records.append(_record(kind, d, causal, variant, cfg, smem, mma, regs, args.arch))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "arch": args.arch, "dtype": args.dtype, "records": records}, f,
+                      indent=1)
     print(f"{bad} problem(s)")
     return 1 if bad else 0
 

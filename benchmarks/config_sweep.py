@@ -1,0 +1,330 @@
+"""Block-config sweep of the Triton prefill kernels: each config against the shipped table and
+cuDNN, on one device, in one run (issue 24: "num_stages/num_warps retuned for sm_90").
+
+    python benchmarks/config_sweep.py [--out DIR] [--head-dims 128,64,256] [--seqlens 16384,4096]
+        [--kinds fwd,dkdv,dq] [--compiled FILE] [--workers 16] [--budget-s 420]
+    python benchmarks/config_sweep.py --smoke     # tiny float32 shapes, three configs, the interpreter (CPU)
+
+Per case (bf16, 16k tokens: batch = 16384 // S, hidden 2048, causal and not):
+- "table": fastattn.attention(backend="triton") as shipped (autotuned from configs.GPU_CANDIDATES),
+  forward and backward timed; the configs it chose are recorded;
+- "cudnn" and "flash": SDPA forced to its cuDNN / FlashAttention-2 backend, the same two modes;
+- each config of the sweep forced on one kernel (configs.forced), the other kernels pinned to the
+  table's choice for the case: fwd configs time the forward, dkdv and dq configs the backward
+  (benchmarks.measure.mode_callable's "bwd": the forward once, the backward timed).
+
+Which configs: configs.sweep_space(), filtered by the compile check's records (--compiled, from
+`tools/aot_compile_check.py --configs sweep --json`): fits shared memory, uses wgmma, and spills no
+more than the table's worst config of that kernel and head dim (see `eligible`). Without --compiled,
+the whole space. Before the timing, --workers processes compile every config on a tiny input of the
+same specialisation, so the main process finds them in Triton's cache (compiling ~100 configs per
+kernel one after another would take most of a GPU session).
+
+Every run passes the correctness gate first (batch 0, head 0 against the float64 reference under
+the tolerance rule; benchmarks.measure.Gate): a failing config is flagged and never proposed.
+Writes sweep.json and sweep.md after every case: per case and kernel each config's time, vs the
+table and vs cuDNN; and per (kernel, head dim) a proposed candidate list, ordered by the geometric
+mean of table time / config time over the cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import use_interpreter_without_gpu  # noqa: E402
+
+use_interpreter_without_gpu()  # before fastattn (and triton) are imported
+
+import torch  # noqa: E402
+
+import fastattn  # noqa: E402
+from benchmarks.cases import HIDDEN, TOKENS, Case, make_inputs  # noqa: E402
+from benchmarks.common import environment, time_ms  # noqa: E402
+from benchmarks.measure import GATE_OK, Gate, _guarded, mode_callable  # noqa: E402
+from benchmarks.providers import PROVIDERS  # noqa: E402
+from fastattn.flops import attention_flops  # noqa: E402
+from fastattn.kernels import configs  # noqa: E402
+from fastattn.launchers import plans  # noqa: E402
+
+KINDS = ("fwd", "dkdv", "dq")
+MODE = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd"}  # the mode each kernel's configs are timed in
+BASELINES = {"cudnn": "sdpa-cudnn", "flash": "sdpa-flash"}
+# Smoke: tiny float32 shapes through the interpreter, causal only (48 keys: a full and a partial
+# tile of 32), two unequal tilings.
+SMOKE_CONFIGS = [configs.BlockConfig(32, 64, 4, 2), configs.BlockConfig(64, 32, 4, 2)]
+# The compile check this script was prepared with (sm_90, Triton 3.6, bf16): --compiled's default.
+COMPILED = Path(__file__).parent / "results" / "2026-12-04-cpu-config-sweep" / "aot_sweep_bf16_sm90.json"
+
+
+def cases(head_dims, seqlens, dtype: str, smoke: bool) -> list[Case]:
+    """The head dims in the order given, then the longest sequences, causal before not."""
+    tokens, hidden = (48, 32) if smoke else (TOKENS, HIDDEN)
+    return [Case(max(1, tokens // s), s, s, hidden // d, hidden // d, d, kind="self", causal=c, dtype=dtype)
+            for d in head_dims for s in sorted(seqlens, reverse=True) for c in ((True,) if smoke else (True, False))]
+
+
+def eligible(records: list[dict], kind: str, head_dim: int) -> list[configs.BlockConfig]:
+    """The sweep configs worth timing for one kernel and head dim, from the compile check's records
+    (any causal flag: a config is kept if it passes for every one compiled): they fit shared memory,
+    use wgmma, and spill no more than the table's worst config (or 0 if none of it spills). The
+    table's own configs are always kept."""
+    table = configs.GPU_CANDIDATES[kind][configs.head_dim_bucket(head_dim)]
+    mine = [r for r in records if r["kind"] == kind and r["head_dim"] == head_dim and r["variant"] == "dense"]
+    spill_of: dict = {}
+    for r in mine:  # the worst over the causal flags compiled
+        cfg = configs.BlockConfig(*r["config"])
+        ok = r["fits"] and r["mma"].startswith("wgmma") and r["spill"] >= 0
+        prev = spill_of.get(cfg, 0)
+        spill_of[cfg] = None if not ok or prev is None else max(prev, r["spill"])
+    limit = max([spill_of.get(c) or 0 for c in table], default=0)
+    keep = [c for c in configs.sweep_space() if c in table or (spill_of.get(c) is not None and spill_of[c] <= limit)]
+    return keep
+
+
+def _attention(causal: bool):
+    return lambda q, k, v: fastattn.attention(q, k, v, causal=causal, backend="triton")
+
+
+def _chosen() -> dict:
+    """The configs the table picked for the last case ("fwd", "dkdv", "dq" -> BlockConfig)."""
+    return {t["kernel"]: configs.BlockConfig(*t["config"]) for t in plans.tuned_configs() if t["kernel"] in KINDS}
+
+
+def _measure(fn, q, k, v, mode: str, gate: Gate, device: str, smoke: bool) -> dict:
+    """Gate, then time one mode: {"gate", "ms"} or {"gate", "skipped"}."""
+    check = gate.check_forward if mode == "fwd" else gate.check_backward
+    verdict, why = _guarded(lambda: check(fn, q, k, v), [])
+    row = {"gate": verdict or ""}
+    if why:
+        return {**row, "skipped": why}
+    prepared, why = _guarded(lambda: mode_callable(fn, q, k, v, mode), [])
+    if not why:
+        call, grads = prepared
+        reps = (0, 1) if smoke and device == "cpu" else (25, 100)
+        row["ms"], why = _guarded(lambda: time_ms(call, device=device, grad_to_none=grads, warmup_ms=reps[0],
+                                                  rep_ms=reps[1]), [])
+    return {**row, "skipped": why} if why else row
+
+
+def _precompile_one(task) -> tuple:
+    """Worker: compile one (kind, config) for a case by running it once on a tiny input of the same
+    specialisation (every size and stride a multiple of 16); errors come back as text."""
+    kind, cfg, d, causal, dtype = task
+    try:
+        case = Case(1, 256, 256, HIDDEN // d, HIDDEN // d, d, kind="self", causal=causal, dtype=dtype)
+        q, k, v, _ = make_inputs(case, "cuda", torch.Generator(device="cuda").manual_seed(0))
+        with configs.forced(**{kind: configs.BlockConfig(*cfg)}):
+            xs = [x.requires_grad_(kind != "fwd") for x in (q, k, v)]
+            out = _attention(causal)(*xs)
+            if kind != "fwd":
+                out.backward(torch.randn_like(out))
+        torch.cuda.synchronize()
+        return task, None
+    except Exception as e:  # reported, and the main process meets the same error when it runs the config
+        return task, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def precompile(tasks: list, workers: int) -> dict:
+    """Compile every task in `workers` spawned processes (Triton's on-disk cache is shared)."""
+    if workers <= 0 or not tasks:
+        return {}
+    os.environ["FASTATTN_AUTOTUNE"] = "0"  # the workers build one config each (spawned: they inherit this)
+    try:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            return {t: err for t, err in pool.imap_unordered(_precompile_one, tasks) if err}
+    finally:
+        os.environ.pop("FASTATTN_AUTOTUNE")
+
+
+def run_case(case: Case, sweep: dict, device: str, smoke: bool, deadline: float) -> dict:
+    """Every row of one case: the table, the baselines, then each kernel's sweep."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, _ = make_inputs(case, device, gen)
+    gate = Gate(case, q, k, v, None, grads=True, generator=gen)
+    flops = {m: attention_flops(case.batch, case.heads_q, case.seqlen_q, case.seqlen_k, case.head_dim,
+                                causal=case.causal, mode=m) for m in ("fwd", "bwd")}
+    rows = []
+    plans.clear()
+    for mode in ("fwd", "bwd"):
+        rows.append({"who": "table", "mode": mode, **_measure(_attention(case.causal), q, k, v, mode, gate, device,
+                                                               smoke)})
+    chosen = _chosen()
+    for name, provider in BASELINES.items():
+        p = PROVIDERS[provider]
+        reason = p.unavailable() or p.unsupported(case, device)
+        for mode in ("fwd", "bwd"):
+            if reason:
+                rows.append({"who": name, "mode": mode, "gate": "", "skipped": reason})
+                continue
+            with p.context():
+                fn, why = _guarded(lambda: p.build(case, None, device), [])
+                row = {"gate": "", "skipped": why} if why else _measure(fn, q, k, v, mode, gate, device, smoke)
+            rows.append({"who": name, "mode": mode, **row})
+    for kind in sweep:
+        for cfg in sweep[kind]:
+            row = {"who": kind, "config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages],
+                   "mode": MODE[kind], "is_table_choice": chosen.get(kind) == cfg}
+            if time.monotonic() > deadline:
+                rows.append({**row, "gate": "", "skipped": "time budget spent"})
+                continue
+            plans.clear()  # the launchers' plans are cached by call signature, not by forced config
+            with configs.forced(**{**chosen, kind: cfg}):
+                row.update(_measure(_attention(case.causal), q, k, v, MODE[kind], gate, device, smoke))
+            rows.append(row)
+    for r in rows:
+        if "ms" in r:
+            r["tflops"] = flops[r["mode"]] / r["ms"] * 1e-9
+    _ratios(rows)
+    return {"case": case.as_dict(), "label": case.label, "table_choice": {k: [c.block_m, c.block_n, c.num_warps,
+                                                                             c.num_stages] for k, c in chosen.items()},
+            "rows": rows}
+
+
+def _ranked(r: dict) -> bool:
+    return "ms" in r and r["gate"] == GATE_OK
+
+
+def _ratios(rows: list[dict]) -> None:
+    """vs_table = the table's time / this (> 1: faster than shipped); vs_cudnn = cuDNN's time / this."""
+    base = {(r["who"], r["mode"]): r["ms"] for r in rows if r["who"] in ("table", *BASELINES) and _ranked(r)}
+    for r in rows:
+        if not _ranked(r):
+            continue
+        if ("table", r["mode"]) in base:
+            r["vs_table"] = base["table", r["mode"]] / r["ms"]
+        if ("cudnn", r["mode"]) in base:
+            r["vs_cudnn"] = base["cudnn", r["mode"]] / r["ms"]
+
+
+def proposals(doc: dict) -> dict:
+    """Per "kind D<head dim>": the configs that passed the gate and were timed in every case of that
+    head dim, ordered by the geometric mean of vs_table (best first)."""
+    by: dict = {}
+    for c in doc["cases"]:
+        for r in c["rows"]:
+            if r["who"] in KINDS:
+                by.setdefault((r["who"], c["case"]["head_dim"]), {}).setdefault(tuple(r["config"]), []).append(
+                    r.get("vs_table") if _ranked(r) else None)
+    out = {}
+    for (kind, d), per_cfg in by.items():
+        complete = {cfg: v for cfg, v in per_cfg.items() if None not in v}
+        ranked = sorted(complete, key=lambda cfg: -math.fsum(map(math.log, complete[cfg])) / len(complete[cfg]))
+        out[f"{kind} D{d}"] = [{"config": list(cfg), "geomean_vs_table": math.exp(
+            math.fsum(map(math.log, complete[cfg])) / len(complete[cfg])), "cases": len(complete[cfg])}
+            for cfg in ranked]
+    return out
+
+
+def _fmt(x, spec: str, suffix: str = "") -> str:
+    return "-" if x is None else format(x, spec) + suffix
+
+
+def markdown(doc: dict) -> str:
+    env = doc["environment"]
+    lines = [f"# Triton prefill block-config sweep: {env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}. vs table = the shipped table's "
+             "(autotuned) time / this config's; vs cuDNN = SDPA cuDNN's time / this (> 1: faster). fwd configs time "
+             "the forward; dkdv / dq configs the backward, the other kernels pinned to the table's choice.", ""]
+    if doc["smoke"]:
+        lines += ["**Smoke run** (tiny float32 shapes, Triton interpreter): the gate means something, the times do "
+                  "not.", ""]
+    if doc.get("precompile_errors"):
+        lines += [f"Precompile errors ({len(doc['precompile_errors'])}): " + "; ".join(doc["precompile_errors"][:5]),
+                  ""]
+    lines += ["## Shipped table vs SDPA backends", "",
+              "| case | mode | table ms | table TFLOPS | cuDNN ms | table vs cuDNN | FA2 ms | table's configs |",
+              "|---|---|---|---|---|---|---|---|"]
+    for c in doc["cases"]:
+        get = {(r["who"], r["mode"]): r for r in c["rows"]}
+        for mode in ("fwd", "bwd"):
+            t, cu, fa = get.get(("table", mode), {}), get.get(("cudnn", mode), {}), get.get(("flash", mode), {})
+            lines.append(f"| {c['label']} | {mode} | {_fmt(t.get('ms'), '.3f')} | {_fmt(t.get('tflops'), '.0f')} | "
+                         f"{_fmt(cu.get('ms'), '.3f') if 'ms' in cu else cu.get('skipped', '-')[:60]} | "
+                         f"{_fmt(t.get('vs_cudnn'), '.2f', 'x')} | {_fmt(fa.get('ms'), '.3f')} | "
+                         f"{c['table_choice'] if mode == 'fwd' else ''} |")
+    lines += ["", "## Best config per case and kernel", "",
+              "| case | kernel | best config | ms | TFLOPS | vs table | vs cuDNN | configs timed / gated out |",
+              "|---|---|---|---|---|---|---|---|"]
+    for c in doc["cases"]:
+        for kind in KINDS:
+            mine = [r for r in c["rows"] if r["who"] == kind]
+            ok = [r for r in mine if _ranked(r)]
+            if not mine:
+                continue
+            best = min(ok, key=lambda r: r["ms"]) if ok else {}
+            failed = sum(1 for r in mine if r["gate"] not in (GATE_OK, ""))
+            lines.append(f"| {c['label']} | {kind} | {best.get('config', '-')} | {_fmt(best.get('ms'), '.3f')} | "
+                         f"{_fmt(best.get('tflops'), '.0f')} | {_fmt(best.get('vs_table'), '.2f', 'x')} | "
+                         f"{_fmt(best.get('vs_cudnn'), '.2f', 'x')} | {len(ok)} / {failed} |")
+    lines += ["", "## Proposed candidates (geometric mean of vs table over the cases, best first)", ""]
+    for key, ranked in doc["proposals"].items():
+        top = ", ".join(f"{p['config']} {p['geomean_vs_table']:.2f}x" for p in ranked[:5])
+        lines.append(f"- {key}: {top or 'none complete'}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
+    ap.add_argument("--out", type=Path, default=Path(".benchmarks/config_sweep"))
+    ap.add_argument("--smoke", action="store_true", help="tiny float32 shapes on the CPU (the default without a GPU)")
+    ap.add_argument("--head-dims", type=ints, default=(128, 64, 256))
+    ap.add_argument("--seqlens", type=ints, default=(16384, 4096))
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--compiled", type=lambda x: Path(x) if x else None,
+                    default=COMPILED if COMPILED.exists() else None,
+                    help="aot_compile_check --configs sweep --json output ('' = the whole space)")
+    ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="precompile processes (GPU)")
+    ap.add_argument("--budget-s", type=float, default=420, help="no new config past this many seconds")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    smoke = args.smoke or not cuda
+    kinds = [k for k in args.kinds.split(",") if k]
+    if set(kinds) - set(KINDS):
+        ap.error(f"--kinds: choose from {KINDS}")
+    records = json.loads(args.compiled.read_text())["records"] if args.compiled else None
+    head_dims, seqlens = ((16,), (48,)) if smoke else (args.head_dims, args.seqlens)
+    dtype = "float32" if smoke else "bfloat16"
+
+    def sweep_for(d: int) -> dict:
+        if smoke:
+            return {kind: SMOKE_CONFIGS for kind in kinds}
+        return {kind: eligible(records, kind, d) if records is not None else configs.sweep_space() for kind in kinds}
+    t0 = time.monotonic()
+    doc = {"environment": environment(device), "smoke": smoke, "compiled": str(args.compiled or ""), "cases": [],
+           "precompile_errors": []}
+    if cuda and not smoke:
+        tasks = [(kind, (c.block_m, c.block_n, c.num_warps, c.num_stages), d, causal, dtype)
+                 for d in head_dims for kind, cfgs in sweep_for(d).items() for c in cfgs for causal in (True, False)]
+        errors = precompile(tasks, args.workers)
+        doc["precompile_s"] = time.monotonic() - t0
+        doc["precompile_errors"] = [f"{t}: {e}" for t, e in errors.items()]
+        print(f"precompiled {len(tasks)} kernels in {doc['precompile_s']:.0f} s ({len(errors)} errors)", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for case in cases(head_dims, seqlens, dtype, smoke):
+        result = run_case(case, sweep_for(case.head_dim), device, smoke, t0 + args.budget_s)
+        doc["cases"].append(result)
+        doc["proposals"] = proposals(doc)
+        (args.out / "sweep.json").write_text(json.dumps(doc, indent=1, default=str))
+        (args.out / "sweep.md").write_text(markdown(doc))  # after every case: partial runs survive
+        for r in result["rows"]:
+            print(f"{case.label:<40} {r['who']:<6} {str(r.get('config', '')):<16} {r['mode']:<4} "
+                  + (f"{r['ms']:9.3f} ms" if "ms" in r else r.get("skipped", "")) + f"  gate {r['gate'] or '-'}",
+                  flush=True)
+    print(markdown(doc))
+    failed = [r for c in doc["cases"] for r in c["rows"] if r["who"] == "table" and r["gate"] != GATE_OK]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

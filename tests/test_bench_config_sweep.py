@@ -1,0 +1,52 @@
+"""benchmarks/config_sweep.py: its smoke run end to end (tiny float32 shapes, forced configs through
+the Triton interpreter), and which compiled configs it would time on a GPU."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run; a GPU runs the sweep itself")
+
+
+def test_config_sweep_smoke(tmp_path):
+    from benchmarks import config_sweep
+
+    assert config_sweep.main(["--smoke", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "sweep.json").read_text())
+    (case,) = doc["cases"]
+    rows = case["rows"]
+    for kind in config_sweep.KINDS:  # every forced config ran, passed the float64 gate and was timed
+        mine = [r for r in rows if r["who"] == kind]
+        assert [r["config"] for r in mine] == [[c.block_m, c.block_n, c.num_warps, c.num_stages]
+                                               for c in config_sweep.SMOKE_CONFIGS]
+        assert all(r["gate"] == "ok" and r["ms"] > 0 and r["vs_table"] > 0 for r in mine), mine
+        assert len(doc["proposals"][f"{kind} D16"]) == 2
+    assert {r["mode"] for r in rows if r["who"] == "table"} == {"fwd", "bwd"}
+    assert all("skipped" in r for r in rows if r["who"] == "cudnn")  # CUDA only
+    assert set(case["table_choice"]) == set(config_sweep.KINDS)
+    assert "Proposed candidates" in (tmp_path / "sweep.md").read_text()
+
+
+def test_sweep_keeps_configs_that_fit_and_spill_no_more_than_the_table():
+    from benchmarks.config_sweep import eligible
+    from fastattn.kernels import configs
+
+    table = configs.GPU_CANDIDATES["fwd"][128]
+    worst = 300
+
+    def rec(cfg, spill=0, fits=True, mma="wgmma", causal=True):
+        return {"kind": "fwd", "head_dim": 128, "causal": causal, "variant": "dense", "fits": fits, "mma": mma,
+                "config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages], "spill": spill}
+    space = [c for c in configs.sweep_space() if c not in table]
+    good, spills, big, slow_mma, bad_when_full = space[:5]
+    records = [rec(table[0], worst), *(rec(c) for c in table[1:]), rec(good, worst), rec(spills, worst + 4),
+               rec(big, fits=False), rec(slow_mma, mma="mma"), rec(bad_when_full, 0), rec(bad_when_full, worst + 1,
+                                                                                          causal=False)]
+    kept = eligible(records, "fwd", 128)
+    assert set(kept) == {*table, good}
+    assert eligible([], "fwd", 128) == [c for c in configs.sweep_space() if c in table]  # nothing compiled: the table
