@@ -7,8 +7,9 @@
 #   tools/gpu_check.sh OUTDIR            (BUDGET_S=520 by default: the whole script, in seconds)
 #   SKIP_BENCH=1 tools/gpu_check.sh OUTDIR   (verification only: build, smoke, tests, sanitizer)
 #   STAGES="smoke tests host decode models profile" TESTS="tests/test_x.py ..." tools/gpu_check.sh OUTDIR
-#       (only the named stages, of: smoke tests host decode smods hf ringc ring bench models profile
-#        sanitizer; TESTS replaces the test files; MODELS_AUTOTUNE=1 lets the model stages autotune;
+#       (only the named stages, of: smoke tests host decode smods hf ringc ring sweep bench models profile
+#        sanitizer; sweep is not in the default list: benchmarks/config_sweep.py, SWEEP_S cap, default 300;
+#        TESTS replaces the test files; MODELS_AUTOTUNE=1 lets the model stages autotune;
 #        SMODS_S / HF_S: the score-mods / HF stages' caps in seconds, default 120 / 90;
 #        MODELS_ARGS adds bench_models.py options, e.g. "--models decoder --backends torch,triton")
 #
@@ -152,6 +153,16 @@ if want ring && [ "$ngpu" -ge 2 ] && [ "$(left 140)" -gt 40 ]; then
   stamp "ring ($ngpu GPUs) rc=$ring_rc"
 fi
 
+# Block-config sweep (issue 24): every compile-checked config of each prefill kernel vs the shipped table
+# and SDPA cuDNN, D=128 first; only when named in STAGES (it wants minutes of its own).
+sweep_rc=-
+if want sweep && [ "$(left 120)" -gt 60 ]; then
+  wb=$(left 120); cap=${SWEEP_S:-300}; wb=$(( wb > cap ? cap : wb ))
+  timeout "$wb" $PY benchmarks/config_sweep.py --budget-s $(( wb - 30 )) --out "$WORK/sweep" > "$WORK/sweep.log" 2>&1
+  sweep_rc=$?
+  stamp "sweep rc=$sweep_rc"
+fi
+
 # Kernel benchmark with autotuning on (as a user gets it): the quick grid under a time budget.
 bench_rc=-
 if want bench; then
@@ -230,6 +241,7 @@ $(grep -E 'bar checks met' "$WORK/score_mods/score_mods.md" 2>/dev/null | tail -
   echo "| hf models | $hf_rc | $(grep -E 'fastattn vs sdpa' "$WORK/hf_llama/hf_llama.md" 2>/dev/null | tr '\n' ';') |"
   echo "| ring compute (1 GPU) | $rc_rc | $(grep -c '"gate": "ok"' "$WORK/ring_compute.log" 2>/dev/null) gated rows |"
   echo "| ring | $ring_rc | $ngpu GPUs; $(grep -c '"ring gate": "ok"' "$WORK/ring.log" 2>/dev/null) gated rows |"
+  echo "| config sweep | $sweep_rc | $(grep -E '^precompiled' "$WORK/sweep.log" 2>/dev/null) |"
   echo "| bench | $bench_rc | $(grep -E '^[0-9]+ timings' "$OUT/bench.log" 2>/dev/null | tail -1) |"
   echo "| models | $models_rc | $(grep -c 'train step' "$OUT/models.log" 2>/dev/null) rows |"
   echo "| profile | $profile_rc | $(grep -c '^| t' "$OUT/profile.md" 2>/dev/null) backends profiled |"
@@ -241,7 +253,7 @@ $(grep -E 'bar checks met' "$WORK/score_mods/score_mods.md" 2>/dev/null | tail -
   [ -f "$WORK/bench/bench.json" ] && $PY -m benchmarks.report "$WORK/bench/bench.json" --summary
   cat "$WORK/decode/decode.md" "$WORK/decode.md" 2>/dev/null
   cat "$WORK/score_mods/score_mods.md" "$WORK/score_mods.md" "$WORK/hf_llama/hf_llama.md" 2>/dev/null
-  cat "$WORK/ring_compute/ring_compute.md" "$WORK/ring/ring.md" 2>/dev/null
+  cat "$WORK/ring_compute/ring_compute.md" "$WORK/ring/ring.md" "$WORK/sweep/sweep.md" 2>/dev/null
   [ -f "$WORK/models/models.md" ] && cat "$WORK/models/models.md"
   [ -f "$OUT/host.md" ] && cat "$OUT/host.md"
 } > "$OUT/summary.md" 2>&1
