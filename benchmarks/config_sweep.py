@@ -133,16 +133,31 @@ def _precompile_one(task) -> tuple:
         return task, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def precompile(tasks: list, workers: int) -> dict:
-    """Compile every task in `workers` spawned processes (Triton's on-disk cache is shared)."""
+def precompile(tasks: list, workers: int, deadline: float) -> tuple[dict, int]:
+    """Compile the tasks in `workers` spawned processes (Triton's on-disk cache is shared), stopping
+    at the deadline: ({task: error}, tasks finished)."""
     if workers <= 0 or not tasks:
-        return {}
+        return {}, 0
+    saved = os.environ.get("FASTATTN_AUTOTUNE")
     os.environ["FASTATTN_AUTOTUNE"] = "0"  # the workers build one config each (spawned: they inherit this)
+    errors, done = {}, 0
     try:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            return {t: err for t, err in pool.imap_unordered(_precompile_one, tasks) if err}
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:  # leaving it terminates the workers
+            results = pool.imap_unordered(_precompile_one, tasks)
+            while done < len(tasks):
+                try:
+                    task, err = results.next(timeout=max(1.0, deadline - time.monotonic()))
+                except multiprocessing.TimeoutError:
+                    break  # the budget is spent: what is not compiled compiles when (if) it runs
+                done += 1
+                if err:
+                    errors[task] = err
     finally:
-        os.environ.pop("FASTATTN_AUTOTUNE")
+        if saved is None:
+            os.environ.pop("FASTATTN_AUTOTUNE")
+        else:
+            os.environ["FASTATTN_AUTOTUNE"] = saved
+    return errors, done
 
 
 def run_case(case: Case, sweep: dict, device: str, smoke: bool, deadline: float) -> dict:
@@ -237,6 +252,8 @@ def markdown(doc: dict) -> str:
     if doc["smoke"]:
         lines += ["**Smoke run** (tiny float32 shapes, Triton interpreter): the gate means something, the times do "
                   "not.", ""]
+    if doc.get("skipped_cases"):
+        lines += [f"Not run (time budget spent): {', '.join(doc['skipped_cases'])}", ""]
     if doc.get("precompile_errors"):
         lines += [f"Precompile errors ({len(doc['precompile_errors'])}): " + "; ".join(doc["precompile_errors"][:5]),
                   ""]
@@ -300,27 +317,38 @@ def main(argv=None) -> int:
         if smoke:
             return {kind: SMOKE_CONFIGS for kind in kinds}
         return {kind: eligible(records, kind, d) if records is not None else configs.sweep_space() for kind in kinds}
-    t0 = time.monotonic()
+    deadline = time.monotonic() + args.budget_s
     doc = {"environment": environment(device), "smoke": smoke, "compiled": str(args.compiled or ""), "cases": [],
-           "precompile_errors": []}
-    if cuda and not smoke:
-        tasks = [(kind, (c.block_m, c.block_n, c.num_warps, c.num_stages), d, causal, dtype)
-                 for d in head_dims for kind, cfgs in sweep_for(d).items() for c in cfgs for causal in (True, False)]
-        errors = precompile(tasks, args.workers)
-        doc["precompile_s"] = time.monotonic() - t0
-        doc["precompile_errors"] = [f"{t}: {e}" for t, e in errors.items()]
-        print(f"precompiled {len(tasks)} kernels in {doc['precompile_s']:.0f} s ({len(errors)} errors)", flush=True)
+           "precompile_errors": [], "proposals": {}, "skipped_cases": []}
     args.out.mkdir(parents=True, exist_ok=True)
-    for case in cases(head_dims, seqlens, dtype, smoke):
-        result = run_case(case, sweep_for(case.head_dim), device, smoke, t0 + args.budget_s)
-        doc["cases"].append(result)
-        doc["proposals"] = proposals(doc)
+
+    def save():  # after every step: partial runs survive
         (args.out / "sweep.json").write_text(json.dumps(doc, indent=1, default=str))
-        (args.out / "sweep.md").write_text(markdown(doc))  # after every case: partial runs survive
-        for r in result["rows"]:
-            print(f"{case.label:<40} {r['who']:<6} {str(r.get('config', '')):<16} {r['mode']:<4} "
-                  + (f"{r['ms']:9.3f} ms" if "ms" in r else r.get("skipped", "")) + f"  gate {r['gate'] or '-'}",
-                  flush=True)
+        (args.out / "sweep.md").write_text(markdown(doc))
+    save()
+    for d in head_dims:  # each head dim's configs compiled just before its cases
+        if cuda and not smoke and time.monotonic() < deadline:
+            t = time.monotonic()
+            tasks = [(kind, (c.block_m, c.block_n, c.num_warps, c.num_stages), d, causal, dtype)
+                     for kind, cfgs in sweep_for(d).items() for c in cfgs for causal in (True, False)]
+            # At most 60% of what is left: the timing needs the rest (uncompiled configs compile as they run).
+            errors, done = precompile(tasks, args.workers, t + 0.6 * (deadline - t))
+            doc["precompile_errors"] += [f"{task}: {e}" for task, e in errors.items()]
+            print(f"precompiled {done} of {len(tasks)} D={d} kernels in {time.monotonic() - t:.0f} s "
+                  f"({len(errors)} errors)", flush=True)
+        for case in cases((d,), seqlens, dtype, smoke):
+            if time.monotonic() > deadline:
+                doc["skipped_cases"].append(case.label)
+                save()
+                continue
+            result = run_case(case, sweep_for(d), device, smoke, deadline)
+            doc["cases"].append(result)
+            doc["proposals"] = proposals(doc)
+            save()
+            for r in result["rows"]:
+                print(f"{case.label:<40} {r['who']:<6} {str(r.get('config', '')):<16} {r['mode']:<4} "
+                      + (f"{r['ms']:9.3f} ms" if "ms" in r else r.get("skipped", "")) + f"  gate {r['gate'] or '-'}",
+                      flush=True)
     print(markdown(doc))
     failed = [r for c in doc["cases"] for r in c["rows"] if r["who"] == "table" and r["gate"] != GATE_OK]
     return 1 if failed else 0

@@ -41,18 +41,19 @@ def mask_mod(case: Case, window: tuple[int, int] | None):
 
 
 def _score_mod(offset: int, softcap, bias, alibi_slopes):
-    """One score_mod for the modifiers that are set (None: plain scores)."""
+    """One score_mod for the modifiers that are set (None: plain scores). bias (B or 1, Hq or 1,
+    Sq, Sk) and alibi_slopes (B, Hq) or (1, Hq), as `prepare` leaves them."""
     if not softcap and bias is None and alibi_slopes is None:
         return None
-    per_batch = bias is not None and bias.shape[0] > 1
 
     def score_mod(score, b, h, q_idx, kv_idx):
         if softcap:
             score = softcap * torch.tanh(score / softcap)
         if bias is not None:
-            score = score + bias[b if per_batch else 0, h, q_idx, kv_idx]
+            score = score + bias[b if bias.shape[0] > 1 else 0, h if bias.shape[1] > 1 else 0, q_idx, kv_idx]
         if alibi_slopes is not None:
-            score = score - alibi_slopes[h] * torch.abs(q_idx + offset - kv_idx)
+            slope = alibi_slopes[b if alibi_slopes.shape[0] > 1 else 0, h]
+            score = score - slope * torch.abs(q_idx + offset - kv_idx)
         return score
     return score_mod
 
@@ -76,7 +77,9 @@ def _flex_mods(q, k, v, block_mask, offset: int, softcap=None, bias=None, alibi_
 @functools.cache
 def _compiled():
     raise_recompile_limits()
-    return torch.compile(_flex_mods, fullgraph=True)
+    # Static shapes: each case compiles as a user's fixed-shape model would (automatic dynamic shapes
+    # would make the second sequence length, or the window, a symbolic size).
+    return torch.compile(_flex_mods, fullgraph=True, dynamic=False)
 
 
 def prepare(case: Case, mods: dict) -> dict:
@@ -85,6 +88,11 @@ def prepare(case: Case, mods: dict) -> dict:
     from torch.nn.attention.flex_attention import create_block_mask
 
     own = {k: v for k, v in mods.items() if k != "window"}
+    bias, slopes = mods.get("bias"), mods.get("alibi_slopes")
+    if bias is not None and (bias.dim() != 4 or tuple(bias.shape[2:]) != (case.seqlen_q, case.seqlen_k)):
+        raise ValueError(f"bias: this FlexAttention score_mod takes (B or 1, Hq or 1, Sq, Sk), got {tuple(bias.shape)}")
+    if slopes is not None:
+        own["alibi_slopes"] = slopes.reshape(-1, case.heads_q)  # (Hq,) or (B, Hq) -> (1 or B, Hq)
     visible = mask_mod(case, mods.get("window"))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where score_mods.py runs
     own["block_mask"] = None if visible is None else create_block_mask(visible, None, None, case.seqlen_q,

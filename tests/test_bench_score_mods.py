@@ -80,7 +80,9 @@ def test_flex_baseline_means_what_fastattn_means(shape, causal):
     gen = torch.Generator().manual_seed(0)
     q, k, v, _ = make_inputs(case, "cpu", gen)
     mods = [score_mods.Variant(n).mods(case, "cpu", gen) for n in ("none", "alibi", "softcap", "sinks")]
-    mods += [{"bias": torch.randn(2, hq, sq, sk, generator=gen)}, {"bias": torch.randn(1, hq, sq, sk, generator=gen)}]
+    shapes = ((2, hq, sq, sk), (1, hq, sq, sk), (2, 1, sq, sk))  # per batch element and head, broadcast
+    mods += [{"bias": torch.randn(*shape, generator=gen)} for shape in shapes]
+    mods += [{"alibi_slopes": torch.rand(2, hq, generator=gen)}]  # per batch element
     mods += [{"window": w} for w in ((5, 0), (3, 2), (-1, 4), (6, -1))]
     mods += [{"alibi_slopes": torch.rand(hq, generator=gen), "softcap": 3.0, "window": (7, 1),
               "sinks": torch.randn(hq, generator=gen)}]

@@ -10,7 +10,8 @@
 #       (only the named stages, of: smoke tests host decode smods hf ringc ring sweep bench models profile
 #        sanitizer; sweep is not in the default list: benchmarks/config_sweep.py, SWEEP_S cap, default 300;
 #        TESTS replaces the test files; MODELS_AUTOTUNE=1 lets the model stages autotune;
-#        SMODS_S / HF_S: the score-mods / HF stages' caps in seconds, default 120 / 90;
+#        SMODS_S / HF_S: the score-mods / HF stages' caps in seconds, default 120 / 150; SMODS_ARGS adds
+#        score_mods.py options (e.g. "--seqlens 8192 --windows 512,2048");
 #        MODELS_ARGS adds bench_models.py options, e.g. "--models decoder --backends torch,triton")
 #
 # For a fresh GPU machine that already has torch and triton. Each stage gets what is left of the
@@ -26,7 +27,7 @@
 #   summary.md    the short table printed last (with the decode table: GB/s, % of copy, vs SDPA and
 #                 the prefill kernel, from benchmarks/decode.py)
 #   results.tgz   bench.json/md + PNG plots, models.json/md, decode.json + log, score_mods.json/md + log,
-#                 hf_llama.json/md + log, ring_compute.json/md + log, ring.json/md + log,
+#                 hf_llama.json/md + log, ring_compute.json/md + log, ring.json/md + log, sweep/ + log,
 #                 sanitizer.log (summary.md also shows the score-modifier tables)
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR}
@@ -113,7 +114,7 @@ fi
 smods_rc=-
 if want smods && [ "$(left 190)" -gt 45 ]; then
   sb=$(left 190); cap=${SMODS_S:-120}; sb=$(( sb > cap ? cap : sb ))
-  FASTATTN_AUTOTUNE=0 timeout "$sb" $PY benchmarks/score_mods.py --budget-s $(( sb - 25 )) --out "$WORK/score_mods" \
+  FASTATTN_AUTOTUNE=0 timeout "$sb" $PY benchmarks/score_mods.py --budget-s $(( sb - 25 )) --out "$WORK/score_mods" ${SMODS_ARGS:-} \
     > "$WORK/score_mods.log" 2>&1
   smods_rc=$?
   [ -f "$WORK/score_mods/score_mods.md" ] || tail -40 "$WORK/score_mods.log" > "$WORK/score_mods.md"
@@ -125,7 +126,7 @@ fi
 hf_rc=-
 if want hf && [ "$(left 160)" -gt 40 ] \
    && $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('transformers') is None)"; then
-  hb=$(left 160); cap=${HF_S:-90}; hb=$(( hb > cap ? cap : hb ))
+  hb=$(left 160); cap=${HF_S:-150}; hb=$(( hb > cap ? cap : hb ))
   timeout "$hb" $PY benchmarks/hf_llama.py --out "$WORK/hf_llama" > "$WORK/hf_llama.log" 2>&1
   hf_rc=$?
   stamp "hf llama rc=$hf_rc"
@@ -156,16 +157,18 @@ fi
 # Block-config sweep (issue 24): every compile-checked config of each prefill kernel vs the shipped table
 # and SDPA cuDNN, D=128 first; only when named in STAGES (it wants minutes of its own).
 sweep_rc=-
-if want sweep && [ "$(left 120)" -gt 60 ]; then
-  wb=$(left 120); cap=${SWEEP_S:-300}; wb=$(( wb > cap ? cap : wb ))
-  timeout "$wb" $PY benchmarks/config_sweep.py --budget-s $(( wb - 30 )) --out "$WORK/sweep" > "$WORK/sweep.log" 2>&1
+# SWEEP_ARGS: config_sweep.py options (default: D=128 only, the bars' head dim).
+if want sweep && [ "$(left 250)" -gt 60 ]; then
+  wb=$(left 250); cap=${SWEEP_S:-300}; wb=$(( wb > cap ? cap : wb ))
+  timeout "$wb" $PY benchmarks/config_sweep.py --budget-s $(( wb - 30 )) --out "$WORK/sweep" ${SWEEP_ARGS:---head-dims 128} \
+    > "$WORK/sweep.log" 2>&1
   sweep_rc=$?
   stamp "sweep rc=$sweep_rc"
 fi
 
 # Kernel benchmark with autotuning on (as a user gets it): the quick grid under a time budget.
 bench_rc=-
-if want bench; then
+if want bench && [ "$(left 130)" -gt 30 ]; then  # (timeout 0 would mean no limit)
   bb=$(left 130); bb=$(( bb > 120 ? 120 : bb ))
   timeout "$bb" $PY benchmarks/run.py --grid quick --budget-s $(( bb > 80 ? bb - 60 : 20 )) --out "$WORK/bench" \
     > "$OUT/bench.log" 2>&1
@@ -175,7 +178,7 @@ fi
 
 # Model benchmark (untuned Triton configs: autotuning every model shape would not fit here).
 models_rc=-
-if want models; then
+if want models && [ "$(left 45)" -gt 30 ]; then
   mb=$(left 45); mb=$(( mb > ${MODELS_S:-110} ? ${MODELS_S:-110} : mb ))
   FASTATTN_AUTOTUNE=$MODELS_TUNE timeout "$mb" $PY benchmarks/bench_models.py --out "$WORK/models" ${MODELS_ARGS:-} \
     > "$OUT/models.log" 2>&1
