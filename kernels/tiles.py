@@ -125,7 +125,7 @@ def score_mods(s, r, c, Sq, Sk, bias, stride_bm, stride_bn, slope2, cap2, row_ok
     slope2 = ALiBi slope * log2(e); cap2 = softcap * log2(e)."""
     dcap = s
     if SOFTCAP:
-        t = _tanh(s / cap2)
+        t = _tanh(s * (1.0 / cap2))  # a per-tile reciprocal: one division per score is a MUFU op
         s = cap2 * t
         dcap = 1.0 - t * t
     if HAS_BIAS:
