@@ -86,7 +86,9 @@ def build(model: Model, shape: dict, device, dtype, impl: str):
     import transformers
 
     torch.manual_seed(0)
-    net = getattr(transformers, model.cls)(model.config(**shape)).to(device, dtype).train().requires_grad_(True)
+    with torch.device(device):  # initialised where it runs (a 0.4B model's CPU init takes seconds)
+        net = getattr(transformers, model.cls)(model.config(**shape))
+    net = net.to(dtype).train().requires_grad_(True)
     net.config._attn_implementation = impl
     return net
 
