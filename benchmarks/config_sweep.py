@@ -13,7 +13,8 @@ Per case (bf16, 16k tokens: batch = 16384 // S, hidden 2048, causal and not):
   table's choice for the case: fwd configs time the forward, dkdv and dq configs the backward
   (benchmarks.measure.mode_callable's "bwd": the forward once, the backward timed).
 
-Which configs: configs.sweep_space(), filtered by the compile check's records (--compiled, from
+Which configs: configs.sweep_space(kind) (the forward's with and without K/V through tensor
+descriptors, tma), filtered by the compile check's records (--compiled, from
 `tools/aot_compile_check.py --configs sweep --json`): fits shared memory, uses wgmma, and spills no
 more than the table's worst config of that kernel and head dim (see `eligible`). Without --compiled,
 the whole space. Before the timing, --workers processes compile every config on a tiny input of the
@@ -59,8 +60,9 @@ KINDS = ("fwd", "dkdv", "dq")
 MODE = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd"}  # the mode each kernel's configs are timed in
 BASELINES = {"cudnn": "sdpa-cudnn", "flash": "sdpa-flash"}
 # Smoke: tiny float32 shapes through the interpreter, causal only (48 keys: a full and a partial
-# tile of 32), two unequal tilings.
+# tile of 32), two unequal tilings (and the forward's K/V through tensor descriptors).
 SMOKE_CONFIGS = [configs.BlockConfig(32, 64, 4, 2), configs.BlockConfig(64, 32, 4, 2)]
+SMOKE_TMA = configs.BlockConfig(64, 32, 4, 2, tma=True)
 # The compile check this script was prepared with (sm_90, Triton 3.6, bf16): --compiled's default.
 COMPILED = Path(__file__).parent / "results" / "2026-12-04-cpu-config-sweep" / "aot_sweep_bf16_sm90.json"
 
@@ -86,8 +88,8 @@ def eligible(records: list[dict], kind: str, head_dim: int) -> list[configs.Bloc
         prev = spill_of.get(cfg, 0)
         spill_of[cfg] = None if not ok or prev is None else max(prev, r["spill"])
     limit = max([spill_of.get(c) or 0 for c in table], default=0)
-    keep = [c for c in configs.sweep_space() if c in table or (spill_of.get(c) is not None and spill_of[c] <= limit)]
-    return keep
+    return [c for c in configs.sweep_space(kind)
+            if c in table or (spill_of.get(c) is not None and spill_of[c] <= limit)]
 
 
 def _attention(causal: bool):
@@ -186,7 +188,7 @@ def run_case(case: Case, sweep: dict, device: str, smoke: bool, deadline: float)
             rows.append({"who": name, "mode": mode, **row})
     for kind in sweep:
         for cfg in sweep[kind]:
-            row = {"who": kind, "config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages],
+            row = {"who": kind, "config": cfg.as_list(),
                    "mode": MODE[kind], "is_table_choice": chosen.get(kind) == cfg}
             if time.monotonic() > deadline:
                 rows.append({**row, "gate": "", "skipped": "time budget spent"})
@@ -199,8 +201,7 @@ def run_case(case: Case, sweep: dict, device: str, smoke: bool, deadline: float)
         if "ms" in r:
             r["tflops"] = flops[r["mode"]] / r["ms"] * 1e-9
     _ratios(rows)
-    return {"case": case.as_dict(), "label": case.label, "table_choice": {k: [c.block_m, c.block_n, c.num_warps,
-                                                                             c.num_stages] for k, c in chosen.items()},
+    return {"case": case.as_dict(), "label": case.label, "table_choice": {k: c.as_list() for k, c in chosen.items()},
             "rows": rows}
 
 
@@ -315,8 +316,9 @@ def main(argv=None) -> int:
 
     def sweep_for(d: int) -> dict:
         if smoke:
-            return {kind: SMOKE_CONFIGS for kind in kinds}
-        return {kind: eligible(records, kind, d) if records is not None else configs.sweep_space() for kind in kinds}
+            return {kind: SMOKE_CONFIGS + [SMOKE_TMA] * (kind == "fwd") for kind in kinds}
+        return {kind: eligible(records, kind, d) if records is not None else configs.sweep_space(kind)
+                for kind in kinds}
     deadline = time.monotonic() + args.budget_s
     doc = {"environment": environment(device), "smoke": smoke, "compiled": str(args.compiled or ""), "cases": [],
            "precompile_errors": [], "proposals": {}, "skipped_cases": []}
@@ -329,7 +331,7 @@ def main(argv=None) -> int:
     for d in head_dims:  # each head dim's configs compiled just before its cases
         if cuda and not smoke and time.monotonic() < deadline:
             t = time.monotonic()
-            tasks = [(kind, (c.block_m, c.block_n, c.num_warps, c.num_stages), d, causal, dtype)
+            tasks = [(kind, tuple(c.as_list()), d, causal, dtype)
                      for kind, cfgs in sweep_for(d).items() for c in cfgs for causal in (True, False)]
             # At most 60% of what is left: the timing needs the rest (uncompiled configs compile as they run).
             errors, done = precompile(tasks, args.workers, t + 0.6 * (deadline - t))

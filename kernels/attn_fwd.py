@@ -8,6 +8,11 @@ log-sum-exp (B, Hq, Sq) that the backward recomputes P from.
 Score modifiers (HAS_BIAS, HAS_ALIBI, SOFTCAP, LOCAL, HAS_SINKS; see tiles.py) are constexpr
 flags: a call without them compiles to the plain kernel. A sink joins each row's softmax after
 the key loop, as one more (value-less) entry of the running max and sum.
+
+KV_TMA (a config's tma): K/V tiles come through per-(batch, head) tensor descriptors, so on Hopper
+the tensor memory accelerator moves them and zero-fills rows past the sequence and columns past
+the head dim. The launcher asks for it only where a descriptor is valid (16-byte aligned rows and
+bases) and no key-padding mask must hide keys (load_keys' job on the pointer path).
 """
 
 import triton
@@ -29,24 +34,32 @@ from .tiles import (
 
 
 @triton.jit
-def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, lo, hi, seq, mods,
-                    qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks, stride_vs, offs_m, lo, hi,
+                    seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                    LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
-    """Fold key blocks [lo, hi) into the running (acc, row max m_i, row sum l_i)."""
+                    DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, KV_TMA: tl.constexpr):
+    """Fold key blocks [lo, hi) into the running (acc, row max m_i, row sum l_i). K/V tiles through
+    k_desc/v_desc with KV_TMA, else from k_base/v_base."""
     Sk = seq[3]
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=MASKED, WIDE=WIDE)
+        if KV_TMA:
+            k = k_desc.load([start_n, 0])
+        else:
+            k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=MASKED,
+                          WIDE=WIDE)
         s, _ = scores_tile(q, k, offs_m, cols, seq, mods, qk_scale, KP_row, MASKED=MASKED, CAUSAL=CAUSAL,
                            HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
                            DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)  # (BLOCK_M, BLOCK_N)
         # A bias of -inf hides keys too: rows may still have m = -inf after an unmasked tile.
         p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, GUARD=MASKED or HAS_BIAS)
-        v = load_keys(v_base, cols, stride_vs, Sk, KP_row, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED,
-                      HAS_KPM=HAS_KPM, WIDE=WIDE)
+        if KV_TMA:
+            v = v_desc.load([start_n, 0])
+        else:
+            v = load_keys(v_base, cols, stride_vs, Sk, KP_row, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED,
+                          HAS_KPM=HAS_KPM, WIDE=WIDE)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_i, l_i
 
@@ -67,7 +80,7 @@ def attn_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr, KV_TMA: tl.constexpr,
 ):
     pid_m, b, h = program_coords()
     hk = h // GROUP  # the KV head shared by this query head's group
@@ -80,6 +93,12 @@ def attn_fwd_kernel(
     q = load_tile(q_base, offs_m, stride_qs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+    k_desc, v_desc = None, None
+    if KV_TMA:  # this (batch, KV head)'s keys as (Sk, HEAD_DIM) tensors, read BLOCK_N x BLOCK_D at a time
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, HEAD_DIM], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
     KP_row = KPM + b * stride_kpm_b
     slope2 = 0.0
     if HAS_ALIBI:
@@ -93,21 +112,21 @@ def attn_fwd_kernel(
     lo, full_lo, full_end, hi = key_blocks(start_m, seq, KV_BOUNDS, b, left, right, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                                            CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL)
     if LOCAL:  # the window's left edge
-        acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, lo,
-                                        full_lo, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
-                                        LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                                        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, full_lo,
-                                    full_end, seq, mods, qk_scale, MASKED=False, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
-                                    LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                                    HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                                    DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, KP_row, stride_ks, stride_vs, offs_m, full_end,
-                                    hi, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
-                                    LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                                    HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                                    DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+        acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks,
+                                        stride_vs, offs_m, lo, full_lo, seq, mods, qk_scale, MASKED=True,
+                                        CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+                                        HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                                        BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, KV_TMA=KV_TMA)
+    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks, stride_vs,
+                                    offs_m, full_lo, full_end, seq, mods, qk_scale, MASKED=False, CAUSAL=CAUSAL,
+                                    HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
+                                    SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                                    DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, KV_TMA=KV_TMA)
+    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks, stride_vs,
+                                    offs_m, full_end, hi, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL,
+                                    HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
+                                    SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                                    DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, KV_TMA=KV_TMA)
     if HAS_SINKS:  # the sink: one more softmax entry (logit SINKS[h]) with no value
         acc, m_i, l_i = fold_sink(acc, m_i, l_i, tl.load(SINKS + h).to(tl.float32) * LOG2E_T)
 

@@ -6,7 +6,9 @@ Each kernel has a short candidate list per head-dim bucket. On a GPU the first c
 do this to keep GPU time short; a launch then falls back along the list only if a config does not
 fit the chip's shared memory). The Triton interpreter (CPU) always uses one fixed, small config.
 
-Candidates are (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M tiles queries, BLOCK_N keys.
+Candidates are (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma]). BLOCK_M tiles queries, BLOCK_N
+keys. tma (the forward only): K/V tiles move through tensor descriptors (Hopper's tensor memory
+accelerator) instead of pointer loads, where the call allows it (launchers.triton_attention).
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ class BlockConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    tma: bool = False  # the forward's K/V through tensor descriptors (not yet timed on a GPU: in no table)
+
+    def as_list(self) -> list:
+        """[BLOCK_M, BLOCK_N, num_warps, num_stages] (+ [True] with tma): as reports and JSON write it."""
+        return [self.block_m, self.block_n, self.num_warps, self.num_stages] + ([True] if self.tma else [])
 
 
 def _table(rows):
@@ -68,10 +75,12 @@ SWEEP_WARPS = (4, 8)
 SWEEP_STAGES = (2, 3, 4)
 
 
-def sweep_space() -> list[BlockConfig]:
-    """Every (BLOCK_M, BLOCK_N, num_warps, num_stages) of the sweep, the same for each kernel and
-    head dim (32x32 tiles left out: the fallback's, too small for wgmma)."""
-    return [BlockConfig(m, n, w, s) for m in SWEEP_TILES for n in SWEEP_TILES if (m, n) != (32, 32)
+def sweep_space(kind: str) -> list[BlockConfig]:
+    """Every (BLOCK_M, BLOCK_N, num_warps, num_stages) of the sweep for one kernel, the same for each
+    head dim (32x32 tiles left out: the fallback's, too small for wgmma); the forward's also with
+    K/V through tensor descriptors (tma)."""
+    tma = (False, True) if kind == "fwd" else (False,)
+    return [BlockConfig(m, n, w, s, t) for t in tma for m in SWEEP_TILES for n in SWEEP_TILES if (m, n) != (32, 32)
             for w in SWEEP_WARPS for s in SWEEP_STAGES]
 
 

@@ -2,14 +2,14 @@
 
     python tools/aot_compile_check.py [--arch 90] [--dtype fp16] [--head-dims 64,128,256]
         [--variants dense,mask,varlen,bias,alibi,window,softcap,sinks,all] [--decode-only | --no-decode]
-        [--configs table|sweep] [--json FILE]
+        [--configs table|sweep] [--json FILE] [--kinds fwd,dkdv,dq]
 
 Catches what the interpreter does not: compile errors, configs whose shared memory exceeds the
 chip (H100: 227 KiB per block), and dots that did not lower to tensor-core instructions
 (wgmma on sm_90, mma on sm_80; "+tma" where tiles move through tensor descriptors), with registers
 and spills from ptxas -v. Uses the ptxas bundled
 with triton. Takes minutes: a maintainer tool, not part of the test suite. ``--configs sweep``
-compiles the prefill kernels in every config of kernels/configs.sweep_space() instead of the GPU
+compiles the prefill kernels in every config of kernels/configs.sweep_space(kind) instead of the GPU
 table (benchmarks/config_sweep.py times what compiles well); ``--json`` writes one record per
 compiled prefill kernel.
 
@@ -104,7 +104,7 @@ def compile_one(kind, cfg, dtype, head_dim, causal, arch, variant="dense"):
     constexprs = dict(CAUSAL=causal, HAS_KPM=variant == "mask", VARLEN=variant == "varlen", HEAD_DIM=head_dim,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, WIDE=False,
-                      **mod_flags(kernel, variant))
+                      **mod_flags(kernel, variant), **({"KV_TMA": cfg.tma} if "KV_TMA" in kernel.arg_names else {}))
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
     t0 = time.time()
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -213,7 +213,7 @@ def _record(kind, d, causal, variant, cfg, smem, mma, regs, arch) -> dict:
     """One compiled prefill kernel as --json writes it (spill -1: ptxas did not say)."""
     n_regs, spill = (int(x) if x.isdigit() else -1 for x in re.findall(r"(\S+) (?:regs|B spill)", regs))
     return {"kind": kind, "head_dim": d, "causal": causal, "variant": variant,
-            "config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages], "smem": smem, "mma": mma,
+            "config": cfg.as_list(), "smem": smem, "mma": mma,
             "regs": n_regs, "spill": spill, "fits": smem <= SMEM_LIMIT.get(arch, 1 << 30)}
 
 
@@ -229,8 +229,9 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-only", action="store_true", help="only the decoding kernels (kernels/decode.py)")
     ap.add_argument("--no-decode", action="store_true", help="all but the decoding kernels")
     ap.add_argument("--configs", default="table", choices=["table", "sweep"],
-                    help="prefill kernels: the GPU table's candidates, or configs.sweep_space()")
+                    help="prefill kernels: the GPU table's candidates, or configs.sweep_space(kind)")
     ap.add_argument("--json", default=None, help="write the prefill kernels' records here")
+    ap.add_argument("--kinds", default=",".join(KERNELS), help=f"prefill kernels, of {','.join(KERNELS)}")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}")
     bad = 0
@@ -248,9 +249,9 @@ def main(argv=None) -> int:
     for d in map(int, args.head_dims.split(",")):
         block_d = max(16, triton.next_power_of_2(d))
         for causal, variant in ((c == "1", v) for c in args.causal.split(",") for v in args.variants.split(",")):
-            for kind in KERNELS:
+            for kind in args.kinds.split(","):
                 if args.configs == "sweep":
-                    cands = configs.sweep_space()
+                    cands = configs.sweep_space(kind)
                 elif args.dtype == "fp32":
                     cands = [configs.FP32_CONFIGS[kind], configs.FALLBACK]
                 else:
@@ -268,7 +269,8 @@ def main(argv=None) -> int:
                     bad += bool(flag) and args.configs == "table"  # the sweep expects some not to fit
                     # wgmma needs 64-row tiles; 32-row tiles (the fallback) use mma.sync on sm_90.
                     flag += f" (note: {mma}, not {want})" if args.dtype != "fp32" and not mma.startswith(want) else ""
-                    label = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} {variant}"
+                    tma = " tma" if cfg.tma else ""
+                    label = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{tma} {variant}"
                     print(f"{kind:<5} {d:>4} {causal!s:<6} {label:<24} {smem:>7} {mma:<6} {regs:<22} {dt:4.1f}s{flag}",
                           flush=True)
                     records.append(_record(kind, d, causal, variant, cfg, smem, mma, regs, args.arch))

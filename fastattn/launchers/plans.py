@@ -65,9 +65,23 @@ def direct_launch_enabled() -> bool:
 
 
 def _blocks(kernel, c: configs.BlockConfig) -> dict:
-    """The config's block sizes as the kernel's constexprs (a kernel without BLOCK_N takes BLOCK_M only)."""
-    meta = {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}
+    """The config's block sizes (and K/V path) as the kernel's constexprs (a kernel without BLOCK_N
+    takes BLOCK_M only; one without KV_TMA, no K/V path)."""
+    meta = {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "KV_TMA": c.tma}
     return {k: v for k, v in meta.items() if k in kernel.arg_names}
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    """Global memory for the tensor descriptors a kernel creates (Triton asks at each launch); from
+    torch's allocator on the current device, so CUDA-graph capture takes it from the graph's pool."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _allocator_for(constexprs: dict) -> None:
+    """Kernels that create tensor descriptors need Triton's allocator. It is a context variable:
+    set it on every such launch, in whichever thread launches (autograd runs backwards in its own)."""
+    if constexprs.get("KV_TMA"):
+        triton.set_allocator(_tma_scratch)
 
 
 @dataclass
@@ -82,6 +96,7 @@ class Plan:
     provisional: bool = False  # built during a CUDA-graph capture (untuned, unchecked): not to be kept
 
     def launch(self, grid: tuple, args: tuple, stream: int | None = None) -> None:
+        _allocator_for(self.constexprs)
         if self.handle is not None:
             self.handle[grid](*args, *self.tail, stream=stream)
         else:
@@ -104,6 +119,7 @@ def launch(device: int, launches) -> None:
 def _jit_launch(kernel, grid, args, constexprs, config):
     """Triton's own launch path: binds, specialises, compiles if needed; returns the compiled kernel
     (None in the interpreter)."""
+    _allocator_for(constexprs)
     return kernel[grid](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -155,7 +171,7 @@ def tuned_configs() -> list[dict]:
     """Every config chosen so far (tuned, or the first that fit): kernel name, constexprs, dtype,
     sequence bucket, config. For benchmark reports: which tile each measured call ran."""
     return [{"kernel": name, "constexprs": dict(consts), "dtype": dtype, "seq_bucket": bucket,
-             "config": [c.block_m, c.block_n, c.num_warps, c.num_stages]}
+             "config": c.as_list()}
             for (name, _, consts, dtype, _, bucket), c in _tuned.items()]
 
 

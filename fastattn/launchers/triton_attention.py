@@ -27,9 +27,11 @@ allocator, so a warmed-up call can be captured in a CUDA graph.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
+import triton
 
 from fastattn.kernels import configs
 from fastattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
@@ -133,8 +135,23 @@ def _constexprs(q, causal, has_kpm, varlen, head_dim, wide, flags=None) -> dict:
                 BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()), WIDE=wide, **(flags or NO_FLAGS))
 
 
-def _candidates(kind: str, consts: dict) -> list[configs.BlockConfig]:
-    return configs.candidates(kind, consts["BLOCK_D"], consts["DOT_PRECISION"] == "ieee")
+def _candidates(kind: str, consts: dict, tma_ok: bool = False) -> list[configs.BlockConfig]:
+    """The kernel's configs for this call; a config with tma becomes its pointer-load twin where the
+    call cannot take tensor descriptors (tma_ok: _tma_ok)."""
+    cands = configs.candidates(kind, consts["BLOCK_D"], consts["DOT_PRECISION"] == "ieee")
+    if not tma_ok:
+        cands = list(dict.fromkeys(dataclasses.replace(c, tma=False) for c in cands))
+    return cands
+
+
+def _tma_ok(consts: dict, kv: tuple, kv_strides: tuple) -> bool:
+    """Whether K/V tiles may come through tensor descriptors: this Triton has them, no key-padding
+    mask must hide keys, and every (batch, head, sequence) base and row of k and v is 16-byte
+    aligned (the tensor memory accelerator's rule; the plans' key holds the strides and alignment)."""
+    if consts["HAS_KPM"] or not hasattr(triton.language, "make_tensor_descriptor"):
+        return False
+    size = kv[0].element_size()
+    return all(x.data_ptr() % 16 == 0 for x in kv) and all(st * size % 16 == 0 for st in kv_strides)
 
 
 def forward(q, k, v, key_padding_mask, kv_bounds, causal: bool, scale: float, bias=None, alibi_slopes=None,
@@ -212,7 +229,8 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
     wide = _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out) or (mod_key is not None and mod_key[2])
     consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide, flags)
     with on_device(device):
-        plan = plans.build("fwd", attn_fwd_kernel, _candidates("fwd", consts), grid, args, consts,
+        cands = _candidates("fwd", consts, _tma_ok(consts, (k, v), in_strides[3:9]))
+        plan = plans.build("fwd", attn_fwd_kernel, cands, grid, args, consts,
                            seq_len=max(sq, sk), outputs=(3, 4), device=q.device)
     plans.remember(_plans, key, (plan,), MAX_CACHED_SIGNATURES)
     return out, lse
