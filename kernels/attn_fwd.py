@@ -95,9 +95,10 @@ def attn_fwd_kernel(
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     k_desc, v_desc = None, None
     if KV_TMA:  # this (batch, KV head)'s keys as (Sk, HEAD_DIM) tensors, read BLOCK_N x BLOCK_D at a time
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, HEAD_DIM], strides=[stride_ks, 1],
+        rows = tl.maximum(Sk, 1)  # a descriptor needs a row; an empty sequence loads none
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[rows, HEAD_DIM], strides=[stride_ks, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, HEAD_DIM], strides=[stride_vs, 1],
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[rows, HEAD_DIM], strides=[stride_vs, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
     KP_row = KPM + b * stride_kpm_b
     slope2 = 0.0
