@@ -277,9 +277,10 @@ def test_tma_forward_reads_what_pointer_loads_read(gen):
         assert torch.equal(got, want) and not got.isnan().any(), name
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_tma_forward_matches_reference(causal, gen):
-    q, k, v = testing.random_qkv(2, 97, 60, 4, 2, 80, device=DEVICE, generator=gen)
+def test_tma_forward_matches_reference(causal, dtype, gen):
+    q, k, v = testing.random_qkv(2, 97, 60, 4, 2, 80, dtype=dtype, device=DEVICE, generator=gen)
     _, ran = forward_with(TMA, lambda: assert_matches_reference(q, k, v, causal, gen))
     assert TMA in ran
 
