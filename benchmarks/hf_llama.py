@@ -70,10 +70,12 @@ SMOKE_MODELS = {"llama": Model("llama", "LlamaForCausalLM", 2, 16),
 
 def flash_attention_2_missing(device: str) -> str | None:
     """Why transformers' "flash_attention_2" cannot run here (None: it can)."""
-    from transformers.utils import is_flash_attn_2_available
-
     if device != "cuda":
         return "flash_attention_2 needs CUDA"
+    try:
+        from transformers.utils import is_flash_attn_2_available
+    except ImportError as e:
+        return f"this transformers cannot say whether flash_attn is installed ({e})"
     return None if is_flash_attn_2_available() else "flash_attn (FlashAttention 2) is not installed"
 
 
