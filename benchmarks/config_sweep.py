@@ -3,7 +3,7 @@ cuDNN, on one device, in one run (issue 24: "num_stages/num_warps retuned for sm
 
     python benchmarks/config_sweep.py [--out DIR] [--head-dims 128,64,256] [--seqlens 16384,4096]
         [--kinds fwd,dkdv,dq] [--compiled FILE] [--workers 16] [--budget-s 420]
-    python benchmarks/config_sweep.py --smoke     # tiny float32 shapes, three configs, the interpreter (CPU)
+    python benchmarks/config_sweep.py --smoke     # tiny float16 shapes, a few configs, the interpreter (CPU)
 
 Per case (bf16, 16k tokens: batch = 16384 // S, hidden 2048, causal and not):
 - "table": fastattn.attention(backend="triton") as shipped (autotuned from configs.GPU_CANDIDATES),
@@ -59,8 +59,9 @@ from fastattn.launchers import plans  # noqa: E402
 KINDS = ("fwd", "dkdv", "dq")
 MODE = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd"}  # the mode each kernel's configs are timed in
 BASELINES = {"cudnn": "sdpa-cudnn", "flash": "sdpa-flash"}
-# Smoke: tiny float32 shapes through the interpreter, causal only (48 keys: a full and a partial
-# tile of 32), two unequal tilings (and the forward's K/V through tensor descriptors).
+# Smoke: tiny float16 shapes (tma takes 16-bit inputs) through the interpreter, causal only (48
+# keys: a full and a partial tile of 32), two unequal tilings, and the forward's K/V through tensor
+# descriptors.
 SMOKE_CONFIGS = [configs.BlockConfig(32, 64, 4, 2), configs.BlockConfig(64, 32, 4, 2)]
 SMOKE_TMA = configs.BlockConfig(64, 32, 4, 2, tma=True)
 # The compile check this script was prepared with (sm_90, Triton 3.6, bf16): --compiled's default.
@@ -196,6 +197,9 @@ def run_case(case: Case, sweep: dict, device: str, smoke: bool, deadline: float)
             plans.clear()  # the launchers' plans are cached by call signature, not by forced config
             with configs.forced(**{**chosen, kind: cfg}):
                 row.update(_measure(_attention(case.causal), q, k, v, MODE[kind], gate, device, smoke))
+            ran = _chosen().get(kind)
+            if ran != cfg:  # e.g. tma turned into pointer loads for these inputs: not this config's time
+                row["ran"] = ran.as_list() if ran else None
             rows.append(row)
     for r in rows:
         if "ms" in r:
@@ -206,7 +210,8 @@ def run_case(case: Case, sweep: dict, device: str, smoke: bool, deadline: float)
 
 
 def _ranked(r: dict) -> bool:
-    return "ms" in r and r["gate"] == GATE_OK
+    """Timed, correct, and the config it names is the one that ran."""
+    return "ms" in r and r["gate"] == GATE_OK and "ran" not in r
 
 
 def _ratios(rows: list[dict]) -> None:
@@ -251,7 +256,7 @@ def markdown(doc: dict) -> str:
              "(autotuned) time / this config's; vs cuDNN = SDPA cuDNN's time / this (> 1: faster). fwd configs time "
              "the forward; dkdv / dq configs the backward, the other kernels pinned to the table's choice.", ""]
     if doc["smoke"]:
-        lines += ["**Smoke run** (tiny float32 shapes, Triton interpreter): the gate means something, the times do "
+        lines += ["**Smoke run** (tiny float16 shapes, Triton interpreter): the gate means something, the times do "
                   "not.", ""]
     if doc.get("skipped_cases"):
         lines += [f"Not run (time budget spent): {', '.join(doc['skipped_cases'])}", ""]
@@ -294,7 +299,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
     ap.add_argument("--out", type=Path, default=Path(".benchmarks/config_sweep"))
-    ap.add_argument("--smoke", action="store_true", help="tiny float32 shapes on the CPU (the default without a GPU)")
+    ap.add_argument("--smoke", action="store_true", help="tiny float16 shapes on the CPU (the default without a GPU)")
     ap.add_argument("--head-dims", type=ints, default=(128, 64, 256))
     ap.add_argument("--seqlens", type=ints, default=(16384, 4096))
     ap.add_argument("--kinds", default=",".join(KINDS))
@@ -312,7 +317,7 @@ def main(argv=None) -> int:
         ap.error(f"--kinds: choose from {KINDS}")
     records = json.loads(args.compiled.read_text())["records"] if args.compiled else None
     head_dims, seqlens = ((16,), (48,)) if smoke else (args.head_dims, args.seqlens)
-    dtype = "float32" if smoke else "bfloat16"
+    dtype = "float16" if smoke else "bfloat16"
 
     def sweep_for(d: int) -> dict:
         if smoke:

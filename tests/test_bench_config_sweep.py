@@ -1,4 +1,4 @@
-"""benchmarks/config_sweep.py: its smoke run end to end (tiny float32 shapes, forced configs through
+"""benchmarks/config_sweep.py: its smoke run end to end (tiny float16 shapes, forced configs through
 the Triton interpreter), and which compiled configs it would time on a GPU."""
 
 import json
@@ -24,8 +24,11 @@ def test_config_sweep_smoke(tmp_path):
         mine = [r for r in rows if r["who"] == kind]
         tma = [config_sweep.SMOKE_TMA] if kind == "fwd" else []
         assert [r["config"] for r in mine] == [c.as_list() for c in config_sweep.SMOKE_CONFIGS + tma]
-        assert all(r["gate"] == "ok" and r["ms"] > 0 and r["vs_table"] > 0 for r in mine), mine
+        assert all(r["gate"] == "ok" and r["ms"] > 0 and r["vs_table"] > 0 and "ran" not in r for r in mine), mine
         assert len(doc["proposals"][f"{kind} D16"]) == len(mine)
+    # A row whose config did not run as named (tma turned into pointer loads) is not ranked.
+    (tma_row,) = [r for r in rows if r["who"] == "fwd" and r["config"] == config_sweep.SMOKE_TMA.as_list()]
+    assert not config_sweep._ranked({**tma_row, "ran": [64, 32, 4, 2]})
     assert {r["mode"] for r in rows if r["who"] == "table"} == {"fwd", "bwd"}
     assert all("skipped" in r for r in rows if r["who"] == "cudnn")  # CUDA only
     assert set(case["table_choice"]) == set(config_sweep.KINDS)

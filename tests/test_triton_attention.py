@@ -225,59 +225,74 @@ def test_fp32_gradients_at_large_logits_within_2x_with_a_gpu_rounded_dot(q_scale
 
 # ---- The forward with K/V through tensor descriptors (a config's tma; not yet in any GPU table) ----
 TMA, POINTERS = BlockConfig(64, 32, 4, 2, tma=True), BlockConfig(64, 32, 4, 2)
+HALF = torch.float16  # tma is for 16-bit inputs (the interpreter has no bf16 dot)
 
 
-def forward_with(cfg, call):
-    """call() with the forward pinned to cfg, from fresh plans; (its output, the config it ran)."""
-    plans.clear()  # plans are cached by call signature, not by the pinned config
+def fwd_plans() -> list:
+    """The forward's launch plans the launcher holds now."""
+    built = [p for plans_ in launch._plans.values() for p in plans_ if p is not None]
+    return [p for p in built if p.kernel is launch.attn_fwd_kernel]
+
+
+def forward_with(cfg, call, fresh=True):
+    """call() with the forward pinned to cfg (from fresh plans unless fresh=False); (its output, the
+    configs the forward ran)."""
+    if fresh:
+        plans.clear()  # plans are cached by call signature, not by the pinned config
     with configs.forced(fwd=cfg):
         out = call()
-    ran = [BlockConfig(*t["config"]) for t in plans.tuned_configs() if t["kernel"] == "fwd"]
-    return out, ran
+    return out, [BlockConfig(*t["config"]) for t in plans.tuned_configs() if t["kernel"] == "fwd"]
 
 
 def _tma_calls(gen):
     """(name, call) pairs over the forward's paths: Sq != Sk both ways, head dims below BLOCK_D, GQA,
-    every modifier, packed sequences."""
+    every modifier, NaN around the keys, packed sequences (one empty)."""
     calls = []
     for b, sq, sk, hq, hkv, d in [(2, 17, 97, 2, 2, 40), (1, 97, 97, 4, 2, 64), (1, 257, 17, 2, 2, 80)]:
-        q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, device=DEVICE, generator=gen)
+        q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=HALF, device=DEVICE, generator=gen)
         for causal in (False, True):
             calls.append((f"{b}x{sq}x{sk}x{hq}x{hkv}x{d} causal={causal}",
                           lambda q=q, k=k, v=v, causal=causal: fastattn.attention(q, k, v, causal=causal,
                                                                                    backend="triton")))
-    q, k, v = testing.random_qkv(2, 70, 90, 2, 1, 64, device=DEVICE, generator=gen)
-    mods = dict(bias=torch.randn(1, 2, 70, 90, generator=gen).to(DEVICE), alibi_slopes=torch.rand(2).to(DEVICE),
+    q, k, v = testing.random_qkv(2, 70, 90, 2, 1, 64, dtype=HALF, device=DEVICE, generator=gen)
+    mods = dict(bias=torch.randn(1, 2, 70, 90, generator=gen).to(DEVICE, HALF), alibi_slopes=torch.rand(2).to(DEVICE),
                 window=(20, 5), softcap=3.0, sinks=torch.randn(2, generator=gen).to(DEVICE))
     calls.append(("every modifier", lambda: fastattn.attention(q, k, v, causal=True, backend="triton", **mods)))
     # K/V views into NaN: 7 more rows past each sequence's keys and 8 more columns past the head dim,
-    # inside rows that stay 16-byte aligned (48 fp32). Neither path may read them.
-    qn, kn, vn = testing.random_qkv(2, 30, 45, 2, 2, 40, device=DEVICE, generator=gen)
-    k_nan, v_nan = (torch.full((2, 52, 2, 48), float("nan"), device=DEVICE) for _ in range(2))
+    # inside rows that stay 16-byte aligned (2 heads x 48 halves). Neither path may read them.
+    qn, kn, vn = testing.random_qkv(2, 30, 45, 2, 2, 40, dtype=HALF, device=DEVICE, generator=gen)
+    k_nan, v_nan = (torch.full((2, 52, 2, 48), float("nan"), dtype=HALF, device=DEVICE) for _ in range(2))
     k_nan[:, :45, :, :40], v_nan[:, :45, :, :40] = kn, vn
     kn, vn = k_nan[:, :45, :, :40], v_nan[:, :45, :, :40]
     calls.append(("NaN past the keys and the head dim",
                   lambda: fastattn.attention(qn, kn, vn, causal=True, backend="triton")))
     lens = torch.tensor([0, 33, 1, 70], dtype=torch.int32)
     cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32).to(DEVICE)
-    qp, kp, vp = (torch.randn(int(lens.sum()), 2, 64, generator=gen).to(DEVICE) for _ in range(3))
+    qp, kp, vp = (torch.randn(int(lens.sum()), 2, 64, generator=gen).to(DEVICE, HALF) for _ in range(3))
     calls.append(("packed", lambda: fastattn.attention_varlen(qp, kp, vp, cu, cu, 70, 70, causal=True,
                                                               backend="triton")))
     return calls
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="bit-identical in the interpreter; a GPU's pipelining may order loads apart")
 def test_tma_forward_reads_what_pointer_loads_read(gen):
     """The same tiles by tensor descriptors as by pointer loads (rows past the sequence and columns
-    past the head dim zero-filled): the same output, bit for bit, on every forward path."""
+    past the head dim zero-filled): the same output on every forward path, bit for bit in the
+    interpreter; on Hopper the kernel really moves them with the tensor memory accelerator."""
+    hopper = HAS_CUDA and torch.cuda.get_device_capability() >= (9, 0)
     for name, call in _tma_calls(gen):
         got, ran = forward_with(TMA, call)
+        if hopper:
+            assert all("cp.async.bulk.tensor" in p.handle.asm["ptx"] for p in fwd_plans() if p.handle), name
         want, ran_pointers = forward_with(POINTERS, call)
         assert ran == [TMA] and ran_pointers == [POINTERS], (name, ran, ran_pointers)
-        assert torch.equal(got, want) and not got.isnan().any(), name
+        assert not got.isnan().any(), name
+        if HAS_CUDA:  # the same loads and dots; asked no more than the dtype's closeness
+            torch.testing.assert_close(got, want, msg=name)
+        else:
+            assert torch.equal(got, want), name
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_tma_forward_matches_reference(causal, dtype, gen):
     q, k, v = testing.random_qkv(2, 97, 60, 4, 2, 80, dtype=dtype, device=DEVICE, generator=gen)
@@ -285,17 +300,33 @@ def test_tma_forward_matches_reference(causal, dtype, gen):
     assert TMA in ran
 
 
+def _fallback_ran(q, k, v, fresh=True, **kw):
+    """The pinned tma forward on (q, k, v): it matches the reference; returns the configs it ran."""
+    results, ran = forward_with(TMA, lambda: testing.check_against_reference(
+        lambda *a: fastattn.attention(*a, return_lse=True, backend="triton", **kw), q, k, v, grads=False,
+        key_padding_mask=kw.get("key_padding_mask")), fresh=fresh)
+    assert all(r.ok for r in results), [str(r) for r in results]
+    return ran
+
+
 def test_tma_falls_back_to_pointer_loads_where_descriptors_cannot_go(gen):
-    """A key-padding mask (keys to hide) or a K/V row that is not 16-byte aligned: the pinned tma config
-    runs with pointer loads, and the result still matches the reference."""
-    q, k, v = testing.random_qkv(2, 40, 50, 2, 2, 40, device=DEVICE, generator=gen)
+    """The pinned tma config runs with pointer loads, and still matches the reference, where a
+    descriptor cannot go: a key-padding mask (keys to hide), fp32 (its FMA dots gain nothing), K/V
+    rows or bases that are not 16-byte aligned, rows that repeat (sequence stride 0)."""
+    q, k, v = testing.random_qkv(2, 40, 50, 2, 2, 40, dtype=HALF, device=DEVICE, generator=gen)
+    assert _fallback_ran(q, k, v) == [TMA]  # the baseline: these inputs take descriptors
     mask = torch.rand(2, 50, generator=gen).to(DEVICE) < 0.7
-    results, ran = forward_with(TMA, lambda: testing.check_against_reference(
-        lambda *a: fastattn.attention(*a, key_padding_mask=mask, return_lse=True, backend="triton"), q, k, v,
-        key_padding_mask=mask, grads=False))
-    assert all(r.ok for r in results) and ran == [POINTERS], (ran, [str(r) for r in results])
-    # Rows of 2 heads x 41 fp32 = 328 bytes apart (not a multiple of 16): the head dim sliced from 41.
-    k_odd, v_odd = (torch.randn(2, 50, 2, 41, generator=gen).to(DEVICE)[..., :40] for _ in range(2))
-    results, ran = forward_with(TMA, lambda: testing.check_against_reference(
-        lambda *a: fastattn.attention(*a, return_lse=True, backend="triton"), q, k_odd, v_odd, grads=False))
-    assert all(r.ok for r in results) and ran == [POINTERS], (ran, [str(r) for r in results])
+    assert _fallback_ran(q, k, v, key_padding_mask=mask) == [POINTERS]
+    assert _fallback_ran(*(x.float() for x in (q, k, v))) == [POINTERS]
+    # Rows of 2 heads x 41 halves = 164 bytes apart: the head dim sliced from 41.
+    k_odd, v_odd = (torch.randn(2, 50, 2, 41, generator=gen).to(DEVICE, HALF)[..., :40] for _ in range(2))
+    assert _fallback_ran(q, k_odd, v_odd) == [POINTERS]
+    # Bases 2 bytes off 16 (strides fine): a call after an aligned one of the same shape and strides
+    # must not reuse the aligned call's plan.
+    k_off, v_off = (torch.randn(2 * 50 * 2 * 40 + 1, generator=gen).to(DEVICE, HALF)[1:].view(2, 50, 2, 40)
+                    for _ in range(2))
+    assert k_off.stride() == k.stride() and k_off.data_ptr() % 16 != 0
+    assert _fallback_ran(q, k, v) == [TMA]
+    assert _fallback_ran(q, k_off, v_off, fresh=False) == [TMA, POINTERS]
+    k_rep, v_rep = (x[:, :1].expand(2, 50, 2, 40) for x in (k, v))  # one key row seen 50 times
+    assert _fallback_ran(q, k_rep, v_rep) == [POINTERS]

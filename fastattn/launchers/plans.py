@@ -72,16 +72,27 @@ def _blocks(kernel, c: configs.BlockConfig) -> dict:
 
 
 def _tma_scratch(size: int, alignment: int, stream):
-    """Global memory for the tensor descriptors a kernel creates (Triton asks at each launch); from
-    torch's allocator on the current device, so CUDA-graph capture takes it from the graph's pool."""
+    """Global memory for the tensor descriptors a kernel creates (Triton asks at each launch, for
+    the launch's stream: ours are torch's current stream). From torch's allocator on the current
+    device (its blocks are 512-byte aligned, more than Triton asks), so CUDA-graph capture takes it
+    from the graph's pool."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _allocator_for(constexprs: dict) -> None:
-    """Kernels that create tensor descriptors need Triton's allocator. It is a context variable:
-    set it on every such launch, in whichever thread launches (autograd runs backwards in its own)."""
-    if constexprs.get("KV_TMA"):
+    """Kernels that create tensor descriptors need Triton's allocator, a context variable: on every
+    such launch, in whichever thread launches (autograd runs backwards in its own), install ours
+    where none is set. An allocator the application set is left in place."""
+    if constexprs.get("KV_TMA") and _no_allocator():
         triton.set_allocator(_tma_scratch)
+
+
+def _no_allocator() -> bool:
+    try:
+        from triton.runtime import _allocation
+    except ImportError:  # a Triton that moved it: set ours every time
+        return True
+    return isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
 
 
 @dataclass

@@ -145,13 +145,17 @@ def _candidates(kind: str, consts: dict, tma_ok: bool = False) -> list[configs.B
 
 
 def _tma_ok(consts: dict, kv: tuple, kv_strides: tuple) -> bool:
-    """Whether K/V tiles may come through tensor descriptors: this Triton has them, no key-padding
-    mask must hide keys, and every (batch, head, sequence) base and row of k and v is 16-byte
-    aligned (the tensor memory accelerator's rule; the plans' key holds the strides and alignment)."""
-    if consts["HAS_KPM"] or not hasattr(triton.language, "make_tensor_descriptor"):
+    """Whether K/V tiles may come through tensor descriptors: this Triton has them; fp16/bf16 (fp32's
+    FMA dots gain nothing and spill more); no key-padding mask must hide keys; every (batch, head,
+    sequence) base and row of k and v is 16-byte aligned, and rows do not repeat (a sequence stride of
+    0). The tensor memory accelerator's rules; the plans' key holds the strides and alignment."""
+    if (consts["HAS_KPM"] or consts["DOT_PRECISION"] == "ieee"
+            or not hasattr(triton.language, "make_tensor_descriptor")):
         return False
     size = kv[0].element_size()
-    return all(x.data_ptr() % 16 == 0 for x in kv) and all(st * size % 16 == 0 for st in kv_strides)
+    rows_apart = (kv_strides[1], kv_strides[4])  # (batch, seq, head) strides of k, then of v
+    return (all(x.data_ptr() % 16 == 0 for x in kv) and all(st * size % 16 == 0 for st in kv_strides)
+            and all(st > 0 for st in rows_apart))
 
 
 def forward(q, k, v, key_padding_mask, kv_bounds, causal: bool, scale: float, bias=None, alibi_slopes=None,
