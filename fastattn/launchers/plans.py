@@ -79,11 +79,11 @@ def _tma_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _allocator_for(constexprs: dict) -> None:
-    """Kernels that create tensor descriptors need Triton's allocator, a context variable: on every
-    such launch, in whichever thread launches (autograd runs backwards in its own), install ours
-    where none is set. An allocator the application set is left in place."""
-    if constexprs.get("KV_TMA") and _no_allocator():
+def _install_allocator() -> None:
+    """Kernels that create tensor descriptors need Triton's allocator, a context variable: before
+    every such launch, in whichever thread launches (autograd runs backwards in its own), install
+    ours where none is set. An allocator the application set is left in place."""
+    if _no_allocator():
         triton.set_allocator(_tma_scratch)
 
 
@@ -105,9 +105,11 @@ class Plan:
     tail: tuple  # the constexpr values in the kernel's argument order: a compiled kernel takes all arguments
     handle: object | None = None  # triton CompiledKernel, launched directly when set
     provisional: bool = False  # built during a CUDA-graph capture (untuned, unchecked): not to be kept
+    scratch: bool = False  # it creates tensor descriptors: Triton's allocator must be set
 
     def launch(self, grid: tuple, args: tuple, stream: int | None = None) -> None:
-        _allocator_for(self.constexprs)
+        if self.scratch:
+            _install_allocator()
         if self.handle is not None:
             self.handle[grid](*args, *self.tail, stream=stream)
         else:
@@ -130,7 +132,8 @@ def launch(device: int, launches) -> None:
 def _jit_launch(kernel, grid, args, constexprs, config):
     """Triton's own launch path: binds, specialises, compiles if needed; returns the compiled kernel
     (None in the interpreter)."""
-    _allocator_for(constexprs)
+    if constexprs.get("KV_TMA"):
+        _install_allocator()
     return kernel[grid](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -219,7 +222,8 @@ def build(name: str, kernel, cands: list[configs.BlockConfig], grid_for, args: t
             if not capturing:
                 _tuned[tune_key] = config
         full = {**constexprs, **_blocks(kernel, config)}
-        plan = Plan(kernel, config, full, constexpr_tail(kernel, len(args), full), provisional=capturing)
+        plan = Plan(kernel, config, full, constexpr_tail(kernel, len(args), full), provisional=capturing,
+                    scratch=bool(full.get("KV_TMA")))
         grid = grid_for(config)
         if not launched:
             handle = _jit_launch(kernel, grid, args, full, config)

@@ -67,12 +67,6 @@ def _mod_args(bias, sinks, alibi, left, right, softcap) -> tuple:
     return () if mods.off() else mods
 
 
-def _caller_lse(lse: torch.Tensor) -> torch.Tensor:
-    """The lse a caller gets: float32 (fp32 inputs' kernels save a float64 one for the backward:
-    launchers.triton_attention.lse_dtype); no copy when it already is."""
-    return lse if lse.dtype == torch.float32 else lse.float()
-
-
 def _distinct(*xs: torch.Tensor) -> list[torch.Tensor]:
     """Repeated tensors (self-attention's x, x, x; one cu_seqlens for q and k) as views: Dynamo does
     not trace an autograd.Function given the same tensor twice. Gradients still reach the original."""
@@ -124,7 +118,9 @@ class PaddedAttention(torch.autograd.Function):
         ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
         ctx.mods = mods and (window_left, window_right, softcap)
         ctx.set_materialize_grads(False)
-        return (out, _caller_lse(lse)) if return_lse else out
+        # Callers get a float32 lse (fp32 inputs' kernels save a float64 one: launchers'
+        # lse_dtype); .float() is the tensor itself when it already is float32.
+        return (out, lse.float()) if return_lse else out
 
     @staticmethod
     @_first_order  # the kernels' gradients are not differentiable again: an error, not a silent zero
@@ -154,7 +150,9 @@ class VarlenAttention(torch.autograd.Function):
         ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal, ctx.scale = max_seqlen_q, max_seqlen_k, causal, scale
         ctx.mods = mods and (window_left, window_right, softcap)
         ctx.set_materialize_grads(False)
-        return (out, _caller_lse(lse)) if return_lse else out
+        # Callers get a float32 lse (fp32 inputs' kernels save a float64 one: launchers'
+        # lse_dtype); .float() is the tensor itself when it already is float32.
+        return (out, lse.float()) if return_lse else out
 
     @staticmethod
     @_first_order
