@@ -13,6 +13,15 @@ KV_TMA (a config's tma): K/V tiles come through per-(batch, head) tensor descrip
 the tensor memory accelerator moves them and zero-fills rows past the sequence and columns past
 the head dim. The launcher asks for it only where a descriptor is valid (16-byte aligned rows and
 bases) and no key-padding mask must hide keys (load_keys' job on the pointer path).
+
+WARP_SPEC (a config's ws, with KV_TMA): the key loop is warp-specialised (Triton splits it into warps
+that issue the loads and warps that compute). Triton 3.6 does that on sm_90 only for a kernel shaped
+for it (tested by compiling, tools/aot_compile_check.py): Q through a descriptor too (a pointer load
+before the loop makes the pass fail), ONE key loop (a second loop after it, or a branch inside it,
+makes the pass fail or silently skip the split), and no other loads in the loop (a bias tile's
+pointer load trips an assertion: the launcher never asks for ws with a bias). So every key tile takes
+the visibility mask (causal diagonal, window edges, the sequence's end); on the tiles that need none
+it changes nothing.
 """
 
 import triton
@@ -38,12 +47,13 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, st
                     seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, KV_TMA: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, KV_TMA: tl.constexpr,
+                    WARP_SPEC: tl.constexpr = False):
     """Fold key blocks [lo, hi) into the running (acc, row max m_i, row sum l_i). K/V tiles through
-    k_desc/v_desc with KV_TMA, else from k_base/v_base."""
+    k_desc/v_desc with KV_TMA, else from k_base/v_base; WARP_SPEC: the loop warp-specialised."""
     Sk = seq[3]
     offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         cols = start_n + offs_n
         if KV_TMA:
             k = k_desc.load([start_n, 0])
@@ -81,6 +91,7 @@ def attn_fwd_kernel(
     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr, KV_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     pid_m, b, h = program_coords()
     hk = h // GROUP  # the KV head shared by this query head's group
@@ -90,7 +101,11 @@ def attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
     q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
-    q = load_tile(q_base, offs_m, stride_qs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
+    if WARP_SPEC:  # zero-filled past the sequence and the head dim, as load_tile's
+        q = tl.make_tensor_descriptor(q_base, shape=[tl.maximum(Sq, 1), HEAD_DIM], strides=[stride_qs, 1],
+                                      block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])
+    else:
+        q = load_tile(q_base, offs_m, stride_qs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     k_desc, v_desc = None, None
@@ -112,22 +127,29 @@ def attn_fwd_kernel(
 
     lo, full_lo, full_end, hi = key_blocks(start_m, seq, KV_BOUNDS, b, left, right, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                                            CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL)
-    if LOCAL:  # the window's left edge
+    if WARP_SPEC:  # one loop, every tile masked (see the module's docstring)
         acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks,
-                                        stride_vs, offs_m, lo, full_lo, seq, mods, qk_scale, MASKED=True,
-                                        CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
-                                        HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
-                                        BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, KV_TMA=KV_TMA)
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks, stride_vs,
-                                    offs_m, full_lo, full_end, seq, mods, qk_scale, MASKED=False, CAUSAL=CAUSAL,
-                                    HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
-                                    SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                                    DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, KV_TMA=KV_TMA)
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks, stride_vs,
-                                    offs_m, full_end, hi, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL,
-                                    HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
-                                    SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                                    DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, KV_TMA=KV_TMA)
+                                        stride_vs, offs_m, lo, hi, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL,
+                                        HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
+                                        SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, KV_TMA=KV_TMA, WARP_SPEC=True)
+    else:
+        if LOCAL:  # the window's left edge
+            acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks,
+                                            stride_vs, offs_m, lo, full_lo, seq, mods, qk_scale, MASKED=True,
+                                            CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+                                            HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                                            BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, KV_TMA=KV_TMA)
+        acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks, stride_vs,
+                                        offs_m, full_lo, full_end, seq, mods, qk_scale, MASKED=False, CAUSAL=CAUSAL,
+                                        HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
+                                        SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, KV_TMA=KV_TMA)
+        acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks, stride_vs,
+                                        offs_m, full_end, hi, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL,
+                                        HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
+                                        SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, KV_TMA=KV_TMA)
     if HAS_SINKS:  # the sink: one more softmax entry (logit SINKS[h]) with no value
         acc, m_i, l_i = fold_sink(acc, m_i, l_i, tl.load(SINKS + h).to(tl.float32) * LOG2E_T)
 

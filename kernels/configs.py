@@ -6,9 +6,11 @@ Each kernel has a short candidate list per head-dim bucket. On a GPU the first c
 do this to keep GPU time short; a launch then falls back along the list only if a config does not
 fit the chip's shared memory). The Triton interpreter (CPU) always uses one fixed, small config.
 
-Candidates are (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma]). BLOCK_M tiles queries, BLOCK_N
-keys. tma (the forward only): K/V tiles move through tensor descriptors (Hopper's tensor memory
-accelerator) instead of pointer loads, where the call allows it (launchers.triton_attention).
+Candidates are (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma[, ws]]). BLOCK_M tiles queries,
+BLOCK_N keys. tma (the forward only): K/V tiles move through tensor descriptors (Hopper's tensor
+memory accelerator) instead of pointer loads, where the call allows it (launchers.triton_attention).
+ws (the forward only, with tma): Q through a descriptor too and the key loop warp-specialised
+(Triton's automatic producer/consumer split), see kernels/attn_fwd.py.
 """
 
 from __future__ import annotations
@@ -27,10 +29,21 @@ class BlockConfig:
     num_warps: int = 4
     num_stages: int = 2
     tma: bool = False  # the forward's K/V through tensor descriptors (not yet timed on a GPU: in no table)
+    ws: bool = False  # the forward's key loop warp-specialised, Q by descriptor too (needs tma; in no table)
+
+    def __post_init__(self):
+        if self.ws and not self.tma:
+            raise ValueError("BlockConfig: ws (a warp-specialised key loop) needs tma (it feeds on descriptors)")
 
     def as_list(self) -> list:
-        """[BLOCK_M, BLOCK_N, num_warps, num_stages] (+ [True] with tma): as reports and JSON write it."""
-        return [self.block_m, self.block_n, self.num_warps, self.num_stages] + ([True] if self.tma else [])
+        """[BLOCK_M, BLOCK_N, num_warps, num_stages] (+ [True] with tma, + [True, True] with ws): as
+        reports and JSON write it; BlockConfig(*as_list()) gives the config back."""
+        return [self.block_m, self.block_n, self.num_warps, self.num_stages] + [True] * (self.tma + self.ws)
+
+    def label(self) -> str:
+        """e.g. "128x64 w4 s3 tma ws"."""
+        return (f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}" + " tma" * self.tma
+                + " ws" * self.ws)
 
 
 def _table(rows):
@@ -78,10 +91,12 @@ SWEEP_STAGES = (2, 3, 4)
 def sweep_space(kind: str) -> list[BlockConfig]:
     """Every (BLOCK_M, BLOCK_N, num_warps, num_stages) of the sweep for one kernel, the same for each
     head dim (32x32 tiles left out: the fallback's, too small for wgmma); the forward's also with
-    K/V through tensor descriptors (tma)."""
-    tma = (False, True) if kind == "fwd" else (False,)
-    return [BlockConfig(m, n, w, s, t) for t in tma for m in SWEEP_TILES for n in SWEEP_TILES if (m, n) != (32, 32)
-            for w in SWEEP_WARPS for s in SWEEP_STAGES]
+    K/V through tensor descriptors (tma), and with tma and a warp-specialised key loop (ws) at 4 warps
+    only: Triton 3.6 warp-specialises on sm_90 only there (at 8 it compiles the loop unspecialised,
+    silently: the same kernel as tma's)."""
+    paths = ((False, False), (True, False), (True, True)) if kind == "fwd" else ((False, False),)
+    return [BlockConfig(m, n, w, s, t, ws) for t, ws in paths for m in SWEEP_TILES for n in SWEEP_TILES
+            if (m, n) != (32, 32) for w in SWEEP_WARPS if not (ws and w != 4) for s in SWEEP_STAGES]
 
 
 # fp32 runs true-fp32 dots on the FMA units (no tensor cores): small tiles keep registers, shared

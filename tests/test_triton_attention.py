@@ -223,8 +223,10 @@ def test_fp32_gradients_at_large_logits_within_2x_with_a_gpu_rounded_dot(q_scale
         assert sorted(rs)[1] <= 2, f"{name}: error / PyTorch fp32's error over three draws: {rs}"
 
 
-# ---- The forward with K/V through tensor descriptors (a config's tma; not yet in any GPU table) ----
+# ---- The forward with K/V through tensor descriptors (a config's tma), and that with a
+# warp-specialised key loop (ws): not yet in any GPU table ----
 TMA, POINTERS = BlockConfig(64, 32, 4, 2, tma=True), BlockConfig(64, 32, 4, 2)
+WS = BlockConfig(64, 32, 4, 2, tma=True, ws=True)
 HALF = torch.float16  # tma is for 16-bit inputs (the interpreter has no bf16 dot)
 
 
@@ -246,7 +248,8 @@ def forward_with(cfg, call, fresh=True):
 
 def _tma_calls(gen):
     """(name, call) pairs over the forward's paths: Sq != Sk both ways, head dims below BLOCK_D, GQA,
-    every modifier, NaN around the keys, packed sequences (one empty)."""
+    every modifier (with a bias, then every other one: ws takes no bias), NaN around the keys and
+    queries, packed sequences (one empty)."""
     calls = []
     for b, sq, sk, hq, hkv, d in [(2, 17, 97, 2, 2, 40), (1, 97, 97, 4, 2, 64), (1, 257, 17, 2, 2, 80)]:
         q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=HALF, device=DEVICE, generator=gen)
@@ -258,12 +261,16 @@ def _tma_calls(gen):
     mods = dict(bias=torch.randn(1, 2, 70, 90, generator=gen).to(DEVICE, HALF), alibi_slopes=torch.rand(2).to(DEVICE),
                 window=(20, 5), softcap=3.0, sinks=torch.randn(2, generator=gen).to(DEVICE))
     calls.append(("every modifier", lambda: fastattn.attention(q, k, v, causal=True, backend="triton", **mods)))
-    # K/V views into NaN: 7 more rows past each sequence's keys and 8 more columns past the head dim,
-    # inside rows that stay 16-byte aligned (2 heads x 48 halves). Neither path may read them.
+    no_bias = {n: m for n, m in mods.items() if n != "bias"}
+    calls.append(("every modifier but a bias",
+                  lambda: fastattn.attention(q, k, v, causal=True, backend="triton", **no_bias)))
+    # Q/K/V views into NaN: 7 more rows past each sequence and 8 more columns past the head dim,
+    # inside rows that stay 16-byte aligned (2 heads x 48 halves). No path may read them.
     qn, kn, vn = testing.random_qkv(2, 30, 45, 2, 2, 40, dtype=HALF, device=DEVICE, generator=gen)
-    k_nan, v_nan = (torch.full((2, 52, 2, 48), float("nan"), dtype=HALF, device=DEVICE) for _ in range(2))
-    k_nan[:, :45, :, :40], v_nan[:, :45, :, :40] = kn, vn
-    kn, vn = k_nan[:, :45, :, :40], v_nan[:, :45, :, :40]
+    q_nan, k_nan, v_nan = (torch.full((2, n + 7, 2, 48), float("nan"), dtype=HALF, device=DEVICE)
+                           for n in (30, 45, 45))
+    q_nan[:, :30, :, :40], k_nan[:, :45, :, :40], v_nan[:, :45, :, :40] = qn, kn, vn
+    qn, kn, vn = q_nan[:, :30, :, :40], k_nan[:, :45, :, :40], v_nan[:, :45, :, :40]
     calls.append(("NaN past the keys and the head dim",
                   lambda: fastattn.attention(qn, kn, vn, causal=True, backend="triton")))
     lens = torch.tensor([0, 33, 1, 70], dtype=torch.int32)
@@ -274,17 +281,22 @@ def _tma_calls(gen):
     return calls
 
 
-def test_tma_forward_reads_what_pointer_loads_read(gen):
+@pytest.mark.parametrize("cfg", [TMA, WS], ids=["tma", "ws"])
+def test_tma_forward_reads_what_pointer_loads_read(cfg, gen):
     """The same tiles by tensor descriptors as by pointer loads (rows past the sequence and columns
-    past the head dim zero-filled): the same output on every forward path, bit for bit in the
-    interpreter; on Hopper the kernel really moves them with the tensor memory accelerator."""
+    past the head dim zero-filled), and (ws) through one loop that masks every tile: the same output
+    on every forward path, bit for bit in the interpreter. On Hopper the kernel really moves them with
+    the tensor memory accelerator, and (ws) Triton really split the loop into warp groups (setmaxnreg:
+    it gives them their registers), not compiled it unspecialised."""
     hopper = HAS_CUDA and torch.cuda.get_device_capability() >= (9, 0)
     for name, call in _tma_calls(gen):
-        got, ran = forward_with(TMA, call)
+        got, ran = forward_with(cfg, call)
+        expect = TMA if name == "every modifier" else cfg  # a bias: no ws (kernels/attn_fwd.py)
         if hopper:
-            assert all("cp.async.bulk.tensor" in p.handle.asm["ptx"] for p in fwd_plans() if p.handle), name
+            marks = ("cp.async.bulk.tensor",) + (("setmaxnreg",) if expect.ws else ())
+            assert all(m in p.handle.asm["ptx"] for p in fwd_plans() if p.handle for m in marks), name
         want, ran_pointers = forward_with(POINTERS, call)
-        assert ran == [TMA] and ran_pointers == [POINTERS], (name, ran, ran_pointers)
+        assert ran == [expect] and ran_pointers == [POINTERS], (name, ran, ran_pointers)
         assert not got.isnan().any(), name
         if HAS_CUDA:  # the same loads and dots; asked no more than the dtype's closeness
             torch.testing.assert_close(got, want, msg=name)
@@ -292,19 +304,21 @@ def test_tma_forward_reads_what_pointer_loads_read(gen):
             assert torch.equal(got, want), name
 
 
+@pytest.mark.parametrize("cfg", [TMA, WS], ids=["tma", "ws"])
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_tma_forward_matches_reference(causal, dtype, gen):
+def test_tma_forward_matches_reference(causal, dtype, cfg, gen):
     q, k, v = testing.random_qkv(2, 97, 60, 4, 2, 80, dtype=dtype, device=DEVICE, generator=gen)
-    _, ran = forward_with(TMA, lambda: assert_matches_reference(q, k, v, causal, gen))
-    assert TMA in ran
+    _, ran = forward_with(cfg, lambda: assert_matches_reference(q, k, v, causal, gen))
+    assert cfg in ran
 
 
-def _fallback_ran(q, k, v, fresh=True, **kw):
-    """The pinned tma forward on (q, k, v): it matches the reference; returns the configs it ran."""
-    results, ran = forward_with(TMA, lambda: testing.check_against_reference(
-        lambda *a: fastattn.attention(*a, return_lse=True, backend="triton", **kw), q, k, v, grads=False,
-        key_padding_mask=kw.get("key_padding_mask")), fresh=fresh)
+def _fallback_ran(q, k, v, fresh=True, cfg=TMA, mods=None, **kw):
+    """The pinned tma (or cfg) forward on (q, k, v) (with score modifiers mods): it matches the
+    reference; returns the configs it ran."""
+    results, ran = forward_with(cfg, lambda: testing.check_against_reference(
+        lambda *a, **m: fastattn.attention(*a, return_lse=True, backend="triton", **kw, **m), q, k, v, grads=False,
+        key_padding_mask=kw.get("key_padding_mask"), mods=mods), fresh=fresh)
     assert all(r.ok for r in results), [str(r) for r in results]
     return ran
 
@@ -330,3 +344,21 @@ def test_tma_falls_back_to_pointer_loads_where_descriptors_cannot_go(gen):
     assert _fallback_ran(q, k_off, v_off, fresh=False) == [TMA, POINTERS]
     k_rep, v_rep = (x[:, :1].expand(2, 50, 2, 40) for x in (k, v))  # one key row seen 50 times
     assert _fallback_ran(q, k_rep, v_rep) == [POINTERS]
+
+
+def test_ws_falls_back_where_the_specialised_loop_cannot_go(gen):
+    """The pinned ws config runs as plain tma where Q cannot take a descriptor or a bias tile would be
+    loaded in the loop, and with pointer loads where K/V cannot either; each matches the reference."""
+    q, k, v = testing.random_qkv(2, 40, 50, 2, 2, 40, dtype=HALF, device=DEVICE, generator=gen)
+    assert _fallback_ran(q, k, v, cfg=WS) == [WS]  # the baseline: these inputs take it
+    bias = torch.randn(1, 2, 40, 50, generator=gen).to(DEVICE, HALF)
+    assert _fallback_ran(q, k, v, cfg=WS, mods=dict(bias=bias)) == [TMA]
+    q_odd = torch.randn(2, 40, 2, 41, generator=gen).to(DEVICE, HALF)[..., :40]  # Q rows 164 bytes apart
+    assert _fallback_ran(q_odd, k, v, cfg=WS) == [TMA]
+    mask = torch.rand(2, 50, generator=gen).to(DEVICE) < 0.7
+    assert _fallback_ran(q, k, v, cfg=WS, key_padding_mask=mask) == [POINTERS]
+
+
+def test_ws_needs_tma():
+    with pytest.raises(ValueError, match="ws"):
+        BlockConfig(64, 32, 4, 2, tma=False, ws=True)

@@ -2,16 +2,16 @@
 
     python tools/aot_compile_check.py [--arch 90] [--dtype fp16] [--head-dims 64,128,256]
         [--variants dense,mask,varlen,bias,alibi,window,softcap,sinks,all] [--decode-only | --no-decode]
-        [--configs table|sweep] [--json FILE] [--kinds fwd,dkdv,dq]
+        [--configs table|sweep] [--json FILE] [--kinds fwd,dkdv,dq] [--filter ' ws']
 
 Catches what the interpreter does not: compile errors, configs whose shared memory exceeds the
-chip (H100: 227 KiB per block), and dots that did not lower to tensor-core instructions
-(wgmma on sm_90, mma on sm_80; "+tma" where tiles move through tensor descriptors), with registers
-and spills from ptxas -v. Uses the ptxas bundled
-with triton. Takes minutes: a maintainer tool, not part of the test suite. ``--configs sweep``
-compiles the prefill kernels in every config of kernels/configs.sweep_space(kind) instead of the GPU
-table (benchmarks/config_sweep.py times what compiles well); ``--json`` writes one record per
-compiled prefill kernel.
+chip (H100: 227 KiB per block), and dots that did not lower to tensor-core instructions (wgmma on
+sm_90, mma on sm_80; "+tma" where tiles move through tensor descriptors, "+ws" where a loop is
+warp-specialised), with registers and spills from ptxas -v. Uses the ptxas bundled with triton.
+Takes minutes: a maintainer tool, not part of the test suite. ``--configs sweep`` compiles the
+prefill kernels in every config of kernels/configs.sweep_space(kind) instead of the GPU table
+(benchmarks/config_sweep.py times what compiles well); ``--json`` writes one record per compiled
+prefill kernel.
 
 Needs only Triton (not torch, not an installed fastattn): kernels/ is loaded as fastattn.kernels
 from the repository, so the check also runs against another Triton, e.g. the GPU image's version
@@ -104,7 +104,8 @@ def compile_one(kind, cfg, dtype, head_dim, causal, arch, variant="dense"):
     constexprs = dict(CAUSAL=causal, HAS_KPM=variant == "mask", VARLEN=variant == "varlen", HEAD_DIM=head_dim,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, WIDE=False,
-                      **mod_flags(kernel, variant), **({"KV_TMA": cfg.tma} if "KV_TMA" in kernel.arg_names else {}))
+                      **mod_flags(kernel, variant),
+                      **({"KV_TMA": cfg.tma, "WARP_SPEC": cfg.ws} if "KV_TMA" in kernel.arg_names else {}))
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
     t0 = time.time()
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -187,9 +188,10 @@ def compile_decode_kernels(dtype, arch, head_dims, variants=("dense",)):
 def _instructions(ptx: str) -> str:
     """The matrix instructions in the PTX (wgmma on sm_90, mma.sync otherwise, or none), plus "+tma"
     when it moves tiles with the tensor memory accelerator (cp.async.bulk.tensor: tensor
-    descriptors)."""
+    descriptors) and "+ws" when it is warp-specialised (setmaxnreg: the warp groups' register split,
+    which Triton's specialisation emits on sm_90)."""
     mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
-    return mma + ("+tma" if "cp.async.bulk.tensor" in ptx else "")
+    return mma + ("+tma" if "cp.async.bulk.tensor" in ptx else "") + ("+ws" if "setmaxnreg" in ptx else "")
 
 
 def _registers(ptx: str, arch: int) -> str:
@@ -232,6 +234,8 @@ def main(argv=None) -> int:
                     help="prefill kernels: the GPU table's candidates, or configs.sweep_space(kind)")
     ap.add_argument("--json", default=None, help="write the prefill kernels' records here")
     ap.add_argument("--kinds", default=",".join(KERNELS), help=f"prefill kernels, of {','.join(KERNELS)}")
+    ap.add_argument("--filter", default="",
+                    help="only configs whose label holds this, e.g. ' ws' (labels: '128x64 w4 s3 tma ws')")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}")
     bad = 0
@@ -244,7 +248,7 @@ def main(argv=None) -> int:
     if args.configs == "table":
         bad += compile_small_kernels(args.dtype, args.arch)
     records = []
-    print(f"{'kernel':<5} {'D':>4} {'causal':<6} {'config / variant':<24} {'smem':>7} {'mma':<6} "
+    print(f"{'kernel':<5} {'D':>4} {'causal':<6} {'config / variant':<30} {'smem':>7} {'mma':<6} "
           f"{'registers':<22} time")
     for d in map(int, args.head_dims.split(",")):
         block_d = max(16, triton.next_power_of_2(d))
@@ -256,7 +260,7 @@ def main(argv=None) -> int:
                     cands = [configs.FP32_CONFIGS[kind], configs.FALLBACK]
                 else:
                     cands = configs.GPU_CANDIDATES[kind][configs.head_dim_bucket(block_d)] + [configs.FALLBACK]
-                for cfg in cands:
+                for cfg in (c for c in cands if args.filter in c.label()):
                     try:
                         smem, mma, dt, regs = compile_one(kind, cfg, args.dtype, d, causal, args.arch, variant)
                     except Exception as e:
@@ -269,9 +273,8 @@ def main(argv=None) -> int:
                     bad += bool(flag) and args.configs == "table"  # the sweep expects some not to fit
                     # wgmma needs 64-row tiles; 32-row tiles (the fallback) use mma.sync on sm_90.
                     flag += f" (note: {mma}, not {want})" if args.dtype != "fp32" and not mma.startswith(want) else ""
-                    tma = " tma" if cfg.tma else ""
-                    label = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{tma} {variant}"
-                    print(f"{kind:<5} {d:>4} {causal!s:<6} {label:<24} {smem:>7} {mma:<6} {regs:<22} {dt:4.1f}s{flag}",
+                    label = f"{cfg.label()} {variant}"
+                    print(f"{kind:<5} {d:>4} {causal!s:<6} {label:<30} {smem:>7} {mma:<6} {regs:<22} {dt:4.1f}s{flag}",
                           flush=True)
                     records.append(_record(kind, d, causal, variant, cfg, smem, mma, regs, args.arch))
     if args.json:

@@ -65,9 +65,9 @@ def direct_launch_enabled() -> bool:
 
 
 def _blocks(kernel, c: configs.BlockConfig) -> dict:
-    """The config's block sizes (and K/V path) as the kernel's constexprs (a kernel without BLOCK_N
-    takes BLOCK_M only; one without KV_TMA, no K/V path)."""
-    meta = {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "KV_TMA": c.tma}
+    """The config's block sizes (and K/V path, warp specialisation) as the kernel's constexprs (a
+    kernel without BLOCK_N takes BLOCK_M only; one without KV_TMA, no K/V path nor WARP_SPEC)."""
+    meta = {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "KV_TMA": c.tma, "WARP_SPEC": c.ws}
     return {k: v for k, v in meta.items() if k in kernel.arg_names}
 
 

@@ -135,27 +135,35 @@ def _constexprs(q, causal, has_kpm, varlen, head_dim, wide, flags=None) -> dict:
                 BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()), WIDE=wide, **(flags or NO_FLAGS))
 
 
-def _candidates(kind: str, consts: dict, tma_ok: bool = False) -> list[configs.BlockConfig]:
+def _candidates(kind: str, consts: dict, tma_ok: bool = False, ws_ok: bool = False) -> list[configs.BlockConfig]:
     """The kernel's configs for this call; a config with tma becomes its pointer-load twin where the
-    call cannot take tensor descriptors (tma_ok: _tma_ok)."""
+    call cannot take tensor descriptors (tma_ok: _tma_ok), one with ws its unspecialised tma twin
+    where the warp-specialised loop cannot take the call (ws_ok: _ws_ok)."""
     cands = configs.candidates(kind, consts["BLOCK_D"], consts["DOT_PRECISION"] == "ieee")
-    if not tma_ok:
-        cands = list(dict.fromkeys(dataclasses.replace(c, tma=False) for c in cands))
+    if not (tma_ok and ws_ok):
+        path = dict(ws=False) if tma_ok else dict(tma=False, ws=False)
+        cands = list(dict.fromkeys(dataclasses.replace(c, **path) for c in cands))
     return cands
 
 
-def _tma_ok(consts: dict, kv: tuple, kv_strides: tuple) -> bool:
-    """Whether K/V tiles may come through tensor descriptors: this Triton has them; fp16/bf16 (fp32's
-    FMA dots gain nothing and spill more); no key-padding mask must hide keys; every (batch, head,
-    sequence) base and row of k and v is 16-byte aligned, and rows do not repeat (a sequence stride of
-    0). The tensor memory accelerator's rules; the plans' key holds the strides and alignment."""
+def _tma_ok(consts: dict, tensors: tuple, strides: tuple) -> bool:
+    """Whether these tensors' tiles may come through tensor descriptors: this Triton has them;
+    fp16/bf16 (fp32's FMA dots gain nothing and spill more); no key-padding mask must hide keys; every
+    (batch, head, sequence) base and row is 16-byte aligned, and rows do not repeat (a sequence stride
+    of 0). strides: (batch, seq, head) per tensor. The tensor memory accelerator's rules; the plans'
+    key holds the strides and alignment."""
     if (consts["HAS_KPM"] or consts["DOT_PRECISION"] == "ieee"
             or not hasattr(triton.language, "make_tensor_descriptor")):
         return False
-    size = kv[0].element_size()
-    rows_apart = (kv_strides[1], kv_strides[4])  # (batch, seq, head) strides of k, then of v
-    return (all(x.data_ptr() % 16 == 0 for x in kv) and all(st * size % 16 == 0 for st in kv_strides)
-            and all(st > 0 for st in rows_apart))
+    size = tensors[0].element_size()
+    return (all(x.data_ptr() % 16 == 0 for x in tensors) and all(st * size % 16 == 0 for st in strides)
+            and all(st > 0 for st in strides[1::3]))
+
+
+def _ws_ok(consts: dict, q, q_strides: tuple) -> bool:
+    """Whether the forward may warp-specialise (a config's ws): Q takes a descriptor too, and no bias
+    tile is loaded in the key loop (Triton 3.6's pass fails on it; kernels/attn_fwd.py)."""
+    return not consts["HAS_BIAS"] and _tma_ok(consts, (q,), q_strides)
 
 
 def forward(q, k, v, key_padding_mask, kv_bounds, causal: bool, scale: float, bias=None, alibi_slopes=None,
@@ -233,7 +241,7 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
     wide = _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out) or (mod_key is not None and mod_key[2])
     consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide, flags)
     with on_device(device):
-        cands = _candidates("fwd", consts, _tma_ok(consts, (k, v), in_strides[3:9]))
+        cands = _candidates("fwd", consts, _tma_ok(consts, (k, v), in_strides[3:9]), _ws_ok(consts, q, in_strides[:3]))
         plan = plans.build("fwd", attn_fwd_kernel, cands, grid, args, consts,
                            seq_len=max(sq, sk), outputs=(3, 4), device=q.device)
     plans.remember(_plans, key, (plan,), MAX_CACHED_SIGNATURES)
