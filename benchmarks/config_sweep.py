@@ -61,9 +61,9 @@ MODE = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd"}  # the mode each kernel's conf
 BASELINES = {"cudnn": "sdpa-cudnn", "flash": "sdpa-flash"}
 # Smoke: tiny float16 shapes (tma takes 16-bit inputs) through the interpreter, causal only (48
 # keys: a full and a partial tile of 32), two unequal tilings, and the forward's K/V through tensor
-# descriptors.
+# descriptors, without and with the warp-specialised loop.
 SMOKE_CONFIGS = [configs.BlockConfig(32, 64, 4, 2), configs.BlockConfig(64, 32, 4, 2)]
-SMOKE_TMA = configs.BlockConfig(64, 32, 4, 2, tma=True)
+SMOKE_TMA = [configs.BlockConfig(64, 32, 4, 2, tma=True), configs.BlockConfig(64, 32, 4, 2, tma=True, ws=True)]
 # The compile check this script was prepared with (sm_90, Triton 3.6, bf16): --compiled's default.
 COMPILED = Path(__file__).parent / "results" / "2026-12-04-cpu-config-sweep" / "aot_sweep_bf16_sm90.json"
 
@@ -78,14 +78,14 @@ def cases(head_dims, seqlens, dtype: str, smoke: bool) -> list[Case]:
 def eligible(records: list[dict], kind: str, head_dim: int) -> list[configs.BlockConfig]:
     """The sweep configs worth timing for one kernel and head dim, from the compile check's records
     (any causal flag: a config is kept if it passes for every one compiled): they fit shared memory,
-    use wgmma, and spill no more than the table's worst config (or 0 if none of it spills). The
-    table's own configs are always kept."""
+    use wgmma (a ws config: and Triton did warp-specialise it), and spill no more than the table's
+    worst config (or 0 if none of it spills). The table's own configs are always kept."""
     table = configs.GPU_CANDIDATES[kind][configs.head_dim_bucket(head_dim)]
     mine = [r for r in records if r["kind"] == kind and r["head_dim"] == head_dim and r["variant"] == "dense"]
     spill_of: dict = {}
     for r in mine:  # the worst over the causal flags compiled
         cfg = configs.BlockConfig(*r["config"])
-        ok = r["fits"] and r["mma"].startswith("wgmma") and r["spill"] >= 0
+        ok = r["fits"] and r["mma"].startswith("wgmma") and r["spill"] >= 0 and (not cfg.ws or "+ws" in r["mma"])
         prev = spill_of.get(cfg, 0)
         spill_of[cfg] = None if not ok or prev is None else max(prev, r["spill"])
     limit = max([spill_of.get(c) or 0 for c in table], default=0)
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
 
     def sweep_for(d: int) -> dict:
         if smoke:
-            return {kind: SMOKE_CONFIGS + [SMOKE_TMA] * (kind == "fwd") for kind in kinds}
+            return {kind: SMOKE_CONFIGS + SMOKE_TMA * (kind == "fwd") for kind in kinds}
         return {kind: eligible(records, kind, d) if records is not None else configs.sweep_space(kind)
                 for kind in kinds}
     deadline = time.monotonic() + args.budget_s

@@ -22,12 +22,12 @@ def test_config_sweep_smoke(tmp_path):
     rows = case["rows"]
     for kind in config_sweep.KINDS:  # every forced config ran, passed the float64 gate and was timed
         mine = [r for r in rows if r["who"] == kind]
-        tma = [config_sweep.SMOKE_TMA] if kind == "fwd" else []
+        tma = config_sweep.SMOKE_TMA if kind == "fwd" else []
         assert [r["config"] for r in mine] == [c.as_list() for c in config_sweep.SMOKE_CONFIGS + tma]
         assert all(r["gate"] == "ok" and r["ms"] > 0 and r["vs_table"] > 0 and "ran" not in r for r in mine), mine
         assert len(doc["proposals"][f"{kind} D16"]) == len(mine)
     # A row whose config did not run as named (tma turned into pointer loads) is not ranked.
-    (tma_row,) = [r for r in rows if r["who"] == "fwd" and r["config"] == config_sweep.SMOKE_TMA.as_list()]
+    (tma_row,) = [r for r in rows if r["who"] == "fwd" and r["config"] == config_sweep.SMOKE_TMA[0].as_list()]
     assert not config_sweep._ranked({**tma_row, "ran": [64, 32, 4, 2]})
     assert {r["mode"] for r in rows if r["who"] == "table"} == {"fwd", "bwd"}
     assert all("skipped" in r for r in rows if r["who"] == "cudnn")  # CUDA only
@@ -44,13 +44,15 @@ def test_sweep_keeps_configs_that_fit_and_spill_no_more_than_the_table():
 
     def rec(cfg, spill=0, fits=True, mma="wgmma", causal=True):
         return {"kind": "fwd", "head_dim": 128, "causal": causal, "variant": "dense", "fits": fits, "mma": mma,
-                "config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages], "spill": spill}
+                "config": cfg.as_list(), "spill": spill}
     space = [c for c in configs.sweep_space("fwd") if c not in table]
     good, spills, big, slow_mma, bad_when_full = space[:5]
+    ws_done, ws_not = [c for c in space if c.ws][:2]  # Triton split the loop / compiled it unspecialised
     records = [rec(table[0], worst), *(rec(c) for c in table[1:]), rec(good, worst), rec(spills, worst + 4),
                rec(big, fits=False), rec(slow_mma, mma="mma"), rec(bad_when_full, 0), rec(bad_when_full, worst + 1,
-                                                                                          causal=False)]
+                                                                                          causal=False),
+               rec(ws_done, mma="wgmma+tma+ws"), rec(ws_not, mma="wgmma+tma")]
     kept = eligible(records, "fwd", 128)
-    assert set(kept) == {*table, good}
+    assert set(kept) == {*table, good, ws_done}
     # Nothing compiled: the table only.
     assert eligible([], "fwd", 128) == [c for c in configs.sweep_space("fwd") if c in table]
