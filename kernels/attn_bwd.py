@@ -16,6 +16,12 @@ of the modified logit: the bias gradient itself, which the dQ kernel writes (HAS
 (query, key) pair is visited there exactly once); through a softcap it is multiplied by
 1 - tanh^2 before it reaches dQ and dK. The sinks' gradient needs only lse and delta, so the
 launcher computes it from them with torch ops (a reduction over rows, deterministic).
+
+TMA (a config's tma): the tiles a kernel streams come through per-(batch, head) tensor descriptors
+(Hopper's tensor memory accelerator; zero-filled past the sequence and the head dim), as the
+forward's K/V: Q and dO in dK/dV, K and V in dQ. Fewer registers go to addresses and masks, so
+fewer spill (sm_90, D=128, causal: dK/dV 1492 -> 1068 B at 64x64, dQ 348 -> 0 B). dK/dV may take them
+with a key-padding mask (it streams queries); dQ may not (its keys must read as 0 where padded).
 """
 
 import triton
@@ -97,17 +103,21 @@ def attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, stride_qs, stride_dos, offs_n, lo, hi,
-                       seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                       LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
-    """Accumulate one query head's contribution from query blocks [lo, hi) into dk, dv (fp32)."""
+def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE_row, DELTA_row, stride_qs, stride_dos,
+                       offs_n, lo, hi, seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                       HAS_KPM: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                       SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr):
+    """Accumulate one query head's contribution from query blocks [lo, hi) into dk, dv (fp32). Q/dO
+    tiles through q_desc/do_desc with TMA, else from q_base/do_base."""
     Sq = seq[1]
     Sk = seq[3]
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = load_tile(q_base, rows, stride_qs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
+        if TMA:
+            q = q_desc.load([start_m, 0])
+        else:
+            q = load_tile(q_base, rows, stride_qs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
         lse_hi, lse_lo = _lse_log2(LSE_row, rows, Sq)
         # Work transposed, (BLOCK_N, BLOCK_M), so dK/dV come out without transposing P. (fp32: a GPU's
         # "ieee" dot is an ordered FMA chain per element, so s rounds exactly as in the forward that made
@@ -124,7 +134,11 @@ def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE_row, DELTA_row, st
             p_t = tl.where(vis, p_t, 0.0)
         elif HAS_KPM:  # padded keys get no probability
             p_t = tl.where(kp[:, None], p_t, 0.0)
-        do = load_tile(do_base, rows, stride_dos, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
+        if TMA:
+            do = do_desc.load([start_m, 0])
+        else:
+            do = load_tile(do_base, rows, stride_dos, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True,
+                           WIDE=WIDE)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         delta = tl.load(DELTA_row + rows, mask=rows < Sq, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -161,7 +175,7 @@ def attn_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_n, b, hk = program_coords()
     seq = sequence_info(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN=VARLEN)
@@ -200,24 +214,31 @@ def attn_bwd_dkdv_kernel(
         q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
         do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dos
         row_base = b * stride_lb + h * stride_lh + q_start
+        q_desc, do_desc = None, None
+        if TMA:  # this (batch, query head)'s queries and their output gradients as (Sq, HEAD_DIM) tensors
+            n_rows = tl.maximum(Sq, 1)  # a descriptor needs a row; an empty sequence loads none
+            q_desc = tl.make_tensor_descriptor(q_base, shape=[n_rows, HEAD_DIM], strides=[stride_qs, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D])
+            do_desc = tl.make_tensor_descriptor(do_base, shape=[n_rows, HEAD_DIM], strides=[stride_dos, 1],
+                                                block_shape=[BLOCK_M, BLOCK_D])
         mods = (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn,
                 _slope2(ALIBI, b, stride_ab, h, HAS_ALIBI=HAS_ALIBI), cap2, left, right)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base, stride_qs,
-                                    stride_dos, offs_n, lo, full_start, seq, mods, qk_scale, MASKED=True,
-                                    CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+        # (query blocks, masked?): the causal diagonal or the window's near edge, the unmasked middle,
+        # the window's far edge
+        q_src = (q_base, do_base, q_desc, do_desc, LSE + row_base, DELTA + row_base, stride_qs, stride_dos)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, *q_src, offs_n, lo, full_start, seq, mods, qk_scale,
+                                    MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
                                     HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                    BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base, stride_qs,
-                                    stride_dos, offs_n, full_start, full_end, seq, mods, qk_scale, MASKED=False,
-                                    CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+                                    BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, *q_src, offs_n, full_start, full_end, seq, mods, qk_scale,
+                                    MASKED=False, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
                                     HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                    BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
-        if LOCAL:  # the window's far edge
-            dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, LSE + row_base, DELTA + row_base,
-                                        stride_qs, stride_dos, offs_n, full_end, hi, seq, mods, qk_scale, MASKED=True,
-                                        CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+                                    BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
+        if LOCAL:
+            dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, *q_src, offs_n, full_end, hi, seq, mods, qk_scale,
+                                        MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
                                         HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                        BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+                                        BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
 
     store_tile(DK + b * stride_dkb + hk * stride_dkh + k_start * stride_dks, (dk * sm_scale).to(DK.dtype.element_ty),
                offs_n, stride_dks, Sk, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, WIDE=WIDE)
@@ -226,23 +247,29 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs,
-                   stride_dbm, offs_m, lo, hi, seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                   HAS_KPM: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   SOFTCAP: tl.constexpr, HAS_DBIAS: tl.constexpr, F64_LSE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr):
+def _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, k_desc, v_desc, KP_row, DBIAS_bh, stride_ks,
+                   stride_vs, stride_dbm, offs_m, lo, hi, seq, mods, qk_scale, MASKED: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DBIAS: tl.constexpr, F64_LSE: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   WIDE: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dQ (unscaled) over key blocks [lo, hi); with HAS_DBIAS also store dS, the bias
-    gradient, into the (Sq, Sk) slice DBIAS_bh (row stride stride_dbm)."""
+    gradient, into the (Sq, Sk) slice DBIAS_bh (row stride stride_dbm). K/V tiles through
+    k_desc/v_desc with TMA, else from k_base/v_base."""
     Sq = seq[1]
     Sk = seq[3]
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         # Padded keys read as 0: dS = 0 * (dO . v) and dQ += dS k must not see their garbage.
-        k = load_keys(k_base, cols, stride_ks, Sk, KP_row, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED,
-                      HAS_KPM=HAS_KPM, WIDE=WIDE)
-        v = load_keys(v_base, cols, stride_vs, Sk, KP_row, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED,
-                      HAS_KPM=HAS_KPM, WIDE=WIDE)
+        if TMA:  # (no key padding then) zero-filled past the sequence and the head dim
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+        else:
+            k = load_keys(k_base, cols, stride_ks, Sk, KP_row, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED,
+                          HAS_KPM=HAS_KPM, WIDE=WIDE)
+            v = load_keys(v_base, cols, stride_vs, Sk, KP_row, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED,
+                          HAS_KPM=HAS_KPM, WIDE=WIDE)
         s, dcap = scores_tile(q, k, offs_m, cols, seq, mods, qk_scale, KP_row, MASKED=MASKED, CAUSAL=CAUSAL,
                               HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
                               DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
@@ -278,7 +305,7 @@ def attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_DBIAS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_m, b, h = program_coords()
     hk = h // GROUP
@@ -297,6 +324,13 @@ def attn_bwd_dq_kernel(
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Sq, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+    k_desc, v_desc = None, None
+    if TMA:  # as the forward's
+        n_rows = tl.maximum(Sk, 1)
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[n_rows, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[n_rows, HEAD_DIM], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
     KP_row = KPM + b * stride_kpm_b
     DBIAS_bh = DBIAS + b * stride_dbb + h * stride_dbh
     mods = (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn,
@@ -305,21 +339,20 @@ def attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_end, hi = key_blocks(start_m, seq, KV_BOUNDS, b, left, right, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                                            CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL)
-    if LOCAL:  # the window's left edge
-        dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs,
-                            stride_dbm, offs_m, lo, full_lo, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL,
-                            HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                            HAS_DBIAS=HAS_DBIAS, F64_LSE=F64_LSE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                            DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
-    dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs,
-                        stride_dbm, offs_m, full_lo, full_end, seq, mods, qk_scale, MASKED=False, CAUSAL=CAUSAL,
-                        HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                        HAS_DBIAS=HAS_DBIAS, F64_LSE=F64_LSE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
-    dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, KP_row, DBIAS_bh, stride_ks, stride_vs,
-                        stride_dbm, offs_m, full_end, hi, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL,
-                        HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                        HAS_DBIAS=HAS_DBIAS, F64_LSE=F64_LSE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+    # (key blocks, masked?): the window's left edge, the unmasked middle, the diagonal and the tail
+    k_src = (k_base, v_base, k_desc, v_desc, KP_row, DBIAS_bh, stride_ks, stride_vs, stride_dbm, offs_m)
+    if LOCAL:
+        dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, *k_src, lo, full_lo, seq, mods, qk_scale, MASKED=True,
+                            CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
+                            SOFTCAP=SOFTCAP, HAS_DBIAS=HAS_DBIAS, F64_LSE=F64_LSE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                            BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
+    dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, *k_src, full_lo, full_end, seq, mods, qk_scale,
+                        MASKED=False, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+                        HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HAS_DBIAS=HAS_DBIAS, F64_LSE=F64_LSE, HEAD_DIM=HEAD_DIM,
+                        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
+    dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, *k_src, full_end, hi, seq, mods, qk_scale, MASKED=True,
+                        CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
+                        SOFTCAP=SOFTCAP, HAS_DBIAS=HAS_DBIAS, F64_LSE=F64_LSE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                        BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
     store_tile(DQ + b * stride_dqb + h * stride_dqh + q_start * stride_dqs, (dq * sm_scale).to(DQ.dtype.element_ty),
                offs_m, stride_dqs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, WIDE=WIDE)

@@ -9,12 +9,12 @@ Score modifiers (HAS_BIAS, HAS_ALIBI, SOFTCAP, LOCAL, HAS_SINKS; see tiles.py) a
 flags: a call without them compiles to the plain kernel. A sink joins each row's softmax after
 the key loop, as one more (value-less) entry of the running max and sum.
 
-KV_TMA (a config's tma): K/V tiles come through per-(batch, head) tensor descriptors, so on Hopper
+TMA (a config's tma): K/V tiles come through per-(batch, head) tensor descriptors, so on Hopper
 the tensor memory accelerator moves them and zero-fills rows past the sequence and columns past
 the head dim. The launcher asks for it only where a descriptor is valid (16-byte aligned rows and
 bases) and no key-padding mask must hide keys (load_keys' job on the pointer path).
 
-WARP_SPEC (a config's ws, with KV_TMA): the key loop is warp-specialised (Triton splits it into warps
+WARP_SPEC (a config's ws, with TMA): the key loop is warp-specialised (Triton splits it into warps
 that issue the loads and warps that compute). Triton 3.6 does that on sm_90 only for a kernel shaped
 for it (tested by compiling, tools/aot_compile_check.py): Q through a descriptor too (a pointer load
 before the loop makes the pass fail), ONE key loop (a second loop after it, or a branch inside it,
@@ -47,15 +47,15 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, st
                     seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, KV_TMA: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
                     WARP_SPEC: tl.constexpr = False):
     """Fold key blocks [lo, hi) into the running (acc, row max m_i, row sum l_i). K/V tiles through
-    k_desc/v_desc with KV_TMA, else from k_base/v_base; WARP_SPEC: the loop warp-specialised."""
+    k_desc/v_desc with TMA, else from k_base/v_base; WARP_SPEC: the loop warp-specialised."""
     Sk = seq[3]
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         cols = start_n + offs_n
-        if KV_TMA:
+        if TMA:
             k = k_desc.load([start_n, 0])
         else:
             k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=MASKED,
@@ -65,7 +65,7 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, st
                            DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)  # (BLOCK_M, BLOCK_N)
         # A bias of -inf hides keys too: rows may still have m = -inf after an unmasked tile.
         p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, GUARD=MASKED or HAS_BIAS)
-        if KV_TMA:
+        if TMA:
             v = v_desc.load([start_n, 0])
         else:
             v = load_keys(v_base, cols, stride_vs, Sk, KP_row, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED,
@@ -90,7 +90,7 @@ def attn_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr, KV_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
     WARP_SPEC: tl.constexpr,
 ):
     pid_m, b, h = program_coords()
@@ -109,7 +109,7 @@ def attn_fwd_kernel(
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     k_desc, v_desc = None, None
-    if KV_TMA:  # this (batch, KV head)'s keys as (Sk, HEAD_DIM) tensors, read BLOCK_N x BLOCK_D at a time
+    if TMA:  # this (batch, KV head)'s keys as (Sk, HEAD_DIM) tensors, read BLOCK_N x BLOCK_D at a time
         rows = tl.maximum(Sk, 1)  # a descriptor needs a row; an empty sequence loads none
         k_desc = tl.make_tensor_descriptor(k_base, shape=[rows, HEAD_DIM], strides=[stride_ks, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
@@ -132,24 +132,24 @@ def attn_fwd_kernel(
                                         stride_vs, offs_m, lo, hi, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL,
                                         HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
                                         SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, KV_TMA=KV_TMA, WARP_SPEC=True)
+                                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA, WARP_SPEC=True)
     else:
         if LOCAL:  # the window's left edge
             acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks,
                                             stride_vs, offs_m, lo, full_lo, seq, mods, qk_scale, MASKED=True,
                                             CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
                                             HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
-                                            BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, KV_TMA=KV_TMA)
+                                            BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
         acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks, stride_vs,
                                         offs_m, full_lo, full_end, seq, mods, qk_scale, MASKED=False, CAUSAL=CAUSAL,
                                         HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
                                         SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, KV_TMA=KV_TMA)
+                                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
         acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks, stride_vs,
                                         offs_m, full_end, hi, seq, mods, qk_scale, MASKED=True, CAUSAL=CAUSAL,
                                         HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
                                         SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, KV_TMA=KV_TMA)
+                                        DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
     if HAS_SINKS:  # the sink: one more softmax entry (logit SINKS[h]) with no value
         acc, m_i, l_i = fold_sink(acc, m_i, l_i, tl.load(SINKS + h).to(tl.float32) * LOG2E_T)
 

@@ -7,8 +7,9 @@ do this to keep GPU time short; a launch then falls back along the list only if 
 fit the chip's shared memory). The Triton interpreter (CPU) always uses one fixed, small config.
 
 Candidates are (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma[, ws]]). BLOCK_M tiles queries,
-BLOCK_N keys. tma (the forward only): K/V tiles move through tensor descriptors (Hopper's tensor
-memory accelerator) instead of pointer loads, where the call allows it (launchers.triton_attention).
+BLOCK_N keys. tma: the tiles a kernel streams (the forward's and dQ's K/V, dK/dV's Q and dO) move
+through tensor descriptors (Hopper's tensor memory accelerator) instead of pointer loads, where the
+call allows it (launchers.triton_attention).
 ws (the forward only, with tma): Q through a descriptor too and the key loop warp-specialised
 (Triton's automatic producer/consumer split), see kernels/attn_fwd.py.
 """
@@ -28,7 +29,7 @@ class BlockConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
-    tma: bool = False  # the forward's K/V through tensor descriptors (not yet timed on a GPU: in no table)
+    tma: bool = False  # streamed tiles through tensor descriptors (not yet timed on a GPU: in no table)
     ws: bool = False  # the forward's key loop warp-specialised, Q by descriptor too (needs tma; in no table)
 
     def __post_init__(self):
@@ -90,11 +91,11 @@ SWEEP_STAGES = (2, 3, 4)
 
 def sweep_space(kind: str) -> list[BlockConfig]:
     """Every (BLOCK_M, BLOCK_N, num_warps, num_stages) of the sweep for one kernel, the same for each
-    head dim (32x32 tiles left out: the fallback's, too small for wgmma); the forward's also with
-    K/V through tensor descriptors (tma), and with tma and a warp-specialised key loop (ws) at 4 warps
-    only: Triton 3.6 warp-specialises on sm_90 only there (at 8 it compiles the loop unspecialised,
-    silently: the same kernel as tma's)."""
-    paths = ((False, False), (True, False), (True, True)) if kind == "fwd" else ((False, False),)
+    head dim (32x32 tiles left out: the fallback's, too small for wgmma); also with the streamed
+    tiles through tensor descriptors (tma), and the forward's with tma and a warp-specialised key loop
+    (ws) at 4 warps only: Triton 3.6 warp-specialises on sm_90 only there (at 8 it compiles the loop
+    unspecialised, silently: the same kernel as tma's)."""
+    paths = ((False, False), (True, False)) + (((True, True),) if kind == "fwd" else ())
     return [BlockConfig(m, n, w, s, t, ws) for t, ws in paths for m in SWEEP_TILES for n in SWEEP_TILES
             if (m, n) != (32, 32) for w in SWEEP_WARPS if not (ws and w != 4) for s in SWEEP_STAGES]
 

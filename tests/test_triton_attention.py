@@ -362,3 +362,133 @@ def test_ws_falls_back_where_the_specialised_loop_cannot_go(gen):
 def test_ws_needs_tma():
     with pytest.raises(ValueError, match="ws"):
         BlockConfig(64, 32, 4, 2, tma=False, ws=True)
+
+
+# ---- The backward with its streamed tiles through tensor descriptors (a config's tma: dK/dV's Q
+# and dO, dQ's K and V; not yet in any GPU table) ----
+DKDV_TMA, DKDV_POINTERS = BlockConfig(32, 64, 4, 2, tma=True), BlockConfig(32, 64, 4, 2)
+DQ_TMA, DQ_POINTERS = BlockConfig(64, 32, 4, 2, tma=True), BlockConfig(64, 32, 4, 2)
+
+
+def backward_with(dkdv, dq, call):
+    """call() -> (out, leaves) with dK/dV and dQ pinned to these configs (fresh plans), out.backward of
+    a fixed cotangent: (the leaves' gradients, {kernel: configs it ran})."""
+    plans.clear()
+    with configs.forced(dkdv=dkdv, dq=dq):
+        out, leaves = call()
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
+        out.backward(dout)
+    ran = {kind: [BlockConfig(*t["config"]) for t in plans.tuned_configs() if t["kernel"] == kind]
+           for kind in ("dkdv", "dq")}
+    return [x.grad for x in leaves], ran
+
+
+def _leaves(*xs):
+    """Fresh autograd leaves on xs' storage, with xs' strides (a clone would make them contiguous)."""
+    return [x.detach().requires_grad_() for x in xs]
+
+
+def _bwd_calls(gen):
+    """(name, call, dQ may take descriptors) over the backward's paths: Sq != Sk both ways, head dims
+    below BLOCK_D, GQA, every modifier (the bias's gradient too), a key-padding mask, NaN past the
+    sequences and the head dim, packed sequences (one empty)."""
+    calls = []
+    for b, sq, sk, hq, hkv, d in [(2, 17, 97, 2, 2, 40), (1, 97, 33, 4, 2, 64), (1, 70, 70, 2, 1, 80)]:
+        xs = testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=HALF, device=DEVICE, generator=gen)
+        for causal in (False, True):
+            def call(xs=xs, causal=causal):
+                leaves = _leaves(*xs)
+                return fastattn.attention(*leaves, causal=causal, backend="triton"), leaves
+            calls.append((f"{b}x{sq}x{sk}x{hq}x{hkv}x{d} causal={causal}", call, True))
+    q, k, v = testing.random_qkv(2, 70, 90, 2, 1, 64, dtype=HALF, device=DEVICE, generator=gen)
+    bias = torch.randn(1, 2, 70, 90, generator=gen).to(DEVICE, HALF)
+    mods = dict(alibi_slopes=torch.rand(2).to(DEVICE), window=(20, 5), softcap=3.0,
+                sinks=torch.randn(2, generator=gen).to(DEVICE))
+
+    def every_modifier():
+        leaves = _leaves(q, k, v, bias)
+        return fastattn.attention(*leaves[:3], causal=True, backend="triton", bias=leaves[3], **mods), leaves
+    calls.append(("every modifier", every_modifier, True))
+    mask = torch.rand(2, 90, generator=gen).to(DEVICE) < 0.7
+
+    def masked():
+        leaves = _leaves(q, k, v)
+        return fastattn.attention(*leaves, key_padding_mask=mask, backend="triton"), leaves
+    calls.append(("key padding", masked, False))
+    # Q/K/V views into NaN: 7 more rows past each sequence and 8 more columns past the head dim, rows
+    # 16-byte aligned (2 heads x 48 halves). No path may read them (the gradients land in fresh
+    # contiguous tensors).
+    qn, kn, vn = testing.random_qkv(2, 30, 45, 2, 2, 40, dtype=HALF, device=DEVICE, generator=gen)
+
+    def nan_views():
+        views = []
+        for x in (qn, kn, vn):
+            padded = torch.full((2, x.shape[1] + 7, 2, 48), float("nan"), dtype=HALF, device=DEVICE)
+            padded[:, :x.shape[1], :, :40] = x
+            views.append(padded[:, :x.shape[1], :, :40].requires_grad_())
+        return fastattn.attention(*views, causal=True, backend="triton"), views
+    calls.append(("NaN past the sequences and the head dim", nan_views, True))
+    lens = torch.tensor([0, 33, 1, 70], dtype=torch.int32)
+    cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32).to(DEVICE)
+    packed = [torch.randn(int(lens.sum()), 2, 64, generator=gen).to(DEVICE, HALF) for _ in range(3)]
+
+    def varlen():
+        leaves = _leaves(*packed)
+        return fastattn.attention_varlen(*leaves, cu, cu, 70, 70, causal=True, backend="triton"), leaves
+    calls.append(("packed", varlen, True))
+    return calls
+
+
+def test_tma_backward_reads_what_pointer_loads_read(gen):
+    """dK/dV's Q/dO tiles and dQ's K/V tiles by tensor descriptors as by pointer loads: the same
+    gradients on every backward path, bit for bit in the interpreter (a key-padding mask keeps dQ on
+    pointer loads, not dK/dV); on Hopper the kernels really move them with the tensor memory
+    accelerator."""
+    hopper = HAS_CUDA and torch.cuda.get_device_capability() >= (9, 0)
+    for name, call, dq_takes_it in _bwd_calls(gen):
+        got, ran = backward_with(DKDV_TMA, DQ_TMA, call)
+        assert ran == {"dkdv": [DKDV_TMA], "dq": [DQ_TMA if dq_takes_it else DQ_POINTERS]}, (name, ran)
+        if hopper:
+            bwd = [p for ps in launch._plans.values() for p in ps if p is not None and p.handle is not None
+                   and (p.kernel is launch.attn_bwd_dkdv_kernel
+                        or (dq_takes_it and p.kernel is launch.attn_bwd_dq_kernel))]
+            assert bwd and all("cp.async.bulk.tensor" in p.handle.asm["ptx"] for p in bwd), name
+        want, ran_pointers = backward_with(DKDV_POINTERS, DQ_POINTERS, call)
+        assert ran_pointers == {"dkdv": [DKDV_POINTERS], "dq": [DQ_POINTERS]}, (name, ran_pointers)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert not g.isnan().any(), (name, i)
+            if HAS_CUDA:  # the same loads and dots; asked no more than the dtype's closeness
+                torch.testing.assert_close(g, w, msg=f"{name}: gradient {i}")
+            else:
+                assert torch.equal(g, w), (name, i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tma_backward_matches_reference(causal, dtype, gen):
+    q, k, v = testing.random_qkv(2, 97, 60, 4, 2, 80, dtype=dtype, device=DEVICE, generator=gen)
+    plans.clear()
+    with configs.forced(dkdv=DKDV_TMA, dq=DQ_TMA):
+        assert_matches_reference(q, k, v, causal, gen)
+    assert {t["kernel"]: BlockConfig(*t["config"]) for t in plans.tuned_configs()
+            if t["kernel"] in ("dkdv", "dq")} == {"dkdv": DKDV_TMA, "dq": DQ_TMA}
+
+
+def test_tma_backward_falls_back_per_kernel(gen):
+    """Each backward kernel drops to pointer loads only where its own streamed tiles cannot take
+    descriptors: fp32 (both), dO rows not 16-byte aligned (dK/dV), K/V rows not 16-byte aligned (dQ)."""
+    q, k, v = testing.random_qkv(2, 40, 50, 2, 2, 40, dtype=HALF, device=DEVICE, generator=gen)
+
+    def ran_with(xs, dout=None):
+        plans.clear()
+        leaves = _leaves(*xs)
+        with configs.forced(dkdv=DKDV_TMA, dq=DQ_TMA):
+            out = fastattn.attention(*leaves, causal=True, backend="triton")
+            out.backward(torch.randn_like(out) if dout is None else dout)
+        return {t["kernel"]: BlockConfig(*t["config"]) for t in plans.tuned_configs() if t["kernel"] in ("dkdv", "dq")}
+    assert ran_with((q, k, v)) == {"dkdv": DKDV_TMA, "dq": DQ_TMA}
+    assert ran_with([x.float() for x in (q, k, v)]) == {"dkdv": DKDV_POINTERS, "dq": DQ_POINTERS}
+    dout_odd = torch.randn(2, 40, 2, 41, generator=gen).to(DEVICE, HALF)[..., :40]  # rows 164 bytes apart
+    assert ran_with((q, k, v), dout_odd) == {"dkdv": DKDV_POINTERS, "dq": DQ_TMA}
+    k_odd, v_odd = (torch.randn(2, 50, 2, 41, generator=gen).to(DEVICE, HALF)[..., :40] for _ in range(2))
+    assert ran_with((q, k_odd, v_odd)) == {"dkdv": DKDV_TMA, "dq": DQ_POINTERS}

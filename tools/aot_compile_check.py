@@ -105,7 +105,7 @@ def compile_one(kind, cfg, dtype, head_dim, causal, arch, variant="dense"):
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, WIDE=False,
                       **mod_flags(kernel, variant),
-                      **({"KV_TMA": cfg.tma, "WARP_SPEC": cfg.ws} if "KV_TMA" in kernel.arg_names else {}))
+                      **{k: v for k, v in (("TMA", cfg.tma), ("WARP_SPEC", cfg.ws)) if k in kernel.arg_names})
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
     t0 = time.time()
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),

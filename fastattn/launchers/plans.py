@@ -66,8 +66,8 @@ def direct_launch_enabled() -> bool:
 
 def _blocks(kernel, c: configs.BlockConfig) -> dict:
     """The config's block sizes (and K/V path, warp specialisation) as the kernel's constexprs (a
-    kernel without BLOCK_N takes BLOCK_M only; one without KV_TMA, no K/V path nor WARP_SPEC)."""
-    meta = {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "KV_TMA": c.tma, "WARP_SPEC": c.ws}
+    kernel without BLOCK_N takes BLOCK_M only; one without TMA, no K/V path nor WARP_SPEC)."""
+    meta = {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "TMA": c.tma, "WARP_SPEC": c.ws}
     return {k: v for k, v in meta.items() if k in kernel.arg_names}
 
 
@@ -132,7 +132,7 @@ def launch(device: int, launches) -> None:
 def _jit_launch(kernel, grid, args, constexprs, config):
     """Triton's own launch path: binds, specialises, compiles if needed; returns the compiled kernel
     (None in the interpreter)."""
-    if constexprs.get("KV_TMA"):
+    if constexprs.get("TMA"):
         _install_allocator()
     return kernel[grid](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -223,7 +223,7 @@ def build(name: str, kernel, cands: list[configs.BlockConfig], grid_for, args: t
                 _tuned[tune_key] = config
         full = {**constexprs, **_blocks(kernel, config)}
         plan = Plan(kernel, config, full, constexpr_tail(kernel, len(args), full), provisional=capturing,
-                    scratch=bool(full.get("KV_TMA")))
+                    scratch=bool(full.get("TMA")))
         grid = grid_for(config)
         if not launched:
             handle = _jit_launch(kernel, grid, args, full, config)

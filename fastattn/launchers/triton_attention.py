@@ -146,13 +146,13 @@ def _candidates(kind: str, consts: dict, tma_ok: bool = False, ws_ok: bool = Fal
     return cands
 
 
-def _tma_ok(consts: dict, tensors: tuple, strides: tuple) -> bool:
+def _tma_ok(consts: dict, tensors: tuple, strides: tuple, keys: bool = True) -> bool:
     """Whether these tensors' tiles may come through tensor descriptors: this Triton has them;
-    fp16/bf16 (fp32's FMA dots gain nothing and spill more); no key-padding mask must hide keys; every
-    (batch, head, sequence) base and row is 16-byte aligned, and rows do not repeat (a sequence stride
-    of 0). strides: (batch, seq, head) per tensor. The tensor memory accelerator's rules; the plans'
-    key holds the strides and alignment."""
-    if (consts["HAS_KPM"] or consts["DOT_PRECISION"] == "ieee"
+    fp16/bf16 (fp32's FMA dots gain nothing and spill more); no key-padding mask must hide them (keys:
+    they are K/V); every (batch, head, sequence) base and row is 16-byte aligned, and rows do not
+    repeat (a sequence stride of 0). strides: (batch, seq, head) per tensor. The tensor memory
+    accelerator's rules; the plans' key holds the strides and alignment."""
+    if ((keys and consts["HAS_KPM"]) or consts["DOT_PRECISION"] == "ieee"
             or not hasattr(triton.language, "make_tensor_descriptor")):
         return False
     size = tensors[0].element_size()
@@ -342,15 +342,19 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
         consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide, flags)
         consts_dq = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide, flags_dq)
         pre_consts = dict(HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], WIDE=wide or pre_wide)
+        # The tiles each kernel streams, through descriptors with a config's tma: dK/dV's Q and dO
+        # (whatever the key padding), dQ's K and V.
+        tma_ok = (_tma_ok(consts, (q, dout), s_qkvdo[:3] + s_qkvdo[9:], keys=False),
+                  _tma_ok(consts, (k, v), s_qkvdo[3:9]))
         with on_device(device):
             built = (
                 plans.build("bwd_preprocess", attn_bwd_preprocess_kernel, [configs.PREPROCESS], grids[0], pre_args,
                             pre_consts, seq_len=rows, outputs=(3,), device=q.device),
-                plans.build("dkdv", attn_bwd_dkdv_kernel, _candidates("dkdv", consts), grids[1], dkdv_args, consts,
-                            seq_len=max(sq, sk), outputs=(6, 7), device=q.device),
+                plans.build("dkdv", attn_bwd_dkdv_kernel, _candidates("dkdv", consts, tma_ok[0]), grids[1], dkdv_args,
+                            consts, seq_len=max(sq, sk), outputs=(6, 7), device=q.device),
                 # dbias (zero-filled, partly written) is not checked against a sentinel; dq is.
-                plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts_dq), grids[2], dq_args, consts_dq,
-                            seq_len=max(sq, sk), outputs=(6,), device=q.device),
+                plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts_dq, tma_ok[1]), grids[2], dq_args,
+                            consts_dq, seq_len=max(sq, sk), outputs=(6,), device=q.device),
             )
         plans.remember(_plans, key, built, MAX_CACHED_SIGNATURES)
     if plain:
