@@ -13,8 +13,8 @@ Per case (bf16, 16k tokens: batch = 16384 // S, hidden 2048, causal and not):
   table's choice for the case: fwd configs time the forward, dkdv and dq configs the backward
   (benchmarks.measure.mode_callable's "bwd": the forward once, the backward timed).
 
-Which configs: configs.sweep_space(kind) (the forward's with and without K/V through tensor
-descriptors, tma), filtered by the compile check's records (--compiled, from
+Which configs: configs.sweep_space(kind) (each with and without its streamed tiles through tensor
+descriptors, tma; the forward's also warp-specialised, ws), filtered by the compile check's records (--compiled, from
 `tools/aot_compile_check.py --configs sweep --json`): fits shared memory, uses wgmma, and spills no
 more than the table's worst config of that kernel and head dim (see `eligible`). Without --compiled,
 the whole space. Before the timing, --workers processes compile every config on a tiny input of the
@@ -60,10 +60,11 @@ KINDS = ("fwd", "dkdv", "dq")
 MODE = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd"}  # the mode each kernel's configs are timed in
 BASELINES = {"cudnn": "sdpa-cudnn", "flash": "sdpa-flash"}
 # Smoke: tiny float16 shapes (tma takes 16-bit inputs) through the interpreter, causal only (48
-# keys: a full and a partial tile of 32), two unequal tilings, and the forward's K/V through tensor
-# descriptors, without and with the warp-specialised loop.
+# keys: a full and a partial tile of 32), two unequal tilings, and each kernel's streamed tiles
+# through tensor descriptors (the forward's without and with the warp-specialised loop).
 SMOKE_CONFIGS = [configs.BlockConfig(32, 64, 4, 2), configs.BlockConfig(64, 32, 4, 2)]
-SMOKE_TMA = [configs.BlockConfig(64, 32, 4, 2, tma=True), configs.BlockConfig(64, 32, 4, 2, tma=True, ws=True)]
+SMOKE_TMA = {"fwd": [configs.BlockConfig(64, 32, 4, 2, tma=True), configs.BlockConfig(64, 32, 4, 2, tma=True, ws=True)],
+             "dkdv": [configs.BlockConfig(32, 64, 4, 2, tma=True)], "dq": [configs.BlockConfig(64, 32, 4, 2, tma=True)]}
 # The compile check this script was prepared with (sm_90, Triton 3.6, bf16): --compiled's default.
 COMPILED = Path(__file__).parent / "results" / "2026-12-04-cpu-config-sweep" / "aot_sweep_bf16_sm90.json"
 
@@ -321,7 +322,7 @@ def main(argv=None) -> int:
 
     def sweep_for(d: int) -> dict:
         if smoke:
-            return {kind: SMOKE_CONFIGS + SMOKE_TMA * (kind == "fwd") for kind in kinds}
+            return {kind: SMOKE_CONFIGS + SMOKE_TMA[kind] for kind in kinds}
         return {kind: eligible(records, kind, d) if records is not None else configs.sweep_space(kind)
                 for kind in kinds}
     deadline = time.monotonic() + args.budget_s

@@ -22,12 +22,12 @@ def test_config_sweep_smoke(tmp_path):
     rows = case["rows"]
     for kind in config_sweep.KINDS:  # every forced config ran, passed the float64 gate and was timed
         mine = [r for r in rows if r["who"] == kind]
-        tma = config_sweep.SMOKE_TMA if kind == "fwd" else []
-        assert [r["config"] for r in mine] == [c.as_list() for c in config_sweep.SMOKE_CONFIGS + tma]
+        assert [r["config"] for r in mine] == [c.as_list() for c in config_sweep.SMOKE_CONFIGS
+                                               + config_sweep.SMOKE_TMA[kind]]
         assert all(r["gate"] == "ok" and r["ms"] > 0 and r["vs_table"] > 0 and "ran" not in r for r in mine), mine
         assert len(doc["proposals"][f"{kind} D16"]) == len(mine)
     # A row whose config did not run as named (tma turned into pointer loads) is not ranked.
-    (tma_row,) = [r for r in rows if r["who"] == "fwd" and r["config"] == config_sweep.SMOKE_TMA[0].as_list()]
+    (tma_row,) = [r for r in rows if r["who"] == "fwd" and r["config"] == config_sweep.SMOKE_TMA["fwd"][0].as_list()]
     assert not config_sweep._ranked({**tma_row, "ran": [64, 32, 4, 2]})
     assert {r["mode"] for r in rows if r["who"] == "table"} == {"fwd", "bwd"}
     assert all("skipped" in r for r in rows if r["who"] == "cudnn")  # CUDA only
