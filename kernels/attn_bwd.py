@@ -19,9 +19,10 @@ launcher computes it from them with torch ops (a reduction over rows, determinis
 
 TMA (a config's tma): the tiles a kernel streams come through per-(batch, head) tensor descriptors
 (Hopper's tensor memory accelerator; zero-filled past the sequence and the head dim), as the
-forward's K/V: Q and dO in dK/dV, K and V in dQ. Fewer registers go to addresses and masks, so
-fewer spill (sm_90, D=128, causal: dK/dV 1492 -> 1068 B at 64x64, dQ 348 -> 0 B). dK/dV may take them
-with a key-padding mask (it streams queries); dQ may not (its keys must read as 0 where padded).
+forward's K/V: Q and dO in dK/dV, K and V in dQ. Fewer registers go to addresses and masks (sm_90,
+D=128, causal, as the runtime specialises: dK/dV 32x64 249 -> 211, dQ 64x64 210 -> 185). dK/dV may
+take them with a key-padding mask (it streams queries); dQ may not (its keys must read as 0 where
+padded).
 """
 
 import triton
