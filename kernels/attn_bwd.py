@@ -226,20 +226,23 @@ def attn_bwd_dkdv_kernel(
                 _slope2(ALIBI, b, stride_ab, h, HAS_ALIBI=HAS_ALIBI), cap2, left, right)
         # (query blocks, masked?): the causal diagonal or the window's near edge, the unmasked middle,
         # the window's far edge
-        q_src = (q_base, do_base, q_desc, do_desc, LSE + row_base, DELTA + row_base, stride_qs, stride_dos)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, *q_src, offs_n, lo, full_start, seq, mods, qk_scale,
-                                    MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
-                                    HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                    BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, *q_src, offs_n, full_start, full_end, seq, mods, qk_scale,
-                                    MASKED=False, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
-                                    HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                    BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE + row_base,
+                                    DELTA + row_base, stride_qs, stride_dos, offs_n, lo, full_start, seq, mods,
+                                    qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL,
+                                    HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM,
+                                    BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE + row_base,
+                                    DELTA + row_base, stride_qs, stride_dos, offs_n, full_start, full_end, seq, mods,
+                                    qk_scale, MASKED=False, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL,
+                                    HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM,
+                                    BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
         if LOCAL:
-            dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, *q_src, offs_n, full_end, hi, seq, mods, qk_scale,
-                                        MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
-                                        HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                        BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
+            dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE + row_base,
+                                        DELTA + row_base, stride_qs, stride_dos, offs_n, full_end, hi, seq, mods,
+                                        qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL,
+                                        HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM,
+                                        BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE,
+                                        TMA=TMA)
 
     store_tile(DK + b * stride_dkb + hk * stride_dkh + k_start * stride_dks, (dk * sm_scale).to(DK.dtype.element_ty),
                offs_n, stride_dks, Sk, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, WIDE=WIDE)
@@ -341,17 +344,19 @@ def attn_bwd_dq_kernel(
     lo, full_lo, full_end, hi = key_blocks(start_m, seq, KV_BOUNDS, b, left, right, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                                            CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL)
     # (key blocks, masked?): the window's left edge, the unmasked middle, the diagonal and the tail
-    k_src = (k_base, v_base, k_desc, v_desc, KP_row, DBIAS_bh, stride_ks, stride_vs, stride_dbm, offs_m)
     if LOCAL:
-        dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, *k_src, lo, full_lo, seq, mods, qk_scale, MASKED=True,
+        dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, k_desc, v_desc, KP_row, DBIAS_bh,
+                            stride_ks, stride_vs, stride_dbm, offs_m, lo, full_lo, seq, mods, qk_scale, MASKED=True,
                             CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
                             SOFTCAP=SOFTCAP, HAS_DBIAS=HAS_DBIAS, F64_LSE=F64_LSE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
                             BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
-    dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, *k_src, full_lo, full_end, seq, mods, qk_scale,
+    dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, k_desc, v_desc, KP_row, DBIAS_bh,
+                        stride_ks, stride_vs, stride_dbm, offs_m, full_lo, full_end, seq, mods, qk_scale,
                         MASKED=False, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
                         HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HAS_DBIAS=HAS_DBIAS, F64_LSE=F64_LSE, HEAD_DIM=HEAD_DIM,
                         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
-    dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, *k_src, full_end, hi, seq, mods, qk_scale, MASKED=True,
+    dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, k_desc, v_desc, KP_row, DBIAS_bh,
+                        stride_ks, stride_vs, stride_dbm, offs_m, full_end, hi, seq, mods, qk_scale, MASKED=True,
                         CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
                         SOFTCAP=SOFTCAP, HAS_DBIAS=HAS_DBIAS, F64_LSE=F64_LSE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
                         BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)

@@ -43,34 +43,56 @@ from .tiles import (
 
 
 @triton.jit
+def _fwd_key_block(acc, m_i, l_i, start_n, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks, stride_vs, offs_m,
+                   seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                   LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr):
+    """Fold the key block at start_n into the running (acc, row max m_i, row sum l_i). K/V tiles
+    through k_desc/v_desc with TMA, else from k_base/v_base."""
+    Sk = seq[3]
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if TMA:
+        k = k_desc.load([start_n, 0])
+    else:
+        k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=MASKED, WIDE=WIDE)
+    s, _ = scores_tile(q, k, offs_m, cols, seq, mods, qk_scale, KP_row, MASKED=MASKED, CAUSAL=CAUSAL,
+                       HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                       DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)  # (BLOCK_M, BLOCK_N)
+    # A bias of -inf hides keys too: rows may still have m = -inf after an unmasked tile.
+    p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, GUARD=MASKED or HAS_BIAS)
+    if TMA:
+        v = v_desc.load([start_n, 0])
+    else:
+        v = load_keys(v_base, cols, stride_vs, Sk, KP_row, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED,
+                      HAS_KPM=HAS_KPM, WIDE=WIDE)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks, stride_vs, offs_m, lo, hi,
                     seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
                     WARP_SPEC: tl.constexpr = False):
-    """Fold key blocks [lo, hi) into the running (acc, row max m_i, row sum l_i). K/V tiles through
-    k_desc/v_desc with TMA, else from k_base/v_base; WARP_SPEC: the loop warp-specialised."""
-    Sk = seq[3]
-    offs_n = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
-        cols = start_n + offs_n
-        if TMA:
-            k = k_desc.load([start_n, 0])
-        else:
-            k = load_tile(k_base, cols, stride_ks, Sk, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=MASKED,
-                          WIDE=WIDE)
-        s, _ = scores_tile(q, k, offs_m, cols, seq, mods, qk_scale, KP_row, MASKED=MASKED, CAUSAL=CAUSAL,
-                           HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                           DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)  # (BLOCK_M, BLOCK_N)
-        # A bias of -inf hides keys too: rows may still have m = -inf after an unmasked tile.
-        p, alpha, m_i, l_i = softmax_update(s, m_i, l_i, GUARD=MASKED or HAS_BIAS)
-        if TMA:
-            v = v_desc.load([start_n, 0])
-        else:
-            v = load_keys(v_base, cols, stride_vs, Sk, KP_row, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED,
-                          HAS_KPM=HAS_KPM, WIDE=WIDE)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    """Fold key blocks [lo, hi) into the running state; WARP_SPEC: the loop warp-specialised (only
+    that branch names warp_specialize, which Triton before 3.4 does not know)."""
+    if WARP_SPEC:
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
+            acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, start_n, q, k_base, v_base, k_desc, v_desc, KP_row,
+                                           stride_ks, stride_vs, offs_m, seq, mods, qk_scale, MASKED=MASKED,
+                                           CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+                                           HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                                           BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, start_n, q, k_base, v_base, k_desc, v_desc, KP_row,
+                                           stride_ks, stride_vs, offs_m, seq, mods, qk_scale, MASKED=MASKED,
+                                           CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+                                           HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                                           BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
     return acc, m_i, l_i
 
 
@@ -101,9 +123,10 @@ def attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
     q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
-    if WARP_SPEC:  # zero-filled past the sequence and the head dim, as load_tile's
+    if WARP_SPEC:  # zero-filled past the sequence and the head dim, as load_tile's; an empty sequence
+        # (whose base may lie past the tensor) asks for a box wholly out of bounds: no memory is read
         q = tl.make_tensor_descriptor(q_base, shape=[tl.maximum(Sq, 1), HEAD_DIM], strides=[stride_qs, 1],
-                                      block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])
+                                      block_shape=[BLOCK_M, BLOCK_D]).load([tl.where(Sq > 0, start_m, BLOCK_M), 0])
     else:
         q = load_tile(q_base, offs_m, stride_qs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks

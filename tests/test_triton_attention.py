@@ -273,7 +273,7 @@ def _tma_calls(gen):
     qn, kn, vn = q_nan[:, :30, :, :40], k_nan[:, :45, :, :40], v_nan[:, :45, :, :40]
     calls.append(("NaN past the keys and the head dim",
                   lambda: fastattn.attention(qn, kn, vn, causal=True, backend="triton")))
-    lens = torch.tensor([0, 33, 1, 70], dtype=torch.int32)
+    lens = torch.tensor([0, 33, 1, 70, 0], dtype=torch.int32)  # empty first and last (its base: past the end)
     cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32).to(DEVICE)
     qp, kp, vp = (torch.randn(int(lens.sum()), 2, 64, generator=gen).to(DEVICE, HALF) for _ in range(3))
     calls.append(("packed", lambda: fastattn.attention_varlen(qp, kp, vp, cu, cu, 70, 70, causal=True,
@@ -294,7 +294,8 @@ def test_tma_forward_reads_what_pointer_loads_read(cfg, gen):
         expect = TMA if name == "every modifier" else cfg  # a bias: no ws (kernels/attn_fwd.py)
         if hopper:
             marks = ("cp.async.bulk.tensor",) + (("setmaxnreg",) if expect.ws else ())
-            assert all(m in p.handle.asm["ptx"] for p in fwd_plans() if p.handle for m in marks), name
+            compiled = [p for p in fwd_plans() if p.handle]
+            assert compiled and all(m in p.handle.asm["ptx"] for p in compiled for m in marks), name
         want, ran_pointers = forward_with(POINTERS, call)
         assert ran == [expect] and ran_pointers == [POINTERS], (name, ran, ran_pointers)
         assert not got.isnan().any(), name
@@ -371,12 +372,12 @@ DQ_TMA, DQ_POINTERS = BlockConfig(64, 32, 4, 2, tma=True), BlockConfig(64, 32, 4
 
 
 def backward_with(dkdv, dq, call):
-    """call() -> (out, leaves) with dK/dV and dQ pinned to these configs (fresh plans), out.backward of
-    a fixed cotangent: (the leaves' gradients, {kernel: configs it ran})."""
+    """call() -> (out, leaves[, dout]) with dK/dV and dQ pinned to these configs (fresh plans),
+    out.backward of dout (default: a fixed random one): (the leaves' gradients, {kernel: configs it ran})."""
     plans.clear()
     with configs.forced(dkdv=dkdv, dq=dq):
-        out, leaves = call()
-        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
+        out, leaves, *given = call()
+        dout = given[0] if given else torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
         out.backward(dout)
     ran = {kind: [BlockConfig(*t["config"]) for t in plans.tuned_configs() if t["kernel"] == kind]
            for kind in ("dkdv", "dq")}
@@ -420,15 +421,18 @@ def _bwd_calls(gen):
     # contiguous tensors).
     qn, kn, vn = testing.random_qkv(2, 30, 45, 2, 2, 40, dtype=HALF, device=DEVICE, generator=gen)
 
+    dn = torch.randn(qn.shape, generator=gen).to(DEVICE, HALF)
+
     def nan_views():
         views = []
-        for x in (qn, kn, vn):
+        for x in (qn, kn, vn, dn):
             padded = torch.full((2, x.shape[1] + 7, 2, 48), float("nan"), dtype=HALF, device=DEVICE)
             padded[:, :x.shape[1], :, :40] = x
-            views.append(padded[:, :x.shape[1], :, :40].requires_grad_())
-        return fastattn.attention(*views, causal=True, backend="triton"), views
-    calls.append(("NaN past the sequences and the head dim", nan_views, True))
-    lens = torch.tensor([0, 33, 1, 70], dtype=torch.int32)
+            views.append(padded[:, :x.shape[1], :, :40])
+        leaves = [x.requires_grad_() for x in views[:3]]
+        return fastattn.attention(*leaves, causal=True, backend="triton"), leaves, views[3]
+    calls.append(("NaN past the sequences and the head dim (dO too)", nan_views, True))
+    lens = torch.tensor([0, 33, 1, 70, 0], dtype=torch.int32)
     cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32).to(DEVICE)
     packed = [torch.randn(int(lens.sum()), 2, 64, generator=gen).to(DEVICE, HALF) for _ in range(3)]
 
