@@ -39,6 +39,7 @@ from .tiles import (
     program_coords,
     query_range,
     relative_position,
+    row_tiles,
     scores_tile,
     sequence_info,
     store_tile,
@@ -216,12 +217,9 @@ def attn_bwd_dkdv_kernel(
         do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dos
         row_base = b * stride_lb + h * stride_lh + q_start
         q_desc, do_desc = None, None
-        if TMA:  # this (batch, query head)'s queries and their output gradients as (Sq, HEAD_DIM) tensors
-            n_rows = tl.maximum(Sq, 1)  # a descriptor needs a row; an empty sequence loads none
-            q_desc = tl.make_tensor_descriptor(q_base, shape=[n_rows, HEAD_DIM], strides=[stride_qs, 1],
-                                               block_shape=[BLOCK_M, BLOCK_D])
-            do_desc = tl.make_tensor_descriptor(do_base, shape=[n_rows, HEAD_DIM], strides=[stride_dos, 1],
-                                                block_shape=[BLOCK_M, BLOCK_D])
+        if TMA:  # this (batch, query head)'s queries and their output gradients
+            q_desc = row_tiles(q_base, Sq, stride_qs, BLOCK_ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+            do_desc = row_tiles(do_base, Sq, stride_dos, BLOCK_ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
         mods = (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn,
                 _slope2(ALIBI, b, stride_ab, h, HAS_ALIBI=HAS_ALIBI), cap2, left, right)
         # (query blocks, masked?): the causal diagonal or the window's near edge, the unmasked middle,
@@ -330,11 +328,8 @@ def attn_bwd_dq_kernel(
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     k_desc, v_desc = None, None
     if TMA:  # as the forward's
-        n_rows = tl.maximum(Sk, 1)
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[n_rows, HEAD_DIM], strides=[stride_ks, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[n_rows, HEAD_DIM], strides=[stride_vs, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
+        k_desc = row_tiles(k_base, Sk, stride_ks, BLOCK_ROWS=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+        v_desc = row_tiles(v_base, Sk, stride_vs, BLOCK_ROWS=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     KP_row = KPM + b * stride_kpm_b
     DBIAS_bh = DBIAS + b * stride_dbb + h * stride_dbh
     mods = (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn,

@@ -35,6 +35,7 @@ from .tiles import (
     load_keys,
     load_tile,
     program_coords,
+    row_tiles,
     scores_tile,
     sequence_info,
     softmax_update,
@@ -123,21 +124,18 @@ def attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
     q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
-    if WARP_SPEC:  # zero-filled past the sequence and the head dim, as load_tile's; an empty sequence
-        # (whose base may lie past the tensor) asks for a box wholly out of bounds: no memory is read
-        q = tl.make_tensor_descriptor(q_base, shape=[tl.maximum(Sq, 1), HEAD_DIM], strides=[stride_qs, 1],
-                                      block_shape=[BLOCK_M, BLOCK_D]).load([tl.where(Sq > 0, start_m, BLOCK_M), 0])
+    if WARP_SPEC:  # an empty sequence (whose base may lie past the tensor) asks for a box wholly out of
+        # bounds: no memory is read
+        q = row_tiles(q_base, Sq, stride_qs, BLOCK_ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM,
+                      BLOCK_D=BLOCK_D).load([tl.where(Sq > 0, start_m, BLOCK_M), 0])
     else:
         q = load_tile(q_base, offs_m, stride_qs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     k_desc, v_desc = None, None
-    if TMA:  # this (batch, KV head)'s keys as (Sk, HEAD_DIM) tensors, read BLOCK_N x BLOCK_D at a time
-        rows = tl.maximum(Sk, 1)  # a descriptor needs a row; an empty sequence loads none
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[rows, HEAD_DIM], strides=[stride_ks, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[rows, HEAD_DIM], strides=[stride_vs, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
+    if TMA:  # this (batch, KV head)'s keys and values
+        k_desc = row_tiles(k_base, Sk, stride_ks, BLOCK_ROWS=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+        v_desc = row_tiles(v_base, Sk, stride_vs, BLOCK_ROWS=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     KP_row = KPM + b * stride_kpm_b
     slope2 = 0.0
     if HAS_ALIBI:

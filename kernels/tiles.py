@@ -30,6 +30,15 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def row_tiles(base, n_rows, stride, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (batch, head)'s (n_rows, HEAD_DIM) rows as a tensor descriptor (Hopper's tensor memory
+    accelerator), read BLOCK_ROWS x BLOCK_D at a time; rows past n_rows and columns past HEAD_DIM
+    read as 0, as load_tile's. A descriptor needs a row: an empty sequence gets one it never loads."""
+    return tl.make_tensor_descriptor(base, shape=[tl.maximum(n_rows, 1), HEAD_DIM], strides=[stride, 1],
+                                     block_shape=[BLOCK_ROWS, BLOCK_D])
+
+
+@triton.jit
 def load_tile(ptr, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               CHECK_ROWS: tl.constexpr, WIDE: tl.constexpr, keep=None):
     """Load a (len(rows), BLOCK_D) tile; masked entries read as 0. keep: which rows to read (a

@@ -28,6 +28,11 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
+try:  # where Triton keeps its allocator (a context variable): read per launch of a descriptor kernel
+    from triton.runtime import _allocation
+except ImportError:
+    _allocation = None
+
 from fastattn.kernels import configs
 from fastattn.launchers.device import on_device, stream_of
 
@@ -88,9 +93,7 @@ def _install_allocator() -> None:
 
 
 def _no_allocator() -> bool:
-    try:
-        from triton.runtime import _allocation
-    except ImportError:  # a Triton that moved it: set ours every time
+    if _allocation is None:  # a Triton that moved it: set ours every time
         return True
     return isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
 
