@@ -23,6 +23,9 @@ forward's K/V: Q and dO in dK/dV, K and V in dQ. Fewer registers go to addresses
 D=128, causal, as the runtime specialises: dK/dV 32x64 249 -> 211, dQ 64x64 210 -> 185). dK/dV may
 take them with a key-padding mask (it streams queries); dQ may not (its keys must read as 0 where
 padded).
+
+LPT (a config's lpt): the grid runs the longest tiles of every (batch, head) first
+(tiles.program_coords): dQ's last query tiles, dK/dV's first key tiles.
 """
 
 import triton
@@ -178,8 +181,9 @@ def attn_bwd_dkdv_kernel(
     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
+    LPT: tl.constexpr,
 ):
-    pid_n, b, hk = program_coords()
+    pid_n, b, hk = program_coords(LPT=LPT, LAST_LONGEST=False)
     seq = sequence_info(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN=VARLEN)
     q_start, Sq, k_start, Sk = seq
     start_n = pid_n * BLOCK_N
@@ -308,8 +312,9 @@ def attn_bwd_dq_kernel(
     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_DBIAS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
+    LPT: tl.constexpr,
 ):
-    pid_m, b, h = program_coords()
+    pid_m, b, h = program_coords(tl.cdiv(Sq, BLOCK_M), LPT=LPT)  # (Sq: the longest sequence's)
     hk = h // GROUP
     seq = sequence_info(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN=VARLEN)
     q_start, Sq, k_start, Sk = seq

@@ -22,6 +22,9 @@ makes the pass fail or silently skip the split), and no other loads in the loop 
 pointer load trips an assertion: the launcher never asks for ws with a bias). So every key tile takes
 the visibility mask (causal diagonal, window edges, the sequence's end); on the tiles that need none
 it changes nothing.
+
+LPT (a config's lpt): the grid runs the longest query tiles of every (batch, head) first
+(tiles.program_coords): under causal masking the last query tile sees the most keys.
 """
 
 import triton
@@ -114,9 +117,9 @@ def attn_fwd_kernel(
     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
+    WARP_SPEC: tl.constexpr, LPT: tl.constexpr,
 ):
-    pid_m, b, h = program_coords()
+    pid_m, b, h = program_coords(tl.cdiv(Sq, BLOCK_M), LPT=LPT)  # (Sq: the longest sequence's)
     hk = h // GROUP  # the KV head shared by this query head's group
     seq = sequence_info(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN=VARLEN)
     q_start, Sq, k_start, Sk = seq

@@ -12,6 +12,9 @@ through tensor descriptors (Hopper's tensor memory accelerator) instead of point
 call allows it (launchers.triton_attention).
 ws (the forward only, with tma): Q through a descriptor too and the key loop warp-specialised
 (Triton's automatic producer/consumer split), see kernels/attn_fwd.py.
+lpt (the prefill kernels): the grid runs the longest tiles of every (batch, head) first, then the
+next longest, and so on (greedy longest-processing-time scheduling of causal tiles; kernels/tiles.py,
+program_coords).
 """
 
 from __future__ import annotations
@@ -31,20 +34,32 @@ class BlockConfig:
     num_stages: int = 2
     tma: bool = False  # streamed tiles through tensor descriptors (not yet timed on a GPU: in no table)
     ws: bool = False  # the forward's key loop warp-specialised, Q by descriptor too (needs tma; in no table)
+    lpt: bool = False  # the longest tiles first (prefill kernels; not yet timed on a GPU: in no table)
 
     def __post_init__(self):
         if self.ws and not self.tma:
             raise ValueError("BlockConfig: ws (a warp-specialised key loop) needs tma (it feeds on descriptors)")
 
+    def constexprs(self, arg_names) -> dict:
+        """The config as a kernel's constexprs, those of them among its arg_names (a kernel without
+        BLOCK_N takes BLOCK_M only; one without TMA, no streamed-tile path; and so on)."""
+        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "TMA": self.tma, "WARP_SPEC": self.ws,
+                "LPT": self.lpt}
+        return {k: v for k, v in meta.items() if k in arg_names}
+
     def as_list(self) -> list:
-        """[BLOCK_M, BLOCK_N, num_warps, num_stages] (+ [True] with tma, + [True, True] with ws): as
-        reports and JSON write it; BlockConfig(*as_list()) gives the config back."""
-        return [self.block_m, self.block_n, self.num_warps, self.num_stages] + [True] * (self.tma + self.ws)
+        """[BLOCK_M, BLOCK_N, num_warps, num_stages] then tma, ws, lpt up to the last one set (e.g.
+        [128, 64, 8, 3, True] for tma alone): as reports and JSON write it; BlockConfig(*as_list())
+        gives the config back."""
+        flags = [self.tma, self.ws, self.lpt]
+        while flags and not flags[-1]:
+            flags.pop()
+        return [self.block_m, self.block_n, self.num_warps, self.num_stages] + flags
 
     def label(self) -> str:
-        """e.g. "128x64 w4 s3 tma ws"."""
+        """e.g. "128x64 w4 s3 tma ws lpt"."""
         return (f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}" + " tma" * self.tma
-                + " ws" * self.ws)
+                + " ws" * self.ws + " lpt" * self.lpt)
 
 
 def _table(rows):
@@ -164,6 +179,10 @@ def forced(**configs: BlockConfig):
     unknown = set(configs) - set(GPU_CANDIDATES)
     if unknown:
         raise ValueError(f"unknown kernel kinds {sorted(unknown)}; expected {sorted(GPU_CANDIDATES)}")
+    for kind, c in configs.items():
+        if (c.ws and kind != "fwd") or (c.lpt and kind == "decode"):
+            raise ValueError(f"forced({kind}={c.label()}): {kind} has no such path (ws: fwd only; lpt: "
+                             "the prefill kernels)")
     saved = dict(_forced)
     _forced.update(configs)
     try:

@@ -410,8 +410,26 @@ def window_query_range(start_n, Sq, Sk, left, right, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
-def program_coords():
+def program_coords(n_tiles=0, LPT: tl.constexpr = False, LAST_LONGEST: tl.constexpr = True):
     """(tile index, batch, head) of this program, for grid = (tiles, heads, batch). Batch and head
     get their own grid axes (limit 65535 each) instead of one flattened B * H axis that would
-    exceed it; both are 64-bit so that batch and head offsets never wrap."""
-    return tl.program_id(0), tl.program_id(2).to(tl.int64), tl.program_id(1).to(tl.int64)
+    exceed it; both are 64-bit so that batch and head offsets never wrap.
+    LPT (a config's lpt): grid = (heads, batch, tiles), the longest tiles first. A GPU starts
+    programs in grid order, axis 0 fastest, and under causal masking a tile's work grows with its
+    distance from the short end: so every (batch, head)'s longest tile starts first, then every
+    second-longest, ..., and the shortest fill the tail (greedy longest-processing-time scheduling),
+    instead of each (batch, head)'s longest tile starting at its turn. LAST_LONGEST: query tiles (the
+    last sees the most keys), counted down from n_tiles - 1 (the count the grid was sized by); else
+    key tiles (dK/dV: tile 0 sees the most queries), in order. The tile axis then has the 65535
+    limit (the launcher checks it)."""
+    if LPT:
+        tile = tl.program_id(2)
+        if LAST_LONGEST:
+            tile = n_tiles - 1 - tile
+        b = tl.program_id(1)
+        h = tl.program_id(0)
+    else:
+        tile = tl.program_id(0)
+        b = tl.program_id(2)
+        h = tl.program_id(1)
+    return tile, b.to(tl.int64), h.to(tl.int64)

@@ -1,14 +1,19 @@
 """Triton kernels against the float64 reference (docs/design.md tolerance rule): forward, lse and all
 three gradients over awkward shapes. On CPU this runs through the Triton interpreter."""
 
+import dataclasses
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import DEVICE, HAS_CUDA
 
 import fastattn
 from fastattn import testing
 from fastattn.kernels import configs
 from fastattn.kernels.configs import BlockConfig
+from fastattn.kernels.tiles import program_coords
 from fastattn.launchers import plans
 from fastattn.launchers import triton_attention as launch
 
@@ -230,6 +235,15 @@ WS = BlockConfig(64, 32, 4, 2, tma=True, ws=True)
 HALF = torch.float16  # tma is for 16-bit inputs (the interpreter has no bf16 dot)
 
 
+def _assert_same(got, want, msg):
+    """The same loads and dots by another path: bit for bit in the interpreter; on a GPU (another
+    compiled kernel, whose instruction schedule may differ) no more than the dtype's closeness."""
+    if HAS_CUDA:
+        torch.testing.assert_close(got, want, msg=msg)
+    else:
+        assert torch.equal(got, want), msg
+
+
 def fwd_plans() -> list:
     """The forward's launch plans the launcher holds now."""
     built = [p for plans_ in launch._plans.values() for p in plans_ if p is not None]
@@ -299,10 +313,7 @@ def test_tma_forward_reads_what_pointer_loads_read(cfg, gen):
         want, ran_pointers = forward_with(POINTERS, call)
         assert ran == [expect] and ran_pointers == [POINTERS], (name, ran, ran_pointers)
         assert not got.isnan().any(), name
-        if HAS_CUDA:  # the same loads and dots; asked no more than the dtype's closeness
-            torch.testing.assert_close(got, want, msg=name)
-        else:
-            assert torch.equal(got, want), name
+        _assert_same(got, want, name)
 
 
 @pytest.mark.parametrize("cfg", [TMA, WS], ids=["tma", "ws"])
@@ -461,10 +472,7 @@ def test_tma_backward_reads_what_pointer_loads_read(gen):
         assert ran_pointers == {"dkdv": [DKDV_POINTERS], "dq": [DQ_POINTERS]}, (name, ran_pointers)
         for i, (g, w) in enumerate(zip(got, want)):
             assert not g.isnan().any(), (name, i)
-            if HAS_CUDA:  # the same loads and dots; asked no more than the dtype's closeness
-                torch.testing.assert_close(g, w, msg=f"{name}: gradient {i}")
-            else:
-                assert torch.equal(g, w), (name, i)
+            _assert_same(g, w, f"{name}: gradient {i}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
@@ -496,3 +504,133 @@ def test_tma_backward_falls_back_per_kernel(gen):
     assert ran_with((q, k, v), dout_odd) == {"dkdv": DKDV_POINTERS, "dq": DQ_TMA}
     k_odd, v_odd = (torch.randn(2, 50, 2, 41, generator=gen).to(DEVICE, HALF)[..., :40] for _ in range(2))
     assert ran_with((q, k_odd, v_odd)) == {"dkdv": DKDV_TMA, "dq": DQ_POINTERS}
+
+
+# ---- The longest tiles first (a config's lpt: grid order only; not yet timed on a GPU) ----
+FWD_LPT, DQ_LPT = BlockConfig(64, 32, 4, 2, lpt=True), BlockConfig(64, 32, 4, 2, lpt=True)
+DKDV_LPT = BlockConfig(32, 64, 4, 2, lpt=True)
+
+
+@triton.jit
+def _coords_kernel(OUT, n_tiles, LPT: tl.constexpr, LAST_LONGEST: tl.constexpr):
+    """Each program writes program_coords() at its grid position (axis 0 fastest): (tile, batch, head)."""
+    tile, b, h = program_coords(n_tiles, LPT=LPT, LAST_LONGEST=LAST_LONGEST)
+    slot = 3 * ((tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0))
+    tl.store(OUT + slot, tile.to(tl.int32))
+    tl.store(OUT + slot + 1, b.to(tl.int32))
+    tl.store(OUT + slot + 2, h.to(tl.int32))
+
+
+@pytest.mark.parametrize("lpt,last_longest", [(False, True), (True, True), (True, False)])
+def test_program_coords_in_the_order_a_gpu_starts_programs(lpt, last_longest):
+    """Programs in grid order (the order a GPU starts them): by default each (batch, head)'s tiles in
+    turn; with LPT every (batch, head)'s longest tile (the last, or with LAST_LONGEST=False the first),
+    then every second-longest, and so on. Either way each (tile, batch, head) exactly once."""
+    n, heads, batch = 5, 3, 2
+    grid = (heads, batch, n) if lpt else (n, heads, batch)
+    out = torch.full((n * heads * batch, 3), -1, dtype=torch.int32, device=DEVICE)
+    _coords_kernel[grid](out, n, LPT=lpt, LAST_LONGEST=last_longest)
+    longest_first = [n - 1 - t if last_longest else t for t in range(n)]
+    want = ([(t, b, h) for t in longest_first for b in range(batch) for h in range(heads)] if lpt
+            else [(t, b, h) for b in range(batch) for h in range(heads) for t in range(n)])
+    assert [tuple(r) for r in out.tolist()] == want
+
+
+def _rows_the_first_programs_write(monkeypatch, kernel, out_arg, call):
+    """call() twice: the first builds the launch plans; in the second every launch of `kernel` runs
+    only the first row of its grid (grid[0] programs: the ones a GPU starts first), into its output
+    (argument out_arg, (batch, rows, heads, D)) filled with NaN first. For batch 0, per head: the
+    rows they wrote."""
+    captured, original = {}, plans.Plan.launch
+
+    def first_row_only(self, grid, args, stream=None):
+        if self.kernel is kernel:
+            captured["out"] = args[out_arg].fill_(float("nan"))
+            grid = (grid[0], 1, 1)
+        return original(self, grid, args, stream)
+    call()
+    monkeypatch.setattr(plans.Plan, "launch", first_row_only)
+    call()
+    monkeypatch.undo()
+    written = ~captured["out"][0].isnan().any(-1)  # (rows, heads)
+    return [col.nonzero().flatten().tolist() for col in written.T]
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+def test_lpt_starts_the_longest_tiles_first(kind, monkeypatch, gen):
+    """What the launched kernels do with lpt, causal, 150 rows in tiles of 64, two heads: the programs
+    a GPU starts first compute every head's longest tile (the forward's and dQ's last query tile,
+    rows 128-149; dK/dV's first key tile, rows 0-63); without lpt, the first head's tiles in turn."""
+    q, k, v = testing.random_qkv(1, 150, 150, 2, 2, 16, dtype=HALF, device=DEVICE, generator=gen)
+
+    def call():
+        leaves = _leaves(q, k, v)
+        out = fastattn.attention(*leaves, causal=True, backend="triton")
+        if kind != "fwd":
+            out.backward(torch.ones_like(out))
+    kernel, out_arg, lpt = {"fwd": (launch.attn_fwd_kernel, 3, FWD_LPT), "dq": (launch.attn_bwd_dq_kernel, 6, DQ_LPT),
+                            "dkdv": (launch.attn_bwd_dkdv_kernel, 6, DKDV_LPT)}[kind]
+    longest = list(range(64)) if kind == "dkdv" else list(range(128, 150))
+    for cfg, rows in [(lpt, [longest, longest]), (dataclasses.replace(lpt, lpt=False), [list(range(150)), []])]:
+        plans.clear()
+        with configs.forced(**{kind: cfg}):
+            assert _rows_the_first_programs_write(monkeypatch, kernel, out_arg, call) == rows, cfg
+
+
+def test_lpt_forward_computes_the_same_tiles(gen):
+    """The forward with the longest tiles first: the launched kernel takes LPT, and every forward
+    path gives the same output (bit for bit in the interpreter: each tile is computed by the same
+    code, only by another program)."""
+    for name, call in _tma_calls(gen):
+        got, ran = forward_with(FWD_LPT, call)
+        assert ran == [FWD_LPT] and all(p.constexprs["LPT"] for p in fwd_plans()), (name, ran)
+        want, ran_plain = forward_with(POINTERS, call)
+        assert ran_plain == [POINTERS] and not any(p.constexprs["LPT"] for p in fwd_plans()), name
+        _assert_same(got, want, name)
+
+
+def test_lpt_backward_computes_the_same_gradients(gen):
+    """dK/dV and dQ with the longest tiles first: the launched kernels take LPT, and every backward
+    path (the bias's gradient, which dQ writes, included) gives the same gradients (bit for bit in the
+    interpreter)."""
+    for name, call, _ in _bwd_calls(gen):
+        got, ran = backward_with(DKDV_LPT, DQ_LPT, call)
+        bwd = [p for ps in launch._plans.values() for p in ps if p is not None
+               and p.kernel in (launch.attn_bwd_dkdv_kernel, launch.attn_bwd_dq_kernel)]
+        assert ran == {"dkdv": [DKDV_LPT], "dq": [DQ_LPT]} and len(bwd) == 2, (name, ran)
+        assert all(p.constexprs["LPT"] for p in bwd), name
+        want, _ = backward_with(DKDV_POINTERS, DQ_POINTERS, call)
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_same(g, w, f"{name}: gradient {i}")
+
+
+def test_lpt_and_ws_only_where_the_kernel_has_them():
+    """A config's lpt is for the prefill kernels and ws for the forward: forcing either on another
+    kernel is refused by name, not silently dropped."""
+    with pytest.raises(ValueError, match="decode"):
+        with configs.forced(decode=BlockConfig(0, 32, lpt=True)):
+            pass
+    with pytest.raises(ValueError, match="dq"):
+        with configs.forced(dq=BlockConfig(64, 32, 4, 2, tma=True, ws=True)):
+            pass
+    with configs.forced(fwd=FWD_LPT, dkdv=DKDV_LPT):
+        assert configs.candidates("dkdv", 64, False) == [DKDV_LPT]
+
+
+def test_lpt_keeps_to_the_grid_axis_limit():
+    """lpt puts the tiles on a grid axis limited to 65535: a call with more tiles runs the config in
+    the default order."""
+    consts = dict(BLOCK_D=64, DOT_PRECISION="tf32")
+    with configs.forced(fwd=FWD_LPT, dkdv=DKDV_LPT):
+        assert launch._candidates("fwd", consts, rows=65535 * 64) == [FWD_LPT]
+        assert launch._candidates("fwd", consts, rows=65535 * 64 + 1) == [dataclasses.replace(FWD_LPT, lpt=False)]
+        assert launch._candidates("dkdv", consts, rows=65535 * 64) == [DKDV_LPT]  # dK/dV's tiles are key tiles
+        assert launch._candidates("dkdv", consts, rows=65535 * 64 + 1) == [dataclasses.replace(DKDV_LPT, lpt=False)]
+
+
+def test_config_lists_round_trip():
+    for c in [BlockConfig(64, 32, 4, 2), BlockConfig(64, 32, 4, 2, tma=True), BlockConfig(64, 32, 4, 2, True, True),
+              BlockConfig(64, 32, 4, 2, lpt=True), BlockConfig(64, 32, 4, 2, True, True, True)]:
+        assert BlockConfig(*c.as_list()) == c, c
+    assert BlockConfig(64, 32, 4, 2, lpt=True).as_list() == [64, 32, 4, 2, False, False, True]
+    assert BlockConfig(128, 64, 8, 3, tma=True).as_list() == [128, 64, 8, 3, True]

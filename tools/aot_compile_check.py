@@ -2,7 +2,7 @@
 
     python tools/aot_compile_check.py [--arch 90] [--dtype fp16] [--head-dims 64,128,256]
         [--variants dense,mask,varlen,bias,alibi,window,softcap,sinks,all] [--decode-only | --no-decode]
-        [--configs table|sweep] [--json FILE] [--kinds fwd,dkdv,dq] [--filter ' ws']
+        [--configs table|sweep] [--json FILE] [--kinds fwd,dkdv,dq] [--filter ' ws'] [--lpt]
 
 The prefill kernels are compiled as the runtime specialises a typical call (typical_ints,
 specialize: aligned pointers and strides, MHA's group of 1 as a constant; --group for GQA). Before
@@ -26,6 +26,7 @@ installed under its Python with `pip install --target DIR triton==X` and `PYTHON
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -143,9 +144,7 @@ def compile_one(kind, cfg, dtype, head_dim, causal, arch, variant="dense", group
     kernel = KERNELS[kind]
     constexprs = dict(CAUSAL=causal, HAS_KPM=variant == "mask", VARLEN=variant == "varlen", HEAD_DIM=head_dim,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, WIDE=False,
-                      **mod_flags(kernel, variant),
-                      **{k: v for k, v in (("TMA", cfg.tma), ("WARP_SPEC", cfg.ws)) if k in kernel.arg_names})
+                      BLOCK_D=block_d, WIDE=False, **mod_flags(kernel, variant), **cfg.constexprs(kernel.arg_names))
     sig = signature(kernel, dtype, constexprs)
     attrs = specialize(kernel, sig, constexprs, typical_ints(head_dim, group))
     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
@@ -279,6 +278,8 @@ def main(argv=None) -> int:
     ap.add_argument("--group", type=int, default=1,
                     help="query heads per KV head of the typical call the prefill kernels are specialised for "
                          "(1: MHA, where the runtime folds dK/dV's loop over the group away)")
+    ap.add_argument("--lpt", action="store_true",
+                    help="the configs as their lpt twins (the longest tiles first)")
     ap.add_argument("--filter", default="",
                     help="only configs whose label holds this, e.g. ' ws' (labels: '128x64 w4 s3 tma ws')")
     args = ap.parse_args(argv)
@@ -305,6 +306,8 @@ def main(argv=None) -> int:
                     cands = [configs.FP32_CONFIGS[kind], configs.FALLBACK]
                 else:
                     cands = configs.GPU_CANDIDATES[kind][configs.head_dim_bucket(block_d)] + [configs.FALLBACK]
+                if args.lpt:
+                    cands = [dataclasses.replace(c, lpt=True) for c in cands]
                 for cfg in (c for c in cands if args.filter in c.label()):
                     try:
                         smem, mma, dt, regs = compile_one(kind, cfg, args.dtype, d, causal, args.arch, variant,

@@ -69,13 +69,6 @@ def direct_launch_enabled() -> bool:
     return not configs.interpreter_enabled() and os.environ.get("FASTATTN_DIRECT_LAUNCH", "1") != "0"
 
 
-def _blocks(kernel, c: configs.BlockConfig) -> dict:
-    """The config's block sizes (and K/V path, warp specialisation) as the kernel's constexprs (a
-    kernel without BLOCK_N takes BLOCK_M only; one without TMA, no K/V path nor WARP_SPEC)."""
-    meta = {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "TMA": c.tma, "WARP_SPEC": c.ws}
-    return {k: v for k, v in meta.items() if k in kernel.arg_names}
-
-
 def _tma_scratch(size: int, alignment: int, stream):
     """Global memory for the tensor descriptors a kernel creates (Triton asks at each launch, for
     the launch's stream: ours are torch's current stream). From torch's allocator on the current
@@ -224,7 +217,7 @@ def build(name: str, kernel, cands: list[configs.BlockConfig], grid_for, args: t
                 launched = True
             if not capturing:
                 _tuned[tune_key] = config
-        full = {**constexprs, **_blocks(kernel, config)}
+        full = {**constexprs, **config.constexprs(kernel.arg_names)}
         plan = Plan(kernel, config, full, constexpr_tail(kernel, len(args), full), provisional=capturing,
                     scratch=bool(full.get("TMA")))
         grid = grid_for(config)
@@ -257,7 +250,7 @@ def _first_fitting(kernel, cands, grid_for, args, constexprs):
     launching it."""
     for i, c in enumerate(cands):
         try:
-            return c, _jit_launch(kernel, grid_for(c), args, {**constexprs, **_blocks(kernel, c)}, c)
+            return c, _jit_launch(kernel, grid_for(c), args, {**constexprs, **c.constexprs(kernel.arg_names)}, c)
         except OutOfResources:
             if i == len(cands) - 1:
                 raise
@@ -268,7 +261,7 @@ def _tune(kernel, cands, grid_for, args, constexprs) -> configs.BlockConfig:
     """The fastest candidate on these arguments (GPU time, short runs: tuning is paid once per key)."""
     best, best_ms = None, float("inf")
     for c in cands:
-        run = lambda: _jit_launch(kernel, grid_for(c), args, {**constexprs, **_blocks(kernel, c)}, c)
+        run = lambda: _jit_launch(kernel, grid_for(c), args, {**constexprs, **c.constexprs(kernel.arg_names)}, c)
         try:
             run()
         except OutOfResources:

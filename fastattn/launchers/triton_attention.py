@@ -135,15 +135,33 @@ def _constexprs(q, causal, has_kpm, varlen, head_dim, wide, flags=None) -> dict:
                 BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()), WIDE=wide, **(flags or NO_FLAGS))
 
 
-def _candidates(kind: str, consts: dict, tma_ok: bool = False, ws_ok: bool = False) -> list[configs.BlockConfig]:
-    """The kernel's configs for this call; a config with tma becomes its pointer-load twin where the
-    call cannot take tensor descriptors (tma_ok: _tma_ok), one with ws its unspecialised tma twin
-    where the warp-specialised loop cannot take the call (ws_ok: _ws_ok)."""
-    cands = configs.candidates(kind, consts["BLOCK_D"], consts["DOT_PRECISION"] == "ieee")
-    if not (tma_ok and ws_ok):
-        path = dict(ws=False) if tma_ok else dict(tma=False, ws=False)
-        cands = list(dict.fromkeys(dataclasses.replace(c, **path) for c in cands))
-    return cands
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's second and third axes
+
+
+def _tile_grid(rows: int, block: int, heads: int, batch: int, lpt: bool) -> tuple:
+    """A prefill kernel's grid over `rows` in tiles of `block` (kernels/tiles.py, program_coords):
+    (tiles, heads, batch), or with a config's lpt (heads, batch, tiles)."""
+    tiles = -(-rows // block)
+    return (heads, batch, tiles) if lpt else (tiles, heads, batch)
+
+
+def _tile(kind: str, c: configs.BlockConfig) -> int:
+    """The tile a kernel's programs own: dK/dV's are key tiles, the others' query tiles."""
+    return c.block_n if kind == "dkdv" else c.block_m
+
+
+def _candidates(kind: str, consts: dict, tma_ok: bool = False, ws_ok: bool = False,
+                rows: int = 0) -> list[configs.BlockConfig]:
+    """The kernel's configs for this call over `rows` (its tiles' sequence length); a config with tma
+    becomes its pointer-load twin where the call cannot take tensor descriptors (tma_ok: _tma_ok), one
+    with ws its unspecialised tma twin where the warp-specialised loop cannot take the call (ws_ok:
+    _ws_ok), one with lpt its grid-order twin where the tiles would not fit lpt's grid axis."""
+    path = {} if tma_ok and ws_ok else dict(ws=False) if tma_ok else dict(tma=False, ws=False)
+    cands = []
+    for c in configs.candidates(kind, consts["BLOCK_D"], consts["DOT_PRECISION"] == "ieee"):
+        lpt = c.lpt and -(-rows // _tile(kind, c)) <= MAX_GRID_YZ
+        cands.append(dataclasses.replace(c, **path, lpt=lpt))
+    return list(dict.fromkeys(cands))
 
 
 def _tma_ok(consts: dict, tensors: tuple, strides: tuple, keys: bool = True) -> bool:
@@ -226,7 +244,7 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
         extra = (*extra, *mod_ptrs)
     args = _fwd_args(q, k, v, out, lse, (kpm, bounds, cu_q, cu_k), mod_ptrs, strides, lse_strides, sizes, (tq, tk),
                      mod_ints, scale * LOG2E, cap2)
-    grid = lambda c: (-(-sq // c.block_m), hq, b)
+    grid = lambda c: _tile_grid(sq, c.block_m, hq, b, c.lpt)
     device = q.get_device()
     # Fresh outputs are aligned; the inputs' alignment is part of the key (Triton specialises on it).
     # Packed totals change with every batch: key on how Triton specialises them, not their values.
@@ -241,7 +259,8 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
     wide = _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out) or (mod_key is not None and mod_key[2])
     consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide, flags)
     with on_device(device):
-        cands = _candidates("fwd", consts, _tma_ok(consts, (k, v), in_strides[3:9]), _ws_ok(consts, q, in_strides[:3]))
+        cands = _candidates("fwd", consts, _tma_ok(consts, (k, v), in_strides[3:9]), _ws_ok(consts, q, in_strides[:3]),
+                            sq)
         plan = plans.build("fwd", attn_fwd_kernel, cands, grid, args, consts,
                            seq_len=max(sq, sk), outputs=(3, 4), device=q.device)
     plans.remember(_plans, key, (plan,), MAX_CACHED_SIGNATURES)
@@ -323,8 +342,8 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     dq_args = _dq_args(q, k, v, dout, lse, delta, dq, masks, bias_p, alibi_p, dbias_args[0], s_qkvdo, s_dq, tail,
                        dbias_args[1:], floats)
     grids = (lambda c: (-(-rows // c.block_m), hq, pre_batch),
-             lambda c: (-(-sk // c.block_n), hkv, b),
-             lambda c: (-(-sq // c.block_m), hq, b))
+             lambda c: _tile_grid(sk, c.block_n, hkv, b, c.lpt),
+             lambda c: _tile_grid(sq, c.block_m, hq, b, c.lpt))
     device = q.get_device()
     # As the forward's key; the packed totals (Tq, Tk, the lse stride, the preprocess rows) by class.
     totals = (plans.specialization((tq, tk)), pre_wide) if varlen else (lse_strides, rows)
@@ -350,11 +369,11 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
             built = (
                 plans.build("bwd_preprocess", attn_bwd_preprocess_kernel, [configs.PREPROCESS], grids[0], pre_args,
                             pre_consts, seq_len=rows, outputs=(3,), device=q.device),
-                plans.build("dkdv", attn_bwd_dkdv_kernel, _candidates("dkdv", consts, tma_ok[0]), grids[1], dkdv_args,
-                            consts, seq_len=max(sq, sk), outputs=(6, 7), device=q.device),
+                plans.build("dkdv", attn_bwd_dkdv_kernel, _candidates("dkdv", consts, tma_ok[0], rows=sk), grids[1],
+                            dkdv_args, consts, seq_len=max(sq, sk), outputs=(6, 7), device=q.device),
                 # dbias (zero-filled, partly written) is not checked against a sentinel; dq is.
-                plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts_dq, tma_ok[1]), grids[2], dq_args,
-                            consts_dq, seq_len=max(sq, sk), outputs=(6,), device=q.device),
+                plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts_dq, tma_ok[1], rows=sq), grids[2],
+                            dq_args, consts_dq, seq_len=max(sq, sk), outputs=(6,), device=q.device),
             )
         plans.remember(_plans, key, built, MAX_CACHED_SIGNATURES)
     if plain:
