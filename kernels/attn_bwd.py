@@ -5,7 +5,9 @@ Three launches:
    back-propagates through the returned lse, since d lse_i / d s_ij = P_ij).
 2. ``attn_bwd_dkdv_kernel``: one program per (KV tile, batch, KV head). It streams every query
    tile of every query head in the GQA group and sums dK/dV in registers, so the group reduction
-   needs no atomics and two runs give bit-identical gradients.
+   needs no atomics and two runs give bit-identical gradients. With GQA (a constexpr: a group of
+   more than one head) each range of query blocks is one loop over (head, query block), not a loop
+   over the heads around a loop over the blocks, which spilled (_dkdv_query_blocks).
 3. ``attn_bwd_dq_kernel``: one program per (query tile, batch, query head), streaming K/V tiles.
 
 P is recomputed from the saved lse: P = exp2(s * log2(e) * scale - lse * log2(e)). Rows that saw no
@@ -33,6 +35,7 @@ import triton.language as tl
 
 from .tiles import (
     LOG2E_T,
+    head_row_tiles,
     key_blocks,
     key_padding,
     load_keys,
@@ -108,58 +111,96 @@ def attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE_row, DELTA_row, stride_qs, stride_dos,
-                       offs_n, lo, hi, seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                       HAS_KPM: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                       SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr):
-    """Accumulate one query head's contribution from query blocks [lo, hi) into dk, dv (fp32). Q/dO
-    tiles through q_desc/do_desc with TMA, else from q_base/do_base."""
+def _dkdv_block(dk, dv, k, v, kp, start_m, g, q_base, do_base, q_desc, do_desc, LSE_row, DELTA_row, stride_qs,
+                stride_dos, offs_n, seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_KPM: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr, GQA: tl.constexpr):
+    """Accumulate query block start_m of one query head into dk, dv (fp32): its Q/dO rows from
+    q_base/do_base, or with TMA from q_desc/do_desc (with GQA the group's (heads, rows, D)
+    descriptors, at head g)."""
     Sq = seq[1]
     Sk = seq[3]
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        if TMA:
-            q = q_desc.load([start_m, 0])
-        else:
-            q = load_tile(q_base, rows, stride_qs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
-        lse_hi, lse_lo = _lse_log2(LSE_row, rows, Sq)
-        # Work transposed, (BLOCK_N, BLOCK_M), so dK/dV come out without transposing P. (fp32: a GPU's
-        # "ieee" dot is an ordered FMA chain per element, so s rounds exactly as in the forward that made
-        # lse; docs/design.md, "Precision of the backward".)
-        r = rows[None, :]
-        c = offs_n[:, None]
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        s_t, dcap_t = modify_scores(s_t, r, c, Sq, Sk, mods, SOFTCAP=SOFTCAP, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
-                                    WIDE=WIDE)
-        p_t = _probs(s_t, lse_hi, lse_lo, TRANSPOSED=True, F64_LSE=LSE_row.dtype.element_ty == tl.float64)
-        if MASKED:  # causal diagonal / window edge (and padded keys: no probability)
-            vis = visible(relative_position(r, c, Sq, Sk), mods[5], mods[6], kp=kp[:, None], CAUSAL=CAUSAL,
-                          LOCAL=LOCAL, HAS_KPM=HAS_KPM)
-            p_t = tl.where(vis, p_t, 0.0)
-        elif HAS_KPM:  # padded keys get no probability
-            p_t = tl.where(kp[:, None], p_t, 0.0)
-        if TMA:
-            do = do_desc.load([start_m, 0])
-        else:
-            do = load_tile(do_base, rows, stride_dos, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True,
-                           WIDE=WIDE)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        delta = tl.load(DELTA_row + rows, mask=rows < Sq, other=0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if SOFTCAP:
-            ds_t = ds_t * dcap_t
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    if TMA and GQA:
+        q = q_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    elif TMA:
+        q = q_desc.load([start_m, 0])
+    else:
+        q = load_tile(q_base, rows, stride_qs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
+    lse_hi, lse_lo = _lse_log2(LSE_row, rows, Sq)
+    # Work transposed, (BLOCK_N, BLOCK_M), so dK/dV come out without transposing P. (fp32: a GPU's
+    # "ieee" dot is an ordered FMA chain per element, so s rounds exactly as in the forward that made
+    # lse; docs/design.md, "Precision of the backward".)
+    r = rows[None, :]
+    c = offs_n[:, None]
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    s_t, dcap_t = modify_scores(s_t, r, c, Sq, Sk, mods, SOFTCAP=SOFTCAP, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
+                                WIDE=WIDE)
+    p_t = _probs(s_t, lse_hi, lse_lo, TRANSPOSED=True, F64_LSE=LSE_row.dtype.element_ty == tl.float64)
+    if MASKED:  # causal diagonal / window edge (and padded keys: no probability)
+        vis = visible(relative_position(r, c, Sq, Sk), mods[5], mods[6], kp=kp[:, None], CAUSAL=CAUSAL,
+                      LOCAL=LOCAL, HAS_KPM=HAS_KPM)
+        p_t = tl.where(vis, p_t, 0.0)
+    elif HAS_KPM:  # padded keys get no probability
+        p_t = tl.where(kp[:, None], p_t, 0.0)
+    if TMA and GQA:
+        do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    elif TMA:
+        do = do_desc.load([start_m, 0])
+    else:
+        do = load_tile(do_base, rows, stride_dos, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    delta = tl.load(DELTA_row + rows, mask=rows < Sq, other=0.0)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:
+        ds_t = ds_t * dcap_t
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _slope2(ALIBI, b, stride_ab, h, HAS_ALIBI: tl.constexpr):
-    """Head h's ALiBi slope * log2(e) (0.0 without ALiBi)."""
+def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE_row, DELTA_row, group, stride_qs,
+                       stride_dos, offs_n, lo, hi, seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                       HAS_KPM: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                       SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr, GQA: tl.constexpr):
+    """Accumulate query blocks [lo, hi) into dk, dv (fp32): of the one query head whose rows, lse and
+    delta rows and modifiers these are (q_base, do_base, LSE_row, DELTA_row, mods); with GQA of every
+    query head of the group, these being its first head's, in ONE loop over (head, query block)
+    (a loop over the heads around the query loop spills: sm_90, D=128, a group of 4, 936 B at
+    64x64 w4 s3, 136 B flat; benchmarks/results/2026-12-05-cpu-lpt/README.md).
+    group = (GROUP, stride_qh, stride_doh, stride_lh, stride_bh, ALIBI_b, first head) steps to the
+    others."""
+    if GQA:
+        n = tl.cdiv(hi - lo, BLOCK_M)  # query blocks per head
+        for i in range(group[0] * n):
+            g = i // n
+            mods_g = (mods[0] + g * group[4], mods[1], mods[2], _slope2(group[5], group[6] + g, HAS_ALIBI=HAS_ALIBI),
+                      mods[4], mods[5], mods[6])
+            dk, dv = _dkdv_block(dk, dv, k, v, kp, lo + (i - g * n) * BLOCK_M, g, q_base + g * group[1],
+                                 do_base + g * group[2], q_desc, do_desc, LSE_row + g * group[3],
+                                 DELTA_row + g * group[3], stride_qs, stride_dos, offs_n, seq, mods_g, qk_scale,
+                                 MASKED=MASKED, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+                                 HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                                 BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA, GQA=GQA)
+    else:
+        for start_m in range(lo, hi, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, kp, start_m, 0, q_base, do_base, q_desc, do_desc, LSE_row, DELTA_row,
+                                 stride_qs, stride_dos, offs_n, seq, mods, qk_scale, MASKED=MASKED, CAUSAL=CAUSAL,
+                                 HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
+                                 SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+                                 DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA, GQA=GQA)
+    return dk, dv
+
+
+@triton.jit
+def _slope2(ALIBI_b, h, HAS_ALIBI: tl.constexpr):
+    """Head h's ALiBi slope * log2(e) from the batch element's slopes ALIBI_b (0.0 without ALiBi)."""
     slope2 = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(ALIBI + b * stride_ab + h) * LOG2E_T
+        slope2 = tl.load(ALIBI_b + h) * LOG2E_T
     return slope2
 
 
@@ -181,7 +222,7 @@ def attn_bwd_dkdv_kernel(
     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
-    LPT: tl.constexpr,
+    LPT: tl.constexpr, GQA: tl.constexpr,
 ):
     pid_n, b, hk = program_coords(LPT=LPT, LAST_LONGEST=False)
     seq = sequence_info(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN=VARLEN)
@@ -215,36 +256,42 @@ def attn_bwd_dkdv_kernel(
     lo = tl.minimum(lo, hi)
     full_start = tl.minimum(full_start, hi)
     full_end = tl.minimum(full_end, hi)
-    for g in range(GROUP):  # the query heads that share this KV head, summed in registers
-        h = hk * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
-        do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dos
-        row_base = b * stride_lb + h * stride_lh + q_start
-        q_desc, do_desc = None, None
-        if TMA:  # this (batch, query head)'s queries and their output gradients
-            q_desc = row_tiles(q_base, Sq, stride_qs, BLOCK_ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-            do_desc = row_tiles(do_base, Sq, stride_dos, BLOCK_ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-        mods = (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn,
-                _slope2(ALIBI, b, stride_ab, h, HAS_ALIBI=HAS_ALIBI), cap2, left, right)
-        # (query blocks, masked?): the causal diagonal or the window's near edge, the unmasked middle,
-        # the window's far edge
+    # The GQA group's query heads (GROUP of them from h0; one without GQA), summed in registers.
+    h0 = hk * GROUP
+    q_base = Q + b * stride_qb + h0 * stride_qh + q_start * stride_qs
+    do_base = DO + b * stride_dob + h0 * stride_doh + q_start * stride_dos
+    row_base = b * stride_lb + h0 * stride_lh + q_start
+    q_desc, do_desc = None, None
+    if TMA and GQA:  # the group's queries and their output gradients, (GROUP, Sq, HEAD_DIM) each
+        q_desc = head_row_tiles(q_base, GROUP, stride_qh, Sq, stride_qs, BLOCK_ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM,
+                                BLOCK_D=BLOCK_D)
+        do_desc = head_row_tiles(do_base, GROUP, stride_doh, Sq, stride_dos, BLOCK_ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM,
+                                 BLOCK_D=BLOCK_D)
+    elif TMA:  # the query head's queries and output gradients
+        q_desc = row_tiles(q_base, Sq, stride_qs, BLOCK_ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+        do_desc = row_tiles(do_base, Sq, stride_dos, BLOCK_ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    mods = (BIAS + b * stride_bb + h0 * stride_bh, stride_bm, stride_bn,
+            _slope2(ALIBI + b * stride_ab, h0, HAS_ALIBI=HAS_ALIBI), cap2, left, right)
+    group = (GROUP, stride_qh, stride_doh, stride_lh, stride_bh, ALIBI + b * stride_ab, h0)
+    # (query blocks, masked?): the causal diagonal or the window's near edge, the unmasked middle, the
+    # window's far edge
+    dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE + row_base, DELTA + row_base,
+                                group, stride_qs, stride_dos, offs_n, lo, full_start, seq, mods, qk_scale,
+                                MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+                                HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                                BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA, GQA=GQA)
+    dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE + row_base, DELTA + row_base,
+                                group, stride_qs, stride_dos, offs_n, full_start, full_end, seq, mods, qk_scale,
+                                MASKED=False, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+                                HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                                BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA, GQA=GQA)
+    if LOCAL:
         dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE + row_base,
-                                    DELTA + row_base, stride_qs, stride_dos, offs_n, lo, full_start, seq, mods,
+                                    DELTA + row_base, group, stride_qs, stride_dos, offs_n, full_end, hi, seq, mods,
                                     qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL,
                                     HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM,
-                                    BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE + row_base,
-                                    DELTA + row_base, stride_qs, stride_dos, offs_n, full_start, full_end, seq, mods,
-                                    qk_scale, MASKED=False, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL,
-                                    HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM,
-                                    BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA)
-        if LOCAL:
-            dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE + row_base,
-                                        DELTA + row_base, stride_qs, stride_dos, offs_n, full_end, hi, seq, mods,
-                                        qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL,
-                                        HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM,
-                                        BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE,
-                                        TMA=TMA)
+                                    BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA,
+                                    GQA=GQA)
 
     store_tile(DK + b * stride_dkb + hk * stride_dkh + k_start * stride_dks, (dk * sm_scale).to(DK.dtype.element_ty),
                offs_n, stride_dks, Sk, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, WIDE=WIDE)
@@ -338,7 +385,7 @@ def attn_bwd_dq_kernel(
     KP_row = KPM + b * stride_kpm_b
     DBIAS_bh = DBIAS + b * stride_dbb + h * stride_dbh
     mods = (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn,
-            _slope2(ALIBI, b, stride_ab, h, HAS_ALIBI=HAS_ALIBI), cap2, left, right)
+            _slope2(ALIBI + b * stride_ab, h, HAS_ALIBI=HAS_ALIBI), cap2, left, right)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_end, hi = key_blocks(start_m, seq, KV_BOUNDS, b, left, right, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,

@@ -39,6 +39,16 @@ def row_tiles(base, n_rows, stride, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.const
 
 
 @triton.jit
+def head_row_tiles(base, n_heads, head_stride, n_rows, stride, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """row_tiles for n_heads consecutive heads (head_stride apart) of one batch element: a (n_heads,
+    n_rows, HEAD_DIM) descriptor, read one head's BLOCK_ROWS x BLOCK_D at a time (load([head, row,
+    0]) gives (1, BLOCK_ROWS, BLOCK_D))."""
+    return tl.make_tensor_descriptor(base, shape=[n_heads, tl.maximum(n_rows, 1), HEAD_DIM],
+                                     strides=[head_stride, stride, 1], block_shape=[1, BLOCK_ROWS, BLOCK_D])
+
+
+@triton.jit
 def load_tile(ptr, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               CHECK_ROWS: tl.constexpr, WIDE: tl.constexpr, keep=None):
     """Load a (len(rows), BLOCK_D) tile; masked entries read as 0. keep: which rows to read (a

@@ -144,7 +144,8 @@ def compile_one(kind, cfg, dtype, head_dim, causal, arch, variant="dense", group
     kernel = KERNELS[kind]
     constexprs = dict(CAUSAL=causal, HAS_KPM=variant == "mask", VARLEN=variant == "varlen", HEAD_DIM=head_dim,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                      BLOCK_D=block_d, WIDE=False, **mod_flags(kernel, variant), **cfg.constexprs(kernel.arg_names))
+                      BLOCK_D=block_d, WIDE=False, **mod_flags(kernel, variant), **cfg.constexprs(kernel.arg_names),
+                      **({"GQA": group > 1} if "GQA" in kernel.arg_names else {}))
     sig = signature(kernel, dtype, constexprs)
     attrs = specialize(kernel, sig, constexprs, typical_ints(head_dim, group))
     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)

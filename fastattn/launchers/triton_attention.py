@@ -360,6 +360,7 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
         flags_dq = {**flags, "HAS_DBIAS": dbias is not None}
         consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide, flags)
         consts_dq = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide, flags_dq)
+        consts_dkdv = {**consts, "GQA": hq != hkv}  # one loop over (query head, query block) for a group
         pre_consts = dict(HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], WIDE=wide or pre_wide)
         # The tiles each kernel streams, through descriptors with a config's tma: dK/dV's Q and dO
         # (whatever the key padding), dQ's K and V.
@@ -370,7 +371,7 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
                 plans.build("bwd_preprocess", attn_bwd_preprocess_kernel, [configs.PREPROCESS], grids[0], pre_args,
                             pre_consts, seq_len=rows, outputs=(3,), device=q.device),
                 plans.build("dkdv", attn_bwd_dkdv_kernel, _candidates("dkdv", consts, tma_ok[0], rows=sk), grids[1],
-                            dkdv_args, consts, seq_len=max(sq, sk), outputs=(6, 7), device=q.device),
+                            dkdv_args, consts_dkdv, seq_len=max(sq, sk), outputs=(6, 7), device=q.device),
                 # dbias (zero-filled, partly written) is not checked against a sentinel; dq is.
                 plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts_dq, tma_ok[1], rows=sq), grids[2],
                             dq_args, consts_dq, seq_len=max(sq, sk), outputs=(6,), device=q.device),
