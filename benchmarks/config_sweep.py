@@ -13,7 +13,8 @@ Per case (bf16, 16k tokens: batch = 16384 // S, hidden 2048, causal and not):
   table's choice for the case: fwd configs time the forward, dkdv and dq configs the backward
   (benchmarks.measure.mode_callable's "bwd": the forward once, the backward timed).
 
-Which configs: the table's own as their lpt twins (the longest tiles first), then
+Which configs: the table's own as their lpt twins (the longest tiles first) and dK/dV's as their
+atomic_dq twins (non-deterministic: only ever an opt-in, never the table's), then
 configs.sweep_space(kind) (each with and without its streamed tiles through tensor descriptors,
 tma; the forward's also warp-specialised, ws), filtered by the compile check's records (--compiled,
 from `tools/aot_compile_check.py --configs sweep --json`): fits shared memory, uses wgmma, and spills no
@@ -63,12 +64,13 @@ MODE = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd"}  # the mode each kernel's conf
 BASELINES = {"cudnn": "sdpa-cudnn", "flash": "sdpa-flash"}
 # Smoke: tiny float16 shapes (tma takes 16-bit inputs) through the interpreter, causal only (48
 # keys: a full and a partial tile of 32), two unequal tilings, each kernel's streamed tiles through
-# tensor descriptors (the forward's without and with the warp-specialised loop), and the longest
-# tiles first (lpt).
+# tensor descriptors (the forward's without and with the warp-specialised loop), the longest tiles
+# first (lpt), and dK/dV adding dQ with atomics (atomic_dq).
 SMOKE_CONFIGS = [configs.BlockConfig(32, 64, 4, 2), configs.BlockConfig(64, 32, 4, 2)]
 SMOKE_TMA = {"fwd": [configs.BlockConfig(64, 32, 4, 2, tma=True), configs.BlockConfig(64, 32, 4, 2, tma=True, ws=True),
                      configs.BlockConfig(64, 32, 4, 2, lpt=True)],
-             "dkdv": [configs.BlockConfig(32, 64, 4, 2, tma=True), configs.BlockConfig(32, 64, 4, 2, lpt=True)],
+             "dkdv": [configs.BlockConfig(32, 64, 4, 2, tma=True), configs.BlockConfig(32, 64, 4, 2, lpt=True),
+                      configs.BlockConfig(32, 64, 4, 2, atomic_dq=True)],
              "dq": [configs.BlockConfig(64, 32, 4, 2, tma=True), configs.BlockConfig(64, 32, 4, 2, lpt=True)]}
 # The compile check this script was prepared with (sm_90, Triton 3.6, bf16, specialised as the runtime
 # specialises a call): --compiled's default.
@@ -88,7 +90,9 @@ def eligible(records: list[dict], kind: str, head_dim: int) -> list[configs.Bloc
     use wgmma (a ws config: and Triton did warp-specialise it), and spill no more than the table's
     worst config (or 0 if none of it spills). The table's own configs are always kept, and timed
     first as their lpt twins (the longest tiles first: the same kernel but for its grid order, so the
-    same compile records), each against its table config in the same case."""
+    same compile records) and dK/dV's as their atomic_dq twins (dQ added by dK/dV with atomics, no dQ
+    kernel: compiled in benchmarks/results/2026-12-05-cpu-lpt/), each against the table in the same
+    case (dkdv configs time the whole backward)."""
     table = configs.GPU_CANDIDATES[kind][configs.head_dim_bucket(head_dim)]
     mine = [r for r in records if r["kind"] == kind and r["head_dim"] == head_dim and r["variant"] == "dense"]
     spill_of: dict = {}
@@ -98,9 +102,11 @@ def eligible(records: list[dict], kind: str, head_dim: int) -> list[configs.Bloc
         prev = spill_of.get(cfg, 0)
         spill_of[cfg] = None if not ok or prev is None else max(prev, r["spill"])
     limit = max([spill_of.get(c) or 0 for c in table], default=0)
-    lpt = [dataclasses.replace(c, lpt=True) for c in table]
-    return lpt + [c for c in configs.sweep_space(kind)
-                  if c in table or (spill_of.get(c) is not None and spill_of[c] <= limit)]
+    twins = [dataclasses.replace(c, lpt=True) for c in table]
+    if kind == "dkdv" and head_dim <= 128:  # at D=256 they spill 0.2-3.7 KB or exceed shared memory
+        twins += [dataclasses.replace(c, atomic_dq=True) for c in table]
+    return twins + [c for c in configs.sweep_space(kind)
+                    if c in table or (spill_of.get(c) is not None and spill_of[c] <= limit)]
 
 
 def _attention(causal: bool):

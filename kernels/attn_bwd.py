@@ -28,6 +28,13 @@ padded).
 
 LPT (a config's lpt): the grid runs the longest tiles of every (batch, head) first
 (tiles.program_coords): dQ's last query tiles, dK/dV's first key tiles.
+
+ATOMIC_DQ (a dK/dV config's atomic_dq; not deterministic, so only by request): dK/dV also computes
+each block's dQ = sm_scale * dS K and adds it into a float32 buffer with (vectorised, relaxed)
+atomics, and the dQ kernel does not run: per pair of tiles 5 matmuls instead of 7 (dQ's own
+recomputes S and dP). The launcher converts the buffer to dQ's dtype. Each dQ element is summed in
+whatever order the key tiles finish, so its last bits vary from run to run. No bias gradient (it is
+the dQ kernel's to write).
 """
 
 import triton
@@ -111,14 +118,16 @@ def attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, kp, start_m, g, q_base, do_base, q_desc, do_desc, LSE_row, DELTA_row, stride_qs,
-                stride_dos, offs_n, seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_KPM: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr, GQA: tl.constexpr):
+def _dkdv_block(dk, dv, k, v, kp, start_m, g, q_base, do_base, dq_base, q_desc, do_desc, LSE_row, DELTA_row,
+                stride_qs, stride_dos, stride_dqs, offs_n, seq, mods, qk_scale, sm_scale, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
+                GQA: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Accumulate query block start_m of one query head into dk, dv (fp32): its Q/dO rows from
     q_base/do_base, or with TMA from q_desc/do_desc (with GQA the group's (heads, rows, D)
-    descriptors, at head g)."""
+    descriptors, at head g). ATOMIC_DQ: also add the block's dQ = sm_scale * dS K into the float32
+    rows at dq_base (row stride stride_dqs) with atomics."""
     Sq = seq[1]
     Sk = seq[3]
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -157,22 +166,35 @@ def _dkdv_block(dk, dv, k, v, kp, start_m, g, q_base, do_base, q_desc, do_desc, 
     if SOFTCAP:
         ds_t = ds_t * dcap_t
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    if ATOMIC_DQ:  # (rows past Sq and columns past HEAD_DIM are not added)
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale  # (BLOCK_M, BLOCK_D)
+        offs_d = tl.arange(0, BLOCK_D)
+        if WIDE:
+            ptrs = dq_base + rows.to(tl.int64)[:, None] * stride_dqs + offs_d[None, :]
+        else:
+            ptrs = dq_base + rows[:, None] * stride_dqs + offs_d[None, :]
+        mask = rows[:, None] < Sq
+        if HEAD_DIM != BLOCK_D:
+            mask = mask & (offs_d[None, :] < HEAD_DIM)
+        tl.atomic_add(ptrs, dq, mask=mask, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE_row, DELTA_row, group, stride_qs,
-                       stride_dos, offs_n, lo, hi, seq, mods, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, dq_base, q_desc, do_desc, LSE_row, DELTA_row, group,
+                       strides, offs_n, lo, hi, seq, mods, scales, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                        HAS_KPM: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
                        SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr, GQA: tl.constexpr):
-    """Accumulate query blocks [lo, hi) into dk, dv (fp32): of the one query head whose rows, lse and
-    delta rows and modifiers these are (q_base, do_base, LSE_row, DELTA_row, mods); with GQA of every
+                       DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr, GQA: tl.constexpr,
+                       ATOMIC_DQ: tl.constexpr):
+    """Accumulate query blocks [lo, hi) into dk, dv (fp32) (and with ATOMIC_DQ their dQ into dq_base's
+    rows): of the one query head whose rows, lse and delta rows and modifiers these are (q_base,
+    do_base, dq_base, LSE_row, DELTA_row, mods); with GQA of every
     query head of the group, these being its first head's, in ONE loop over (head, query block)
     (a loop over the heads around the query loop spills: sm_90, D=128, a group of 4, 936 B at
     64x64 w4 s3, 136 B flat; benchmarks/results/2026-12-05-cpu-lpt/README.md).
-    group = (GROUP, stride_qh, stride_doh, stride_lh, stride_bh, ALIBI_b, first head) steps to the
-    others."""
+    group = (GROUP, stride_qh, stride_doh, stride_lh, stride_bh, ALIBI_b, first head, stride_dqh) steps
+    to the others. strides = (stride_qs, stride_dos, stride_dqs); scales = (qk_scale, sm_scale)."""
     if GQA:
         n = tl.cdiv(hi - lo, BLOCK_M)  # query blocks per head
         for i in range(group[0] * n):
@@ -180,18 +202,20 @@ def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE_r
             mods_g = (mods[0] + g * group[4], mods[1], mods[2], _slope2(group[5], group[6] + g, HAS_ALIBI=HAS_ALIBI),
                       mods[4], mods[5], mods[6])
             dk, dv = _dkdv_block(dk, dv, k, v, kp, lo + (i - g * n) * BLOCK_M, g, q_base + g * group[1],
-                                 do_base + g * group[2], q_desc, do_desc, LSE_row + g * group[3],
-                                 DELTA_row + g * group[3], stride_qs, stride_dos, offs_n, seq, mods_g, qk_scale,
-                                 MASKED=MASKED, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
-                                 HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                 BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA, GQA=GQA)
-    else:
-        for start_m in range(lo, hi, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, kp, start_m, 0, q_base, do_base, q_desc, do_desc, LSE_row, DELTA_row,
-                                 stride_qs, stride_dos, offs_n, seq, mods, qk_scale, MASKED=MASKED, CAUSAL=CAUSAL,
+                                 do_base + g * group[2], dq_base + g * group[7], q_desc, do_desc,
+                                 LSE_row + g * group[3], DELTA_row + g * group[3], strides[0], strides[1],
+                                 strides[2], offs_n, seq, mods_g, scales[0], scales[1], MASKED=MASKED, CAUSAL=CAUSAL,
                                  HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
                                  SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
-                                 DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA, GQA=GQA)
+                                 DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA, GQA=GQA, ATOMIC_DQ=ATOMIC_DQ)
+    else:
+        for start_m in range(lo, hi, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, kp, start_m, 0, q_base, do_base, dq_base, q_desc, do_desc, LSE_row,
+                                 DELTA_row, strides[0], strides[1], strides[2], offs_n, seq, mods, scales[0],
+                                 scales[1], MASKED=MASKED, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL,
+                                 HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM,
+                                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA,
+                                 GQA=GQA, ATOMIC_DQ=ATOMIC_DQ)
     return dk, dv
 
 
@@ -207,13 +231,14 @@ def _slope2(ALIBI_b, h, HAS_ALIBI: tl.constexpr):
 # Arguments: pointers, integers, floats, constexprs (as the forward's).
 @triton.jit(do_not_specialize=["Tq", "Tk"])
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KV_BOUNDS, CU_Q, CU_K, BIAS, ALIBI,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, KPM, KV_BOUNDS, CU_Q, CU_K, BIAS, ALIBI,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh, stride_kpm_b,
     GROUP, Sq, Sk, Tq, Tk,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ab, left, right,
@@ -222,7 +247,7 @@ def attn_bwd_dkdv_kernel(
     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr,
-    LPT: tl.constexpr, GQA: tl.constexpr,
+    LPT: tl.constexpr, GQA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     pid_n, b, hk = program_coords(LPT=LPT, LAST_LONGEST=False)
     seq = sequence_info(CU_Q, CU_K, b, Sq, Sk, Tq, Tk, VARLEN=VARLEN)
@@ -261,6 +286,7 @@ def attn_bwd_dkdv_kernel(
     q_base = Q + b * stride_qb + h0 * stride_qh + q_start * stride_qs
     do_base = DO + b * stride_dob + h0 * stride_doh + q_start * stride_dos
     row_base = b * stride_lb + h0 * stride_lh + q_start
+    dq_base = DQ_SUM + b * stride_dqb + h0 * stride_dqh + q_start * stride_dqs  # used only with ATOMIC_DQ
     q_desc, do_desc = None, None
     if TMA and GQA:  # the group's queries and their output gradients, (GROUP, Sq, HEAD_DIM) each
         q_desc = head_row_tiles(q_base, GROUP, stride_qh, Sq, stride_qs, BLOCK_ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM,
@@ -272,26 +298,30 @@ def attn_bwd_dkdv_kernel(
         do_desc = row_tiles(do_base, Sq, stride_dos, BLOCK_ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     mods = (BIAS + b * stride_bb + h0 * stride_bh, stride_bm, stride_bn,
             _slope2(ALIBI + b * stride_ab, h0, HAS_ALIBI=HAS_ALIBI), cap2, left, right)
-    group = (GROUP, stride_qh, stride_doh, stride_lh, stride_bh, ALIBI + b * stride_ab, h0)
+    group = (GROUP, stride_qh, stride_doh, stride_lh, stride_bh, ALIBI + b * stride_ab, h0, stride_dqh)
+    strides = (stride_qs, stride_dos, stride_dqs)
+    scales = (qk_scale, sm_scale)
     # (query blocks, masked?): the causal diagonal or the window's near edge, the unmasked middle, the
     # window's far edge
-    dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE + row_base, DELTA + row_base,
-                                group, stride_qs, stride_dos, offs_n, lo, full_start, seq, mods, qk_scale,
+    dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, dq_base, q_desc, do_desc, LSE + row_base,
+                                DELTA + row_base, group, strides, offs_n, lo, full_start, seq, mods, scales,
                                 MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
                                 HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA, GQA=GQA)
-    dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE + row_base, DELTA + row_base,
-                                group, stride_qs, stride_dos, offs_n, full_start, full_end, seq, mods, qk_scale,
+                                BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA, GQA=GQA,
+                                ATOMIC_DQ=ATOMIC_DQ)
+    dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, dq_base, q_desc, do_desc, LSE + row_base,
+                                DELTA + row_base, group, strides, offs_n, full_start, full_end, seq, mods, scales,
                                 MASKED=False, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
                                 HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA, GQA=GQA)
+                                BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA, GQA=GQA,
+                                ATOMIC_DQ=ATOMIC_DQ)
     if LOCAL:
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, q_desc, do_desc, LSE + row_base,
-                                    DELTA + row_base, group, stride_qs, stride_dos, offs_n, full_end, hi, seq, mods,
-                                    qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL,
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, dq_base, q_desc, do_desc, LSE + row_base,
+                                    DELTA + row_base, group, strides, offs_n, full_end, hi, seq, mods,
+                                    scales, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL,
                                     HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM,
                                     BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA,
-                                    GQA=GQA)
+                                    GQA=GQA, ATOMIC_DQ=ATOMIC_DQ)
 
     store_tile(DK + b * stride_dkb + hk * stride_dkh + k_start * stride_dks, (dk * sm_scale).to(DK.dtype.element_ty),
                offs_n, stride_dks, Sk, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, WIDE=WIDE)

@@ -15,6 +15,10 @@ ws (the forward only, with tma): Q through a descriptor too and the key loop war
 lpt (the prefill kernels): the grid runs the longest tiles of every (batch, head) first, then the
 next longest, and so on (greedy longest-processing-time scheduling of causal tiles; kernels/tiles.py,
 program_coords).
+atomic_dq (dK/dV only; NOT deterministic, so never in a table: only forced, or a caller's opt-in):
+dK/dV also computes dQ = dS K for its key tile and adds it into a float32 buffer with atomics, and the
+dQ kernel does not run (5 matmuls per pair of tiles instead of 7; see kernels/attn_bwd.py). The sum's
+order then varies from run to run, and so do dQ's last bits.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class BlockConfig:
     tma: bool = False  # streamed tiles through tensor descriptors (not yet timed on a GPU: in no table)
     ws: bool = False  # the forward's key loop warp-specialised, Q by descriptor too (needs tma; in no table)
     lpt: bool = False  # the longest tiles first (prefill kernels; not yet timed on a GPU: in no table)
+    atomic_dq: bool = False  # dK/dV adds dQ with atomics, no dQ kernel (non-deterministic: never in a table)
 
     def __post_init__(self):
         if self.ws and not self.tma:
@@ -44,22 +49,22 @@ class BlockConfig:
         """The config as a kernel's constexprs, those of them among its arg_names (a kernel without
         BLOCK_N takes BLOCK_M only; one without TMA, no streamed-tile path; and so on)."""
         meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "TMA": self.tma, "WARP_SPEC": self.ws,
-                "LPT": self.lpt}
+                "LPT": self.lpt, "ATOMIC_DQ": self.atomic_dq}
         return {k: v for k, v in meta.items() if k in arg_names}
 
     def as_list(self) -> list:
-        """[BLOCK_M, BLOCK_N, num_warps, num_stages] then tma, ws, lpt up to the last one set (e.g.
-        [128, 64, 8, 3, True] for tma alone): as reports and JSON write it; BlockConfig(*as_list())
-        gives the config back."""
-        flags = [self.tma, self.ws, self.lpt]
+        """[BLOCK_M, BLOCK_N, num_warps, num_stages] then tma, ws, lpt, atomic_dq up to the last one
+        set (e.g. [128, 64, 8, 3, True] for tma alone): as reports and JSON write it;
+        BlockConfig(*as_list()) gives the config back."""
+        flags = [self.tma, self.ws, self.lpt, self.atomic_dq]
         while flags and not flags[-1]:
             flags.pop()
         return [self.block_m, self.block_n, self.num_warps, self.num_stages] + flags
 
     def label(self) -> str:
-        """e.g. "128x64 w4 s3 tma ws lpt"."""
+        """e.g. "128x64 w4 s3 tma ws lpt" (dK/dV's may end in " atomic-dq")."""
         return (f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}" + " tma" * self.tma
-                + " ws" * self.ws + " lpt" * self.lpt)
+                + " ws" * self.ws + " lpt" * self.lpt + " atomic-dq" * self.atomic_dq)
 
 
 def _table(rows):
@@ -180,9 +185,9 @@ def forced(**configs: BlockConfig):
     if unknown:
         raise ValueError(f"unknown kernel kinds {sorted(unknown)}; expected {sorted(GPU_CANDIDATES)}")
     for kind, c in configs.items():
-        if (c.ws and kind != "fwd") or (c.lpt and kind == "decode"):
+        if (c.ws and kind != "fwd") or (c.lpt and kind == "decode") or (c.atomic_dq and kind != "dkdv"):
             raise ValueError(f"forced({kind}={c.label()}): {kind} has no such path (ws: fwd only; lpt: "
-                             "the prefill kernels)")
+                             "the prefill kernels; atomic_dq: dkdv only)")
     saved = dict(_forced)
     _forced.update(configs)
     try:

@@ -58,4 +58,8 @@ def test_sweep_keeps_configs_that_fit_and_spill_no_more_than_the_table():
     assert kept[:len(table)] == lpt and set(kept[len(table):]) == {*table, good, ws_done}
     # Nothing compiled: the table only (and its lpt twins).
     assert eligible([], "fwd", 128) == lpt + [c for c in configs.sweep_space("fwd") if c in table]
+    dkdv = configs.GPU_CANDIDATES["dkdv"][128]  # dK/dV's: also as atomic_dq twins
+    assert eligible([], "dkdv", 128) == ([dataclasses.replace(c, lpt=True) for c in dkdv]
+                                         + [dataclasses.replace(c, atomic_dq=True) for c in dkdv]
+                                         + [c for c in configs.sweep_space("dkdv") if c in dkdv])
 

@@ -226,6 +226,57 @@ def test_direct_launch_is_checked_once_against_the_jit(monkeypatch, handle_value
         assert kernel.jit_calls == 2  # the plan's first launch and the check's reference launch
 
 
+class FakeSummingHandle:
+    """A compiled 'kernel' whose launch writes `value` into out (args[1]) and adds 1.0 into acc (args[2])."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __getitem__(self, grid):
+        def run(*args, stream=None):
+            args[1].fill_(self.value)
+            args[2].add_(1.0)
+        return run
+
+
+class FakeSummingKernel:
+    """A 'kernel' (x, out, acc, n, SCALE: constexpr, BLOCK_M: constexpr) whose JIT launch writes 1.0
+    into out, adds 1.0 into acc and returns `handle`."""
+
+    arg_names = ["x", "out", "acc", "n", "SCALE", "BLOCK_M"]
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            args[1].fill_(1.0)
+            args[2].add_(1.0)
+            return self.handle
+        return run
+
+
+@pytest.mark.parametrize("direct_value,kept", [(1.0, True), (2.0, False)])
+def test_sums_hold_one_launchs_sum_after_the_check(monkeypatch, direct_value, kept):
+    """A kernel that adds into a tensor (sums: dK/dV's atomic dQ) is launched three times while its
+    plan is built (the plan's launch, the check's JIT and direct launches): the tensor is zeroed
+    before each, so it ends up holding one launch's sum, whether the direct launch is kept or not;
+    the sums take no part in the comparison."""
+    monkeypatch.setattr(plans, "direct_launch_enabled", lambda: True)
+    monkeypatch.setattr(plans, "_handles", {})
+    monkeypatch.setattr(plans, "_tuned", {})
+    monkeypatch.setattr(plans, "_warned", set())
+    handle = FakeSummingHandle(direct_value)
+    x, out, acc = torch.zeros(4), torch.zeros(4), torch.zeros(4)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        plan = plans.build("fake", FakeSummingKernel(handle), [configs.BlockConfig(16, 16)], lambda c: (1, 1, 1),
+                           (x, out, acc, 4), {"SCALE": 3}, seq_len=4, outputs=(1,), device=torch.device("cpu"),
+                           sums=(2,))
+    assert (plan.handle is handle) == kept
+    assert torch.equal(out, torch.ones(4)) and torch.equal(acc, torch.ones(4))
+
+
 def test_direct_launch_switch(monkeypatch):
     monkeypatch.setattr(configs, "_INTERPRETER", False)
     monkeypatch.setenv("FASTATTN_DIRECT_LAUNCH", "0")

@@ -2,7 +2,7 @@
 
     python tools/aot_compile_check.py [--arch 90] [--dtype fp16] [--head-dims 64,128,256]
         [--variants dense,mask,varlen,bias,alibi,window,softcap,sinks,all] [--decode-only | --no-decode]
-        [--configs table|sweep] [--json FILE] [--kinds fwd,dkdv,dq] [--filter ' ws'] [--lpt]
+        [--configs table|sweep] [--json FILE] [--kinds fwd,dkdv,dq] [--filter ' ws'] [--twin lpt|atomic_dq]
 
 The prefill kernels are compiled as the runtime specialises a typical call (typical_ints,
 specialize: aligned pointers and strides, MHA's group of 1 as a constant; --group for GQA). Before
@@ -62,7 +62,7 @@ def _load_kernels():
 configs, _fwd, _bwd, _bounds, _decode = _load_kernels()
 KERNELS = {"fwd": _fwd.attn_fwd_kernel, "dkdv": _bwd.attn_bwd_dkdv_kernel, "dq": _bwd.attn_bwd_dq_kernel}
 TENSOR_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "K_NEW", "V_NEW", "K_CACHE", "V_CACHE")
-FP32_POINTERS = ("LSE", "DELTA", "DLSE", "O_PART", "LSE_PART", "ALIBI", "SINKS", "DBIAS")
+FP32_POINTERS = ("LSE", "DELTA", "DLSE", "O_PART", "LSE_PART", "ALIBI", "SINKS", "DBIAS", "DQ_SUM")
 INT32_POINTERS = ("KV_BOUNDS", "CU_Q", "CU_K", "BOUNDS", "SEQLENS", "BLOCK_TABLE")
 SCALARS_FP32 = ("qk_scale", "sm_scale", "cap2")
 # Score-modifier variants (--variants): the kernels' modifier flags each turns on.
@@ -279,8 +279,9 @@ def main(argv=None) -> int:
     ap.add_argument("--group", type=int, default=1,
                     help="query heads per KV head of the typical call the prefill kernels are specialised for "
                          "(1: MHA, where the runtime folds dK/dV's loop over the group away)")
-    ap.add_argument("--lpt", action="store_true",
-                    help="the configs as their lpt twins (the longest tiles first)")
+    ap.add_argument("--twin", choices=["lpt", "atomic_dq"], default=None,
+                    help="each config as its twin with this flag set: lpt (the longest tiles first), atomic_dq "
+                         "(dK/dV adds dQ with atomics; dK/dV's configs only)")
     ap.add_argument("--filter", default="",
                     help="only configs whose label holds this, e.g. ' ws' (labels: '128x64 w4 s3 tma ws')")
     args = ap.parse_args(argv)
@@ -307,8 +308,8 @@ def main(argv=None) -> int:
                     cands = [configs.FP32_CONFIGS[kind], configs.FALLBACK]
                 else:
                     cands = configs.GPU_CANDIDATES[kind][configs.head_dim_bucket(block_d)] + [configs.FALLBACK]
-                if args.lpt:
-                    cands = [dataclasses.replace(c, lpt=True) for c in cands]
+                if args.twin and (args.twin != "atomic_dq" or kind == "dkdv"):
+                    cands = [dataclasses.replace(c, **{args.twin: True}) for c in cands]
                 for cfg in (c for c in cands if args.filter in c.label()):
                     try:
                         smem, mma, dt, regs = compile_one(kind, cfg, args.dtype, d, causal, args.arch, variant,

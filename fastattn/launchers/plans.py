@@ -194,7 +194,8 @@ def clear() -> None:
 
 
 def build(name: str, kernel, cands: list[configs.BlockConfig], grid_for, args: tuple, constexprs: dict, *,
-          seq_len: int, outputs: tuple[int, ...], device: torch.device, verify=None) -> Plan:
+          seq_len: int, outputs: tuple[int, ...], device: torch.device, verify=None,
+          sums: tuple[int, ...] = ()) -> Plan:
     """A plan for launching `kernel` on `args` (runtime arguments, in order), launched once: the
     outputs are written as by any launch.
 
@@ -202,8 +203,11 @@ def build(name: str, kernel, cands: list[configs.BlockConfig], grid_for, args: t
     seq_len: the length that keys the tuning bucket; outputs: indices of the output tensors in
     args (to check a direct launch once); name: the kernel's name in warnings. A kernel that
     writes into a tensor in place (a KV cache: it cannot be refilled with a sentinel) passes
-    outputs=() and verify() -> bool, which checks what the direct launch wrote. Under CUDA-graph
-    capture nothing may sync: no tuning, no check, and the plan is provisional."""
+    outputs=() and verify() -> bool, which checks what the direct launch wrote. sums: indices of
+    tensors the kernel adds into with atomics (the caller zero-fills them): zeroed again before every
+    further launch building makes (tuning's, the check's), so that they end up holding one launch's
+    sums, and not compared by the check (atomics add in any order). Under CUDA-graph capture nothing
+    may sync: no tuning, no check, and the plan is provisional."""
     tune_key = (name, tuple(cands), tuple(sorted(constexprs.items())), str(args[0].dtype), str(device),
                 configs.seq_bucket(seq_len))
     capturing = _capturing(device)
@@ -222,12 +226,13 @@ def build(name: str, kernel, cands: list[configs.BlockConfig], grid_for, args: t
                     scratch=bool(full.get("TMA")))
         grid = grid_for(config)
         if not launched:
+            _zero(args, sums)  # tuning launched it already
             handle = _jit_launch(kernel, grid, args, full, config)
         if handle is None or capturing or not direct_launch_enabled():
             return plan  # interpreter, a graph capture, or direct launches turned off
         handle_key = (tune_key, config, specialization(args))
         if handle_key not in _handles:
-            _handles[handle_key] = _checked(name, handle, plan, grid, args, outputs, verify)
+            _handles[handle_key] = _checked(name, handle, plan, grid, args, outputs, verify, sums)
     plan.handle = _handles[handle_key]
     return plan
 
@@ -281,11 +286,16 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 _SENTINEL = 0xFF  # every output byte set before a checked launch: a launch that writes nothing shows
 
 
-def _checked(name, handle, plan, grid, args, outputs, verify=None):
+def _zero(args, sums) -> None:
+    for i in sums:
+        args[i].zero_()
+
+
+def _checked(name, handle, plan, grid, args, outputs, verify=None, sums=()):
     """`handle` if launching it directly writes exactly what Triton's own launch writes (outputs
     filled with a sentinel before each, compared bit for bit; or, for an in-place kernel, verify()
     after one direct launch), else None with a warning. Either way the outputs end up holding the
-    JIT launch's results."""
+    JIT launch's results, and the sums (zeroed before each launch, not compared) one launch's."""
     expected, same = None, False
     try:
         plan.handle = handle
@@ -298,14 +308,16 @@ def _checked(name, handle, plan, grid, args, outputs, verify=None):
             plan.handle = None
             for i in outputs:
                 _bits(args[i]).fill_(_SENTINEL)
+            _zero(args, sums)
             _jit_launch(plan.kernel, grid, args, plan.constexprs, plan.config)
-            expected = [args[i].clone() for i in outputs]
+            expected = [args[i].clone() for i in (*outputs, *sums)]
             for i in outputs:
                 _bits(args[i]).fill_(_SENTINEL)
+            _zero(args, sums)
             plan.handle = handle
             with on_device(args[0].get_device()):
                 plan.launch(grid, args, stream_of(args[0]))
-            same = all(torch.equal(_bits(e), _bits(args[i])) for e, i in zip(expected, outputs))
+            same = all(torch.equal(_bits(e), _bits(args[i])) for e, i in zip(expected, outputs))  # (not sums)
             reason = "its outputs differ from Triton's own launch"
     except Exception as e:  # an API the direct launch did not expect: fall back, keep working
         reason = f"{type(e).__name__}: {e}"
@@ -314,9 +326,10 @@ def _checked(name, handle, plan, grid, args, outputs, verify=None):
     if same:
         return handle
     if expected is None:
+        _zero(args, sums)
         _jit_launch(plan.kernel, grid, args, plan.constexprs, plan.config)
     else:
-        for e, i in zip(expected, outputs):
+        for e, i in zip(expected, (*outputs, *sums)):
             args[i].copy_(e)
     if name not in _warned:
         _warned.add(name)

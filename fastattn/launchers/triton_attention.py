@@ -150,17 +150,18 @@ def _tile(kind: str, c: configs.BlockConfig) -> int:
     return c.block_n if kind == "dkdv" else c.block_m
 
 
-def _candidates(kind: str, consts: dict, tma_ok: bool = False, ws_ok: bool = False,
-                rows: int = 0) -> list[configs.BlockConfig]:
+def _candidates(kind: str, consts: dict, tma_ok: bool = False, ws_ok: bool = False, rows: int = 0,
+                atomic_ok: bool = True) -> list[configs.BlockConfig]:
     """The kernel's configs for this call over `rows` (its tiles' sequence length); a config with tma
     becomes its pointer-load twin where the call cannot take tensor descriptors (tma_ok: _tma_ok), one
     with ws its unspecialised tma twin where the warp-specialised loop cannot take the call (ws_ok:
-    _ws_ok), one with lpt its grid-order twin where the tiles would not fit lpt's grid axis."""
+    _ws_ok), one with lpt its grid-order twin where the tiles would not fit lpt's grid axis, one with
+    atomic_dq its deterministic twin where the dQ kernel must run (atomic_ok False: it writes dbias)."""
     path = {} if tma_ok and ws_ok else dict(ws=False) if tma_ok else dict(tma=False, ws=False)
     cands = []
     for c in configs.candidates(kind, consts["BLOCK_D"], consts["DOT_PRECISION"] == "ieee"):
         lpt = c.lpt and -(-rows // _tile(kind, c)) <= MAX_GRID_YZ
-        cands.append(dataclasses.replace(c, **path, lpt=lpt))
+        cands.append(dataclasses.replace(c, **path, lpt=lpt, atomic_dq=c.atomic_dq and atomic_ok))
     return list(dict.fromkeys(cands))
 
 
@@ -272,12 +273,14 @@ def _preprocess_args(out, dout, dlse, delta, out_strides, dout_strides, lse_stri
     return (out, dout, dlse, delta, *out_strides, *dout_strides, *lse_strides, rows)
 
 
-def _dkdv_args(q, k, v, dout, lse, delta, dk, dv, masks, bias, alibi, in_strides, dk_strides, tail, floats):
+def _dkdv_args(q, k, v, dout, lse, delta, dk, dv, dq_sum, masks, bias, alibi, in_strides, dk_strides, dq_strides,
+               tail, floats):
     """attn_bwd_dkdv_kernel's runtime arguments in its order. in_strides: q, k, v, dout; dk_strides:
-    dk's (and dv's, also contiguous); tail: (lse strides, sizes, totals, modifier ints) as the
+    dk's (and dv's, also contiguous); dq_sum: the float32 dQ a config's atomic_dq adds into (else any
+    tensor: not read), dq_strides its; tail: (lse strides, sizes, totals, modifier ints) as the
     forward's; floats: (sm_scale, qk_scale, cap2)."""
-    return (q, k, v, dout, lse, delta, dk, dv, *masks, bias, alibi, *in_strides, *dk_strides, *dk_strides, *tail,
-            *floats)
+    return (q, k, v, dout, lse, delta, dk, dv, dq_sum, *masks, bias, alibi, *in_strides, *dk_strides, *dk_strides,
+            *dq_strides, *tail, *floats)
 
 
 def _dq_args(q, k, v, dout, lse, delta, dq, masks, bias, alibi, dbias, in_strides, dq_strides, tail, dbias_strides,
@@ -338,9 +341,6 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     floats = (scale, scale * LOG2E, cap2)
     masks = (kpm, bounds, cu_q, cu_k)
     pre_args = _preprocess_args(out, dout, dlse, delta, s_out, s_qkvdo[9:], lse_strides, rows)
-    dkdv_args = _dkdv_args(q, k, v, dout, lse, delta, dk, dv, masks, bias_p, alibi_p, s_qkvdo, s_dk, tail, floats)
-    dq_args = _dq_args(q, k, v, dout, lse, delta, dq, masks, bias_p, alibi_p, dbias_args[0], s_qkvdo, s_dq, tail,
-                       dbias_args[1:], floats)
     grids = (lambda c: (-(-rows // c.block_m), hq, pre_batch),
              lambda c: _tile_grid(sk, c.block_n, hkv, b, c.lpt),
              lambda c: _tile_grid(sq, c.block_m, hq, b, c.lpt))
@@ -349,11 +349,8 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     totals = (plans.specialization((tq, tk)), pre_wide) if varlen else (lse_strides, rows)
     key = ("bwd", q.dtype, device, causal, key_padding_mask is not None, varlen, has_dlse, d, b, hq, hkv, in_strides,
            sizes, totals, plans.aligned((q, k, v, dout, out, lse, dlse, *extra)), mod_key)
-    all_args = (pre_args, dkdv_args, dq_args)
     found = _plans.get(key)
-    if found is not None:
-        plans.launch(device, [(plan, grid(plan.config), args) for plan, grid, args in zip(found, grids, all_args)])
-    else:
+    if found is None:
         wide = (_needs_wide_offsets(varlen, max(sq, sk), q, k, v, out, dout, dq, dk, dv)
                 or (mod_key is not None and mod_key[2]))
         flags = {name: on for name, on in flags.items() if name != "HAS_SINKS"}  # the sinks' gradient is ours
@@ -366,17 +363,36 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
         # (whatever the key padding), dQ's K and V.
         tma_ok = (_tma_ok(consts, (q, dout), s_qkvdo[:3] + s_qkvdo[9:], keys=False),
                   _tma_ok(consts, (k, v), s_qkvdo[3:9]))
+        dkdv_cands = _candidates("dkdv", consts, tma_ok[0], rows=sk, atomic_ok=dbias is None)
+        atomic = dkdv_cands[0].atomic_dq  # (only a forced config has it: a list of one)
+    else:
+        atomic = found[1].config.atomic_dq
+    # With a dK/dV config's atomic_dq, dK/dV adds dQ into a float32 twin of dq and no dQ kernel runs.
+    dq_sum = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic else dq
+    dkdv_args = _dkdv_args(q, k, v, dout, lse, delta, dk, dv, dq_sum, masks, bias_p, alibi_p, s_qkvdo, s_dk, s_dq,
+                           tail, floats)
+    dq_args = _dq_args(q, k, v, dout, lse, delta, dq, masks, bias_p, alibi_p, dbias_args[0], s_qkvdo, s_dq, tail,
+                       dbias_args[1:], floats)
+    all_args = (pre_args, dkdv_args, dq_args)
+    if found is not None:
+        plans.launch(device, [(plan, grid(plan.config), args) for plan, grid, args in zip(found, grids, all_args)
+                              if plan is not None])
+    else:
         with on_device(device):
             built = (
                 plans.build("bwd_preprocess", attn_bwd_preprocess_kernel, [configs.PREPROCESS], grids[0], pre_args,
                             pre_consts, seq_len=rows, outputs=(3,), device=q.device),
-                plans.build("dkdv", attn_bwd_dkdv_kernel, _candidates("dkdv", consts, tma_ok[0], rows=sk), grids[1],
-                            dkdv_args, consts_dkdv, seq_len=max(sq, sk), outputs=(6, 7), device=q.device),
+                plans.build("dkdv", attn_bwd_dkdv_kernel, dkdv_cands, grids[1], dkdv_args, consts_dkdv,
+                            seq_len=max(sq, sk), outputs=(6, 7), device=q.device, sums=(8,) if atomic else ()),
                 # dbias (zero-filled, partly written) is not checked against a sentinel; dq is.
-                plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts_dq, tma_ok[1], rows=sq), grids[2],
-                            dq_args, consts_dq, seq_len=max(sq, sk), outputs=(6,), device=q.device),
+                None if atomic else plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts_dq, tma_ok[1],
+                                                                                      rows=sq),
+                                                grids[2], dq_args, consts_dq, seq_len=max(sq, sk), outputs=(6,),
+                                                device=q.device),
             )
         plans.remember(_plans, key, built, MAX_CACHED_SIGNATURES)
+    if atomic:
+        dq.copy_(dq_sum)
     if plain:
         return dq, dk, dv, None, None
     dsinks = None if sinks is None else _dsinks(sinks, lse, delta, varlen)
