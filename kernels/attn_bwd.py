@@ -1,6 +1,6 @@
-"""FlashAttention-2 backward in Triton, deterministic (no atomics).
+"""FlashAttention-2 backward in Triton, deterministic (no atomics; but see ATOMIC_DQ below).
 
-Three launches:
+Three launches (two with ATOMIC_DQ):
 1. ``attn_bwd_preprocess_kernel``: delta_i = rowsum(dO_i * O_i) (minus dlse_i when the caller
    back-propagates through the returned lse, since d lse_i / d s_ij = P_ij).
 2. ``attn_bwd_dkdv_kernel``: one program per (KV tile, batch, KV head). It streams every query
@@ -20,6 +20,7 @@ of the modified logit: the bias gradient itself, which the dQ kernel writes (HAS
 launcher computes it from them with torch ops (a reduction over rows, deterministic).
 
 TMA (a config's tma): the tiles a kernel streams come through per-(batch, head) tensor descriptors
+(dK/dV under GQA: one per (batch, KV head) over its group's query heads, (heads, rows, D))
 (Hopper's tensor memory accelerator; zero-filled past the sequence and the head dim), as the
 forward's K/V: Q and dO in dK/dV, K and V in dQ. Fewer registers go to addresses and masks (sm_90,
 D=128, causal, as the runtime specialises: dK/dV 32x64 249 -> 211, dQ 64x64 210 -> 185). dK/dV may
@@ -192,18 +193,19 @@ def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, dq_base, q_desc, do_de
     do_base, dq_base, LSE_row, DELTA_row, mods); with GQA of every
     query head of the group, these being its first head's, in ONE loop over (head, query block)
     (a loop over the heads around the query loop spills: sm_90, D=128, a group of 4, 936 B at
-    64x64 w4 s3, 136 B flat; benchmarks/results/2026-12-05-cpu-lpt/README.md).
+    64x64 w4 s3, 188 B flat; benchmarks/results/2026-12-05-cpu-lpt/README.md).
     group = (GROUP, stride_qh, stride_doh, stride_lh, stride_bh, ALIBI_b, first head, stride_dqh) steps
     to the others. strides = (stride_qs, stride_dos, stride_dqs); scales = (qk_scale, sm_scale)."""
     if GQA:
         n = tl.cdiv(hi - lo, BLOCK_M)  # query blocks per head
         for i in range(group[0] * n):
             g = i // n
-            mods_g = (mods[0] + g * group[4], mods[1], mods[2], _slope2(group[5], group[6] + g, HAS_ALIBI=HAS_ALIBI),
+            gw = g.to(tl.int64)  # head offsets in 64 bits: a head stride times the group may pass 2**31
+            mods_g = (mods[0] + gw * group[4], mods[1], mods[2], _slope2(group[5], group[6] + g, HAS_ALIBI=HAS_ALIBI),
                       mods[4], mods[5], mods[6])
-            dk, dv = _dkdv_block(dk, dv, k, v, kp, lo + (i - g * n) * BLOCK_M, g, q_base + g * group[1],
-                                 do_base + g * group[2], dq_base + g * group[7], q_desc, do_desc,
-                                 LSE_row + g * group[3], DELTA_row + g * group[3], strides[0], strides[1],
+            dk, dv = _dkdv_block(dk, dv, k, v, kp, lo + (i - g * n) * BLOCK_M, g, q_base + gw * group[1],
+                                 do_base + gw * group[2], dq_base + gw * group[7], q_desc, do_desc,
+                                 LSE_row + gw * group[3], DELTA_row + gw * group[3], strides[0], strides[1],
                                  strides[2], offs_n, seq, mods_g, scales[0], scales[1], MASKED=MASKED, CAUSAL=CAUSAL,
                                  HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
                                  SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,

@@ -15,7 +15,7 @@ ws (the forward only, with tma): Q through a descriptor too and the key loop war
 lpt (the prefill kernels): the grid runs the longest tiles of every (batch, head) first, then the
 next longest, and so on (greedy longest-processing-time scheduling of causal tiles; kernels/tiles.py,
 program_coords).
-atomic_dq (dK/dV only; NOT deterministic, so never in a table: only forced, or a caller's opt-in):
+atomic_dq (dK/dV only; NOT deterministic, so never in a table and no API flag yet: only forced):
 dK/dV also computes dQ = dS K for its key tile and adds it into a float32 buffer with atomics, and the
 dQ kernel does not run (5 matmuls per pair of tiles instead of 7; see kernels/attn_bwd.py). The sum's
 order then varies from run to run, and so do dQ's last bits.

@@ -488,7 +488,8 @@ def test_tma_backward_matches_reference(causal, dtype, gen):
 
 def test_tma_backward_falls_back_per_kernel(gen):
     """Each backward kernel drops to pointer loads only where its own streamed tiles cannot take
-    descriptors: fp32 (both), dO rows not 16-byte aligned (dK/dV), K/V rows not 16-byte aligned (dQ)."""
+    descriptors: fp32 (both), dO rows not 16-byte aligned (dK/dV), K/V rows not 16-byte aligned (dQ),
+    query heads that repeat under GQA (dK/dV)."""
     q, k, v = testing.random_qkv(2, 40, 50, 2, 2, 40, dtype=HALF, device=DEVICE, generator=gen)
 
     def ran_with(xs, dout=None):
@@ -504,6 +505,10 @@ def test_tma_backward_falls_back_per_kernel(gen):
     assert ran_with((q, k, v), dout_odd) == {"dkdv": DKDV_POINTERS, "dq": DQ_TMA}
     k_odd, v_odd = (torch.randn(2, 50, 2, 41, generator=gen).to(DEVICE, HALF)[..., :40] for _ in range(2))
     assert ran_with((q, k_odd, v_odd)) == {"dkdv": DKDV_TMA, "dq": DQ_POINTERS}
+    # GQA: dK/dV's descriptors span the group's query heads, which must not repeat (head stride 0).
+    k1, v1 = k[:, :, :1], v[:, :, :1]
+    assert ran_with((q, k1, v1)) == {"dkdv": DKDV_TMA, "dq": DQ_TMA}
+    assert ran_with((q[:, :, :1].expand(q.shape), k1, v1)) == {"dkdv": DKDV_POINTERS, "dq": DQ_TMA}
 
 
 # ---- The longest tiles first (a config's lpt: grid order only; not yet timed on a GPU) ----
@@ -640,7 +645,7 @@ def test_config_lists_round_trip():
 
 # ---- dQ added by dK/dV with atomics (a dkdv config's atomic_dq: not deterministic, so in no table,
 # only when asked for; not yet timed on a GPU) ----
-DKDV_ATOMIC = BlockConfig(32, 64, 4, 2, atomic_dq=True)
+DKDV_ATOMIC = BlockConfig(32, 16, 4, 2, atomic_dq=True)  # key tiles of 16: several add into each dQ row
 
 
 def _bwd_kernels_ran() -> dict:
@@ -685,15 +690,31 @@ def _atomic_cases(gen):
     return cases
 
 
+def _grads_twice(fn, q, k, v, mods=None):
+    """Two backward passes of fn (with score modifiers mods; the second through the launch plans the
+    first built): q's, k's and v's gradients of each."""
+    runs = []
+    for _ in range(2):
+        xs = [x.detach().requires_grad_() for x in (q, k, v)]
+        out, _ = fn(*xs, **(mods or {}))
+        out.backward(torch.ones_like(out))
+        runs.append([x.grad for x in xs])
+    return runs
+
+
 def test_atomic_dq_matches_reference(gen):
     """dK/dV adding dQ with atomics (the dQ kernel not run) matches the float64 reference under the
-    tolerance rule on every backward path, the lse's gradient included."""
+    tolerance rule on every backward path, the lse's gradient included; a second call, through the
+    plans the first built, gives the same gradients (bit for bit in the interpreter, which runs the
+    programs in order)."""
     for name, fn, q, k, v, kw in _atomic_cases(gen):
-        plans.clear()
-        with configs.forced(dkdv=DKDV_ATOMIC):
+        with launch.forced_configs(dkdv=DKDV_ATOMIC):
             results = testing.check_against_reference(fn, q, k, v, lse_grad=True, generator=gen, **kw)
-        assert all(r.ok for r in results), (name, [str(r) for r in results if not r.ok])
-        assert _bwd_kernels_ran() == {"dkdv": [DKDV_ATOMIC], "dq": []}, name
+            assert all(r.ok for r in results), (name, [str(r) for r in results if not r.ok])
+            assert _bwd_kernels_ran() == {"dkdv": [DKDV_ATOMIC], "dq": []}, name
+            first, second = _grads_twice(fn, q, k, v, kw.get("mods"))
+            for i, (a, b) in enumerate(zip(first, second)):
+                _assert_same(b, a, f"{name}: gradient {i}, second call")
 
 
 @pytest.mark.parametrize("cfg", [BlockConfig(64, 32, 4, 2, tma=True, atomic_dq=True),
@@ -703,10 +724,9 @@ def test_atomic_dq_with_the_other_paths(cfg, dtype, gen):
     """atomic_dq with the dK/dV configs' other paths (Q/dO by descriptors; the longest tiles first), GQA."""
     q, k, v = testing.random_qkv(2, 97, 60, 4, 2, 80, dtype=dtype, device=DEVICE, generator=gen)
     for causal in (False, True):
-        plans.clear()
-        with configs.forced(dkdv=cfg):
+        with launch.forced_configs(dkdv=cfg):
             assert_matches_reference(q, k, v, causal, gen)
-        assert _bwd_kernels_ran() == {"dkdv": [cfg], "dq": []}
+            assert _bwd_kernels_ran() == {"dkdv": [cfg], "dq": []}
 
 
 def test_atomic_dq_leaves_a_bias_gradient_to_the_dq_kernel(gen):
@@ -714,13 +734,12 @@ def test_atomic_dq_leaves_a_bias_gradient_to_the_dq_kernel(gen):
     its deterministic twin, and the gradients match the reference."""
     q, k, v = testing.random_qkv(2, 45, 60, 4, 2, 64, dtype=HALF, device=DEVICE, generator=gen)
     bias = torch.randn(2, 4, 45, 60, generator=gen).to(DEVICE, HALF)
-    plans.clear()
-    with configs.forced(dkdv=DKDV_ATOMIC):
+    with launch.forced_configs(dkdv=DKDV_ATOMIC):
         results = testing.check_against_reference(
             lambda *a, **m: fastattn.attention(*a, causal=True, return_lse=True, backend="triton", **m), q, k, v,
             causal=True, generator=gen, mods=dict(bias=bias))
-    assert all(r.ok for r in results), [str(r) for r in results if not r.ok]
-    ran = _bwd_kernels_ran()
+        assert all(r.ok for r in results), [str(r) for r in results if not r.ok]
+        ran = _bwd_kernels_ran()
     assert ran["dkdv"] == [dataclasses.replace(DKDV_ATOMIC, atomic_dq=False)] and len(ran["dq"]) == 1, ran
 
 

@@ -121,7 +121,7 @@ def typical_ints(head_dim: int, group: int, heads: int = 16, seqlen: int = 16384
 
 def specialize(kernel, signature_: dict, constexprs: dict, ints: dict) -> dict:
     """Triton's runtime specialisation of a call, applied to a compile: an integer argument equal to
-    1 becomes the constant 1 (a GQA loop over one head folds away), one divisible by 16 and every
+    1 becomes the constant 1 (MHA's group of one head), one divisible by 16 and every
     pointer (fresh tensors are 16-byte aligned) get tt.divisibility 16 (wider loads). Arguments in
     do_not_specialize keep neither. Updates signature_ and constexprs; returns the attrs."""
     attrs = {}
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default=",".join(KERNELS), help=f"prefill kernels, of {','.join(KERNELS)}")
     ap.add_argument("--group", type=int, default=1,
                     help="query heads per KV head of the typical call the prefill kernels are specialised for "
-                         "(1: MHA, where the runtime folds dK/dV's loop over the group away)")
+                         "(1: MHA; more compiles dK/dV's one loop over (head, query block), its GQA constexpr)")
     ap.add_argument("--twin", choices=["lpt", "atomic_dq"], default=None,
                     help="each config as its twin with this flag set: lpt (the longest tiles first), atomic_dq "
                          "(dK/dV adds dQ with atomics; dK/dV's configs only)")

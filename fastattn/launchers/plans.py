@@ -226,7 +226,7 @@ def build(name: str, kernel, cands: list[configs.BlockConfig], grid_for, args: t
                     scratch=bool(full.get("TMA")))
         grid = grid_for(config)
         if not launched:
-            _zero(args, sums)  # tuning launched it already
+            _zero(args, sums)  # (tuning may have launched it)
             handle = _jit_launch(kernel, grid, args, full, config)
         if handle is None or capturing or not direct_launch_enabled():
             return plan  # interpreter, a graph capture, or direct launches turned off
@@ -296,6 +296,8 @@ def _checked(name, handle, plan, grid, args, outputs, verify=None, sums=()):
     filled with a sentinel before each, compared bit for bit; or, for an in-place kernel, verify()
     after one direct launch), else None with a warning. Either way the outputs end up holding the
     JIT launch's results, and the sums (zeroed before each launch, not compared) one launch's."""
+    if verify is not None and sums:
+        raise ValueError(f"{name}: an in-place kernel's check (verify) cannot also take sums")
     expected, same = None, False
     try:
         plan.handle = handle

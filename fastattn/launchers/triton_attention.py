@@ -165,18 +165,19 @@ def _candidates(kind: str, consts: dict, tma_ok: bool = False, ws_ok: bool = Fal
     return list(dict.fromkeys(cands))
 
 
-def _tma_ok(consts: dict, tensors: tuple, strides: tuple, keys: bool = True) -> bool:
+def _tma_ok(consts: dict, tensors: tuple, strides: tuple, keys: bool = True, heads: bool = False) -> bool:
     """Whether these tensors' tiles may come through tensor descriptors: this Triton has them;
     fp16/bf16 (fp32's FMA dots gain nothing and spill more); no key-padding mask must hide them (keys:
     they are K/V); every (batch, head, sequence) base and row is 16-byte aligned, and rows do not
-    repeat (a sequence stride of 0). strides: (batch, seq, head) per tensor. The tensor memory
-    accelerator's rules; the plans' key holds the strides and alignment."""
+    repeat (a sequence stride of 0; heads: a descriptor spans heads too, dK/dV's under GQA, so nor
+    do heads). strides: (batch, seq, head) per tensor. The tensor memory accelerator's rules; the
+    plans' key holds the strides and alignment."""
     if ((keys and consts["HAS_KPM"]) or consts["DOT_PRECISION"] == "ieee"
             or not hasattr(triton.language, "make_tensor_descriptor")):
         return False
     size = tensors[0].element_size()
     return (all(x.data_ptr() % 16 == 0 for x in tensors) and all(st * size % 16 == 0 for st in strides)
-            and all(st > 0 for st in strides[1::3]))
+            and all(st > 0 for st in strides[1::3]) and not (heads and 0 in strides[2::3]))
 
 
 def _ws_ok(consts: dict, q, q_strides: tuple) -> bool:
@@ -361,10 +362,12 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
         pre_consts = dict(HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], WIDE=wide or pre_wide)
         # The tiles each kernel streams, through descriptors with a config's tma: dK/dV's Q and dO
         # (whatever the key padding), dQ's K and V.
-        tma_ok = (_tma_ok(consts, (q, dout), s_qkvdo[:3] + s_qkvdo[9:], keys=False),
+        tma_ok = (_tma_ok(consts, (q, dout), s_qkvdo[:3] + s_qkvdo[9:], keys=False, heads=hq != hkv),
                   _tma_ok(consts, (k, v), s_qkvdo[3:9]))
         dkdv_cands = _candidates("dkdv", consts, tma_ok[0], rows=sk, atomic_ok=dbias is None)
         atomic = dkdv_cands[0].atomic_dq  # (only a forced config has it: a list of one)
+        if any(c.atomic_dq != atomic for c in dkdv_cands):  # tuning must not choose the dQ path
+            raise ValueError("dK/dV candidates mix atomic_dq and deterministic configs")
     else:
         atomic = found[1].config.atomic_dq
     # With a dK/dV config's atomic_dq, dK/dV adds dQ into a float32 twin of dq and no dQ kernel runs.
