@@ -119,6 +119,21 @@ def attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _query_rows(base, desc, g, start_m, rows, stride, Sq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr, WIDE: tl.constexpr, TMA: tl.constexpr, GQA: tl.constexpr):
+    """dK/dV's (BLOCK_M, BLOCK_D) tile of one query head's Q or dO at rows = start_m + arange: from
+    base by pointers, or with TMA from desc (with GQA the group's (heads, rows, D) descriptor, at head
+    g). Rows past Sq and columns past HEAD_DIM read as 0."""
+    if TMA and GQA:
+        x = desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    elif TMA:
+        x = desc.load([start_m, 0])
+    else:
+        x = load_tile(base, rows, stride, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
+    return x
+
+
+@triton.jit
 def _dkdv_block(dk, dv, k, v, kp, start_m, g, q_base, do_base, dq_base, q_desc, do_desc, LSE_row, DELTA_row,
                 stride_qs, stride_dos, stride_dqs, offs_n, seq, mods, qk_scale, sm_scale, MASKED: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -132,12 +147,8 @@ def _dkdv_block(dk, dv, k, v, kp, start_m, g, q_base, do_base, dq_base, q_desc, 
     Sq = seq[1]
     Sk = seq[3]
     rows = start_m + tl.arange(0, BLOCK_M)
-    if TMA and GQA:
-        q = q_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-    elif TMA:
-        q = q_desc.load([start_m, 0])
-    else:
-        q = load_tile(q_base, rows, stride_qs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
+    q = _query_rows(q_base, q_desc, g, start_m, rows, stride_qs, Sq, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                    BLOCK_D=BLOCK_D, WIDE=WIDE, TMA=TMA, GQA=GQA)
     lse_hi, lse_lo = _lse_log2(LSE_row, rows, Sq)
     # Work transposed, (BLOCK_N, BLOCK_M), so dK/dV come out without transposing P. (fp32: a GPU's
     # "ieee" dot is an ordered FMA chain per element, so s rounds exactly as in the forward that made
@@ -154,12 +165,8 @@ def _dkdv_block(dk, dv, k, v, kp, start_m, g, q_base, do_base, dq_base, q_desc, 
         p_t = tl.where(vis, p_t, 0.0)
     elif HAS_KPM:  # padded keys get no probability
         p_t = tl.where(kp[:, None], p_t, 0.0)
-    if TMA and GQA:
-        do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-    elif TMA:
-        do = do_desc.load([start_m, 0])
-    else:
-        do = load_tile(do_base, rows, stride_dos, Sq, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_ROWS=True, WIDE=WIDE)
+    do = _query_rows(do_base, do_desc, g, start_m, rows, stride_dos, Sq, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                     BLOCK_D=BLOCK_D, WIDE=WIDE, TMA=TMA, GQA=GQA)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     delta = tl.load(DELTA_row + rows, mask=rows < Sq, other=0.0)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
