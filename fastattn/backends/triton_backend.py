@@ -8,17 +8,17 @@ import torch
 
 from fastattn.backends.call import AppendCall, AttentionCall, KVCacheCall
 
-MAX_GRID_YZ = 65535  # heads and batch are CUDA grid axes 1 and 2 (decode: KV heads x row tiles, and batch)
-
 # Imported once, eagerly, so that torch.compile never traces an import.
 try:
+    # MAX_GRID_YZ: heads and batch are CUDA grid axes 1 and 2 (decode: KV heads x row tiles, and batch)
+    from fastattn.ops import MAX_GRID_YZ, interpreter_enabled, kvcache_attention, padded_attention, varlen_attention
     from fastattn.ops import append_kv as append_op  # registers the ops
-    from fastattn.ops import interpreter_enabled, kvcache_attention, padded_attention, varlen_attention
     from fastattn.ops.ring_blocks import KernelBlock
 
     _IMPORT_ERROR = None
 except Exception as e:  # pragma: no cover - depends on the machine
     padded_attention = varlen_attention = kvcache_attention = append_op = interpreter_enabled = KernelBlock = None
+    MAX_GRID_YZ = 65535
     _IMPORT_ERROR = f"triton could not be imported: {type(e).__name__}: {e}"
 
 

@@ -135,7 +135,7 @@ def _constexprs(q, causal, has_kpm, varlen, head_dim, wide, flags=None) -> dict:
                 BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()), WIDE=wide, **(flags or NO_FLAGS))
 
 
-MAX_GRID_YZ = 65535  # CUDA's limit on a grid's second and third axes
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's second and third axes (the backend's grid limit too)
 
 
 def _tile_grid(rows: int, block: int, heads: int, batch: int, lpt: bool) -> tuple:
@@ -382,18 +382,15 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
                               if plan is not None])
     else:
         with on_device(device):
-            built = (
-                plans.build("bwd_preprocess", attn_bwd_preprocess_kernel, [configs.PREPROCESS], grids[0], pre_args,
-                            pre_consts, seq_len=rows, outputs=(3,), device=q.device),
-                plans.build("dkdv", attn_bwd_dkdv_kernel, dkdv_cands, grids[1], dkdv_args, consts_dkdv,
-                            seq_len=max(sq, sk), outputs=(6, 7), device=q.device, sums=(8,) if atomic else ()),
-                # dbias (zero-filled, partly written) is not checked against a sentinel; dq is.
-                None if atomic else plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts_dq, tma_ok[1],
-                                                                                      rows=sq),
-                                                grids[2], dq_args, consts_dq, seq_len=max(sq, sk), outputs=(6,),
-                                                device=q.device),
-            )
-        plans.remember(_plans, key, built, MAX_CACHED_SIGNATURES)
+            pre_plan = plans.build("bwd_preprocess", attn_bwd_preprocess_kernel, [configs.PREPROCESS], grids[0],
+                                   pre_args, pre_consts, seq_len=rows, outputs=(3,), device=q.device)
+            dkdv_plan = plans.build("dkdv", attn_bwd_dkdv_kernel, dkdv_cands, grids[1], dkdv_args, consts_dkdv,
+                                    seq_len=max(sq, sk), outputs=(6, 7), device=q.device, sums=(8,) if atomic else ())
+            dq_plan = None  # (atomic: dK/dV did dQ's work)
+            if not atomic:  # dbias (zero-filled, partly written) is not checked against a sentinel; dq is.
+                dq_plan = plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts_dq, tma_ok[1], rows=sq),
+                                      grids[2], dq_args, consts_dq, seq_len=max(sq, sk), outputs=(6,), device=q.device)
+        plans.remember(_plans, key, (pre_plan, dkdv_plan, dq_plan), MAX_CACHED_SIGNATURES)
     if atomic:
         dq.copy_(dq_sum)
     if plain:

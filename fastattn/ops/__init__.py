@@ -2,7 +2,9 @@
 torch.compile) and the autograd Functions that differentiate them (fastattn.ops.autograd)."""
 
 from fastattn.kernels.configs import interpreter_enabled  # for the backends, which import no kernel
+from fastattn.launchers.triton_attention import MAX_GRID_YZ  # for the backends' grid limit
 from fastattn.ops.autograd import padded_attention, varlen_attention
 from fastattn.ops.decode import append_kv, kvcache_attention
 
-__all__ = ["append_kv", "interpreter_enabled", "kvcache_attention", "padded_attention", "varlen_attention"]
+__all__ = ["MAX_GRID_YZ", "append_kv", "interpreter_enabled", "kvcache_attention", "padded_attention",
+           "varlen_attention"]
