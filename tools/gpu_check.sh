@@ -76,7 +76,7 @@ fi
 # have never run on a GPU first, then the rest; the 30 slowest tests listed at the end (for planning).
 # SKIP_BENCH=1 (a verification run): the tests may use the whole budget but the sanitizer's share.
 workers=$(( $(nproc) > 16 ? 16 : $(nproc) ))
-FIRST="tests/test_bad_inputs.py tests/test_fuzz.py tests/test_torch_flash_impl.py tests/test_ring_attention.py tests/test_score_mods.py tests/test_t5.py tests/test_flash_api.py tests/test_hf_integration.py \
+FIRST="tests/test_large_offsets.py tests/test_bad_inputs.py tests/test_fuzz.py tests/test_torch_flash_impl.py tests/test_ring_attention.py tests/test_score_mods.py tests/test_t5.py tests/test_flash_api.py tests/test_hf_integration.py \
 tests/test_decode.py tests/test_models.py tests/test_launch_plans.py tests/test_ops.py \
 tests/test_triton_attention.py tests/test_padding_varlen.py tests/test_cuda_attention.py"
 REST=$(ls tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<< "$FIRST"))

@@ -1,0 +1,213 @@
+"""Element offsets past 2**31: inputs laid out so that some element they hold lies more than 2**31
+elements from their base (a head, batch, row, page or token stride times an index), checked against
+the float64 reference with the tolerance rule. A kernel that computes such an offset in 32 bits
+wraps it and reads or writes outside the tensor.
+
+Only the elements a view holds are ever written (``_spread``: a strided view of one large
+``torch.empty``), so a CPU run touches a few pages of a ~4 GiB virtual allocation; a GPU allocates
+it for real. Each case runs in a process of its own, because a wrapped offset usually crashes the
+process (a segfault in the interpreter, an illegal address on a GPU) instead of failing an assert:
+``python tests/test_large_offsets.py CASE`` runs one case and exits non-zero if it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def past_int32(n: int) -> int:
+    """A stride that puts index n - 1 past 2**31 elements while itself fitting int32 (so Triton
+    passes it as a 32-bit integer, as it would a real one)."""
+    return 2**31 // (n - 1) + 64
+
+
+ROW_STRIDE = past_int32(17)  # rows 0..16
+
+
+def _spread(shape, strides, gen, device, dtype=torch.float16) -> torch.Tensor:
+    """Random values in a view of `shape` with `strides`, over one allocation just large enough."""
+    size = 1 + sum((n - 1) * st for n, st in zip(shape, strides))
+    x = torch.empty(size, dtype=dtype, device=device).as_strided(shape, strides)
+    x.copy_(torch.randn(shape, generator=gen))  # writes only the view's elements
+    return x
+
+
+class _SpreadGrad(torch.autograd.Function):
+    """Identity whose backward hands on the gradient in a spread-out layout (rows ROW_STRIDE apart):
+    the attention backward then reads dO through that layout."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        b, s, h, d = g.shape
+        spread = torch.empty(1 + (b * s - 1) * ROW_STRIDE + h * d, dtype=g.dtype, device=g.device)
+        out = spread.as_strided(g.shape, (s * ROW_STRIDE, ROW_STRIDE, d, 1))
+        return out.copy_(g)
+
+
+def _padded_case(q, k, v, gen, causal=True, bias=None, spread_dout=False) -> dict:
+    """{backend: comparisons} for the Triton kernels and, where they run (a GPU, no bias), the CUDA
+    C++ ones."""
+    import fastattn
+    from fastattn import testing
+
+    def on(backend):
+        def fn(a, b, c, **m):
+            out, lse = fastattn.attention(a, b, c, causal=causal, return_lse=True, backend=backend, **m)
+            return (_SpreadGrad.apply(out) if spread_dout else out), lse
+        return fn
+
+    cuda = fastattn.available_backends()["cuda"].available and bias is None
+    mods = {} if bias is None else {"bias": bias}
+    return {backend: testing.check_against_reference(on(backend), q, k, v, causal=causal, lse_grad=True,
+                                                     generator=gen, mods=mods)
+            for backend in ("triton", "cuda")[:1 + cuda]}
+
+
+def _qkv(b, s, hq, hkv, d, gen, device):
+    return [torch.randn(b, s, h, d, generator=gen).to(device, torch.float16) for h in (hq, hkv, hkv)]
+
+
+def case_gqa_query_heads(gen, device):
+    """Q's heads past_int32(4) apart, a group of 4 (dK/dV walks the group's heads in one loop)."""
+    _, k, v = _qkv(1, 16, 4, 1, 16, gen, device)
+    q = _spread((1, 16, 4, 16), (0, 16, past_int32(4), 1), gen, device)
+    return _padded_case(q, k, v, gen)
+
+
+def case_gqa_bias_heads(gen, device):
+    """A per-head bias whose heads lie past_int32(4) apart, a group of 4 (dbias included)."""
+    q, k, v = _qkv(1, 16, 4, 1, 16, gen, device)
+    bias = _spread((1, 4, 16, 16), (0, past_int32(4), 16, 1), gen, device)
+    return _padded_case(q, k, v, gen, bias=bias)
+
+
+def case_kv_batches(gen, device):
+    """K and V batches past_int32(4) apart (batch 4), not causal."""
+    q, _, _ = _qkv(4, 16, 2, 1, 16, gen, device)
+    k, v = (_spread((4, 16, 1, 16), (past_int32(4), 16, 16, 1), gen, device) for _ in range(2))
+    return _padded_case(q, k, v, gen, causal=False)
+
+
+def case_query_rows(gen, device):
+    """Q's rows ROW_STRIDE apart (17 rows): offsets within one head pass 2**31 (the kernels' 64-bit
+    row offsets, WIDE)."""
+    _, k, v = _qkv(1, 17, 2, 2, 16, gen, device)
+    q = _spread((1, 17, 2, 16), (0, ROW_STRIDE, 16, 1), gen, device)
+    return _padded_case(q, k, v, gen)
+
+
+def case_bias_rows(gen, device):
+    """A bias whose query rows lie ROW_STRIDE apart (17 rows)."""
+    q, k, v = _qkv(1, 17, 2, 2, 16, gen, device)
+    bias = _spread((1, 2, 17, 17), (0, 17, ROW_STRIDE, 1), gen, device)
+    return _padded_case(q, k, v, gen, bias=bias)
+
+
+def case_dout_rows(gen, device):
+    """The output's gradient with rows ROW_STRIDE apart (dO is read by the preprocess, dK/dV and dQ)."""
+    q, k, v = _qkv(1, 17, 2, 2, 16, gen, device)
+    return _padded_case(q, k, v, gen, spread_dout=True)
+
+
+def case_packed_rows(gen, device):
+    """Packed sequences (17 and 3 tokens) whose tokens lie ROW_STRIDE apart in Q: offsets within the
+    first sequence pass 2**31 (a sequence's start is 64-bit anyway)."""
+    import fastattn
+    from fastattn import testing
+
+    cu = torch.tensor([0, 17, 20], dtype=torch.int32, device=device)
+    q = _spread((20, 2, 16), (ROW_STRIDE, 16, 1), gen, device)
+    k, v = (torch.randn(20, 1, 16, generator=gen).to(device, torch.float16) for _ in range(2))
+
+    def varlen(backend):
+        return lambda a, b, c: fastattn.attention_varlen(a, b, c, cu, cu, 17, 17, causal=True, return_lse=True,
+                                                         backend=backend)
+
+    return {"triton": testing.check_against_reference(varlen("triton"), q, k, v, lse_grad=True, generator=gen,
+                                                      ref_fn=varlen("reference"))}
+
+
+def _decode_case(k_cache, v_cache, table, gen, device) -> dict:
+    import fastattn
+    from fastattn import testing
+
+    b = 3
+    lens = torch.tensor([5, 9, 14], dtype=torch.int32, device=device)
+    q = torch.randn(b, 1, 2, 16, generator=gen).to(device, torch.float16)
+    k, v = (torch.randn(b, 1, 1, 16, generator=gen).to(device, torch.float16) for _ in range(2))
+    results = []
+    for splits in (1, 3):
+        kc, vc = k_cache.clone(), v_cache.clone()  # what the cache held before the call (compact copies)
+        fn = lambda: fastattn.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens,
+                                                     block_table=table, num_splits=splits, return_lse=True,
+                                                     backend="triton")
+        results += testing.check_kvcache_against_reference(fn, q, kc, vc, k, v, lens, table)
+        _check_appended(k_cache, v_cache, k, v, lens, table, f"attention_with_kvcache, splits={splits}")
+    # The append alone (its own kernel), one position further.
+    k, v = (torch.randn(b, 1, 1, 16, generator=gen).to(device, torch.float16) for _ in range(2))
+    fastattn.append_to_kvcache(k_cache, v_cache, k, v, cache_seqlens=lens + 1, block_table=table, backend="triton")
+    _check_appended(k_cache, v_cache, k, v, lens + 1, table, "append_to_kvcache")
+    return {"triton": results}
+
+
+def _check_appended(k_cache, v_cache, k, v, lens, table, what):
+    """Each sequence's new key/value (one token) sits at its cache row lens[i]."""
+    for i in range(k.shape[0]):
+        page, row = (i, int(lens[i])) if table is None else (int(table[i, 0]), int(lens[i]))
+        if not torch.equal(k_cache[page, row], k[i, 0]) or not torch.equal(v_cache[page, row], v[i, 0]):
+            raise AssertionError(f"{what}: sequence {i}'s new key/value is not at its cache row")
+
+
+def case_decode_cache_batches(gen, device):
+    """A contiguous KV cache whose batches lie past_int32(3) apart (batch 3): append + split-KV decode."""
+    k_cache, v_cache = (_spread((3, 16, 1, 16), (past_int32(3), 16, 16, 1), gen, device) for _ in range(2))
+    return _decode_case(k_cache, v_cache, None, gen, device)
+
+
+def case_decode_pages(gen, device):
+    """A paged KV cache whose pages lie past_int32(4) apart (4 pages of 16; sequences on pages 3, 2, 1)."""
+    k_cache, v_cache = (_spread((4, 16, 1, 16), (past_int32(4), 16, 16, 1), gen, device) for _ in range(2))
+    table = torch.tensor([[3], [2], [1]], dtype=torch.int32, device=device)
+    return _decode_case(k_cache, v_cache, table, gen, device)
+
+
+CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_offsets_past_int32(case):
+    from conftest import SEED
+
+    env = {**os.environ, "FASTATTN_TEST_SEED": str(SEED)}
+    if not torch.cuda.is_available():
+        env.setdefault("TRITON_INTERPRET", "1")
+    env.setdefault("FASTATTN_AUTOTUNE", "0")
+    res = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"{case}: exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert "all ok" in res.stdout, res.stdout
+
+
+def _main(case: str) -> int:
+    from conftest import DEVICE, SEED  # the tests' device, seed and interpreter set-up
+
+    gen = torch.Generator().manual_seed((SEED + sum(map(ord, case))) % (2**31))
+    print(f"case {case} on {DEVICE}, FASTATTN_TEST_SEED={SEED}", flush=True)
+    results = [(backend, r) for backend, rs in CASES[case](gen, DEVICE).items() for r in rs]
+    for backend, r in results:
+        print(backend, r, flush=True)
+    bad = [r for _, r in results if not r.ok]
+    print("all ok" if results and not bad else f"{len(bad)} of {len(results)} comparisons failed")
+    return 1 if bad or not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1]))
