@@ -53,7 +53,7 @@ class _SpreadGrad(torch.autograd.Function):
         return out.copy_(g)
 
 
-def _padded_case(q, k, v, gen, causal=True, bias=None, spread_dout=False) -> dict:
+def _padded_case(q, k, v, gen, causal=True, bias=None, spread_dout=False, key_padding_mask=None) -> dict:
     """{backend: comparisons} for the Triton kernels and, where they run (a GPU, no bias), the CUDA
     C++ ones."""
     import fastattn
@@ -61,13 +61,15 @@ def _padded_case(q, k, v, gen, causal=True, bias=None, spread_dout=False) -> dic
 
     def on(backend):
         def fn(a, b, c, **m):
-            out, lse = fastattn.attention(a, b, c, causal=causal, return_lse=True, backend=backend, **m)
+            out, lse = fastattn.attention(a, b, c, causal=causal, key_padding_mask=key_padding_mask,
+                                          return_lse=True, backend=backend, **m)
             return (_SpreadGrad.apply(out) if spread_dout else out), lse
         return fn
 
     cuda = fastattn.available_backends()["cuda"].available and bias is None
     mods = {} if bias is None else {"bias": bias}
-    return {backend: testing.check_against_reference(on(backend), q, k, v, causal=causal, lse_grad=True,
+    return {backend: testing.check_against_reference(on(backend), q, k, v, causal=causal,
+                                                     key_padding_mask=key_padding_mask, lse_grad=True,
                                                      generator=gen, mods=mods)
             for backend in ("triton", "cuda")[:1 + cuda]}
 
@@ -95,6 +97,15 @@ def case_kv_batches(gen, device):
     q, _, _ = _qkv(4, 16, 2, 1, 16, gen, device)
     k, v = (_spread((4, 16, 1, 16), (past_int32(4), 16, 16, 1), gen, device) for _ in range(2))
     return _padded_case(q, k, v, gen, causal=False)
+
+
+def case_mask_batches(gen, device):
+    """A key-padding mask whose batch rows lie past_int32(4) apart (batch 4; one row all padding)."""
+    q, k, v = _qkv(4, 16, 2, 2, 16, gen, device)
+    mask = _spread((4, 16), (past_int32(4), 1), gen, device, dtype=torch.bool)
+    mask.copy_(torch.rand(4, 16, generator=gen) > 0.3)
+    mask[2] = False
+    return _padded_case(q, k, v, gen, causal=False, key_padding_mask=mask)
 
 
 def case_query_rows(gen, device):
