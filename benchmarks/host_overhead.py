@@ -3,9 +3,9 @@
     python benchmarks/host_overhead.py [--out DIR] [--iters N] [--rounds R]
 
 What a model feels besides the kernels: the Python and dispatcher work of every call, which decides
-whether a step is host-bound. For each path (dense causal, key-padding mask, packed varlen; and a
-decode step, forward only) it times forward, backward and forward+backward at four depths of
-fastattn's stack, each including the ones below it:
+whether a step is host-bound. For each path (dense causal, key-padding mask, packed varlen; and,
+forward only, dense causal with grad mode off and a decode step) it times forward, backward and
+forward+backward at four depths of fastattn's stack, each including the ones below it:
 
     api       fastattn.attention / attention_varlen / attention_with_kvcache: validation, backend
               choice, autograd, launch
@@ -164,7 +164,11 @@ def build_paths(device, dtype, b, s, h, d):
         "autograd": lambda: varlen_attention(qp, kp, vp, cu, cu, s, s, True, scale, False),
         "launcher": (varlen_fwd, varlen_bwd),
     }, None)
-    return [dense, padded, modified, varlen], {"dense causal": (dout, dout_t), "key-padding mask": (dout, dout_t),
+    # Inference (no dout: timed with grad mode off): the same calls, which then need no autograd.
+    fwd_only = {**dense.layers, "launcher": (dense.layers["launcher"][0], None)}
+    inference = AttentionPath("dense causal, no grad", fwd_only, dense.sdpa)
+    return [dense, padded, modified, varlen, inference], {"dense causal": (dout, dout_t),
+                                                          "key-padding mask": (dout, dout_t),
                                                "bias + window + sinks": (dout, dout_t),
                                                "varlen causal": (dout_p, None)}
 

@@ -273,12 +273,13 @@ def test_host_overhead_cpu_smoke(tmp_path):
     result = json.loads((tmp_path / "host_overhead.json").read_text())
     assert result["launches_stubbed"] is True
     assert [r["path"] for r in result["rows"]] == ["dense causal", "key-padding mask", "bias + window + sinks",
-                                                  "varlen causal", "decode step"]
+                                                  "varlen causal", "dense causal, no grad", "decode step"]
     for row in result["rows"][:4]:
         assert all(row[f"{layer} fwd+bwd"] > 0 for layer in ("api", "autograd", "launcher", "launch"))
-    decode = result["rows"][4]  # inference: forward only, no autograd layer
+    no_grad, decode = result["rows"][4:]  # inference: forward only (decode: no autograd layer)
+    assert all(no_grad[f"{layer} fwd"] > 0 for layer in ("api", "autograd", "launcher", "launch", "sdpa"))
     assert all(decode[f"{layer} fwd"] > 0 for layer in ("api", "launcher", "launch", "sdpa"))
-    assert "api fwd+bwd" not in decode and "autograd fwd" not in decode
+    assert "api fwd+bwd" not in no_grad and "api fwd+bwd" not in decode and "autograd fwd" not in decode
     assert "STUBBED" in (tmp_path / "host_overhead.md").read_text()
 
 

@@ -6,6 +6,10 @@ ops' kernels, so this is the code the op would run, minus two dispatcher round t
 on the host). Under torch.compile, inside a dispatch mode (FakeTensorMode, a flop counter) or on
 tensor subclasses, they call the ops, which those systems can see and trace.
 
+Without anything to record (grad mode off, or no input that requires grad: inference, a generate()
+prefill), the eager shortcut skips the autograd Function too (~18 us of host time per call) and
+calls the forward launcher alone.
+
 Key bounds of a key-padding mask are computed once in the forward and saved for the backward. The
 returned lse is differentiable when asked for (return_lse); when it is not returned, or not used,
 the backward gets no dlse (no zeros are made for it).
@@ -43,6 +47,10 @@ def padded_attention(q, k, v, key_padding_mask, causal: bool, scale: float, retu
     fastattn.modifiers.ScoreMods (Triton) or None."""
     if torch.compiler.is_compiling():
         q, k, v = _distinct(q, k, v)
+    bias, sinks = (None, None) if mods is None else (mods.bias, mods.sinks)
+    if not _records(q, k, v, bias, sinks) and _direct(q, k, v, key_padding_mask, bias):
+        out, lse, _ = _padded_forward(q, k, v, key_padding_mask, causal, scale, backend, _launch_mods(mods), True)
+        return _returned(out, lse, return_lse)
     if mods is None:
         return PaddedAttention.apply(q, k, v, key_padding_mask, causal, scale, return_lse, backend)
     return PaddedAttention.apply(q, k, v, key_padding_mask, causal, scale, return_lse, backend, mods.bias, mods.sinks,
@@ -54,6 +62,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     """out [, lse] of packed-sequence attention (Triton), differentiable."""
     if torch.compiler.is_compiling():
         q, k, v, cu_seqlens_q, cu_seqlens_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    bias, sinks = (None, None) if mods is None else (mods.bias, mods.sinks)
+    if not _records(q, k, v, bias, sinks) and _direct(q, k, v, cu_seqlens_q, cu_seqlens_k, bias):
+        out, lse = _VARLEN_LAUNCH[0](q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                                     *_launch_mods(mods))
+        return _returned(out, lse, return_lse)
     if mods is None:
         return VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                                      return_lse)
@@ -65,6 +78,38 @@ def _mod_args(bias, sinks, alibi, left, right, softcap) -> tuple:
     """The launchers' / ops' trailing modifier arguments; () without modifiers (the CUDA ops take none)."""
     mods = Mods(bias, alibi, sinks, left, right, softcap)
     return () if mods.off() else mods
+
+
+def _launch_mods(mods) -> tuple:
+    """_mod_args of a fastattn.modifiers.ScoreMods (None: no modifiers)."""
+    return () if mods is None else _mod_args(mods.bias, mods.sinks, mods.alibi_slopes, *mods.window, mods.softcap)
+
+
+def _records(q, k, v, bias=None, sinks=None) -> bool:
+    """Whether autograd records this call: grad mode on and a differentiable input that requires grad
+    (else the Function would only cost host time), or a functorch transform that must see it."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return (q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad)
+            or (sinks is not None and sinks.requires_grad))
+
+
+def _padded_forward(q, k, v, key_padding_mask, causal, scale, backend, mods: tuple, direct: bool):
+    """(out, lse, key bounds of the mask or None) through the launchers (direct) or the ops."""
+    bounds = None
+    if key_padding_mask is not None:  # a kernel launch, or torch ops that tracing can see
+        bounds = (key_bounds if direct else key_bounds_torch)(key_padding_mask)
+    fwd = (_PADDED_LAUNCH if direct else _PADDED_OPS)[backend][0]
+    out, lse = fwd(q, k, v, key_padding_mask, bounds, causal, scale, *mods)
+    return out, lse, bounds
+
+
+def _returned(out, lse, return_lse: bool):
+    # Callers get a float32 lse (fp32 inputs' kernels save a float64 one: launchers' lse_dtype);
+    # .float() is the tensor itself when it already is float32.
+    return (out, lse.float()) if return_lse else out
 
 
 def _distinct(*xs: torch.Tensor) -> list[torch.Tensor]:
@@ -107,20 +152,14 @@ class PaddedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, causal, scale, return_lse, backend, bias=None, sinks=None, alibi=None,
                 window_left=-1, window_right=-1, softcap=0.0):
-        direct = _direct(q, k, v, key_padding_mask, bias)
-        bounds = None
-        if key_padding_mask is not None:  # a kernel launch, or torch ops that tracing can see
-            bounds = (key_bounds if direct else key_bounds_torch)(key_padding_mask)
-        fwd = (_PADDED_LAUNCH if direct else _PADDED_OPS)[backend][0]
         mods = _mod_args(bias, sinks, alibi, window_left, window_right, softcap)
-        out, lse = fwd(q, k, v, key_padding_mask, bounds, causal, scale, *mods)
+        out, lse, bounds = _padded_forward(q, k, v, key_padding_mask, causal, scale, backend, mods,
+                                           _direct(q, k, v, key_padding_mask, bias))
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, bounds, bias, sinks, alibi)
         ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
         ctx.mods = mods and (window_left, window_right, softcap)
         ctx.set_materialize_grads(False)
-        # Callers get a float32 lse (fp32 inputs' kernels save a float64 one: launchers'
-        # lse_dtype); .float() is the tensor itself when it already is float32.
-        return (out, lse.float()) if return_lse else out
+        return _returned(out, lse, return_lse)
 
     @staticmethod
     @_first_order  # the kernels' gradients are not differentiable again: an error, not a silent zero
@@ -150,9 +189,7 @@ class VarlenAttention(torch.autograd.Function):
         ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal, ctx.scale = max_seqlen_q, max_seqlen_k, causal, scale
         ctx.mods = mods and (window_left, window_right, softcap)
         ctx.set_materialize_grads(False)
-        # Callers get a float32 lse (fp32 inputs' kernels save a float64 one: launchers'
-        # lse_dtype); .float() is the tensor itself when it already is float32.
-        return (out, lse.float()) if return_lse else out
+        return _returned(out, lse, return_lse)
 
     @staticmethod
     @_first_order
