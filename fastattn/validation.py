@@ -193,6 +193,9 @@ def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     kernels still stay inside the tensors (they clamp each sequence to its total and max length), but
     bad lengths give wrong rows.
     """
+    fast = _varlen_fast_path(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if fast is not None:
+        return fast
     layout = "(total_tokens, H, D)"
     # Reuse the padded checks on a (1, T, H, D) view: same rules for heads, head dim, dtypes, devices.
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -225,6 +228,24 @@ def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
                 raise ValueError(f"{mname} ({max_len}) is smaller than the longest sequence ({max(lengths)})")
     batch = cu_seqlens_q.numel() - 1
     return AttentionShape(batch, max_seqlen_q, max_seqlen_k, shape.heads_q, shape.heads_kv, shape.head_dim)
+
+
+def _varlen_fast_path(q, k, v, cu_q, cu_k, max_q, max_k) -> AttentionShape | None:
+    """validate_varlen's result for a valid call whose values need no host check (CUDA tensors),
+    from one combined test (every packed call runs it); None otherwise, and the full checks raise
+    the error that names the argument."""
+    try:
+        qs, ks, dt, dev = q.shape, k.shape, q.dtype, q.device
+        ok = (len(qs) == 3 and len(ks) == 3 and ks == v.shape and qs[2] == ks[2] and ks[1] > 0 and qs[1] % ks[1] == 0
+              and 1 <= qs[2] <= MAX_HEAD_DIM and dt in FLOAT_DTYPES and k.dtype == dt and v.dtype == dt
+              and q.layout == k.layout == v.layout == torch.strided and k.device == dev and v.device == dev
+              and type(cu_q) is type(cu_k) is torch.Tensor and cu_q.dtype == cu_k.dtype == torch.int32
+              and cu_q.dim() == 1 and cu_q.shape == cu_k.shape and cu_q.shape[0] >= 1 and cu_q.device == dev
+              and cu_k.device == dev and type(max_q) is int and type(max_k) is int and max_q >= 0 and max_k >= 0
+              and not value_checks(dev))
+    except (AttributeError, TypeError):
+        ok = False
+    return AttentionShape(cu_q.shape[0] - 1, max_q, max_k, qs[1], ks[1], qs[2]) if ok else None
 
 
 def validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[AttentionShape, int]:

@@ -212,6 +212,36 @@ def test_bad_cu_seqlens(desc, mutate, exc, fragment, gen, monkeypatch):
         fastattn.attention_varlen(q, k, v, mutate(cu_q), cu_k, mq, mk)
 
 
+def test_fast_validation_path(gen, monkeypatch):
+    """Without value checks (CUDA tensors) a valid packed call passes one combined test with the full
+    checks' shape; an invalid one falls through to the full checks, which name the argument."""
+    from fastattn import validation
+
+    q, k, v, cu_q, cu_k, mq, mk = packed([4, 0, 10], [5, 6, 2], 4, 2, 16, torch.float32, gen)
+    full = validation.validate_varlen(q, k, v, cu_q, cu_k, mq, mk)  # (CPU: values checked too)
+    monkeypatch.setattr(validation, "value_checks", lambda device: False)
+    assert validation._varlen_fast_path(q, k, v, cu_q, cu_k, mq, mk) == full
+    bad = [  # (arguments, error, message)
+        ((q[None], k, v, cu_q, cu_k, mq, mk), ValueError, "q must have 3 dims"),
+        ((q, k.double(), v, cu_q, cu_k, mq, mk), TypeError, "k has dtype"),
+        ((q, k, v[:, :1], cu_q, cu_k, mq, mk), ValueError, "same shape"),
+        ((q[:, :3], k, v, cu_q, cu_k, mq, mk), ValueError, "multiple of the number of key/value heads"),
+        ((q, k, v, cu_q.long(), cu_k, mq, mk), TypeError, "cu_seqlens_q must be int32"),
+        ((q, k, v, cu_q, cu_k[:-1], mq, mk), ValueError, "same length"),
+        ((q, k, v, cu_q[None], cu_k, mq, mk), ValueError, "cu_seqlens_q must be 1-D"),
+        ((q, k, v, cu_q[:0], cu_k[:0], mq, mk), ValueError, "batch \\+ 1 entries"),
+        ((q, k, v, cu_q.tolist(), cu_k, mq, mk), TypeError, "cu_seqlens_q must be a torch.Tensor"),
+        ((q, k, v, cu_q.to("meta"), cu_k, mq, mk), ValueError, "cu_seqlens_q is on meta"),
+        ((q, k, v, cu_q, cu_k, float(mq), mk), TypeError, "max_seqlen_q"),
+        ((q, k, v, cu_q, cu_k, mq, True), TypeError, "max_seqlen_k"),
+        ((q, k, v, cu_q, cu_k, mq, -1), TypeError, "max_seqlen_k"),
+    ]
+    for args, exc, fragment in bad:
+        assert validation._varlen_fast_path(*args) is None, fragment
+        with pytest.raises(exc, match=fragment):
+            validation.validate_varlen(*args)
+
+
 def test_bad_max_seqlen(gen, monkeypatch):
     monkeypatch.setenv("FASTATTN_CHECK_VALUES", "1")  # CUDA tensors: values are checked on request only
     q, k, v, cu_q, cu_k, mq, mk = packed([4, 6, 10], [4, 6, 10], 2, 2, 16, torch.float32, gen)
