@@ -181,45 +181,55 @@ def test_double_backward_is_refused(gen):
 
 def test_calls_without_gradients_skip_the_autograd_function(gen, monkeypatch):
     """Nothing to record (grad mode off, or no input that requires grad): the eager shortcut calls
-    the forward launcher without the autograd Function, with the Function's bits, outputs that do
-    not require grad and a float32 lse. A bias or sinks that requires grad, or a dispatch mode,
-    still goes through the Function."""
+    the forward launcher without the autograd Function, with the Function's bits and a float32 lse
+    (fp32 inputs' kernels save a float64 one). A bias or sinks that requires grad, a dispatch mode,
+    forward-mode AD or a functorch transform still meets the Function."""
+    import torch.autograd.forward_ad as fwd_ad
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fastattn.ops import autograd
 
-    q, k, v = (x.detach() for x in small_inputs(gen, dtype=torch.float16))
-    mask = torch.rand(q.shape[0], k.shape[1], generator=gen).to(DEVICE) > 0.3
+    q16, k16, v16 = (x.detach() for x in small_inputs(gen, dtype=torch.float16))
+    mask = torch.rand(q16.shape[0], k16.shape[1], generator=gen).to(DEVICE) > 0.3
     bias = torch.randn(1, 4, 20, 36, generator=gen).to(DEVICE)
+    sinks = torch.randn(4, generator=gen).to(DEVICE)
     cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 16, 36], dtype=torch.int32, device=DEVICE)
-    calls = [
-        lambda *x: fastattn.attention(*x, causal=True, return_lse=True, backend="triton"),
-        lambda *x: fastattn.attention(*x, key_padding_mask=mask, return_lse=True, backend="triton"),
-        lambda *x: fastattn.attention(*x, causal=True, bias=bias, window=(9, 0), return_lse=True, backend="triton"),
-        lambda a, b, c: fastattn.attention_varlen(a[0], b[0], c[0], cu, cu_k, 13, 20, causal=True, return_lse=True,
-                                                  backend="triton"),
+    fp32 = [x.float() for x in (q16, k16, v16)]
+    calls = [  # (inputs, call)
+        ((q16, k16, v16), lambda *x: fastattn.attention(*x, causal=True, return_lse=True, backend="triton")),
+        (fp32, lambda *x: fastattn.attention(*x, causal=True, return_lse=True, backend="triton")),
+        ((q16, k16, v16), lambda *x: fastattn.attention(*x, key_padding_mask=mask, return_lse=True, backend="triton")),
+        ((q16, k16, v16), lambda *x: fastattn.attention(*x, causal=True, bias=bias, window=(9, 0), sinks=sinks,
+                                                        return_lse=True, backend="triton")),
+        (fp32, lambda a, b, c: fastattn.attention_varlen(a[0], b[0], c[0], cu, cu_k, 13, 20, causal=True,
+                                                         return_lse=True, backend="triton")),
     ]
-    recorded = [c(*(x.clone().requires_grad_() for x in (q, k, v))) for c in calls]  # through the Functions
+    recorded = [call(*(x.clone().requires_grad_() for x in xs)) for xs, call in calls]  # through the Functions
 
     applied = []
     for fn in (autograd.PaddedAttention, autograd.VarlenAttention):
         monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply: applied.append(1) or _apply(*a))
     for mode in (torch.no_grad, torch.enable_grad, torch.inference_mode):
         with mode():
-            for call, (ref_out, ref_lse) in zip(calls, recorded):
-                out, lse = call(q, k, v)
-                assert not out.requires_grad and lse.dtype == torch.float32
+            for (xs, call), (ref_out, ref_lse) in zip(calls, recorded):
+                out, lse = call(*xs)
+                assert lse.dtype == torch.float32
                 assert torch.equal(out, ref_out.detach()) and torch.equal(lse, ref_lse.detach())
     with torch.no_grad():  # inputs that require grad, with grad mode off
-        out, _ = calls[0](*(x.clone().requires_grad_() for x in (q, k, v)))
-    assert not out.requires_grad and torch.equal(out, recorded[0][0].detach())
+        out, _ = calls[0][1](*(x.clone().requires_grad_() for x in (q16, k16, v16)))
+    assert torch.equal(out, recorded[0][0].detach())
     assert not applied
 
-    learned = bias.clone().requires_grad_()
-    out = fastattn.attention(q, k, v, causal=True, bias=learned, backend="triton")
-    assert applied and out.requires_grad  # dbias needs the backward
-    applied.clear()
+    def through_function(run):
+        applied.clear()
+        run()
+        return bool(applied)
+
+    assert through_function(lambda: fastattn.attention(q16, k16, v16, bias=bias.clone().requires_grad_(),
+                                                       backend="triton"))  # dbias needs the backward
+    assert through_function(lambda: fastattn.attention(q16, k16, v16, sinks=sinks.clone().requires_grad_(),
+                                                       backend="triton"))  # so does dsinks
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -228,6 +238,14 @@ def test_calls_without_gradients_skip_the_autograd_function(gen, monkeypatch):
 
     seen = []
     with torch.no_grad(), Record():
-        out = fastattn.attention(q, k, v, causal=True, backend="triton")
-    assert applied and "fastattn.triton_attn_fwd.default" in seen  # a dispatch mode sees the op
-    assert torch.equal(out, recorded[0][0].detach())
+        assert through_function(lambda: fastattn.attention(q16, k16, v16, causal=True, backend="triton"))
+    assert "fastattn.triton_attn_fwd.default" in seen  # a dispatch mode sees the op
+
+    def dual():  # forward-mode AD: dual tensors do not require grad; the Function refuses them
+        with fwd_ad.dual_level():
+            fastattn.attention(fwd_ad.make_dual(q16, torch.ones_like(q16)), k16, v16, backend="triton")
+
+    with pytest.raises(NotImplementedError, match="jvp"):
+        through_function(dual)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="setup_context"):  # a functorch transform
+        torch.func.vmap(lambda x: fastattn.attention(x, k16, v16, backend="triton"))(q16[None])

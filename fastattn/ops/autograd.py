@@ -7,8 +7,8 @@ on the host). Under torch.compile, inside a dispatch mode (FakeTensorMode, a flo
 tensor subclasses, they call the ops, which those systems can see and trace.
 
 Without anything to record (grad mode off, or no input that requires grad: inference, a generate()
-prefill), the eager shortcut skips the autograd Function too (~18 us of host time per call) and
-calls the forward launcher alone.
+prefill; and no functorch transform or forward-mode AD), the eager shortcut skips the autograd
+Function too (~18 us of host time per call) and calls the forward launcher alone.
 
 Key bounds of a key-padding mask are computed once in the forward and saved for the backward. The
 returned lse is differentiable when asked for (return_lse); when it is not returned, or not used,
@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -64,8 +65,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
         q, k, v, cu_seqlens_q, cu_seqlens_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k)
     bias, sinks = (None, None) if mods is None else (mods.bias, mods.sinks)
     if not _records(q, k, v, bias, sinks) and _direct(q, k, v, cu_seqlens_q, cu_seqlens_k, bias):
-        out, lse = _VARLEN_LAUNCH[0](q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                                     *_launch_mods(mods))
+        out, lse = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                                   _launch_mods(mods), True)
         return _returned(out, lse, return_lse)
     if mods is None:
         return VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
@@ -87,8 +88,9 @@ def _launch_mods(mods) -> tuple:
 
 def _records(q, k, v, bias=None, sinks=None) -> bool:
     """Whether autograd records this call: grad mode on and a differentiable input that requires grad
-    (else the Function would only cost host time), or a functorch transform that must see it."""
-    if torch._C._are_functorch_transforms_active():
+    (else the Function would only cost host time), or a functorch transform or forward-mode AD (dual
+    tensors do not require grad), which must meet the Function (it refuses them by name)."""
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return True
     if not torch.is_grad_enabled():
         return False
@@ -104,6 +106,13 @@ def _padded_forward(q, k, v, key_padding_mask, causal, scale, backend, mods: tup
     fwd = (_PADDED_LAUNCH if direct else _PADDED_OPS)[backend][0]
     out, lse = fwd(q, k, v, key_padding_mask, bounds, causal, scale, *mods)
     return out, lse, bounds
+
+
+def _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods: tuple,
+                    direct: bool):
+    """(out, lse) of packed sequences through the launcher (direct) or the op."""
+    fwd = (_VARLEN_LAUNCH if direct else _VARLEN_OPS)[0]
+    return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *mods)
 
 
 def _returned(out, lse, return_lse: bool):
@@ -182,9 +191,9 @@ class VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, return_lse,
                 bias=None, sinks=None, alibi=None, window_left=-1, window_right=-1, softcap=0.0):
-        fwd = (_VARLEN_LAUNCH if _direct(q, k, v, cu_seqlens_q, cu_seqlens_k, bias) else _VARLEN_OPS)[0]
         mods = _mod_args(bias, sinks, alibi, window_left, window_right, softcap)
-        out, lse = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *mods)
+        out, lse = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, mods,
+                                   _direct(q, k, v, cu_seqlens_q, cu_seqlens_k, bias))
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, bias, sinks, alibi)
         ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal, ctx.scale = max_seqlen_q, max_seqlen_k, causal, scale
         ctx.mods = mods and (window_left, window_right, softcap)
