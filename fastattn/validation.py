@@ -33,14 +33,11 @@ def validate_qkv(q, k, v, *, layout: str = "(B, S, H, D)") -> AttentionShape:
     A valid call passes one combined test (a few attribute reads: this runs on every call); anything
     else goes through the checks below, which raise the error that names the argument."""
     try:
-        qs, ks, dt = q.shape, k.shape, q.dtype
-        ok = (len(qs) == 4 and len(ks) == 4 and ks == v.shape and qs[0] == ks[0] and qs[3] == ks[3] and ks[2] > 0
-              and qs[2] % ks[2] == 0 and 1 <= qs[3] <= MAX_HEAD_DIM and dt in FLOAT_DTYPES and k.dtype == dt
-              and v.dtype == dt and q.layout == k.layout == v.layout == torch.strided
-              and q.device == k.device == v.device)
+        ok = _qkv_ok(q, k, v, 4) and q.shape[0] == k.shape[0]
     except (AttributeError, TypeError):
         ok = False
     if ok:
+        qs, ks = q.shape, k.shape
         return AttentionShape(qs[0], qs[1], ks[1], qs[2], ks[2], qs[3])
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x, 4, layout)
@@ -64,6 +61,17 @@ def validate_qkv(q, k, v, *, layout: str = "(B, S, H, D)") -> AttentionShape:
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head dim (last dim of q) must be between 1 and {MAX_HEAD_DIM}, got {d}")
     return AttentionShape(b, sq, sk, hq, hkv, d)
+
+
+def _qkv_ok(q, k, v, ndim: int) -> bool:
+    """The fast paths' one combined test of q (..., Hq, D), k/v (..., Hkv, D) with `ndim` dims: equal k/v
+    shapes and head dims, Hq a multiple of Hkv > 0, a supported head dim, one float dtype, strided,
+    one device. (Raises AttributeError/TypeError on a non-tensor: the caller's cue for the full checks.)"""
+    qs, ks, dt = q.shape, k.shape, q.dtype
+    return (len(qs) == ndim and len(ks) == ndim and ks == v.shape and qs[-1] == ks[-1] and ks[-2] > 0
+            and qs[-2] % ks[-2] == 0 and 1 <= qs[-1] <= MAX_HEAD_DIM and dt in FLOAT_DTYPES and k.dtype == dt
+            and v.dtype == dt and q.layout == k.layout == v.layout == torch.strided
+            and q.device == k.device == v.device)
 
 
 def validate_scale(scale, head_dim: int) -> float:
@@ -235,17 +243,14 @@ def _varlen_fast_path(q, k, v, cu_q, cu_k, max_q, max_k) -> AttentionShape | Non
     from one combined test (every packed call runs it); None otherwise, and the full checks raise
     the error that names the argument."""
     try:
-        qs, ks, dt, dev = q.shape, k.shape, q.dtype, q.device
-        ok = (len(qs) == 3 and len(ks) == 3 and ks == v.shape and qs[2] == ks[2] and ks[1] > 0 and qs[1] % ks[1] == 0
-              and 1 <= qs[2] <= MAX_HEAD_DIM and dt in FLOAT_DTYPES and k.dtype == dt and v.dtype == dt
-              and q.layout == k.layout == v.layout == torch.strided and k.device == dev and v.device == dev
-              and type(cu_q) is type(cu_k) is torch.Tensor and cu_q.dtype == cu_k.dtype == torch.int32
-              and cu_q.dim() == 1 and cu_q.shape == cu_k.shape and cu_q.shape[0] >= 1 and cu_q.device == dev
-              and cu_k.device == dev and type(max_q) is int and type(max_k) is int and max_q >= 0 and max_k >= 0
-              and not value_checks(dev))
+        dev = q.device
+        ok = (_qkv_ok(q, k, v, 3) and type(cu_q) is type(cu_k) is torch.Tensor
+              and cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.dim() == 1 and cu_q.shape == cu_k.shape
+              and cu_q.shape[0] >= 1 and cu_q.device == dev and cu_k.device == dev and type(max_q) is int
+              and type(max_k) is int and max_q >= 0 and max_k >= 0 and not value_checks(dev))
     except (AttributeError, TypeError):
         ok = False
-    return AttentionShape(cu_q.shape[0] - 1, max_q, max_k, qs[1], ks[1], qs[2]) if ok else None
+    return AttentionShape(cu_q.shape[0] - 1, max_q, max_k, q.shape[1], k.shape[1], q.shape[2]) if ok else None
 
 
 def validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[AttentionShape, int]:

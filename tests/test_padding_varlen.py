@@ -215,25 +215,44 @@ def test_bad_cu_seqlens(desc, mutate, exc, fragment, gen, monkeypatch):
 def test_fast_validation_path(gen, monkeypatch):
     """Without value checks (CUDA tensors) a valid packed call passes one combined test with the full
     checks' shape; an invalid one falls through to the full checks, which name the argument."""
+    from types import SimpleNamespace
+
     from fastattn import validation
 
     q, k, v, cu_q, cu_k, mq, mk = packed([4, 0, 10], [5, 6, 2], 4, 2, 16, torch.float32, gen)
     full = validation.validate_varlen(q, k, v, cu_q, cu_k, mq, mk)  # (CPU: values checked too)
     monkeypatch.setattr(validation, "value_checks", lambda device: False)
     assert validation._varlen_fast_path(q, k, v, cu_q, cu_k, mq, mk) == full
-    bad = [  # (arguments, error, message)
+    meta = lambda x: x.to("meta")
+    bad = [  # (arguments, error, message): every condition of the one test, broken once
         ((q[None], k, v, cu_q, cu_k, mq, mk), ValueError, "q must have 3 dims"),
-        ((q, k.double(), v, cu_q, cu_k, mq, mk), TypeError, "k has dtype"),
+        ((q, k[None], v[None], cu_q, cu_k, mq, mk), ValueError, "k must have 3 dims"),
         ((q, k, v[:, :1], cu_q, cu_k, mq, mk), ValueError, "same shape"),
+        ((q[..., :8], k, v, cu_q, cu_k, mq, mk), ValueError, "head dim"),
+        ((q, k[:, :0], v[:, :0], cu_q, cu_k, mq, mk), ValueError, "multiple of the number of key/value heads"),
         ((q[:, :3], k, v, cu_q, cu_k, mq, mk), ValueError, "multiple of the number of key/value heads"),
-        ((q, k, v, cu_q.long(), cu_k, mq, mk), TypeError, "cu_seqlens_q must be int32"),
-        ((q, k, v, cu_q, cu_k[:-1], mq, mk), ValueError, "same length"),
-        ((q, k, v, cu_q[None], cu_k, mq, mk), ValueError, "cu_seqlens_q must be 1-D"),
-        ((q, k, v, cu_q[:0], cu_k[:0], mq, mk), ValueError, "batch \\+ 1 entries"),
+        ((*(torch.zeros(20, 2, 300, device=DEVICE) for _ in range(3)), cu_q, cu_k, mq, mk), ValueError,
+         "between 1 and 256"),
+        ((q.int(), k.int(), v.int(), cu_q, cu_k, mq, mk), TypeError, "q must be a floating tensor"),
+        ((q, k.double(), v, cu_q, cu_k, mq, mk), TypeError, "k has dtype"),
+        ((q, k, v.double(), cu_q, cu_k, mq, mk), TypeError, "v has dtype"),
+        ((q.to_sparse(), k, v, cu_q, cu_k, mq, mk), TypeError, "dense"),
+        ((q, meta(k), v, cu_q, cu_k, mq, mk), ValueError, "k is on meta"),
+        ((q, k, meta(v), cu_q, cu_k, mq, mk), ValueError, "v is on meta"),
         ((q, k, v, cu_q.tolist(), cu_k, mq, mk), TypeError, "cu_seqlens_q must be a torch.Tensor"),
-        ((q, k, v, cu_q.to("meta"), cu_k, mq, mk), ValueError, "cu_seqlens_q is on meta"),
+        ((q, k, v, cu_q, cu_k.tolist(), mq, mk), TypeError, "cu_seqlens_k must be a torch.Tensor"),
+        ((q, k, v, SimpleNamespace(dtype=cu_q.dtype, dim=cu_q.dim, shape=cu_q.shape, device=cu_q.device), cu_k, mq,
+          mk), TypeError, "cu_seqlens_q must be a torch.Tensor"),  # tensor-like attributes are not enough
+        ((q, k, v, cu_q.long(), cu_k, mq, mk), TypeError, "cu_seqlens_q must be int32"),
+        ((q, k, v, cu_q, cu_k.long(), mq, mk), TypeError, "cu_seqlens_k must be int32"),
+        ((q, k, v, cu_q[None], cu_k[None], mq, mk), ValueError, "cu_seqlens_q must be 1-D"),
+        ((q, k, v, cu_q, cu_k[:-1], mq, mk), ValueError, "same length"),
+        ((q, k, v, cu_q[:0], cu_k[:0], mq, mk), ValueError, "batch \\+ 1 entries"),
+        ((q, k, v, meta(cu_q), cu_k, mq, mk), ValueError, "cu_seqlens_q is on meta"),
+        ((q, k, v, cu_q, meta(cu_k), mq, mk), ValueError, "cu_seqlens_k is on meta"),
         ((q, k, v, cu_q, cu_k, float(mq), mk), TypeError, "max_seqlen_q"),
         ((q, k, v, cu_q, cu_k, mq, True), TypeError, "max_seqlen_k"),
+        ((q, k, v, cu_q, cu_k, -1, mk), TypeError, "max_seqlen_q"),
         ((q, k, v, cu_q, cu_k, mq, -1), TypeError, "max_seqlen_k"),
     ]
     for args, exc, fragment in bad:
