@@ -9,6 +9,8 @@
 - ``measure_ceilings()``: what this machine can do at best, measured now: a large matmul (bf16
   8192^3 on a GPU, fp32 1024^3 on the CPU) in TFLOPS and a large device copy in GB/s.
 - ``peak_memory_mib(fn)``: extra device memory one call of ``fn`` needs at its peak (CUDA only).
+- ``step_anatomy(fn)``: where one call of ``fn`` (a training step) goes: the host's time to issue it,
+  the GPU's kernel time, host syncs, copies and launches, the top kernels and host ops (profiler).
 
 Scripts that may run the Triton kernels without a GPU call ``use_interpreter_without_gpu()`` before
 importing fastattn or triton: the interpreter has to be chosen before the kernels are defined.
@@ -21,6 +23,7 @@ import platform
 import statistics
 import subprocess
 import time
+import warnings
 
 import torch
 
@@ -89,6 +92,83 @@ def peak_memory_mib(fn, device=None) -> float | None:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+COPY_OPS = ("cudaMemcpyAsync", "cudaMemcpy")
+LAUNCH_OPS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def step_anatomy(fn, *, calls: int = 3, top: int = 8) -> dict:
+    """Where one ``fn()`` call goes, on the device ``fn`` runs on (CUDA if available), after one
+    warm-up call. Compare it with the call's time from ``time_ms``:
+
+    - ``host_ms``: the host's time to issue one call from an idle GPU (median of ``calls``, each
+      after a sync). Close to the call's time: host-bound (or the launch queue filled).
+    - ``device_ms``: the GPU's kernel time per call (profiler; 0 on the CPU). The call's time minus
+      this is the time the GPU sat idle: host work, syncs, launch gaps.
+    - ``syncs`` / ``copies`` / ``launches``: CUDA API calls per call, as the profiler records them;
+      ``sync_warnings``: syncs torch's sync debug mode reports per call (CUDA only; ``first_sync``:
+      the first one's message).
+    - ``top_kernels``: [(name, ms per call)], the ``top`` kernels by GPU time; ``host_table``: the
+      profiler's top host ops by self CPU time (text).
+    """
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    host = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e3)
+        sync()
+    averages = _profiled(fn, calls, cuda)
+    idle = _profiled(lambda: None, calls, cuda)  # the profiler's own syncs and copies, subtracted
+    per_call = lambda keys: sum(_count(averages, k) - _count(idle, k) for k in keys) / calls  # noqa: E731
+    kernels = [e for e in averages
+               if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    out = {"host_ms": statistics.median(host),
+           "device_ms": sum(e.self_device_time_total for e in kernels) / calls / 1e3,
+           "syncs": per_call(SYNC_OPS), "copies": per_call(COPY_OPS), "launches": per_call(LAUNCH_OPS),
+           "top_kernels": [(e.key, e.self_device_time_total / calls / 1e3) for e in kernels[:top]],
+           "host_table": averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70)}
+    if cuda:
+        out.update(_sync_warnings(fn))
+    return out
+
+
+def _profiled(fn, calls: int, cuda: bool):
+    """The profiler's key averages over `calls` calls of fn and one sync (CPU, and CUDA if there)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    return prof.key_averages()
+
+
+def _count(averages, key: str) -> int:
+    return sum(e.count for e in averages if e.key == key)
+
+
+def _sync_warnings(fn) -> dict:
+    """Syncs torch's sync debug mode reports during one ``fn()`` call (CUDA): count, first message."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+    return {"sync_warnings": len(syncs), "first_sync": syncs[0] if syncs else None}
 
 
 def _cpu_name() -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ if __package__ in (None, ""):
     # `kernels` that transformers imports.
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, time_ms, use_interpreter_without_gpu  # noqa: E402
+from benchmarks.common import environment, step_anatomy, time_ms, use_interpreter_without_gpu  # noqa: E402
 
 use_interpreter_without_gpu()
 
@@ -95,7 +96,7 @@ def build(model: Model, shape: dict, device, dtype, impl: str):
     return net
 
 
-def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke: bool) -> dict:
+def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke: bool, rounds: int = 1) -> dict:
     """Gate and time each implementation of one model: its section of hf_llama.json."""
     from fastattn.integrations import transformers as fhf
 
@@ -114,7 +115,8 @@ def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke:
         naive = sdpa(input_ids=tokens, attention_mask=mask).logits[real]
     del ref_model
 
-    rows = []
+    rows, steps = [], {}
+    fhf.reset_counts()  # only fastattn's implementation counts its calls
     for impl, missing in impls:
         row = {"attn_implementation": impl}
         rows.append(row)
@@ -124,7 +126,6 @@ def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke:
         net = sdpa if impl == "sdpa" else build(model, shape, device, dtype, impl)
         if net is not sdpa:
             net.load_state_dict(sdpa.state_dict())
-        fhf.reset_counts()
         with torch.no_grad():
             logits = net(input_ids=tokens, attention_mask=mask).logits[real]
         gate = testing.compare("logits", logits, naive, ref, testing.OUT_FACTOR)
@@ -132,8 +133,20 @@ def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke:
 
         def step(net=net):
             net(input_ids=tokens, attention_mask=mask, labels=labels).loss.backward()
-        row["ms"] = time_ms(step, device=device, grad_to_none=list(net.parameters()), rep_ms=30 if smoke else 200)
-        if impl != "sdpa":
+        steps[impl] = (step, list(net.parameters()))
+    # Timed in rounds, the implementations taking turns (a drifting clock or host hits each alike).
+    for _ in range(rounds):
+        for row in rows:
+            if row["attn_implementation"] in steps:
+                step, params = steps[row["attn_implementation"]]
+                row.setdefault("ms_rounds", []).append(
+                    time_ms(step, device=device, grad_to_none=params, rep_ms=30 if smoke else 200))
+    for row in rows:
+        if "ms_rounds" in row:
+            row["ms"] = statistics.median(row["ms_rounds"])
+            step, params = steps[row["attn_implementation"]]
+            row.update(_anatomy(step, params, row["ms"], calls=1 if smoke else 3))
+        if row["attn_implementation"] not in ("sdpa", "flash_attention_2") and "ms" in row:
             row["fastattn_calls"] = dict(fhf.CALLS)  # how each call went: mask kind, fallbacks
     base = rows[0].get("ms")
     for r in rows:
@@ -143,6 +156,21 @@ def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke:
     met = None if smoke or model.bar is None else bool(fast.get("vs_sdpa", 0) >= model.bar)
     return {"model": model.name, "class": model.cls, "batch": model.batch, "seqlen": model.seqlen,
             "window": model.window, "bar": model.bar, "bar_met": met, "rows": rows}
+
+
+def _anatomy(step, params, step_ms: float, calls: int) -> dict:
+    """Where one step goes (benchmarks.common.step_anatomy): the host's time to issue it, the GPU's
+    kernel time and idle share, syncs, launches, the top kernels."""
+    def fresh_step():
+        for p in params:
+            p.grad = None
+        step()
+    a = step_anatomy(fresh_step, calls=calls)
+    out = {"host_ms": a["host_ms"], "syncs": a["syncs"], "launches": a["launches"]}
+    if torch.cuda.is_available():
+        out.update(gpu_ms=a["device_ms"], gpu_idle=max(0.0, 1 - a["device_ms"] / step_ms), top_kernels=a["top_kernels"],
+                   sync_warnings=a["sync_warnings"], first_sync=a["first_sync"])
+    return out
 
 
 def _fastattn_row(rows: list[dict]) -> dict:
@@ -157,15 +185,30 @@ def markdown(doc: dict) -> str:
         lines += ["**Smoke run** (tiny float32 models, Triton interpreter): times mean nothing.", ""]
     lines += [f"{shape['layers']} layers, hidden {shape['hidden']}, heads {shape['heads']}/{shape['kv_heads']} (GQA), "
               f"{doc['dtype']}, one sequence a quarter padding; fwd+bwd of the LM loss, same weights.", "",
-              "| model | B x S | window | attn_implementation | fwd+bwd ms | sdpa / this | gate (logits vs float32) |",
-              "|---|---|---|---|---|---|---|"]
+              f"Each step time is the median of {doc.get('rounds', 1)} timing(s), the implementations taking "
+              "turns. host ms: the host's time to issue one step from an idle GPU; GPU ms: kernel time per step "
+              "(profiler); GPU idle: 1 - GPU ms / step ms; syncs: CUDA sync calls per step (profiler) / syncs "
+              "torch's sync debug mode reports.", "",
+              "| model | B x S | window | attn_implementation | fwd+bwd ms | rounds | sdpa / this | host ms | GPU ms "
+              "| GPU idle | syncs | gate (logits vs float32) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    num = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
     for m in doc["models"]:
         for r in m["rows"]:
-            ms = f"{r['ms']:.3f}" if "ms" in r else "-"
             ratio = f"{r['vs_sdpa']:.2f}x" if "vs_sdpa" in r else "-"
+            rounds = " / ".join(f"{t:.2f}" for t in r.get("ms_rounds", [])) or "-"
+            syncs = f"{r['syncs']:.0f} / {r.get('sync_warnings', '-')}" if "syncs" in r else "-"
             gate = r.get("skipped") or ("(the gate's naive run)" if r["attn_implementation"] == "sdpa" else r["gate"])
             lines.append(f"| {m['model']} | {m['batch']} x {m['seqlen']} | {m['window'] or '-'} | "
-                         f"{r['attn_implementation']} | {ms} | {ratio} | {gate} |")
+                         f"{r['attn_implementation']} | {num(r, 'ms', '.3f')} | {rounds} | {ratio} | "
+                         f"{num(r, 'host_ms', '.2f')} | {num(r, 'gpu_ms', '.2f')} | {num(r, 'gpu_idle', '.0%')} | "
+                         f"{syncs} | {gate} |")
+    tops = [(m["model"], r) for m in doc["models"] for r in m["rows"] if r.get("top_kernels")]
+    if tops:
+        lines += ["", "Top kernels by GPU time, ms per step:", ""]
+    for name, r in tops:
+        top = "; ".join(f"{kernel[:60]} {ms:.2f}" for kernel, ms in r["top_kernels"][:5])
+        lines.append(f"- {name}, {r['attn_implementation']}: {top}")
     lines.append("")
     for m in doc["models"]:
         fast = _fastattn_row(m["rows"])
@@ -182,6 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--models", default=",".join(MODELS), help=f"of {','.join(MODELS)}")
     ap.add_argument("--layers", type=int, default=SHAPE["layers"])
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="timings per implementation, taking turns; the median is reported (default: 3, smoke 1)")
     args = ap.parse_args(argv)
     try:
         from fastattn.integrations import transformers as fhf
@@ -198,12 +243,13 @@ def main(argv=None) -> int:
     dtype, backend = (torch.float32, "triton") if smoke else (torch.bfloat16, "auto")
     name = fhf.register(backend=backend)
     impls = [("sdpa", None), (name, None), ("flash_attention_2", flash_attention_2_missing(device))]
+    rounds = args.rounds or (1 if smoke else 3)
     doc = {"environment": environment(device), "smoke": smoke, "dtype": str(dtype), "backend": backend,
-           "shape": shape, "models": []}
+           "shape": shape, "rounds": rounds, "models": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for model in args.models.split(","):
-        doc["models"].append(run_model(table[model], shape, device, dtype, impls, smoke))
+        doc["models"].append(run_model(table[model], shape, device, dtype, impls, smoke, rounds))
         (out / "hf_llama.json").write_text(json.dumps(doc, indent=2))
         (out / "hf_llama.md").write_text(markdown(doc))  # after every model: partial runs survive
     print(markdown(doc))

@@ -1,6 +1,7 @@
 """benchmarks/hf_llama.py end to end in its smoke mode (tiny float32 Llama and windowed Mistral models
 through the Triton interpreter): the gates pass, sdpa and fastattn are timed, fastattn ran on its
-key-padding path, flash_attention_2 says why it did not run, the reports are written.
+key-padding path, flash_attention_2 says why it did not run, each step's host time is taken, the reports
+are written.
 In a subprocess: run from the repository root, its kernels/ folder would shadow the PyPI package
 `kernels` that transformers imports."""
 
@@ -31,6 +32,10 @@ def test_hf_llama_benchmark_smoke(tmp_path):
         assert [sdpa["attn_implementation"], fast["attn_implementation"]] == ["sdpa", "fastattn"]
         assert fa2["attn_implementation"] == "flash_attention_2" and "CUDA" in fa2["skipped"]
         assert fast["gate_ok"] and sdpa["ms"] > 0 and fast["ms"] > 0
+        # One timing per round (one round in a smoke run); the step's anatomy (no GPU: host time only).
+        for r in (sdpa, fast):
+            assert r["ms_rounds"] == [r["ms"]] and r["host_ms"] > 0 and r["syncs"] == 0, r
+            assert "gpu_ms" not in r and "top_kernels" not in r
         # Every layer's call ran fastattn's key-padding path (the sliding window recognised, not a dense bias).
         calls = fast["fastattn_calls"]
         assert calls["fastattn"] > 0 and calls["mask: key padding"] == calls["fastattn"], calls

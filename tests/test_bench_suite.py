@@ -219,6 +219,25 @@ def test_timer_and_environment():
     assert env["device_type"] == "cpu" and env["torch"] == torch.__version__ and "CPU" in env["device"]
 
 
+def test_step_anatomy():
+    """step_anatomy on this device: a call with a host sync (.item()) and one without. On a GPU both
+    launch kernels, only the first syncs (the profiler's count and the sync debug mode agree), and
+    the profiler's own sync is not counted; on the CPU there is host time and no GPU."""
+    x = torch.randn(256, 256, device=DEVICE)
+    with_sync = common.step_anatomy(lambda: (x @ x).sum().item(), calls=2)
+    without = common.step_anatomy(lambda: (x @ x).sum(), calls=2)
+    for a in (with_sync, without):
+        assert a["host_ms"] > 0 and "aten::mm" in a["host_table"], a
+    if DEVICE == "cpu":
+        assert with_sync["device_ms"] == 0 and with_sync["top_kernels"] == [] and with_sync["launches"] == 0
+        assert "sync_warnings" not in with_sync
+        return
+    assert with_sync["syncs"] >= 1 and with_sync["sync_warnings"] >= 1 and with_sync["first_sync"]
+    assert without["syncs"] == 0 and without["sync_warnings"] == 0 and without["first_sync"] is None
+    for a in (with_sync, without):
+        assert a["device_ms"] > 0 and a["launches"] >= 1 and a["top_kernels"][0][1] > 0, a
+
+
 def test_cuda_timer_is_do_bench(monkeypatch):
     import triton.testing
 

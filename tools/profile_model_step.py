@@ -1,17 +1,19 @@
 """Where the decoder's time goes, per attention backend (GPU): one training step and one generated
-token, timed and profiled (torch.profiler: the top host ops, syncs, copies, kernel launches).
+token, timed and taken apart (benchmarks.common.step_anatomy: host time to issue, GPU kernel time,
+syncs, launches, the top kernels and host ops).
 
     python tools/profile_model_step.py [--out DIR] [--backends torch,triton] [--autotune]
 
-The model, batch and prompt are benchmarks/bench_models.py's "gpu" size (the numbers it reports
-are for the same step). Per backend it prints and writes into DIR/profile.md:
+The model, batch, prompt and training step are benchmarks/bench_models.py's "gpu" size and
+train_step (forward + backward + AdamW, timed the same way), so its figures explain that
+benchmark's. Per backend it prints and writes into DIR/profile.md:
 - attention alone at the step's shape: fwd and fwd+bwd ms (CUDA events; host time per call is
   benchmarks/host_overhead.py's);
-- the train step (fwd + bwd, no optimizer): ms, and the profiler's top host ops by self CPU time;
-- one generated token (the cached decode step, eager and replayed from a CUDA graph): ms, and the
-  top host ops of the eager step;
-- host-sync and copy counts per step (cudaStreamSynchronize / cudaDeviceSynchronize /
-  cudaMemcpy(Async) calls, as the profiler records them).
+- the train step: ms as bench_models times it, the host's ms to issue it, the GPU's kernel ms and
+  idle share (step - kernels), syncs (CUDA API calls, and what torch's sync debug mode reports),
+  launches, the top kernels by GPU time and the top host ops by self CPU time;
+- one generated token (the cached decode step, eager and replayed from a CUDA graph): ms, syncs,
+  launches, and the top host ops of the eager step.
 FASTATTN_AUTOTUNE=0 is set unless --autotune (the model benchmark's untuned configs).
 """
 
@@ -26,10 +28,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-
-SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-COPY_OPS = ("cudaMemcpyAsync", "cudaMemcpy")
-LAUNCH_OPS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
 
 def cuda_ms(fn, reps: int = 20) -> float:
@@ -48,24 +46,10 @@ def cuda_ms(fn, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def profile(fn, calls: int = 3):
-    """(top host ops table, {op: calls per fn()} for syncs/copies/launches)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    fn()
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    averages = prof.key_averages()
-    counts = {}
-    for e in averages:
-        if e.key in SYNC_OPS + COPY_OPS + LAUNCH_OPS:
-            counts[e.key] = e.count / calls
-    table = averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70)
-    return table, counts
+def kernels_table(anatomy: dict) -> str:
+    """The top kernels of a step_anatomy as a markdown table (ms per step)."""
+    rows = [f"| {name[:110]} | {ms:.3f} |" for name, ms in anatomy["top_kernels"]]
+    return "\n".join(["| kernel | GPU ms per step |", "|---|---|", *rows])
 
 
 def main(argv=None) -> int:
@@ -81,7 +65,8 @@ def main(argv=None) -> int:
         return 2
 
     import fastattn
-    from benchmarks.bench_models import SIZES, workloads
+    from benchmarks.bench_models import SIZES, train_step, workloads
+    from benchmarks.common import step_anatomy, time_ms
     from fastattn.models import Decoder, set_attn_backend
 
     size = SIZES["gpu"]
@@ -96,15 +81,19 @@ def main(argv=None) -> int:
     lines = [f"# Decoder step profile: {torch.cuda.get_device_name()}", "",
              f"torch {torch.__version__}; d_model {cfg.d_model}, {h} heads of {d}, {cfg.n_layers} layers, "
              f"{str(size.dtype).split('.')[-1]}; train batch {b} x {s} (causal, no padding); generation: batch {b}, "
-             f"prompt {size.prompt_len}; FASTATTN_AUTOTUNE={os.environ.get('FASTATTN_AUTOTUNE', '1')}.", ""]
-    summary = ["| backend | attn fwd ms | attn fwd+bwd ms | train step ms (fwd+bwd) "
-               "| token ms eager | token ms graphed | syncs/step | copies/step | launches/step "
-               "| syncs/token | launches/token |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"prompt {size.prompt_len}; FASTATTN_AUTOTUNE={os.environ.get('FASTATTN_AUTOTUNE', '1')}.", "",
+             "Train step: forward + backward + AdamW, bench_models.py's step and timer (do_bench median). "
+             "host ms: the host's time to issue one step from an idle GPU; GPU ms: kernel time per step "
+             "(profiler); GPU idle: 1 - GPU ms / step ms (host work, syncs, launch gaps). syncs: CUDA sync "
+             "calls per step (profiler) / syncs torch's sync debug mode reports.", ""]
+    summary = ["| backend | attn fwd ms | attn fwd+bwd ms | train step ms | host ms | GPU ms | GPU idle "
+               "| syncs/step | launches/step | token ms eager | token ms graphed | syncs/token | launches/token |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     details = []
     for name in args.backends.split(","):
         status = fastattn.available_backends().get(name)
         if status is None or not status.available:
-            summary.append(f"| {name} | unavailable: {getattr(status, 'reason', 'unknown')} ||||||||||")
+            summary.append(f"| {name} | unavailable: {getattr(status, 'reason', 'unknown')} ||||||||||||")
             continue
 
         def attn_fwd(name=name):
@@ -114,15 +103,12 @@ def main(argv=None) -> int:
             q.grad = k.grad = v.grad = None
             fastattn.attention(q, k, v, causal=True, backend=name).backward(dout)
 
-        model = set_attn_backend(copy.deepcopy(base), name)
-
-        def step(model=model):
-            model.zero_grad(set_to_none=True)
-            forward(model).float().square().mean().backward()
+        model = set_attn_backend(copy.deepcopy(base), name).train()
+        step = train_step(model, forward, torch.optim.AdamW(model.parameters(), lr=1e-4))
 
         t_fwd, t_attn = cuda_ms(attn_fwd), cuda_ms(attn_fwd_bwd)
-        t_step = cuda_ms(step, reps=10)
-        step_table, step_counts = profile(step)
+        t_step = time_ms(step, device="cuda", rep_ms=300)
+        st = step_anatomy(step)
 
         model.eval()
         with torch.no_grad():
@@ -143,7 +129,7 @@ def main(argv=None) -> int:
                 return token()
 
             t_tok = cuda_ms(token_eager)
-            tok_table, tok_counts = profile(token_eager)
+            tk = step_anatomy(token_eager)
             from fastattn.models.generation import graphed_step
             rewind()
             replay = graphed_step(lambda t: token(tok=t)[:, -1], cache, tok)
@@ -153,15 +139,18 @@ def main(argv=None) -> int:
                 return replay(tok)
 
             t_graph = cuda_ms(token_graphed)
-        c = lambda counts, keys: f"{sum(counts.get(k_, 0) for k_ in keys):.0f}"  # noqa: E731
-        summary.append(f"| {name} | {t_fwd:.3f} | {t_attn:.3f} | {t_step:.2f} | {t_tok:.3f} | "
-                       f"{t_graph:.3f} | {c(step_counts, SYNC_OPS)} | {c(step_counts, COPY_OPS)} | "
-                       f"{c(step_counts, LAUNCH_OPS)} | {c(tok_counts, SYNC_OPS)} | {c(tok_counts, LAUNCH_OPS)} |")
+        summary.append(f"| {name} | {t_fwd:.3f} | {t_attn:.3f} | {t_step:.2f} | {st['host_ms']:.2f} | "
+                       f"{st['device_ms']:.2f} | {1 - st['device_ms'] / t_step:.0%} | "
+                       f"{st['syncs']:.0f} / {st['sync_warnings']} | {st['launches']:.0f} | {t_tok:.3f} | "
+                       f"{t_graph:.3f} | {tk['syncs']:.0f} / {tk['sync_warnings']} | {tk['launches']:.0f} |")
         print(summary[-1], flush=True)
-        details += [f"## {name}: one train step (fwd + bwd), top 20 host ops by self CPU time", "", "```",
-                    step_table, "```", "", f"## {name}: one generated token (eager), top 20 host ops", "", "```",
-                    tok_table, "```", ""]
-        del model, cache, replay
+        first = [f"First sync the debug mode reported in a {what}: `{a['first_sync']}`"
+                 for what, a in (("step", st), ("token", tk)) if a["first_sync"]]
+        details += [f"## {name}: one train step, top kernels by GPU time", "", kernels_table(st), "", *first, "",
+                    f"## {name}: one train step, top 20 host ops by self CPU time", "", "```", st["host_table"],
+                    "```", "", f"## {name}: one generated token (eager), top 20 host ops", "", "```",
+                    tk["host_table"], "```", ""]
+        del model, step, cache, replay
         torch.cuda.empty_cache()
     text = "\n".join(lines + summary + [""] + details) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
