@@ -169,6 +169,58 @@ def test_eager_calls_launch_directly_and_traced_calls_use_the_ops(gen, monkeypat
         assert torch.equal(a, b)
 
 
+def test_eager_calls_skip_the_python_apply_wrapper(gen, monkeypatch):
+    """Eager calls that record run the Functions through their C++ apply (torch's Function.apply is a
+    Python wrapper around it, ~7 us of host time), with Function.apply's outputs and gradients. A
+    functorch wrapper whose transform has exited (a tensor captured inside torch.func.grad), which
+    the launchers cannot read, goes through Function.apply, which unwraps it, with gradients or
+    without (the inference shortcut must not take it either)."""
+    from fastattn.ops import autograd
+
+    q, k, v = (x.detach() for x in small_inputs(gen))
+    cu_q = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 16, 36], dtype=torch.int32, device=DEVICE)
+    dout = torch.randn(q.shape, generator=gen).to(DEVICE)
+    calls = [((q, k, v), lambda a, b, c: fastattn.attention(a, b, c, causal=True, backend="triton")),
+             ((q[0], k[0], v[0]), lambda a, b, c: fastattn.attention_varlen(a, b, c, cu_q, cu_k, 13, 20, causal=True,
+                                                                            backend="triton"))]
+    paths = []
+    for fn in (autograd.PaddedAttention, autograd.VarlenAttention):
+        monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply: paths.append("python") or _apply(*a))
+        monkeypatch.setitem(autograd._C_APPLY, fn, lambda *a, _apply=autograd._C_APPLY[fn]: paths.append("c++")
+                            or _apply(*a))
+
+    def run(xs, call):
+        xs = [x.clone().requires_grad_() for x in xs]
+        out = call(*xs)
+        out.backward(dout.view(-1)[:out.numel()].view(out.shape))
+        return [out.detach(), *(x.grad for x in xs)]
+
+    fast = [run(*c) for c in calls]
+    assert paths == ["c++", "c++"]
+    paths.clear()
+    with monkeypatch.context() as m:  # the same calls through Function.apply
+        for fn in (autograd.PaddedAttention, autograd.VarlenAttention):
+            m.setitem(autograd._C_APPLY, fn, fn.apply)
+        wrapped = [run(*c) for c in calls]
+    assert paths == ["python", "python"]
+    for a, b in zip(sum(fast, []), sum(wrapped, [])):
+        assert torch.equal(a, b)
+
+    for (xs, call), expected in zip(calls, fast):
+        captured = []
+        torch.func.grad(lambda x: captured.append(x) or x.sum())(xs[0].clone())
+        dead = captured[0]
+        assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+        paths.clear()
+        out = call(dead, *xs[1:])  # records: dead requires grad
+        assert paths == ["python"] and torch.equal(out.detach(), expected[0])
+        paths.clear()
+        with torch.no_grad():
+            out = call(dead, *xs[1:])
+        assert paths == ["python"] and torch.equal(out, expected[0])
+
+
 def test_double_backward_is_refused(gen):
     """The kernels' gradients are not differentiable again: create_graph=True then a second
     backward raises instead of silently dropping the second-order term."""
@@ -208,8 +260,10 @@ def test_calls_without_gradients_skip_the_autograd_function(gen, monkeypatch):
     recorded = [call(*(x.clone().requires_grad_() for x in xs)) for xs, call in calls]  # through the Functions
 
     applied = []
-    for fn in (autograd.PaddedAttention, autograd.VarlenAttention):
+    for fn in (autograd.PaddedAttention, autograd.VarlenAttention):  # the Function's Python and C++ applies
         monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply: applied.append(1) or _apply(*a))
+        monkeypatch.setitem(autograd._C_APPLY, fn, lambda *a, _apply=autograd._C_APPLY[fn]: applied.append(1)
+                            or _apply(*a))
     for mode in (torch.no_grad, torch.enable_grad, torch.inference_mode):
         with mode():
             for (xs, call), (ref_out, ref_lse) in zip(calls, recorded):

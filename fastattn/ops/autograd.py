@@ -48,14 +48,15 @@ def padded_attention(q, k, v, key_padding_mask, causal: bool, scale: float, retu
     fastattn.modifiers.ScoreMods (Triton) or None."""
     if torch.compiler.is_compiling():
         q, k, v = _distinct(q, k, v)
-    bias, sinks = (None, None) if mods is None else (mods.bias, mods.sinks)
-    if not _records(q, k, v, bias, sinks) and _direct(q, k, v, key_padding_mask, bias):
+    bias, sinks, alibi = (None, None, None) if mods is None else (mods.bias, mods.sinks, mods.alibi_slopes)
+    tensors = (q, k, v, key_padding_mask, bias, sinks, alibi)
+    if not _records(q, k, v, bias, sinks) and _direct(q, k, v, key_padding_mask, bias) and _unwrapped(tensors):
         out, lse, _ = _padded_forward(q, k, v, key_padding_mask, causal, scale, backend, _launch_mods(mods), True)
         return _returned(out, lse, return_lse)
     if mods is None:
-        return PaddedAttention.apply(q, k, v, key_padding_mask, causal, scale, return_lse, backend)
-    return PaddedAttention.apply(q, k, v, key_padding_mask, causal, scale, return_lse, backend, mods.bias, mods.sinks,
-                                 mods.alibi_slopes, *mods.window, mods.softcap)
+        return _apply(PaddedAttention, tensors, q, k, v, key_padding_mask, causal, scale, return_lse, backend)
+    return _apply(PaddedAttention, tensors, q, k, v, key_padding_mask, causal, scale, return_lse, backend, bias, sinks,
+                  alibi, *mods.window, mods.softcap)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
@@ -63,16 +64,40 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     """out [, lse] of packed-sequence attention (Triton), differentiable."""
     if torch.compiler.is_compiling():
         q, k, v, cu_seqlens_q, cu_seqlens_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    bias, sinks = (None, None) if mods is None else (mods.bias, mods.sinks)
-    if not _records(q, k, v, bias, sinks) and _direct(q, k, v, cu_seqlens_q, cu_seqlens_k, bias):
+    bias, sinks, alibi = (None, None, None) if mods is None else (mods.bias, mods.sinks, mods.alibi_slopes)
+    tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, bias, sinks, alibi)
+    if (not _records(q, k, v, bias, sinks) and _direct(q, k, v, cu_seqlens_q, cu_seqlens_k, bias)
+            and _unwrapped(tensors)):
         out, lse = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                                    _launch_mods(mods), True)
         return _returned(out, lse, return_lse)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, return_lse)
     if mods is None:
-        return VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                                     return_lse)
-    return VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                                 return_lse, mods.bias, mods.sinks, mods.alibi_slopes, *mods.window, mods.softcap)
+        return _apply(VarlenAttention, tensors, *args)
+    return _apply(VarlenAttention, tensors, *args, bias, sinks, alibi, *mods.window, mods.softcap)
+
+
+def _apply(cls, tensors: tuple, *args):
+    """cls.apply(*args), through the C++ apply beneath it where torch's Python wrapper has nothing to
+    do (~7 us of host time per call on a 2-core CPU): eager, no functorch transform, no functorch
+    wrapper among the tensors (None where absent). The wrapper's other work, binding defaults for a
+    setup_context, these Functions skip: they define none."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or not _unwrapped(tensors):
+        return cls.apply(*args)
+    return _C_APPLY[cls](*args)
+
+
+def _unwrapped(tensors: tuple) -> bool:
+    """No tensor is a functorch wrapper. Outside a transform a wrapper is one whose transform has
+    exited (a tensor captured inside torch.func.grad): Function.apply unwraps it, and the launchers
+    cannot read it (it has no storage)."""
+    for t in tensors:
+        if t is not None and _is_functorch_wrapper(t):
+            return False
+    return True
+
+
+_is_functorch_wrapper = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _mod_args(bias, sinks, alibi, left, right, softcap) -> tuple:
@@ -213,3 +238,7 @@ class VarlenAttention(torch.autograd.Function):
             return dq, dk, dv, None, None, None, None, None, None, None
         dq, dk, dv, dbias, dsinks = bwd(*args, bias, alibi, sinks, *ctx.mods, ctx.needs_input_grad[10])
         return dq, dk, dv, None, None, None, None, None, None, None, dbias, dsinks, None, None, None, None
+
+
+# The C++ apply of each Function (torch's Function.apply is a Python wrapper around it): _apply.
+_C_APPLY = {cls: super(torch.autograd.Function, cls).apply for cls in (PaddedAttention, VarlenAttention)}
