@@ -105,12 +105,14 @@ def step_anatomy(fn, *, calls: int = 3, top: int = 8) -> dict:
 
     - ``host_ms``: the host's time to issue one call from an idle GPU (median of ``calls``, each
       after a sync). Close to the call's time: host-bound (or the launch queue filled).
-    - ``device_ms``: the GPU's kernel time per call (profiler; 0 on the CPU). The call's time minus
-      this is the time the GPU sat idle: host work, syncs, launch gaps.
-    - ``syncs`` / ``copies`` / ``launches``: CUDA API calls per call, as the profiler records them;
+    - ``device_ms``: the GPU's busy time per call: kernels, and memcpy / memset on the device
+      (profiler; 0 on the CPU). The call's time minus this is the time the GPU sat idle: host work,
+      syncs, launch gaps.
+    - ``syncs`` / ``copies`` / ``launches``: CUDA API calls per call, as the profiler records them
+      (the profiler's own sync subtracted; rounded to 0.01, never below 0);
       ``sync_warnings``: syncs torch's sync debug mode reports per call (CUDA only; ``first_sync``:
       the first one's message).
-    - ``top_kernels``: [(name, ms per call)], the ``top`` kernels by GPU time; ``host_table``: the
+    - ``top_kernels``: [(name, ms per call)], the ``top`` device activities by GPU time; ``host_table``: the
       profiler's top host ops by self CPU time (text).
     """
     cuda = torch.cuda.is_available()
@@ -125,7 +127,10 @@ def step_anatomy(fn, *, calls: int = 3, top: int = 8) -> dict:
         sync()
     averages = _profiled(fn, calls, cuda)
     idle = _profiled(lambda: None, calls, cuda)  # the profiler's own syncs and copies, subtracted
-    per_call = lambda keys: sum(_count(averages, k) - _count(idle, k) for k in keys) / calls  # noqa: E731
+
+    def per_call(keys):
+        return max(0.0, round(sum(_count(averages, k) - _count(idle, k) for k in keys) / calls, 2))
+
     kernels = [e for e in averages
                if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
     kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)

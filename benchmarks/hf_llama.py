@@ -197,7 +197,7 @@ def markdown(doc: dict) -> str:
         for r in m["rows"]:
             ratio = f"{r['vs_sdpa']:.2f}x" if "vs_sdpa" in r else "-"
             rounds = " / ".join(f"{t:.2f}" for t in r.get("ms_rounds", [])) or "-"
-            syncs = f"{r['syncs']:.0f} / {r.get('sync_warnings', '-')}" if "syncs" in r else "-"
+            syncs = f"{r['syncs']:g} / {r.get('sync_warnings', '-')}" if "syncs" in r else "-"
             gate = r.get("skipped") or ("(the gate's naive run)" if r["attn_implementation"] == "sdpa" else r["gate"])
             lines.append(f"| {m['model']} | {m['batch']} x {m['seqlen']} | {m['window'] or '-'} | "
                          f"{r['attn_implementation']} | {num(r, 'ms', '.3f')} | {rounds} | {ratio} | "

@@ -171,10 +171,11 @@ def test_eager_calls_launch_directly_and_traced_calls_use_the_ops(gen, monkeypat
 
 def test_eager_calls_skip_the_python_apply_wrapper(gen, monkeypatch):
     """Eager calls that record run the Functions through their C++ apply (torch's Function.apply is a
-    Python wrapper around it, ~7 us of host time), with Function.apply's outputs and gradients. A
-    functorch wrapper whose transform has exited (a tensor captured inside torch.func.grad), which
-    the launchers cannot read, goes through Function.apply, which unwraps it, with gradients or
-    without (the inference shortcut must not take it either)."""
+    Python wrapper around it, ~4.5-7.5 us of host time), with Function.apply's outputs and gradients. A
+    functorch wrapper whose transform has exited (a tensor captured inside torch.func.grad: q, k, v
+    or a bias), which the launchers cannot read, goes through Function.apply, which unwraps it, with
+    gradients or without (the inference shortcut must not take it either); so does a call inside a
+    transform (Function.apply refuses it by name)."""
     from fastattn.ops import autograd
 
     q, k, v = (x.detach() for x in small_inputs(gen))
@@ -207,18 +208,37 @@ def test_eager_calls_skip_the_python_apply_wrapper(gen, monkeypatch):
     for a, b in zip(sum(fast, []), sum(wrapped, [])):
         assert torch.equal(a, b)
 
-    for (xs, call), expected in zip(calls, fast):
+    def exited(x):  # a functorch wrapper of x whose transform has exited
         captured = []
-        torch.func.grad(lambda x: captured.append(x) or x.sum())(xs[0].clone())
-        dead = captured[0]
-        assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+        torch.func.grad(lambda y: captured.append(y) or y.sum())(x.clone())
+        assert torch._C._functorch.is_functorch_wrapped_tensor(captured[0])
+        return captured[0]
+
+    for (xs, call), expected in zip(calls, fast):
+        for i in range(3):  # q, k or v such a wrapper, with gradients (through the backward) and without
+            args = [exited(x) if j == i else x for j, x in enumerate(xs)]
+            grad_of = 2 if i != 2 else 1  # a plain input that requires grad
+            args[grad_of] = args[grad_of].clone().requires_grad_()
+            paths.clear()
+            out = call(*args)
+            out.backward(dout.view(-1)[:out.numel()].view(out.shape))
+            assert paths == ["python"] and torch.equal(out.detach(), expected[0])
+            assert torch.equal(args[grad_of].grad, expected[1 + grad_of])
+            paths.clear()
+            with torch.no_grad():
+                out = call(*args)
+            assert paths == ["python"] and torch.equal(out, expected[0])
+    bias = torch.randn(1, 4, 20, 36, generator=gen).to(DEVICE)
+    plain = fastattn.attention(q, k, v, bias=bias, backend="triton")
+    for grad_mode in (torch.enable_grad, torch.no_grad):  # a modifier tensor such a wrapper
         paths.clear()
-        out = call(dead, *xs[1:])  # records: dead requires grad
-        assert paths == ["python"] and torch.equal(out.detach(), expected[0])
-        paths.clear()
-        with torch.no_grad():
-            out = call(dead, *xs[1:])
-        assert paths == ["python"] and torch.equal(out, expected[0])
+        with grad_mode():
+            out = fastattn.attention(q, k, v, bias=exited(bias), backend="triton")
+        assert paths == ["python"] and torch.equal(out.detach(), plain)
+    paths.clear()
+    with pytest.raises(RuntimeError, match="setup_context"):  # inside a transform, plain inputs: Function.apply
+        torch.func.grad(lambda x: x.sum() + fastattn.attention(q, k, v, backend="triton").sum())(q.clone())
+    assert paths == ["python"]
 
 
 def test_double_backward_is_refused(gen):

@@ -140,9 +140,9 @@ def main(argv=None) -> int:
 
             t_graph = cuda_ms(token_graphed)
         summary.append(f"| {name} | {t_fwd:.3f} | {t_attn:.3f} | {t_step:.2f} | {st['host_ms']:.2f} | "
-                       f"{st['device_ms']:.2f} | {1 - st['device_ms'] / t_step:.0%} | "
-                       f"{st['syncs']:.0f} / {st['sync_warnings']} | {st['launches']:.0f} | {t_tok:.3f} | "
-                       f"{t_graph:.3f} | {tk['syncs']:.0f} / {tk['sync_warnings']} | {tk['launches']:.0f} |")
+                       f"{st['device_ms']:.2f} | {max(0.0, 1 - st['device_ms'] / t_step):.0%} | "
+                       f"{st['syncs']:g} / {st['sync_warnings']} | {st['launches']:.0f} | {t_tok:.3f} | "
+                       f"{t_graph:.3f} | {tk['syncs']:g} / {tk['sync_warnings']} | {tk['launches']:.0f} |")
         print(summary[-1], flush=True)
         first = [f"First sync the debug mode reported in a {what}: `{a['first_sync']}`"
                  for what, a in (("step", st), ("token", tk)) if a["first_sync"]]

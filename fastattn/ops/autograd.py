@@ -10,7 +10,7 @@ Without anything to record (grad mode off, or no input that requires grad: infer
 prefill; and no functorch transform or forward-mode AD), the eager shortcut skips the autograd
 Function too (~18 us of host time per call) and calls the forward launcher alone. Calls that record
 enter the Functions through their C++ apply where torch's Python wrapper around it has nothing to
-do (_apply: ~6 us per call).
+do (_apply: ~4.5-7.5 us per call on a 2-core CPU).
 
 Key bounds of a key-padding mask are computed once in the forward and saved for the backward. The
 returned lse is differentiable when asked for (return_lse); when it is not returned, or not used,
@@ -81,7 +81,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
 
 def _apply(cls, tensors: tuple, *args):
     """cls.apply(*args), through the C++ apply beneath it where torch's Python wrapper has nothing to
-    do (~7 us of host time per call on a 2-core CPU): eager, no functorch transform, no functorch
+    do (~4.5-7.5 us of host time per call on a 2-core CPU): eager, no functorch transform, no functorch
     wrapper among the tensors (None where absent). The wrapper's other work, binding defaults for a
     setup_context, these Functions skip: they define none."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or not _unwrapped(tensors):
