@@ -247,7 +247,7 @@ $(grep -E 'bar checks met' "$WORK/score_mods/score_mods.md" 2>/dev/null | tail -
   echo "| config sweep | $sweep_rc | $(grep -E '^precompiled' "$WORK/sweep.log" 2>/dev/null) |"
   echo "| bench | $bench_rc | $(grep -E '^[0-9]+ timings' "$OUT/bench.log" 2>/dev/null | tail -1) |"
   echo "| models | $models_rc | $(grep -c 'train step' "$OUT/models.log" 2>/dev/null) rows |"
-  echo "| profile | $profile_rc | $(grep -c '^| t' "$OUT/profile.md" 2>/dev/null) backends profiled |"
+  echo "| profile | $profile_rc | $(grep -c -E '^\| (torch|triton|cuda) \| [0-9]' "$OUT/profile.md" 2>/dev/null) backends profiled |"
   echo "| direct-launch fallbacks | - | $(grep -c 'directly failed its check' "$OUT/pytest.log") warnings in pytest.log (0 expected) |"
   echo "| sanitizer | $san_rc | $(grep -E 'ERROR SUMMARY' "$WORK/sanitizer.log" 2>/dev/null | tail -1) |"
   echo
