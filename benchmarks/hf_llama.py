@@ -1,6 +1,6 @@
 """Hugging Face decoder models on fastattn vs transformers' SDPA: one training step's time.
 
-    python benchmarks/hf_llama.py [--out DIR] [--models llama,mistral] [--layers 8]
+    python benchmarks/hf_llama.py [--out DIR] [--models llama,mistral] [--layers 8] [--rounds 3]
     python benchmarks/hf_llama.py --smoke    # tiny float32 models through the Triton interpreter (CPU)
 
 On a GPU, bf16, from configs (no download), hidden 2048, 16 heads, 4 KV heads (GQA), 8 layers:
@@ -10,7 +10,10 @@ On a GPU, bf16, from configs (no download), hidden 2048, 16 heads, 4 KV heads (G
 Each is a padded batch (the last quarter of one sequence is padding): forward + backward of the LM
 loss with attn_implementation "sdpa", "fastattn" (fastattn.integrations.transformers.register())
 and "flash_attention_2" where the flash_attn package is installed (CUDA), on the same weights,
-timed in one run. Bar (issue 23): the Llama step with fastattn >= 1.0x sdpa; Mistral's is reported.
+timed in one run, in rounds (--rounds, default 3; the implementations take turns, the median is
+reported). Each step is then taken apart (benchmarks.common.step_anatomy): the host's time to issue
+it, the GPU's busy time and idle share, syncs, launches, the top kernels. Bar (issue 23): the Llama
+step with fastattn >= 1.0x sdpa; Mistral's is reported.
 
 Gate, before timing: each implementation's logits on the real tokens against the same model in
 float32 with "sdpa" as the reference, under the tests' tolerance rule with the bf16 "sdpa" run as
