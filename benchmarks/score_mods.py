@@ -12,7 +12,9 @@ the matmul ceiling measured first):
 - sliding window: (w, 0) causal, (w, w) not, for each w < S, against no window (full). TFLOPS count
   only the keys a query sees (fastattn.flops with the window), so "TFLOPS vs none" near 1 means the
   time falls in proportion to the window (key tiles outside it are skipped);
-- ALiBi, softcap, sinks vs none: forward (and fwd+bwd) TFLOPS ratio, modified / unmodified;
+- ALiBi, softcap, sinks vs none: forward (and fwd+bwd) TFLOPS ratio, modified / unmodified; on a
+  GPU also "softcap tanh.approx": the softcap through the hardware's tanh.approx.f32
+  (FASTATTN_SOFTCAP_TANH=approx while its rows run; not the default until measured and checked);
 - bias (1, H, S, S) requiring grad, fwd+bwd: fastattn vs PyTorch SDPA given the same float mask
   (attn_mask; with causal the mask is folded into the bias once, untimed), and vs no bias;
 - each modifier, fwd and fwd+bwd, vs FlexAttention given the same modifier as score_mod / block
@@ -37,6 +39,7 @@ row fails the gate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -69,6 +72,7 @@ GATE_QUERIES = 256  # the gate's slice: the last queries of batch 0, head 0, ove
 SOFTCAP = 5.0  # small enough to bend N(0, 1) logits, so the gate sees a kernel that ignores it
 BAR_RATIO, BAR_RATIO_BWD, BAR_VS_SDPA, BAR_VS_FLEX = 0.9, 0.85, 2.0, 1.0
 BUDGET_SKIP = "time budget spent"
+APPROX = "softcap tanh.approx"  # the softcap with FASTATTN_SOFTCAP_TANH=approx (GPU only)
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class Variant:
         h, s = case.heads_q, case.seqlen_q
         if self.name == "alibi":  # the ALiBi paper's slopes: 2^(-8 (h + 1) / H)
             return {"alibi_slopes": torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], device=device)}
-        if self.name == "softcap":
+        if self.name in ("softcap", APPROX):
             return {"softcap": SOFTCAP}
         if self.name == "sinks":
             return {"sinks": torch.randn(h, device=device, generator=gen)}
@@ -97,10 +101,29 @@ class Variant:
         return {}
 
 
-def variants(case: Case, windows) -> list[Variant]:
-    """Most wanted first: the unmodified kernel, the bars' modifiers, then the window sweep (w < S)."""
-    fixed = [Variant(name) for name in ("none", "alibi", "softcap", "sinks", "bias")]
-    return fixed + [Variant(f"window {w}", w) for w in windows if w < case.seqlen_q]
+def variants(case: Case, windows, approx: bool = False) -> list[Variant]:
+    """Most wanted first: the unmodified kernel, the bars' modifiers (approx: the softcap through
+    tanh.approx.f32 too), then the window sweep (w < S)."""
+    names = ("none", "alibi", "softcap") + ((APPROX,) if approx else ()) + ("sinks", "bias")
+    return [Variant(name) for name in names] + [Variant(f"window {w}", w) for w in windows if w < case.seqlen_q]
+
+
+@contextlib.contextmanager
+def softcap_tanh(variant: Variant):
+    """FASTATTN_SOFTCAP_TANH=approx while the APPROX variant's rows run (forward and backward alike:
+    the launchers read it per call), as it was otherwise."""
+    if variant.name != APPROX:
+        yield
+        return
+    before = os.environ.get("FASTATTN_SOFTCAP_TANH")
+    os.environ["FASTATTN_SOFTCAP_TANH"] = "approx"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["FASTATTN_SOFTCAP_TANH"]
+        else:
+            os.environ["FASTATTN_SOFTCAP_TANH"] = before
 
 
 @dataclass(frozen=True)
@@ -340,7 +363,7 @@ def bars(rows: list[dict]) -> list[dict]:
         if r["provider"] != "fastattn":
             continue
         mode = "fwd" if r["mode"] == "fwd" else "fwd+bwd"
-        if (r["variant"] in ("alibi", "softcap") or r["window"]) and "vs_none" in r:
+        if (r["variant"] in ("alibi", "softcap", APPROX) or r["window"]) and "vs_none" in r:
             check(r, f"{r['variant']} {mode} TFLOPS / none", r["vs_none"],
                   BAR_RATIO if r["mode"] == "fwd" else BAR_RATIO_BWD)
         if r["mode"] == "fwd_bwd" and "vs_sdpa" in r:
@@ -429,7 +452,8 @@ def run_case(run: Run, doc: dict, case: Case, case_variants: list[Variant], flex
             rows = [{**_row(case, variant, p.name, m), "gate": "", "skipped": BUDGET_SKIP}
                     for p in providers(case, variant, flex_pass) for m in MODES]
         else:
-            rows = run_variant(run, case, variant, inputs, flex_pass)
+            with softcap_tanh(variant):
+                rows = run_variant(run, case, variant, inputs, flex_pass)
         doc["rows"] += rows
         for r in rows:
             print(f"{case.label:<40} {variant.name:<12} {r['provider']:<8} {r['mode']:<7} "
@@ -471,7 +495,7 @@ def main(argv=None) -> int:
     passes = [(False, settings.cases(), own_windows), (True, settings.flex_cases(), settings.flex_windows)]
     for flex_pass, cases, windows in passes:
         for case in cases:
-            run_case(run, doc, case, variants(case, windows), flex_pass)
+            run_case(run, doc, case, variants(case, windows, approx=cuda and not flex_pass), flex_pass)
             (args.out / "score_mods.json").write_text(json.dumps(doc, indent=2, default=str))
             (args.out / "score_mods.md").write_text(markdown(doc))  # after every case: partial runs survive
     # A fastattn row fails when its gate fails or it raised (a budget skip is not a failure).

@@ -104,8 +104,13 @@ def store_tile(ptr, x, rows, stride, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl
 
 
 @triton.jit
-def _tanh(x):
-    """tanh from exp2 (the interpreter has no libdevice tanh): |error| ~ 1 ulp of 1."""
+def _tanh(x, APPROX: tl.constexpr = False):
+    """tanh from exp2 (the interpreter has no libdevice tanh): |error| ~ 1 ulp of 1, two MUFU ops (the
+    exp2 and the division's reciprocal). APPROX: the hardware's tanh.approx.f32 (sm_75+; not in the
+    interpreter), one MUFU op, relative error about 2**-11."""
+    if APPROX:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
     e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E_T))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
@@ -130,8 +135,9 @@ def score_mods(s, r, c, Sq, Sk, bias, stride_bm, stride_bn, slope2, cap2, row_ok
                WIDE: tl.constexpr = False):
     """The one definition of a modified logit (log2 units), in the order of fastattn/modifiers.py:
     softcap, then bias, then ALiBi. Returns (s, dcap): dcap = d softcap / d logit = 1 - tanh^2 with
-    SOFTCAP (the backward needs it), else s (unused). Everything is computed here, after the
-    softcap, in the order the kernels have always used (ptxas spills more otherwise).
+    SOFTCAP (the backward needs it), else s (unused). SOFTCAP True: tanh from exp2; 2: tanh.approx.f32
+    (see _tanh). Everything is computed here, after the softcap, in the order the kernels have always
+    used (ptxas spills more otherwise).
 
     Queries r, keys c: index tensors broadcasting to s ((rows, 1) x (1, cols), or transposed), of a
     sequence of Sq queries and Sk keys. Two forms of the per-row values:
@@ -144,7 +150,7 @@ def score_mods(s, r, c, Sq, Sk, bias, stride_bm, stride_bn, slope2, cap2, row_ok
     slope2 = ALiBi slope * log2(e); cap2 = softcap * log2(e)."""
     dcap = s
     if SOFTCAP:
-        t = _tanh(s * (1.0 / cap2))  # a per-tile reciprocal: one division per score is a MUFU op
+        t = _tanh(s * (1.0 / cap2), APPROX=SOFTCAP == 2)  # a per-tile reciprocal: a division per score is a MUFU op
         s = cap2 * t
         dcap = 1.0 - t * t
     if HAS_BIAS:

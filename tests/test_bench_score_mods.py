@@ -49,6 +49,35 @@ def test_score_mods_benchmark_smoke(tmp_path, monkeypatch):
     assert "| self B1 S48 H1 D16 full float32 | sinks | fwd | " in md.split("vs FlexAttention")[1]
 
 
+def test_approx_softcap_rows_run_with_the_switch_on(monkeypatch):
+    """On a GPU the softcap also runs through tanh.approx.f32: its variant (after "softcap"; never in
+    the FlexAttention pass) sets FASTATTN_SOFTCAP_TANH=approx while its rows run and restores it after,
+    passes the same softcap, and meets the same bars."""
+    from benchmarks import score_mods
+    from benchmarks.cases import Case
+
+    case = Case(1, 40, 40, 2, 2, 16, kind="self", causal=True, dtype="float32")
+    names = [v.name for v in score_mods.variants(case, (8,), approx=True)]
+    assert names[:4] == ["none", "alibi", "softcap", score_mods.APPROX] and names.count(score_mods.APPROX) == 1
+    assert score_mods.APPROX not in [v.name for v in score_mods.variants(case, (8,))]
+    approx = score_mods.Variant(score_mods.APPROX)
+    assert approx.mods(case, "cpu", torch.Generator()) == {"softcap": score_mods.SOFTCAP}
+    for before in (None, "exp2"):
+        if before is None:
+            monkeypatch.delenv("FASTATTN_SOFTCAP_TANH", raising=False)
+        else:
+            monkeypatch.setenv("FASTATTN_SOFTCAP_TANH", before)
+        with score_mods.softcap_tanh(score_mods.Variant("softcap")):
+            assert os.environ.get("FASTATTN_SOFTCAP_TANH") == before
+        with score_mods.softcap_tanh(approx):
+            assert os.environ["FASTATTN_SOFTCAP_TANH"] == "approx"
+        assert os.environ.get("FASTATTN_SOFTCAP_TANH") == before
+    row = {"case": {"label": "c"}, "provider": "fastattn", "mode": "fwd", "variant": score_mods.APPROX,
+           "window": None, "vs_none": 0.95}
+    assert score_mods.bars([row]) == [{"case": "c", "check": f"{score_mods.APPROX} fwd TFLOPS / none",
+                                       "value": 0.95, "bar": 0.9, "ok": True}]
+
+
 def test_score_mods_gate_catches_a_wrong_kernel(monkeypatch):
     """A provider that ignores its modifier fails the gate: flagged, not ranked."""
     from benchmarks import score_mods

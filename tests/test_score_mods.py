@@ -5,7 +5,7 @@ backend's share; the errors for what is refused. On CPU through the Triton inter
 
 import pytest
 import torch
-from conftest import DEVICE, KERNEL_DTYPES
+from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES
 
 import fastattn
 from fastattn import reference, testing
@@ -151,6 +151,78 @@ def test_softcap_bends_large_logits(gen):
     """Logits far beyond the cap (tanh saturates) and gradients through the saturated region."""
     q, k, v = testing.random_qkv(1, 33, 40, 2, 2, 16, device=DEVICE, generator=gen)
     check(q * 4, k * 4, v, True, {"softcap": 5.0}, gen)
+
+
+def test_softcap_tanh_switch(gen, monkeypatch):
+    """FASTATTN_SOFTCAP_TANH: "exp2" (the default) keeps the tanh from exp2 (SOFTCAP True in the kernels'
+    flags); "approx" asks for tanh.approx.f32 (SOFTCAP 2) for 16-bit inputs only (float32 keeps the
+    exact tanh, a call without softcap is untouched); the interpreter refuses it by name (it cannot
+    run inline PTX), and so does an unknown value."""
+    from fastattn.launchers import score_mods
+
+    q16 = torch.zeros(1, 8, 2, 16, dtype=torch.float16, device=DEVICE)
+
+    def softcap_flag(q, mods=None):
+        return score_mods.kernel_args(q, 1, 2, 8, 8, mods or score_mods.Mods(softcap=5.0))[3]["SOFTCAP"]
+
+    monkeypatch.delenv("FASTATTN_SOFTCAP_TANH", raising=False)
+    assert softcap_flag(q16) is True
+    monkeypatch.setenv("FASTATTN_SOFTCAP_TANH", "fast")
+    with pytest.raises(ValueError, match="FASTATTN_SOFTCAP_TANH must be 'exp2' or 'approx', got 'fast'"):
+        softcap_flag(q16)
+    monkeypatch.setenv("FASTATTN_SOFTCAP_TANH", "approx")
+    assert softcap_flag(q16, score_mods.Mods(window_left=3)) is False
+    q, k, v = testing.random_qkv(1, 8, 8, 2, 2, 16, device=DEVICE, dtype=torch.float16, generator=gen)
+    if not HAS_CUDA:
+        with pytest.raises(RuntimeError, match="FASTATTN_SOFTCAP_TANH=approx needs an NVIDIA GPU"):
+            fastattn.attention(q, k, v, softcap=5.0, backend="triton")
+        fastattn.attention(q, k, v, window=(3, 0), backend="triton")  # no softcap: runs
+        monkeypatch.setattr(score_mods.configs, "interpreter_enabled", lambda: False)  # the flags a GPU gets
+    assert softcap_flag(q16) == 2 and softcap_flag(q16.to(torch.bfloat16)) == 2
+    assert softcap_flag(q16.float()) is True
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_softcap_through_tanh_approx(dtype, gen, monkeypatch):
+    """FASTATTN_SOFTCAP_TANH=approx on a GPU: the softcap through tanh.approx.f32 in the forward,
+    backward, packed and decode kernels (in the PTX of every plan they built), within the tolerance
+    rule of the float64 reference (its error, about 2**-11 of the capped logit, is below 16-bit
+    rounding's), logits far past the cap and a window included."""
+    from fastattn.launchers import plans
+
+    monkeypatch.setenv("FASTATTN_SOFTCAP_TANH", "approx")
+    launch.clear_plans()  # the plans this test builds are then the only ones
+    q, k, v = testing.random_qkv(2, 45, 70, 4, 2, 64, device=DEVICE, dtype=dtype, generator=gen)
+    check(q, k, v, True, {"softcap": 1.5}, gen)
+    check(q * 4, k * 4, v, False, {"softcap": 5.0, "window": (20, 5)}, gen)
+    cu = torch.tensor([0, 20, 45], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 30, 70], dtype=torch.int32, device=DEVICE)
+
+    def varlen(backend):
+        return lambda a, b_, c, **m: fastattn.attention_varlen(a, b_, c, cu, cu_k, 25, 40, causal=True,
+                                                               return_lse=True, backend=backend, **m)
+
+    assert_ok(testing.check_against_reference(varlen("triton"), q[0], k[0], v[0], lse_grad=True, generator=gen,
+                                              ref_fn=varlen("reference"), mods={"softcap": 2.0}), "varlen")
+    k_cache = torch.randn(2, 64, 2, 64, generator=gen).to(DEVICE, dtype)
+    v_cache = torch.randn(2, 64, 2, 64, generator=gen).to(DEVICE, dtype)
+    seqlens = torch.tensor([10, 50], dtype=torch.int32, device=DEVICE)
+    qd = torch.randn(2, 1, 4, 64, generator=gen).to(DEVICE, dtype)
+    kn = torch.randn(2, 1, 2, 64, generator=gen).to(DEVICE, dtype)
+    vn = torch.randn(2, 1, 2, 64, generator=gen).to(DEVICE, dtype)
+
+    def decode():
+        return fastattn.attention_with_kvcache(qd, k_cache, v_cache, kn, vn, cache_seqlens=seqlens, softcap=2.0,
+                                               return_lse=True, num_splits=2, backend="triton")
+
+    assert_ok(testing.check_kvcache_against_reference(decode, qd, k_cache, v_cache, kn, vn, seqlens,
+                                                      mods={"softcap": 2.0}), "decode")
+    built = [p for cache in plans._signature_caches for ps in cache.values() for p in ps
+             if p is not None and "SOFTCAP" in p.kernel.arg_names]
+    assert {p.kernel for p in built} >= {launch.attn_fwd_kernel, launch.attn_bwd_dkdv_kernel,
+                                         launch.attn_bwd_dq_kernel}
+    assert all(p.handle is not None and "tanh.approx.f32" in p.handle.asm["ptx"] for p in built)
 
 
 def test_sinks_take_mass_and_give_lse(gen):

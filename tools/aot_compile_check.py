@@ -1,7 +1,7 @@
 """Compile the Triton kernels for a GPU target on a machine without a GPU (no launch).
 
     python tools/aot_compile_check.py [--arch 90] [--dtype fp16] [--head-dims 64,128,256]
-        [--variants dense,mask,varlen,bias,alibi,window,softcap,sinks,all] [--decode-only | --no-decode]
+        [--variants dense,mask,varlen,bias,alibi,window,softcap,softcap_approx,sinks,all] [--decode-only | --no-decode]
         [--configs table|sweep] [--json FILE] [--kinds fwd,dkdv,dq] [--filter ' ws'] [--twin lpt|atomic_dq]
 
 The prefill kernels are compiled as the runtime specialises a typical call (typical_ints,
@@ -67,7 +67,7 @@ INT32_POINTERS = ("KV_BOUNDS", "CU_Q", "CU_K", "BOUNDS", "SEQLENS", "BLOCK_TABLE
 SCALARS_FP32 = ("qk_scale", "sm_scale", "cap2")
 # Score-modifier variants (--variants): the kernels' modifier flags each turns on.
 MOD_VARIANTS = {"bias": ("HAS_BIAS", "HAS_DBIAS"), "alibi": ("HAS_ALIBI",), "window": ("LOCAL",),
-                "softcap": ("SOFTCAP",), "sinks": ("HAS_SINKS",),
+                "softcap": ("SOFTCAP",), "softcap_approx": ("SOFTCAP",), "sinks": ("HAS_SINKS",),
                 "all": ("HAS_BIAS", "HAS_DBIAS", "HAS_ALIBI", "LOCAL", "SOFTCAP", "HAS_SINKS")}
 MOD_FLAGS = ("LOCAL", "HAS_BIAS", "HAS_ALIBI", "SOFTCAP", "HAS_SINKS", "HAS_DBIAS")
 
@@ -75,7 +75,10 @@ MOD_FLAGS = ("LOCAL", "HAS_BIAS", "HAS_ALIBI", "SOFTCAP", "HAS_SINKS", "HAS_DBIA
 def mod_flags(kernel, variant: str) -> dict:
     """The kernel's modifier constexprs for a variant (off for dense/mask/varlen)."""
     on = MOD_VARIANTS.get(variant, ())
-    return {f: f in on for f in MOD_FLAGS if f in kernel.arg_names}
+    flags = {f: f in on for f in MOD_FLAGS if f in kernel.arg_names}
+    if variant == "softcap_approx" and "SOFTCAP" in flags:
+        flags["SOFTCAP"] = 2  # tanh.approx.f32 (FASTATTN_SOFTCAP_TANH=approx)
+    return flags
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 

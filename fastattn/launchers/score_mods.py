@@ -2,13 +2,21 @@
 attention and decode launchers: the kernels take (bias, alibi_slopes, sinks) pointers, seven ints
 (bias strides (b, h, m, n), the slopes' batch stride, window left/right), softcap * log2(e) and
 constexpr flags. A call without modifiers passes
-constants (NO_MOD_INTS, NO_FLAGS): the flags compile the modifier code out."""
+constants (NO_MOD_INTS, NO_FLAGS): the flags compile the modifier code out.
+
+The softcap's tanh: from exp2 (SOFTCAP True), or the hardware's tanh.approx.f32 (SOFTCAP 2) for
+16-bit inputs when FASTATTN_SOFTCAP_TANH=approx (approx_tanh)."""
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple
+
+import torch
+
+from fastattn.kernels import configs
 
 LOG2E = math.log2(math.e)
 
@@ -53,17 +61,37 @@ def kernel_args(q, b, hq, sq, sk, mods: Mods):
     bias, alibi_slopes, sinks, window_left, window_right, softcap = mods
     layout = _layout(b, hq, sq, sk, None if bias is None else (bias.shape, bias.stride(), bias.dtype),
                      None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride()),
-                     None if sinks is None else sinks.dtype, window_left, window_right, softcap)
+                     None if sinks is None else sinks.dtype, window_left, window_right, softcap,
+                     softcap != 0.0 and approx_tanh(q.dtype))
     ptrs = (q if bias is None else bias, q if alibi_slopes is None else alibi_slopes, q if sinks is None else sinks)
     return (ptrs, *layout)
 
 
+def approx_tanh(dtype: torch.dtype) -> bool:
+    """Whether the softcap's tanh is the hardware's tanh.approx.f32 (one MUFU op per score instead of
+    two; relative error about 2**-11) for inputs of `dtype`: with FASTATTN_SOFTCAP_TANH=approx, for
+    16-bit inputs (float32 keeps the exact tanh). The default, "exp2", stays until a GPU session has
+    checked and timed "approx" (tests/test_score_mods.py, benchmarks/score_mods.py --softcap-tanh).
+    Read per call, so a forward and its backward agree while the variable does not change."""
+    mode = os.environ.get("FASTATTN_SOFTCAP_TANH", "exp2")
+    if mode == "exp2":
+        return False
+    if mode != "approx":
+        raise ValueError(f"FASTATTN_SOFTCAP_TANH must be 'exp2' or 'approx', got {mode!r}")
+    if configs.interpreter_enabled():
+        raise RuntimeError("FASTATTN_SOFTCAP_TANH=approx needs an NVIDIA GPU: the Triton interpreter cannot run "
+                           "tanh.approx.f32 (inline PTX)")
+    return dtype in (torch.float16, torch.bfloat16)
+
+
 @functools.lru_cache(maxsize=1024)
-def _layout(b, hq, sq, sk, bias, alibi, sinks_dtype, window_left, window_right, softcap):
+def _layout(b, hq, sq, sk, bias, alibi, sinks_dtype, window_left, window_right, softcap, approx):
     """(ints, cap2, flags, key) for kernel_args from the modifiers' shapes, strides and dtypes. An
-    unbounded window side, or one wider than that, becomes Sq + Sk (past every key)."""
+    unbounded window side, or one wider than that, becomes Sq + Sk (past every key). approx: the
+    softcap through tanh.approx.f32 (SOFTCAP 2)."""
     flags = dict(LOCAL=window_left >= 0 or window_right >= 0, HAS_BIAS=bias is not None,
-                 HAS_ALIBI=alibi is not None, SOFTCAP=softcap != 0.0, HAS_SINKS=sinks_dtype is not None)
+                 HAS_ALIBI=alibi is not None, SOFTCAP=2 if approx else softcap != 0.0,
+                 HAS_SINKS=sinks_dtype is not None)
     bias_strides, wide, dtypes = (0, 0, 0, 0), False, (None, sinks_dtype)
     if bias is not None:
         shape, stride, dtype = bias
