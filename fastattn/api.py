@@ -266,6 +266,11 @@ def scaled_dot_product_attention(
                          "for grouped-query attention")
     kpm = bias = None
     if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dim() == 0:
+            raise ValueError("attn_mask must have at least one dim (broadcastable to (B, H, Sq, Sk)), got a 0-d "
+                             "tensor")
         if is_causal:
             raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
         if attn_mask.device != query.device:  # named here: past this point it is fastattn's bias or mask

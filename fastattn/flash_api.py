@@ -25,6 +25,7 @@ import operator
 import torch
 
 from fastattn import api, cache_layouts
+from fastattn.validation import _check_tensor
 
 
 def _window(window_size) -> tuple[int, int] | None:
@@ -175,11 +176,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if value is not None:
             raise ValueError(f"{name} is not supported by fastattn's flash_attn_with_kvcache (apply rotary "
                              "embeddings before the call; index the cache yourself)")
+    if isinstance(cache_seqlens, bool):
+        raise TypeError("cache_seqlens must be an int, a (B,) int32 tensor or None, got bool")
     if cache_seqlens is None or isinstance(cache_seqlens, int):
         if cache_seqlens is None and k is not None:
             raise ValueError("cache_seqlens is needed when new keys/values k, v are written into the cache")
-        if not isinstance(k_cache, torch.Tensor) or not isinstance(q, torch.Tensor):
-            raise TypeError("q and k_cache must be torch.Tensors")
+        if not isinstance(k_cache, torch.Tensor):
+            raise TypeError(f"k_cache must be a torch.Tensor, got {type(k_cache).__name__}")
+        _check_tensor("q", q, 4, "(B, Sq, Hq, D)")  # its batch size is read here
         full = cache_layouts.capacity(k_cache, block_table)
         cache_seqlens = torch.full((q.shape[0],), full if cache_seqlens is None else cache_seqlens, dtype=torch.int32,
                                    device=q.device)

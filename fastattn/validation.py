@@ -13,6 +13,7 @@ from fastattn.shape import AttentionShape
 
 MAX_HEAD_DIM = 256
 MAX_SOFTCAP = 1e30  # softcap * log2(e) must stay finite in float32 inside the kernels
+MIN_SOFTCAP = 1e-30  # and so must its reciprocal (below ~1e-38 it overflows: 0 * inf = NaN at a zero logit)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -159,8 +160,8 @@ def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionSh
     if softcap is None:
         softcap = 0.0
     if (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap)
-            or not 0 <= softcap <= MAX_SOFTCAP):
-        raise ValueError(f"softcap must be a float in [0, {MAX_SOFTCAP:g}] (0 = off), got {softcap!r}")
+            or not (softcap == 0 or MIN_SOFTCAP <= softcap <= MAX_SOFTCAP)):
+        raise ValueError(f"softcap must be 0 (off) or a float in [{MIN_SOFTCAP:g}, {MAX_SOFTCAP:g}], got {softcap!r}")
     if sinks is not None:
         if not isinstance(sinks, torch.Tensor) or sinks.dtype not in FLOAT_DTYPES:
             raise TypeError(f"sinks must be a floating torch.Tensor of shape (Hq,), got "

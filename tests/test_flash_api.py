@@ -154,6 +154,7 @@ def test_softcap_zero_or_negative_is_off_as_in_flash_attention(softcap, gen):
     (lambda q: fastattn.flash_attn_with_kvcache(q, q, q, rotary_cos=q), "rotary_cos"),
     (lambda q: fastattn.flash_attn_with_kvcache(q, q, q, cache_batch_idx=q), "cache_batch_idx"),
     (lambda q: fastattn.flash_attn_with_kvcache(q, q, q, q, q), "cache_seqlens is needed"),
+    (lambda q: fastattn.flash_attn_with_kvcache(q[0, 0, 0, 0], q, q, cache_seqlens=2), r"q must have 4 dims"),
     (lambda q: fastattn.flash_attn_qkvpacked_func(q), r"qkv must have shape \(B, S, 3, H, D\)"),
     (lambda q: fastattn.flash_attn_kvpacked_func(q, torch.stack([q] * 3, 2)), r"kv must have shape \(B, S, 2, Hkv"),
     (lambda q: fastattn.flash_attn_varlen_qkvpacked_func(torch.stack([q] * 3, 2), torch.tensor([0, 3]), 3),
@@ -163,6 +164,15 @@ def test_what_differs_is_a_clear_error(call, match, gen):
     q = torch.randn(1, 3, 2, 16, generator=gen)
     with pytest.raises(ValueError, match=match):
         call(q)
+
+
+def test_kvcache_lengths_as_a_bool_are_refused(gen):
+    """cache_seqlens=True is not the length 1 (an int, a (B,) int32 tensor or None), as num_splits=True
+    is not a split count."""
+    q = torch.randn(1, 1, 2, 16, generator=gen)
+    cache = torch.randn(1, 6, 2, 16, generator=gen)
+    with pytest.raises(TypeError, match="cache_seqlens must be an int, a \\(B,\\) int32 tensor or None, got bool"):
+        fastattn.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=True)
 
 
 @pytest.mark.parametrize("name", ["s_aux", "learnable_sink"])

@@ -142,6 +142,23 @@ def test_varlen_matches_reference(case, causal, dtype, gen):
                                               ref_fn=varlen("reference")), f"varlen {lengths_q}/{lengths_k}")
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference", "torch", "auto"])
+def test_varlen_with_no_sequences(backend):
+    """A packed batch of no sequences (cu_seqlens [0], no tokens): empty out (and lse where the
+    backend returns it) that gradients still flow through to q, k and v (empty, as they are), on
+    every backend (the padded-layout ones run sequence by sequence: nothing to run)."""
+    cu = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(0, h, 16, device=DEVICE, requires_grad=True) for h in (4, 2, 2))
+    lse_too = backend in ("triton", "reference")
+    got = fastattn.attention_varlen(q, k, v, cu, cu, 0, 0, causal=True, return_lse=lse_too, backend=backend)
+    out, lse = got if lse_too else (got, None)
+    assert out.shape == (0, 4, 16) and out.requires_grad
+    if lse_too:
+        assert lse.shape == (4, 0) and lse.dtype == torch.float32 and lse.requires_grad
+    loss = out.sum() + (lse.sum() if lse_too else 0)
+    assert [tuple(g.shape) for g in torch.autograd.grad(loss, (q, k, v))] == [(0, 4, 16), (0, 2, 16), (0, 2, 16)]
+
+
 def test_varlen_equals_padded_with_mask(gen):
     """unpad -> attention_varlen -> pad equals padded attention with the same mask, on real tokens."""
     b, s, h, d = 3, 45, 2, 32

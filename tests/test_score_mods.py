@@ -153,6 +153,25 @@ def test_softcap_bends_large_logits(gen):
     check(q * 4, k * 4, v, True, {"softcap": 5.0}, gen)
 
 
+@pytest.mark.parametrize("softcap", [1e-30, 0.05, 1e4, 1e8, 1e30], ids=str)
+def test_softcaps_from_tiny_to_huge(softcap, gen):
+    """Caps across the accepted range, prefill (fwd and bwd) and decode: a huge cap is the identity
+    (tanh near 0 must stay accurate relative to its argument: 1 - exp(-2x) cancels there), a tiny one
+    flattens every logit to about 0 (its reciprocal must stay finite: no NaN at a zero logit)."""
+    q, k, v = testing.random_qkv(2, 21, 35, 4, 2, 32, device=DEVICE, generator=gen)
+    check(q, k, v, True, {"softcap": softcap}, gen)
+    k_cache, v_cache = (torch.randn(2, 40, 2, 32, generator=gen).to(DEVICE) for _ in range(2))
+    seqlens = torch.tensor([0, 33], dtype=torch.int32, device=DEVICE)
+    qd, kn, vn = (torch.randn(2, 2, h, 32, generator=gen).to(DEVICE) for h in (4, 2, 2))
+
+    def decode():
+        return fastattn.attention_with_kvcache(qd, k_cache, v_cache, kn, vn, cache_seqlens=seqlens, softcap=softcap,
+                                               return_lse=True, num_splits=2, backend="triton")
+
+    assert_ok(testing.check_kvcache_against_reference(decode, qd, k_cache, v_cache, kn, vn, seqlens,
+                                                      mods={"softcap": softcap}), f"decode softcap={softcap}")
+
+
 def test_softcap_tanh_switch(gen, monkeypatch):
     """FASTATTN_SOFTCAP_TANH: "exp2" (the default) keeps the tanh from exp2 (SOFTCAP True in the kernels'
     flags); "approx" asks for tanh.approx.f32 (SOFTCAP 2) for 16-bit inputs only (float32 keeps the
@@ -329,6 +348,7 @@ def test_which_backend_runs_what(gen):
     (dict(softcap=-1.0), ValueError, "softcap must be"),
     (dict(softcap=float("inf")), ValueError, "softcap must be"),
     (dict(softcap="1"), ValueError, "softcap must be"),
+    (dict(softcap=1e-39), ValueError, r"softcap must be 0 \(off\) or a float in \[1e-30, 1e\+30\]"),
     (dict(sinks=torch.zeros(3)), ValueError, "sinks must have shape"),
     (dict(sinks=[0.0, 0.0]), TypeError, "sinks must be"),
 ])

@@ -45,6 +45,16 @@ def test_matches_torch(sq, sk, is_causal, gen):
     compare_with_torch(gen, q, k, v, is_causal=is_causal, scale=0.3)
 
 
+def test_masks_that_are_not_masks_name_attn_mask(gen):
+    """A mask that is not a tensor, or a 0-d one (torch refuses it too), is refused naming attn_mask."""
+    q, k, v = bhsd(gen, 1, 2, 5, 16), bhsd(gen, 1, 2, 6, 16), bhsd(gen, 1, 2, 6, 16)
+    with pytest.raises(TypeError, match="attn_mask must be a torch.Tensor or None, got list"):
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=[[1.0]], backend="triton")
+    for mask in (torch.tensor(0.5), torch.tensor(True)):
+        with pytest.raises(ValueError, match="attn_mask must have at least one dim"):
+            fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="triton")
+
+
 def test_gqa(gen):
     q, k, v = bhsd(gen, 2, 6, 20, 16), bhsd(gen, 2, 2, 30, 16), bhsd(gen, 2, 2, 30, 16)
     compare_with_torch(gen, q, k, v, is_causal=True, enable_gqa=True)

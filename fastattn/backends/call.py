@@ -67,11 +67,11 @@ class AttentionCall:
         """Run a padded-layout backend on each packed sequence and pack the results back:
         out (Tq, Hq, D) [, lse (Hq, Tq)]."""
         results = [run_one(c) for c in self.sequences()]
-        q = self.q
+        if not results:  # no sequences: no tokens either, and empty outputs that q, k, v still get gradients from
+            out = self.q * 0 + (self.k.sum() + self.v.sum()) * 0  # (0, Hq, D)
+            return (out, out.float().sum(2).t()) if self.return_lse else out  # lse (0, Hq) -> (Hq, 0)
         if not self.return_lse:
-            return torch.cat([o[0] for o in results], dim=0) if results else q.new_zeros(q.shape)
-        if not results:
-            return q.new_zeros(q.shape), q.new_empty((q.shape[1], 0), dtype=torch.float32)
+            return torch.cat([o[0] for o in results], dim=0)
         return torch.cat([o[0] for o, _ in results], dim=0), torch.cat([l[0] for _, l in results], dim=1)
 
 

@@ -158,8 +158,9 @@ def _distinct(*xs: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _first_order(backward):
-    """torch's once_differentiable (differentiating the gradients again raises instead of silently
-    dropping second-order terms) without its cost on the usual path (~9 us: a no_grad block around a
+    """torch's once_differentiable (the gradients it returns have no graph: a second backward through
+    them raises, and torch.autograd.grad calls them unused: None with allow_unused=True, as for any
+    once_differentiable Function) without its cost on the usual path (~9 us: a no_grad block around a
     backward that runs with grad mode off already). Only create_graph=True takes the guarded call."""
     guarded = once_differentiable(backward)
 
@@ -198,7 +199,7 @@ class PaddedAttention(torch.autograd.Function):
         return _returned(out, lse, return_lse)
 
     @staticmethod
-    @_first_order  # the kernels' gradients are not differentiable again: an error, not a silent zero
+    @_first_order  # the kernels' gradients are not differentiable again (see _first_order)
     def backward(ctx, dout, dlse=None):
         q, k, v, out, lse, key_padding_mask, bounds, bias, sinks, alibi = ctx.saved_tensors
         if dout is None:  # only lse was used
