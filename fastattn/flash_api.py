@@ -181,9 +181,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_seqlens is None or isinstance(cache_seqlens, int):
         if cache_seqlens is None and k is not None:
             raise ValueError("cache_seqlens is needed when new keys/values k, v are written into the cache")
-        if not isinstance(k_cache, torch.Tensor):
-            raise TypeError(f"k_cache must be a torch.Tensor, got {type(k_cache).__name__}")
-        _check_tensor("q", q, 4, "(B, Sq, Hq, D)")  # its batch size is read here
+        # What is read here (q's batch, the capacity) is checked here; attention_with_kvcache checks the rest.
+        _check_tensor("q", q, 4, "(B, Sq, Hq, D)")
+        _check_tensor("k_cache", k_cache, 4, "(B, S_max, Hkv, D) or (num_pages, page_size, Hkv, D)")
+        if block_table is not None and not (isinstance(block_table, torch.Tensor) and block_table.dim() == 2):
+            raise ValueError(f"block_table must be a (B, max_pages) int32 tensor or None, got "
+                             f"{getattr(block_table, 'shape', type(block_table).__name__)}")
+        if cache_seqlens is not None and not 0 <= cache_seqlens < 2**31:
+            raise ValueError(f"cache_seqlens must be in [0, 2**31), got {cache_seqlens}")
         full = cache_layouts.capacity(k_cache, block_table)
         cache_seqlens = torch.full((q.shape[0],), full if cache_seqlens is None else cache_seqlens, dtype=torch.int32,
                                    device=q.device)

@@ -159,6 +159,31 @@ def test_all_modifiers_together_and_many_new_tokens(gen):
     run_case(gen, lens, 4, 1, 32, n_new, 0, 2, sq=sq, mods=mods)
 
 
+def test_transforms_are_refused_by_name_and_run_on_the_reference(gen):
+    """Decoding and appending under torch.func.vmap, or with forward-mode AD dual tensors: the Triton
+    kernels refuse by name (their launchers would read a batched tensor's missing storage, or drop
+    the tangent); the reference backend runs the vmapped call, each copy as the call alone."""
+    import torch.autograd.forward_ad as fwd_ad
+
+    k_cache, v_cache, _, seqlens = make_cache([8, 3], 10, 1, 16, dtype=torch.float32, page_size=0, gen=gen)
+    qs = torch.randn(3, 2, 1, 2, 16, generator=gen).to(DEVICE)  # 3 copies of a (B=2, Sq=1, Hq=2, D=16) query
+
+    def attend(q, backend):
+        return fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, backend=backend)
+
+    with pytest.raises(RuntimeError, match="do not run under torch.func transforms"):
+        torch.func.vmap(lambda q: attend(q, "triton"))(qs)
+    new = torch.randn(3, 2, 1, 1, 16, generator=gen).to(DEVICE)
+    with pytest.raises(RuntimeError, match="do not run under torch.func transforms"):
+        torch.func.vmap(lambda x: fastattn.append_to_kvcache(k_cache.clone(), v_cache.clone(), x, x,
+                                                             cache_seqlens=seqlens, backend="triton"))(new)
+    with fwd_ad.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode AD"):
+        attend(fwd_ad.make_dual(qs[0], torch.ones_like(qs[0])), "triton")
+    got = torch.func.vmap(lambda q: attend(q, "reference"))(qs)
+    for i in range(3):
+        torch.testing.assert_close(got[i], attend(qs[i], "reference"))
+
+
 def test_modifiers_are_validated_and_refuse_grad(gen):
     a = bad_inputs(gen)
     with pytest.raises(ValueError, match="inference-only"):

@@ -315,6 +315,64 @@ def test_output_attentions_falls_back_to_eager_with_a_warning():
     torch.testing.assert_close(got.attentions[0], want.attentions[0])
 
 
+def test_t5_output_attentions_falls_back_to_eager_with_the_position_bias():
+    """The eager fallback gets T5's position bias: logits and attention weights as eager's."""
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16)
+
+    def strong_bias(model):  # relative positions that matter (T5 initialises the table small)
+        for stack in (model.encoder, model.decoder):
+            table = stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+            table.copy_(torch.arange(table.numel(), dtype=table.dtype).view(table.shape) % 5 * 2.0)
+
+    fast, naive, _ = build(transformers.T5ForConditionalGeneration, config, init=strong_bias)
+    inputs = dict(input_ids=torch.randint(1, VOCAB, (2, 9)), attention_mask=padding_mask(2, 9, [0, 3], left=False),
+                  decoder_input_ids=torch.randint(1, VOCAB, (2, 5)), output_attentions=True)
+    with pytest.warns(UserWarning, match="output_attentions"), torch.no_grad():
+        got = fast(**inputs)
+    with torch.no_grad():
+        want = naive(**inputs)
+    torch.testing.assert_close(got.logits, want.logits)
+    for a, b in zip(got.encoder_attentions + got.decoder_attentions, want.encoder_attentions + want.decoder_attentions):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_mask_edited_in_place_is_read_again():
+    """The mask analysis is cached per mask tensor within a forward; a user's 4-D mask edited in place
+    between forwards (same tensor) is analysed again: here causal, then with key 2 hidden."""
+    fast, naive, ref = build(transformers.LlamaForCausalLM, llama_config())
+    ids = torch.randint(0, VOCAB, (1, 8))
+    mask = torch.ones(8, 8, dtype=torch.bool).tril()[None, None].clone()  # fastattn reads it as key padding
+
+    def additive():  # eager's form of the same mask
+        return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+
+    for what in ("causal", "key 2 hidden"):
+        if what == "key 2 hidden":
+            mask[..., 2] = False  # no query sees key 2 now (query 2 sees keys 0 and 1)
+        got = logits(fast, input_ids=ids, attention_mask=mask)
+        check(what, got, logits(naive, input_ids=ids, attention_mask=additive()),
+              logits(ref, input_ids=ids, attention_mask=additive()))
+    assert_ran({"key padding"})
+
+
+def test_each_registered_name_keeps_its_backend(monkeypatch):
+    """register() under two names with two backends: each name's calls run on its own backend (a later
+    register() does not change an earlier name's); a direct attention_forward call takes the last's."""
+    seen = []
+    monkeypatch.setattr(fhf.fastattn, "attention", lambda *a, **k: seen.append(k["backend"]) or a[0])
+    fhf.register("fastattn_ref", backend="reference")
+    fhf.register("fastattn_torch", backend="torch")
+    q = torch.zeros(1, 2, 3, 8)
+    module = torch.nn.Module()
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # what models call
+
+    for name in ("fastattn_ref", "fastattn_torch"):
+        ALL_ATTENTION_FUNCTIONS[name](module, q, q, q, None)
+    fhf.attention_forward(module, q, q, q, None)
+    assert seen == ["reference", "torch", "torch"]
+
+
 def test_register_rejects_bad_names_and_backends():
     with pytest.raises(ValueError, match="name"):
         fhf.register("sdpa")

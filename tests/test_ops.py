@@ -175,7 +175,7 @@ def test_eager_calls_skip_the_python_apply_wrapper(gen, monkeypatch):
     functorch wrapper whose transform has exited (a tensor captured inside torch.func.grad: q, k, v
     or a bias), which the launchers cannot read, goes through Function.apply, which unwraps it, with
     gradients or without (the inference shortcut must not take it either); so does a call inside a
-    transform (Function.apply refuses it by name)."""
+    transform (refused by name, before either apply)."""
     from fastattn.ops import autograd
 
     q, k, v = (x.detach() for x in small_inputs(gen))
@@ -236,9 +236,9 @@ def test_eager_calls_skip_the_python_apply_wrapper(gen, monkeypatch):
             out = fastattn.attention(q, k, v, bias=exited(bias), backend="triton")
         assert paths == ["python"] and torch.equal(out.detach(), plain)
     paths.clear()
-    with pytest.raises(RuntimeError, match="setup_context"):  # inside a transform, plain inputs: Function.apply
+    with pytest.raises(RuntimeError, match="do not run under torch.func transforms"):  # refused by name
         torch.func.grad(lambda x: x.sum() + fastattn.attention(q, k, v, backend="triton").sum())(q.clone())
-    assert paths == ["python"]
+    assert paths == []
 
 
 def test_double_backward_is_refused(gen):
@@ -319,7 +319,7 @@ def test_calls_without_gradients_skip_the_autograd_function(gen, monkeypatch):
         with fwd_ad.dual_level():
             fastattn.attention(fwd_ad.make_dual(q16, torch.ones_like(q16)), k16, v16, backend="triton")
 
-    with pytest.raises(NotImplementedError, match="jvp"):
+    with pytest.raises(NotImplementedError, match="no forward-mode AD \\(jvp\\)"):
         through_function(dual)
-    with torch.no_grad(), pytest.raises(RuntimeError, match="setup_context"):  # a functorch transform
+    with torch.no_grad(), pytest.raises(RuntimeError, match="do not run under torch.func transforms"):
         torch.func.vmap(lambda x: fastattn.attention(x, k16, v16, backend="triton"))(q16[None])

@@ -33,10 +33,11 @@ __all__ = ["CALLS", "attention_forward", "register", "reset_counts"]
 
 # "fastattn" (every call it ran), "mask: none|key padding|bias" (how the mask went), "fallback: <reason>"
 CALLS: Counter = Counter()
-_settings = {"backend": "auto"}
+_settings = {"backend": "auto"}  # a direct attention_forward call's backend: the last register()'s
 _warned: set[str] = set()
-# id(mask) -> (mask, causal, window, key_padding or None): the layers of a forward share a few mask
-# tensors (Gemma 2: a sliding and a full one), so each is analysed once; holding the mask keeps its id.
+# id(mask) -> (mask, its version, causal, window, key_padding or None): the layers of a forward share
+# a few mask tensors (Gemma 2: a sliding and a full one), so each is analysed once; holding the mask
+# keeps its id, and its version counter tells a mask edited in place since (a user's 4-D mask).
 _mask_cache: dict[int, tuple] = {}
 
 
@@ -54,11 +55,18 @@ def register(name: str = "fastattn", *, backend: str = "auto") -> str:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     _settings["backend"] = backend
-    AttentionInterface.register(name, attention_forward)
+    AttentionInterface.register(name, _with_backend(backend))  # each name keeps its own backend
     # Without a mask function of its own, transformers builds no mask at all for a custom name. SDPA's
     # boolean mask (None where is_causal alone is exact) is what attention_forward reads.
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
+
+
+def _with_backend(backend: str):
+    """attention_forward with fastattn's backend pinned: what register() registers under a name."""
+    def fastattn_attention(module, query, key, value, attention_mask, **kwargs):
+        return attention_forward(module, query, key, value, attention_mask, backend=backend, **kwargs)
+    return fastattn_attention
 
 
 def reset_counts() -> None:
@@ -68,9 +76,10 @@ def reset_counts() -> None:
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                      sliding_window=None, softcap=None, s_aux=None, position_bias=None, **kwargs):
+                      sliding_window=None, softcap=None, s_aux=None, position_bias=None, backend=None, **kwargs):
     """transformers' attention-function contract: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D),
-    the mask from the registered mask function; returns (out (B, Sq, Hq, D), None)."""
+    the mask from the registered mask function; returns (out (B, Sq, Hq, D), None). backend:
+    fastattn's (None: the last register()'s; a registered name passes its own)."""
     reason = _unsupported(module, dropout, kwargs)
     if reason:
         return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal,
@@ -109,7 +118,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     CALLS["mask: " + ("bias" if bias is not None else "key padding" if key_padding is not None else "none")] += 1
     out = fastattn.attention(_bshd(query), _bshd(key), _bshd(value), causal=causal, scale=scaling,
                              key_padding_mask=key_padding, bias=bias, window=window, softcap=softcap or None,
-                             sinks=s_aux, backend=_settings["backend"])
+                             sinks=s_aux, backend=backend or _settings["backend"])
     return out, None
 
 
@@ -132,14 +141,14 @@ def _key_padding(mask, causal, window, sq, sk):
     fastattn's bottom-right causal/window pattern, else None (then the mask runs as a bias, so a
     mask this test misjudges costs speed, never correctness). One host sync per distinct mask."""
     cached = _mask_cache.get(id(mask))
-    if cached is not None and cached[0] is mask and cached[1:3] == (causal, window):
-        return cached[3]
+    if cached is not None and cached[0] is mask and cached[1:4] == (mask._version, causal, window):
+        return cached[4]
     result = None
     if mask.dim() == 4 and mask.shape[-2:] == (sq, sk):
         result = semantics.key_padding_of_pattern(mask, causal, window)
     if len(_mask_cache) >= 8:  # masks of earlier forwards
         _mask_cache.clear()
-    _mask_cache[id(mask)] = (mask, causal, window, result)
+    _mask_cache[id(mask)] = (mask, mask._version, causal, window, result)
     return result
 
 
@@ -167,6 +176,6 @@ def _fallback(reason, module, query, key, value, attention_mask, dropout, scalin
         attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(diagonal)[None, None]
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
-    extra = {k: v for k, v in (("sliding_window", sliding_window), ("softcap", softcap), ("s_aux", s_aux))
-             if v is not None}
+    extra = {k: v for k, v in (("sliding_window", sliding_window), ("softcap", softcap), ("s_aux", s_aux),
+                               ("position_bias", position_bias)) if v is not None}
     return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **extra, **kwargs)

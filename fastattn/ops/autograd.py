@@ -81,12 +81,30 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
 
 def _apply(cls, tensors: tuple, *args):
     """cls.apply(*args), through the C++ apply beneath it where torch's Python wrapper has nothing to
-    do (~4.5-7.5 us of host time per call on a 2-core CPU): eager, no functorch transform, no functorch
-    wrapper among the tensors (None where absent). The wrapper's other work, binding defaults for a
-    setup_context, these Functions skip: they define none."""
+    do (~4.5-7.5 us of host time per call on a 2-core CPU): eager, no functorch wrapper among the
+    tensors (None where absent). A functorch transform or dual tensors are refused first
+    (refuse_transforms). The wrapper's other work, binding defaults for a setup_context, these
+    Functions skip: they define none."""
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+        refuse_transforms(*tensors)
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or not _unwrapped(tensors):
         return cls.apply(*args)
     return _C_APPLY[cls](*args)
+
+
+def refuse_transforms(*tensors) -> None:
+    """Raise, naming the way out, for a call the Triton/CUDA kernels cannot run: inside a torch.func
+    transform (vmap, grad, jvp, jacrev, ...), or with forward-mode AD dual tensors among `tensors`
+    (None where absent). Their launchers would read a batched tensor's missing storage, or drop the
+    tangents. The "reference" backend (plain torch ops) runs both."""
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError("fastattn's Triton and CUDA kernels do not run under torch.func transforms (vmap, grad, "
+                           "jvp, jacrev, ...): call fastattn with backend='reference' inside them")
+    if forward_ad._current_level >= 0:
+        for t in tensors:
+            if t is not None and forward_ad.unpack_dual(t).tangent is not None:
+                raise NotImplementedError("fastattn's Triton and CUDA kernels have no forward-mode AD (jvp): the "
+                                          "inputs are dual tensors; call fastattn with backend='reference' for them")
 
 
 def _unwrapped(tensors: tuple) -> bool:

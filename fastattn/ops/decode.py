@@ -11,7 +11,7 @@ import torch
 
 from fastattn.launchers import decode as launch
 from fastattn.launchers.score_mods import Mods
-from fastattn.ops.autograd import _direct
+from fastattn.ops.autograd import _direct, refuse_transforms
 from fastattn.ops.library import MODS, define
 
 APPEND = ("(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? block_table) "
@@ -35,6 +35,7 @@ triton_kvcache_attention = define("triton_kvcache_attention", ATTEND, launch.att
 
 def append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
     """Write k, v (B, S_new, Hkv, D) at cache_seqlens[b] + t (Triton), in place."""
+    refuse_transforms(k, v, k_cache, v_cache)
     fn = launch.append if _direct(k, v, k_cache, v_cache, cache_seqlens) else triton_kvcache_append
     fn(k, v, k_cache, v_cache, cache_seqlens, block_table)
 
@@ -44,6 +45,7 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cau
     """Attend over the cache and k/v (if given), writing k/v into the cache in the same launch:
     (out (B, Sq, Hq, D), lse (B, Hq, Sq) float32). mods: a fastattn.modifiers.ScoreMods or None."""
     bias = None if mods is None else mods.bias
+    refuse_transforms(q, k_cache, v_cache, k, v, bias)
     fn = launch.attend if _direct(q, k_cache, v_cache, k, cache_seqlens, bias) else triton_kvcache_attention
     if mods is None:
         return fn(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits)
