@@ -179,6 +179,10 @@ def test_transforms_are_refused_by_name_and_run_on_the_reference(gen):
                                                              cache_seqlens=seqlens, backend="triton"))(new)
     with fwd_ad.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode AD"):
         attend(fwd_ad.make_dual(qs[0], torch.ones_like(qs[0])), "triton")
+    sinks = torch.randn(2, generator=gen).to(DEVICE)
+    with fwd_ad.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode AD"):  # a modifier's tangent
+        fastattn.attention_with_kvcache(qs[0], k_cache, v_cache, cache_seqlens=seqlens, backend="triton",
+                                        sinks=fwd_ad.make_dual(sinks, torch.ones_like(sinks)))
     got = torch.func.vmap(lambda q: attend(q, "reference"))(qs)
     for i in range(3):
         torch.testing.assert_close(got[i], attend(qs[i], "reference"))

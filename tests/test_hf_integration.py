@@ -356,6 +356,31 @@ def test_a_mask_edited_in_place_is_read_again():
     assert_ran({"key padding"})
 
 
+def test_masks_under_inference_mode_are_read_once_per_forward(monkeypatch):
+    """Under torch.inference_mode (generate(); transformers builds its masks there) a mask has no
+    version counter: its analysis (a host sync) serves the later layers of one forward, and the next
+    forward reads it again, so an inference-mode mask edited in place between forwards is seen."""
+    reads = []
+    analyse = fhf.semantics.key_padding_of_pattern
+    monkeypatch.setattr(fhf.semantics, "key_padding_of_pattern", lambda *a: reads.append(1) or analyse(*a))
+    fast, naive, ref = build(transformers.LlamaForCausalLM, llama_config())  # two layers
+    ids = torch.randint(0, VOCAB, (2, 9))
+    pad = padding_mask(2, 9, [0, 3], left=True)
+    with torch.inference_mode():
+        got = fast(input_ids=ids, attention_mask=pad).logits
+        mask = torch.ones(9, 9, dtype=torch.bool).tril()[None, None].clone()  # an inference tensor
+        fast(input_ids=ids, attention_mask=mask)
+        mask[..., 2] = False  # edited in place: no version counter records it
+        edited = fast(input_ids=ids, attention_mask=mask).logits
+    assert len(reads) == 3  # once per forward, not per layer
+    keep = pad.bool()
+    check("inference mode, left padding", got, logits(naive, input_ids=ids, attention_mask=pad),
+          logits(ref, input_ids=ids, attention_mask=pad), keep=keep)
+    additive = torch.zeros(mask.shape).masked_fill(~mask.clone(), torch.finfo(torch.float32).min)
+    check("inference mode, edited mask", edited, logits(naive, input_ids=ids, attention_mask=additive),
+          logits(ref, input_ids=ids, attention_mask=additive))
+
+
 def test_each_registered_name_keeps_its_backend(monkeypatch):
     """register() under two names with two backends: each name's calls run on its own backend (a later
     register() does not change an earlier name's); a direct attention_forward call takes the last's."""

@@ -145,8 +145,9 @@ def test_varlen_matches_reference(case, causal, dtype, gen):
 @pytest.mark.parametrize("backend", ["triton", "reference", "torch", "auto"])
 def test_varlen_with_no_sequences(backend):
     """A packed batch of no sequences (cu_seqlens [0], no tokens): empty out (and lse where the
-    backend returns it) that gradients still flow through to q, k and v (empty, as they are), on
-    every backend (the padded-layout ones run sequence by sequence: nothing to run)."""
+    backend returns it) that gradients still flow through to q, k, v (empty, as they are) and a
+    learned bias or sinks (zeros), on every backend (the padded-layout ones run sequence by sequence:
+    nothing to run)."""
     cu = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     q, k, v = (torch.randn(0, h, 16, device=DEVICE, requires_grad=True) for h in (4, 2, 2))
     lse_too = backend in ("triton", "reference")
@@ -157,6 +158,13 @@ def test_varlen_with_no_sequences(backend):
         assert lse.shape == (4, 0) and lse.dtype == torch.float32 and lse.requires_grad
     loss = out.sum() + (lse.sum() if lse_too else 0)
     assert [tuple(g.shape) for g in torch.autograd.grad(loss, (q, k, v))] == [(0, 4, 16), (0, 2, 16), (0, 2, 16)]
+    if backend == "torch":
+        return  # SDPA runs no sinks
+    bias, sinks = torch.zeros(1, 4, 1, 1, device=DEVICE, requires_grad=True), torch.zeros(4, device=DEVICE,
+                                                                                           requires_grad=True)
+    out = fastattn.attention_varlen(q, k, v, cu, cu, 0, 0, bias=bias, sinks=sinks, backend=backend)
+    grads = torch.autograd.grad(out.sum(), (bias, sinks))
+    assert [tuple(g.shape) for g in grads] == [(1, 4, 1, 1), (4,)] and not any(g.any() for g in grads)
 
 
 def test_varlen_equals_padded_with_mask(gen):

@@ -210,10 +210,22 @@ def test_softcap_through_tanh_approx(dtype, gen, monkeypatch):
     rounding's), logits far past the cap and a window included."""
     from fastattn.launchers import plans
 
-    monkeypatch.setenv("FASTATTN_SOFTCAP_TANH", "approx")
+    def softcap_plans():
+        return [p for cache in plans._signature_caches for ps in cache.values() for p in ps
+                if p is not None and "SOFTCAP" in p.kernel.arg_names]
+
+    def new(since):
+        return [p for p in softcap_plans() if all(p is not e for e in since)]
+
     launch.clear_plans()  # the plans this test builds are then the only ones
     q, k, v = testing.random_qkv(2, 45, 70, 4, 2, 64, device=DEVICE, dtype=dtype, generator=gen)
-    check(q, k, v, True, {"softcap": 1.5}, gen)
+    monkeypatch.delenv("FASTATTN_SOFTCAP_TANH", raising=False)
+    fastattn.attention(q, k, v, causal=True, softcap=1.5, return_lse=True, backend="triton")  # the exp2 plan
+    exp2 = softcap_plans()
+    assert exp2 and all(p.handle is not None and "tanh.approx" not in p.handle.asm["ptx"] for p in exp2)
+    monkeypatch.setenv("FASTATTN_SOFTCAP_TANH", "approx")
+    check(q, k, v, True, {"softcap": 1.5}, gen)  # the same forward signature: a plan of its own, not exp2's
+    assert any(p.kernel is launch.attn_fwd_kernel for p in new(exp2))
     check(q * 4, k * 4, v, False, {"softcap": 5.0, "window": (20, 5)}, gen)
     cu = torch.tensor([0, 20, 45], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 30, 70], dtype=torch.int32, device=DEVICE)
@@ -237,8 +249,7 @@ def test_softcap_through_tanh_approx(dtype, gen, monkeypatch):
 
     assert_ok(testing.check_kvcache_against_reference(decode, qd, k_cache, v_cache, kn, vn, seqlens,
                                                       mods={"softcap": 2.0}), "decode")
-    built = [p for cache in plans._signature_caches for ps in cache.values() for p in ps
-             if p is not None and "SOFTCAP" in p.kernel.arg_names]
+    built = new(exp2)
     assert {p.kernel for p in built} >= {launch.attn_fwd_kernel, launch.attn_bwd_dkdv_kernel,
                                          launch.attn_bwd_dq_kernel}
     assert all(p.handle is not None and "tanh.approx.f32" in p.handle.asm["ptx"] for p in built)

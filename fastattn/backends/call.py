@@ -67,8 +67,9 @@ class AttentionCall:
         """Run a padded-layout backend on each packed sequence and pack the results back:
         out (Tq, Hq, D) [, lse (Hq, Tq)]."""
         results = [run_one(c) for c in self.sequences()]
-        if not results:  # no sequences: no tokens either, and empty outputs that q, k, v still get gradients from
-            out = self.q * 0 + (self.k.sum() + self.v.sum()) * 0  # (0, Hq, D)
+        if not results:  # no sequences: no tokens either, and empty outputs that every input gets gradients from
+            learned = () if self.mods is None else (self.mods.bias, self.mods.sinks)
+            out = self.q * 0 + sum(x.sum() for x in (self.k, self.v, *learned) if x is not None) * 0  # (0, Hq, D)
             return (out, out.float().sum(2).t()) if self.return_lse else out  # lse (0, Hq) -> (Hq, 0)
         if not self.return_lse:
             return torch.cat([o[0] for o in results], dim=0)

@@ -35,9 +35,13 @@ __all__ = ["CALLS", "attention_forward", "register", "reset_counts"]
 CALLS: Counter = Counter()
 _settings = {"backend": "auto"}  # a direct attention_forward call's backend: the last register()'s
 _warned: set[str] = set()
-# id(mask) -> (mask, its version, causal, window, key_padding or None): the layers of a forward share
-# a few mask tensors (Gemma 2: a sliding and a full one), so each is analysed once; holding the mask
-# keeps its id, and its version counter tells a mask edited in place since (a user's 4-D mask).
+# id(mask) -> (mask, its version, causal, window, key_padding or None, layer): the layers of a forward
+# share a few mask tensors (Gemma 2: a sliding and a full one), so each is analysed once per forward
+# (one host sync); holding the mask keeps its id. A mask edited in place since (a user's 4-D mask)
+# is read again: its version counter tells. An inference-mode tensor has none (transformers builds
+# its masks under inference mode in generate()): its analysis is reused only by later layers of the
+# same forward (a higher layer_idx), so each forward reads it once. (An edit through .data bumps no
+# version: not seen.)
 _mask_cache: dict[int, tuple] = {}
 
 
@@ -99,7 +103,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             key, value = key[:, :, :sq], value[:, :, :sq]  # top-left causal: as SDPA crops (static cache prefill)
             sk = sq
     elif position_bias is None:
-        key_padding = _key_padding(attention_mask, causal, window, sq, sk)
+        key_padding = _key_padding(attention_mask, causal, window, sq, sk, getattr(module, "layer_idx", None))
         if key_padding is not None:
             key_padding = key_padding.expand(query.shape[0], sk)  # a mask broadcast over the batch
     if attention_mask is not None and key_padding is None:  # not key padding: the mask itself, additively
@@ -136,19 +140,23 @@ def _bshd(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _key_padding(mask, causal, window, sq, sk):
+def _key_padding(mask, causal, window, sq, sk, layer=None):
     """(B, Sk) key-padding mask if the boolean `mask` (B, 1|H, Sq, Sk) is exactly key padding plus
     fastattn's bottom-right causal/window pattern, else None (then the mask runs as a bias, so a
-    mask this test misjudges costs speed, never correctness). One host sync per distinct mask."""
+    mask this test misjudges costs speed, never correctness). One host sync per distinct mask and
+    version (inference tensors: per forward, by the calling layer's index; see _mask_cache)."""
+    version = None if mask.is_inference() else mask._version
     cached = _mask_cache.get(id(mask))
-    if cached is not None and cached[0] is mask and cached[1:4] == (mask._version, causal, window):
-        return cached[4]
+    if cached is not None and cached[0] is mask and cached[1:4] == (version, causal, window):
+        if version is not None or (layer is not None and cached[5] is not None and layer > cached[5]):
+            _mask_cache[id(mask)] = (*cached[:5], layer)
+            return cached[4]
     result = None
     if mask.dim() == 4 and mask.shape[-2:] == (sq, sk):
         result = semantics.key_padding_of_pattern(mask, causal, window)
     if len(_mask_cache) >= 8:  # masks of earlier forwards
         _mask_cache.clear()
-    _mask_cache[id(mask)] = (mask, mask._version, causal, window, result)
+    _mask_cache[id(mask)] = (mask, version, causal, window, result, layer)
     return result
 
 

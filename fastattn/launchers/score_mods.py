@@ -71,17 +71,20 @@ def approx_tanh(dtype: torch.dtype) -> bool:
     """Whether the softcap's tanh is the hardware's tanh.approx.f32 (one MUFU op per score instead of
     two; relative error about 2**-11) for inputs of `dtype`: with FASTATTN_SOFTCAP_TANH=approx, for
     16-bit inputs (float32 keeps the exact tanh). The default, "exp2", stays until a GPU session has
-    checked and timed "approx" (tests/test_score_mods.py, benchmarks/score_mods.py --softcap-tanh).
-    Read per call, so a forward and its backward agree while the variable does not change."""
+    checked and timed "approx" (tests/test_score_mods.py; benchmarks/score_mods.py adds its row on a
+    GPU). Read per call (forward and backward each): set it for the process, or around a forward and
+    its backward both, or the backward recomputes the scores with the other tanh."""
     mode = os.environ.get("FASTATTN_SOFTCAP_TANH", "exp2")
     if mode == "exp2":
         return False
     if mode != "approx":
         raise ValueError(f"FASTATTN_SOFTCAP_TANH must be 'exp2' or 'approx', got {mode!r}")
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
     if configs.interpreter_enabled():
         raise RuntimeError("FASTATTN_SOFTCAP_TANH=approx needs an NVIDIA GPU: the Triton interpreter cannot run "
                            "tanh.approx.f32 (inline PTX)")
-    return dtype in (torch.float16, torch.bfloat16)
+    return True
 
 
 @functools.lru_cache(maxsize=1024)

@@ -45,7 +45,7 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cau
     """Attend over the cache and k/v (if given), writing k/v into the cache in the same launch:
     (out (B, Sq, Hq, D), lse (B, Hq, Sq) float32). mods: a fastattn.modifiers.ScoreMods or None."""
     bias = None if mods is None else mods.bias
-    refuse_transforms(q, k_cache, v_cache, k, v, bias)
+    refuse_transforms(q, k_cache, v_cache, k, v, *(() if mods is None else (bias, mods.sinks, mods.alibi_slopes)))
     fn = launch.attend if _direct(q, k_cache, v_cache, k, cache_seqlens, bias) else triton_kvcache_attention
     if mods is None:
         return fn(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits)
