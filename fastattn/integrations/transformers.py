@@ -38,9 +38,9 @@ _warned: set[str] = set()
 # id(mask) -> (mask, its version, causal, window, key_padding or None, layer): the layers of a forward
 # share a few mask tensors (Gemma 2: a sliding and a full one), so each is analysed once per forward
 # (one host sync); holding the mask keeps its id. A mask edited in place since (a user's 4-D mask)
-# is read again: its version counter tells. An inference-mode tensor has none (transformers builds
-# its masks under inference mode in generate()): its analysis is reused only by later layers of the
-# same forward (a higher layer_idx), so each forward reads it once. (An edit through .data bumps no
+# is read again: its version counter tells. A tensor made under torch.inference_mode has none: its
+# analysis is reused only by later layers of the same forward (a higher layer_idx), so each forward
+# reads it once. (An edit through .data bumps no
 # version: not seen.)
 _mask_cache: dict[int, tuple] = {}
 

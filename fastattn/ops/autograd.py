@@ -86,8 +86,8 @@ def _apply(cls, tensors: tuple, *args):
     (refuse_transforms). The wrapper's other work, binding defaults for a setup_context, these
     Functions skip: they define none."""
     if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
-        refuse_transforms(*tensors)
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or not _unwrapped(tensors):
+        refuse_transforms(*tensors)  # raises for a transform; dual tensors too
+    if torch.compiler.is_compiling() or not _unwrapped(tensors):
         return cls.apply(*args)
     return _C_APPLY[cls](*args)
 
