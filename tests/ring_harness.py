@@ -86,6 +86,9 @@ def check_ring_cases(rank, world_size, cases):
         with_lse = backend != "torch"  # the CPU op's backward takes no lse gradient
 
         def ring(q_, k_, v_):
+            if mask is not None:  # garbage in the padded keys (torch.empty) must reach no output or gradient
+                padded = ~mask[:, :, None, None]  # (B, Sk, 1, 1)
+                k_, v_ = k_.masked_fill(padded, float("nan")), v_.masked_fill(padded, float("inf"))
             # Without the causal mask, the padding at the end of a shard must be masked.
             whole = mask if mask is not None or causal else torch.ones(b, sk, dtype=torch.bool)
             res = ring_attention(shard(q_), shard(k_), shard(v_), causal=causal, return_lse=with_lse,
@@ -99,6 +102,39 @@ def check_ring_cases(rank, world_size, cases):
         failed = [str(r) for r in results if not r.ok]
         assert not failed, f"rank {rank}/{world_size}, {backend}, causal={causal}, mask={mask_kind}, " \
                            f"Sq={sq}, Sk={sk}, Hq={hq}, Hkv={hkv}, {dtype}: " + "; ".join(failed)
+
+
+def check_ring_edges(rank, world_size, backend):
+    """Inputs at the edges, as fastattn.attention takes them on the same backend: a NaN in one query
+    row gives that row NaN (and no other); fp16 inputs whose raw q.k overflows fp16 while the scaled
+    scores do not (computed in float32); a batch of 0 sequences, forward and backward."""
+    import fastattn
+    from fastattn import reference
+    from fastattn.distributed import ring_attention, shard, unshard
+    from fastattn.testing import OUT_FACTOR, compare
+
+    gen = torch.Generator().manual_seed(7)
+    b, s, h, d = 1, 8, 2, 16
+    q, k, v = (torch.randn(b, s, h, d, generator=gen) for _ in range(3))
+    q[0, 5, 1, 3] = float("nan")
+    for causal in (False, True):
+        out = unshard(ring_attention(*(shard(x) for x in (q, k, v)), causal=causal, backend=backend), s)
+        nan_rows = out.isnan().any(-1)  # (B, S, H)
+        assert nan_rows[0, 5, 1] and nan_rows.sum() == 1, f"{backend}: NaN rows {nan_rows.nonzero().tolist()}"
+
+    q = torch.randn(b, s, 1, 64, generator=gen) * 40
+    k, v = q.clone(), torch.randn(b, s, 1, 64, generator=gen)  # raw q.k ~ 1e5 > 65504; scaled ~1.6e3
+    scale = 1.0 / 64
+    out = unshard(ring_attention(*(shard(x.half()) for x in (q, k, v)), causal=True, scale=scale, backend=backend), s)
+    api = fastattn.attention(q.half(), k.half(), v.half(), causal=True, scale=scale, backend=backend)
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=True, scale=scale)
+    result = compare("out", out, api, ref, OUT_FACTOR)  # attention() on this backend is the baseline
+    assert result.ok, f"{backend}, fp16 overflowing q.k: {result}"
+
+    x = torch.randn(0, 4 * world_size, 2, 8, requires_grad=True)
+    out = ring_attention(shard(x), shard(x), shard(x), causal=True, backend=backend)
+    out.sum().backward()
+    assert out.shape[0] == 0 and x.grad.shape == x.shape
 
 
 def check_decoder_step(rank, world_size, backend, seed, config):

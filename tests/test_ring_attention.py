@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 from conftest import HAS_CUDA, SEED
-from ring_harness import check_decoder_step, check_ring_cases, check_ring_varlen_cases, run_ranks
+from ring_harness import check_decoder_step, check_ring_cases, check_ring_edges, check_ring_varlen_cases, run_ranks
 
 from fastattn.distributed import ring_attention, zigzag_positions
 from fastattn.distributed.layout import padded_length
@@ -39,6 +39,11 @@ TRITON_ON_CPU = pytest.param("triton", marks=pytest.mark.skipif(HAS_CUDA, reason
 def test_ring_matches_single_device(world_size, backend):
     dtypes = (torch.float32, torch.float16) if backend == "triton" and world_size == 2 else (torch.float32,)
     run_ranks(check_ring_cases, world_size, cases(backend, world_size, dtypes))
+
+
+@pytest.mark.parametrize("backend", [TRITON_ON_CPU, "torch", "reference"])
+def test_ring_edges_as_attention(backend):
+    run_ranks(check_ring_edges, 2, backend)
 
 
 def varlen_cases(backend, world_size):
@@ -158,6 +163,10 @@ def check_errors(rank, world_size):
     # Shards of different shapes on different ranks: caught before any transfer (CPU value checks).
     k = q[:, :2 + rank]
     raises(f"rank {1 - rank}'s shards .* differ from rank {rank}'s", k=k, v=k)
+    # Same shapes, another dtype: the receive buffers would reinterpret the bytes (a wrong answer).
+    x = q.to(torch.float16 if rank == 0 else torch.bfloat16)
+    raises(f"rank {1 - rank}'s shards .*{'bfloat16' if rank == 0 else 'float16'}.* differ from rank {rank}'s",
+           q=x, k=x, v=x, backend="reference")
 
 
 def test_errors_name_the_problem():

@@ -45,8 +45,11 @@ class ReferenceBlock:
 
     @staticmethod
     def _attention(q, k, v, layout, causal, scale):
-        if not isinstance(layout, tuple):  # else packed documents: (cu_seqlens_q, cu_seqlens_k, max_q, max_k)
-            return reference.attention(q, k, v, causal=causal, scale=scale, key_padding_mask=layout, return_lse=True)
+        """Through run(), as the backend's calls: fp16/bf16 computed in float32 (half scores overflow)."""
+        if not isinstance(layout, tuple):  # a key padding mask (or None) over (B, S, H, D) blocks
+            shape = AttentionShape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3])
+            return run(AttentionCall(q, k, v, shape, causal, scale, layout, True))
+        # Packed documents: layout = (cu_seqlens_q, cu_seqlens_k, max_q, max_k), blocks (1, T, H, D).
         cu_q, _, max_q, max_k = layout
         shape = AttentionShape(cu_q.shape[0] - 1, max_q, max_k, q.shape[2], k.shape[2], q.shape[3])
         call = AttentionCall(q[0], k[0], v[0], shape, causal, scale, None, True, *layout)

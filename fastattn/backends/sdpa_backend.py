@@ -135,10 +135,21 @@ class TorchBlock:
     def _mask(mask, dtype):
         return None if mask is None else semantics.bool_to_bias(mask, dtype)[:, None, None, :]  # (B, 1, 1, Sk)
 
+    @staticmethod
+    def _heads_first_unpadded(q, k, v, mask):
+        """_heads_first with padded keys zeroed: a -inf bias alone lets their NaN/inf through (x - inf)."""
+        if mask is not None:
+            padded = ~mask[:, :, None, None]  # (B, Sk, 1, 1)
+            k, v = k.masked_fill(padded, 0.0), v.masked_fill(padded, 0.0)
+        return TorchBlock._heads_first(q, k, v)
+
     def forward(self, q, k, v, mask, causal, scale):
-        qt, kt, vt = self._heads_first(q, k, v)
+        qt, kt, vt = self._heads_first_unpadded(q, k, v, mask)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qt, kt, vt, 0.0, causal, attn_mask=self._mask(mask, q.dtype), scale=scale)
+        # A query row holding a NaN: NaN out and lse (the CPU op returns 0), as on every other path.
+        nan = qt.isnan().any(-1)  # (B, H, S)
+        out, lse = out.masked_fill(nan[..., None], float("nan")), lse.masked_fill(nan, float("nan"))
         if mask is not None:
             # Rows with no real key: none at all, or (causal, square) none at or before the diagonal.
             empty = (mask.cumsum(-1) == 0) if causal else ~mask.any(-1, keepdim=True)  # (B, Sq or 1)
@@ -149,15 +160,16 @@ class TorchBlock:
     def backward(self, dout, dlse, q, k, v, out, lse, mask, causal, scale):
         if dlse is not None:
             raise RuntimeError("ring_attention with backend='torch' cannot differentiate lse")
-        qt, kt, vt = self._heads_first(q, k, v)
+        qt, kt, vt = self._heads_first_unpadded(q, k, v, mask)
         # A row that sees no key anywhere (lse -inf): +inf makes its P = exp(s - lse) zero, not NaN.
         lse = torch.where(lse == float("-inf"), float("inf"), lse)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.transpose(1, 2), qt, kt, vt, out.transpose(1, 2), lse, 0.0, causal,
             attn_mask=self._mask(mask, q.dtype), scale=scale)
         b, hkv, sk, d = k.shape[0], k.shape[2], k.shape[1], k.shape[3]
+        group = q.shape[2] // hkv
         # (B, Hq, Sk, D) -> (B, Hkv, group, Sk, D), summed over each KV head's group, -> (B, Sk, Hkv, D)
-        dk, dv = (g.reshape(b, hkv, -1, sk, d).sum(2).transpose(1, 2) for g in (dk, dv))
+        dk, dv = (g.reshape(b, hkv, group, sk, d).sum(2).transpose(1, 2) for g in (dk, dv))
         return dq.transpose(1, 2), dk, dv
 
 

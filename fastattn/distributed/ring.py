@@ -163,6 +163,9 @@ def ring_attention_varlen(
     return (out[0], lse[0]) if return_lse else out[0]
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # check_same_shapes' dtype codes
+
+
 class Ring:
     """Point-to-point exchange with this rank's neighbours in `group`: send to rank + 1, receive
     from rank - 1, asynchronously."""
@@ -186,18 +189,23 @@ class Ring:
         packed documents, the same cu_seqlens (`documents`: both as tuples). One small all_gather;
         run where value checks are on: CPU tensors, or FASTATTN_CHECK_VALUES=1."""
         digest = hash(documents) & 0x7FFFFFFF  # ints hash the same in every process
-        mine = torch.tensor([*q.shape, *k.shape, key_padding_mask is not None, digest], device=q.device)
+        # The dtype too: a receive buffer of another dtype would reinterpret the bytes it gets.
+        dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
+        mine = torch.tensor([*q.shape, *k.shape, key_padding_mask is not None, dtype, digest], device=q.device)
         every = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(every, mine, group=self.group)
+
+        def described(x):  # x: a rank's gathered row: q shape, k shape (4), mask, dtype, digest
+            name = _DTYPES[x[-2]] if 0 <= x[-2] < len(_DTYPES) else "other"
+            return f"q {tuple(x[:-7].tolist())}, k {tuple(x[-7:-3].tolist())}, mask {bool(x[-3])}, {name}"
+
         for r, theirs in enumerate(every):
             if torch.equal(theirs[:-1], mine[:-1]) and theirs[-1] != mine[-1]:
                 raise ValueError(f"ring_attention_varlen: rank {r}'s cu_seqlens differ from rank {self.rank}'s: every "
                                  "rank passes the whole streams' cu_seqlens")
             if not torch.equal(theirs, mine):
-                raise ValueError(f"ring_attention: rank {r}'s shards (q {tuple(theirs[:-6].tolist())}, k "
-                                 f"{tuple(theirs[-6:-2].tolist())}, mask {bool(theirs[-2])}) differ from rank "
-                                 f"{self.rank}'s (q {tuple(q.shape)}, k {tuple(k.shape)}, mask "
-                                 f"{key_padding_mask is not None}): every rank needs the same shapes "
+                raise ValueError(f"ring_attention: rank {r}'s shards ({described(theirs)}) differ from rank "
+                                 f"{self.rank}'s ({described(mine)}): every rank needs the same shapes and dtype "
                                  "(fastattn.distributed.shard pads them)")
 
 
