@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from fastattn.semantics import alibi_bias, relative_positions, visible_keys
+from fastattn.semantics import alibi_bias, as_bias, relative_positions, visible_keys
 
 
 def attention(
@@ -36,7 +36,8 @@ def attention(
     Score modifiers, in the order they apply to a logit s = scale * q.k:
         softcap: s -> softcap * tanh(s / softcap) (Gemma 2); None or 0 = off.
         bias: + bias[b, h, i, j], a float tensor broadcastable to (B, Hq, Sq, Sk) (T5's relative
-            position bias, learned masks; -inf hides a key). Differentiable.
+            position bias, learned masks; -inf, or any value at or below -2.358e38 such as
+            torch.finfo(torch.float32).min, hides a key). Differentiable.
         alibi_slopes: (Hq,) or (B, Hq): - slope * |i + Sk - Sq - j| (ALiBi, as FlashAttention).
         window: (left, right) local attention, see visible_keys.
         sinks: (Hq,) one extra logit per head in every row's softmax that carries no value
@@ -62,7 +63,7 @@ def attention(
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
-        scores = scores + bias.to(scores.dtype)
+        scores = scores + as_bias(bias, scores.dtype)  # at or below semantics.BIAS_FLOOR: -inf
     if alibi_slopes is not None:
         slopes = alibi_slopes.reshape(-1, hq)  # (B or 1, Hq)
         scores = scores + alibi_bias(slopes, relative_positions(sq, sk, q.device), scores.dtype)

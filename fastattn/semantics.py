@@ -73,6 +73,19 @@ def keyless_rows(visible: torch.Tensor) -> torch.Tensor:
     return ~visible.any(dim=-1, keepdim=True)
 
 
+# A bias at or below BIAS_FLOOR hides its key, as -inf does: torch.finfo(float32).min and
+# finfo(bfloat16).min, transformers' mask values, are such (a row of them returns 0, not SDPA's mean
+# of V). The kernels add bias * log2(e) in float32, where anything lower would overflow to -inf
+# anyway; every backend draws the line at the same value (kernels/tiles.py: BIAS_FLOOR).
+BIAS_FLOOR = -2.358e38
+
+
+def as_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bias in dtype, with its values at or below BIAS_FLOOR as -inf (differentiable elsewhere)."""
+    b = bias.to(dtype)
+    return b.masked_fill(b <= BIAS_FLOOR, NEG_INF)
+
+
 def bool_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask (True = attend) as an additive float one: 0 where True, -inf where False."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, NEG_INF)
@@ -91,7 +104,7 @@ def modifier_bias(bias: torch.Tensor | None, alibi_slopes: torch.Tensor | None, 
     for a path that takes the modifiers as a dense additive mask (SDPA's float attn_mask, a KV cache
     run as dense keys). rel: relative positions (Sq, Sk), or per batch element (B, Sq, Sk). None
     when nothing is set."""
-    out = None if bias is None else bias.to(dtype)
+    out = None if bias is None else as_bias(bias, dtype)
     if alibi_slopes is not None:
         term = alibi_bias(alibi_slopes, rel, dtype)
         out = term if out is None else out + term

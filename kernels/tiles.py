@@ -27,6 +27,7 @@ import triton.language as tl
 
 LOG2E_T = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+BIAS_FLOOR = tl.constexpr(-2.358e38)  # fastattn.semantics.BIAS_FLOOR: a bias at or below it hides its key
 
 
 @triton.jit
@@ -122,6 +123,14 @@ def _tanh(x, APPROX: tl.constexpr = False):
 
 
 @triton.jit
+def _log2_bias(b):
+    """A bias (float32, natural units) in log2 units, -inf at or below BIAS_FLOOR: there it hides its
+    key on every backend (e.g. torch.finfo(float32).min, transformers' mask value). Lower values would
+    overflow to -inf here anyway, near the floor but not exactly at it; NaN stays NaN."""
+    return tl.where(b <= BIAS_FLOOR, float("-inf"), b) * LOG2E_T
+
+
+@triton.jit
 def diagonal(r, Sq, Sk):
     """Query r's position among the keys (bottom-right aligned): the last key causal attention lets it see."""
     return r + (Sk - Sq)
@@ -164,14 +173,14 @@ def score_mods(s, r, c, Sq, Sk, bias, stride_bm, stride_bn, slope2, cap2, row_ok
                 offs = r.to(tl.int64) * stride_bm + c.to(tl.int64) * stride_bn
             else:
                 offs = r * stride_bm + c * stride_bn
-            s += tl.load(bias + offs, mask=(r < Sq) & (c < Sk), other=0.0).to(tl.float32) * LOG2E_T
+            s += _log2_bias(tl.load(bias + offs, mask=(r < Sq) & (c < Sk), other=0.0).to(tl.float32))
         else:
             if WIDE:
                 c_off = c.to(tl.int64) * stride_bn
             else:
                 c_off = c * stride_bn
-            s += tl.load(bias[:, None] + c_off, mask=key_ok[None, :] & row_ok[:, None],
-                         other=0.0).to(tl.float32) * LOG2E_T
+            s += _log2_bias(tl.load(bias[:, None] + c_off, mask=key_ok[None, :] & row_ok[:, None],
+                                    other=0.0).to(tl.float32))
     if HAS_ALIBI:
         if rel is None:
             rel = relative_position(r, c, Sq, Sk)
