@@ -36,7 +36,7 @@ def attention(
     Score modifiers, in the order they apply to a logit s = scale * q.k:
         softcap: s -> softcap * tanh(s / softcap) (Gemma 2); None or 0 = off.
         bias: + bias[b, h, i, j], a float tensor broadcastable to (B, Hq, Sq, Sk) (T5's relative
-            position bias, learned masks; -inf, or any value at or below -2.358e38 such as
+            position bias, learned masks; -inf, or any value at or below semantics.BIAS_FLOOR such as
             torch.finfo(torch.float32).min, hides a key). Differentiable.
         alibi_slopes: (Hq,) or (B, Hq): - slope * |i + Sk - Sq - j| (ALiBi, as FlashAttention).
         window: (left, right) local attention, see visible_keys.

@@ -75,15 +75,16 @@ def keyless_rows(visible: torch.Tensor) -> torch.Tensor:
 
 # A bias at or below BIAS_FLOOR hides its key, as -inf does: torch.finfo(float32).min and
 # finfo(bfloat16).min, transformers' mask values, are such (a row of them returns 0, not SDPA's mean
-# of V). The kernels add bias * log2(e) in float32, where anything lower would overflow to -inf
-# anyway; every backend draws the line at the same value (kernels/tiles.py: BIAS_FLOOR).
-BIAS_FLOOR = -2.358e38
+# of V). The kernels add bias * log2(e) in float32 (kernels/tiles.py: _log2_bias), which overflows to
+# -inf exactly from this float32 value (about -2.3586576e38) down; the other backends follow.
+BIAS_FLOOR = float.fromhex("-0x1.62e43p+127")
 
 
 def as_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bias in dtype, with its values at or below BIAS_FLOOR as -inf (differentiable elsewhere)."""
-    b = bias.to(dtype)
-    return b.masked_fill(b <= BIAS_FLOOR, NEG_INF)
+    """A bias in dtype, with its values at or below BIAS_FLOOR as -inf (differentiable elsewhere).
+    Compared in float32 at least: the floor rounded to bfloat16 would move it."""
+    wide = bias if bias.dtype in (torch.float32, torch.float64) else bias.float()
+    return bias.to(dtype).masked_fill(wide <= BIAS_FLOOR, NEG_INF)
 
 
 def bool_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

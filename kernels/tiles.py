@@ -27,7 +27,6 @@ import triton.language as tl
 
 LOG2E_T = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-BIAS_FLOOR = tl.constexpr(-2.358e38)  # fastattn.semantics.BIAS_FLOOR: a bias at or below it hides its key
 
 
 @triton.jit
@@ -124,10 +123,11 @@ def _tanh(x, APPROX: tl.constexpr = False):
 
 @triton.jit
 def _log2_bias(b):
-    """A bias (float32, natural units) in log2 units, -inf at or below BIAS_FLOOR: there it hides its
-    key on every backend (e.g. torch.finfo(float32).min, transformers' mask value). Lower values would
-    overflow to -inf here anyway, near the floor but not exactly at it; NaN stays NaN."""
-    return tl.where(b <= BIAS_FLOOR, float("-inf"), b) * LOG2E_T
+    """A bias (float32, natural units) in log2 units. At or below fastattn.semantics.BIAS_FLOOR (e.g.
+    torch.finfo(float32).min, transformers' mask value) the product overflows to -inf, which hides
+    the key: that floor is defined as this product's overflow point, so every backend agrees at no
+    cost here."""
+    return b * LOG2E_T
 
 
 @triton.jit

@@ -113,12 +113,9 @@ def test_bias_of_minus_infinity_hides_keys(gen):
 def test_bias_at_the_float32_minimum_hides_keys(backend, gen):
     """torch.finfo(float32).min (transformers' mask value) and anything at or below
     semantics.BIAS_FLOOR hide a key as -inf does, on every backend and in the reference: a row of it
-    returns 0 with lse -inf and zero gradients (its log2 units overflowed in the kernels, just below
-    the floor, so the kernels returned that while the reference returned the mean of V). Just above
-    the floor a bias is finite (reference). Prefill forward and backward, and decode."""
-    from fastattn.kernels import tiles
-
-    assert tiles.BIAS_FLOOR.value == semantics.BIAS_FLOOR  # one line for every backend
+    returns 0 with lse -inf and zero gradients (the kernels' log2 units overflow there, so they
+    returned that while the reference returned the mean of V). Just above the floor a bias is finite.
+    Prefill forward and backward, and decode."""
     low = torch.finfo(torch.float32).min
     q, k, v = testing.random_qkv(1, 24, 30, 2, 1, 16, device=DEVICE, generator=gen)
     bias = torch.randn(1, 2, 24, 30, generator=gen).to(DEVICE)
@@ -130,8 +127,13 @@ def test_bias_at_the_float32_minimum_hides_keys(backend, gen):
     ref = reference.attention(q.double(), k.double(), v.double(), bias=above.double())
     assert (ref[0, 3, 0] == 0).all() and (ref[0, 7, 0] == 0).all()
     assert torch.allclose(ref[0, 9, 1], v[0, :, 0].double().mean(0))
-    # (Such a row is left out of the kernels' comparison: a row whose every score is below about -1e7
-    # loses the backward's precision in float32, docs/design.md "Score modifiers".)
+    # The kernels draw the line at the same float32 value (forward: a whole row just above it loses
+    # the backward's precision in float32, as any row below about -1e7, docs/design.md "Score modifiers").
+    edge = torch.zeros(1, 2, 24, 30, device=DEVICE)
+    floor = torch.tensor(semantics.BIAS_FLOOR, dtype=torch.float32)
+    edge[0, 0], edge[0, 1] = floor, floor.nextafter(torch.tensor(0.0))  # at it; one float32 step above
+    out = fastattn.attention(q, k, v, bias=edge, backend=backend)
+    assert (out[..., 0, :] == 0).all() and torch.allclose(out[..., 1, :], v[:, :, 0].mean(1, keepdim=True))
     with_lse = backend == "triton"
 
     def fn(a, b, c, **m):
