@@ -519,3 +519,29 @@ def test_direct_launches_match_the_jit_path(gen, monkeypatch):
 def test_interpreter_does_not_split_by_default(gen):
     assert launch.sm_count(-1) == 1
     run_case(gen, [200, 3], 4, 1, 32, 1, 0, 0)
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_a_query_chunk_past_the_decode_grid_is_refused(head_dim):
+    """The decode grid's axis 1 is KV heads x query row tiles (CUDA allows 65535): a long chunk of
+    queries over the cache (chunked prefill through flash_attn_with_kvcache) past it is refused by
+    "triton", naming the most queries that fit (so "auto" takes the next backend), instead of a
+    launch error on the GPU (the table checked batch and query heads only). Meta tensors: no memory."""
+    from fastattn import backends
+    from fastattn.backends.call import KVCacheCall
+    from fastattn.shape import AttentionShape
+
+    hq, hkv, cap = 32, 8, 1 << 19
+    most = 65535 // hkv * launch.row_tile(1 << 20, head_dim) // (hq // hkv)
+
+    def call(sq):
+        q = torch.empty(1, sq, hq, head_dim, device="meta", dtype=torch.float16)
+        kc = torch.empty(1, cap, hkv, head_dim, device="meta", dtype=torch.float16)
+        lens = torch.empty(1, device="meta", dtype=torch.int32)
+        return KVCacheCall(q, kc, kc, None, None, lens, None, AttentionShape(1, sq, cap, hq, hkv, head_dim), 0,
+                           True, head_dim ** -0.5, False, 0, None)
+
+    assert launch.grid_rows(hq, hkv, most, head_dim)[1] <= 65535 < launch.grid_rows(hq, hkv, most + 1, head_dim)[1]
+    assert backends.cannot_run("triton", "kvcache", call(most)) is None
+    why = backends.cannot_run("triton", "kvcache", call(most + 1))
+    assert "KV heads x query row tiles" in why and f"at most {most} queries" in why

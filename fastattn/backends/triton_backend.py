@@ -10,14 +10,23 @@ from fastattn.backends.call import AppendCall, AttentionCall, KVCacheCall
 
 # Imported once, eagerly, so that torch.compile never traces an import.
 try:
-    # MAX_GRID_YZ: heads and batch are CUDA grid axes 1 and 2 (decode: KV heads x row tiles, and batch)
-    from fastattn.ops import MAX_GRID_YZ, interpreter_enabled, kvcache_attention, padded_attention, varlen_attention
+    # MAX_GRID_YZ: heads and batch are CUDA grid axes 1 and 2 (decode: KV heads x row tiles, and batch;
+    # unsupported() checks the row tiles)
+    from fastattn.ops import (
+        MAX_GRID_YZ,
+        decode_grid_rows,
+        interpreter_enabled,
+        kvcache_attention,
+        padded_attention,
+        varlen_attention,
+    )
     from fastattn.ops import append_kv as append_op  # registers the ops
     from fastattn.ops.ring_blocks import KernelBlock
 
     _IMPORT_ERROR = None
 except Exception as e:  # pragma: no cover - depends on the machine
     padded_attention = varlen_attention = kvcache_attention = append_op = interpreter_enabled = KernelBlock = None
+    decode_grid_rows = None
     MAX_GRID_YZ = 65535
     _IMPORT_ERROR = f"triton could not be imported: {type(e).__name__}: {e}"
 
@@ -37,14 +46,22 @@ def unavailable() -> str | None:
 
 
 def unsupported(kind: str, call: AttentionCall | KVCacheCall | AppendCall) -> str | None:
-    """What the table cannot say (dtypes and the grid limit are the table's): the device, and bf16
-    in the interpreter (every kind but the append, which has no dot)."""
+    """What the table cannot say (dtypes and the grid limit are the table's): the device, bf16 in
+    the interpreter (every kind but the append, which has no dot), and the decode grid's axis 1 (KV
+    heads x query row tiles: a long chunk of queries over the cache)."""
     if not call.is_cuda:
         if not interpreter():
             return f"tensors are on {call.device}; the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
         if call.dtype == torch.bfloat16 and kind != "append":
             return ("bfloat16 in the Triton interpreter (CPU tensors): its tl.dot multiplies bf16 bit patterns as "
                     "integers (triton-lang/triton#11584), a wrong answer; use float16 or float32 on the CPU, or a GPU")
+    if kind == "kvcache":
+        s = call.shape
+        block_r, rows = decode_grid_rows(s.heads_q, s.heads_kv, s.seqlen_q, s.head_dim)
+        if rows > MAX_GRID_YZ:
+            most = MAX_GRID_YZ // s.heads_kv * block_r // (s.heads_q // s.heads_kv)
+            return (f"KV heads x query row tiles ({rows}) must be <= {MAX_GRID_YZ} (CUDA grid limit): "
+                    f"pass at most {most} queries per call")
     return None
 
 

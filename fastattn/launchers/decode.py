@@ -72,6 +72,13 @@ def row_tile(rows: int, head_dim: int) -> int:
     return min(max(16, 1 << (rows - 1).bit_length()), 64 if head_dim <= 128 else 32)
 
 
+def grid_rows(heads_q: int, heads_kv: int, seqlen_q: int, head_dim: int) -> tuple[int, int]:
+    """(row tile, the decode grid's axis 1 = KV heads x query row tiles): axis 1 is limited to 65535."""
+    group = heads_q // heads_kv
+    block_r = row_tile(group * seqlen_q, head_dim)
+    return block_r, heads_kv * -(-group * seqlen_q // block_r)
+
+
 def _table_args(k_cache, block_table):
     """(block table or a placeholder, its row stride, page size (0: contiguous), pages)."""
     if block_table is None:
@@ -186,8 +193,8 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
     bt, stride_bt, page_size, n_pages = _table_args(k_cache, block_table)
     cap = cache_layouts.capacity(k_cache, block_table)
     group = hq // hkv
-    block_r = row_tile(group * sq, d)
-    row_tiles = -(-group * sq // block_r)
+    block_r, rows = grid_rows(hq, hkv, sq, d)
+    row_tiles = rows // hkv
     device = q.get_device()
     splits = num_splits or num_splits_heuristic(b * hkv * row_tiles, sm_count(device), -(-cap // NOMINAL_BLOCK_N))
     splits = min(splits, cache_layouts.MAX_SPLITS)
