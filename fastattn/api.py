@@ -219,7 +219,13 @@ def _refuse_grad(**xs) -> None:
 _warned: set[str] = set()
 
 
-def _fallback_to_torch(reason: str, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _fallback_to_torch(reason: str, backend: str, query, key, value, attn_mask, dropout_p, is_causal, scale,
+                       enable_gqa):
+    """torch's SDPA for a call fastattn does not run, for backend "auto" (one warning per reason) or
+    "torch"; a backend named explicitly is an error that says why."""
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"scaled_dot_product_attention(backend={backend!r}): {reason}; backend='auto' falls back to "
+                         "torch's SDPA for such calls")
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"fastattn.scaled_dot_product_attention: {reason}; falling back to "
@@ -245,21 +251,23 @@ def scaled_dot_product_attention(
 
     Runs in fastattn when attn_mask is None, a float mask broadcastable to (B, H, Sq, Sk) (the
     kernels' additive bias, differentiable) or a bool key-padding mask broadcastable to
-    (B, 1, 1, Sk) (True = attend). Any other bool mask, dropout_p > 0, inputs that are not 4-D, or
-    a value head dim different from the query's fall back to torch's SDPA with a one-time warning
-    that says why. One difference: a query that sees no key returns 0 here, where torch returns NaN.
+    (B, 1, 1, Sk) (True = attend). With backend "auto" (or "torch"), any other bool mask,
+    dropout_p > 0, inputs that are not 4-D, or a value head dim different from the query's fall back
+    to torch's SDPA with a one-time warning that says why; a backend named explicitly runs any bool
+    mask as a bias of 0 / -inf and refuses the others with a ValueError. One difference: a query that
+    sees no key returns 0 here, where torch returns NaN.
     """
     if dropout_p != 0.0:
-        return _fallback_to_torch("dropout_p > 0 is not supported", query, key, value, attn_mask, dropout_p,
+        return _fallback_to_torch("dropout_p > 0 is not supported", backend, query, key, value, attn_mask, dropout_p,
                                   is_causal, scale, enable_gqa)
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not query.dim() == key.dim() == value.dim() == 4:
-        return _fallback_to_torch("only 4-D (B, H, S, D) inputs run in the kernels", query, key, value, attn_mask,
-                                  dropout_p, is_causal, scale, enable_gqa)
+        return _fallback_to_torch("only 4-D (B, H, S, D) inputs run in the kernels", backend, query, key, value,
+                                  attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if value.shape[-1] != query.shape[-1]:
-        return _fallback_to_torch("a value head dim different from the query's is not supported", query, key,
+        return _fallback_to_torch("a value head dim different from the query's is not supported", backend, query, key,
                                   value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"query has {query.shape[1]} heads but key has {key.shape[1]}: pass enable_gqa=True "
@@ -280,10 +288,16 @@ def scaled_dot_product_attention(
             bias = attn_mask  # SDPA's (B, H, Sq, Sk) float mask is fastattn's additive bias, same layout
         else:
             kpm = semantics.key_padding_from_mask(attn_mask, query.shape[0], key.shape[2])
-            if kpm is None:
+            if kpm is None and backend in ("auto", "torch"):
                 return _fallback_to_torch("only float masks and bool key-padding masks (broadcastable to "
-                                          "(B, 1, 1, Sk)) run in the kernels", query, key, value, attn_mask,
-                                          dropout_p, is_causal, scale, enable_gqa)
+                                          "(B, 1, 1, Sk)) run in the kernels", backend, query, key, value,
+                                          attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            if kpm is None:  # a backend named explicitly: any bool mask, as a bias of 0 / -inf
+                check_broadcastable("attn_mask", attn_mask,
+                                    (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
+                if attn_mask.dtype != torch.bool:
+                    raise TypeError(f"attn_mask must be a bool or float tensor, got {attn_mask.dtype}")
+                bias = semantics.bool_to_bias(attn_mask, query.dtype)
     # (B, H, S, D) -> FlashAttention's (B, S, H, D) views, no copy.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if not is_causal:

@@ -11,8 +11,9 @@ What differs (README, "Switch from flash_attn"):
   dropout mask that fastattn does not make.
 - flash_attn_with_kvcache: rotary embeddings, cache_batch_idx and cache_leftpad raise.
 - ``backend=`` (keyword) picks fastattn's backend; "auto" as in ``fastattn.attention``.
-- window_size: any two ints (tuple, list, 1-D integer tensor); softcap <= 0 is off, as in FlashAttention
-  (``fastattn.attention`` refuses a negative softcap).
+- window_size: two ints >= -1 (tuple, list, 1-D integer tensor; FlashAttention reads any negative as
+  -1); softcap <= 0 is off, as in FlashAttention (``fastattn.attention`` refuses a negative softcap).
+- The lse of a row that sees no key is -inf (FlashAttention 2's non-split kernels write +inf).
 - Attention sinks (gpt-oss): ``s_aux`` (vLLM's FlashAttention 3 name) or ``learnable_sink`` (FlashAttention
   4's), (Hq,) logits, as fastattn's ``sinks``; transformers passes them under either name when the
   function's signature has it.
@@ -29,7 +30,7 @@ from fastattn.validation import _check_tensor
 
 
 def _window(window_size) -> tuple[int, int] | None:
-    """FlashAttention's window_size -> fastattn's window ((-1, -1): none). Any two ints: a tuple, a
+    """FlashAttention's window_size -> fastattn's window ((-1, -1): none). Two ints >= -1: a tuple, a
     list, or a 1-D integer tensor of two (FlashAttention's own tests pass one; reading a CUDA
     tensor's values syncs, as FlashAttention's binding does)."""
     bad = ValueError(f"window_size must be (left, right), two ints >= -1 (-1 = unbounded), got {window_size!r}")

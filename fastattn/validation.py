@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -76,11 +77,16 @@ def _qkv_ok(q, k, v, ndim: int) -> bool:
 
 
 def validate_scale(scale, head_dim: int) -> float:
-    """None -> 1/sqrt(D); otherwise a finite real number."""
+    """None -> 1/sqrt(D); otherwise a finite real number: a Python or NumPy int or float, or a 0-d
+    real tensor as torch's SDPA takes them (a CUDA tensor's value is read: a sync)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if type(scale) is not float:  # (the usual case needs no ABC check)
+        if isinstance(scale, torch.Tensor) and scale.dim() == 0 and not scale.is_complex() \
+                and scale.dtype != torch.bool:
+            scale = scale.item()
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return float(scale)

@@ -124,6 +124,38 @@ def test_other_masks_fall_back_with_one_warning(kind, gen):
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kw))
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_named_backend_runs_any_bool_mask_and_refuses_the_rest(backend, gen, monkeypatch):
+    """A backend named explicitly does not fall back to torch: a general bool mask runs as a bias of
+    0 / -inf (as torch, rows with a key), and what it cannot run is a ValueError saying why."""
+    q, k, v = bhsd(gen, 2, 2, 10, 16), bhsd(gen, 2, 2, 12, 16), bhsd(gen, 2, 2, 12, 16)
+    mask = (torch.rand(2, 1, 10, 12, generator=gen) > 0.3).to(DEVICE)
+    mask[..., 0] = True
+    monkeypatch.setattr(api, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning either
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=f"backend='{backend}'.*dropout_p"):
+        fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.1, backend=backend)
+    with pytest.raises(ValueError, match="value head dim"):
+        fastattn.scaled_dot_product_attention(q, k, bhsd(gen, 2, 2, 12, 24), backend=backend)
+    with pytest.raises(TypeError, match="attn_mask must be a bool or float tensor"):
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask.int(), backend=backend)
+
+
+def test_scale_takes_the_types_torch_takes(gen):
+    import numpy as np
+
+    q, k, v = bhsd(gen, 1, 2, 6, 16), bhsd(gen, 1, 2, 7, 16), bhsd(gen, 1, 2, 7, 16)
+    for scale in (np.float32(0.3), np.int64(1), torch.tensor(0.3)):
+        torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, k, v, scale=scale, backend="triton"),
+                                   F.scaled_dot_product_attention(q, k, v, scale=float(scale)), atol=1e-5, rtol=1e-5)
+    for bad in (True, np.bool_(True), torch.tensor([0.3]), "0.3"):
+        with pytest.raises(TypeError, match="scale must be a float or None"):
+            fastattn.scaled_dot_product_attention(q, k, v, scale=bad)
+
+
 def test_output_is_a_view_in_sdpa_layout(gen):
     q, k, v = bhsd(gen, 2, 4, 9, 16), bhsd(gen, 2, 4, 9, 16), bhsd(gen, 2, 4, 9, 16)
     out = fastattn.scaled_dot_product_attention(q, k, v, backend="triton")
