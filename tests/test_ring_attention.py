@@ -100,9 +100,11 @@ def test_zigzag_layout_balances_causal_work():
             parts = [zigzag_positions(seqlen, world, r) for r in range(world)]
             padded = padded_length(seqlen, world)
             assert torch.equal(torch.cat(parts).sort().values, torch.arange(padded))  # a partition
-            # (query, key) pairs under the causal mask per rank: equal, so every rank works as long.
-            work = {int((p[:, None] >= torch.arange(padded)[None]).sum()) for p in parts}
-            assert len(work) == 1, (seqlen, world, work)
+            # (query, key) pairs under the causal mask per rank at each ring step (rank r then holds rank
+            # (r - step)'s keys): equal, so no rank waits for another at any step.
+            for step in range(world):
+                work = {int((parts[r][:, None] >= parts[(r - step) % world][None]).sum()) for r in range(world)}
+                assert len(work) == 1, (seqlen, world, step, work)
 
 
 def check_layout(rank, world_size):
