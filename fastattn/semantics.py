@@ -80,11 +80,16 @@ def keyless_rows(visible: torch.Tensor) -> torch.Tensor:
 BIAS_FLOOR = float.fromhex("-0x1.62e43p+127")
 
 
+def below_floor(bias: torch.Tensor) -> torch.Tensor:
+    """Where a bias hides its key by its value (-inf, or at or below BIAS_FLOOR), judged on the float32
+    value the kernels read (the floor rounded to bfloat16 would move; a float64 value rounds onto it
+    as in the kernels). NaN is not hidden: it reaches the output."""
+    return (bias if bias.dtype == torch.float32 else bias.float()) <= BIAS_FLOOR
+
+
 def as_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bias in dtype, with its values at or below BIAS_FLOOR as -inf (differentiable elsewhere).
-    Compared in float32 at least: the floor rounded to bfloat16 would move it."""
-    wide = bias if bias.dtype in (torch.float32, torch.float64) else bias.float()
-    return bias.to(dtype).masked_fill(wide <= BIAS_FLOOR, NEG_INF)
+    """A bias in dtype, with its values at or below BIAS_FLOOR as -inf (differentiable elsewhere)."""
+    return bias.to(dtype).masked_fill(below_floor(bias), NEG_INF)
 
 
 def bool_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -105,7 +110,7 @@ def modifier_bias(bias: torch.Tensor | None, alibi_slopes: torch.Tensor | None, 
     for a path that takes the modifiers as a dense additive mask (SDPA's float attn_mask, a KV cache
     run as dense keys). rel: relative positions (Sq, Sk), or per batch element (B, Sq, Sk). None
     when nothing is set."""
-    out = None if bias is None else as_bias(bias, dtype)
+    out = None if bias is None else bias.to(dtype)  # (the floor is the consumer's: below_floor, as_bias)
     if alibi_slopes is not None:
         term = alibi_bias(alibi_slopes, rel, dtype)
         out = term if out is None else out + term

@@ -522,15 +522,17 @@ def test_interpreter_does_not_split_by_default(gen):
 
 
 @pytest.mark.parametrize("head_dim", [128, 256])
-def test_a_query_chunk_past_the_decode_grid_is_refused(head_dim):
+def test_a_query_chunk_past_the_decode_grid_is_refused(head_dim, monkeypatch):
     """The decode grid's axis 1 is KV heads x query row tiles (CUDA allows 65535): a long chunk of
     queries over the cache (chunked prefill through flash_attn_with_kvcache) past it is refused by
     "triton", naming the most queries that fit (so "auto" takes the next backend), instead of a
     launch error on the GPU (the table checked batch and query heads only). Meta tensors: no memory."""
     from fastattn import backends
+    from fastattn.backends import triton_backend
     from fastattn.backends.call import KVCacheCall
     from fastattn.shape import AttentionShape
 
+    monkeypatch.setattr(triton_backend, "interpreter", lambda: True)  # meta tensors pass as CPU ones on a GPU too
     hq, hkv, cap = 32, 8, 1 << 19
     most = 65535 // hkv * launch.row_tile(1 << 20, head_dim) // (hq // hkv)
 

@@ -18,6 +18,11 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 STUB_PY = """#!/usr/bin/env bash
 echo "python $*" >> "$STUBLOG"
+# KILL_AT: this stage kills the whole script (as the device tool does at its limit): our parent is the
+# timeout stub, whose parent is gpu_check.sh.
+if [ -n "${KILL_AT:-}" ] && [[ "$*" == *"$KILL_AT"* ]]; then
+  kill -KILL "$(awk '{print $4}' /proc/$PPID/stat)"; exit 1
+fi
 case "$*" in *" pytest "*) echo $(( $(cat "$CLOCK") + ${D_TESTS:-0} )) > "$CLOCK" ;; esac
 out=""; prev=""
 for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
@@ -43,8 +48,9 @@ echo "compute-sanitizer $*" >> "$STUBLOG"
 """
 
 
-def run_script(tmp_path, **env):
-    """Run gpu_check.sh with the stubs; return {stage script: timeout seconds} and the OUT folder."""
+def run_script(tmp_path, out="out", **env):
+    """Run gpu_check.sh with the stubs (from tmp_path, OUT given as `out`, relative or not); return
+    {stage script: timeout seconds}, the OUT folder and the script's stdout."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stubs = {"python": STUB_PY, "timeout": STUB_TIMEOUT, "nvidia-smi": STUB_SMI, "date": STUB_DATE,
@@ -52,20 +58,20 @@ def run_script(tmp_path, **env):
     for name, text in stubs.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    log, out, clock = tmp_path / "stub.log", tmp_path / "out", tmp_path / "clock"
+    log, clock = tmp_path / "stub.log", tmp_path / "clock"
     clock.write_text("1000\n")
     full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
                 "STUBLOG": str(log), "CLOCK": str(clock), "TMPDIR": str(tmp_path), **env}
-    proc = subprocess.run(["bash", str(SCRIPT), str(out)], env=full_env, capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run(["bash", str(SCRIPT), out], env=full_env, capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert proc.returncode == (-9 if "KILL_AT" in env else 0), proc.stdout + proc.stderr
     timeouts = {}
     for line in log.read_text().splitlines():
         if line.startswith("timeout "):
             _, seconds, *cmd = line.split()
             what = next((w for w in cmd if w.endswith((".py", "pytest", "pip"))), cmd[-1])
             timeouts[os.path.basename(what)] = int(seconds)
-    return timeouts, out, proc.stdout
+    return timeouts, tmp_path / out, proc.stdout
 
 
 def test_issue_23_run_gives_each_named_stage_its_cap(tmp_path):
@@ -81,6 +87,16 @@ def test_issue_23_run_gives_each_named_stage_its_cap(tmp_path):
         names = tar.getnames()
     assert any(n.endswith("score_mods/result.md") for n in names)
     assert any(n.endswith("hf_llama/result.md") for n in names)
+
+
+def test_a_run_killed_midway_keeps_the_finished_stages(tmp_path):
+    # Killed from outside during hf (the device tool's limit): smods' results are already packed.
+    # OUT is relative to where the script was started (it changes directory).
+    _, out, _ = run_script(tmp_path, out="rel", STAGES="smoke smods hf", KILL_AT="hf_llama.py")
+    with tarfile.open(out / "results.tgz") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("score_mods/result.md") for n in names)
+    assert not (out / ".results.tgz.part").exists()
 
 
 def test_issue_24_run_gives_the_sweep_its_cap(tmp_path):

@@ -127,13 +127,24 @@ def test_bias_at_the_float32_minimum_hides_keys(backend, gen):
     ref = reference.attention(q.double(), k.double(), v.double(), bias=above.double())
     assert (ref[0, 3, 0] == 0).all() and (ref[0, 7, 0] == 0).all()
     assert torch.allclose(ref[0, 9, 1], v[0, :, 0].double().mean(0))
+    # A float64 bias is judged as the float32 value the kernels read: just above the floor rounds onto it.
+    onto = torch.full((1, 1, 1, 30), semantics.BIAS_FLOOR * (1 - 1e-9), dtype=torch.float64, device=DEVICE)
+    assert (reference.attention(q.double(), k.double(), v.double(), bias=onto) == 0).all()
     # The kernels draw the line at the same float32 value (forward: a whole row just above it loses
     # the backward's precision in float32, as any row below about -1e7, docs/design.md "Score modifiers").
     edge = torch.zeros(1, 2, 24, 30, device=DEVICE)
     floor = torch.tensor(semantics.BIAS_FLOOR, dtype=torch.float32)
     edge[0, 0], edge[0, 1] = floor, floor.nextafter(torch.tensor(0.0))  # at it; one float32 step above
     out = fastattn.attention(q, k, v, bias=edge, backend=backend)
-    assert (out[..., 0, :] == 0).all() and torch.allclose(out[..., 1, :], v[:, :, 0].mean(1, keepdim=True))
+    assert (out[..., 0, :] == 0).all()
+    mean_v = v[:, :, 0].mean(1, keepdim=True).expand(-1, 24, -1)  # (B, Sq, D)
+    torch.testing.assert_close(out[..., 1, :], mean_v, atol=1e-5, rtol=1e-5)
+    # 16-bit inputs, a float32 bias: -1e5 (below float16's range) hides nothing (the torch path built
+    # its mask in float16, where it turned to -inf); finfo(float32).min does.
+    big = torch.zeros(1, 2, 24, 30, device=DEVICE)
+    big[0, 0, 2], big[0, 1, 2] = -1e5, low
+    out = fastattn.attention(q.half(), k.half(), v.half(), bias=big, backend=backend)
+    assert torch.isfinite(out).all() and (out[0, 2, 1] == 0).all() and (out[0, 2, 0] != 0).any()
     with_lse = backend == "triton"
 
     def fn(a, b, c, **m):

@@ -83,8 +83,9 @@ reserve() {
   done
   echo $(( r < $2 ? r : $2 ))
 }
-# pack: results.tgz from what the finished stages wrote (after every stage: a kill keeps them).
-pack() { tar -czf "$OUT/results.tgz" -C "$WORK" . 2>/dev/null; }
+# pack: results.tgz from what the finished stages wrote (after every stage: a kill keeps them; written
+# aside and renamed, so a kill while packing keeps the last whole archive).
+pack() { tar -czf "$OUT/.results.tgz.part" -C "$WORK" . 2>/dev/null && mv -f "$OUT/.results.tgz.part" "$OUT/results.tgz"; }
 MODELS_TUNE=$([ "${MODELS_AUTOTUNE:-0}" = 1 ] && echo 1 || echo 0)
 
 {

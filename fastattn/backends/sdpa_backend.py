@@ -91,10 +91,15 @@ def _with_mask(qt, kt, vt, call: AttentionCall, gqa: bool, skipped: int) -> torc
     window = mods.window if mods is not None and mods.local else None
     visible = semantics.visible_keys(sq, sk, causal=call.causal, key_padding_mask=call.key_padding_mask,
                                      device=qt.device, window=window)[:, :, skipped:]  # (B, 1, Sq, Sk)
-    additive = None if mods is None else mods.additive_mask(sq, sk, qt.dtype)
+    # In float32 at least: a 16-bit mask would turn a bias below its range into -inf (hiding keys the
+    # kernels see) and round semantics.BIAS_FLOOR; then held within the inputs' range for SDPA.
+    wide = torch.promote_types(qt.dtype, torch.float32)
+    additive = None if mods is None else mods.additive_mask(sq, sk, wide)
     if additive is not None:
         additive = additive[:, :, skipped:] if additive.shape[2] > 1 else additive
-        visible = visible & (additive != float("-inf"))  # a bias of -inf hides a key too
+        visible = visible & ~semantics.below_floor(additive)  # a bias of -inf (or at the floor) hides a key too
+        if wide != qt.dtype:
+            additive = additive.clamp(torch.finfo(qt.dtype).min, torch.finfo(qt.dtype).max).to(qt.dtype)
     if call.key_padding_mask is not None:  # padded keys are never read (SDPA would mix their NaN into rows)
         padded = ~call.key_padding_mask[:, None, :, None]  # (B, 1, Sk, 1)
         kt, vt = kt.masked_fill(padded, 0.0), vt.masked_fill(padded, 0.0)

@@ -32,6 +32,7 @@ from fastattn.distributed.layout import group_info, padded_length, zigzag_block
 from fastattn.distributed.varlen import host_lengths, step_plans
 from fastattn.shape import AttentionShape
 from fastattn.validation import (
+    FLOAT_DTYPES,
     validate_flag,
     validate_key_padding_mask,
     validate_qkv,
@@ -163,9 +164,6 @@ def ring_attention_varlen(
     return (out[0], lse[0]) if return_lse else out[0]
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # check_same_shapes' dtype codes
-
-
 class Ring:
     """Point-to-point exchange with this rank's neighbours in `group`: send to rank + 1, receive
     from rank - 1, asynchronously."""
@@ -189,14 +187,15 @@ class Ring:
         packed documents, the same cu_seqlens (`documents`: both as tuples). One small all_gather;
         run where value checks are on: CPU tensors, or FASTATTN_CHECK_VALUES=1."""
         digest = hash(documents) & 0x7FFFFFFF  # ints hash the same in every process
-        # The dtype too: a receive buffer of another dtype would reinterpret the bytes it gets.
-        dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
+        # The dtype too (its index in FLOAT_DTYPES): a receive buffer of another dtype would reinterpret
+        # the bytes it gets.
+        dtype = FLOAT_DTYPES.index(q.dtype) if q.dtype in FLOAT_DTYPES else -1
         mine = torch.tensor([*q.shape, *k.shape, key_padding_mask is not None, dtype, digest], device=q.device)
         every = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(every, mine, group=self.group)
 
         def described(x):  # x: a rank's gathered row: q shape, k shape (4), mask, dtype, digest
-            name = _DTYPES[x[-2]] if 0 <= x[-2] < len(_DTYPES) else "other"
+            name = FLOAT_DTYPES[x[-2]] if 0 <= x[-2] < len(FLOAT_DTYPES) else "other"
             return f"q {tuple(x[:-7].tolist())}, k {tuple(x[-7:-3].tolist())}, mask {bool(x[-3])}, {name}"
 
         for r, theirs in enumerate(every):
