@@ -336,15 +336,37 @@ def test_refusals_name_the_argument(change, error, match, fastattn_active, gen):
         _dense(gen, **change)()
 
 
-def test_alibi_is_refused_only_when_a_gradient_is_wanted(fastattn_active, gen):
+def test_inference_only_arguments_are_refused_only_when_a_gradient_is_wanted(fastattn_active, gen):
+    """aten::_flash_attention_backward takes no alibi_slopes, seqused_k or block_table: with inputs that
+    want a gradient (grad mode on) the forward refuses them by name (seqused_k ran, and its gradient
+    came out over every key: silently wrong); under no_grad, or without such inputs, they run."""
     q, k, v = testing.random_qkv(1, 5, 5, 2, 2, 16, device=DEVICE, generator=gen)
     slopes = torch.tensor([0.5, 0.25], device=DEVICE)
+    lens = torch.tensor([3], dtype=torch.int32, device=DEVICE)
     out = torch.ops.aten._flash_attention_forward(q, k, v, None, None, 5, 5, 0.0, False, False, alibi_slopes=slopes)[0]
     ref = fastattn.attention(q, k, v, alibi_slopes=slopes, backend="reference")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError, match="alibi_slopes with inputs that require grad"):
-        torch.ops.aten._flash_attention_forward(q.requires_grad_(), k, v, None, None, 5, 5, 0.0, False, False,
-                                                alibi_slopes=slopes)
+    q.requires_grad_()
+    for kw, match in ((dict(alibi_slopes=slopes), "alibi_slopes with inputs that require grad"),
+                      (dict(seqused_k=lens), "seqused_k / block_table with inputs that require grad")):
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.aten._flash_attention_forward(q, k, v, None, None, 5, 5, 0.0, False, False, **kw)
+        with torch.no_grad():
+            torch.ops.aten._flash_attention_forward(q, k, v, None, None, 5, 5, 0.0, False, False, **kw)
+    with torch.no_grad():
+        out = torch.ops.aten._flash_attention_forward(q, k, v, None, None, 5, 5, 0.0, False, False, seqused_k=lens)[0]
+    torch.testing.assert_close(out, fastattn.attention(q, k[:, :3], v[:, :3], backend="reference"), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU's choice of engine")
+def test_bfloat16_on_the_cpu_runs_on_the_reference(fastattn_active, gen):
+    # The interpreter's bf16 dot is wrong, so the Triton backend refuses it; the impl takes the reference.
+    q, k, v = (x.bfloat16().requires_grad_() for x in testing.random_qkv(1, 5, 5, 2, 2, 16, generator=gen))
+    out = torch.ops.aten._flash_attention_forward(q, k, v, None, None, 5, 5, 0.0, True, False)[0]
+    torch.testing.assert_close(out, fastattn.attention(q, k, v, causal=True, backend="reference"))
+    out.float().sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 def test_packed_seqused_k_beyond_decode_is_not_implemented(fastattn_active, gen):

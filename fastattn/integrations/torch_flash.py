@@ -175,7 +175,8 @@ def activate_if_asked() -> None:
 def _backend(x: torch.Tensor) -> str:
     """The Triton kernels on CUDA (or the interpreter on CPU), else the reference. Never "auto" or
     "torch": SDPA's flash backend may be this impl itself."""
-    return "triton" if x.is_cuda or triton_backend.interpreter() else "reference"
+    # (bf16 on the CPU: the interpreter's dot is wrong for it, so the reference.)
+    return "triton" if x.is_cuda or (triton_backend.interpreter() and x.dtype != torch.bfloat16) else "reference"
 
 
 def _refused(what: str, why: str) -> RuntimeError:
@@ -205,9 +206,14 @@ def _forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, i
              window_size_left, window_size_right, seqused_k, alibi_slopes, block_table, num_splits, out=None):
     """out, lse of one forward op, in aten's conventions (module docstring)."""
     _check_common(dropout_p, return_debug_mask)
-    if alibi_slopes is not None and any(t.requires_grad for t in (query, key, value)):
-        raise _refused("alibi_slopes with inputs that require grad", "aten::_flash_attention_backward has no "
-                       "alibi_slopes argument, so the gradient would ignore them (inference only)")
+    # aten::_flash_attention_backward takes none of these: its gradient would ignore them.
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        if alibi_slopes is not None:
+            raise _refused("alibi_slopes with inputs that require grad", "aten::_flash_attention_backward has no "
+                           "alibi_slopes argument, so the gradient would ignore them (inference only)")
+        if seqused_k is not None or block_table is not None:
+            raise _refused("seqused_k / block_table with inputs that require grad", "aten::_flash_attention_backward "
+                           "has neither, so the gradient would see every key (inference only)")
     window = _window(window_size_left, window_size_right)
     q, k, v = query.detach(), key.detach(), value.detach()  # below autograd: aten differentiates this op
     backend = _backend(q)
