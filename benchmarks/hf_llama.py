@@ -1,19 +1,23 @@
 """Hugging Face decoder models on fastattn vs transformers' SDPA: one training step's time.
 
-    python benchmarks/hf_llama.py [--out DIR] [--models llama,mistral] [--layers 8] [--rounds 3]
+    python benchmarks/hf_llama.py [--out DIR] [--models llama,mistral,llama-padded] [--layers 8] [--rounds 3]
     python benchmarks/hf_llama.py --smoke    # tiny float32 models through the Triton interpreter (CPU)
 
 On a GPU, bf16, from configs (no download), hidden 2048, 16 heads, 4 KV heads (GQA), 8 layers:
-- llama: LlamaForCausalLM, batch 4 x 2048 tokens;
-- mistral: MistralForCausalLM with a sliding window of 1024 keys, batch 2 x 4096 tokens (SDPA gets
-  the window as a boolean mask; fastattn skips the key tiles outside it).
-Each is a padded batch (the last quarter of one sequence is padding): forward + backward of the LM
+- llama: LlamaForCausalLM, batch 4 x 2048 tokens, no padding (transformers then passes no mask:
+  SDPA takes its flash/cuDNN kernels with GQA; fastattn its dense causal kernel);
+- mistral: MistralForCausalLM with a sliding window of 1024 keys, batch 2 x 4096 tokens, padded (SDPA
+  gets the window as a boolean mask; fastattn skips the key tiles outside it);
+- llama-padded: the llama batch padded (SDPA gets a boolean mask and repeats K/V: its slow path).
+A padded batch has the last quarter of one sequence as padding. Forward + backward of the LM
 loss with attn_implementation "sdpa", "fastattn" (fastattn.integrations.transformers.register())
 and "flash_attention_2" where the flash_attn package is installed (CUDA), on the same weights,
 timed in one run, in rounds (--rounds, default 3; the implementations take turns, the median is
 reported). Each step is then taken apart (benchmarks.common.step_anatomy): the host's time to issue
 it, the GPU's busy time and idle share, syncs, launches, the top kernels. Bar (issue 23): the Llama
-step with fastattn >= 1.0x sdpa; Mistral's is reported.
+step with fastattn >= 1.0x sdpa, unpadded; the others are reported. An implementation that raises is
+recorded with its error and the run goes on; a fastattn row whose calls fell back to SDPA (or made
+none) is flagged and not ranked.
 
 Gate, before timing: each implementation's logits on the real tokens against the same model in
 float32 with "sdpa" as the reference, under the tests' tolerance rule with the bf16 "sdpa" run as
@@ -55,6 +59,7 @@ class Model:
     seqlen: int
     window: int | None = None  # sliding_window (Mistral): keys a query sees, its own included
     bar: float | None = None  # fastattn / sdpa step-time bar, where the issue sets one
+    padded: bool = True  # the last quarter of one sequence is padding (else no mask at all)
 
     def config(self, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int):
         import transformers
@@ -66,10 +71,12 @@ class Model:
                        **extra)
 
 
-MODELS = {"llama": Model("llama", "LlamaForCausalLM", 4, 2048, bar=1.0),
-          "mistral": Model("mistral", "MistralForCausalLM", 2, 4096, window=1024)}
-SMOKE_MODELS = {"llama": Model("llama", "LlamaForCausalLM", 2, 16),
-                "mistral": Model("mistral", "MistralForCausalLM", 2, 16, window=5)}
+MODELS = {"llama": Model("llama", "LlamaForCausalLM", 4, 2048, bar=1.0, padded=False),
+          "mistral": Model("mistral", "MistralForCausalLM", 2, 4096, window=1024),
+          "llama-padded": Model("llama-padded", "LlamaForCausalLM", 4, 2048)}
+SMOKE_MODELS = {"llama": Model("llama", "LlamaForCausalLM", 2, 16, padded=False),
+                "mistral": Model("mistral", "MistralForCausalLM", 2, 16, window=5),
+                "llama-padded": Model("llama-padded", "LlamaForCausalLM", 2, 16)}
 
 
 def flash_attention_2_missing(device: str) -> str | None:
@@ -106,8 +113,10 @@ def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke:
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, shape["vocab"], (model.batch, model.seqlen), generator=g).to(device)
     mask = torch.ones_like(tokens)
-    mask[0, -model.seqlen // 4:] = 0  # right padding in one sequence
+    if model.padded:
+        mask[0, -model.seqlen // 4:] = 0  # right padding in one sequence
     real = mask.bool()
+    mask = mask if model.padded else None  # no padding: no mask, as a training step without padding has
     labels = tokens.masked_fill(~real, -100)
 
     sdpa = build(model, shape, device, dtype, "sdpa")  # its weights are every implementation's
@@ -126,11 +135,15 @@ def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke:
         if missing:
             row["skipped"] = missing
             continue
-        net = sdpa if impl == "sdpa" else build(model, shape, device, dtype, impl)
-        if net is not sdpa:
-            net.load_state_dict(sdpa.state_dict())
-        with torch.no_grad():
-            logits = net(input_ids=tokens, attention_mask=mask).logits[real]
+        try:
+            net = sdpa if impl == "sdpa" else build(model, shape, device, dtype, impl)
+            if net is not sdpa:
+                net.load_state_dict(sdpa.state_dict())
+            with torch.no_grad():
+                logits = net(input_ids=tokens, attention_mask=mask).logits[real]
+        except Exception as e:  # one implementation failing must not lose the others' figures
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            continue
         gate = testing.compare("logits", logits, naive, ref, testing.OUT_FACTOR)
         row.update(gate=str(gate), gate_ok=gate.ok)
 
@@ -140,25 +153,32 @@ def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke:
     # Timed in rounds, the implementations taking turns (a drifting clock or host hits each alike).
     for _ in range(rounds):
         for row in rows:
-            if row["attn_implementation"] in steps:
+            if row["attn_implementation"] in steps and "error" not in row:
                 step, params = steps[row["attn_implementation"]]
-                row.setdefault("ms_rounds", []).append(
-                    time_ms(step, device=device, grad_to_none=params, rep_ms=30 if smoke else 200))
+                try:
+                    row.setdefault("ms_rounds", []).append(
+                        time_ms(step, device=device, grad_to_none=params, rep_ms=30 if smoke else 200))
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    row.pop("ms_rounds", None)
     for row in rows:
         if "ms_rounds" in row:
             row["ms"] = statistics.median(row["ms_rounds"])
             step, params = steps[row["attn_implementation"]]
             row.update(_anatomy(step, params, row["ms"], calls=1 if smoke else 3))
         if row["attn_implementation"] not in ("sdpa", "flash_attention_2") and "ms" in row:
-            row["fastattn_calls"] = dict(fhf.CALLS)  # how each call went: mask kind, fallbacks
+            row["fastattn_calls"] = calls = dict(fhf.CALLS)  # how each call went: mask kind, fallbacks
+            fell_back = sum(n for kind, n in calls.items() if kind.startswith("fallback"))
+            if fell_back or not calls.get("fastattn"):
+                row["not_fastattn"] = f"{fell_back} call(s) fell back to SDPA, {calls.get('fastattn', 0)} ran fastattn"
     base = rows[0].get("ms")
     for r in rows:
-        if base and "ms" in r and r.get("gate_ok"):
+        if base and "ms" in r and r.get("gate_ok") and "not_fastattn" not in r:
             r["vs_sdpa"] = base / r["ms"]  # > 1: faster than sdpa
     fast = _fastattn_row(rows)
     met = None if smoke or model.bar is None else bool(fast.get("vs_sdpa", 0) >= model.bar)
     return {"model": model.name, "class": model.cls, "batch": model.batch, "seqlen": model.seqlen,
-            "window": model.window, "bar": model.bar, "bar_met": met, "rows": rows}
+            "window": model.window, "padded": model.padded, "bar": model.bar, "bar_met": met, "rows": rows}
 
 
 def _anatomy(step, params, step_ms: float, calls: int) -> dict:
@@ -187,22 +207,26 @@ def markdown(doc: dict) -> str:
     if doc["smoke"]:
         lines += ["**Smoke run** (tiny float32 models, Triton interpreter): times mean nothing.", ""]
     lines += [f"{shape['layers']} layers, hidden {shape['hidden']}, heads {shape['heads']}/{shape['kv_heads']} (GQA), "
-              f"{doc['dtype']}, one sequence a quarter padding; fwd+bwd of the LM loss, same weights.", "",
+              f"{doc['dtype']}, transformers {doc.get('transformers', '?')}; padded: one sequence a quarter "
+              "padding; fwd+bwd of the LM loss, same weights.", "",
               f"Each step time is the median of {doc.get('rounds', 1)} timing(s), the implementations taking "
               "turns. host ms: the host's time to issue one step from an idle GPU; GPU ms: kernel time per step "
               "(profiler); GPU idle: 1 - GPU ms / step ms; syncs: CUDA sync calls per step (profiler) / syncs "
               "torch's sync debug mode reports.", "",
-              "| model | B x S | window | attn_implementation | fwd+bwd ms | rounds | sdpa / this | host ms | GPU ms "
-              "| GPU idle | syncs | gate (logits vs float32) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | B x S | window | padded | attn_implementation | fwd+bwd ms | rounds | sdpa / this | host ms "
+              "| GPU ms | GPU idle | syncs | gate (logits vs float32) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     num = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
     for m in doc["models"]:
         for r in m["rows"]:
             ratio = f"{r['vs_sdpa']:.2f}x" if "vs_sdpa" in r else "-"
             rounds = " / ".join(f"{t:.2f}" for t in r.get("ms_rounds", [])) or "-"
             syncs = f"{r['syncs']:g} / {r.get('sync_warnings', '-')}" if "syncs" in r else "-"
-            gate = r.get("skipped") or ("(the gate's naive run)" if r["attn_implementation"] == "sdpa" else r["gate"])
+            gate = r.get("skipped") or r.get("error") or ("(the gate's naive run)" if r["attn_implementation"] == "sdpa"
+                                                          else r["gate"])
+            gate += f"; NOT RANKED: {r['not_fastattn']}" if "not_fastattn" in r else ""
             lines.append(f"| {m['model']} | {m['batch']} x {m['seqlen']} | {m['window'] or '-'} | "
+                         f"{'yes' if m.get('padded', True) else 'no'} | "
                          f"{r['attn_implementation']} | {num(r, 'ms', '.3f')} | {rounds} | {ratio} | "
                          f"{num(r, 'host_ms', '.2f')} | {num(r, 'gpu_ms', '.2f')} | {num(r, 'gpu_idle', '.0%')} | "
                          f"{syncs} | {gate} |")
@@ -247,8 +271,10 @@ def main(argv=None) -> int:
     name = fhf.register(backend=backend)
     impls = [("sdpa", None), (name, None), ("flash_attention_2", flash_attention_2_missing(device))]
     rounds = args.rounds or (1 if smoke else 3)
+    import transformers
+
     doc = {"environment": environment(device), "smoke": smoke, "dtype": str(dtype), "backend": backend,
-           "shape": shape, "rounds": rounds, "models": []}
+           "transformers": transformers.__version__, "shape": shape, "rounds": rounds, "models": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for model in args.models.split(","):
@@ -257,7 +283,7 @@ def main(argv=None) -> int:
         (out / "hf_llama.md").write_text(markdown(doc))  # after every model: partial runs survive
     print(markdown(doc))
     failed = [(m["model"], r["attn_implementation"]) for m in doc["models"] for r in m["rows"]
-              if r["attn_implementation"] == name and not r.get("gate_ok")]
+              if r["attn_implementation"] == name and (not r.get("gate_ok") or "error" in r or "not_fastattn" in r)]
     if failed:
         print(f"fastattn failed the gate: {failed}")
     return 1 if failed else 0

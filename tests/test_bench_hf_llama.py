@@ -24,8 +24,9 @@ def test_hf_llama_benchmark_smoke(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     doc = json.loads((tmp_path / "hf_llama.json").read_text())
-    assert doc["smoke"] and [m["model"] for m in doc["models"]] == ["llama", "mistral"]
-    assert doc["models"][1]["window"] and not doc["models"][0]["window"]
+    assert doc["smoke"] and [m["model"] for m in doc["models"]] == ["llama", "mistral", "llama-padded"]
+    assert doc["models"][1]["window"] and not doc["models"][0]["window"] and doc["transformers"]
+    assert [m["padded"] for m in doc["models"]] == [False, True, True]  # the bar's llama step: no padding
     for m in doc["models"]:
         assert m["bar_met"] is None
         sdpa, fast, fa2 = m["rows"]
@@ -36,8 +37,10 @@ def test_hf_llama_benchmark_smoke(tmp_path):
         for r in (sdpa, fast):
             assert r["ms_rounds"] == [r["ms"]] and r["host_ms"] > 0 and r["syncs"] == 0, r
             assert "gpu_ms" not in r and "top_kernels" not in r
-        # Every layer's call ran fastattn's key-padding path (the sliding window recognised, not a dense bias).
+        # Every layer's call ran fastattn's key-padding path (the sliding window recognised, not a dense
+        # bias), or without padding its path without a mask; none fell back.
         calls = fast["fastattn_calls"]
-        assert calls["fastattn"] > 0 and calls["mask: key padding"] == calls["fastattn"], calls
+        kind = "mask: key padding" if m["padded"] else "mask: none"
+        assert calls["fastattn"] > 0 and calls[kind] == calls["fastattn"] and "not_fastattn" not in fast, calls
     md = (tmp_path / "hf_llama.md").read_text()
-    assert "llama: fastattn vs sdpa" in md and "mistral: fastattn vs sdpa" in md
+    assert "llama: fastattn vs sdpa" in md and "mistral: fastattn vs sdpa" in md and "llama-padded: " in md
