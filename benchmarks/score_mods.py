@@ -20,8 +20,8 @@ the matmul ceiling measured first):
 - each modifier, fwd and fwd+bwd, vs FlexAttention given the same modifier as score_mod / block
   mask (benchmarks/flex_mods.py; compiled on a GPU): the windows in --flex-windows, at the sequence
   lengths in --flex-seqlens. Each (case, modifier) is a compile of its own (fwd and bwd), so
-  FlexAttention runs in a second pass, after every fastattn and SDPA row: a budget it outruns
-  costs FlexAttention rows only.
+  FlexAttention runs in a pass of its own, after fastattn's and SDPA's rows of its cases and before
+  the other cases' (its "none" last: it feeds no bar).
 
 Bars (issue 23, checked on a GPU only): ALiBi, softcap and window forward TFLOPS within 10% of the
 unmodified kernel's (ratio >= 0.9), fwd+bwd within 15% (>= 0.85); bias fwd+bwd >= 2x SDPA with the
@@ -31,9 +31,9 @@ A correctness gate runs first for every row: batch 0, head 0, the last 256 queri
 (bottom-right positions keep their place) of the benchmarked call's output, and for fwd+bwd of its
 dq, dk, dv, dbias, dsinks under a cotangent that is zero elsewhere, against the float64 reference
 (fastattn.reference with the same modifiers) under the tests' tolerance rule (fastattn.testing).
-A row that fails is still timed but flagged: no ratios, no bars. Writes score_mods.json and
-score_mods.md into --out after every case (partial runs survive). Exit status 1 when a fastattn
-row fails the gate.
+A row that fails is still timed but flagged: no ratios, no bars (a bar check whose ratio cannot be
+formed is listed as "not measured" with the reason). Writes score_mods.json and score_mods.md into
+--out after every variant (partial runs survive). Exit status 1 when a fastattn row fails the gate.
 """
 
 from __future__ import annotations
@@ -354,22 +354,34 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def bars(rows: list[dict]) -> list[dict]:
-    """The issue's bars, one line per check (GPU runs)."""
+    """The issue's bars, one line per check (GPU runs). A check whose ratio could not be formed (a row
+    skipped, raised or failed its gate) is listed with value None, ok None and why, not dropped."""
     out = []
+    by = {(r["case"]["label"], r["variant"], r["provider"], r["mode"]): r for r in rows}
 
-    def check(r, what, value, bar):
-        out.append({"case": r["case"]["label"], "check": what, "value": value, "bar": bar, "ok": value >= bar})
+    def check(r, what, ratio, bar, other):
+        value = r.get(ratio)
+        entry = {"case": r["case"]["label"], "check": what, "value": value, "bar": bar,
+                 "ok": None if value is None else value >= bar}
+        if value is None:  # the first of the two rows that is not ranked says why
+            o = by.get((r["case"]["label"], other[0], other[1], r["mode"]))
+            entry["why"] = next((f"{x['provider']} {x['variant']}: {x.get('skipped') or x['gate'] or 'no time'}"
+                                 for x in (r, o) if x is not None and not _ranked(x)),
+                                f"no {other[1]} {other[0]} row")
+        out.append(entry)
+    flex_runs = {(r["case"]["label"], r["variant"]) for r in rows if r["provider"] == "flex"}  # attempted
     for r in rows:
         if r["provider"] != "fastattn":
             continue
         mode = "fwd" if r["mode"] == "fwd" else "fwd+bwd"
-        if (r["variant"] in ("alibi", "softcap", APPROX) or r["window"]) and "vs_none" in r:
-            check(r, f"{r['variant']} {mode} TFLOPS / none", r["vs_none"],
-                  BAR_RATIO if r["mode"] == "fwd" else BAR_RATIO_BWD)
-        if r["mode"] == "fwd_bwd" and "vs_sdpa" in r:
-            check(r, "bias fwd+bwd: SDPA (float mask) time / fastattn", r["vs_sdpa"], BAR_VS_SDPA)
-        if r["variant"] != "none" and "vs_flex" in r:
-            check(r, f"{r['variant']} {mode}: FlexAttention time / fastattn", r["vs_flex"], BAR_VS_FLEX)
+        if r["variant"] in ("alibi", "softcap", APPROX) or r["window"]:
+            check(r, f"{r['variant']} {mode} TFLOPS / none", "vs_none",
+                  BAR_RATIO if r["mode"] == "fwd" else BAR_RATIO_BWD, ("none", "fastattn"))
+        if r["mode"] == "fwd_bwd" and r["variant"] == "bias":
+            check(r, "bias fwd+bwd: SDPA (float mask) time / fastattn", "vs_sdpa", BAR_VS_SDPA, ("bias", "sdpa"))
+        if r["variant"] != "none" and (r["case"]["label"], r["variant"]) in flex_runs:
+            check(r, f"{r['variant']} {mode}: FlexAttention time / fastattn", "vs_flex", BAR_VS_FLEX,
+                  (r["variant"], "flex"))
     return out
 
 
@@ -435,17 +447,19 @@ def markdown(doc: dict) -> str:
         lines.append("Not judged on a smoke run.")
     else:
         lines += ["| case | check | value | bar | |", "|---|---|---|---|---|"]
-        lines += [f"| {b['case']} | {b['check']} | {b['value']:.2f} | >= {b['bar']} | {'ok' if b['ok'] else 'MISSED'} |"
+        lines += [f"| {b['case']} | {b['check']} | {_fmt(b, 'value', '.2f')} | >= {b['bar']} | "
+                  f"{'ok' if b['ok'] else 'MISSED' if b['ok'] is False else 'not measured: ' + b['why']} |"
                   for b in doc["bars"]]
-        missed = sum(not b["ok"] for b in doc["bars"])
+        met, missed = (sum(b["ok"] is v for b in doc["bars"]) for v in (True, False))
         unrun = sum(r.get("skipped") == BUDGET_SKIP for r in doc["rows"])
-        lines += ["", f"{len(doc['bars']) - missed} of {len(doc['bars'])} bar checks met; {unrun} rows not run "
-                  "(time budget spent: their bars are not checked)."]
+        lines += ["", f"{met} of {len(doc['bars'])} bar checks met, {missed} missed, "
+                  f"{len(doc['bars']) - met - missed} not measured; {unrun} rows not run (time budget spent)."]
     return "\n".join(lines) + "\n"
 
 
-def run_case(run: Run, doc: dict, case: Case, case_variants: list[Variant], flex_pass: bool) -> None:
-    """One case's rows of one pass into doc, with the ratios and bars brought up to date."""
+def run_case(run: Run, doc: dict, case: Case, case_variants: list[Variant], flex_pass: bool, save=None) -> None:
+    """One case's rows of one pass into doc, with the ratios and bars brought up to date and, after
+    every variant, save() called (a run killed at its timeout keeps the variants that finished)."""
     inputs = make_inputs(case, run.device, run.gen)[:3]
     for variant in case_variants:
         if run.out_of_time():
@@ -459,8 +473,10 @@ def run_case(run: Run, doc: dict, case: Case, case_variants: list[Variant], flex
             print(f"{case.label:<40} {variant.name:<12} {r['provider']:<8} {r['mode']:<7} "
                   + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOPS" if "ms" in r else r.get("skipped", ""))
                   + f"  gate {r['gate'] or '-'}", flush=True)
-    add_ratios(doc["rows"])
-    doc["bars"] = [] if run.settings.smoke else bars(doc["rows"])
+        add_ratios(doc["rows"])
+        doc["bars"] = [] if run.settings.smoke else bars(doc["rows"])
+        if save is not None:
+            save()
 
 
 def main(argv=None) -> int:
@@ -492,13 +508,22 @@ def main(argv=None) -> int:
     doc["flex"] = flex_unavailable() or "ok"
     # fastattn runs FlexAttention's windows too, where they are its cases' (its ratios need both rows).
     own_windows = settings.windows + tuple(w for w in settings.flex_windows if w not in settings.windows)
-    passes = [(False, settings.cases(), own_windows), (True, settings.flex_cases(), settings.flex_windows)]
+    # fastattn on FlexAttention's cases, then FlexAttention there (the bars' pairs, before a budget
+    # runs out), then fastattn's other cases.
+    flex_cases, cases = settings.flex_cases(), settings.cases()
+    passes = [(False, [c for c in cases if c in flex_cases], own_windows), (True, flex_cases, settings.flex_windows),
+              (False, [c for c in cases if c not in flex_cases], own_windows)]
+
+    def save():  # after every variant: partial runs survive
+        (args.out / "score_mods.json").write_text(json.dumps(doc, indent=2, default=str))
+        (args.out / "score_mods.md").write_text(markdown(doc))
     for flex_pass, cases, windows in passes:
         for case in cases:
             approx = cuda and not flex_pass and case.dtype != "float32"  # tanh.approx: 16-bit inputs only
-            run_case(run, doc, case, variants(case, windows, approx=approx), flex_pass)
-            (args.out / "score_mods.json").write_text(json.dumps(doc, indent=2, default=str))
-            (args.out / "score_mods.md").write_text(markdown(doc))  # after every case: partial runs survive
+            case_variants = variants(case, windows, approx=approx)
+            if flex_pass:  # FlexAttention's "none" feeds no bar: last
+                case_variants.sort(key=lambda v: v.name == "none")
+            run_case(run, doc, case, case_variants, flex_pass, save)
     # A fastattn row fails when its gate fails or it raised (a budget skip is not a failure).
     failed = [r for r in doc["rows"] if r["provider"] == "fastattn" and r.get("skipped") != BUDGET_SKIP
               and r["gate"] != GATE_OK]

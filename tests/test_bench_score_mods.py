@@ -78,6 +78,31 @@ def test_approx_softcap_rows_run_with_the_switch_on(monkeypatch):
                                        "value": 0.95, "bar": 0.9, "ok": True}]
 
 
+def test_a_bar_that_cannot_be_measured_is_listed_with_why():
+    """A ratio that cannot be formed (its baseline skipped, raised or failed its gate) is a bar check
+    'not measured' with the reason, not a check that vanishes from the count."""
+    from benchmarks import score_mods
+
+    def row(provider, variant, mode, **kw):
+        return {"case": {"label": "c"}, "provider": provider, "variant": variant, "mode": mode, "window": None,
+                "gate": score_mods.GATE_OK, "ms": 1.0, **kw}
+    rows = [row("fastattn", "none", "fwd_bwd", skipped="OutOfMemoryError", gate=""),
+            row("fastattn", "alibi", "fwd_bwd"), row("fastattn", "bias", "fwd_bwd"),
+            row("sdpa", "bias", "fwd_bwd", gate="FAIL out"), row("flex", "alibi", "fwd_bwd", gate="FAIL out")]
+    score_mods.add_ratios(rows)
+    checks = {b["check"]: b for b in score_mods.bars(rows)}
+    assert set(checks) == {"alibi fwd+bwd TFLOPS / none", "bias fwd+bwd: SDPA (float mask) time / fastattn",
+                           "alibi fwd+bwd: FlexAttention time / fastattn"}
+    assert all(b["value"] is None and b["ok"] is None for b in checks.values())
+    assert "OutOfMemoryError" in checks["alibi fwd+bwd TFLOPS / none"]["why"]
+    assert "sdpa bias: FAIL out" in checks["bias fwd+bwd: SDPA (float mask) time / fastattn"]["why"]
+    doc = {"environment": {"device": "x", "torch": "", "triton": "", "cuda": "", "timer": "",
+                           "fastattn_autotune": "", "device_type": "cuda"},
+           "ceilings": {"matmul_tflops": 1.0, "matmul": ""}, "settings": {"smoke": False}, "rows": rows,
+           "bars": score_mods.bars(rows)}
+    assert "0 of 3 bar checks met, 0 missed, 3 not measured" in score_mods.markdown(doc)
+
+
 def test_score_mods_gate_catches_a_wrong_kernel(monkeypatch):
     """A provider that ignores its modifier fails the gate: flagged, not ranked."""
     from benchmarks import score_mods
