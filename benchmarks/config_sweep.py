@@ -24,7 +24,10 @@ same specialisation, so the main process finds them in Triton's cache (compiling
 kernel one after another would take most of a GPU session).
 
 Every run passes the correctness gate first (batch 0, head 0 against the float64 reference under
-the tolerance rule; benchmarks.measure.Gate): a failing config is flagged and never proposed.
+the tolerance rule; benchmarks.measure.Gate), and each config's whole output (fwd) or dq, dk, dv
+(bwd) must then agree with the table's from the same run within a few roundings of the dtype,
+every batch and head (a config that skips a head or a tile would pass the gate): a failing config
+is flagged and never proposed.
 Writes sweep.json and sweep.md after every case: per case and kernel each config's time, vs the
 table and vs cuDNN; and per (kernel, head dim) a proposed candidate list, ordered by the geometric
 mean of table time / config time over the cases.
@@ -134,6 +137,28 @@ def _measure(fn, q, k, v, mode: str, gate: Gate, device: str, smoke: bool) -> di
     return {**row, "skipped": why} if why else row
 
 
+def _whole(fn, q, k, v, mode: str, dout) -> list:
+    """The whole output (fwd) or dq, dk, dv (bwd, under the cotangent dout) of one call: a config's
+    are held against the table's, every batch and head (the gate sees batch 0, head 0 only)."""
+    xs = [x.detach().clone().requires_grad_(mode != "fwd") for x in (q, k, v)]
+    out = fn(*xs)
+    if mode == "fwd":
+        return [out.detach()]
+    out.backward(dout)
+    return [x.grad for x in xs]
+
+
+def _agrees(mine: list, table: list) -> str:
+    """"ok", or which tensor differs from the table's by more than a few roundings of its dtype
+    (two correct configs differ only in summation order; one that skips a head or a tile does not)."""
+    for name, a, b in zip(("out",) if len(mine) == 1 else ("dq", "dk", "dv"), mine, table):
+        bound = 8 * torch.finfo(b.dtype).eps * (b.float().abs().max().item() + 1)
+        diff = (a.float() - b.float()).abs().max().item()
+        if not diff <= bound:  # (NaN too)
+            return f"FAIL {name} vs the table's, every batch and head: max diff {diff:.3g} > {bound:.3g}"
+    return "ok"
+
+
 def _precompile_one(task) -> tuple:
     """Worker: compile one (kind, config) for a case by running it once on a tiny input of the same
     specialisation (every size and stride a multiple of 16); errors come back as text."""
@@ -192,6 +217,9 @@ def run_case(case: Case, sweep: dict, device: str, smoke: bool, deadline: float)
         rows.append({"who": "table", "mode": mode, **_measure(_attention(case.causal), q, k, v, mode, gate, device,
                                                                smoke)})
     chosen = _chosen()
+    dout = torch.randn(q.shape, device=device, generator=gen).to(q.dtype)
+    table_whole = {m: _guarded(lambda m=m: _whole(_attention(case.causal), q, k, v, m, dout), [])[0]
+                   for m in ("fwd", "bwd")}
     for name, provider in BASELINES.items():
         p = PROVIDERS[provider]
         reason = p.unavailable() or p.unsupported(case, device)
@@ -213,6 +241,9 @@ def run_case(case: Case, sweep: dict, device: str, smoke: bool, deadline: float)
             plans.clear()  # the launchers' plans are cached by call signature, not by forced config
             with configs.forced(**{**chosen, kind: cfg}):
                 row.update(_measure(_attention(case.causal), q, k, v, MODE[kind], gate, device, smoke))
+                if row["gate"] == GATE_OK and table_whole[MODE[kind]] is not None:
+                    mine, why = _guarded(lambda: _whole(_attention(case.causal), q, k, v, MODE[kind], dout), [])
+                    row["whole"] = why or _agrees(mine, table_whole[MODE[kind]])
             ran = _chosen().get(kind)
             if ran != cfg:  # e.g. tma turned into pointer loads for these inputs: not this config's time
                 row["ran"] = ran.as_list() if ran else None
@@ -226,8 +257,9 @@ def run_case(case: Case, sweep: dict, device: str, smoke: bool, deadline: float)
 
 
 def _ranked(r: dict) -> bool:
-    """Timed, correct, and the config it names is the one that ran."""
-    return "ms" in r and r["gate"] == GATE_OK and "ran" not in r
+    """Timed, correct (its gate, and its whole output against the table's), and the config it names
+    is the one that ran."""
+    return "ms" in r and r["gate"] == GATE_OK and r.get("whole", "ok") == "ok" and "ran" not in r
 
 
 def _ratios(rows: list[dict]) -> None:
@@ -300,7 +332,7 @@ def markdown(doc: dict) -> str:
             if not mine:
                 continue
             best = min(ok, key=lambda r: r["ms"]) if ok else {}
-            failed = sum(1 for r in mine if r["gate"] not in (GATE_OK, ""))
+            failed = sum(1 for r in mine if r["gate"] not in (GATE_OK, "") or r.get("whole", "ok") != "ok")
             lines.append(f"| {c['label']} | {kind} | {best.get('config', '-')} | {_fmt(best.get('ms'), '.3f')} | "
                          f"{_fmt(best.get('tflops'), '.0f')} | {_fmt(best.get('vs_table'), '.2f', 'x')} | "
                          f"{_fmt(best.get('vs_cudnn'), '.2f', 'x')} | {len(ok)} / {failed} |")

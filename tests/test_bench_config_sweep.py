@@ -25,7 +25,8 @@ def test_config_sweep_smoke(tmp_path):
         mine = [r for r in rows if r["who"] == kind]
         assert [r["config"] for r in mine] == [c.as_list() for c in config_sweep.SMOKE_CONFIGS
                                                + config_sweep.SMOKE_TMA[kind]]
-        assert all(r["gate"] == "ok" and r["ms"] > 0 and r["vs_table"] > 0 and "ran" not in r for r in mine), mine
+        assert all(r["gate"] == "ok" and r["whole"] == "ok" and r["ms"] > 0 and r["vs_table"] > 0 and "ran" not in r
+                   for r in mine), mine
         assert len(doc["proposals"][f"{kind} D16"]) == len(mine)
     # A row whose config did not run as named (tma turned into pointer loads) is not ranked.
     (tma_row,) = [r for r in rows if r["who"] == "fwd" and r["config"] == config_sweep.SMOKE_TMA["fwd"][0].as_list()]
@@ -34,6 +35,25 @@ def test_config_sweep_smoke(tmp_path):
     assert all("skipped" in r for r in rows if r["who"] == "cudnn")  # CUDA only
     assert set(case["table_choice"]) == set(config_sweep.KINDS)
     assert "Proposed candidates" in (tmp_path / "sweep.md").read_text()
+
+
+def test_a_config_that_skips_a_head_is_caught_past_the_gate():
+    """The gate sees batch 0, head 0; the whole-output check against the table's sees the rest: a
+    config that leaves another head at zero (or NaN) is not ranked, one that differs by roundings is."""
+    from benchmarks import config_sweep
+
+    g = torch.Generator().manual_seed(0)
+    table = [torch.randn(2, 8, 3, 16, generator=g).half()]
+    rounded = [(table[0].float() * (1 + 1e-3)).half()]
+    skipped = [table[0].clone()]
+    skipped[0][1, :, 2] = 0
+    assert config_sweep._agrees(rounded, table) == "ok"
+    assert config_sweep._agrees(skipped, table).startswith("FAIL out")
+    assert config_sweep._agrees([table[0] * float("nan")], table).startswith("FAIL out")
+    grads = [torch.randn(2, 8, 3, 16, generator=g) for _ in range(3)]
+    assert config_sweep._agrees([grads[0], grads[1] * 0, grads[2]], grads).startswith("FAIL dk")
+    row = {"ms": 1.0, "gate": "ok", "whole": config_sweep._agrees(skipped, table)}
+    assert not config_sweep._ranked(row) and config_sweep._ranked({**row, "whole": "ok"})
 
 
 def test_sweep_keeps_configs_that_fit_and_spill_no_more_than_the_table():
