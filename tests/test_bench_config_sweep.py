@@ -37,6 +37,28 @@ def test_config_sweep_smoke(tmp_path):
     assert "Proposed candidates" in (tmp_path / "sweep.md").read_text()
 
 
+def test_sweep_md_gives_issue_24_bar_verdicts(tmp_path):
+    """A D=128, 16k-token case gets a met / MISSED / not measured line per mode, for the table and for
+    the best deterministic config (an atomic_dq twin never counts); other cases get none."""
+    from benchmarks import config_sweep
+
+    def row(who, mode, vs_cudnn=None, config=None):
+        r = {"who": who, "mode": mode, "gate": "ok", "ms": 1.0}
+        return {**r, **({"vs_cudnn": vs_cudnn} if vs_cudnn else {}), **({"config": config} if config else {})}
+    case = {"head_dim": 128, "batch": 1, "seqlen_q": 16384}
+    rows = [row("table", "fwd", 1.02), row("table", "bwd", 0.85), row("fwd", "fwd", 0.97, [128, 64, 8, 3]),
+            row("dkdv", "bwd", 0.95, [64, 64, 4, 3, False, False, False, True]),  # atomic_dq: not counted
+            row("dkdv", "bwd", 0.91, [64, 64, 4, 3])]
+    doc = {"environment": {"device": "x", "torch": "", "triton": "", "cuda": ""}, "smoke": False,
+           "cases": [{"case": case, "label": "S16384 D128", "rows": rows, "table_choice": {}},
+                     {"case": {**case, "head_dim": 64}, "label": "S16384 D64", "rows": rows, "table_choice": {}}],
+           "proposals": {}}
+    md = config_sweep.markdown(doc)
+    assert "| S16384 D128 | fwd | 1.02x | met | 0.97x | MISSED |" in md
+    assert "| S16384 D128 | bwd | 0.85x | MISSED | 0.91x | met |" in md
+    assert "| S16384 D64 |" not in md.split("## Bars")[1]
+
+
 def test_a_config_that_skips_a_head_is_caught_past_the_gate():
     """The gate sees batch 0, head 0; the whole-output check against the table's sees the rest: a
     config that leaves another head at zero (or NaN) is not ranked, one that differs by roundings is."""
