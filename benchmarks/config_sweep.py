@@ -23,6 +23,9 @@ the whole space. Before the timing, --workers processes compile every config on 
 same specialisation, so the main process finds them in Triton's cache (compiling ~100 configs per
 kernel one after another would take most of a GPU session).
 
+--budget-s is shared out: each case gets an equal share of what is left when it starts (its table and
+cuDNN rows first), so the last bar case is not starved by the first one's sweep.
+
 Every run passes the correctness gate first (batch 0, head 0 against the float64 reference under
 the tolerance rule; benchmarks.measure.Gate), and each config's whole output (fwd) or dq, dk, dv
 (bwd) must then agree with the table's from the same run within a few roundings of the dtype,
@@ -410,6 +413,7 @@ def main(argv=None) -> int:
         (args.out / "sweep.json").write_text(json.dumps(doc, indent=1, default=str))
         (args.out / "sweep.md").write_text(markdown(doc))
     save()
+    remaining = sum(len(cases((d,), seqlens, dtype, smoke)) for d in head_dims)
     for d in head_dims:  # each head dim's configs compiled just before its cases
         if cuda and not smoke and time.monotonic() < deadline:
             t = time.monotonic()
@@ -423,9 +427,14 @@ def main(argv=None) -> int:
         for case in cases((d,), seqlens, dtype, smoke):
             if time.monotonic() > deadline:
                 doc["skipped_cases"].append(case.label)
+                remaining -= 1
                 save()
                 continue
-            result = run_case(case, sweep_for(d), device, smoke, deadline)
+            # An equal share of what is left per case: every case (the non-causal bar case too) gets its
+            # table and cuDNN rows and part of the sweep, rather than the first case taking it all.
+            share = time.monotonic() + (deadline - time.monotonic()) / remaining
+            remaining -= 1
+            result = run_case(case, sweep_for(d), device, smoke, share)
             doc["cases"].append(result)
             doc["proposals"] = proposals(doc)
             save()
