@@ -361,8 +361,8 @@ def markdown(doc: dict) -> str:
         for mode, bar in (("fwd", BAR_FWD), ("bwd", BAR_BWD)):
             table = next((r for r in c["rows"] if r["who"] == "table" and r["mode"] == mode), {})
             # The best deterministic config of the kernels timed in this mode (atomic_dq is opt-in only).
-            best = max((r.get("vs_cudnn", 0) for r in c["rows"] if r["who"] in KINDS and MODE[r["who"]] == mode
-                        and _ranked(r) and not _is_atomic(r["config"])), default=None) or None
+            best = max((r["vs_cudnn"] for r in c["rows"] if r["who"] in KINDS and MODE[r["who"]] == mode
+                        and _ranked(r) and "vs_cudnn" in r and not _is_atomic(r["config"])), default=None)
             verdict = lambda x: "not measured" if x is None else "met" if x >= bar else "MISSED"  # noqa: E731
             lines.append(f"| {c['label']} | {mode} | {_fmt(table.get('vs_cudnn'), '.2f', 'x')} | "
                          f"{verdict(table.get('vs_cudnn'))} | {_fmt(best, '.2f', 'x')} | {verdict(best)} |")

@@ -40,8 +40,7 @@ _warned: set[str] = set()
 # (one host sync); holding the mask keeps its id. A mask edited in place since (a user's 4-D mask)
 # is read again: its version counter tells. A tensor made under torch.inference_mode has none: its
 # analysis is reused only by later layers of the same forward (a higher layer_idx), so each forward
-# reads it once. (An edit through .data bumps no
-# version: not seen.)
+# reads it once. (An edit through .data bumps no version: not seen.)
 _mask_cache: dict[int, tuple] = {}
 
 
