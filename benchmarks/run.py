@@ -43,7 +43,9 @@ from fastattn.flops import MODES  # noqa: E402
 # milliseconds of running, so long cases get few repetitions.
 SETTINGS = {
     "quick": {"modes": "fwd,bwd", "timing": Timing(25, 100, case_cap_s=90), "budget_s": 190,
-              "providers": [p for p in PROVIDERS if p != "flex"]},
+              # the bar's pair first (Triton vs cuDNN): past a case's time cap the last providers go
+              "providers": ["fastattn-triton", "sdpa-cudnn"]
+              + [p for p in PROVIDERS if p not in ("fastattn-triton", "sdpa-cudnn", "flex")]},
     "full": {"modes": "fwd,bwd,fwd_bwd", "timing": Timing(10, 40, case_cap_s=90), "budget_s": 380,
              "providers": list(PROVIDERS)},
     "cpu": {"modes": "fwd,bwd,fwd_bwd", "timing": Timing(5, 50, case_cap_s=60), "budget_s": 150,

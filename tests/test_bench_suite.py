@@ -23,6 +23,8 @@ FAST = measure.Timing(warmup_ms=1, rep_ms=2)
 
 
 def test_grids():
+    from benchmarks import run
+
     std = cases.standard()
     assert len(std) == 2 * 3 * 2 * 6  # dtypes x head dims x causal x seq lens
     assert all(c.batch * c.seqlen_q == 16384 and c.heads_q * c.head_dim == 2048 for c in std)
@@ -32,6 +34,12 @@ def test_grids():
     # Most wanted first: the D=128 bf16 rows lead, fp16 comes last.
     assert (full[0].head_dim, full[0].dtype) == (128, "bfloat16") and full[-1].dtype == "float16"
     assert all(c.scores_bytes() < 2**24 for c in cases.cpu_quick())
+    # The quick grid (a short GPU stage) starts with the Hopper bar's 16k-token D=128 pair, Triton
+    # and cuDNN first among the providers.
+    assert {(c.seqlen_q, c.head_dim, c.causal) for c in cases.quick_gpu()[:2]} == {(16384, 128, False),
+                                                                                  (16384, 128, True)}
+    assert run.SETTINGS["quick"]["providers"][:2] == ["fastattn-triton", "sdpa-cudnn"]
+    assert sorted(run.SETTINGS["quick"]["providers"]) == sorted(p for p in PROVIDERS if p != "flex")
 
 
 def test_case_flops_and_bytes_use_the_one_formula():
