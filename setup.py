@@ -81,14 +81,16 @@ def build_mode(env: dict | None = None, gpu=gpu_visible) -> str:
 
 
 def gencode_flags(archs: str) -> list[str]:
-    """"80;90a" -> SASS for sm_80 and sm_90a, plus compute_80 PTX (for GPUs newer than the list)."""
+    """"80;90a" -> SASS for sm_80 and sm_90a, plus compute_80 PTX (for GPUs newer than the list). The
+    PTX is the lowest arch's without an "a"/"f" suffix: arch-specific PTX (compute_90a) runs on that
+    GPU only, so "90a" alone would leave newer GPUs nothing to JIT."""
     names = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
     if not names:
         raise SystemExit("FASTATTN_CUDA_ARCHS is empty")
     flags = []
     for a in names:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    lowest = min(names, key=lambda a: int("".join(c for c in a if c.isdigit())))
+    lowest = min(int("".join(c for c in a if c.isdigit())) for a in names)
     flags += ["-gencode", f"arch=compute_{lowest},code=compute_{lowest}"]
     return flags
 

@@ -76,6 +76,10 @@ def _qkv_ok(q, k, v, ndim: int) -> bool:
             and q.device == k.device == v.device)
 
 
+# The largest |scale| whose float32 product with log2(e) (the kernels' exp2 scale) is finite.
+MAX_SCALE = float(torch.finfo(torch.float32).max) / math.log2(math.e) * (1 - 2**-20)
+
+
 def validate_scale(scale, head_dim: int) -> float:
     """None -> 1/sqrt(D); otherwise a finite real number: a Python or NumPy int or float, or a 0-d
     real tensor as torch's SDPA takes them (a CUDA tensor's value is read: a sync)."""
@@ -89,6 +93,9 @@ def validate_scale(scale, head_dim: int) -> float:
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    if abs(scale) > MAX_SCALE:
+        raise ValueError(f"scale must be finite in float32 once times log2(e) (|scale| <= {MAX_SCALE:.4g}): the "
+                         f"kernels scale scores in float32; got {scale}")
     return float(scale)
 
 

@@ -264,6 +264,8 @@ SWEEP = [
      (ValueError, "sinks must have shape")),
     ("scale NaN", lambda t: fastattn.attention(t["q"], t["k"], t["v"], scale=float("nan")),
      (ValueError, "scale must be finite")),
+    ("scale past float32 once times log2(e)", lambda t: fastattn.attention(t["q"], t["k"], t["v"], scale=-3e38),
+     (ValueError, "scale must be finite in float32")),
     ("unknown backend", lambda t: fastattn.attention(t["q"], t["k"], t["v"], backend="flash"),
      (ValueError, "backend must be one of")),
     ("cu_seqlens int64", lambda t: fastattn.attention_varlen(t["q"][0], t["k"][0], t["v"][0], t["cu"].long(),

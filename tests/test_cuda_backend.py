@@ -116,6 +116,8 @@ def test_setup_gencode_flags():
     flags = " ".join(s.gencode_flags("80;90a"))
     assert "arch=compute_80,code=sm_80" in flags and "arch=compute_90a,code=sm_90a" in flags
     assert "arch=compute_80,code=compute_80" in flags  # PTX for newer GPUs
+    # Arch-specific PTX (compute_90a) runs on sm_90 only: the PTX drops the suffix.
+    assert s.gencode_flags("90a")[-1] == "arch=compute_90,code=compute_90"
     assert s.CU_SOURCES and all((ROOT / "csrc" / n).exists() for n in s.CU_SOURCES)
 
 
@@ -153,3 +155,14 @@ def test_binding_checks_arguments():
     if not HAS_CUDA:  # the launch itself reports the CUDA error as a RuntimeError
         with pytest.raises(RuntimeError, match="fastattn._C.fwd"):
             C.fwd(0, 0, 0, 0, 0, 0, 0, 0, [0] * 15, sizes, 1.0, False, 0)
+
+
+def test_launcher_refuses_cpu_tensors_by_name(monkeypatch):
+    """The ops can be called without the API's checks: CPU tensors get an error naming q, not
+    pybind11's list of the binding's signatures."""
+    monkeypatch.setattr(launch, "_C", object())  # as if built
+    q = torch.zeros(1, 4, 2, 32, dtype=torch.float16)
+    with pytest.raises(ValueError, match="CUDA tensors, got q on cpu"):
+        launch.forward(q, q, q, None, None, False, 1.0)
+    with pytest.raises(ValueError, match="CUDA tensors, got q on cpu"):
+        launch.backward(q, q, q, q, q, torch.zeros(1, 2, 4), None, None, None, False, 1.0)

@@ -61,15 +61,18 @@ def _bsh(x: torch.Tensor) -> list[int]:
     return [x.stride(0), x.stride(1), x.stride(2)]
 
 
-def _require_built() -> None:
+def _require(q: torch.Tensor) -> None:
+    """fastattn._C is built and q is a CUDA tensor (the API checks both; the ops can be called direct)."""
     if _C is None:
         raise RuntimeError(f"fastattn._C is not built ({IMPORT_ERROR}); see README, 'CUDA backend'")
+    if q.device.type != "cuda":
+        raise ValueError(f"the CUDA kernels take CUDA tensors, got q on {q.device}")
 
 
 def forward(q, k, v, key_padding_mask, kv_bounds, causal: bool, scale: float):
     """out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) float32. kv_bounds: key_bounds of the
     mask (None: computed here)."""
-    _require_built()
+    _require(q)
     q, k, v = prepare(q), prepare(k), prepare(v)
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -91,7 +94,7 @@ def forward(q, k, v, key_padding_mask, kv_bounds, causal: bool, scale: float):
 
 def backward(dout, q, k, v, out, lse, dlse, key_padding_mask, kv_bounds, causal: bool, scale: float):
     """(dq, dk, dv) given dout and, when the caller differentiates through lse, dlse (else None)."""
-    _require_built()
+    _require(q)
     dout, q, k, v, out = (prepare(x) for x in (dout, q, k, v, out))
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
