@@ -257,6 +257,7 @@ def scaled_dot_product_attention(
     mask as a bias of 0 / -inf and refuses the others with a ValueError. One difference: a query that
     sees no key returns 0 here, where torch returns NaN.
     """
+    backends.check_name("attention", backend)  # a misspelt name first, whatever else the call holds
     if dropout_p != 0.0:
         return _fallback_to_torch("dropout_p > 0 is not supported", backend, query, key, value, attn_mask, dropout_p,
                                   is_causal, scale, enable_gqa)
@@ -297,6 +298,10 @@ def scaled_dot_product_attention(
                                     (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
                 if attn_mask.dtype != torch.bool:
                     raise TypeError(f"attn_mask must be a bool or float tensor, got {attn_mask.dtype}")
+                if "bias" not in backends.TABLE[backend].modifiers:
+                    raise ValueError(f"scaled_dot_product_attention(backend={backend!r}): a bool attn_mask that is "
+                                     "not a key-padding mask (B, 1, 1, Sk) runs as a 0 / -inf bias, which this "
+                                     "backend does not take; backend='auto' falls back to torch's SDPA for it")
                 bias = semantics.bool_to_bias(attn_mask, query.dtype)
     # (B, H, S, D) -> FlashAttention's (B, S, H, D) views, no copy.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)

@@ -144,6 +144,17 @@ def test_a_named_backend_runs_any_bool_mask_and_refuses_the_rest(backend, gen, m
         fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask.int(), backend=backend)
 
 
+def test_errors_name_the_backend_and_the_mask(gen):
+    """A misspelt backend is named as such, even beside dropout; a general bool mask on a backend
+    without a bias (cuda) is named as the mask, not as a bias the caller never passed."""
+    q = bhsd(gen, 1, 2, 6, 16)
+    with pytest.raises(ValueError, match="backend must be one of .* got 'trtion'"):
+        fastattn.scaled_dot_product_attention(q, q, q, dropout_p=0.1, backend="trtion")
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool, device=DEVICE).tril()
+    with pytest.raises(ValueError, match="backend='cuda'.*bool attn_mask that is not a key-padding mask"):
+        fastattn.scaled_dot_product_attention(q, q, q, attn_mask=mask, backend="cuda")
+
+
 def test_scale_takes_the_types_torch_takes(gen):
     import numpy as np
 

@@ -150,6 +150,15 @@ def auto_order(device: torch.device) -> tuple[str, ...]:
     return AUTO["cuda" if device.type == "cuda" else "cpu"]
 
 
+def check_name(kind: str, backend) -> None:
+    """A ValueError unless `backend` is "auto" or a backend that runs calls of `kind`."""
+    if backend == "auto":
+        return
+    if not isinstance(backend, str) or backend not in TABLE:
+        names = [n for n, b in TABLE.items() if kind in b.kinds]
+        raise ValueError(f"backend must be one of {tuple(names) + ('auto',)} for {KINDS[kind]}, got {backend!r}")
+
+
 def choose(kind: str, call, backend: str = "auto") -> str:
     """The backend that runs `call` of `kind`: `backend` itself (ValueError saying why if it cannot),
     or for "auto" the first of auto_order that can."""
@@ -158,9 +167,7 @@ def choose(kind: str, call, backend: str = "auto") -> str:
             if why_not(name, kind, call) is None:
                 return name
         raise AssertionError("the reference backend supports every valid call")  # pragma: no cover
-    if not isinstance(backend, str) or backend not in TABLE:
-        names = [n for n, b in TABLE.items() if kind in b.kinds]
-        raise ValueError(f"backend must be one of {tuple(names) + ('auto',)} for {KINDS[kind]}, got {backend!r}")
+    check_name(kind, backend)
     reason = why_not(backend, kind, call)
     if reason:
         raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
