@@ -8,7 +8,14 @@ import time
 import pytest
 import torch
 from conftest import HAS_CUDA, SEED
-from ring_harness import check_decoder_step, check_ring_cases, check_ring_edges, check_ring_varlen_cases, run_ranks
+from ring_harness import (
+    check_decoder_step,
+    check_ring_cases,
+    check_ring_edges,
+    check_ring_fp32_large_logits,
+    check_ring_varlen_cases,
+    run_ranks,
+)
 
 from fastattn.distributed import ring_attention, zigzag_positions
 from fastattn.distributed.layout import padded_length
@@ -44,6 +51,11 @@ def test_ring_matches_single_device(world_size, backend):
 @pytest.mark.parametrize("backend", [TRITON_ON_CPU, "torch", "reference"])
 def test_ring_edges_as_attention(backend):
     run_ranks(check_ring_edges, 2, backend)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's GPU-rounded fp32 dot (CPU processes)")
+def test_ring_fp32_gradients_as_accurate_as_one_device():
+    run_ranks(check_ring_fp32_large_logits, 2, SEED + 3000)
 
 
 def varlen_cases(backend, world_size):

@@ -100,15 +100,22 @@ def _with_mask(qt, kt, vt, call: AttentionCall, gqa: bool, skipped: int) -> torc
         visible = visible & ~semantics.below_floor(additive)  # a bias of -inf (or at the floor) hides a key too
         if wide != qt.dtype:
             additive = additive.clamp(torch.finfo(qt.dtype).min, torch.finfo(qt.dtype).max).to(qt.dtype)
-    if call.key_padding_mask is not None:  # padded keys are never read (SDPA would mix their NaN into rows)
-        padded = ~call.key_padding_mask[:, None, :, None]  # (B, 1, Sk, 1)
-        kt, vt = kt.masked_fill(padded, 0.0), vt.masked_fill(padded, 0.0)
+    kt, vt = _zero_padded_keys(kt, vt, call.key_padding_mask)
     empty = semantics.keyless_rows(visible)  # (B, 1 or H, Sq or 1, 1)
     mask = visible | empty
     if additive is not None:
         mask = additive.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0)
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=call.scale, enable_gqa=gqa)
     return _keep_nan(out, qt).masked_fill(empty, 0.0)
+
+
+def _zero_padded_keys(kt, vt, key_padding_mask):
+    """(B, H, Sk, D) keys and values with the padded ones zeroed: never read, as the kernels never
+    load them (a -inf mask alone lets their NaN/inf through: x - inf, 0 * inf)."""
+    if key_padding_mask is None:
+        return kt, vt
+    padded = ~key_padding_mask[:, None, :, None]  # (B, 1, Sk, 1)
+    return kt.masked_fill(padded, 0.0), vt.masked_fill(padded, 0.0)
 
 
 def _keep_nan(out: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
@@ -130,26 +137,19 @@ class TorchBlock:
     name = "torch"
 
     @staticmethod
-    def _heads_first(q, k, v):
+    def _heads_first(q, k, v, mask):
+        """(B, S, H, D) -> (B, H, S, D), padded keys zeroed; GQA: each KV head repeated for its group."""
         group = q.shape[2] // k.shape[2]
-        # (B, S, H, D) -> (B, H, S, D); GQA: each KV head repeated for its group of query heads.
-        return (q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(group, dim=1),
-                v.transpose(1, 2).repeat_interleave(group, dim=1))
+        kt, vt = _zero_padded_keys(k.transpose(1, 2), v.transpose(1, 2), mask)
+        return q.transpose(1, 2), kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
 
     @staticmethod
     def _mask(mask, dtype):
         return None if mask is None else semantics.bool_to_bias(mask, dtype)[:, None, None, :]  # (B, 1, 1, Sk)
 
-    @staticmethod
-    def _heads_first_unpadded(q, k, v, mask):
-        """_heads_first with padded keys zeroed: a -inf bias alone lets their NaN/inf through (x - inf)."""
-        if mask is not None:
-            padded = ~mask[:, :, None, None]  # (B, Sk, 1, 1)
-            k, v = k.masked_fill(padded, 0.0), v.masked_fill(padded, 0.0)
-        return TorchBlock._heads_first(q, k, v)
 
     def forward(self, q, k, v, mask, causal, scale):
-        qt, kt, vt = self._heads_first_unpadded(q, k, v, mask)
+        qt, kt, vt = self._heads_first(q, k, v, mask)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qt, kt, vt, 0.0, causal, attn_mask=self._mask(mask, q.dtype), scale=scale)
         # A query row holding a NaN: NaN out and lse (the CPU op returns 0), as on every other path.
@@ -165,9 +165,11 @@ class TorchBlock:
     def backward(self, dout, dlse, q, k, v, out, lse, mask, causal, scale):
         if dlse is not None:
             raise RuntimeError("ring_attention with backend='torch' cannot differentiate lse")
-        qt, kt, vt = self._heads_first_unpadded(q, k, v, mask)
+        qt, kt, vt = self._heads_first(q, k, v, mask)
         # A row that sees no key anywhere (lse -inf): +inf makes its P = exp(s - lse) zero, not NaN.
-        lse = torch.where(lse == float("-inf"), float("inf"), lse)
+        # The op takes the lse its forward gives: float32 (the ring merges fp32 inputs' in float64).
+        lse = torch.where(lse == float("-inf"), float("inf"), lse).to(torch.float64 if q.dtype == torch.float64
+                                                                      else torch.float32)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.transpose(1, 2), qt, kt, vt, out.transpose(1, 2), lse, 0.0, causal,
             attn_mask=self._mask(mask, q.dtype), scale=scale)

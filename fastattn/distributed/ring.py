@@ -73,8 +73,9 @@ def ring_attention(
         backend: the block kernels: "auto" (CUDA: "triton"; CPU: "torch", or "reference" with
             return_lse), "triton", "cuda", "torch" (CPU only) or "reference".
 
-    Partial results merge in float32 (float64 for float64 inputs); dQ and the travelling dK/dV
-    accumulators are float32 too, so the ring's gradients are no coarser than the kernels'.
+    Partial outputs merge in float32 (float64 for float64 inputs), their lse in float64 for fp32
+    inputs too (as the kernels save it); dQ and the travelling dK/dV accumulators are float32, so
+    the ring's gradients are no coarser than the kernels'.
     Returns out (B, Sq_local, Hq, D) [, lse].
 
     It is a collective, like all_reduce: every rank of the group calls it in the same order, and
@@ -228,6 +229,13 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The merged lse's dtype: float64 for fp32 inputs too, as the kernels save theirs (a float32 one,
+    rounded at every merge, raised the ring's fp32 dK error at large logits to ~2x a single device's;
+    docs/design.md, "Precision of the backward"). fp16/bf16: float32, their rounding dwarfs it."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 class RingAttention(torch.autograd.Function):
     """(q, k, v) -> (out, lse) over the ring; see the module docstring."""
 
@@ -236,7 +244,7 @@ class RingAttention(torch.autograd.Function):
         k, v = k.contiguous(), v.contiguous()
         # Masks travel as uint8 (not every transport sends bool).
         mask = None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
-        acc = _accumulation_dtype(q.dtype)
+        acc, lse_acc = _accumulation_dtype(q.dtype), _lse_dtype(q.dtype)
         half = q.shape[1] // 2
         travelling = [k, v] if mask is None else [k, v, mask]
         out = lse = None
@@ -248,17 +256,16 @@ class RingAttention(torch.autograd.Function):
             layout = plans[step] if plans is not None else None if mb is None else mb[:, keys]
             o, l = block.forward(q[:, rows], kb[:, keys], vb[:, keys], layout, block_causal, scale)
             if out is None:  # step 0 covers every query row
-                out, lse = o.to(acc), l.to(acc).contiguous()
+                out, lse = o.to(acc), l.to(lse_acc).contiguous()
             else:
                 semantics.merge_state(out[:, rows], lse[:, :, rows], o, l)
             if pending is not None:
                 travelling = pending.wait()
         out = out.to(q.dtype)
-        lse = lse.float() if acc == torch.float32 else lse
-        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.save_for_backward(q, k, v, mask, out, lse)  # the backward takes the merged lse at full width
         ctx.causal, ctx.scale, ctx.block, ctx.ring, ctx.plans = causal, scale, block, ring, plans
         ctx.set_materialize_grads(False)
-        return out, lse
+        return out, lse.to(acc)  # callers get float32 (float64 for float64 inputs)
 
     @staticmethod
     def backward(ctx, dout, dlse):

@@ -315,7 +315,7 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
             dsinks = (torch.zeros_like(sinks) if dlse is None or dq.numel() == 0
                       else _dsinks(sinks, lse, -dlse.float(), varlen))
         return dq.zero_(), dk.zero_(), dv.zero_(), _reduce_dbias(dbias, bias), dsinks
-    if lse.dtype != lse_dtype(q.dtype):  # a ring's merged lse is float32: one kernel variant per dtype
+    if lse.dtype != lse_dtype(q.dtype):  # a caller's float32 lse for fp32 inputs: one kernel variant per dtype
         lse = lse.to(lse_dtype(q.dtype))
     lse = lse.contiguous()
     delta = torch.empty_like(lse, dtype=torch.float32)

@@ -22,10 +22,10 @@ class KernelBlock:
     def forward(self, q, k, v, layout, causal, scale):
         if isinstance(layout, tuple):
             out, lse = self._launch.forward_varlen(q[0], k[0], v[0], *layout, causal, scale)
-            return out[None], lse[None].float()
+            return out[None], lse[None]
         bounds = None if layout is None else key_bounds(layout)
-        out, lse = self._launch.forward(q, k, v, layout, bounds, causal, scale)
-        return out, lse.float()  # the ring merges float32 lse (fp32 inputs' kernels save float64)
+        # lse as the kernels save it (float64 for fp32 inputs): the ring merges it in float64 for fp32
+        return self._launch.forward(q, k, v, layout, bounds, causal, scale)
 
     def backward(self, dout, dlse, q, k, v, out, lse, layout, causal, scale):
         if isinstance(layout, tuple):
