@@ -159,12 +159,54 @@ def test_cuda_graph_generation_equals_eager(backend, page_size, gen):
     eager = model.generate(tokens, mask, 9, page_size=page_size)
     for _ in range(2):
         assert torch.equal(model.generate(tokens, mask, 9, page_size=page_size, cuda_graph=True), eager)
+    for n in (2, 3):  # a cache with room for one or two steps past the prompt
+        assert torch.equal(model.generate(tokens, mask, n, page_size=page_size, cuda_graph=True), eager[:, :n])
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     seq2seq = sharpened(EncoderDecoder(tiny(attn_backend=backend, n_heads=4, n_kv_heads=2)).to(DEVICE))
     src = torch.randint(3, 32, (3, 11), generator=gen).to(DEVICE)
     src_mask = padding_mask([11, 4, 7], 11).to(DEVICE)
     assert torch.equal(seq2seq.generate(src, src_mask, 6, bos_id=1, page_size=page_size, cuda_graph=True),
                        seq2seq.generate(src, src_mask, 6, bos_id=1, page_size=page_size))
+
+
+@pytest.mark.parametrize("new_tokens", [2, 3])
+def test_graph_capture_fits_a_cache_sized_for_the_tokens(new_tokens, gen, monkeypatch):
+    """graphed_step's warm-ups and capture each write at the real next position: a cache sized for
+    2 or 3 new tokens has room (they advanced it by 3 before its length was put back). CUDA's
+    stream and graph objects are stand-ins here: this is the host-side bookkeeping."""
+    import contextlib
+
+    from fastattn.models import generation
+
+    class Stream:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, other):
+            pass
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    model, tokens, mask = decoder_and_prompts(gen, "reference")
+    cache = model.new_cache(tokens.shape[0], tokens.shape[1] + new_tokens - 1)
+    with torch.no_grad():
+        first = model(tokens, mask, cache=cache)[torch.arange(tokens.shape[0]), generation.last_real(mask)]
+        lengths, count = cache.seqlens.clone(), cache.length
+        generation.graphed_step(lambda t: model(t, None, cache=cache)[:, -1], cache, first.argmax(-1)[:, None])
+    # (The stand-in capture ran the step, which a real one only records: seqlens moved by that one.)
+    assert cache.length == count and torch.equal(cache.seqlens, lengths + 1)
+
+
+def test_paged_cache_leaves_the_global_rng_alone():
+    """The page shuffle draws from a generator of its own: sampling without a generator (the global
+    RNG) draws the same with page_size as without."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    KVCache(1, 2, 8, 1, 4, device="cpu", page_size=2)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_decoder_sampling_cached_equals_recomputation(gen):

@@ -138,7 +138,8 @@ def graphed_step(step: Callable[[torch.Tensor], torch.Tensor], cache, example: t
     The step must touch only tensors of fixed shape and address (the KV cache's buffers and
     lengths, the weights), as the cache's decode steps do. Warm-up calls (they build the kernels'
     launch plans, which must not be built during capture) advance the cache; its lengths are put
-    back afterwards, and what they appended past them is overwritten by the real steps."""
+    back after each of them, so that each writes at the real next position (a cache sized for two
+    new tokens has room for one step past the prompt, not three), which the real steps overwrite."""
     static_in = example.clone()
     lengths, count = cache.seqlens.clone(), cache.length
     side = torch.cuda.Stream(device=example.device)
@@ -146,9 +147,10 @@ def graphed_step(step: Callable[[torch.Tensor], torch.Tensor], cache, example: t
     with torch.cuda.stream(side):
         for _ in range(2):
             step(static_in)
+            cache.seqlens.copy_(lengths)
+            cache.length = count
     torch.cuda.current_stream(example.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    cache.seqlens.copy_(lengths)
     with torch.cuda.graph(graph):
         static_out = step(static_in)
     cache.length = count  # the capture ran the step's host code once, and nothing on the device

@@ -39,7 +39,9 @@ class KVCache:
             self.shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
         else:
             per_seq = -(-max_len // page_size)
-            order = torch.randperm(batch * per_seq, generator=generator)
+            # Pages in a shuffled order (a non-contiguous layout), drawn from a generator of the cache's
+            # own when none is given: the global RNG would shift what sampling draws after it.
+            order = torch.randperm(batch * per_seq, generator=generator or torch.Generator().manual_seed(0))
             self.block_table = order.view(batch, per_seq).to(device=device, dtype=torch.int32)
             self.shape = (n_layers, batch * per_seq, page_size, n_kv_heads, head_dim)
         # Allocated by the first store, in the keys' dtype: under autocast that is bf16/fp16 while
