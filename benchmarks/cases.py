@@ -67,9 +67,10 @@ class Case(AttentionShape):
         if lengths is None:
             return attention_flops(self.batch, self.heads_q, self.seqlen_q, self.seqlen_k, self.head_dim,
                                    causal=self.causal, mode=mode)
-        # Padding at the end of each sequence: a query of element b sees the first lengths[b] keys.
-        return sum(attention_flops(1, self.heads_q, self.seqlen_q, n, self.head_dim, causal=self.causal, mode=mode)
-                   for n in lengths)
+        # Padding at the end of each sequence: a query of element b sees the first lengths[b] keys
+        # (causal still aligned to all Sk key positions).
+        return sum(attention_flops(1, self.heads_q, self.seqlen_q, self.seqlen_k, self.head_dim, causal=self.causal,
+                                   mode=mode, real_keys=n) for n in lengths)
 
     def bytes(self, mode: str) -> float:
         """Least memory traffic: fwd reads q, k, v and writes o; bwd reads q, k, v, o, dO and writes

@@ -1,6 +1,7 @@
 """The benchmark suite's own logic, on tiny sizes: case FLOPs and bytes, provider skipping with
 reasons, the correctness gate (flagged, not ranked), ratios, reports, plot data, the CLI."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -50,6 +51,9 @@ def test_case_flops_and_bytes_use_the_one_formula():
     p = Case(3, 16, 16, 2, 2, 8, kind="padded", causal=False, dtype="float16", fill=0.5)
     assert p.key_lengths() == [8, 12, 16]
     assert p.flops("fwd") == sum(attention_flops(1, 2, 16, n, 8, causal=False) for n in (8, 12, 16))
+    # Causal and padded: query i sees keys j <= i (aligned to all 16 positions) and j < n.
+    pc = dataclasses.replace(p, causal=True)
+    assert pc.flops("fwd") == 4 * 2 * 8 * sum(min(i + 1, n) for n in (8, 12, 16) for i in range(16))
     q, kv = 2 * 8 * 4 * 16, 2 * 32 * 2 * 16  # elements of q and of each of k, v
     assert c.bytes("fwd") == (2 * q + 2 * kv) * 2 and c.bytes("bwd") == (4 * q + 4 * kv) * 2
     with pytest.raises(ValueError, match="mode"):

@@ -1,6 +1,7 @@
 """The FLOP formula and the self-check command."""
 
 import pytest
+import torch
 
 from fastattn.flops import attention_flops, mean_visible_keys
 from fastattn.semantics import visible_keys
@@ -30,6 +31,11 @@ def test_mean_visible_keys_counts_what_the_reference_masks():
                 assert mean_visible_keys(sq, sk, causal, window) == pytest.approx(brute, abs=1e-12), where
                 flops = attention_flops(2, 3, sq, sk, 8, causal=causal, window=window, mode="fwd_bwd")
                 assert flops == pytest.approx(3.5 * 4 * 2 * 3 * sq * 8 * brute, abs=1e-9), where
+                for real in {0, sk // 2, sk}:  # keys padded at the end: the alignment still counts Sk
+                    mask = (torch.arange(sk) < real)[None]  # (1, Sk)
+                    brute = visible_keys(sq, sk, causal=causal, window=window, key_padding_mask=mask).sum().item()
+                    assert mean_visible_keys(sq, sk, causal, window, real) == pytest.approx(brute / sq, abs=1e-12), \
+                        (*where, real)
 
 
 def test_window_flops_scale_with_the_window():
