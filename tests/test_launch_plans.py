@@ -146,6 +146,34 @@ def test_packed_batches_of_other_totals_reuse_plans(fresh_plans, gen, monkeypatc
     assert len(built) == 2 * n
 
 
+def test_packed_batches_of_other_max_lengths_reuse_plans(fresh_plans, gen, monkeypatch):
+    """max_seqlen changes with almost every packed batch: without modifiers the plans key on its
+    specialisation class, tuning bucket and offset width, not its value, nor the number of
+    sequences; the results stay right (forward, lse and gradients under the tolerance rule)."""
+    built = count_builds(monkeypatch)
+
+    def run(lengths, max_len=None):
+        cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(DEVICE)
+        m = max(lengths) if max_len is None else max_len
+        q, k, v = (torch.randn(sum(lengths), h, 16, generator=gen).to(DEVICE) for h in (2, 1, 1))
+
+        def varlen(backend):
+            return lambda a, b, c: fastattn.attention_varlen(a, b, c, cu, cu, m, m, causal=True, return_lse=True,
+                                                             backend=backend)
+        results = testing.check_against_reference(varlen("triton"), q, k, v, lse_grad=True, generator=gen,
+                                                  ref_fn=varlen("reference"))
+        assert all(r.ok for r in results), [str(r) for r in results if not r.ok]
+
+    run([5, 9, 7])  # max 9
+    n = len(built)
+    run([10, 3, 6, 4])  # max 10, four sequences
+    run([11, 2])  # max 11
+    run([5, 9, 7], max_len=13)  # a max_seqlen above the real one
+    assert len(built) == n
+    run([16, 5])  # max 16: a multiple of 16, specialised otherwise by Triton
+    assert len(built) == 2 * n
+
+
 def test_plan_cache_is_bounded(fresh_plans, gen, monkeypatch):
     monkeypatch.setattr(launch, "MAX_CACHED_SIGNATURES", 3)
     for sk in range(5, 10):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 
 import torch
@@ -71,8 +72,24 @@ def _needs_wide_offsets(varlen: bool, max_rows: int, *xs: torch.Tensor) -> bool:
     inputs (T, H, D) add a 64-bit sequence start, so only their rows within a sequence (max_rows)
     count."""
     if varlen:
-        return any((max_rows + 256) * x.stride(0) >= 2**31 for x in xs)
-    return any((x.shape[1] + 256) * x.stride(1) >= 2**31 for x in xs)
+        return _wide_rows(max_rows, max(x.stride(0) for x in xs))
+    return any(_wide_rows(x.shape[1], x.stride(1)) for x in xs)
+
+
+def _wide_rows(rows: int, row_stride: int) -> bool:
+    return (rows + 256) * row_stride >= 2**31
+
+
+@functools.lru_cache(maxsize=4096)  # (per call: 2.3 us to work out, 0.2 to look up)
+def _packed_rows(sq: int, sk: int, row_stride: int) -> tuple:
+    """A packed call's max_seqlen_q/k as its launch plans depend on them (they change with almost
+    every batch, and a plan keyed on their values was rebuilt, through Triton's JIT launch, for each):
+    how Triton specialises them, the tuning bucket, 64-bit row offsets (_needs_wide_offsets; row_stride:
+    the largest of the call's tensors), and the values themselves only past 16 x the grid limit (where
+    an lpt grid may not fit them)."""
+    rows = max(sq, sk)
+    return (plans.specialization((sq, sk)), configs.seq_bucket(rows), _wide_rows(rows, row_stride),
+            (sq, sk) if rows > 16 * MAX_GRID_YZ else None)
 
 
 def _layout(varlen: bool, *xs: torch.Tensor):
@@ -249,9 +266,13 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
     grid = lambda c: _tile_grid(sq, c.block_m, hq, b, c.lpt)
     device = q.get_device()
     # Fresh outputs are aligned; the inputs' alignment is part of the key (Triton specialises on it).
-    # Packed totals change with every batch: key on how Triton specialises them, not their values.
+    # Packed totals and max lengths change with every batch: key on how Triton specialises them, not
+    # their values (with modifiers, whose integers derive from the lengths, the lengths themselves).
     totals = plans.specialization((tq, tk)) if varlen else None
-    key = ("fwd", q.dtype, device, causal, key_padding_mask is not None, varlen, d, strides, sizes, totals,
+    # (packed row strides: q, k, v's from in_strides, out's hq * d)
+    size_key = ((*sizes[:2], *_packed_rows(sq, sk, max(*in_strides[1::3], hq * d)))
+                if varlen and mod_key is None else sizes)
+    key = ("fwd", q.dtype, device, causal, key_padding_mask is not None, varlen, d, strides, size_key, totals,
            plans.aligned((q, k, v, *extra)), mod_key)
     found = _plans.get(key)
     if found is not None:
@@ -346,10 +367,15 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
              lambda c: _tile_grid(sk, c.block_n, hkv, b, c.lpt),
              lambda c: _tile_grid(sq, c.block_m, hq, b, c.lpt))
     device = q.get_device()
-    # As the forward's key; the packed totals (Tq, Tk, the lse stride, the preprocess rows) by class.
+    # As the forward's key; the packed totals (Tq, Tk, the lse stride, the preprocess rows) by class,
+    # and without modifiers the max lengths by class too and not the number of sequences (only the
+    # grids, rebuilt per call, and a bias gradient's shape take it).
     totals = (plans.specialization((tq, tk)), pre_wide) if varlen else (lse_strides, rows)
-    key = ("bwd", q.dtype, device, causal, key_padding_mask is not None, varlen, has_dlse, d, b, hq, hkv, in_strides,
-           sizes, totals, plans.aligned((q, k, v, dout, out, lse, dlse, *extra)), mod_key)
+    packed = varlen and mod_key is None
+    # (packed row strides: q, k, v, dout, out's from in_strides; dq's hq * d, dk and dv's hkv * d)
+    size_key = (*sizes[:2], *_packed_rows(sq, sk, max(*in_strides[1::3], hq * d))) if packed else sizes
+    key = ("bwd", q.dtype, device, causal, key_padding_mask is not None, varlen, has_dlse, d, None if packed else b,
+           hq, hkv, in_strides, size_key, totals, plans.aligned((q, k, v, dout, out, lse, dlse, *extra)), mod_key)
     found = _plans.get(key)
     if found is None:
         wide = (_needs_wide_offsets(varlen, max(sq, sk), q, k, v, out, dout, dq, dk, dv)
