@@ -114,7 +114,7 @@ def attention_varlen(
     scale = validate_scale(scale, shape.head_dim)
     mods = validate_mods(bias, alibi_slopes, window, softcap, sinks, shape, q, causal)
     call = AttentionCall(q, k, v, shape, causal, scale, None, return_lse, cu_seqlens_q, cu_seqlens_k,
-                         max_seqlen_q, max_seqlen_k, mods)
+                         shape.seqlen_q, shape.seqlen_k, mods)  # (max_seqlen as Python ints)
     return backends.run(backends.choose("varlen", call, backend), "varlen", call)
 
 

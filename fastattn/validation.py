@@ -49,8 +49,7 @@ def validate_qkv(q, k, v, *, layout: str = "(B, S, H, D)") -> AttentionShape:
         if x.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; q, k and v must share a dtype")
     b, sq, hq, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    _check_same_shape(k, v)
     if k.shape[0] != b:
         raise ValueError(f"k has batch size {k.shape[0]} but q has {b}")
     if k.shape[3] != d:
@@ -205,6 +204,11 @@ def value_checks(device: torch.device) -> bool:
     return device.type != "cuda" or os.environ.get("FASTATTN_CHECK_VALUES", "0") == "1"
 
 
+def _check_same_shape(k, v) -> None:
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+
+
 def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> AttentionShape:
     """Check packed q (Tq, Hq, D), k/v (Tk, Hkv, D) and FlashAttention-style cumulative lengths.
 
@@ -222,6 +226,7 @@ def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     # Reuse the padded checks on a (1, T, H, D) view: same rules for heads, head dim, dtypes, devices.
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x, 3, layout)
+    _check_same_shape(k, v)  # (before the (1, T, H, D) views: the error shows the shapes passed)
     shape = validate_qkv(q[None], k[None], v[None], layout=layout)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         _check_index_tensor(name, cu, 1, q.device)
@@ -231,8 +236,9 @@ def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 0:  # (NumPy ints too, as torch)
             raise TypeError(f"{name} must be a non-negative int, got {m!r}")
+    max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     if value_checks(cu_seqlens_q.device):
         both = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()  # one host sync for both
         for name, values, total, max_len, mname in (

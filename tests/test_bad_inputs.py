@@ -325,3 +325,18 @@ def test_bad_and_awkward_inputs(call, expected):
     with pytest.raises(error, match=match):
         call(t)
     assert all(torch.equal(a, t[n]) for a, n in zip(caches, ("kc", "vc", "pages"))), "a call that raised wrote a cache"
+
+
+def test_packed_calls_name_the_shapes_passed_and_take_numpy_lengths(gen):
+    """A k/v mismatch in packed inputs shows the (T, H, D) shapes the caller passed; max_seqlen may be
+    a NumPy int, as torch's int arguments take it."""
+    import numpy as np
+
+    q, k = (torch.randn(5, 2, 8, generator=gen).to(DEVICE) for _ in range(2))
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"got k \(5, 2, 8\) and v \(4, 2, 8\)"):
+        fastattn.attention_varlen(q, k, k[:4], cu, cu, 3, 3)
+    out = fastattn.attention_varlen(q, k, k, cu, cu, np.int64(3), np.int32(3), causal=True)
+    torch.testing.assert_close(out, fastattn.attention_varlen(q, k, k, cu, cu, 3, 3, causal=True), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="max_seqlen_q must be a non-negative int"):
+        fastattn.attention_varlen(q, k, k, cu, cu, 3.0, 3)
