@@ -27,9 +27,10 @@ Bars (issue 23, checked on a GPU only): ALiBi, softcap and window forward TFLOPS
 unmodified kernel's (ratio >= 0.9), fwd+bwd within 15% (>= 0.85); bias fwd+bwd >= 2x SDPA with the
 float mask; every modifier, fwd and fwd+bwd, >= 1.0x FlexAttention (its time / fastattn's).
 
-A correctness gate runs first for every row: batch 0, head 0, the last 256 queries over all keys
-(bottom-right positions keep their place) of the benchmarked call's output, and for fwd+bwd of its
-dq, dk, dv, dbias, dsinks under a cotangent that is zero elsewhere, against the float64 reference
+A correctness gate runs first for every row: (batch 0, head 0) and (last batch element, last head),
+the last 256 queries over all keys (bottom-right positions keep their place) of the benchmarked
+call's output, and for fwd+bwd of its dq, dk, dv, dbias, dsinks under a cotangent that is zero
+elsewhere, against the float64 reference
 (fastattn.reference with the same modifiers) under the tests' tolerance rule (fastattn.testing).
 A row that fails is still timed but flagged: no ratios, no bars (a bar check whose ratio cannot be
 formed is listed as "not measured" with the reason). Writes score_mods.json and score_mods.md into
@@ -68,7 +69,7 @@ from fastattn.flops import attention_flops, mean_visible_keys  # noqa: E402
 
 MODES = ("fwd", "fwd_bwd")
 LEARNED = ("bias", "sinks")  # modifiers with a gradient: leaves requiring grad in fwd_bwd
-GATE_QUERIES = 256  # the gate's slice: the last queries of batch 0, head 0, over all keys
+GATE_QUERIES = 256  # the gate's slices: the last queries of two (batch, head) pairs, over all keys
 SOFTCAP = 5.0  # small enough to bend N(0, 1) logits, so the gate sees a kernel that ignores it
 BAR_RATIO, BAR_RATIO_BWD, BAR_VS_SDPA, BAR_VS_FLEX = 0.9, 0.85, 2.0, 1.0
 BUDGET_SKIP = "time budget spent"
@@ -170,41 +171,50 @@ def with_grads(mods: dict, grads: bool) -> dict:
 
 
 class ModGate:
-    """The float64 reference of one (case, variant) on batch 0, head 0, the last m queries over all
-    keys, and the verdicts on a provider's full call there (the tolerance rule; measure.Gate's
-    verdict). The cotangent of the backward check is zero outside the slice, so the slice's dq, dk,
-    dv (MHA: key head 0 serves query head 0 only), dbias rows and dsinks[0] are the slice's own."""
+    """The float64 reference of one (case, variant) on two slices, the last m queries over all keys of
+    (batch 0, head 0) and of the last batch element's last head, and the verdicts on a provider's full
+    call there (the tolerance rule; measure.Gate's verdict). Two heads: a kernel that reads head 0's
+    ALiBi slope, sink or bias rows for every head, or skips later heads or batch elements, fails. The
+    backward check's cotangent is zero outside the slices, so each slice's dq, dk, dv (MHA: key head
+    h serves query head h only), dbias rows and dsinks[h] are its own (the heads differ)."""
 
     def __init__(self, case: Case, q, k, v, mods: dict, gen: torch.Generator):
-        self.m = m = min(GATE_QUERIES, case.seqlen_q)
+        if case.heads_q != case.heads_kv:
+            raise ValueError("ModGate checks MHA cases (one key head per query head)")
+        self.m = min(GATE_QUERIES, case.seqlen_q)
         self.causal = case.causal
-        self.sl = [q[:1, -m:, :1], k[:1, :, :1], v[:1, :, :1]]
-        self.mods = self._slice(mods)
-        self.dout = torch.randn(1, m, 1, case.head_dim, device=q.device, generator=gen)
-        self.ref = self._reference(torch.float64)
-        self.naive = self._reference(q.dtype)
+        self.slices = [(0, 0)] + ([(case.batch - 1, case.heads_q - 1)] if case.heads_q > 1 else [])
+        self.parts = []
+        for b, h in self.slices:
+            sl = [q[b:b + 1, -self.m:, h:h + 1], k[b:b + 1, :, h:h + 1], v[b:b + 1, :, h:h + 1]]
+            part = {"sl": sl, "mods": self._slice(mods, b, h),
+                    "dout": torch.randn(1, self.m, 1, case.head_dim, device=q.device, generator=gen)}
+            part["ref"], part["naive"] = self._reference(part, torch.float64), self._reference(part, q.dtype)
+            self.parts.append(part)
 
-    def _slice(self, mods: dict) -> dict:
+    def _slice(self, mods: dict, b: int, h: int) -> dict:
         sliced = dict(mods)
         if "bias" in mods:
-            sliced["bias"] = mods["bias"][:, :1, -self.m:, :]  # (1, 1, m, Sk)
+            bias = mods["bias"]  # (1 or B, H, Sq, Sk) -> (1, 1, m, Sk)
+            sliced["bias"] = bias[(b if bias.shape[0] > 1 else 0):][:1, h:h + 1, -self.m:, :]
         for name in ("alibi_slopes", "sinks"):
             if name in mods:
-                sliced[name] = mods[name][:1]
+                sliced[name] = mods[name][h:h + 1]
         return sliced
 
-    def _reference(self, dtype):
-        """(out, {name: grad}) of the naive reference on the slice in `dtype`."""
-        xs = [x.detach().to(dtype).requires_grad_(True) for x in self.sl]
-        mods = {k: v.detach().to(dtype).requires_grad_(True) if k in LEARNED else v for k, v in self.mods.items()}
+    def _reference(self, part: dict, dtype):
+        """(out, {name: grad}) of the naive reference on one slice in `dtype`."""
+        xs = [x.detach().to(dtype).requires_grad_(True) for x in part["sl"]]
+        mods = {k: v.detach().to(dtype).requires_grad_(True) if k in LEARNED else v for k, v in part["mods"].items()}
         out = reference.attention(*xs, causal=self.causal, **mods)
-        out.backward(self.dout.to(dtype))
+        out.backward(part["dout"].to(dtype))
         grads = {f"d{n}": x.grad for n, x in zip("qkv", xs)}
         grads.update({f"d{n}": mods[n].grad for n in LEARNED if n in mods})
         return out.detach(), grads
 
     def _out(self, out):
-        return [testing.compare("out", out[:1, -self.m:, :1], self.naive[0], self.ref[0], testing.OUT_FACTOR)]
+        return [testing.compare(f"out[b{b},h{h}]", out[b:b + 1, -self.m:, h:h + 1], part["naive"][0], part["ref"][0],
+                                testing.OUT_FACTOR) for (b, h), part in zip(self.slices, self.parts)]
 
     def check_forward(self, fn, q, k, v, mods) -> str:
         return Gate._verdict(self._out(fn(q, k, v, **with_grads(mods, False))))
@@ -214,19 +224,23 @@ class ModGate:
         leaves = with_grads(mods, True)
         out = fn(*xs, **leaves)
         dout = torch.zeros_like(out)
-        dout[:1, -self.m:, :1] = self.dout.to(out.dtype)
+        for (b, h), part in zip(self.slices, self.parts):
+            dout[b:b + 1, -self.m:, h:h + 1] = part["dout"].to(out.dtype)
         out.backward(dout)
-        got = {"dq": xs[0].grad[:1, -self.m:, :1], "dk": xs[1].grad[:1, :, :1], "dv": xs[2].grad[:1, :, :1]}
-        if "bias" in leaves:
-            got["dbias"] = leaves["bias"].grad[:, :1, -self.m:, :]
-        if "sinks" in leaves:
-            got["dsinks"] = leaves["sinks"].grad[:1]
-        ref, naive = self.ref[1], self.naive[1]
-        scale = testing.magnitude(ref["dq"], ref["dk"], ref["dv"])  # coupled through dS
         results = self._out(out.detach())
-        for name, x in got.items():  # dbias and dsinks on their own scale, as the tests do
-            s = scale if name in ("dq", "dk", "dv") else testing.magnitude(ref[name])
-            results.append(testing.compare(name, x, naive[name], ref[name], testing.GRAD_FACTOR, s))
+        for (b, h), part in zip(self.slices, self.parts):
+            got = {"dq": xs[0].grad[b:b + 1, -self.m:, h:h + 1], "dk": xs[1].grad[b:b + 1, :, h:h + 1],
+                   "dv": xs[2].grad[b:b + 1, :, h:h + 1]}
+            if "bias" in leaves:
+                grad = leaves["bias"].grad
+                got["dbias"] = grad[(b if grad.shape[0] > 1 else 0):][:1, h:h + 1, -self.m:, :]
+            if "sinks" in leaves:
+                got["dsinks"] = leaves["sinks"].grad[h:h + 1]
+            ref, naive = part["ref"][1], part["naive"][1]
+            scale = testing.magnitude(ref["dq"], ref["dk"], ref["dv"])  # coupled through dS
+            for name, x in got.items():  # dbias and dsinks on their own scale, as the tests do
+                s = scale if name in ("dq", "dk", "dv") else testing.magnitude(ref[name])
+                results.append(testing.compare(f"{name}[b{b},h{h}]", x, naive[name], ref[name], testing.GRAD_FACTOR, s))
         return Gate._verdict(results)
 
 

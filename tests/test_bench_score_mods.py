@@ -108,9 +108,13 @@ def test_score_mods_gate_catches_a_wrong_kernel(monkeypatch):
     from benchmarks import score_mods
     from benchmarks.cases import Case, make_inputs
 
-    case = Case(1, 40, 40, 2, 2, 16, kind="self", causal=True, dtype="float32")
+    case = Case(2, 40, 40, 3, 3, 16, kind="self", causal=True, dtype="float32")
     gen = torch.Generator().manual_seed(0)
     q, k, v, _ = make_inputs(case, "cpu", gen)
+
+    def head0(m):  # head 0's slope, sink or bias rows for every head: right on head 0 only
+        return {n: x[:1].expand_as(x) if n in ("alibi_slopes", "sinks") else x[:, :1].expand_as(x) if n == "bias"
+                else x for n, x in m.items()}
     for name in ("alibi", "softcap", "sinks", "bias"):
         mods = score_mods.Variant(name).mods(case, "cpu", gen)
         gate = score_mods.ModGate(case, q, k, v, mods, gen)
@@ -119,6 +123,16 @@ def test_score_mods_gate_catches_a_wrong_kernel(monkeypatch):
         assert gate.check_forward(right, q, k, v, mods) == "ok"
         assert gate.check_backward(right, q, k, v, mods) == "ok"
         assert gate.check_forward(ignores, q, k, v, mods).startswith("FAIL out"), name
+        if name != "softcap":
+            wrong = lambda q_, k_, v_, **m: score_mods.reference.attention(q_, k_, v_, causal=True, **head0(m))
+            assert gate.check_forward(wrong, q, k, v, mods).startswith("FAIL out[b1,h2]"), name
+
+    def skips_last(q_, k_, v_, **m):  # leaves the last batch element's last head at 0
+        out = score_mods.reference.attention(q_, k_, v_, causal=True, **m).clone()
+        out[-1, :, -1] = 0
+        return out
+    gate = score_mods.ModGate(case, q, k, v, {}, gen)
+    assert gate.check_forward(skips_last, q, k, v, {}).startswith("FAIL out[b1,h2]")
 
 
 @pytest.mark.parametrize("shape", [(40, 40, 2, 2), (24, 40, 4, 2), (40, 24, 2, 1)], ids=["self", "cross-gqa", "sq>sk"])
