@@ -276,47 +276,64 @@ RETIME_TOP, RETIME_ROUNDS, RETIME_RESERVE_S = 3, 3, 20.0
 
 def retime(case: Case, rows: list[dict], chosen: dict, q, k, v, device: str, smoke: bool, deadline: float) -> list:
     """The winner's curse: the fastest of ~70 configs timed once each is biased upward by the noise.
-    Per kernel, the RETIME_TOP fastest ranked configs (already gated and checked whole) and the table's
-    own are timed again, in turn, RETIME_ROUNDS rounds (1 and 2 in the smoke run): each config's median
-    over the rounds against the table's gives its re-timed vs_table (and vs_cudnn against this case's
-    cuDNN row)."""
+    Per kernel, the RETIME_TOP fastest other ranked configs (already gated and checked whole), the
+    table's own and cuDNN (where its row ran) are timed again, in turn, RETIME_ROUNDS whole rounds
+    (1 and 2 in the smoke run; no round starts past the deadline): a row per config, the table's
+    included, with its median, vs_table (the table's median / its) and vs_cudnn (cuDNN's / its)."""
     top, rounds = (1, 2) if smoke else (RETIME_TOP, RETIME_ROUNDS)
-    cudnn = {r["mode"]: r["ms"] for r in rows if r["who"] == "cudnn" and _ranked(r)}
+    with_cudnn = any(r["who"] == "cudnn" and _ranked(r) for r in rows)
     out = []
     for kind in KINDS:
         ranked = sorted((r for r in rows if r["who"] == kind and _ranked(r) and not r.get("is_table_choice")),
                         key=lambda r: r["ms"])[:top]
         if not ranked or kind not in chosen:
             continue
-        contenders = [chosen[kind]] + [configs.BlockConfig(*r["config"]) for r in ranked]
-        times: dict = {cfg: [] for cfg in contenders}
+        configs_ = [chosen[kind]] + [configs.BlockConfig(*r["config"]) for r in ranked]
+        contenders = configs_ + (["cudnn"] if with_cudnn else [])
+        times: dict = {c: [] for c in contenders}
         errors: dict = {}
         for _ in range(rounds):
-            for cfg in contenders:
-                if time.monotonic() > deadline or cfg in errors:
+            if time.monotonic() > deadline:
+                break
+            for c in contenders:
+                if c in errors:
                     continue
-                plans.clear()
-                with configs.forced(**{**chosen, kind: cfg}):
-                    ms, why = _time(_attention(case.causal), q, k, v, MODE[kind], device, smoke)
-                if why:
-                    errors[cfg] = why
+                if c == "cudnn":
+                    ms, why = _baseline_time("cudnn", case, q, k, v, MODE[kind], device, smoke)
                 else:
-                    times[cfg].append(ms)
-        table = _median(times[chosen[kind]])
-        for cfg in contenders[1:]:
+                    plans.clear()
+                    with configs.forced(**{**chosen, kind: c}):
+                        ms, why = _time(_attention(case.causal), q, k, v, MODE[kind], device, smoke)
+                if why:
+                    errors[c] = why
+                else:
+                    times[c].append(ms)
+        table, cudnn = _median(times[chosen[kind]]), _median(times.get("cudnn", []))
+        for cfg in configs_:
             ms = _median(times[cfg])
             row = {"who": kind, "config": cfg.as_list(), "mode": MODE[kind], "rounds": len(times[cfg]),
-                   "ms": ms, "table_ms": table}
+                   "is_table_choice": cfg == chosen[kind], "ms": ms, "table_ms": table, "cudnn_ms": cudnn}
             if cfg in errors or chosen[kind] in errors:
                 row["skipped"] = errors.get(cfg) or f"the table's config: {errors[chosen[kind]]}"
             elif ms is None or table is None:
                 row["skipped"] = "time budget spent"
             else:
                 row["vs_table"] = table / ms
-                if MODE[kind] in cudnn:
-                    row["vs_cudnn"] = cudnn[MODE[kind]] / ms
+                if cudnn is not None:
+                    row["vs_cudnn"] = cudnn / ms
             out.append(row)
     return out
+
+
+def _baseline_time(name: str, case: Case, q, k, v, mode: str, device: str, smoke: bool) -> tuple:
+    """(ms, None) or (None, why) of one mode of a BASELINES provider."""
+    p = PROVIDERS[BASELINES[name]]
+    reason = p.unavailable() or p.unsupported(case, device)
+    if reason:
+        return None, reason
+    with p.context():
+        fn, why = _guarded(lambda: p.build(case, None, device), [])
+        return (None, why) if why else _time(fn, q, k, v, mode, device, smoke)
 
 
 def _median(xs: list) -> float | None:
@@ -411,16 +428,19 @@ def markdown(doc: dict) -> str:
                          f"{_fmt(best.get('tflops'), '.0f')} | {_fmt(best.get('vs_table'), '.2f', 'x')} | "
                          f"{_fmt(best.get('vs_cudnn'), '.2f', 'x')} | {len(ok)} / {failed} |")
     lines += ["", "## Top configs re-timed (the winner's curse: the best of many single timings is biased up)", "",
-              f"Per case and kernel, the {RETIME_TOP} fastest ranked configs and the table's own, timed again in turn "
-              f"for {RETIME_ROUNDS} rounds; medians. Adopt a config on its re-timed ratio, not its sweep ratio.", "",
-              "| case | kernel | config | rounds | ms | table ms | vs table re-timed | vs table in the sweep | "
-              "vs cuDNN re-timed |", "|---|---|---|---|---|---|---|---|---|"]
+              f"Per case and kernel, the {RETIME_TOP} fastest other ranked configs, the table's own and cuDNN, "
+              f"timed again in turn for {RETIME_ROUNDS} rounds; medians. Adopt a config on its re-timed ratio, not "
+              "its sweep ratio.", "",
+              "| case | kernel | config | rounds | ms | table ms | cuDNN ms | vs table re-timed | "
+              "vs table in the sweep | vs cuDNN re-timed |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in doc["cases"]:
         swept = {(r["who"], tuple(r["config"])): r.get("vs_table") for r in c["rows"] if "config" in r}
         for r in c.get("retimed", []):
-            atomic = " [atomic_dq]" if _is_atomic(r["config"]) else ""
-            lines.append(f"| {c['label']} | {r['who']} | {r['config']}{atomic} | {r['rounds']} | "
+            mark = ((" [atomic_dq]" if _is_atomic(r["config"]) else "")
+                    + (" (table)" if r.get("is_table_choice") else ""))
+            lines.append(f"| {c['label']} | {r['who']} | {r['config']}{mark} | {r['rounds']} | "
                          f"{_fmt(r.get('ms'), '.3f')} | {_fmt(r.get('table_ms'), '.3f')} | "
+                         f"{_fmt(r.get('cudnn_ms'), '.3f')} | "
                          f"{_fmt(r.get('vs_table'), '.3f', 'x') if 'skipped' not in r else r['skipped'][:60]} | "
                          f"{_fmt(swept.get((r['who'], tuple(r['config']))), '.3f', 'x')} | "
                          f"{_fmt(r.get('vs_cudnn'), '.2f', 'x')} |")

@@ -14,7 +14,7 @@ def mean_visible_keys(seqlen_q: int, seqlen_k: int, causal: bool, window: tuple[
     are real (a key-padding mask padding the end); the alignment still counts all Sk."""
     if seqlen_q == 0:
         return 0.0
-    last = seqlen_k - 1 if real_keys is None else min(real_keys, seqlen_k) - 1
+    last = seqlen_k - 1 if real_keys is None else max(0, min(real_keys, seqlen_k)) - 1
     left, right = (-1, -1) if window is None else window
     if causal:
         right = 0 if right < 0 else min(right, 0)

@@ -34,13 +34,16 @@ def test_config_sweep_smoke(tmp_path):
     assert {r["mode"] for r in rows if r["who"] == "table"} == {"fwd", "bwd"}
     assert all("skipped" in r for r in rows if r["who"] == "cudnn")  # CUDA only
     assert set(case["table_choice"]) == set(config_sweep.KINDS)
-    # Each kernel's fastest config (not the table's own) timed again in turn with the table's config.
-    retimed = case["retimed"]
-    assert sorted(r["who"] for r in retimed) == sorted(config_sweep.KINDS)
-    for r in retimed:
-        fastest = min((x for x in rows if x["who"] == r["who"] and not x["is_table_choice"]), key=lambda x: x["ms"])
-        assert r["config"] == fastest["config"] and r["rounds"] == 2, r
-        assert r["vs_table"] == pytest.approx(r["table_ms"] / r["ms"]) and "vs_cudnn" not in r  # no cuDNN on CPU
+    # Each kernel's fastest other config timed again in turn with the table's config: a row for each.
+    for kind in config_sweep.KINDS:
+        mine = [r for r in case["retimed"] if r["who"] == kind]
+        table_row, other = sorted(mine, key=lambda r: not r["is_table_choice"])
+        fastest = min((x for x in rows if x["who"] == kind and not x["is_table_choice"]), key=lambda x: x["ms"])
+        assert table_row["is_table_choice"] and table_row["config"] == case["table_choice"][kind]
+        assert table_row["vs_table"] == 1.0 and other["config"] == fastest["config"]
+        for r in (table_row, other):
+            assert r["rounds"] == 2 and r["vs_table"] == pytest.approx(r["table_ms"] / r["ms"]), r
+            assert r["cudnn_ms"] is None and "vs_cudnn" not in r  # no cuDNN on a CPU
     md = (tmp_path / "sweep.md").read_text()
     assert "Proposed candidates" in md and "## Top configs re-timed" in md
 

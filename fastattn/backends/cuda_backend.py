@@ -33,7 +33,7 @@ def unavailable() -> str | None:
         return _IMPORT_ERROR
     if ext.IMPORT_ERROR:
         return (f"fastattn._C is not built ({ext.IMPORT_ERROR}); it is built at install time when a CUDA GPU "
-                "and nvcc are present, or with FASTATTN_BUILD_CUDA=1 (pip install --no-build-isolation -e .)")
+                "and nvcc are present, or with FASTATTN_BUILD_CUDA=1 (pip install -e .)")
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible (fastattn._C is built, but its kernels need an sm_80+ GPU)"
     return _capability_reason(torch.device("cuda", torch.cuda.current_device()))
