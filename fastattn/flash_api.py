@@ -33,21 +33,22 @@ def _window(window_size) -> tuple[int, int] | None:
     """FlashAttention's window_size -> fastattn's window ((-1, -1): none). Two ints >= -1: a tuple, a
     list, or a 1-D integer tensor of two (FlashAttention's own tests pass one; reading a CUDA
     tensor's values syncs, as FlashAttention's binding does)."""
-    bad = ValueError(f"window_size must be (left, right), two ints >= -1 (-1 = unbounded), got {window_size!r}")
+    def bad():  # (built when raised: torch.compile cannot repr a symbolic int on every call)
+        return ValueError(f"window_size must be (left, right), two ints >= -1 (-1 = unbounded), got {window_size!r}")
     if isinstance(window_size, torch.Tensor):
         if window_size.shape != (2,) or window_size.dtype.is_floating_point or window_size.dtype.is_complex \
                 or window_size.dtype == torch.bool:
-            raise bad
+            raise bad()
         window_size = window_size.tolist()
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise bad
+        raise bad()
     try:  # ints and int-like scalars (numpy ints, 0-d integer tensors); never floats or bools
         window = tuple(operator.index(w) for w in window_size
                        if not (isinstance(w, bool) or isinstance(w, torch.Tensor) and w.dtype == torch.bool))
     except TypeError:
-        raise bad from None
+        raise bad() from None
     if len(window) != 2 or min(window) < -1:
-        raise bad
+        raise bad()
     return None if window == (-1, -1) else window
 
 

@@ -90,9 +90,10 @@ def validate_scale(scale, head_dim: int) -> float:
             scale = scale.item()
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    if abs(scale) > MAX_SCALE:
+    # Comparisons only (NaN fails them too): torch.compile traces them on a symbolic float, not math.isfinite.
+    if not -MAX_SCALE <= scale <= MAX_SCALE:
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
         raise ValueError(f"scale must be finite in float32 once times log2(e) (|scale| <= {MAX_SCALE:.4g}): the "
                          f"kernels scale scores in float32; got {scale}")
     return float(scale)
@@ -171,8 +172,8 @@ def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionSh
         left, right = (-1, -1) if left == -1 else (left, 0)
     if softcap is None:
         softcap = 0.0
-    if (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap)
-            or not (softcap == 0 or MIN_SOFTCAP <= softcap <= MAX_SOFTCAP)):
+    if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+            or not (softcap == 0 or MIN_SOFTCAP <= softcap <= MAX_SOFTCAP)):  # (NaN, inf: outside; no isfinite)
         raise ValueError(f"softcap must be 0 (off) or a float in [{MIN_SOFTCAP:g}, {MAX_SOFTCAP:g}], got {softcap!r}")
     if sinks is not None:
         if not isinstance(sinks, torch.Tensor) or sinks.dtype not in FLOAT_DTYPES:

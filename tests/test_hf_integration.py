@@ -158,6 +158,24 @@ def test_llama_gqa_left_padding():
     assert_ran({"key padding"})
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_llama_compiles_fullgraph_with_a_padded_batch():
+    """torch.compile(fullgraph=True) of a padded Llama: the key-padding test reads the mask's values
+    (a graph break in every layer), so under compile the mask runs as a bias; the logits match
+    eager's on the real tokens."""
+    mask = padding_mask(2, 10, [0, 3], left=True)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    fast, naive, ref = build(transformers.LlamaForCausalLM, llama_config())
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda i, a: fast(input_ids=i, attention_mask=a).logits, backend="aot_eager",
+                             fullgraph=True)
+    with torch.no_grad():
+        out = compiled(ids, mask)
+    check("compiled llama logits", out, logits(naive, input_ids=ids, attention_mask=mask),
+          logits(ref, input_ids=ids, attention_mask=mask), keep=mask.bool())
+    assert_ran({"bias"})
+
+
 def test_llama_without_mask_uses_the_causal_flag():
     ids = torch.randint(0, VOCAB, (1, 9))
     outs = run_all(build(transformers.LlamaForCausalLM, llama_config()), input_ids=ids)

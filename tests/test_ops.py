@@ -111,6 +111,61 @@ def test_compile_fullgraph_self_attention_and_unused_lse(gen):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_compile_fullgraph_compiles_once_and_takes_changing_floats(gen, monkeypatch):
+    """A process's first compiled call does not recompile on the next (the backend availability
+    cache is a constant, not a traced side effect); a second scale or softcap value (a symbolic float
+    to Dynamo) and a changing window_size in flash_attn_func trace (math.isfinite and an eagerly built
+    error message failed with fullgraph); each result equals eager's."""
+    from fastattn import backends
+
+    monkeypatch.setattr(backends, "_unavailable", {})  # as in a fresh process
+    q, k, v = (x.detach() for x in small_inputs(gen))
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+    for kwargs in ({}, {"scale": 0.2}, {"softcap": 7.0}):
+        torch._dynamo.reset()
+        compiles.clear()
+        name, value = next(iter(kwargs.items()), (None, None))
+        f = torch.compile(lambda q, k, v, x: fastattn.attention(q, k, v, causal=True, backend="triton",
+                                                                **({name: x} if name else {})),
+                          backend=counting, fullgraph=True)
+        for i in range(3):
+            x = None if name is None else value * (1 + i / 10)
+            q = q + 1
+            assert torch.equal(f(q, k, v, x), fastattn.attention(q, k, v, causal=True, backend="triton",
+                                                                 **({name: x} if name else {})))
+        if name is None:  # (a new float value recompiles, as with torch's SDPA: the kernels take it as a float)
+            assert len(compiles) == 1, len(compiles)
+    torch._dynamo.reset()
+    flash = torch.compile(lambda q, k, v, w: fastattn.flash_attn_func(q, k, v, window_size=(w, 0)), backend="eager",
+                          fullgraph=True, dynamic=True)
+    for w in (2, 3, 4):
+        assert torch.equal(flash(q, k, v, w), fastattn.flash_attn_func(q, k, v, window_size=(w, 0)))
+
+
+def test_compile_fullgraph_torch_backend_bottom_right_causal(gen):
+    """backend="torch" (what "auto" takes on a CPU) with Sq != Sk and causal: a plain bool mask under
+    compile (Dynamo cannot build SDPA's CausalBias), the same result."""
+    torch._dynamo.reset()
+    q, k, v = (x.detach() for x in small_inputs(gen))
+    f = lambda q, k, v: fastattn.attention(q, k, v, causal=True, backend="torch")  # noqa: E731
+    torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(q, k, v), f(q, k, v),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_ops_take_one_dimensional_alibi_slopes(gen):
+    """A direct op call with alibi_slopes (Hq,) gives every batch element the same slopes (it was read
+    as (B, Hq), batch b reading past the end); the API reshapes them to (1, Hq) itself."""
+    q, k, v = testing.random_qkv(2, 8, 8, 4, 2, 16, device=DEVICE, generator=gen)
+    slopes = torch.rand(4, generator=gen).to(DEVICE)
+    one_d = torch.ops.fastattn.triton_attn_fwd(q, k, v, None, None, True, 0.25, alibi_slopes=slopes)[0]
+    two_d = torch.ops.fastattn.triton_attn_fwd(q, k, v, None, None, True, 0.25, alibi_slopes=slopes[None])[0]
+    assert torch.equal(one_d, two_d)
+
+
 @pytest.mark.parametrize("use", ["out", "lse", "both"])
 def test_gradients_when_only_some_outputs_are_used(use, gen):
     """The backward gets no dlse when lse is unused and no dout when only lse is: each case matches

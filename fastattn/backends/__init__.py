@@ -96,7 +96,8 @@ class BackendStatus:
 _unavailable: dict[str, str | None] = {}
 
 
-def unavailable_reason(name: str) -> str | None:
+@torch.compiler.assume_constant_result  # a constant of the process: torch.compile neither traces the
+def unavailable_reason(name: str) -> str | None:  # cache's filling nor guards on it (a recompile each)
     """Why backend `name` cannot run on this machine (None if it can); found once per process."""
     if name not in _unavailable:
         _unavailable[name] = TABLE[name].module.unavailable()
@@ -116,7 +117,7 @@ def available_backends() -> dict[str, BackendStatus]:
 def why_not(name: str, kind: str, call) -> str | None:
     """None if backend `name` can run `call` of `kind` here, else the reason it cannot (a kind it never
     runs said first: that is the more useful reason)."""
-    reason = _unavailable[name] if name in _unavailable else unavailable_reason(name)
+    reason = unavailable_reason(name)
     if reason is None or kind not in TABLE[name].kinds:
         return cannot_run(name, kind, call)
     return reason

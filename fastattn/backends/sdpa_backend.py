@@ -64,11 +64,15 @@ def _run(call: AttentionCall):
                                    key_padding_mask=call.key_padding_mask, **mods)
     # (B, S, H, D) -> (B, H, S, D), SDPA's layout.
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = call.shape.heads_q != call.shape.heads_kv
+    # A branch, not the comparison itself: under dynamic shapes that is a symbolic bool, which SDPA refuses.
+    gqa = True if call.shape.heads_q != call.shape.heads_kv else False  # noqa: SIM210
     if call.key_padding_mask is not None or call.mods is not None:
         out = _with_mask(qt, kt, vt, call, gqa, skipped)
     elif call.causal and q.shape[1] != sk:
-        mask = causal_lower_right(q.shape[1], sk)
+        # Under torch.compile a plain bool mask (j <= i + Sk - Sq): Dynamo cannot build CausalBias, a
+        # tensor subclass, in a graph.
+        mask = (torch.ones(q.shape[1], sk, dtype=torch.bool, device=q.device).tril(sk - q.shape[1])
+                if torch.compiler.is_compiling() else causal_lower_right(q.shape[1], sk))
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=call.scale, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=call.causal, scale=call.scale, enable_gqa=gqa)

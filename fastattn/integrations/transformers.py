@@ -143,7 +143,11 @@ def _key_padding(mask, causal, window, sq, sk, layer=None):
     """(B, Sk) key-padding mask if the boolean `mask` (B, 1|H, Sq, Sk) is exactly key padding plus
     fastattn's bottom-right causal/window pattern, else None (then the mask runs as a bias, so a
     mask this test misjudges costs speed, never correctness). One host sync per distinct mask and
-    version (inference tensors: per forward, by the calling layer's index; see _mask_cache)."""
+    version (inference tensors: per forward, by the calling layer's index; see _mask_cache). Under
+    torch.compile None: the test reads the mask's values (a graph break in every layer), and the
+    bias is as correct."""
+    if torch.compiler.is_compiling():
+        return None
     version = None if mask.is_inference() else mask._version
     cached = _mask_cache.get(id(mask))
     if cached is not None and cached[0] is mask and cached[1:4] == (version, causal, window):

@@ -104,7 +104,8 @@ def _layout(b, hq, sq, sk, bias, alibi, sinks_dtype, window_left, window_right, 
         dtypes = (dtype, sinks_dtype)
     slope_stride = 0
     if alibi is not None:
-        slope_stride = alibi[1][0] if alibi[0][0] > 1 else 0
+        # (B, Hq) per batch element; (1, Hq), or (Hq,) from a direct op call: one row for every element
+        slope_stride = alibi[1][0] if len(alibi[0]) == 2 and alibi[0][0] > 1 else 0
     # A side past every key (unbounded, or wider than the sequences) is Sq + Sk: the kernels' int32
     # range arithmetic must not wrap.
     unbounded = sq + sk
