@@ -33,8 +33,10 @@ def _window(window_size) -> tuple[int, int] | None:
     """FlashAttention's window_size -> fastattn's window ((-1, -1): none). Two ints >= -1: a tuple, a
     list, or a 1-D integer tensor of two (FlashAttention's own tests pass one; reading a CUDA
     tensor's values syncs, as FlashAttention's binding does)."""
+    given = window_size
+
     def bad():  # (built when raised: torch.compile cannot repr a symbolic int on every call)
-        return ValueError(f"window_size must be (left, right), two ints >= -1 (-1 = unbounded), got {window_size!r}")
+        return ValueError(f"window_size must be (left, right), two ints >= -1 (-1 = unbounded), got {given!r}")
     if isinstance(window_size, torch.Tensor):
         if window_size.shape != (2,) or window_size.dtype.is_floating_point or window_size.dtype.is_complex \
                 or window_size.dtype == torch.bool:

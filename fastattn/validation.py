@@ -92,7 +92,7 @@ def validate_scale(scale, head_dim: int) -> float:
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     # Comparisons only (NaN fails them too): torch.compile traces them on a symbolic float, not math.isfinite.
     if not -MAX_SCALE <= scale <= MAX_SCALE:
-        if not math.isfinite(scale):
+        if scale != scale or scale in (math.inf, -math.inf):  # (an int past a float's range: the message below)
             raise ValueError(f"scale must be finite, got {scale}")
         raise ValueError(f"scale must be finite in float32 once times log2(e) (|scale| <= {MAX_SCALE:.4g}): the "
                          f"kernels scale scores in float32; got {scale}")

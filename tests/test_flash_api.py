@@ -122,11 +122,13 @@ def test_window_size_as_flash_attention_takes_it(window_size, gen):
 
 
 @pytest.mark.parametrize("window_size", [4, (1, 2, 3), (1.0, 2), (True, 0), (torch.tensor(True), 0), (-2, 0),
-                                         torch.tensor([1.0, 2.0]), torch.tensor([[1, 2]]), "ab", None])
+                                         torch.tensor([1.0, 2.0]), torch.tensor([[1, 2]]), "ab", None,
+                                         torch.tensor([-2, 0])])
 def test_window_size_refused_naming_it(window_size, gen):
     q = torch.randn(1, 3, 2, 16, generator=gen)
-    with pytest.raises(ValueError, match="window_size must be"):
+    with pytest.raises(ValueError, match="window_size must be") as e:
         fastattn.flash_attn_func(q, q, q, window_size=window_size)
+    assert str(e.value).endswith(f"got {window_size!r}")  # as passed (a tensor too)
 
 
 @pytest.mark.parametrize("softcap", [0.0, -1.0, -30, 0])

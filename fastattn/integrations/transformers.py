@@ -144,8 +144,9 @@ def _key_padding(mask, causal, window, sq, sk, layer=None):
     fastattn's bottom-right causal/window pattern, else None (then the mask runs as a bias, so a
     mask this test misjudges costs speed, never correctness). One host sync per distinct mask and
     version (inference tensors: per forward, by the calling layer's index; see _mask_cache). Under
-    torch.compile None: the test reads the mask's values (a graph break in every layer), and the
-    bias is as correct."""
+    torch.compile None: the test reads the mask's values (a graph break in every layer). The bias
+    gives the same results (as transformers' SDPA path: padded keys' values must be finite), without
+    the kernels' skipping of causal or windowed tiles."""
     if torch.compiler.is_compiling():
         return None
     version = None if mask.is_inference() else mask._version
