@@ -232,17 +232,11 @@ def run_case(case: Case, sweep: dict, device: str, smoke: bool, deadline: float)
     dout = torch.randn(q.shape, device=device, generator=gen).to(q.dtype)
     table_whole = {m: _guarded(lambda m=m: _whole(_attention(case.causal), q, k, v, m, dout), [])[0]
                    for m in ("fwd", "bwd")}
-    for name, provider in BASELINES.items():
-        p = PROVIDERS[provider]
-        reason = p.unavailable() or p.unsupported(case, device)
+    for name in BASELINES:
         for mode in ("fwd", "bwd"):
-            if reason:
-                rows.append({"who": name, "mode": mode, "gate": "", "skipped": reason})
-                continue
-            with p.context():
-                fn, why = _guarded(lambda: p.build(case, None, device), [])
-                row = {"gate": "", "skipped": why} if why else _measure(fn, q, k, v, mode, gate, device, smoke)
-            rows.append({"who": name, "mode": mode, **row})
+            row, why = _with_baseline(name, case, device,
+                                      lambda fn, mode=mode: _measure(fn, q, k, v, mode, gate, device, smoke))
+            rows.append({"who": name, "mode": mode, **(row or {"gate": "", "skipped": why})})
     # The sweep stops early enough to leave the re-timing of its winners its share of the case's time.
     sweep_end = deadline - (0 if smoke else min(RETIME_RESERVE_S, 0.2 * max(0.0, deadline - time.monotonic())))
     for kind in sweep:
@@ -299,7 +293,9 @@ def retime(case: Case, rows: list[dict], chosen: dict, q, k, v, device: str, smo
                 if c in errors:
                     continue
                 if c == "cudnn":
-                    ms, why = _baseline_time("cudnn", case, q, k, v, MODE[kind], device, smoke)
+                    timed, why = _with_baseline("cudnn", case, device,
+                                                lambda fn: _time(fn, q, k, v, MODE[kind], device, smoke))
+                    ms, why = timed if timed else (None, why)
                 else:
                     plans.clear()
                     with configs.forced(**{**chosen, kind: c}):
@@ -325,15 +321,16 @@ def retime(case: Case, rows: list[dict], chosen: dict, q, k, v, device: str, smo
     return out
 
 
-def _baseline_time(name: str, case: Case, q, k, v, mode: str, device: str, smoke: bool) -> tuple:
-    """(ms, None) or (None, why) of one mode of a BASELINES provider."""
+def _with_baseline(name: str, case: Case, device: str, use) -> tuple:
+    """(use(fn), None) with fn the BASELINES provider's call, inside its context (SDPA forced to one
+    backend), or (None, why it cannot run)."""
     p = PROVIDERS[BASELINES[name]]
     reason = p.unavailable() or p.unsupported(case, device)
     if reason:
         return None, reason
     with p.context():
         fn, why = _guarded(lambda: p.build(case, None, device), [])
-        return (None, why) if why else _time(fn, q, k, v, mode, device, smoke)
+        return (None, why) if why else (use(fn), None)
 
 
 def _median(xs: list) -> float | None:
