@@ -28,11 +28,6 @@ def positions(cache_seqlens: torch.Tensor, n: int, cap: int) -> torch.Tensor:
     return (cache_seqlens.long()[:, None] + t).clamp_(0, max(cap - 1, 0))
 
 
-def _pages(block_table: torch.Tensor, pos: torch.Tensor, page_size: int, n_pages: int) -> torch.Tensor:
-    """Page index of each position (B, ...) -> same shape, clamped to the cache's pages."""
-    return block_table.long().gather(1, pos.flatten(1) // page_size).view_as(pos).clamp_(0, n_pages - 1)
-
-
 def append(k_cache, v_cache, k, v, cache_seqlens, block_table=None) -> None:
     """Write the new tokens' keys/values k, v (B, S_new, Hkv, D) at positions cache_seqlens[b] + t,
     in place (torch ops; ``launchers.decode.append`` is the Triton kernel)."""
@@ -45,10 +40,15 @@ def append(k_cache, v_cache, k, v, cache_seqlens, block_table=None) -> None:
         k_cache[rows, pos] = k
         v_cache[rows, pos] = v
     else:
-        page_size = k_cache.shape[1]
-        pages = _pages(block_table, pos, page_size, k_cache.shape[0])
-        k_cache[pages, pos % page_size] = k
-        v_cache[pages, pos % page_size] = v
+        # A page index outside the pool (unchecked on CUDA) is skipped, as the kernel does: clamped
+        # into the pool, its slot keeps what it holds instead of another sequence's row being
+        # overwritten (unless a good index writes that slot in the same call: then either may land).
+        page_size, n_pages = k_cache.shape[1], k_cache.shape[0]
+        pages = block_table.long().gather(1, pos // page_size)  # (B, S_new)
+        skip = ((pages < 0) | (pages >= n_pages))[:, :, None, None]  # (B, S_new, 1, 1)
+        where = (pages.clamp_(0, n_pages - 1), pos % page_size)
+        k_cache[where] = torch.where(skip, k_cache[where], k)
+        v_cache[where] = torch.where(skip, v_cache[where], v)
 
 
 def dense(cache: torch.Tensor, block_table: torch.Tensor | None) -> torch.Tensor:

@@ -308,10 +308,11 @@ def _kvcache_fast_path(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
               and cache_seqlens.dtype == torch.int32 and cache_seqlens.shape == (b,) and cache_seqlens.device == dev
               and (cs[0] == b if not paged else (block_table.dtype == torch.int32 and block_table.dim() == 2
                                                   and block_table.shape[0] == b and block_table.device == dev
-                                                  and cs[1] >= 1)))
+                                                  and cs[0] >= 1 and cs[1] >= 1)))
         if ok and k is not None:
             ks = k.shape
             ok = (v is not None and v.shape == ks and len(ks) == 4 and ks[0] == b and ks[2:] == cs[2:]
+                  and not _shares_rows(k_cache) and not _shares_rows(v_cache)
                   and k.dtype == dt and v.dtype == dt and k.device == dev and v.device == dev
                   and k.layout == v.layout == torch.strided)
         elif ok:
@@ -381,12 +382,22 @@ def validate_cache(k_cache, v_cache, k, v, cache_seqlens, block_table, *, like: 
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
         n_new = k.shape[1]
+        for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if _shares_rows(x):
+                raise ValueError(f"{name} is written in place (k and v are appended) but rows share memory: shape "
+                                 f"{tuple(x.shape)}, strides {tuple(x.stride())} (an expanded tensor); pass a cache "
+                                 "that owns its rows (e.g. .clone())")
     _check_index_tensor("cache_seqlens", cache_seqlens, 1, like.device)
     if cache_seqlens.shape[0] != b:
         raise ValueError(f"cache_seqlens must have shape (B,) = ({b},), got {tuple(cache_seqlens.shape)}")
     if value_checks(like.device):
         _check_cache_values(cache_seqlens, block_table, n_new, capacity, page_size, k_cache.shape[0])
     return capacity, n_new
+
+
+def _shares_rows(cache: torch.Tensor) -> bool:
+    """A cache dim of size > 1 with stride 0 (expanded): an append to one row writes the others too."""
+    return any(n > 1 and st == 0 for n, st in zip(cache.shape[:3], cache.stride()[:3]))
 
 
 def _check_index_tensor(name: str, x, ndim: int, device: torch.device) -> None:

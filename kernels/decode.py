@@ -313,8 +313,8 @@ def kv_append_kernel(
     t = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    pos = tl.maximum(tl.load(SEQLENS + b), 0) + t
+    pos = tl.maximum(tl.load(SEQLENS + b), 0).to(tl.int64) + t  # 64-bit before the add: no wrap near 2**31
     append_row(K_CACHE, V_CACHE, K_NEW + b * stride_knb + hk * stride_knh, V_NEW + b * stride_vnb + hk * stride_vnh, t,
-               stride_kns, stride_vns, BLOCK_TABLE + b * stride_bt, b, hk, pos.to(tl.int64),
+               stride_kns, stride_vns, BLOCK_TABLE + b * stride_bt, b, hk, pos,
                (stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh), N_PAGES, ok=pos < CAPACITY,
                PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)

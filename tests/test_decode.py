@@ -251,6 +251,66 @@ def test_append_skips_positions_outside_the_cache(gen):
     assert torch.equal(pages[2:4], before[2:4])
 
 
+APPEND_NEAR_INT32_MAX = """
+import torch
+from fastattn.launchers import decode as launch
+buf = torch.zeros(1, 72, 1, 16, device="{device}")
+k_cache, v_cache = buf[:, 64:], torch.zeros(1, 8, 1, 16, device="{device}")
+k = torch.ones(1, 3, 1, 16, device="{device}")
+launch.append(k, k, k_cache, v_cache, torch.tensor([2**31 - 2], dtype=torch.int32, device="{device}"), None)
+assert not buf.any() and not v_cache.any(), "a length past the cache wrote rows"
+print("nothing written")
+"""
+
+
+def test_append_near_the_int32_limit_writes_nothing():
+    """cache_seqlens[b] + t is formed in 64 bits: in 32 bits, 2**31 - 2 + 2 wrapped negative, passed
+    `pos < CAPACITY` and wrote 2**31 rows before the cache (a crash). In a subprocess: such a write
+    kills the process."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0")}
+    res = subprocess.run([sys.executable, "-c", APPEND_NEAR_INT32_MAX.format(device=DEVICE)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "nothing written" in res.stdout, (res.returncode, res.stderr[-2000:])
+
+
+def test_torch_append_skips_pages_outside_the_pool(gen, monkeypatch):
+    """Unchecked pages (CUDA tensors): a block-table entry outside the pool is skipped by the torch-ops
+    append as by the kernel; clamped, it overwrote another sequence's page."""
+    monkeypatch.setattr(validation, "value_checks", lambda device: False)
+    pool = torch.randn(4, 4, 1, 16, generator=gen).to(DEVICE)
+    table = torch.tensor([[0, 1], [2, -1], [3, 9]], dtype=torch.int32, device=DEVICE)  # -1, 9: not pages of the pool
+    k = torch.randn(3, 2, 1, 16, generator=gen).to(DEVICE)
+    seqlens = torch.tensor([2, 3, 3], dtype=torch.int32, device=DEVICE)  # b=1 and b=2: the 2nd token is off the pool
+    for backend in ("triton", "torch"):
+        kc, vc = pool.clone(), pool.clone()
+        fastattn.append_to_kvcache(kc, vc, k, -k, cache_seqlens=seqlens, block_table=table, backend=backend)
+        want = pool.clone()
+        want[0, 2:4], want[2, 3], want[3, 3] = k[0], k[1, 0], k[2, 0]
+        assert torch.equal(kc, want) and torch.equal(vc[0, 2:4], -k[0]), backend
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_an_expanded_cache_is_not_written(backend, gen):
+    """A cache expanded over the batch (one prompt shared by every sequence) can be read, but an append
+    would write each sequence's new rows into the same memory: refused by name, not a wrong answer."""
+    base = torch.randn(1, 16, 2, 16, generator=gen).to(DEVICE)
+    kc, vc = base.expand(2, -1, -1, -1), base.clone().expand(2, -1, -1, -1)
+    q, k = (torch.randn(2, 1, 2, 16, generator=gen).to(DEVICE) for _ in range(2))
+    lens = torch.tensor([3, 9], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="k_cache is written in place"):
+        fastattn.attention_with_kvcache(q, kc, vc, k, k, cache_seqlens=lens, backend=backend)
+    with pytest.raises(ValueError, match="v_cache is written in place"):
+        fastattn.append_to_kvcache(base.clone().expand(2, -1, -1, -1).contiguous(), vc, k, k, cache_seqlens=lens,
+                                   backend=backend)
+    results = testing.check_kvcache_against_reference(  # reading it is fine
+        lambda: (fastattn.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, backend=backend), None),
+        q, kc, vc, None, None, lens)
+    assert all(r.ok for r in results), [str(r) for r in results]
+
+
 def test_append_check_looks_only_where_the_kernel_writes(gen):
     """The one-time check of a direct append launch (launch.appended) compares the positions inside
     the cache: positions the kernel skips (past the cache, on pages outside it) do not fail it (on an
@@ -315,6 +375,7 @@ BAD_INPUTS = [
     (lambda a: dict(v_cache=a["v_cache"][:, :4]), ValueError, "same shape"),
     (lambda a: dict(k_cache=a["k_cache"].transpose(1, 3)), ValueError, "contiguous last dim|same shape"),
     (lambda a: dict(block_table=None), ValueError, "batch size"),
+    (lambda a: dict(k_cache=a["k_cache"][:0], v_cache=a["v_cache"][:0]), ValueError, "at least one page"),
     (lambda a: dict(q=a["q"][:, :0]), ValueError, "at least one query"),
 ]
 VALUE_ERRORS = ("does not fit", "outside k_cache")
