@@ -21,14 +21,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-PACKAGES = ["fastattn", "fastattn.backends", "fastattn.ops", "fastattn.launchers", "fastattn.models", "fastattn.demo",
-            "fastattn.integrations",
-            "fastattn.kernels"]
+# Every package under fastattn/ (a list by hand once left fastattn.distributed out of wheels), plus kernels/.
+PACKAGES = sorted({*find_packages(where=str(ROOT), include=["fastattn", "fastattn.*"]), "fastattn.kernels"})
 
 
 def _log(msg: str) -> None:

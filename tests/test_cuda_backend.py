@@ -111,6 +111,14 @@ def test_setup_build_mode():
         s.build_mode({"FASTATTN_BUILD_CUDA": "maybe"}, gpu=no)
 
 
+def test_setup_installs_every_package():
+    """A wheel holds what PACKAGES names: every folder of fastattn/ with an __init__.py (a list by hand
+    left fastattn.distributed out, so a non-editable install could not import the models)."""
+    s = _load_setup()
+    pkgs = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fastattn").rglob("__init__.py")}
+    assert pkgs <= set(s.PACKAGES) and "fastattn.distributed" in pkgs and "fastattn.kernels" in s.PACKAGES
+
+
 def test_setup_gencode_flags():
     s = _load_setup()
     flags = " ".join(s.gencode_flags("80;90a"))
