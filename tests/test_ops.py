@@ -296,14 +296,22 @@ def test_eager_calls_skip_the_python_apply_wrapper(gen, monkeypatch):
     assert paths == []
 
 
-def test_double_backward_is_refused(gen):
+@pytest.mark.parametrize("loss", ["square", "sum"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_double_backward_is_refused(gen, loss, packed):
     """The kernels' gradients are not differentiable again: create_graph=True then a second
-    backward raises instead of silently dropping the second-order term."""
+    backward raises instead of silently dropping the second-order term, also when the cotangent is
+    a constant (out.sum(): a gradient penalty), where torch's once_differentiable attached nothing."""
     q, k, v = small_inputs(gen)
-    out = fastattn.attention(q, k, v, causal=True, backend="triton")
-    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    if packed:
+        cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEVICE)
+        cu_k = torch.tensor([0, 16, 36], dtype=torch.int32, device=DEVICE)
+        out = fastattn.attention_varlen(q[0], k[0], v[0], cu, cu_k, 13, 20, backend="triton")
+    else:
+        out = fastattn.attention(q, k, v, causal=True, backend="triton")
+    (dq,) = torch.autograd.grad(getattr(out, loss)().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
-        dq.square().sum().backward()
+        (out.sum() + dq.square().sum()).backward()
 
 
 def test_calls_without_gradients_skip_the_autograd_function(gen, monkeypatch):

@@ -181,6 +181,12 @@ def check_errors(rank, world_size):
     x = q.to(torch.float16 if rank == 0 else torch.bfloat16)
     raises(f"rank {1 - rank}'s shards .*{'bfloat16' if rank == 0 else 'float16'}.* differ from rank {rank}'s",
            q=x, k=x, v=x, backend="reference")
+    # The ring's backward is first order: a gradient penalty (the gradient of out.sum(), a constant
+    # cotangent, differentiated again) raises instead of silently dropping the second-order term.
+    qg = q.clone().requires_grad_()
+    (dq,) = torch.autograd.grad(ring_attention(qg, q, q, backend="reference").sum(), qg, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dq.square().sum().backward()
 
 
 def test_errors_name_the_problem():

@@ -30,6 +30,7 @@ from fastattn import semantics
 from fastattn.distributed import blocks
 from fastattn.distributed.layout import group_info, padded_length, zigzag_block
 from fastattn.distributed.varlen import host_lengths, step_plans
+from fastattn.first_order import first_order
 from fastattn.shape import AttentionShape
 from fastattn.validation import (
     FLOAT_DTYPES,
@@ -268,6 +269,7 @@ class RingAttention(torch.autograd.Function):
         return out, lse.to(acc)  # callers get float32 (float64 for float64 inputs)
 
     @staticmethod
+    @first_order  # built from the blocks' kernel gradients: not differentiable again
     def backward(ctx, dout, dlse):
         q, k, v, mask, out, lse = ctx.saved_tensors
         ring, block, causal, scale = ctx.ring, ctx.block, ctx.causal, ctx.scale

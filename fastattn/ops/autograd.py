@@ -22,13 +22,11 @@ the Functions, so they get gradients; the kernels compute dbias only when bias n
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.autograd import forward_ad
-from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from fastattn.first_order import first_order
 from fastattn.launchers import cuda_attention as cuda_launch
 from fastattn.launchers import triton_attention as triton_launch
 from fastattn.launchers.key_bounds import key_bounds, key_bounds_torch
@@ -175,22 +173,6 @@ def _distinct(*xs: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _first_order(backward):
-    """torch's once_differentiable (the gradients it returns have no graph: a second backward through
-    them raises, and torch.autograd.grad calls them unused: None with allow_unused=True, as for any
-    once_differentiable Function) without its cost on the usual path (~9 us: a no_grad block around a
-    backward that runs with grad mode off already). Only create_graph=True takes the guarded call."""
-    guarded = once_differentiable(backward)
-
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        if torch.is_grad_enabled():
-            return guarded(ctx, *grads)
-        return backward(ctx, *grads)
-
-    return wrapper
-
-
 def _direct(q, k, v, x=None, y=None, z=None) -> bool:
     """Call the launcher itself rather than the op: plain tensors (x, y, z: optional ones), eager, no
     dispatch mode. (Written out: a generator over the tensors costs more than the checks.)"""
@@ -217,7 +199,7 @@ class PaddedAttention(torch.autograd.Function):
         return _returned(out, lse, return_lse)
 
     @staticmethod
-    @_first_order  # the kernels' gradients are not differentiable again (see _first_order)
+    @first_order  # the kernels' gradients are not differentiable again (fastattn/first_order.py)
     def backward(ctx, dout, dlse=None):
         q, k, v, out, lse, key_padding_mask, bounds, bias, sinks, alibi = ctx.saved_tensors
         if dout is None:  # only lse was used
@@ -247,7 +229,7 @@ class VarlenAttention(torch.autograd.Function):
         return _returned(out, lse, return_lse)
 
     @staticmethod
-    @_first_order
+    @first_order
     def backward(ctx, dout, dlse=None):
         q, k, v, out, lse, cu_q, cu_k, bias, sinks, alibi = ctx.saved_tensors
         if dout is None:
