@@ -8,7 +8,7 @@ import time
 import torch
 
 from fastattn import api, backends, testing
-from fastattn.validation import validate_qkv
+from fastattn.validation import validate_kvcache, validate_qkv
 
 # (name, B, Sq, Sk, Hq, Hkv, D, causal, layout, padded): padded = a key-padding mask with a
 # different number of real keys per batch element, one of them with none.
@@ -93,22 +93,25 @@ def run_check(device: str | None = None, out=print) -> bool:
                 if padded:  # batch element i has its first sk * i / (b - 1) keys real
                     real = torch.arange(b, device=device)[:, None] * sk // (b - 1)
                     mask = torch.arange(sk, device=device)[None, :] < real
-                probe = backends.AttentionCall(q, k, v, validate_qkv(q, k, v), causal, 1.0, None, True)
-                lse_ok = backends.why_not(name, "attention", probe) is None
+                shape = validate_qkv(q, k, v)
+                call = backends.AttentionCall(q, k, v, shape, causal, 1.0, mask, False)
+                reason = backends.why_not(name, "attention", call)  # decided up front: an error later is a failure
+                if reason:
+                    out(f"{name:<10} {str(dtype)[6:]:<9} {case:<32} skipped: {reason}")
+                    continue
+                call.return_lse = True
+                lse_ok = backends.why_not(name, "attention", call) is None
 
                 def fn(a, b_, c, name=name, causal=causal, lse_ok=lse_ok, mask=mask):
                     res = api.attention(a, b_, c, causal=causal, key_padding_mask=mask, backend=name,
                                         return_lse=lse_ok)
                     return res if lse_ok else (res, None)
 
-                t0 = time.perf_counter()
-                try:
-                    results = testing.check_against_reference(fn, q, k, v, causal=causal, key_padding_mask=mask,
-                                                              lse=lse_ok, generator=gen)
-                except ValueError as e:  # the backend does not support this call
-                    out(f"{name:<10} {str(dtype)[6:]:<9} {case:<32} skipped: {e}")
-                    continue
-                all_ok &= _report(out, name, dtype, case, results, time.perf_counter() - t0)
+                def check(fn=fn, q=q, k=k, v=v, causal=causal, mask=mask, lse_ok=lse_ok):
+                    return testing.check_against_reference(fn, q, k, v, causal=causal, key_padding_mask=mask,
+                                                           lse=lse_ok, generator=gen)
+
+                all_ok &= _run_case(out, name, dtype, case, check)
         for dtype in _dtypes(device):
             all_ok &= _check_decode(name, dtype, device, gen, out)
     out("")
@@ -125,20 +128,34 @@ def _check_decode(name: str, dtype: torch.dtype, device: torch.device, gen: torc
     table = torch.randperm(b * pages_each, generator=gen).view(b, pages_each).to(device, torch.int32)
     q, k, v = rand(b, new, hq, d), rand(b, new, hkv, d), rand(b, new, hkv, d)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
-    lse = name != "torch"
+    case = "decode paged kv-cache"
+    shape, n_new = validate_kvcache(q, k_cache, v_cache, k, v, seqlens, table)
+    call = backends.KVCacheCall(q, k_cache, v_cache, k, v, seqlens, table, shape, n_new, True, 1.0, False, 3)
+    reason = backends.why_not(name, "kvcache", call)  # decided up front: an error later is a failure
+    if reason:
+        out(f"{name:<10} {str(dtype)[6:]:<9} {case:<32} skipped: {reason}")
+        return True
+    call.return_lse = True
+    lse = backends.why_not(name, "kvcache", call) is None
 
     def fn():
         res = api.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,
                                          return_lse=lse, num_splits=3, backend=name)
         return res if lse else (res, None)
 
-    case = "decode paged kv-cache"
+    return _run_case(out, name, dtype, case,
+                     lambda: testing.check_kvcache_against_reference(fn, q, k_cache, v_cache, k, v, seqlens, table))
+
+
+def _run_case(out, name, dtype, case, check) -> bool:
+    """Run `check` (-> comparisons) for a call the backend supports: an exception is a failure."""
     t0 = time.perf_counter()
     try:
-        results = testing.check_kvcache_against_reference(fn, q, k_cache, v_cache, k, v, seqlens, table)
-    except ValueError as e:  # the backend has no decode path
-        out(f"{name:<10} {str(dtype)[6:]:<9} {case:<32} skipped: {e}")
-        return True
+        results = check()
+    except Exception as e:  # noqa: BLE001 (any error from a supported call fails the check)
+        out(f"{name:<10} {str(dtype)[6:]:<9} {case:<32} {'raised ' + type(e).__name__:<28} FAIL  "
+            f"{time.perf_counter() - t0:5.1f}s  {e}")
+        return False
     return _report(out, name, dtype, case, results, time.perf_counter() - t0)
 
 

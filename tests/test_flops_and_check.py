@@ -61,6 +61,31 @@ def test_self_check_runs_and_passes():
     assert "triton" in text and "all checks passed" in text
 
 
+def test_self_check_fails_when_a_backend_refuses_a_call_it_supports(monkeypatch):
+    """A supported call that raises (here a ValueError, which once read as "not supported" and was
+    listed as skipped) is a FAIL row and a failed check, not a skip."""
+    from fastattn import backends
+    from fastattn.backends import sdpa_backend
+    from fastattn.selfcheck import run_check
+
+    plain = sdpa_backend.run
+
+    def broken(call):
+        if call.key_padding_mask is not None:
+            raise ValueError("a regression in the padded path")
+        return plain(call)
+
+    monkeypatch.setattr(backends, "BACKENDS", ("torch",))
+    monkeypatch.setattr(sdpa_backend, "run", broken)
+    lines = []
+    assert not run_check("cpu", out=lines.append)
+    failed = [line for line in lines if line.startswith("torch ") and "FAIL" in line]
+    assert all("regression" in line for line in failed), failed  # the padded calls (the decode check pads too)
+    assert any(line.split()[2:5] == ["key", "padding", "mask"] for line in failed), failed
+    assert not any("skipped" in line for line in lines if line.startswith("torch ")), lines
+    assert "SOME CHECKS FAILED" in lines[-1]
+
+
 def test_check_command_runs_the_triton_kernels_without_a_gpu():
     """`python -m fastattn check` (the README's main job) must reach the Triton kernels on a CPU
     machine too: the interpreter has to be switched on before triton is imported."""

@@ -109,3 +109,20 @@ def run(backend: str = "auto", out_dir: str | Path = "demo-output", *, quick: bo
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\ndone in {summary['seconds']}s; summary in {out_dir / 'summary.json'}")
     return summary
+
+
+def unmet_goals(summary: dict) -> list[str]:
+    """The README's claims that a full run's summary does not meet (empty when all hold): the
+    translator reaches its accuracy goal; the pre-trained decoder reaches the fine-tuning target,
+    in at most a third of the steps training from scratch takes."""
+    dates, t = summary["dates"], summary["transfer"]
+    unmet = []
+    if not dates["exact_match"] >= dates["goal"]:
+        unmet.append(f"dates: exact match {dates['exact_match']:.1%} < goal {dates['goal']:.0%}")
+    if not t["finetune"]["exact_match"] >= t["target"]:
+        unmet.append(f"reverse-shift: the fine-tuned decoder reached {t['finetune']['exact_match']:.1%} < "
+                     f"{t['target']:.0%}")
+    elif not t["finetune"]["steps"] * 3 <= t["scratch"]["steps"]:
+        unmet.append(f"reverse-shift: fine-tuning took {t['finetune']['steps']} steps, more than a third of "
+                     f"training from scratch ({t['scratch']['steps']})")
+    return unmet
