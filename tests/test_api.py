@@ -51,14 +51,28 @@ def test_auto_picks_torch_on_cpu_and_triton_on_cuda(gen, monkeypatch):
 @pytest.mark.parametrize("shape", [(2, 17, 17, 4, 2, 32), (1, 9, 30, 2, 1, 40), (1, 30, 9, 2, 2, 16),
                                    (1, 1, 1, 1, 1, 8)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_torch_backend_matches_reference(shape, causal, gen):
+@pytest.mark.parametrize("scale", [None, -0.3, 0.0])
+def test_torch_backend_matches_reference(shape, causal, scale, gen):
+    """Scales <= 0 too: PyTorch's CPU SDPA applies is_causal as -inf before scaling (a negative scale
+    made it +inf: NaN or wrong rows; 0 made NaN), so such causal calls take an explicit mask."""
     q, k, v = qkv(gen, *shape)
 
     def fn(a, b, c):
-        return fastattn.attention(a, b, c, causal=causal, backend="torch"), None
+        return fastattn.attention(a, b, c, causal=causal, scale=scale, backend="torch"), None
 
-    results = testing.check_against_reference(fn, q, k, v, causal=causal, lse=False, generator=gen)
+    results = testing.check_against_reference(fn, q, k, v, causal=causal, scale=scale, lse=False, generator=gen)
     assert all(r.ok for r in results), [str(r) for r in results]
+
+
+@pytest.mark.parametrize("scale", [-0.25, 0.0])
+def test_sdpa_dropin_is_causal_with_a_nonpositive_scale(scale, gen):
+    q = torch.randn(1, 4, 8, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(1, 2, 17, 16, generator=gen).to(DEVICE) for _ in range(2))
+    out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    top_left = torch.ones(8, 17, dtype=torch.bool, device=DEVICE).tril()  # torch's is_causal, as a mask
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=top_left,
+                                                           scale=scale, enable_gqa=True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_torch_backend_empty_rows_are_zero(gen):

@@ -244,3 +244,30 @@ def test_ring_blocks_on_one_gpu():
     the merged out/lse, fp16 and bf16."""
     assert HAS_CUDA
     run_ranks(single_gpu, 1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_torch_block_with_a_nonpositive_scale(causal, scale, gen):
+    """The ring's CPU block (aten's CPU flash op) on a diagonal block with scale <= 0: the op applies
+    is_causal as -inf before scaling (a negative scale made it +inf, 0 made NaN), so the block then
+    passes the causal mask as a bias. Forward and backward against the reference, with a padded key."""
+    from fastattn import reference, testing
+    from fastattn.backends import sdpa_backend
+
+    block = sdpa_backend.ring_block()
+    q, k, v = testing.random_qkv(1, 6, 6, 4, 2, 16, generator=gen)
+    mask = torch.tensor([[True] * 5 + [False]])
+    dout = torch.randn(q.shape, generator=gen)
+    out, lse = block.forward(q, k, v, mask, causal, scale)
+    dq, dk, dv = block.backward(dout, None, q, k, v, out, lse, mask, causal, scale)
+
+    def naive(dtype):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        o, l_ = reference.attention(*xs, causal=causal, scale=scale, key_padding_mask=mask, return_lse=True)
+        return (o, l_, *torch.autograd.grad(o, xs, dout.to(dtype)))
+
+    ref, low = naive(torch.float64), naive(torch.float32)
+    for name, got, r, n in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), ref, low):
+        c = testing.compare(name, got, n, r, testing.GRAD_FACTOR)
+        assert c.ok, str(c)

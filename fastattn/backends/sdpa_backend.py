@@ -68,11 +68,12 @@ def _run(call: AttentionCall):
     gqa = True if call.shape.heads_q != call.shape.heads_kv else False  # noqa: SIM210
     if call.key_padding_mask is not None or call.mods is not None:
         out = _with_mask(qt, kt, vt, call, gqa, skipped)
-    elif call.causal and q.shape[1] != sk:
-        # Under torch.compile a plain bool mask (j <= i + Sk - Sq): Dynamo cannot build CausalBias, a
-        # tensor subclass, in a graph.
+    elif call.causal and (q.shape[1] != sk or not call.scale > 0):
+        # A plain bool mask (j <= i + Sk - Sq) under torch.compile (Dynamo cannot build CausalBias, a
+        # tensor subclass, in a graph) and for a scale <= 0: PyTorch's CPU SDPA applies is_causal as -inf
+        # before scaling, which a negative scale turns into +inf (NaN or wrong rows) and 0 into NaN.
         mask = (torch.ones(q.shape[1], sk, dtype=torch.bool, device=q.device).tril(sk - q.shape[1])
-                if torch.compiler.is_compiling() else causal_lower_right(q.shape[1], sk))
+                if torch.compiler.is_compiling() or not call.scale > 0 else causal_lower_right(q.shape[1], sk))
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=call.scale, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=call.causal, scale=call.scale, enable_gqa=gqa)
@@ -148,14 +149,23 @@ class TorchBlock:
         return q.transpose(1, 2), kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
 
     @staticmethod
-    def _mask(mask, dtype):
-        return None if mask is None else semantics.bool_to_bias(mask, dtype)[:, None, None, :]  # (B, 1, 1, Sk)
+    def _causal_and_mask(q, k, mask, causal, scale):
+        """The op's (is_causal, attn_mask): padded keys as a bias (B, 1, 1, Sk); with a scale <= 0 the
+        causal mask too, (1, 1, Sq, Sk) (the op applies is_causal as -inf before scaling, which a
+        negative scale turns into +inf and 0 into NaN; see _run)."""
+        bias = None if mask is None else semantics.bool_to_bias(mask, q.dtype)[:, None, None, :]
+        if not causal or scale > 0:
+            return causal, bias
+        tril = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()  # top-left, as the op's
+        tril = semantics.bool_to_bias(tril, q.dtype)[None, None]
+        return False, tril if bias is None else bias + tril
 
 
     def forward(self, q, k, v, mask, causal, scale):
         qt, kt, vt = self._heads_first(q, k, v, mask)
+        is_causal, attn_mask = self._causal_and_mask(q, k, mask, causal, scale)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qt, kt, vt, 0.0, causal, attn_mask=self._mask(mask, q.dtype), scale=scale)
+            qt, kt, vt, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
         # A query row holding a NaN: NaN out and lse (the CPU op returns 0), as on every other path.
         nan = qt.isnan().any(-1)  # (B, H, S)
         out, lse = out.masked_fill(nan[..., None], float("nan")), lse.masked_fill(nan, float("nan"))
@@ -174,9 +184,10 @@ class TorchBlock:
         # The op takes the lse its forward gives: float32 (the ring merges fp32 inputs' in float64).
         lse = torch.where(lse == float("-inf"), float("inf"), lse).to(torch.float64 if q.dtype == torch.float64
                                                                       else torch.float32)
+        is_causal, attn_mask = self._causal_and_mask(q, k, mask, causal, scale)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.transpose(1, 2), qt, kt, vt, out.transpose(1, 2), lse, 0.0, causal,
-            attn_mask=self._mask(mask, q.dtype), scale=scale)
+            dout.transpose(1, 2), qt, kt, vt, out.transpose(1, 2), lse, 0.0, is_causal,
+            attn_mask=attn_mask, scale=scale)
         b, hkv, sk, d = k.shape[0], k.shape[2], k.shape[1], k.shape[3]
         group = q.shape[2] // hkv
         # (B, Hq, Sk, D) -> (B, Hkv, group, Sk, D), summed over each KV head's group, -> (B, Sk, Hkv, D)
