@@ -161,9 +161,9 @@ def _dkdv_block(dk, dv, k, v, kp, start_m, g, q_base, do_base, dq_base, q_desc, 
     p_t = _probs(s_t, lse_hi, lse_lo, TRANSPOSED=True, F64_LSE=LSE_row.dtype.element_ty == tl.float64)
     if MASKED:  # causal diagonal / window edge (and padded keys: no probability)
         vis = visible(relative_position(r, c, Sq, Sk), mods[5], mods[6], kp=kp[:, None], CAUSAL=CAUSAL,
-                      LOCAL=LOCAL, HAS_KPM=HAS_KPM)
+                      LOCAL=LOCAL, HAS_KPM=HAS_KPM or ATOMIC_DQ)
         p_t = tl.where(vis, p_t, 0.0)
-    elif HAS_KPM:  # padded keys get no probability
+    elif HAS_KPM or ATOMIC_DQ:  # padded keys, and keys past Sk (their dS reaches dQ with ATOMIC_DQ), get none
         p_t = tl.where(kp[:, None], p_t, 0.0)
     do = _query_rows(do_base, do_desc, g, start_m, rows, stride_dos, Sq, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
                      BLOCK_D=BLOCK_D, WIDE=WIDE, TMA=TMA, GQA=GQA)

@@ -676,6 +676,12 @@ def _atomic_cases(gen):
     cases.append(("constant bias", attn(True, bias=bias), q, k, v,
                   dict(causal=True, ref_fn=lambda a, b, c: reference.attention(a, b, c, causal=True, return_lse=True,
                                                                                bias=bias.to(a.dtype)))))
+    # A low lse (every score -20) and a key tile past the sequence's end (17 keys): those keys' P =
+    # exp2(-lse) overflowed fp16 in dS, and inf x their zero K rows put NaN in dQ.
+    low = torch.full((1, 1, 1, 1), -20.0, device=DEVICE, dtype=HALF)
+    qs, ks, vs = testing.random_qkv(1, 5, 17, 2, 1, 16, dtype=HALF, device=DEVICE, generator=gen)
+    cases.append(("low lse, key tail", attn(False, bias=low), qs * 0.1, ks * 0.1, vs,
+                  dict(ref_fn=lambda a, b, c: reference.attention(a, b, c, return_lse=True, bias=low.to(a.dtype)))))
     mask = torch.rand(2, 60, generator=gen).to(DEVICE) < 0.7
     cases.append(("key padding", attn(False, key_padding_mask=mask), q, k, v, dict(key_padding_mask=mask)))
     lens_q, lens_k = torch.tensor([0, 33, 5, 40]), torch.tensor([7, 40, 0, 40])
