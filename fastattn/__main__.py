@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="list usable backends and check them against the reference")
     check.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     demo = sub.add_parser("demo", help="train the reference models on generated tasks (CPU, ~1 minute)")
-    demo.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "reference"],
+    from fastattn import backends  # (fastattn is imported already: this is its __main__)
+
+    demo.add_argument("--backend", default="auto", choices=["auto", *(n for n in backends.BACKENDS if n != "cuda")],
                       help="attention backend of the models (default: auto; not cuda: its kernels take fp16/bf16 "
                            "and the demo's models are fp32)")
     demo.add_argument("--out", default="demo-output", help="folder for the PNG and summary.json")
@@ -44,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         # No GPU: run the Triton kernels through the interpreter. It must be set before triton is
         # imported, and importing the fastattn package already imported it: start over with it set
         # (in place for the command line; a child process when called from Python, which goes on).
-        os.environ["TRITON_INTERPRET"] = "1"
         if argv is None:
+            os.environ["TRITON_INTERPRET"] = "1"
             os.execv(sys.executable, [sys.executable, "-m", "fastattn", *sys.argv[1:]])
-        return subprocess.call([sys.executable, "-m", "fastattn", *argv])
+        return subprocess.call([sys.executable, "-m", "fastattn", *argv], env={**os.environ, "TRITON_INTERPRET": "1"})
 
     if args.command == "demo":
         from fastattn.demo.run import run, unmet_goals

@@ -40,15 +40,19 @@ def append(k_cache, v_cache, k, v, cache_seqlens, block_table=None) -> None:
         k_cache[rows, pos] = k
         v_cache[rows, pos] = v
     else:
-        # A page index outside the pool (unchecked on CUDA) is skipped, as the kernel does: clamped
-        # into the pool, its slot keeps what it holds instead of another sequence's row being
-        # overwritten (unless a good index writes that slot in the same call: then either may land).
+        # A page index outside the pool (unchecked on CUDA) is skipped, as the kernel does. No host
+        # sync: such an entry is sent to the first good entry's slot with that entry's key and value,
+        # so every write to one slot agrees (with no good entry at all: to one slot, with what it holds).
         page_size, n_pages = k_cache.shape[1], k_cache.shape[0]
-        pages = block_table.long().gather(1, pos // page_size)  # (B, S_new)
-        skip = ((pages < 0) | (pages >= n_pages))[:, :, None, None]  # (B, S_new, 1, 1)
-        where = (pages.clamp_(0, n_pages - 1), pos % page_size)
-        k_cache[where] = torch.where(skip, k_cache[where], k)
-        v_cache[where] = torch.where(skip, v_cache[where], v)
+        pages = block_table.long().gather(1, pos // page_size).flatten()  # (B * S_new,)
+        slots = (pos % page_size).flatten()
+        good = (pages >= 0) & (pages < n_pages)
+        first = good.int().argmax()  # the first good entry (0 when there is none)
+        take = torch.where(good, torch.arange(b * n, device=k.device), first)  # the new row each entry writes
+        where = (torch.where(good, pages, pages[first].clamp(0, n_pages - 1)), torch.where(good, slots, slots[first]))
+        for cache, new in ((k_cache, k), (v_cache, v)):
+            rows = new.reshape(b * n, *new.shape[2:])[take]  # (B, S_new, Hkv, D) -> (B * S_new, Hkv, D)
+            cache[where] = torch.where(good[first], rows, cache[where])
 
 
 def dense(cache: torch.Tensor, block_table: torch.Tensor | None) -> torch.Tensor:

@@ -312,7 +312,7 @@ def _kvcache_fast_path(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
         if ok and k is not None:
             ks = k.shape
             ok = (v is not None and v.shape == ks and len(ks) == 4 and ks[0] == b and ks[2:] == cs[2:]
-                  and not _shares_rows(k_cache) and not _shares_rows(v_cache)
+                  and 0 not in k_cache.stride() and 0 not in v_cache.stride()  # else the full check: _shares_rows
                   and k.dtype == dt and v.dtype == dt and k.device == dev and v.device == dev
                   and k.layout == v.layout == torch.strided)
         elif ok:

@@ -278,18 +278,27 @@ def test_append_near_the_int32_limit_writes_nothing():
 
 def test_torch_append_skips_pages_outside_the_pool(gen, monkeypatch):
     """Unchecked pages (CUDA tensors): a block-table entry outside the pool is skipped by the torch-ops
-    append as by the kernel; clamped, it overwrote another sequence's page."""
+    append as by the kernel. Clamped, it overwrote another sequence's page; skipped by writing a slot's
+    old value back, it could undo a good write to the slot it was clamped onto (page 0, row 0 below)."""
     monkeypatch.setattr(validation, "value_checks", lambda device: False)
     pool = torch.randn(4, 4, 1, 16, generator=gen).to(DEVICE)
-    table = torch.tensor([[0, 1], [2, -1], [3, 9]], dtype=torch.int32, device=DEVICE)  # -1, 9: not pages of the pool
     k = torch.randn(3, 2, 1, 16, generator=gen).to(DEVICE)
-    seqlens = torch.tensor([2, 3, 3], dtype=torch.int32, device=DEVICE)  # b=1 and b=2: the 2nd token is off the pool
-    for backend in ("triton", "torch"):
-        kc, vc = pool.clone(), pool.clone()
-        fastattn.append_to_kvcache(kc, vc, k, -k, cache_seqlens=seqlens, block_table=table, backend=backend)
+    cases = [([[0, 1], [2, -1], [3, 9]], [2, 3, 3]),  # -1, 9: not pages of the pool
+             ([[0, 1], [-1, 2], [9, 3]], [0, 0, 0]),  # the bad entries clamp onto page 0 row 0, a good write
+             ([[-1, -1], [9, 9], [-5, 4]], [0, 1, 2])]  # no good entry at all
+    for table, lens in cases:
         want = pool.clone()
-        want[0, 2:4], want[2, 3], want[3, 3] = k[0], k[1, 0], k[2, 0]
-        assert torch.equal(kc, want) and torch.equal(vc[0, 2:4], -k[0]), backend
+        for b, length in enumerate(lens):  # the kernel's rule: a position on a page of the pool is written
+            for t in range(k.shape[1]):
+                page = table[b][(length + t) // 4]
+                if 0 <= page < 4:
+                    want[page, (length + t) % 4] = k[b, t]
+        args = dict(cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+                    block_table=torch.tensor(table, dtype=torch.int32, device=DEVICE))
+        for backend in ("triton", "torch"):
+            kc, vc = pool.clone(), pool.clone()
+            fastattn.append_to_kvcache(kc, vc, k, k, backend=backend, **args)
+            assert torch.equal(kc, want) and torch.equal(vc, want), (table, lens, backend)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
@@ -376,6 +385,7 @@ BAD_INPUTS = [
     (lambda a: dict(k_cache=a["k_cache"].transpose(1, 3)), ValueError, "contiguous last dim|same shape"),
     (lambda a: dict(block_table=None), ValueError, "batch size"),
     (lambda a: dict(k_cache=a["k_cache"][:0], v_cache=a["v_cache"][:0]), ValueError, "at least one page"),
+    (lambda a: dict(k_cache=a["k_cache"][:1].expand_as(a["k_cache"])), ValueError, "k_cache is written in place"),
     (lambda a: dict(q=a["q"][:, :0]), ValueError, "at least one query"),
 ]
 VALUE_ERRORS = ("does not fit", "outside k_cache")

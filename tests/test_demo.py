@@ -122,6 +122,9 @@ def test_main_called_from_python_returns(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("main(argv) replaced the calling process"))
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd, **k: calls.append(cmd) or 7)
-    assert main(["check"]) == 7 and calls[0][-2:] == ["fastattn", "check"]
+    monkeypatch.setattr(subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 7)
+    assert main(["check"]) == 7
+    (cmd, env), = calls
+    assert cmd[-2:] == ["fastattn", "check"] and env["TRITON_INTERPRET"] == "1"
+    assert "TRITON_INTERPRET" not in os.environ  # the caller's environment is left as it was
 

@@ -314,6 +314,23 @@ def test_double_backward_is_refused(gen, loss, packed):
         (out.sum() + dq.square().sum()).backward()
 
 
+def test_double_backward_is_refused_through_parameters(gen):
+    """A gradient penalty on parameters upstream of the attention, with torch.autograd.grad (which
+    runs only the nodes on a path to the inputs it is asked about): raises too. The first-order
+    gradient made with create_graph=True equals the plain one."""
+    q0, k, v = (x.detach() for x in small_inputs(gen))
+    w = torch.randn(32, 32, generator=gen).to(DEVICE).requires_grad_()
+
+    def first(create_graph):
+        out = fastattn.attention(q0 @ w, k, v, causal=True, backend="triton")
+        return torch.autograd.grad(out.sum(), w, create_graph=create_graph)[0]
+
+    dw, plain = first(True), first(False)
+    assert torch.equal(dw.detach(), plain)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(dw.square().sum(), w)
+
+
 def test_calls_without_gradients_skip_the_autograd_function(gen, monkeypatch):
     """Nothing to record (grad mode off, or no input that requires grad): the eager shortcut calls
     the forward launcher without the autograd Function, with the Function's bits and a float32 lse

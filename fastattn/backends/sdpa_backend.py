@@ -68,12 +68,10 @@ def _run(call: AttentionCall):
     gqa = True if call.shape.heads_q != call.shape.heads_kv else False  # noqa: SIM210
     if call.key_padding_mask is not None or call.mods is not None:
         out = _with_mask(qt, kt, vt, call, gqa, skipped)
-    elif call.causal and (q.shape[1] != sk or not call.scale > 0):
-        # A plain bool mask (j <= i + Sk - Sq) under torch.compile (Dynamo cannot build CausalBias, a
-        # tensor subclass, in a graph) and for a scale <= 0: PyTorch's CPU SDPA applies is_causal as -inf
-        # before scaling, which a negative scale turns into +inf (NaN or wrong rows) and 0 into NaN.
-        mask = (torch.ones(q.shape[1], sk, dtype=torch.bool, device=q.device).tril(sk - q.shape[1])
-                if torch.compiler.is_compiling() or not call.scale > 0 else causal_lower_right(q.shape[1], sk))
+    elif call.causal and (q.shape[1] != sk or _is_causal_breaks(call.scale)):
+        # Under torch.compile a plain bool mask: Dynamo cannot build CausalBias, a tensor subclass, in a graph.
+        mask = (_plain_causal(q.shape[1], sk, q.device) if torch.compiler.is_compiling()
+                or _is_causal_breaks(call.scale) else causal_lower_right(q.shape[1], sk))
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=call.scale, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=call.causal, scale=call.scale, enable_gqa=gqa)
@@ -83,6 +81,17 @@ def _run(call: AttentionCall):
     if skipped:
         out = torch.cat([out.new_zeros(b, skipped, *out.shape[2:]), out], dim=1)
     return out
+
+
+def _is_causal_breaks(scale: float) -> bool:
+    """PyTorch's CPU SDPA applies is_causal as -inf before scaling: a negative scale turns it into +inf
+    (NaN outputs, or wrong rows) and 0 into NaN. Such calls pass the causal mask explicitly."""
+    return not scale > 0
+
+
+def _plain_causal(sq: int, sk: int, device) -> torch.Tensor:
+    """Bottom-right causal, j <= i + Sk - Sq, as a plain bool mask (Sq, Sk)."""
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(sk - sq)
 
 
 def _with_mask(qt, kt, vt, call: AttentionCall, gqa: bool, skipped: int) -> torch.Tensor:
@@ -150,14 +159,12 @@ class TorchBlock:
 
     @staticmethod
     def _causal_and_mask(q, k, mask, causal, scale):
-        """The op's (is_causal, attn_mask): padded keys as a bias (B, 1, 1, Sk); with a scale <= 0 the
-        causal mask too, (1, 1, Sq, Sk) (the op applies is_causal as -inf before scaling, which a
-        negative scale turns into +inf and 0 into NaN; see _run)."""
+        """The op's (is_causal, attn_mask): padded keys as a bias (B, 1, 1, Sk); where is_causal breaks
+        (_is_causal_breaks) the causal mask too, (1, 1, S, S) (diagonal blocks: square)."""
         bias = None if mask is None else semantics.bool_to_bias(mask, q.dtype)[:, None, None, :]
-        if not causal or scale > 0:
+        if not causal or not _is_causal_breaks(scale):
             return causal, bias
-        tril = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()  # top-left, as the op's
-        tril = semantics.bool_to_bias(tril, q.dtype)[None, None]
+        tril = semantics.bool_to_bias(_plain_causal(q.shape[1], k.shape[1], q.device), q.dtype)[None, None]
         return False, tril if bias is None else bias + tril
 
 
