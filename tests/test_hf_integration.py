@@ -524,3 +524,73 @@ def test_gpt_oss_sinks_reach_fastattn_through_transformers_flash_path(fastattn_a
         no_sinks[name] = torch.full_like(no_sinks[name], -1e4)
     models[fastattn_as_transformers_flash].load_state_dict(no_sinks)
     assert (logits(models[fastattn_as_transformers_flash], input_ids=ids) - fast).abs().max() > 1e-3  # sinks count
+
+
+def test_an_encoder_that_does_not_say_it_is_bidirectional_runs_eager():
+    """Splinter's attention has no is_causal and its model no SDPA support; without padding
+    transformers passes no mask, where SDPA's default (causal) was a silent wrong guess. Such calls
+    run the model's eager function, warned and counted, and match eager."""
+    config = transformers.SplinterConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=32)
+    fast, naive, ref = build(transformers.SplinterModel, config)
+    ids = torch.randint(1, VOCAB, (2, 9))
+    with pytest.warns(UserWarning, match="does not say whether it is causal"), torch.no_grad():
+        got = fast(input_ids=ids).last_hidden_state
+    with torch.no_grad():
+        check("splinter, no mask", got, naive(input_ids=ids).last_hidden_state,
+              ref(input_ids=ids).last_hidden_state)
+    assert fhf.CALLS["fastattn"] == 0 and sum(v for k, v in fhf.CALLS.items() if k.startswith("fallback")) == 2
+
+
+def test_an_argument_fastattn_does_not_know_runs_eager():
+    """transformers passes model-specific arguments through **kwargs (Inkling 2's per-query sinks):
+    one fastattn does not know, with a value, falls back to the model's eager function instead of
+    being ignored; known ones (positions, flags) and None values do not."""
+    fast, naive, _ = build(transformers.LlamaForCausalLM, llama_config())
+    attn = fast.model.layers[0].self_attn
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    fhf.attention_forward(attn, q, k, v, None, scaling=0.3, position_ids=torch.arange(5)[None], use_cache=True,
+                          sinks=None)
+    assert fhf.CALLS["fastattn"] == 1
+    with pytest.warns(UserWarning, match="passes sinks, which fastattn does not run"):
+        fhf.attention_forward(attn, q, k, v, None, scaling=0.3, sinks=torch.zeros(1, 4, 5, 1))
+    assert fhf.CALLS["fastattn"] == 1 and any("passes sinks" in k for k in fhf.CALLS)
+
+
+@pytest.mark.parametrize("sq,sk", [(6, 4), (4, 6), (1, 5), (5, 5)])
+def test_no_mask_is_sdpas_top_left_causal(sq, sk):
+    """No mask and is_causal: SDPA's meaning (query i sees keys j <= i, one query every key), also
+    for Sq > Sk (Mllama's cross-attention without its mask), where fastattn's own causal is bottom-right."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    q, k, v = torch.randn(2, 4, sq, 16), torch.randn(2, 4, sk, 16), torch.randn(2, 4, sk, 16)
+    got = fhf.attention_forward(module, q, k, v, None, is_causal=True)[0]
+    naive = sdpa_attention_forward(module, q, k, v, None, is_causal=True)[0]
+    want = sdpa_attention_forward(module, q.double(), k.double(), v.double(), None, is_causal=True)[0]
+    check(f"Sq={sq} Sk={sk}, no mask", got, naive, want)
+
+
+def test_masks_do_not_outlive_their_forward():
+    """The per-forward mask analysis holds no mask after the forward (it held the last 8: at B=8,
+    S=8k, 512 MiB each)."""
+    import gc
+    import weakref
+
+    fast, _, _ = build(transformers.LlamaForCausalLM, llama_config())
+    masks = []
+    spy = fhf._key_padding
+
+    def record(mask, *a, **kw):
+        masks.append(weakref.ref(mask))
+        return spy(mask, *a, **kw)
+
+    fhf._key_padding, saved = record, fhf._key_padding
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                fast(input_ids=torch.randint(0, VOCAB, (2, 7)), attention_mask=padding_mask(2, 7, [0, 2], left=True))
+    finally:
+        fhf._key_padding = saved
+    gc.collect()
+    assert masks and all(m() is None for m in masks)

@@ -15,8 +15,10 @@ model's own eager function where SDPA cannot do it either) with a one-time warni
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
+import weakref
 from collections import Counter
 
 import torch
@@ -35,12 +37,13 @@ __all__ = ["CALLS", "attention_forward", "register", "reset_counts"]
 CALLS: Counter = Counter()
 _settings = {"backend": "auto"}  # a direct attention_forward call's backend: the last register()'s
 _warned: set[str] = set()
-# id(mask) -> (mask, its version, causal, window, key_padding or None, layer): the layers of a forward
-# share a few mask tensors (Gemma 2: a sliding and a full one), so each is analysed once per forward
-# (one host sync); holding the mask keeps its id. A mask edited in place since (a user's 4-D mask)
-# is read again: its version counter tells. A tensor made under torch.inference_mode has none: its
-# analysis is reused only by later layers of the same forward (a higher layer_idx), so each forward
-# reads it once. (An edit through .data bumps no version: not seen.)
+# id(mask) -> (weak reference to the mask, its version, causal, window, key_padding or None, layer): the
+# layers of a forward share a few mask tensors (Gemma 2: a sliding and a full one), so each is analysed
+# once per forward (one host sync). The reference is weak (a held mask outlived its forward: 8 of them
+# could hold gigabytes) and a dead one never matches a new tensor given the same id. A mask edited in
+# place since (a user's 4-D mask) is read again: its version counter tells. A tensor made under
+# torch.inference_mode has none: its analysis is reused only by later layers of the same forward (a
+# higher layer_idx), so each forward reads it once. (An edit through .data bumps no version: not seen.)
 _mask_cache: dict[int, tuple] = {}
 
 
@@ -83,11 +86,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     """transformers' attention-function contract: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D),
     the mask from the registered mask function; returns (out (B, Sq, Hq, D), None). backend:
     fastattn's (None: the last register()'s; a registered name passes its own)."""
-    reason = _unsupported(module, dropout, kwargs)
+    reason = _unsupported(module, dropout, kwargs, is_causal, attention_mask)
     if reason:
         return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal,
                          sliding_window, softcap, s_aux, position_bias, **kwargs)
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))  # SDPA's default
     sq, sk = query.shape[2], key.shape[2]
     window = None
     if sliding_window is not None:
@@ -101,6 +104,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         elif causal and sk > sq:
             key, value = key[:, :, :sq], value[:, :, :sq]  # top-left causal: as SDPA crops (static cache prefill)
             sk = sq
+        elif causal and sq > sk:  # top-left: query i sees keys j <= i (fastattn's causal is bottom-right)
+            bias = semantics.bool_to_bias(_top_left_causal(sq, sk, query.device), query.dtype)[None, None]
+            causal = False
     elif position_bias is None:
         key_padding = _key_padding(attention_mask, causal, window, sq, sk, getattr(module, "layer_idx", None))
         if key_padding is not None:
@@ -113,8 +119,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if position_bias is not None:  # T5-style scores (as sdpa_attention_forward, with the mask's pattern or causal)
         position_bias = position_bias[..., :sk]
         if causal:
-            keep = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril()
-            position_bias = position_bias.masked_fill(~keep, float("-inf"))
+            position_bias = position_bias.masked_fill(~_top_left_causal(sq, sk, query.device), float("-inf"))
             causal = False
         bias = position_bias if bias is None else bias + position_bias
     CALLS["fastattn"] += 1
@@ -125,12 +130,51 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     return out, None
 
 
-def _unsupported(module, dropout, kwargs) -> str | None:
+# What transformers passes to an attention function besides the named arguments, that leaves the
+# attention itself as the mask and the named arguments say (flags, positions the mask already holds).
+_HARMLESS_KWARGS = frozenset({
+    "position_ids", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+    "use_cache", "output_attentions", "output_hidden_states", "output_router_logits", "return_dict",
+    "encoder_hidden_states", "past_key_value", "past_key_values", "layer_idx", "deterministic", "token_type_ids"})
+
+
+def _unknown_kwargs(kwargs) -> list[str]:
+    """Arguments fastattn does not know that carry a value (Inkling 2's per-query `sinks`: ignored, they
+    gave silently wrong outputs): the model's eager function runs such calls."""
+    return [k for k, v in kwargs.items() if k not in _HARMLESS_KWARGS and v is not None and v is not False]
+
+
+def _unsupported(module, dropout, kwargs, is_causal, attention_mask) -> str | None:
     if dropout and dropout > 0:
         return "attention dropout > 0 (training): fastattn has no dropout"
     if kwargs.get("output_attentions"):
         return "output_attentions=True: fastattn does not form the attention matrix"
+    unknown = _unknown_kwargs(kwargs)
+    if unknown:
+        return f"{type(module).__name__} passes {', '.join(unknown)}, which fastattn does not run"
+    if attention_mask is None and is_causal is None and not hasattr(module, "is_causal") \
+            and _eager_only(type(module)):
+        # No mask and no is_causal: SDPA's default (causal) would be a guess for a model transformers
+        # runs with eager attention only (Splinter, ALIGN's and CLAP's text encoders: bidirectional).
+        return (f"{type(module).__name__} does not say whether it is causal (no is_causal) and its model "
+                "does not support SDPA")
     return None
+
+
+@functools.cache
+def _eager_only(module_type: type) -> bool:
+    """Whether an attention module comes from a transformers modeling file whose models do not support
+    transformers' SDPA path (they run eager attention only)."""
+    from transformers import PreTrainedModel
+
+    models = [c for c in vars(sys.modules[module_type.__module__]).values()
+              if isinstance(c, type) and issubclass(c, PreTrainedModel)]
+    return bool(models) and not any(getattr(c, "_supports_sdpa", False) for c in models)
+
+
+def _top_left_causal(sq: int, sk: int, device) -> torch.Tensor:
+    """SDPA's is_causal as a bool mask (Sq, Sk): query i sees keys j <= i (one query sees every key)."""
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(sk - 1 if sq == 1 else 0)
 
 
 def _bshd(x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +195,7 @@ def _key_padding(mask, causal, window, sq, sk, layer=None):
         return None
     version = None if mask.is_inference() else mask._version
     cached = _mask_cache.get(id(mask))
-    if cached is not None and cached[0] is mask and cached[1:4] == (version, causal, window):
+    if cached is not None and cached[0]() is mask and cached[1:4] == (version, causal, window):
         if version is not None or (layer is not None and cached[5] is not None and layer > cached[5]):
             _mask_cache[id(mask)] = (*cached[:5], layer)
             return cached[4]
@@ -160,7 +204,7 @@ def _key_padding(mask, causal, window, sq, sk, layer=None):
         result = semantics.key_padding_of_pattern(mask, causal, window)
     if len(_mask_cache) >= 8:  # masks of earlier forwards
         _mask_cache.clear()
-    _mask_cache[id(mask)] = (mask, version, causal, window, result, layer)
+    _mask_cache[id(mask)] = (weakref.ref(mask), version, causal, window, result, layer)
     return result
 
 
@@ -169,7 +213,8 @@ def _fallback(reason, module, query, key, value, attention_mask, dropout, scalin
     """torch SDPA (transformers' own sdpa function), or the model's eager function where SDPA cannot
     run the call (attention weights, softcap, sinks)."""
     CALLS[f"fallback: {reason}"] += 1
-    needs_eager = bool(kwargs.get("output_attentions") or softcap or s_aux is not None)
+    needs_eager = bool(kwargs.get("output_attentions") or softcap or s_aux is not None or _unknown_kwargs(kwargs)
+                       or (is_causal is None and not hasattr(module, "is_causal") and _eager_only(type(module))))
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"fastattn: {reason}; running {'eager' if needs_eager else 'torch SDPA'} attention instead",
@@ -183,9 +228,7 @@ def _fallback(reason, module, query, key, value, attention_mask, dropout, scalin
     if eager is None:
         raise NotImplementedError(f"fastattn: {reason}, and {type(module).__name__} has no eager attention function")
     if attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", False)):
-        sq, sk = query.shape[2], key.shape[2]
-        diagonal = sk - 1 if sq == 1 else 0  # SDPA's is_causal meaning, as in attention_forward
-        attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(diagonal)[None, None]
+        attention_mask = _top_left_causal(query.shape[2], key.shape[2], query.device)[None, None]  # as SDPA
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
     extra = {k: v for k, v in (("sliding_window", sliding_window), ("softcap", softcap), ("s_aux", s_aux),
