@@ -8,8 +8,9 @@ fastattn (B, S, H, D) views (no copy), K/V with their own Hkv heads (GQA without
 - any other mask (packed sequences, custom 4-D masks, T5's position_bias) -> an additive bias;
 - no mask -> SDPA's meaning of is_causal (top-left; transformers skips the mask only where that
   matches), which we mirror exactly.
-Calls fastattn cannot run (dropout in training, output_attentions) fall back to torch SDPA (or the
-model's own eager function where SDPA cannot do it either) with a one-time warning naming the reason.
+Calls fastattn cannot run (dropout in training, output_attentions, an argument it does not know, no
+mask for a layer without is_causal in an eager-only model) fall back to torch SDPA (or the model's own
+eager function where SDPA cannot do it either) with a one-time warning naming the reason.
 ``CALLS`` counts both so a caller can check which path ran.
 """
 
