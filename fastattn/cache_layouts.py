@@ -21,11 +21,15 @@ def capacity(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> int:
     return k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
 
 
+def _unclamped(cache_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) int64 positions of n new tokens, max(cache_seqlens[b], 0) + t, as the kernel forms them."""
+    return cache_seqlens.long().clamp(min=0)[:, None] + torch.arange(n, device=cache_seqlens.device)
+
+
 def positions(cache_seqlens: torch.Tensor, n: int, cap: int) -> torch.Tensor:
-    """(B, n) int64 cache positions of n new tokens, cache_seqlens[b] + t, clamped into the cache
-    (lengths are not read on the host for CUDA tensors: bad ones must not reach outside it)."""
-    t = torch.arange(n, device=cache_seqlens.device)
-    return (cache_seqlens.long()[:, None] + t).clamp_(0, max(cap - 1, 0))
+    """(B, n) int64 cache positions of n new tokens, clamped into the cache (lengths are not read on
+    the host for CUDA tensors: bad ones must not reach outside it)."""
+    return _unclamped(cache_seqlens, n).clamp_(max=max(cap - 1, 0))
 
 
 def append(k_cache, v_cache, k, v, cache_seqlens, block_table=None) -> None:
@@ -34,25 +38,29 @@ def append(k_cache, v_cache, k, v, cache_seqlens, block_table=None) -> None:
     b, n = k.shape[:2]
     if n == 0 or b == 0:
         return
-    pos = positions(cache_seqlens, n, capacity(k_cache, block_table))  # (B, S_new)
     if block_table is None:
+        pos = positions(cache_seqlens, n, k_cache.shape[1])  # (B, S_new)
         rows = torch.arange(b, device=k.device)[:, None].expand(b, n)
         k_cache[rows, pos] = k
         v_cache[rows, pos] = v
     else:
-        # A page index outside the pool (unchecked on CUDA) is skipped, as the kernel does. No host
-        # sync: such an entry is sent to the first good entry's slot with that entry's key and value,
-        # so every write to one slot agrees (with no good entry at all: to one slot, with what it holds).
-        page_size, n_pages = k_cache.shape[1], k_cache.shape[0]
+        # A position past the cache or on a page index outside the pool (unchecked on CUDA) is
+        # skipped, as the kernel does. No host sync: such an entry is sent to the first good entry's
+        # slot with that entry's key and value, so every write to one slot agrees (with no good entry
+        # at all: to one slot, with what it holds). Indices are (1,)-shaped: a 0-d one reads on the host.
+        page_size, n_pages, cap = k_cache.shape[1], k_cache.shape[0], capacity(k_cache, block_table)
+        raw = _unclamped(cache_seqlens, n)  # (B, S_new)
+        pos = raw.clamp(max=cap - 1)
         pages = block_table.long().gather(1, pos // page_size).flatten()  # (B * S_new,)
         slots = (pos % page_size).flatten()
-        good = (pages >= 0) & (pages < n_pages)
-        first = good.int().argmax()  # the first good entry (0 when there is none)
+        good = (pages >= 0) & (pages < n_pages) & (raw < cap).flatten()
+        first = good.int().argmax().view(1)  # the first good entry (0 when there is none)
         take = torch.where(good, torch.arange(b * n, device=k.device), first)  # the new row each entry writes
         where = (torch.where(good, pages, pages[first].clamp(0, n_pages - 1)), torch.where(good, slots, slots[first]))
+        any_good = good[first].view(1, 1, 1)
         for cache, new in ((k_cache, k), (v_cache, v)):
             rows = new.reshape(b * n, *new.shape[2:])[take]  # (B, S_new, Hkv, D) -> (B * S_new, Hkv, D)
-            cache[where] = torch.where(good[first], rows, cache[where])
+            cache[where] = torch.where(any_good, rows, cache[where])
 
 
 def dense(cache: torch.Tensor, block_table: torch.Tensor | None) -> torch.Tensor:

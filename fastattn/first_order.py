@@ -21,15 +21,25 @@ MESSAGE = ("trying to differentiate twice a fastattn attention: its backward is 
 
 
 class _SecondOrderError(torch.autograd.Function):
-    """(n, *gradients, *anchors) -> the n gradients, as views; its backward raises."""
+    """(n, *gradients, *anchors) -> the n gradients (no copy); its backward raises."""
 
     @staticmethod
     def forward(ctx, n, *tensors):
-        return tuple(t.view_as(t) for t in tensors[:n])
+        return tuple(t.detach() for t in tensors[:n])  # aliases, not views: in-place edits stay legal
 
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError(MESSAGE)
+
+
+class _Unpacked:
+    """A backward's ctx with its saved tensors already unpacked."""
+
+    def __init__(self, ctx, saved):
+        self._ctx, self.saved_tensors = ctx, saved
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
 
 
 def first_order(backward):
@@ -39,10 +49,13 @@ def first_order(backward):
     def wrapper(ctx, *grads):
         if not torch.is_grad_enabled():  # the usual backward (create_graph=False): nothing to guard, no cost
             return backward(ctx, *grads)
-        anchors = [t for t in (*ctx.saved_tensors, *grads)
-                   if isinstance(t, torch.Tensor) and t.requires_grad]
+        saved = ctx.saved_tensors  # unpacked once: torch.utils.checkpoint refuses a second unpack
+        # Not the saved outputs (out, lse): their node is this one, which q, k, v's edges cover, and
+        # holding it would keep its saved tensors alive with the gradients.
+        anchors = [t for t in (*saved, *grads)
+                   if isinstance(t, torch.Tensor) and t.requires_grad and t.grad_fn is not ctx]
         with torch.no_grad():
-            outs = backward(ctx, *grads)
+            outs = backward(_Unpacked(ctx, saved), *grads)
         given = [i for i, o in enumerate(outs) if o is not None]
         if not anchors or not given:  # nothing a second backward could reach
             return outs

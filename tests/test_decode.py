@@ -276,29 +276,50 @@ def test_append_near_the_int32_limit_writes_nothing():
     assert res.returncode == 0 and "nothing written" in res.stdout, (res.returncode, res.stderr[-2000:])
 
 
-def test_torch_append_skips_pages_outside_the_pool(gen, monkeypatch):
-    """Unchecked pages (CUDA tensors): a block-table entry outside the pool is skipped by the torch-ops
-    append as by the kernel. Clamped, it overwrote another sequence's page; skipped by writing a slot's
-    old value back, it could undo a good write to the slot it was clamped onto (page 0, row 0 below)."""
+def test_torch_append_skips_what_the_kernel_skips(gen, monkeypatch):
+    """Unchecked lengths and pages (CUDA tensors): the torch-ops append writes what the kernel writes.
+    Paged: a position past the cache or on a page index outside the pool is skipped (clamped, it
+    overwrote another sequence's row; skipped by writing a slot's old value back, it could undo a good
+    write to the slot it was clamped onto: page 0, row 0 in the second case). Both layouts: a negative
+    length counts as 0. (Contiguous, a position past the cache lands on the last row: not compared.)"""
     monkeypatch.setattr(validation, "value_checks", lambda device: False)
-    pool = torch.randn(4, 4, 1, 16, generator=gen).to(DEVICE)
+    pool = torch.randn(8, 4, 1, 16, generator=gen).to(DEVICE)
     k = torch.randn(3, 2, 1, 16, generator=gen).to(DEVICE)
     cases = [([[0, 1], [2, -1], [3, 9]], [2, 3, 3]),  # -1, 9: not pages of the pool
              ([[0, 1], [-1, 2], [9, 3]], [0, 0, 0]),  # the bad entries clamp onto page 0 row 0, a good write
-             ([[-1, -1], [9, 9], [-5, 4]], [0, 1, 2])]  # no good entry at all
+             ([[-1, -1], [9, 9], [-5, 4]], [0, 1, 2]),  # no good entry at all
+             ([[0, 1], [2, 3], [4, 5]], [7, -2, 30])]  # past the capacity of 8; a negative length
     for table, lens in cases:
         want = pool.clone()
-        for b, length in enumerate(lens):  # the kernel's rule: a position on a page of the pool is written
+        for b, length in enumerate(lens):  # the kernel's rule: a position inside the cache, on a page of the pool
             for t in range(k.shape[1]):
-                page = table[b][(length + t) // 4]
-                if 0 <= page < 4:
-                    want[page, (length + t) % 4] = k[b, t]
+                pos = max(length, 0) + t
+                page = table[b][pos // 4] if pos < 8 else -1
+                if 0 <= page < 8:
+                    want[page, pos % 4] = k[b, t]
         args = dict(cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
                     block_table=torch.tensor(table, dtype=torch.int32, device=DEVICE))
         for backend in ("triton", "torch"):
             kc, vc = pool.clone(), pool.clone()
             fastattn.append_to_kvcache(kc, vc, k, k, backend=backend, **args)
             assert torch.equal(kc, want) and torch.equal(vc, want), (table, lens, backend)
+    cache = torch.randn(2, 8, 1, 16, generator=gen).to(DEVICE)
+    lens = torch.tensor([-2, 3], dtype=torch.int32, device=DEVICE)
+    got = [cache.clone() for _ in range(2)]
+    for backend, c in zip(("triton", "torch"), got):
+        fastattn.append_to_kvcache(c, c.clone(), k[:2], k[:2], cache_seqlens=lens, backend=backend)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[1][0, :2], k[0]) and torch.equal(got[1][1, 3:5], k[1])
+
+
+def test_torch_paged_append_needs_no_host_sync():
+    """The torch-ops paged append reads nothing on the host (a 0-d index tensor would: .item()), so it
+    runs on meta tensors, as it would inside a CUDA graph."""
+    from fastattn import cache_layouts
+
+    meta = dict(device="meta")
+    cache_layouts.append(torch.empty(4, 4, 1, 16, **meta), torch.empty(4, 4, 1, 16, **meta),
+                         torch.empty(3, 2, 1, 16, **meta), torch.empty(3, 2, 1, 16, **meta),
+                         torch.empty(3, dtype=torch.int32, **meta), torch.empty(3, 2, dtype=torch.int32, **meta))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])

@@ -542,6 +542,17 @@ def test_an_encoder_that_does_not_say_it_is_bidirectional_runs_eager():
     assert fhf.CALLS["fastattn"] == 0 and sum(v for k, v in fhf.CALLS.items() if k.startswith("fallback")) == 2
 
 
+def test_a_trainer_step_runs_fastattn():
+    """transformers' Trainer passes num_items_in_batch through the model to every attention call: a
+    known argument, so the step stays on fastattn (an allowlist without it sent it to eager)."""
+    fast, _, _ = build(transformers.LlamaForCausalLM, llama_config())
+    fast.train()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    fast(input_ids=ids, labels=ids, attention_mask=padding_mask(2, 7, [0, 2], left=True),
+         num_items_in_batch=torch.tensor(12)).loss.backward()
+    assert_ran({"key padding"})
+
+
 def test_an_argument_fastattn_does_not_know_runs_eager():
     """transformers passes model-specific arguments through **kwargs (Inkling 2's per-query sinks):
     one fastattn does not know, with a value, falls back to the model's eager function instead of
@@ -557,17 +568,19 @@ def test_an_argument_fastattn_does_not_know_runs_eager():
     assert fhf.CALLS["fastattn"] == 1 and any("passes sinks" in k for k in fhf.CALLS)
 
 
-@pytest.mark.parametrize("sq,sk", [(6, 4), (4, 6), (1, 5), (5, 5)])
-def test_no_mask_is_sdpas_top_left_causal(sq, sk):
+# A window with Sq > Sk only: elsewhere transformers skips the mask only where the window is moot.
+@pytest.mark.parametrize("sq,sk,window", [(6, 4, None), (6, 4, 3), (4, 6, None), (1, 5, None), (5, 5, None)])
+def test_no_mask_is_sdpas_top_left_causal(sq, sk, window):
     """No mask and is_causal: SDPA's meaning (query i sees keys j <= i, one query every key), also
     for Sq > Sk (Mllama's cross-attention without its mask), where fastattn's own causal is bottom-right."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = torch.nn.Module()
     q, k, v = torch.randn(2, 4, sq, 16), torch.randn(2, 4, sk, 16), torch.randn(2, 4, sk, 16)
-    got = fhf.attention_forward(module, q, k, v, None, is_causal=True)[0]
-    naive = sdpa_attention_forward(module, q, k, v, None, is_causal=True)[0]
-    want = sdpa_attention_forward(module, q.double(), k.double(), v.double(), None, is_causal=True)[0]
+    kw = dict(is_causal=True, sliding_window=window)
+    got = fhf.attention_forward(module, q, k, v, None, **kw)[0]
+    naive = sdpa_attention_forward(module, q, k, v, None, **kw)[0]
+    want = sdpa_attention_forward(module, q.double(), k.double(), v.double(), None, **kw)[0]
     check(f"Sq={sq} Sk={sk}, no mask", got, naive, want)
 
 

@@ -331,6 +331,25 @@ def test_double_backward_is_refused_through_parameters(gen):
         torch.autograd.grad(dw.square().sum(), w)
 
 
+def test_first_order_gradients_with_create_graph_work_as_plain_ones(gen):
+    """The guard on create_graph=True gradients changes nothing else: under a non-reentrant
+    torch.utils.checkpoint (which allows one unpack of the saved tensors) the gradients equal the
+    plain ones, they can be edited in place (a hook scaling them), and a second backward still raises."""
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v = small_inputs(gen)
+
+    def attn(q, k, v):
+        return fastattn.attention(q, k, v, causal=True, backend="triton")
+
+    plain = torch.autograd.grad(attn(q, k, v).sum(), (q, k, v))
+    grads = torch.autograd.grad(checkpoint(attn, q, k, v, use_reentrant=False).sum(), (q, k, v), create_graph=True)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(plain, grads))
+    grads[0].mul_(2)  # in place: an alias, not a view of the guard's output
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(grads[1].square().sum(), k)
+
+
 def test_calls_without_gradients_skip_the_autograd_function(gen, monkeypatch):
     """Nothing to record (grad mode off, or no input that requires grad): the eager shortcut calls
     the forward launcher without the autograd Function, with the Function's bits and a float32 lse

@@ -107,7 +107,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             sk = sq
         elif causal and sq > sk:  # top-left: query i sees keys j <= i (fastattn's causal is bottom-right)
             bias = semantics.bool_to_bias(_top_left_causal(sq, sk, query.device), query.dtype)[None, None]
-            causal = False
+            causal, window = False, None  # SDPA ignores the window without a mask
     elif position_bias is None:
         key_padding = _key_padding(attention_mask, causal, window, sq, sk, getattr(module, "layer_idx", None))
         if key_padding is not None:
@@ -131,12 +131,25 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     return out, None
 
 
-# What transformers passes to an attention function besides the named arguments, that leaves the
-# attention itself as the mask and the named arguments say (flags, positions the mask already holds).
-_HARMLESS_KWARGS = frozenset({
-    "position_ids", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
-    "use_cache", "output_attentions", "output_hidden_states", "output_router_logits", "return_dict",
-    "encoder_hidden_states", "past_key_value", "past_key_values", "layer_idx", "deterministic", "token_type_ids"})
+def _harmless_kwargs() -> frozenset[str]:
+    """What transformers passes an attention function besides the named arguments that leaves the
+    attention as the mask and those arguments say: flags, positions and packing the mask already
+    holds, the loss's token count (the Trainer's num_items_in_batch), and whatever else its generic
+    model kwargs (TransformersKwargs) declare in the installed version."""
+    names = {"position_ids", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+             "seq_idx", "num_items_in_batch", "use_cache", "output_attentions", "output_hidden_states",
+             "output_router_logits", "return_dict", "encoder_hidden_states", "past_key_value", "past_key_values",
+             "layer_idx", "deterministic", "token_type_ids"}
+    try:
+        from transformers.utils import TransformersKwargs
+
+        names |= set(TransformersKwargs.__annotations__)
+    except ImportError:  # pragma: no cover - older transformers
+        pass
+    return frozenset(names)
+
+
+_HARMLESS_KWARGS = _harmless_kwargs()
 
 
 def _unknown_kwargs(kwargs) -> list[str]:
