@@ -379,8 +379,7 @@ def validate_cache(k_cache, v_cache, k, v, cache_seqlens, block_table, *, like: 
             if x.shape[0] != b or x.shape[2:] != k_cache.shape[2:]:
                 raise ValueError(f"{name} must have shape (B, S_new, Hkv, D) = ({b}, S_new, {hkv}, {d}), got "
                                  f"{tuple(x.shape)}")
-        if k.shape != v.shape:
-            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        _check_same_shape(k, v)
         n_new = k.shape[1]
         for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
             if _shares_rows(x):

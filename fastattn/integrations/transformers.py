@@ -166,13 +166,17 @@ def _unsupported(module, dropout, kwargs, is_causal, attention_mask) -> str | No
     unknown = _unknown_kwargs(kwargs)
     if unknown:
         return f"{type(module).__name__} passes {', '.join(unknown)}, which fastattn does not run"
-    if attention_mask is None and is_causal is None and not hasattr(module, "is_causal") \
-            and _eager_only(type(module)):
-        # No mask and no is_causal: SDPA's default (causal) would be a guess for a model transformers
-        # runs with eager attention only (Splinter, ALIGN's and CLAP's text encoders: bidirectional).
+    if attention_mask is None and _causal_unknown(module, is_causal):
         return (f"{type(module).__name__} does not say whether it is causal (no is_causal) and its model "
                 "does not support SDPA")
     return None
+
+
+def _causal_unknown(module, is_causal) -> bool:
+    """No is_causal, passed or on the layer, in a model transformers runs with eager attention only
+    (Splinter, ALIGN's and CLAP's text encoders: bidirectional): SDPA's default (causal) would be a
+    guess. Without a mask such calls run eager."""
+    return is_causal is None and not hasattr(module, "is_causal") and _eager_only(type(module))
 
 
 @functools.cache
@@ -228,7 +232,7 @@ def _fallback(reason, module, query, key, value, attention_mask, dropout, scalin
     run the call (attention weights, softcap, sinks)."""
     CALLS[f"fallback: {reason}"] += 1
     needs_eager = bool(kwargs.get("output_attentions") or softcap or s_aux is not None or _unknown_kwargs(kwargs)
-                       or (is_causal is None and not hasattr(module, "is_causal") and _eager_only(type(module))))
+                       or _causal_unknown(module, is_causal))
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"fastattn: {reason}; running {'eager' if needs_eager else 'torch SDPA'} attention instead",
