@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastattn import backends, cache_layouts, semantics
-from fastattn.backends import AppendCall, AttentionCall, KVCacheCall
+from fastattn.backends import AppendCall, AttentionCall, KVCacheCall, sdpa_backend
 from fastattn.validation import (
     check_broadcastable,
     validate_cache,
@@ -230,8 +230,26 @@ def _fallback_to_torch(reason: str, backend: str, query, key, value, attn_mask, 
         _warned.add(reason)
         warnings.warn(f"fastattn.scaled_dot_product_attention: {reason}; falling back to "
                       "torch.nn.functional.scaled_dot_product_attention", stacklevel=3)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    with sdpa_backend.own_kernels(query):  # never fastattn again, as torch's flash impl
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def _broadcast_like_sdpa(query, key, value, enable_gqa: bool):
+    """torch's SDPA broadcasts a batch dim of 1 across query, key and value, and a heads dim of 1 when
+    enable_gqa is off: the same here, as stride-0 views (no copy; autograd sums the gradients back).
+    Sizes that do not broadcast are left for the validator to name."""
+    dims = (0,) if enable_gqa else (0, 1)
+    if all(query.shape[d] == key.shape[d] == value.shape[d] for d in dims):
+        return query, key, value
+    full = [max(x.shape[d] for x in (query, key, value)) for d in dims]
+
+    def grow(x):  # (B or 1, H or 1, S, D) -> (B, H, S, D)
+        shape = list(x.shape)
+        for d, n in zip(dims, full):
+            shape[d] = n if shape[d] == 1 else shape[d]
+        return x.expand(shape)
+    return grow(query), grow(key), grow(value)
 
 
 def scaled_dot_product_attention(
@@ -254,7 +272,8 @@ def scaled_dot_product_attention(
     (B, 1, 1, Sk) (True = attend). With backend "auto" (or "torch"), any other bool mask,
     dropout_p > 0, inputs that are not 4-D, or a value head dim different from the query's fall back
     to torch's SDPA with a one-time warning that says why; a backend named explicitly runs any bool
-    mask as a bias of 0 / -inf and refuses the others with a ValueError. One difference: a query that
+    mask as a bias of 0 / -inf and refuses the others with a ValueError. A batch dim of 1 (and a
+    heads dim of 1 without enable_gqa) broadcasts across query, key and value, as in torch. One difference: a query that
     sees no key returns 0 here, where torch returns NaN.
     """
     backends.check_name("attention", backend)  # a misspelt name first, whatever else the call holds
@@ -270,6 +289,7 @@ def scaled_dot_product_attention(
     if value.shape[-1] != query.shape[-1]:
         return _fallback_to_torch("a value head dim different from the query's is not supported", backend, query, key,
                                   value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    query, key, value = _broadcast_like_sdpa(query, key, value, enable_gqa)
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"query has {query.shape[1]} heads but key has {key.shape[1]}: pass enable_gqa=True "
                          "for grouped-query attention")

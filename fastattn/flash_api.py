@@ -26,7 +26,7 @@ import operator
 import torch
 
 from fastattn import api, cache_layouts
-from fastattn.validation import _check_tensor
+from fastattn.validation import _check_tensor, validate_flag, validate_scale
 
 
 def _window(window_size) -> tuple[int, int] | None:
@@ -71,10 +71,26 @@ def _sinks(s_aux, learnable_sink):
     return s_aux if s_aux is not None else learnable_sink
 
 
-def _check_dropout(dropout_p) -> None:
+def _check_args(dropout_p, softmax_scale, flag_name: str, flag) -> None:
+    """FlashAttention's arguments checked under its own names (fastattn.api checks them again as
+    scale / return_lse, names the caller never wrote)."""
     if dropout_p:
         raise ValueError(f"dropout_p={dropout_p}: fastattn's kernels have no dropout (pass dropout_p=0.0, as for "
                          "inference or a model trained without attention dropout)")
+    if softmax_scale is not None:
+        validate_scale(softmax_scale, 1, name="softmax_scale")
+    validate_flag(flag_name, flag)
+
+
+def _out_like_flash(result, q: torch.Tensor, with_lse: bool):
+    """FlashAttention allocates out with empty_like(q): q's strides when q is dense, else contiguous.
+    The torch and reference backends return a transpose of their (B, H, S, D) result, which code
+    written for FlashAttention breaks with out.view(B, S, -1): copy those (never the Triton output)."""
+    out = result[0] if with_lse else result
+    if out.stride() != q.stride() and not out.is_contiguous():
+        out = out.contiguous()
+        return (out, *result[1:]) if with_lse else out
+    return result
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -84,10 +100,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     or (out, softmax_lse (B, Hq, Sq) float32, None) with return_attn_probs. Causal is bottom-right
     aligned; window_size (left, right), -1 = unbounded; softcap 0 = off; alibi_slopes (Hq,) or
     (B, Hq) float32; s_aux / learnable_sink (Hq,) sink logits. Differentiable in q, k, v (and the sinks)."""
-    _check_dropout(dropout_p)
+    _check_args(dropout_p, softmax_scale, "return_attn_probs", return_attn_probs)
     result = api.attention(q, k, v, causal=causal, scale=softmax_scale, return_lse=return_attn_probs,
                            alibi_slopes=alibi_slopes, window=_window(window_size), softcap=_softcap(softcap),
                            sinks=_sinks(s_aux, learnable_sink), backend=backend)
+    result = _out_like_flash(result, q, return_attn_probs)
     return (*result, None) if return_attn_probs else result
 
 
@@ -98,7 +115,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """FlashAttention's flash_attn_varlen_func: packed q (Tq, Hq, D), k/v (Tk, Hkv, D) with int32
     cu_seqlens -> out (Tq, Hq, D), or (out, softmax_lse (Hq, Tq) float32, None). A paged KV
     (block_table) is not supported here: use flash_attn_with_kvcache."""
-    _check_dropout(dropout_p)
+    _check_args(dropout_p, softmax_scale, "return_attn_probs", return_attn_probs)
     if block_table is not None:
         raise ValueError("block_table (a paged KV cache) is not supported by flash_attn_varlen_func in fastattn; "
                          "flash_attn_with_kvcache takes one")
@@ -106,18 +123,21 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                   scale=softmax_scale, return_lse=return_attn_probs, alibi_slopes=alibi_slopes,
                                   window=_window(window_size), softcap=_softcap(softcap),
                                   sinks=_sinks(s_aux, learnable_sink), backend=backend)
+    result = _out_like_flash(result, q, return_attn_probs)
     return (*result, None) if return_attn_probs else result
 
 
-def _unpack(packed, name: str, parts: int, varlen: bool) -> tuple[torch.Tensor, ...]:
+def _unpack(packed, name: str, parts: int, varlen: bool, q=None) -> tuple[torch.Tensor, ...]:
     """A packed tensor (B, S, parts, H, D), or (T, parts, H, D) when varlen -> its parts as views (no
-    copy; gradients flow back into the packed tensor, as FlashAttention's dqkv / dkv)."""
-    if not isinstance(packed, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(packed).__name__}")
-    if packed.dim() != (4 if varlen else 5) or packed.shape[-3] != parts:
-        heads = "H" if parts == 3 else "Hkv"
-        what = f"(T, {parts}, {heads}, D)" if varlen else f"(B, S, {parts}, {heads}, D)"
+    copy; gradients flow back into the packed tensor, as FlashAttention's dqkv / dkv). q: the query
+    beside a packed kv, whose dtype kv must share."""
+    heads = "H" if parts == 3 else "Hkv"
+    what = f"(T, {parts}, {heads}, D)" if varlen else f"(B, S, {parts}, {heads}, D)"
+    if isinstance(packed, torch.Tensor) and (packed.dim() != (4 if varlen else 5) or packed.shape[-3] != parts):
         raise ValueError(f"{name} must have shape {what}, got {tuple(packed.shape)}")
+    _check_tensor(name, packed, 4 if varlen else 5, what)  # type and dtype, named as passed (not q, k, v)
+    if isinstance(q, torch.Tensor) and q.dtype != packed.dtype:
+        raise TypeError(f"{name} has dtype {packed.dtype} but q has {q.dtype}; q and {name} must share a dtype")
     return packed.unbind(-3)
 
 
@@ -136,7 +156,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              s_aux=None, learnable_sink=None, backend="auto"):
     """FlashAttention's flash_attn_kvpacked_func: q (B, Sq, Hq, D), kv (B, Sk, 2, Hkv, D) -> as
     flash_attn_func."""
-    k, v = _unpack(kv, "kv", 2, varlen=False)
+    k, v = _unpack(kv, "kv", 2, varlen=False, q=q)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs, s_aux=s_aux, learnable_sink=learnable_sink,
                            backend=backend)
@@ -159,7 +179,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     learnable_sink=None, backend="auto"):
     """FlashAttention's flash_attn_varlen_kvpacked_func: q (Tq, Hq, D), kv (Tk, 2, Hkv, D) -> as
     flash_attn_varlen_func."""
-    k, v = _unpack(kv, "kv", 2, varlen=True)
+    k, v = _unpack(kv, "kv", 2, varlen=True, q=q)
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                   return_attn_probs, s_aux=s_aux, learnable_sink=learnable_sink, backend=backend)
@@ -175,6 +195,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Hkv, D) in place at cache_seqlens[b] (an int, or (B,) int32; not advanced here). cache_seqlens
     None: every sequence fills the cache (no k/v then). Returns out, or (out, softmax_lse
     (B, Hq, Sq)) with return_softmax_lse. Inference only."""
+    _check_args(0.0, softmax_scale, "return_softmax_lse", return_softmax_lse)
     for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
                         ("cache_leftpad", cache_leftpad)):
         if value is not None:
@@ -196,8 +217,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         full = cache_layouts.capacity(k_cache, block_table)
         cache_seqlens = torch.full((q.shape[0],), full if cache_seqlens is None else cache_seqlens, dtype=torch.int32,
                                    device=q.device)
-    return api.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-                                      causal=causal, scale=softmax_scale, return_lse=return_softmax_lse,
-                                      num_splits=num_splits, alibi_slopes=alibi_slopes, window=_window(window_size),
-                                      softcap=_softcap(softcap), sinks=_sinks(s_aux, learnable_sink),
-                                      backend=backend)
+    result = api.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
+                                        block_table=block_table, causal=causal, scale=softmax_scale,
+                                        return_lse=return_softmax_lse, num_splits=num_splits,
+                                        alibi_slopes=alibi_slopes, window=_window(window_size),
+                                        softcap=_softcap(softcap), sinks=_sinks(s_aux, learnable_sink),
+                                        backend=backend)
+    return _out_like_flash(result, q, return_softmax_lse)

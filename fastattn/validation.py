@@ -79,9 +79,10 @@ def _qkv_ok(q, k, v, ndim: int) -> bool:
 MAX_SCALE = float(torch.finfo(torch.float32).max) / math.log2(math.e) * (1 - 2**-20)
 
 
-def validate_scale(scale, head_dim: int) -> float:
+def validate_scale(scale, head_dim: int, name: str = "scale") -> float:
     """None -> 1/sqrt(D); otherwise a finite real number: a Python or NumPy int or float, or a 0-d
-    real tensor as torch's SDPA takes them (a CUDA tensor's value is read: a sync)."""
+    real tensor as torch's SDPA takes them (a CUDA tensor's value is read: a sync). name: the
+    argument as the caller wrote it."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if type(scale) is not float:  # (the usual case needs no ABC check)
@@ -89,12 +90,12 @@ def validate_scale(scale, head_dim: int) -> float:
                 and scale.dtype != torch.bool:
             scale = scale.item()
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+            raise TypeError(f"{name} must be a float or None, got {type(scale).__name__}")
     # Comparisons only (NaN fails them too): torch.compile traces them on a symbolic float, not math.isfinite.
     if not -MAX_SCALE <= scale <= MAX_SCALE:
         if scale != scale or scale in (math.inf, -math.inf):  # (an int past a float's range: the message below)
-            raise ValueError(f"scale must be finite, got {scale}")
-        raise ValueError(f"scale must be finite in float32 once times log2(e) (|scale| <= {MAX_SCALE:.4g}): the "
+            raise ValueError(f"{name} must be finite, got {scale}")
+        raise ValueError(f"{name} must be finite in float32 once times log2(e) (|scale| <= {MAX_SCALE:.4g}): the "
                          f"kernels scale scores in float32; got {scale}")
     return float(scale)
 
@@ -167,7 +168,8 @@ def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionSh
         if (not isinstance(window, (tuple, list)) or len(window) != 2 or type(window[0]) is not int
                 or type(window[1]) is not int or window[0] < -1 or window[1] < -1):
             raise ValueError(f"window must be (left, right), two ints >= -1 (-1 = unbounded), got {window!r}")
-        left, right = window
+        # A side past any sequence length (2**31 rows) is unbounded, as FlashAttention reads a side >= Sk.
+        left, right = (-1 if w >= 2**31 else w for w in window)
     if causal:  # causal caps the right side at the diagonal; with no left side that is causal alone
         left, right = (-1, -1) if left == -1 else (left, 0)
     if softcap is None:

@@ -2,6 +2,8 @@
 defaults and return values, checked against the float64 reference with the tolerance rule, and
 the documented differences (no dropout, no rotary) as clear errors."""
 
+import re
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -169,6 +171,63 @@ def test_what_differs_is_a_clear_error(call, match, gen):
     q = torch.randn(1, 3, 2, 16, generator=gen)
     with pytest.raises(ValueError, match=match):
         call(q)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda q: fastattn.flash_attn_func(q, q, q, return_attn_probs=1), TypeError, "return_attn_probs must be a bool"),
+    (lambda q: fastattn.flash_attn_varlen_func(q[0], q[0], q[0], *[torch.tensor([0, 3], dtype=torch.int32)] * 2, 3, 3,
+                                               return_attn_probs=1), TypeError, "return_attn_probs must be a bool"),
+    (lambda q: fastattn.flash_attn_with_kvcache(q, q, q, cache_seqlens=2, return_softmax_lse=1), TypeError,
+     "return_softmax_lse must be a bool"),
+    (lambda q: fastattn.flash_attn_func(q, q, q, softmax_scale="0.1"), TypeError, "softmax_scale must be a float"),
+    (lambda q: fastattn.flash_attn_func(q, q, q, softmax_scale=float("nan")), ValueError,
+     "softmax_scale must be finite"),
+    (lambda q: fastattn.flash_attn_with_kvcache(q, q, q, cache_seqlens=2, softmax_scale=float("inf")), ValueError,
+     "softmax_scale must be finite"),
+    (lambda q: fastattn.flash_attn_qkvpacked_func(torch.stack([q] * 3, 2).int()), TypeError, "qkv must be a floating"),
+    (lambda q: fastattn.flash_attn_kvpacked_func(q, torch.stack([q] * 2, 2).half()), TypeError,
+     "kv has dtype torch.float16 but q has torch.float32"),
+    (lambda q: fastattn.flash_attn_varlen_kvpacked_func(q[0], torch.stack([q[0]] * 2, 1).long(),
+                                                        *[torch.tensor([0, 3], dtype=torch.int32)] * 2, 3, 3),
+     TypeError, "kv must be a floating"),
+])
+def test_errors_use_flash_attentions_names(call, error, match, gen):
+    """A bad argument is named as the caller wrote it (return_attn_probs, softmax_scale, qkv), not as
+    fastattn.attention calls it (return_lse, scale, q)."""
+    q = torch.randn(1, 3, 2, 16, generator=gen)
+    with pytest.raises(error, match=match) as e:
+        call(q)
+    assert not re.search(r"return_lse|\bscale must|^[kv] ", str(e.value))  # (q is the caller's name too)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+def test_out_is_laid_out_as_flash_attention_allocates_it(backend, gen):
+    """FlashAttention's out is empty_like(q): contiguous for a contiguous (or a packed) q, q's strides for
+    a dense permuted one. The torch and reference backends return a transpose of (B, H, S, D), which
+    broke out.view(B, S, -1) in code written for FlashAttention."""
+    q, k, v = testing.random_qkv(2, 5, 7, 4, 2, 16, device=DEVICE, generator=gen)
+    out = fastattn.flash_attn_func(q, k, v, causal=True, backend=backend)
+    assert out.is_contiguous()
+    out.view(2, 5, -1)
+    assert fastattn.flash_attn_func(q, k, v, return_attn_probs=True, backend=backend)[0].is_contiguous()
+    qkv = torch.randn(2, 5, 3, 4, 16, generator=gen).to(DEVICE)
+    assert fastattn.flash_attn_qkvpacked_func(qkv, backend=backend).is_contiguous()
+    permuted = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, S, D) memory
+    out = fastattn.flash_attn_func(permuted, k, v, backend=backend)
+    assert out.stride() == permuted.stride() or out.is_contiguous()
+    cache = torch.randn(2, 8, 2, 16, generator=gen).to(DEVICE)
+    assert fastattn.flash_attn_with_kvcache(q, cache, cache.clone(), cache_seqlens=6, backend=backend).is_contiguous()
+
+
+def test_a_window_wider_than_any_sequence_is_no_window(gen):
+    """FlashAttention reads a window side >= Sk as unbounded; a side past 2**63 overflowed int64 here."""
+    q, k, v = testing.random_qkv(1, 6, 9, 2, 1, 16, device=DEVICE, generator=gen)
+    want = reference.attention(q, k, v, window=(-1, 0))
+    for left in (2**31, 2**64):
+        torch.testing.assert_close(fastattn.flash_attn_func(q, k, v, window_size=(left, 0), backend="reference"), want,
+                                   atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(fastattn.attention(q, k, v, window=(left, 0), backend="reference"), want,
+                                   atol=1e-6, rtol=1e-6)
 
 
 def test_kvcache_lengths_as_a_bool_are_refused(gen):

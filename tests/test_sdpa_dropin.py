@@ -62,6 +62,56 @@ def test_gqa(gen):
         fastattn.scaled_dot_product_attention(q, k, v)
 
 
+@pytest.mark.parametrize("shapes,gqa", [
+    (((2, 4), (1, 4), (1, 4)), False),  # one key/value batch for every query batch
+    (((2, 4), (1, 1), (2, 1)), False),  # batch and heads of 1, mixed between key and value
+    (((1, 1), (2, 4), (2, 4)), False),  # the query broadcast
+    (((2, 6), (1, 2), (1, 2)), True),   # a batch of 1 with GQA
+])
+def test_batch_and_heads_of_one_broadcast_as_in_torch(shapes, gqa, gen):
+    """torch's SDPA broadcasts a batch dim of 1 (and a heads dim of 1 without enable_gqa); the
+    drop-in refused them ("k has batch size 1 but q has 2")."""
+    (bq, hq), (bk, hk), (bv, hv) = shapes
+    q, k, v = bhsd(gen, bq, hq, 9, 16), bhsd(gen, bk, hk, 11, 16), bhsd(gen, bv, hv, 11, 16)
+    results = []
+    for fn in (lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, **kw, backend="triton"),
+               F.scaled_dot_product_attention):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*xs, is_causal=True, enable_gqa=gqa)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE))
+        results.append([out] + [x.grad for x in xs])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="k has batch size 3 but q has 2"):
+        fastattn.scaled_dot_product_attention(bhsd(gen, 2, 4, 9, 16), bhsd(gen, 3, 4, 11, 16), bhsd(gen, 3, 4, 11, 16))
+
+
+def test_the_fallback_keeps_to_torchs_own_kernels(gen, monkeypatch):
+    """While fastattn is torch's flash impl (CUDA), the fallback's SDPA call would pick fastattn as its
+    flash backend, which refuses what the fallback is for (dropout): it runs under own_kernels."""
+    from fastattn.backends import sdpa_backend
+
+    class CudaLike:
+        is_cuda = True
+    monkeypatch.setattr(sdpa_backend, "flash_is_fastattn", lambda: True)
+    assert type(sdpa_backend.own_kernels(CudaLike())).__name__ != "nullcontext"
+    assert type(sdpa_backend.own_kernels(bhsd(gen, 1, 1, 2, 8).cpu())).__name__ == "nullcontext"
+    entered = []
+
+    class Recorder:
+        def __enter__(self):
+            entered.append(True)
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(sdpa_backend, "own_kernels", lambda query: Recorder())
+    q, k, v = bhsd(gen, 1, 2, 10, 16), bhsd(gen, 1, 2, 12, 16), bhsd(gen, 1, 2, 12, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+    assert entered
+
+
 @pytest.mark.parametrize("mask_shape", [(2, 1, 1, 30), (1, 30), (1, 1, 1, 30), (2, 1, 1, 1)])
 def test_key_padding_masks_run_in_the_kernel(mask_shape, gen, monkeypatch):
     q, k, v = bhsd(gen, 2, 3, 20, 16), bhsd(gen, 2, 3, 30, 16), bhsd(gen, 2, 3, 30, 16)

@@ -5,6 +5,8 @@ softcap and sinks cannot be expressed and are refused."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -26,6 +28,15 @@ def flash_is_fastattn() -> bool:
     return current is not None and current() == "fastattn"
 
 
+def own_kernels(query):
+    """A context in which SDPA runs PyTorch's own kernels: for a CUDA query while fastattn is SDPA's
+    flash impl, SDPA limited to the others (so that a call meant for torch never lands back in
+    fastattn, which may refuse it: dropout); otherwise (a CPU tensor, or not a tensor) no change."""
+    if getattr(query, "is_cuda", False) is True and flash_is_fastattn():
+        return sdpa_kernel(TORCH_OWN)
+    return contextlib.nullcontext()
+
+
 def unavailable() -> str | None:
     return None
 
@@ -42,10 +53,8 @@ def unsupported(kind: str, call: AttentionCall | KVCacheCall) -> str | None:
 
 
 def run(call: AttentionCall):
-    if call.q.is_cuda and flash_is_fastattn():  # "torch" stays PyTorch's kernels (and never calls back here)
-        with sdpa_kernel(TORCH_OWN):
-            return _run(call)
-    return _run(call)
+    with own_kernels(call.q):  # "torch" stays PyTorch's kernels (and never calls back here)
+        return _run(call)
 
 
 def _run(call: AttentionCall):

@@ -21,7 +21,10 @@ Conventions are aten's (FlashAttention 2's): dense (B, S, H, D) or, with cum_seq
 output row is 0); seqused_k limits each sequence's keys (with block_table: a paged KV cache, vLLM's
 layout) through fastattn's decode kernel. Every argument is honoured or refused with a
 RuntimeError naming it: dropout_p > 0, return_debug_mask, alibi_slopes when a gradient is wanted
-(the backward op has no alibi argument), seqused_k with packed keys and no block_table. num_splits
+(the backward op has no alibi argument; seen in eager autograd only: under torch.compile or
+torch.func.grad the forward runs without grad mode and the gradient ignores alibi_slopes,
+seqused_k and block_table, as aten's own backward does), seqused_k with packed keys and no
+block_table. num_splits
 is FlashAttention's split-KV hint: the decode path uses it; the prefill kernels never split, which
 is num_splits=1's batch invariance.
 
