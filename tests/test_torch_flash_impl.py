@@ -8,6 +8,7 @@ import inspect
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -494,3 +495,22 @@ def test_transformers_llama_in_sdpa_mode_runs_fastattn_unchanged(monkeypatch, ge
     assert calls["n"] == 2  # one per layer
     torch.testing.assert_close(after.float(), before.float(), rtol=0, atol=3e-2 * before.float().abs().max().item())
 
+
+
+@pytest.mark.gpu
+def test_the_drop_ins_dropout_fallback_keeps_to_torchs_kernels_while_active(monkeypatch, gen):
+    """fastattn.scaled_dot_product_attention falls back to torch's SDPA for dropout; with fastattn as
+    SDPA's flash impl, that call must not pick flash (fastattn refuses dropout)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(2, 4, 128, 64, generator=gen).to("cuda", torch.bfloat16) for _ in range(3))
+    calls = _counting(monkeypatch)
+    activate_flash_attention_impl("fastattn")
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+                         set_priority=True), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+    finally:
+        restore_flash_attention_impl()
+    assert calls["n"] == 0 and out.shape == q.shape and torch.isfinite(out.float()).all()
