@@ -176,11 +176,24 @@ def check_errors(rank, world_size):
         ring_attention_varlen(p, p, p, mine, mine)
     # Shards of different shapes on different ranks: caught before any transfer (CPU value checks).
     k = q[:, :2 + rank]
-    raises(f"rank {1 - rank}'s shards .* differ from rank {rank}'s", k=k, v=k)
+    raises(f"rank {1 - rank}'s call .* differs from rank {rank}'s", k=k, v=k)
     # Same shapes, another dtype: the receive buffers would reinterpret the bytes (a wrong answer).
     x = q.to(torch.float16 if rank == 0 else torch.bfloat16)
-    raises(f"rank {1 - rank}'s shards .*{'bfloat16' if rank == 0 else 'float16'}.* differ from rank {rank}'s",
+    raises(f"rank {1 - rank}'s call .*{'bfloat16' if rank == 0 else 'float16'}.* differs from rank {rank}'s",
            q=x, k=x, v=x, backend="reference")
+    # Same shapes, another causal or scale: each rank would merge blocks of a different attention.
+    raises(f"rank {1 - rank}'s call .*causal={rank != 0}.* differs", q=q[:, :2], k=q[:, :2], v=q[:, :2],
+           causal=rank == 0, backend="reference")
+    raises(f"rank {1 - rank}'s call .*scale={0.5 if rank == 0 else 0.25}\\) differs", scale=0.25 if rank == 0 else 0.5,
+           backend="reference")
+    with pytest.raises(ValueError, match="causal=.* differs"):
+        ring_attention_varlen(p, p, p, cu, cu, causal=rank == 0)
+    # No query heads: an empty output (the CPU op behind backend "torch" divided by zero: SIGFPE).
+    h0 = torch.randn(1, 4, 0, 8, requires_grad=True)
+    out = ring_attention(h0, q, q, backend="torch")
+    assert out.shape == h0.shape
+    out.sum().backward()
+    assert h0.grad.shape == h0.shape
     # The ring's backward is first order: a gradient penalty (the gradient of out.sum(), a constant
     # cotangent, differentiated again) raises instead of silently dropping the second-order term.
     qg = q.clone().requires_grad_()

@@ -178,6 +178,9 @@ class TorchBlock:
 
 
     def forward(self, q, k, v, mask, causal, scale):
+        if q.shape[2] == 0:  # no query heads: nothing to attend (the CPU op divides by the head count)
+            lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+            return q.new_empty(q.shape), q.new_empty((q.shape[0], 0, q.shape[1]), dtype=lse_dtype)
         qt, kt, vt = self._heads_first(q, k, v, mask)
         is_causal, attn_mask = self._causal_and_mask(q, k, mask, causal, scale)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -195,6 +198,8 @@ class TorchBlock:
     def backward(self, dout, dlse, q, k, v, out, lse, mask, causal, scale):
         if dlse is not None:
             raise RuntimeError("ring_attention with backend='torch' cannot differentiate lse")
+        if q.shape[2] == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         qt, kt, vt = self._heads_first(q, k, v, mask)
         # A row that sees no key anywhere (lse -inf): +inf makes its P = exp(s - lse) zero, not NaN.
         # The op takes the lse its forward gives: float32 (the ring merges fp32 inputs' in float64).

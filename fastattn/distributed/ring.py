@@ -23,6 +23,8 @@ from rank r's point of view:
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import torch.distributed as dist
 
@@ -97,7 +99,7 @@ def ring_attention(
         raise ValueError("ring_attention needs at least one query and one key per rank")
     block = blocks.choose(backend, q, k, v, shape, causal, scale, key_padding_mask, return_lse)
     if value_checks(q.device):
-        ring.check_same_shapes(q, k, key_padding_mask)
+        ring.check_same_shapes(q, k, key_padding_mask, causal, scale)
     out, lse = RingAttention.apply(q, k, v, key_padding_mask, causal, scale, block, ring, None)
     return (out, lse) if return_lse else out
 
@@ -160,7 +162,7 @@ def ring_attention_varlen(
     block = blocks.choose(backend, q4, k4, v4, per_block, causal, scale, None, return_lse, varlen=True)
     ring = Ring(group)
     if value_checks(q.device):
-        ring.check_same_shapes(q4, k4, None, (cu_q, cu_k))
+        ring.check_same_shapes(q4, k4, None, causal, scale, (cu_q, cu_k))
     plans = step_plans(cu_q, cu_k, causal, rank, world, q.device)
     out, lse = RingAttention.apply(q4, k4, v4, None, causal, scale, block, ring, plans)
     return (out[0], lse[0]) if return_lse else out[0]
@@ -184,30 +186,36 @@ class Ring:
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group, tag) for r in received]
         return Exchange(dist.batch_isend_irecv(ops), tensors, received)
 
-    def check_same_shapes(self, q, k, key_padding_mask, documents: tuple = ()) -> None:
-        """Every rank's shards have the same shapes (or the receive buffers would not fit) and, for
-        packed documents, the same cu_seqlens (`documents`: both as tuples). One small all_gather;
-        run where value checks are on: CPU tensors, or FASTATTN_CHECK_VALUES=1."""
+    def check_same_shapes(self, q, k, key_padding_mask, causal: bool, scale: float, documents: tuple = ()) -> None:
+        """Every rank's shards have the same shapes (or the receive buffers would not fit), and every
+        rank the same causal and scale (or the gathered output mixes two attentions) and, for packed
+        documents, the same cu_seqlens (`documents`: both as tuples). One small all_gather; run where
+        value checks are on: CPU tensors, or FASTATTN_CHECK_VALUES=1."""
         digest = hash(documents) & 0x7FFFFFFF  # ints hash the same in every process
         # The dtype too (its index in FLOAT_DTYPES): a receive buffer of another dtype would reinterpret
-        # the bytes it gets.
+        # the bytes it gets. The scale as its float64 bits (exact, in an int64 row).
         dtype = FLOAT_DTYPES.index(q.dtype) if q.dtype in FLOAT_DTYPES else -1
-        mine = torch.tensor([*q.shape, *k.shape, key_padding_mask is not None, dtype, digest], device=q.device)
+        scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
+        mine = torch.tensor([*q.shape, *k.shape, key_padding_mask is not None, dtype, causal, scale_bits, digest],
+                            device=q.device)
         every = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(every, mine, group=self.group)
 
-        def described(x):  # x: a rank's gathered row: q shape, k shape (4), mask, dtype, digest
-            name = FLOAT_DTYPES[x[-2]] if 0 <= x[-2] < len(FLOAT_DTYPES) else "other"
-            return f"q {tuple(x[:-7].tolist())}, k {tuple(x[-7:-3].tolist())}, mask {bool(x[-3])}, {name}"
+        def described(x):  # x: a rank's gathered row: q shape, k shape (4 each), mask, dtype, causal, scale, digest
+            x = x.tolist()
+            name = FLOAT_DTYPES[x[9]] if 0 <= x[9] < len(FLOAT_DTYPES) else "other"
+            scale_of = struct.unpack("<d", struct.pack("<q", x[11]))[0]
+            return (f"q {tuple(x[:4])}, k {tuple(x[4:8])}, mask {bool(x[8])}, {name}, causal={bool(x[10])}, "
+                    f"scale={scale_of:.6g}")
 
         for r, theirs in enumerate(every):
             if torch.equal(theirs[:-1], mine[:-1]) and theirs[-1] != mine[-1]:
                 raise ValueError(f"ring_attention_varlen: rank {r}'s cu_seqlens differ from rank {self.rank}'s: every "
                                  "rank passes the whole streams' cu_seqlens")
             if not torch.equal(theirs, mine):
-                raise ValueError(f"ring_attention: rank {r}'s shards ({described(theirs)}) differ from rank "
-                                 f"{self.rank}'s ({described(mine)}): every rank needs the same shapes and dtype "
-                                 "(fastattn.distributed.shard pads them)")
+                raise ValueError(f"ring_attention: rank {r}'s call ({described(theirs)}) differs from rank "
+                                 f"{self.rank}'s ({described(mine)}): every rank needs the same shapes, dtype, causal "
+                                 "and scale (fastattn.distributed.shard pads the shapes)")
 
 
 class Exchange:
