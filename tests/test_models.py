@@ -260,6 +260,47 @@ def test_generation_stops_at_eos_and_pads(gen):
     assert torch.equal(out, model.generate(tokens, mask, 8, eos_id=eos, pad_id=0, use_cache=False))
 
 
+def test_bad_cache_and_ids_are_refused_by_name(gen):
+    """A cache for another batch size broadcast one prompt over its rows (learned positions); pad_id
+    out of the vocabulary failed mid-generation naming tokens; MultiHeadAttention(32, 0) divided by zero."""
+    from fastattn.models import MultiHeadAttention
+
+    model, tokens, mask = decoder_and_prompts(gen, "reference")
+    with torch.no_grad():
+        for batch in (tokens.shape[0] - 1, tokens.shape[0] + 1):
+            with pytest.raises(ValueError, match=f"cache holds {batch} sequences but tokens has {tokens.shape[0]}"):
+                model(tokens, cache=model.new_cache(batch=batch, max_len=32))
+    for bad in (-1, 32):
+        with pytest.raises(ValueError, match="pad_id must be a token id in \\[0, vocab_size=32\\)"):
+            tiny(pad_id=bad)
+        with pytest.raises(ValueError, match="pad_id must be a token id"):
+            model.generate(tokens, mask, 3, eos_id=2, pad_id=bad)
+    with pytest.raises(ValueError, match="eos_id must be a token id"):
+        model.generate(tokens, mask, 3, eos_id=99)
+    for args, name in (((32, 0), "n_heads"), ((32, 4, 0), "n_kv_heads"), ((32, -4), "n_heads"), ((0, 4), "d_model")):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+            MultiHeadAttention(*args)
+
+
+def test_a_prefill_that_raised_leaves_no_padding_behind(gen):
+    """A padded prefill that raised after the cache recorded its mask left it there: the next, unpadded
+    prefill of the same empty cache took its lengths and key order from the old mask (logits off by 0.23)."""
+    model, _, _ = decoder_and_prompts(gen, "reference")
+    prompt = torch.randint(1, 32, (1, 4), generator=gen).to(DEVICE)
+    with torch.no_grad():
+        cache = model.new_cache(batch=1, max_len=8)
+        set_attn_backend(model, "misspelt")
+        with pytest.raises(ValueError, match="backend"):
+            model(prompt, torch.tensor([[False, False, True, True]], device=DEVICE), cache=cache)
+        set_attn_backend(model, "reference")
+        model(prompt, cache=cache)
+        assert cache.seqlens.tolist() == [4]
+        fresh = model.new_cache(batch=1, max_len=8)
+        model(prompt, cache=fresh)
+        step = torch.tensor([[11]], device=DEVICE)
+        torch.testing.assert_close(model(step, cache=cache), model(step, cache=fresh), rtol=0, atol=0)
+
+
 def test_right_padded_prompts_generate_like_left_padded(gen):
     model, tokens, mask = decoder_and_prompts(gen, "reference")
     prompts = [t[m].tolist() for t, m in zip(tokens, mask)]

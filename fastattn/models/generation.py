@@ -12,7 +12,8 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> 
     """Prompts of different lengths -> tokens (B, S_max) and mask (B, S_max), True = real token.
 
     Left padding makes every prompt end at the last column, so new tokens append in lockstep right
-    after each prompt (right padding works too: the pads then sit between prompt and answer).
+    after each prompt. Right padding works too: generation continues each prompt after its last real
+    token (the cache leaves the pads out; recomputing moves them to the front).
     """
     return _pad(prompts, pad_id, device, left=True)
 
@@ -74,6 +75,10 @@ def decode_loop(logits: torch.Tensor, next_logits: Callable[[torch.Tensor], torc
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    vocab = logits.shape[-1]
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id if eos_id is not None else None)):
+        if value is not None and not 0 <= value < vocab:  # (pad_id is fed back to the model after eos_id)
+            raise ValueError(f"{name} must be a token id in [0, vocab_size={vocab}), got {value}")
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     chosen = []
     for i in range(max_new_tokens):

@@ -68,13 +68,17 @@ class KVCache:
         """Positions per sequence: max_len, or whole pages' worth."""
         return self.max_len if self.page_size is None else -(-self.max_len // self.page_size) * self.page_size
 
-    def begin(self, mask: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Before the layers run on the next n tokens: their positions (B, n), and the key padding
+    def begin(self, mask: torch.Tensor | None, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Before the layers run on the next tokens (B, n): their positions (B, n), and the key padding
         mask the first call's attention needs (None after it, or if the prompt has no padding).
 
         mask: (B, n) padding of the first call's tokens (True = real; None = all real). Later
         calls continue every sequence right after its last real token, so their tokens are all real.
         """
+        batch, n = tokens.shape
+        if batch != self.seqlens.shape[0]:  # (learned positions would broadcast one prompt over the rows)
+            raise ValueError(f"cache holds {self.seqlens.shape[0]} sequences but tokens has {batch}: make the cache "
+                             "with new_cache(batch=tokens.shape[0], ...)")
         if torch.is_grad_enabled():
             raise ValueError("a KV cache is for inference (its kernels are not differentiable): run cached steps "
                              "under torch.no_grad() or torch.inference_mode(), as generate() does")
@@ -84,8 +88,9 @@ class KVCache:
             if mask is not None:
                 raise ValueError("after the first call, new tokens continue each sequence: pass no mask")
             return self.seqlens.long()[:, None] + torch.arange(n, device=self.seqlens.device), None
+        self.prompt_mask = None  # (a prefill that raised after setting it must not leave it behind)
         if mask is None or bool(mask.all()):  # one host read, for the prompt only
-            return torch.arange(n, device=self.seqlens.device).expand(self.seqlens.shape[0], n), None
+            return torch.arange(n, device=self.seqlens.device).expand(batch, n), None
         self.prompt_mask = mask
         return (mask.long().cumsum(-1) - 1).clamp(min=0), mask  # positions count real tokens; pads reuse one
 

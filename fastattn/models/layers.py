@@ -33,6 +33,9 @@ class MultiHeadAttention(nn.Module):
                  cross: bool = False, attn_backend: str = "auto"):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        for name, value in (("d_model", d_model), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads})")
         if n_heads % n_kv_heads:
@@ -262,7 +265,7 @@ class Stack(nn.Module):
         elif cache is None:
             positions, key_padding_mask = self.embed.positions_of(mask, tokens), mask
         else:
-            positions, key_padding_mask = cache.begin(mask, tokens.shape[1])
+            positions, key_padding_mask = cache.begin(mask, tokens)
         bias = None  # computed once and shared by every layer
         if self.relative_bias is not None:
             bias = (self.relative_bias(cache.capacity, positions) if step  # (B, H, S, capacity)
