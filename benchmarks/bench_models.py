@@ -109,7 +109,7 @@ def measure(row: dict, key: str, fn):
         return None
     try:
         ms = fn()
-    except (RuntimeError, ValueError) as e:
+    except Exception as e:  # (Triton's compilation and out-of-resources errors are not RuntimeErrors)
         row[key + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return None
     row.setdefault("_" + key, []).append(ms)
@@ -135,6 +135,17 @@ def run(size_name: str, out: Path | None = None, device: str | None = None, mode
     if backends:
         status = {name: status.get(name, "not a fastattn backend") for name in backends}
     results = []
+    env = environment(device)
+
+    def save() -> dict:  # after every model: a run killed at its time limit keeps the models it finished
+        report = {"environment": env, "size": size_name, "setup": {**describe(size), "rounds": rounds},
+                  "results": results}
+        add_ratios(results)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "models.json").write_text(json.dumps(report, indent=2))
+            (out / "models.md").write_text(markdown(report))
+        return report
     work = workloads(size, device, gen)  # once: every backend gets the same inputs
     for model_name, (cls, forward, generate) in work.items():
         if models and model_name not in models:
@@ -178,14 +189,8 @@ def run(size_name: str, out: Path | None = None, device: str | None = None, mode
         del runs, base
         if device == "cuda":
             torch.cuda.empty_cache()
-    report = {"environment": environment(device), "size": size_name, "setup": {**describe(size), "rounds": rounds},
-              "results": results}
-    add_ratios(results)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "models.json").write_text(json.dumps(report, indent=2))
-        (out / "models.md").write_text(markdown(report))
-    return report
+        save()
+    return save()
 
 
 def describe(size: Size) -> dict:

@@ -190,8 +190,9 @@ def _cpu_name() -> str:
 def _git_commit() -> str | None:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10)
+        # -dirty when tracked files differ from the commit (numbers from uncommitted code say so).
+        res = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
         return res.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

@@ -264,7 +264,7 @@ def measure(paths, douts, iters, rounds, sync):
 
 def markdown(rows, env, stubbed: bool, shape) -> str:
     b, s, h, d = shape
-    lines = [f"# Host time per call: fastattn vs SDPA ({env.get('device_name', env.get('device_type'))})", ""]
+    lines = [f"# Host time per call: fastattn vs SDPA ({env.get('device', env.get('device_type'))})", ""]
     if stubbed:
         lines += ["**CPU, Triton launches STUBBED** (no-ops; and the host checks of cu_seqlens and cache "
                   "lengths skipped, as for GPU tensors): fastattn's numbers are all host work above the "

@@ -97,6 +97,12 @@ def _sdpa(backend_name: str):
         attn_mask = _sdpa_mask(case, mask, device)
         is_causal = case.causal and attn_mask is None
         gqa = case.heads_q != case.heads_kv
+        if backend_name == "EFFICIENT_ATTENTION" and bottom_right and not gqa:
+            # The efficient kernel's own bottom-right mask (torch's lower-right CausalBias calls it), as a
+            # user would pass it, rather than a dense (Sq, Sk) mask read on every tile.
+            from torch.nn.attention.bias import causal_lower_right
+
+            attn_mask = causal_lower_right(case.seqlen_q, case.seqlen_k)
 
         def run(q, k, v):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -154,7 +160,10 @@ def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     raise_recompile_limits()
-    return torch.compile(flex_attention)  # default dynamic: what `torch.compile(flex_attention)` gives a user
+    # Static shapes, as a user with a fixed-shape model compiles it (and as score_mods.py does): with the
+    # default, the second shape seen recompiled with symbolic batch and length for every later case,
+    # which loses the divisible-length fast path (masked loads on every tile).
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def flex_unavailable() -> str | None:

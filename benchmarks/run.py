@@ -16,6 +16,7 @@ when it is spent are reported as skipped. Exit status 1 if a fastattn provider f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -35,12 +36,13 @@ from benchmarks.providers import PROVIDERS  # noqa: E402
 from fastattn.flops import MODES  # noqa: E402
 
 # Per grid: default modes, providers, timer settings, the time cap of one case and the budget of all
-# cases (seconds). quick must fit gpu_check's 270 s stage with the ceilings and the padding
-# measurement, so it leaves out FlexAttention (a compile per shape and mask, tens of seconds each;
-# the full grid has it). full: about 8 minutes in all; it cannot time every case in that (autotuning
-# and compiling alone take minutes), so it runs the most wanted first and reports the rest as
-# skipped; --dtypes/--head-dims run the others in a second command. do_bench's warm-up/rep are
-# milliseconds of running, so long cases get few repetitions.
+# cases (seconds). gpu_check's bench stage gives quick --budget-s (its stage time less 45 s for the
+# ceilings, the padding measurement and the report); a case never runs past what is left of the budget
+# (or its cap), and the padding measurement only runs with budget left. quick leaves out FlexAttention
+# (a compile per shape and mask, tens of seconds each; the full grid has it). full: about 8 minutes in
+# all; it cannot time every case in that (autotuning and compiling alone take minutes), so it runs the
+# most wanted first and reports the rest as skipped; --dtypes/--head-dims run the others in a second
+# command. do_bench's warm-up/rep are milliseconds of running, so long cases get few repetitions.
 SETTINGS = {
     "quick": {"modes": "fwd,bwd", "timing": Timing(25, 100, case_cap_s=90), "budget_s": 190,
               # the bar's pair first (Triton vs cuDNN): past a case's time cap the last providers go
@@ -127,8 +129,11 @@ def run(args) -> int:
         t0 = time.monotonic()
         if t0 - t_start > budget_s:
             rows = budget_skips(case, providers, modes, torch.device(device).type, budget_s)
-        else:
-            rows = run_case(case, providers, modes, device=device, ceilings=ceilings, timing=settings["timing"],
+        else:  # a case stops where the budget does (15 s at least: a started case gets its first rows)
+            timing = settings["timing"]
+            left = max(budget_s - (t0 - t_start), 15.0)
+            timing = dataclasses.replace(timing, case_cap_s=min(timing.case_cap_s or left, left))
+            rows = run_case(case, providers, modes, device=device, ceilings=ceilings, timing=timing,
                             generator=generator)
         measurements += rows
         print(f"\n{case.label}  [{time.monotonic() - t0:.1f}s]", flush=True)
@@ -139,7 +144,10 @@ def run(args) -> int:
         save(measurements)
 
     padding = []
-    if args.padding and cuda and "fastattn-triton" in names and status["fastattn-triton"]["available"]:
+    spent = time.monotonic() - t_start > budget_s
+    if args.padding and cuda and spent:
+        notes.append(f"Cost of padding: not measured (the time budget of {budget_s:.0f} s was spent on the cases).")
+    elif args.padding and cuda and "fastattn-triton" in names and status["fastattn-triton"]["available"]:
         from benchmarks.padding_cost import padding_cost
 
         try:

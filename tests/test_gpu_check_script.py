@@ -101,7 +101,7 @@ def test_a_run_killed_midway_keeps_the_finished_stages(tmp_path):
 
 def test_issue_24_run_gives_the_sweep_its_cap(tmp_path):
     t, _, _ = run_script(tmp_path, STAGES="smoke sweep bench", SWEEP_S="360", BUDGET_S="580")
-    assert t["config_sweep.py"] == 360 and t["run.py"] == 120
+    assert t["config_sweep.py"] == 360 and t["run.py"] == 150
 
 
 def test_tests_alone_may_use_the_budget(tmp_path):
