@@ -226,7 +226,7 @@ def _fallback_to_torch(reason: str, backend: str, query, key, value, attn_mask, 
     if backend not in ("auto", "torch"):
         raise ValueError(f"scaled_dot_product_attention(backend={backend!r}): {reason}; backend='auto' falls back to "
                          "torch's SDPA for such calls")
-    if reason not in _warned:
+    if reason not in _warned and not torch.compiler.is_compiling():  # (dynamo cannot trace warnings.warn)
         _warned.add(reason)
         warnings.warn(f"fastattn.scaled_dot_product_attention: {reason}; falling back to "
                       "torch.nn.functional.scaled_dot_product_attention", stacklevel=3)
@@ -325,10 +325,10 @@ def scaled_dot_product_attention(
                 bias = semantics.bool_to_bias(attn_mask, query.dtype)
     # (B, H, S, D) -> FlashAttention's (B, S, H, D) views, no copy.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    if not is_causal:
-        out = attention(q, k, v, scale=scale, key_padding_mask=kpm, bias=bias, backend=backend)
+    if not is_causal or q.shape[1] == k.shape[1]:  # (square causal: both alignments agree, no slicing)
+        out = attention(q, k, v, causal=is_causal, scale=scale, key_padding_mask=kpm, bias=bias, backend=backend)
         return out.transpose(1, 2)  # (B, S, H, D) -> (B, H, S, D)
-    parts = []
+    parts = []  # (is_causal excludes attn_mask: no mask or bias to slice here)
     for rows, keys, causal in semantics.top_left_causal(q.shape[1], k.shape[1]):  # SDPA's causal is top-left
         parts.append(attention(q[:, rows], k[:, :keys], v[:, :keys], causal=causal, scale=scale,
                                key_padding_mask=None if kpm is None else kpm[:, :keys], bias=bias, backend=backend))

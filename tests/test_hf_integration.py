@@ -176,6 +176,17 @@ def test_llama_compiles_fullgraph_with_a_padded_batch():
     assert_ran({"bias"})
 
 
+def test_a_fallback_compiles_fullgraph():
+    """Attention dropout in training falls back to torch's SDPA with a one-time warning, which dynamo
+    cannot trace: the fallback broke torch.compile(fullgraph=True) of a training model until an eager
+    call had spent the warning (transformers' own "sdpa" compiles there)."""
+    fast = build(transformers.LlamaForCausalLM, llama_config(attention_dropout=0.1))[0].train()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda i: fast(input_ids=i).logits, backend="aot_eager", fullgraph=True)
+    assert compiled(torch.randint(0, VOCAB, (2, 10))).shape == (2, 10, VOCAB)
+    assert fhf.CALLS["fallback: attention dropout > 0 (training): fastattn has no dropout"] > 0
+
+
 def test_llama_without_mask_uses_the_causal_flag():
     ids = torch.randint(0, VOCAB, (1, 9))
     outs = run_all(build(transformers.LlamaForCausalLM, llama_config()), input_ids=ids)

@@ -222,3 +222,13 @@ def test_output_is_a_view_in_sdpa_layout(gen):
     out = fastattn.scaled_dot_product_attention(q, k, v, backend="triton")
     assert out.shape == (2, 4, 9, 16)
     assert out.transpose(1, 2).is_contiguous()  # the (B, S, H, D) kernel output: merging heads is free
+
+
+def test_a_fallback_compiles_with_fullgraph(gen):
+    """The fallback's one-time warning broke torch.compile(fullgraph=True) (dynamo cannot trace
+    warnings.warn) until an eager call had spent it; torch's own SDPA compiles there."""
+    q, k, v = (x[0] for x in (bhsd(gen, 1, 2, 10, 16), bhsd(gen, 1, 2, 12, 16), bhsd(gen, 1, 2, 12, 16)))  # 3-D
+    api._warned.clear()
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, b, c: fastattn.scaled_dot_product_attention(a, b, c), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(q, k, v), F.scaled_dot_product_attention(q, k, v))

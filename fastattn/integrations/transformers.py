@@ -233,7 +233,7 @@ def _fallback(reason, module, query, key, value, attention_mask, dropout, scalin
     CALLS[f"fallback: {reason}"] += 1
     needs_eager = bool(kwargs.get("output_attentions") or softcap or s_aux is not None or _unknown_kwargs(kwargs)
                        or _causal_unknown(module, is_causal))
-    if reason not in _warned:
+    if reason not in _warned and not torch.compiler.is_compiling():  # (dynamo cannot trace warnings.warn)
         _warned.add(reason)
         warnings.warn(f"fastattn: {reason}; running {'eager' if needs_eager else 'torch SDPA'} attention instead",
                       stacklevel=3)
