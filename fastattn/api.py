@@ -239,10 +239,12 @@ def _broadcast_like_sdpa(query, key, value, enable_gqa: bool):
     """torch's SDPA broadcasts a batch dim of 1 across query, key and value, and a heads dim of 1 when
     enable_gqa is off: the same here, as stride-0 views (no copy; autograd sums the gradients back).
     Sizes that do not broadcast are left for the validator to name."""
-    dims = (0,) if enable_gqa else (0, 1)
-    if all(query.shape[d] == key.shape[d] == value.shape[d] for d in dims):
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if qs[0] == ks[0] == vs[0] and (enable_gqa or qs[1] == ks[1] == vs[1]):  # (every call but a broadcast one)
         return query, key, value
-    full = [max(x.shape[d] for x in (query, key, value)) for d in dims]
+    dims = (0,) if enable_gqa else (0, 1)
+    # The size that is not 1 (0 included, as torch broadcasts 1 to 0); several: left to the validator.
+    full = [min({qs[d], ks[d], vs[d]} - {1}, default=1) for d in dims]
 
     def grow(x):  # (B or 1, H or 1, S, D) -> (B, H, S, D)
         shape = list(x.shape)

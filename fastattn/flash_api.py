@@ -29,10 +29,12 @@ from fastattn import api, cache_layouts
 from fastattn.validation import _check_tensor, validate_flag, validate_scale
 
 
-def _window(window_size) -> tuple[int, int] | None:
+def _window(window_size, seqlen_k: int | None) -> tuple[int, int] | None:
     """FlashAttention's window_size -> fastattn's window ((-1, -1): none). Two ints >= -1: a tuple, a
     list, or a 1-D integer tensor of two (FlashAttention's own tests pass one; reading a CUDA
-    tensor's values syncs, as FlashAttention's binding does)."""
+    tensor's values syncs, as FlashAttention's binding does). A side >= seqlen_k (the keys' length,
+    max_seqlen_k, or the cache's capacity) is unbounded, as FlashAttention reads it: the same for
+    the left side, but a right side of Sk or more still hides keys from the first rows when Sq > Sk."""
     given = window_size
 
     def bad():  # (built when raised: torch.compile cannot repr a symbolic int on every call)
@@ -51,7 +53,18 @@ def _window(window_size) -> tuple[int, int] | None:
         raise bad() from None
     if len(window) != 2 or min(window) < -1:
         raise bad()
+    if seqlen_k is not None:
+        window = tuple(-1 if w >= seqlen_k else w for w in window)
     return None if window == (-1, -1) else window
+
+
+def _int_or_none(n) -> int | None:
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def _keys(k) -> int | None:
+    """Sk of a (B, Sk, Hkv, D) k, for _window (None when k is not one: the validator names it)."""
+    return k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 4 else None
 
 
 def _softcap(softcap) -> float | None:
@@ -102,8 +115,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (B, Hq) float32; s_aux / learnable_sink (Hq,) sink logits. Differentiable in q, k, v (and the sinks)."""
     _check_args(dropout_p, softmax_scale, "return_attn_probs", return_attn_probs)
     result = api.attention(q, k, v, causal=causal, scale=softmax_scale, return_lse=return_attn_probs,
-                           alibi_slopes=alibi_slopes, window=_window(window_size), softcap=_softcap(softcap),
-                           sinks=_sinks(s_aux, learnable_sink), backend=backend)
+                           alibi_slopes=alibi_slopes, window=_window(window_size, _keys(k)),
+                           softcap=_softcap(softcap), sinks=_sinks(s_aux, learnable_sink), backend=backend)
     result = _out_like_flash(result, q, return_attn_probs)
     return (*result, None) if return_attn_probs else result
 
@@ -121,7 +134,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                          "flash_attn_with_kvcache takes one")
     result = api.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                   scale=softmax_scale, return_lse=return_attn_probs, alibi_slopes=alibi_slopes,
-                                  window=_window(window_size), softcap=_softcap(softcap),
+                                  window=_window(window_size, _int_or_none(max_seqlen_k)), softcap=_softcap(softcap),
                                   sinks=_sinks(s_aux, learnable_sink), backend=backend)
     result = _out_like_flash(result, q, return_attn_probs)
     return (*result, None) if return_attn_probs else result
@@ -217,10 +230,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         full = cache_layouts.capacity(k_cache, block_table)
         cache_seqlens = torch.full((q.shape[0],), full if cache_seqlens is None else cache_seqlens, dtype=torch.int32,
                                    device=q.device)
+    readable = _keys(k_cache) is not None and (block_table is None or isinstance(block_table, torch.Tensor)
+                                                and block_table.dim() == 2)
+    window = _window(window_size, cache_layouts.capacity(k_cache, block_table) if readable else None)
     result = api.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
                                         block_table=block_table, causal=causal, scale=softmax_scale,
                                         return_lse=return_softmax_lse, num_splits=num_splits,
-                                        alibi_slopes=alibi_slopes, window=_window(window_size),
+                                        alibi_slopes=alibi_slopes, window=window,
                                         softcap=_softcap(softcap), sinks=_sinks(s_aux, learnable_sink),
                                         backend=backend)
     return _out_like_flash(result, q, return_softmax_lse)

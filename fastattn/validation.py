@@ -168,7 +168,7 @@ def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionSh
         if (not isinstance(window, (tuple, list)) or len(window) != 2 or type(window[0]) is not int
                 or type(window[1]) is not int or window[0] < -1 or window[1] < -1):
             raise ValueError(f"window must be (left, right), two ints >= -1 (-1 = unbounded), got {window!r}")
-        # A side past any sequence length (2**31 rows) is unbounded, as FlashAttention reads a side >= Sk.
+        # A side past any sequence length (2**31 rows) reaches every key: unbounded (no int64 overflow).
         left, right = (-1 if w >= 2**31 else w for w in window)
     if causal:  # causal caps the right side at the diagonal; with no left side that is causal alone
         left, right = (-1, -1) if left == -1 else (left, 0)

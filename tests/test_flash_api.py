@@ -138,7 +138,8 @@ def test_softcap_zero_or_negative_is_off_as_in_flash_attention(softcap, gen):
     q, k, v = testing.random_qkv(1, 7, 9, 2, 1, 16, device=DEVICE, generator=gen)
     want = reference.attention(q, k, v, causal=True)
     for call in (lambda: fastattn.flash_attn_func(q, k, v, causal=True, softcap=softcap, backend="reference"),
-                 lambda: fastattn.flash_attn_varlen_func(q[0], k[0], v[0], *[torch.tensor([0, n], dtype=torch.int32)
+                 lambda: fastattn.flash_attn_varlen_func(q[0], k[0], v[0], *[torch.tensor([0, n], dtype=torch.int32,
+                                                                                          device=DEVICE)
                                                                               for n in (7, 9)], 7, 9, causal=True,
                                                          softcap=softcap, backend="reference")[None]):
         torch.testing.assert_close(call(), want, atol=1e-6, rtol=1e-6)
@@ -217,6 +218,21 @@ def test_out_is_laid_out_as_flash_attention_allocates_it(backend, gen):
     assert out.stride() == permuted.stride() or out.is_contiguous()
     cache = torch.randn(2, 8, 2, 16, generator=gen).to(DEVICE)
     assert fastattn.flash_attn_with_kvcache(q, cache, cache.clone(), cache_seqlens=6, backend=backend).is_contiguous()
+
+
+@pytest.mark.parametrize("window_size", [(-1, 3), (-1, 5), (3, 3), (9, 0)])
+def test_a_window_side_of_sk_or_more_is_unbounded_as_in_flash_attention(window_size, gen):
+    """FlashAttention sets a side >= Sk to -1 before it applies the window. With Sq > Sk that differs
+    from the window's geometry on the right: (-1, 3) at Sq=10, Sk=3 hid every key from rows 0-3."""
+    q, k, v = testing.random_qkv(1, 10, 3, 2, 1, 16, device=DEVICE, generator=gen)
+    window = tuple(-1 if w >= 3 else w for w in window_size)
+    want = reference.attention(q, k, v, window=None if window == (-1, -1) else window)
+    got = fastattn.flash_attn_func(q, k, v, window_size=window_size, backend="reference")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device=DEVICE) for n in (10, 3))
+    got = fastattn.flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, 10, 3, window_size=window_size,
+                                          backend="reference")
+    torch.testing.assert_close(got[None], want, atol=1e-6, rtol=1e-6)
 
 
 def test_a_window_wider_than_any_sequence_is_no_window(gen):

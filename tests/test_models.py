@@ -299,6 +299,22 @@ def test_a_prefill_that_raised_leaves_no_padding_behind(gen):
         model(prompt, cache=fresh)
         step = torch.tensor([[11]], device=DEVICE)
         torch.testing.assert_close(model(step, cache=cache), model(step, cache=fresh), rtol=0, atol=0)
+    # An encoder-decoder: the layers the failed first call reached kept the old memory's cross keys/values.
+    torch.manual_seed(0)
+    model = sharpened(EncoderDecoder(tiny(attn_backend="reference", n_layers=2)).to(DEVICE))
+    src_a, src_b = (torch.randint(1, 32, (1, 5), generator=gen).to(DEVICE) for _ in range(2))
+    with torch.no_grad():
+        new_cache = lambda: KVCache.for_config(model.config, model.config.decoder_layers, 1, 8, DEVICE)  # noqa: E731
+        cache = new_cache()
+        memory_a = model.encode(src_a)
+        model.decoder.blocks[1].cross_attn.attn_backend = "misspelt"  # layer 0 stores its cross K/V, layer 1 raises
+        with pytest.raises(ValueError, match="backend"):
+            model.decode(prompt[:, :1], memory_a, cache=cache)
+        set_attn_backend(model, "reference")
+        memory_b = model.encode(src_b)
+        got = model.decode(prompt[:, :1], memory_b, cache=cache)
+        want = model.decode(prompt[:, :1], memory_b, cache=new_cache())
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_right_padded_prompts_generate_like_left_padded(gen):

@@ -206,7 +206,7 @@ class Ring:
             name = FLOAT_DTYPES[x[9]] if 0 <= x[9] < len(FLOAT_DTYPES) else "other"
             scale_of = struct.unpack("<d", struct.pack("<q", x[11]))[0]
             return (f"q {tuple(x[:4])}, k {tuple(x[4:8])}, mask {bool(x[8])}, {name}, causal={bool(x[10])}, "
-                    f"scale={scale_of:.6g}")
+                    f"scale={scale_of!r}")
 
         for r, theirs in enumerate(every):
             if torch.equal(theirs[:-1], mine[:-1]) and theirs[-1] != mine[-1]:

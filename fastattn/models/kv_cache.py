@@ -88,7 +88,11 @@ class KVCache:
             if mask is not None:
                 raise ValueError("after the first call, new tokens continue each sequence: pass no mask")
             return self.seqlens.long()[:, None] + torch.arange(n, device=self.seqlens.device), None
-        self.prompt_mask = None  # (a prefill that raised after setting it must not leave it behind)
+        # A first call that raised part-way must leave nothing behind: its padding mask, and the
+        # cross-attention keys/values of the layers it reached (a retry with another memory reused them).
+        self.prompt_mask = None
+        for layer in self.layers:
+            layer.cross_kv = None
         if mask is None or bool(mask.all()):  # one host read, for the prompt only
             return torch.arange(n, device=self.seqlens.device).expand(batch, n), None
         self.prompt_mask = mask
