@@ -317,6 +317,20 @@ def test_a_prefill_that_raised_leaves_no_padding_behind(gen):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_a_late_stop_returns_the_same_tokens(gen, monkeypatch):
+    """On CUDA the loop learns that every row is done a step or more late (no host wait per token):
+    the extra steps are cut, so the tokens are those of an immediate stop."""
+    from fastattn.models import generation
+
+    model, tokens, mask = decoder_and_prompts(gen, "reference")
+    tokens, mask = tokens[:1], mask[:1]
+    eos = int(model.generate(tokens, mask, 8)[0, 1])
+    want = model.generate(tokens, mask, 8, eos_id=eos)
+    assert want.shape[1] <= 2  # stopped early
+    monkeypatch.setattr(generation.AllDone, "__call__", lambda self, done: False)  # never told in time
+    assert torch.equal(model.generate(tokens, mask, 8, eos_id=eos), want)
+
+
 def test_right_padded_prompts_generate_like_left_padded(gen):
     model, tokens, mask = decoder_and_prompts(gen, "reference")
     prompts = [t[m].tolist() for t, m in zip(tokens, mask)]

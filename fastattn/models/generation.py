@@ -80,17 +80,47 @@ def decode_loop(logits: torch.Tensor, next_logits: Callable[[torch.Tensor], torc
         if value is not None and not 0 <= value < vocab:  # (pad_id is fed back to the model after eos_id)
             raise ValueError(f"{name} must be a token id in [0, vocab_size={vocab}), got {value}")
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    chosen = []
+    chosen, all_done, finished = [], AllDone(logits.device), []
     for i in range(max_new_tokens):
         tok = sample(logits, temperature=temperature, top_k=top_k, generator=generator)
         if eos_id is not None:
             tok = tok.masked_fill(done, pad_id)
             done |= tok == eos_id
+            finished.append(done.all())  # (on the device: read once, at the end)
         chosen.append(tok)
-        if i + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
+        if i + 1 == max_new_tokens or (eos_id is not None and all_done(done)):
             break
         logits = next_logits(tok[:, None])
+    if finished:  # the steps up to the first at which every sequence was done (one read per call)
+        n = int((torch.stack(finished).cumsum(0) == 0).sum()) + 1
+        chosen = chosen[:n]
     return torch.stack(chosen, dim=1)
+
+
+class AllDone:
+    """Whether every sequence has finished, without the host waiting for the GPU each token: on CUDA
+    done.all() is copied to pinned host memory and read once the copy has landed (a step or two
+    late: finished rows only get pad_id meanwhile, and decode_loop cuts the extra steps at the end);
+    on the CPU it is read at once. A host that waits each token cannot queue the next step (or the
+    next CUDA-graph replay) while the GPU runs this one."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.flag = torch.zeros((), dtype=torch.bool, pin_memory=True) if self.cuda else None
+        self.landed = None  # a CUDA event after the flag's copy, while one is in flight
+
+    def __call__(self, done: torch.Tensor) -> bool:
+        if not self.cuda:
+            return bool(done.all())
+        if self.landed is not None:
+            if not self.landed.query():
+                return False
+            if bool(self.flag):
+                return True
+        self.flag.copy_(done.all(), non_blocking=True)
+        self.landed = torch.cuda.Event()
+        self.landed.record()
+        return False
 
 
 @torch.no_grad()
