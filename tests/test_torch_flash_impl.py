@@ -201,6 +201,24 @@ def test_dense_flash_attention_forward_op(causal, window, engine, fastattn_activ
     assert_ok(testing.check_against_reference(aten, q, k, v, generator=gen, ref_fn=ref), f"dense {causal} {window}")
 
 
+@pytest.mark.parametrize("window", [(-1, 9), (12, 10)])
+def test_a_window_side_of_sk_or_more_is_unbounded_forward_and_backward(window, engine, fastattn_active, gen):
+    """aten's kernels (FlashAttention 2) read a window side >= Sk as -1, in the forward and the
+    backward; the backward used the side as given, which with Sq > 2 Sk hid keys from the first
+    rows there only (gradients of another attention than the forward's)."""
+    q, k, v = testing.random_qkv(1, 30, 9, 2, 2, 16, device=DEVICE, generator=gen)
+
+    def aten(a, b, c):
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(a, b, c, None, None, 30, 9, 0.0, False, False,
+                                                               window_size_left=window[0], window_size_right=window[1])
+        return out, fastattn_lse(lse)
+
+    def ref(a, b, c):
+        return fastattn.attention(a, b, c, return_lse=True, backend="reference")
+
+    assert_ok(testing.check_against_reference(aten, q, k, v, generator=gen, ref_fn=ref), f"window {window}")
+
+
 def test_rows_without_keys_get_flash_attention_2s_lse(fastattn_active, gen):
     """A row that sees no key: output 0 and lse +inf (FlashAttention 2's, what aten's kernel gives),
     and zero gradients."""

@@ -186,9 +186,11 @@ def _refused(what: str, why: str) -> RuntimeError:
     return RuntimeError(f"fastattn's flash-attention impl (torch.nn.attention, \"{NAME}\"): {what}: {why}")
 
 
-def _window(left, right) -> tuple[int, int]:
-    """aten's window sizes (None or -1: unbounded) -> FlashAttention's window_size."""
-    return (-1 if left is None else int(left), -1 if right is None else int(right))
+def _window(left, right, seqlen_k=None) -> tuple[int, int]:
+    """aten's window sizes (None or -1: unbounded) -> FlashAttention's window_size. seqlen_k: a side
+    >= it is unbounded, as aten's kernels read it in the backward as in the forward (flash_api does
+    the same for the forward: with Sq > 2 Sk the right side would otherwise hide keys from the first rows)."""
+    return tuple(-1 if w is None or (seqlen_k is not None and w >= seqlen_k) else int(w) for w in (left, right))
 
 
 def _aux(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -286,7 +288,7 @@ def _backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k,
               scale, window_size_left, window_size_right):
     """dq, dk, dv from the forward's out and lse (the kernels' backward: P recomputed from lse)."""
     _check_common(dropout_p)
-    window = _window(window_size_left, window_size_right)
+    window = _window(window_size_left, window_size_right, key.shape[1] if cum_seq_q is None else max_k)
     if _backend(query) == "reference":
         grads = _recomputed_grads(grad_out, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, is_causal, scale,
                                   window)
