@@ -84,15 +84,15 @@ def _sinks(s_aux, learnable_sink):
     return s_aux if s_aux is not None else learnable_sink
 
 
-def _check_args(dropout_p, softmax_scale, flag_name: str, flag) -> None:
+def _check_args(dropout_p, softmax_scale, flag_name: str, flag) -> float | None:
     """FlashAttention's arguments checked under its own names (fastattn.api checks them again as
-    scale / return_lse, names the caller never wrote)."""
+    scale / return_lse, names the caller never wrote); returns softmax_scale as a float (a 0-d
+    tensor's value read once: the second check sees the float)."""
     if dropout_p:
         raise ValueError(f"dropout_p={dropout_p}: fastattn's kernels have no dropout (pass dropout_p=0.0, as for "
                          "inference or a model trained without attention dropout)")
-    if softmax_scale is not None:
-        validate_scale(softmax_scale, 1, name="softmax_scale")
     validate_flag(flag_name, flag)
+    return None if softmax_scale is None else validate_scale(softmax_scale, 1, name="softmax_scale")
 
 
 def _out_like_flash(result, q: torch.Tensor, with_lse: bool):
@@ -113,7 +113,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     or (out, softmax_lse (B, Hq, Sq) float32, None) with return_attn_probs. Causal is bottom-right
     aligned; window_size (left, right), -1 = unbounded; softcap 0 = off; alibi_slopes (Hq,) or
     (B, Hq) float32; s_aux / learnable_sink (Hq,) sink logits. Differentiable in q, k, v (and the sinks)."""
-    _check_args(dropout_p, softmax_scale, "return_attn_probs", return_attn_probs)
+    softmax_scale = _check_args(dropout_p, softmax_scale, "return_attn_probs", return_attn_probs)
     result = api.attention(q, k, v, causal=causal, scale=softmax_scale, return_lse=return_attn_probs,
                            alibi_slopes=alibi_slopes, window=_window(window_size, _keys(k)),
                            softcap=_softcap(softcap), sinks=_sinks(s_aux, learnable_sink), backend=backend)
@@ -128,7 +128,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """FlashAttention's flash_attn_varlen_func: packed q (Tq, Hq, D), k/v (Tk, Hkv, D) with int32
     cu_seqlens -> out (Tq, Hq, D), or (out, softmax_lse (Hq, Tq) float32, None). A paged KV
     (block_table) is not supported here: use flash_attn_with_kvcache."""
-    _check_args(dropout_p, softmax_scale, "return_attn_probs", return_attn_probs)
+    softmax_scale = _check_args(dropout_p, softmax_scale, "return_attn_probs", return_attn_probs)
     if block_table is not None:
         raise ValueError("block_table (a paged KV cache) is not supported by flash_attn_varlen_func in fastattn; "
                          "flash_attn_with_kvcache takes one")
@@ -208,7 +208,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Hkv, D) in place at cache_seqlens[b] (an int, or (B,) int32; not advanced here). cache_seqlens
     None: every sequence fills the cache (no k/v then). Returns out, or (out, softmax_lse
     (B, Hq, Sq)) with return_softmax_lse. Inference only."""
-    _check_args(0.0, softmax_scale, "return_softmax_lse", return_softmax_lse)
+    softmax_scale = _check_args(0.0, softmax_scale, "return_softmax_lse", return_softmax_lse)
     for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
                         ("cache_leftpad", cache_leftpad)):
         if value is not None:

@@ -201,6 +201,23 @@ def test_errors_use_flash_attentions_names(call, error, match, gen):
     assert not re.search(r"return_lse|\bscale must|^[kv] ", str(e.value))  # (q is the caller's name too)
 
 
+def test_a_tensor_scale_is_read_once(gen, monkeypatch):
+    """A 0-d tensor softmax_scale (torch's SDPA takes one; a CUDA one costs a sync to read) was read
+    twice: once for its FlashAttention name, once by fastattn.attention."""
+    q, k, v = testing.random_qkv(1, 5, 5, 2, 2, 16, device=DEVICE, generator=gen)
+    scale = torch.tensor(0.3, device=DEVICE)
+    reads, item = [], torch.Tensor.item
+
+    def counted(self):
+        if self is scale:
+            reads.append(1)
+        return item(self)
+    monkeypatch.setattr(torch.Tensor, "item", counted)
+    out = fastattn.flash_attn_func(q, k, v, softmax_scale=scale, backend="reference")
+    assert len(reads) == 1
+    torch.testing.assert_close(out, reference.attention(q, k, v, scale=0.3), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
 def test_out_is_laid_out_as_flash_attention_allocates_it(backend, gen):
     """FlashAttention's out is empty_like(q): contiguous for a contiguous (or a packed) q, q's strides for
