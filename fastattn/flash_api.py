@@ -53,9 +53,13 @@ def _window(window_size, seqlen_k: int | None) -> tuple[int, int] | None:
         raise bad() from None
     if len(window) != 2 or min(window) < -1:
         raise bad()
-    if seqlen_k is not None:
-        window = tuple(-1 if w >= seqlen_k else w for w in window)
+    window = sides_past_keys_unbounded(window, seqlen_k)
     return None if window == (-1, -1) else window
+
+
+def sides_past_keys_unbounded(window: tuple[int, int], seqlen_k) -> tuple[int, int]:
+    """FlashAttention's rule, forward and backward: a window side >= seqlen_k is -1 (unbounded)."""
+    return window if seqlen_k is None else tuple(-1 if w >= seqlen_k else w for w in window)
 
 
 def _int_or_none(n) -> int | None:

@@ -190,7 +190,8 @@ def _window(left, right, seqlen_k=None) -> tuple[int, int]:
     """aten's window sizes (None or -1: unbounded) -> FlashAttention's window_size. seqlen_k: a side
     >= it is unbounded, as aten's kernels read it in the backward as in the forward (flash_api does
     the same for the forward: with Sq > 2 Sk the right side would otherwise hide keys from the first rows)."""
-    return tuple(-1 if w is None or (seqlen_k is not None and w >= seqlen_k) else int(w) for w in (left, right))
+    window = (-1 if left is None else int(left), -1 if right is None else int(right))
+    return flash_api.sides_past_keys_unbounded(window, seqlen_k)
 
 
 def _aux(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
