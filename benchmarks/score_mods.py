@@ -74,6 +74,11 @@ SOFTCAP = 5.0  # small enough to bend N(0, 1) logits, so the gate sees a kernel 
 BAR_RATIO, BAR_RATIO_BWD, BAR_VS_SDPA, BAR_VS_FLEX = 0.9, 0.85, 2.0, 1.0
 BUDGET_SKIP = "time budget spent"
 APPROX = "softcap tanh.approx"  # the softcap with FASTATTN_SOFTCAP_TANH=approx (GPU only)
+BIAS_KERNEL = "bias dbias-kernel"  # the bias with FASTATTN_BIAS_GRAD=kernel (its gradient summed in the kernel)
+# Variants that run with an environment switch set, and the variant whose SDPA / FlexAttention rows they
+# are compared with (those providers take the same modifier either way).
+SWITCHED = {APPROX: ("FASTATTN_SOFTCAP_TANH", "approx", "softcap"),
+            BIAS_KERNEL: ("FASTATTN_BIAS_GRAD", "kernel", "bias")}
 
 
 @dataclass(frozen=True)
@@ -95,36 +100,44 @@ class Variant:
             return {"softcap": SOFTCAP}
         if self.name == "sinks":
             return {"sinks": torch.randn(h, device=device, generator=gen)}
-        if self.name == "bias":
+        if self.name in ("bias", BIAS_KERNEL):
             return {"bias": torch.randn(1, h, s, s, device=device, generator=gen).to(case.torch_dtype)}
         if self.window is not None:
             return {"window": self.window_arg(case.causal)}
         return {}
 
 
-def variants(case: Case, windows, approx: bool = False) -> list[Variant]:
+def variants(case: Case, windows, approx: bool = False, bias_kernel: bool = False) -> list[Variant]:
     """Most wanted first: the unmodified kernel, the bars' modifiers (approx: the softcap through
-    tanh.approx.f32 too), then the window sweep (w < S)."""
-    names = ("none", "alibi", "softcap") + ((APPROX,) if approx else ()) + ("sinks", "bias")
+    tanh.approx.f32 too; bias_kernel: the bias with its gradient summed in the kernel too), then the
+    window sweep (w < S)."""
+    names = (("none", "alibi", "softcap") + ((APPROX,) if approx else ()) + ("sinks", "bias")
+             + ((BIAS_KERNEL,) if bias_kernel else ()))
     return [Variant(name) for name in names] + [Variant(f"window {w}", w) for w in windows if w < case.seqlen_q]
 
 
 @contextlib.contextmanager
-def softcap_tanh(variant: Variant):
-    """FASTATTN_SOFTCAP_TANH=approx while the APPROX variant's rows run (forward and backward alike:
-    the launchers read it per call), as it was otherwise."""
-    if variant.name != APPROX:
+def switched(variant: Variant):
+    """A SWITCHED variant's environment switch set while its rows run (forward and backward alike: the
+    launchers read it per call), as it was otherwise."""
+    if variant.name not in SWITCHED:
         yield
         return
-    before = os.environ.get("FASTATTN_SOFTCAP_TANH")
-    os.environ["FASTATTN_SOFTCAP_TANH"] = "approx"
+    name, value, _ = SWITCHED[variant.name]
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            del os.environ["FASTATTN_SOFTCAP_TANH"]
+            del os.environ[name]
         else:
-            os.environ["FASTATTN_SOFTCAP_TANH"] = before
+            os.environ[name] = before
+
+
+def compared_as(variant: str) -> str:
+    """The variant whose SDPA and FlexAttention rows a fastattn row is compared with."""
+    return SWITCHED[variant][2] if variant in SWITCHED else variant
 
 
 @dataclass(frozen=True)
@@ -269,9 +282,10 @@ class Settings:
                 for s in sorted(self.seqlens, reverse=True) for c in (True, False)]
 
 
-# Tiny float32 shapes (the interpreter cannot run bf16 dots): 48 keys = a full and a partial key tile there.
+# Tiny float32 shapes (the interpreter cannot run bf16 dots): 48 keys = a full and a partial key tile there;
+# a batch of 2, so that the bias's gradient is summed over it.
 SMOKE = dict(seqlens=(48,), windows=(8,), flex_seqlens=(48,), flex_windows=(8,), head_dim=16, dtype="float32",
-             tokens=48, hidden=16, warmup_ms=1, rep_ms=1, smoke=True)
+             tokens=96, hidden=16, warmup_ms=1, rep_ms=1, smoke=True)
 
 
 @dataclass
@@ -361,10 +375,10 @@ def add_ratios(rows: list[dict]) -> None:
             r["vs_none"] = r["tflops"] / base["tflops"]
             r["time_vs_none"] = r["ms"] / base["ms"]
             r["keys_vs_none"] = r["keys_per_query"] / base["keys_per_query"]
-        if r["variant"] == "bias" and key(r) in sdpa:
+        if compared_as(r["variant"]) == "bias" and key(r) in sdpa:
             r["vs_sdpa"] = sdpa[key(r)]["ms"] / r["ms"]
-        if (*key(r), r["variant"]) in flex:
-            r["vs_flex"] = flex[(*key(r), r["variant"])]["ms"] / r["ms"]
+        if (*key(r), compared_as(r["variant"])) in flex:
+            r["vs_flex"] = flex[(*key(r), compared_as(r["variant"]))]["ms"] / r["ms"]
 
 
 def bars(rows: list[dict]) -> list[dict]:
@@ -391,11 +405,12 @@ def bars(rows: list[dict]) -> list[dict]:
         if r["variant"] in ("alibi", "softcap", APPROX) or r["window"]:
             check(r, f"{r['variant']} {mode} TFLOPS / none", "vs_none",
                   BAR_RATIO if r["mode"] == "fwd" else BAR_RATIO_BWD, ("none", "fastattn"))
-        if r["mode"] == "fwd_bwd" and r["variant"] == "bias":
-            check(r, "bias fwd+bwd: SDPA (float mask) time / fastattn", "vs_sdpa", BAR_VS_SDPA, ("bias", "sdpa"))
-        if r["variant"] != "none" and (r["case"]["label"], r["variant"]) in flex_runs:
+        if r["mode"] == "fwd_bwd" and compared_as(r["variant"]) == "bias":
+            check(r, f"{r['variant']} fwd+bwd: SDPA (float mask) time / fastattn", "vs_sdpa", BAR_VS_SDPA,
+                  ("bias", "sdpa"))
+        if r["variant"] != "none" and (r["case"]["label"], compared_as(r["variant"])) in flex_runs:
             check(r, f"{r['variant']} {mode}: FlexAttention time / fastattn", "vs_flex", BAR_VS_FLEX,
-                  (r["variant"], "flex"))
+                  (compared_as(r["variant"]), "flex"))
     return out
 
 
@@ -430,15 +445,17 @@ def markdown(doc: dict) -> str:
                      f"{_fmt(f, 'tflops', '.1f')} | {_fmt(f, 'vs_none', '.2f')} | {_fmt(fb, 'ms', '.3f')} | "
                      f"{_fmt(fb, 'tflops', '.1f')} | {_fmt(fb, 'vs_none', '.2f')} | {gate or '-'} |")
     lines += ["", "## Bias (1, H, S, S) requiring grad: fastattn vs SDPA with the same float mask", "",
-              "| case | mode | fastattn ms | SDPA ms | SDPA / fastattn | fastattn bias / no bias (time) | "
-              "peak MiB fastattn / SDPA | gates |", "|---|---|---|---|---|---|---|---|"]
+              f"({BIAS_KERNEL}: FASTATTN_BIAS_GRAD=kernel, the gradient summed over the batch in the kernel; "
+              "bias: the default, a float32 (B, H, S, S) buffer summed afterwards.)", "",
+              "| case | variant | mode | fastattn ms | SDPA ms | SDPA / fastattn | fastattn bias / no bias (time) | "
+              "peak MiB fastattn / SDPA | gates |", "|---|---|---|---|---|---|---|---|---|"]
     for label, variant in keys:
-        if variant != "bias":
+        if compared_as(variant) != "bias":
             continue
         for mode in MODES:
-            f, s = by.get((label, variant, "fastattn", mode)), by.get((label, variant, "sdpa", mode))
+            f, s = by.get((label, variant, "fastattn", mode)), by.get((label, "bias", "sdpa", mode))
             gates = " / ".join((r.get("gate") or r.get("skipped", "-")) if r else "-" for r in (f, s))
-            lines.append(f"| {label} | {mode} | {_fmt(f, 'ms', '.3f')} | {_fmt(s, 'ms', '.3f')} | "
+            lines.append(f"| {label} | {variant} | {mode} | {_fmt(f, 'ms', '.3f')} | {_fmt(s, 'ms', '.3f')} | "
                          f"{_fmt(f, 'vs_sdpa', '.2f', 'x')} | {_fmt(f, 'time_vs_none', '.2f', 'x')} | "
                          f"{_fmt(f, 'peak_mib', '.0f')} / {_fmt(s, 'peak_mib', '.0f')} | {gates} |")
     lines += ["", "## Each variant vs FlexAttention with the same score_mod / block mask", ""]
@@ -480,7 +497,7 @@ def run_case(run: Run, doc: dict, case: Case, case_variants: list[Variant], flex
             rows = [{**_row(case, variant, p.name, m), "gate": "", "skipped": BUDGET_SKIP}
                     for p in providers(case, variant, flex_pass) for m in MODES]
         else:
-            with softcap_tanh(variant):
+            with switched(variant):
                 rows = run_variant(run, case, variant, inputs, flex_pass)
         doc["rows"] += rows
         for r in rows:
@@ -534,7 +551,7 @@ def main(argv=None) -> int:
     for flex_pass, cases, windows in passes:
         for case in cases:
             approx = cuda and not flex_pass and case.dtype != "float32"  # tanh.approx: 16-bit inputs only
-            case_variants = variants(case, windows, approx=approx)
+            case_variants = variants(case, windows, approx=approx, bias_kernel=not flex_pass)
             if flex_pass:  # FlexAttention's "none" feeds no bar: last
                 case_variants.sort(key=lambda v: v.name == "none")
             run_case(run, doc, case, case_variants, flex_pass, save)

@@ -88,6 +88,16 @@ GPU_CANDIDATES = {
         128: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
         256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
     }),
+    # The bias gradient summed over the batch/heads (kernels/bias_grad.py; FASTATTN_BIAS_GRAD=kernel):
+    # one (BLOCK_M, BLOCK_N) tile of it per program, two matmuls per (batch, head) it sums. Not yet
+    # timed on a GPU: chosen by what compiles for sm_90 (tools/aot_compile_check.py --kinds dbias;
+    # benchmarks/results/2026-12-05-cpu-dbias/): no spills but the s1 configs' 8-60 B (every modifier
+    # on); s1 runs the loop unpipelined, in half the shared memory or less.
+    "dbias": _table({
+        64: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 4, 1), (128, 32, 8, 2)],
+        128: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 4, 1), (128, 32, 8, 2)],
+        256: [(64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 4, 1)],
+    }),
     # Split-KV decoding (kernels/decode.py): only BLOCK_N (keys per step) and the launch settings
     # matter; the query-row tile follows the call (GQA group x new tokens). Memory-bound: pipelined
     # key tiles. Not yet timed on a GPU (the decode kernel is not in "auto" yet): chosen by what
@@ -121,7 +131,7 @@ def sweep_space(kind: str) -> list[BlockConfig]:
 # fp32 runs true-fp32 dots on the FMA units (no tensor cores): small tiles keep registers, shared
 # memory and compile time (fully unrolled FMA dots) in check. It is the accuracy path, not a fast one.
 FP32_CONFIGS = {"fwd": BlockConfig(32, 32, 4, 2), "dkdv": BlockConfig(32, 32, 4, 1), "dq": BlockConfig(32, 32, 4, 1),
-                "decode": BlockConfig(0, 16, 8, 1)}  # decode: no spills on sm_90 for D up to 256
+                "dbias": BlockConfig(32, 32, 4, 1), "decode": BlockConfig(0, 16, 8, 1)}  # decode: no spills on sm_90 for D up to 256
 
 # Small enough for any head dim and dtype: without autotuning, a launch whose config does not fit
 # the chip's shared memory falls back along the list to this one.
@@ -136,6 +146,7 @@ INTERPRETER_CONFIGS = {
     "fwd": BlockConfig(64, 32),
     "dkdv": BlockConfig(32, 64),
     "dq": BlockConfig(64, 32),
+    "dbias": BlockConfig(32, 64),
     "decode": BlockConfig(0, 32),
 }
 

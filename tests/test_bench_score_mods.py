@@ -23,9 +23,10 @@ def test_score_mods_benchmark_smoke(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "score_mods.json").read_text())
     rows = doc["rows"]
     by = {(r["case"]["causal"], r["variant"], r["provider"], r["mode"]): r for r in rows}
-    variants = {"none", "alibi", "softcap", "sinks", "bias", "window 8"}
-    assert set(by) == {(c, v, p, m) for c in (True, False) for v in variants
-                       for p in ("fastattn", "sdpa", "flex") if p != "sdpa" or v == "bias" for m in ("fwd", "fwd_bwd")}
+    variants = {"none", "alibi", "softcap", "sinks", "bias", score_mods.BIAS_KERNEL, "window 8"}
+    assert set(by) == {(c, v, p, m) for c in (True, False) for v in variants for p in ("fastattn", "sdpa", "flex")
+                       if (p != "sdpa" or v == "bias") and (p == "fastattn" or v != score_mods.BIAS_KERNEL)
+                       for m in ("fwd", "fwd_bwd")}
     for r in rows:  # every row checked against float64 (the backward rows with dbias, dsinks) and timed
         if r["provider"] == "flex" and r["mode"] == "fwd_bwd":  # torch has no CPU backward for it
             assert "backward on CPU" in r["skipped"] and "ms" not in r, r
@@ -40,19 +41,22 @@ def test_score_mods_benchmark_smoke(tmp_path, monkeypatch):
         # TFLOPS count the visible keys only: (8, 0) causal, (8, 8) not.
         assert window["window"] == [8, 0 if causal else 8]
         assert window["keys_per_query"] < none["keys_per_query"] and window["flops"] < none["flops"]
-        bias = by[causal, "bias", "fastattn", "fwd_bwd"]
-        assert bias["vs_sdpa"] == pytest.approx(by[causal, "bias", "sdpa", "fwd_bwd"]["ms"] / bias["ms"])
+        for variant in ("bias", score_mods.BIAS_KERNEL):  # both against SDPA's (and Flex's) bias rows
+            bias = by[causal, variant, "fastattn", "fwd_bwd"]
+            assert bias["vs_sdpa"] == pytest.approx(by[causal, "bias", "sdpa", "fwd_bwd"]["ms"] / bias["ms"])
     assert doc["bars"] == []  # judged on GPU runs only
     md = (tmp_path / "score_mods.md").read_text()
-    assert "Smoke run" in md and "| self B1 S48 H1 D16 causal float32 | window 8 | " in md
+    assert "Smoke run" in md and "| self B2 S48 H1 D16 causal float32 | window 8 | " in md
     assert "fastattn vs SDPA with the same float mask" in md
-    assert "| self B1 S48 H1 D16 full float32 | sinks | fwd | " in md.split("vs FlexAttention")[1]
+    assert f"| self B2 S48 H1 D16 causal float32 | {score_mods.BIAS_KERNEL} | fwd_bwd | " in md
+    assert "| self B2 S48 H1 D16 full float32 | sinks | fwd | " in md.split("vs FlexAttention")[1]
 
 
-def test_approx_softcap_rows_run_with_the_switch_on(monkeypatch):
+def test_switched_rows_run_with_the_switch_on(monkeypatch):
     """On a GPU the softcap also runs through tanh.approx.f32: its variant (after "softcap"; never in
     the FlexAttention pass) sets FASTATTN_SOFTCAP_TANH=approx while its rows run and restores it after,
-    passes the same softcap, and meets the same bars."""
+    passes the same softcap, and meets the same bars. Likewise the bias with FASTATTN_BIAS_GRAD=kernel
+    (after "bias"), on the CPU too."""
     from benchmarks import score_mods
     from benchmarks.cases import Case
 
@@ -67,11 +71,18 @@ def test_approx_softcap_rows_run_with_the_switch_on(monkeypatch):
             monkeypatch.delenv("FASTATTN_SOFTCAP_TANH", raising=False)
         else:
             monkeypatch.setenv("FASTATTN_SOFTCAP_TANH", before)
-        with score_mods.softcap_tanh(score_mods.Variant("softcap")):
+        with score_mods.switched(score_mods.Variant("softcap")):
             assert os.environ.get("FASTATTN_SOFTCAP_TANH") == before
-        with score_mods.softcap_tanh(approx):
+        with score_mods.switched(approx):
             assert os.environ["FASTATTN_SOFTCAP_TANH"] == "approx"
         assert os.environ.get("FASTATTN_SOFTCAP_TANH") == before
+    names = [v.name for v in score_mods.variants(case, (8,), bias_kernel=True)]
+    assert names[names.index("bias") + 1] == score_mods.BIAS_KERNEL
+    monkeypatch.delenv("FASTATTN_BIAS_GRAD", raising=False)
+    with score_mods.switched(score_mods.Variant(score_mods.BIAS_KERNEL)):
+        assert os.environ["FASTATTN_BIAS_GRAD"] == "kernel"
+    assert "FASTATTN_BIAS_GRAD" not in os.environ
+    assert score_mods.compared_as(score_mods.BIAS_KERNEL) == "bias" and score_mods.compared_as("alibi") == "alibi"
     row = {"case": {"label": "c"}, "provider": "fastattn", "mode": "fwd", "variant": score_mods.APPROX,
            "window": None, "vs_none": 0.95}
     assert score_mods.bars([row]) == [{"case": "c", "check": f"{score_mods.APPROX} fwd TFLOPS / none",

@@ -3,6 +3,8 @@ float64 reference with the tolerance rule: outputs, lse and every gradient (dbia
 included), alone and combined, with causal, key padding, GQA and packed sequences; the torch
 backend's share; the errors for what is refused. On CPU through the Triton interpreter."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES
@@ -10,6 +12,7 @@ from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES
 import fastattn
 from fastattn import reference, semantics, testing
 from fastattn.kernels.configs import BlockConfig
+from fastattn.launchers import plans
 from fastattn.launchers import triton_attention as launch
 
 
@@ -82,6 +85,104 @@ def test_bias_broadcasts_and_sums_its_gradient(shape, gen):
     the broadcast dims."""
     q, k, v = testing.random_qkv(2, 40, 30, 4, 2, 16, device=DEVICE, generator=gen)
     check(q, k, v, True, {"bias": torch.randn(shape, generator=gen).to(DEVICE)}, gen)
+
+
+@pytest.fixture
+def bias_grad_kernel(monkeypatch):
+    """FASTATTN_BIAS_GRAD=kernel: a bias broadcast over the batch/heads gets its gradient summed in the
+    dbias kernel (kernels/bias_grad.py); its plans and tuned configs start afresh."""
+    monkeypatch.setenv("FASTATTN_BIAS_GRAD", "kernel")
+    launch.clear_plans()
+    yield
+    launch.clear_plans()
+
+
+def ran_dbias_kernel() -> bool:
+    return any(t["kernel"] == "dbias" for t in plans.tuned_configs())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(4, 40, 30), (2, 1, 40, 30), (40, 30)], ids=str)
+def test_bias_gradient_summed_in_the_kernel(shape, causal, gen, bias_grad_kernel):
+    """A (1, Hq, ...) table, one (B, 1, ...) mask for every head, one (Sq, Sk) for all: dbias summed
+    over the batch and/or heads in the kernel, GQA, Sq != Sk; twice, bit-identical (a fixed order)."""
+    q, k, v = testing.random_qkv(2, 40, 30, 4, 2, 16, device=DEVICE, generator=gen)
+    bias = torch.randn(shape, generator=gen).to(DEVICE)
+    check(q, k, v, causal, {"bias": bias}, gen)
+    assert ran_dbias_kernel()
+    grads = []
+    for _ in range(2):
+        b_ = bias.clone().requires_grad_(True)
+        fastattn.attention(q, k, v, causal=causal, bias=b_, backend="triton").sum().backward()
+        grads.append(b_.grad)
+    assert torch.equal(*grads)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_bias_gradient_in_the_kernel_with_every_modifier(dtype, gen, bias_grad_kernel):
+    """Key padding (a batch element without keys), window, ALiBi, softcap, sinks, GQA, causal, with
+    a (1, Hq) table and a (B, 1) mask, under the interpreter's config and two forced tilings."""
+    b, sq, sk, hq, hkv, d = 3, 45, 61, 4, 2, 32
+    q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=dtype, device=DEVICE, generator=gen)
+    mask = torch.rand(b, sk, generator=gen).to(DEVICE) > 0.3
+    mask[1] = False
+    for bias_shape, tile in (((1, hq, sq, sk), None), ((b, 1, sq, sk), BlockConfig(16, 16)),
+                             ((1, hq, sq, sk), BlockConfig(16, 64))):
+        mods = make_mods(SINGLE, b, hq, sq, sk, gen, bias_shape=bias_shape, dtype=dtype)
+        mods["window"] = (17, 4)
+        with launch.forced_configs(dbias=tile) if tile else contextlib.nullcontext():
+            check(q, k, v, True, mods, gen, key_padding_mask=mask)
+            assert ran_dbias_kernel()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_bias_gradient_summed_in_the_kernel(causal, gen, bias_grad_kernel):
+    """Packed sequences with a (1, Hq, max_q, max_k) bias: each sequence's positions, an empty
+    sequence and one without keys, summed over the sequences in the kernel."""
+    lengths_q, lengths_k, hq, hkv, d = [5, 0, 33, 17, 3], [9, 4, 33, 40, 0], 4, 2, 16
+    cu_q = torch.tensor([0] + lengths_q).cumsum(0).to(DEVICE, torch.int32)
+    cu_k = torch.tensor([0] + lengths_k).cumsum(0).to(DEVICE, torch.int32)
+    mq, mk = max(lengths_q), max(lengths_k)
+    q = torch.randn(sum(lengths_q), hq, d, generator=gen).to(DEVICE)
+    k = torch.randn(sum(lengths_k), hkv, d, generator=gen).to(DEVICE)
+    v = torch.randn(sum(lengths_k), hkv, d, generator=gen).to(DEVICE)
+    mods = {"bias": torch.randn(1, hq, mq, mk, generator=gen).to(DEVICE), "window": (6, 2)}
+
+    def varlen(backend):
+        return lambda a, b_, c, **m: fastattn.attention_varlen(a, b_, c, cu_q, cu_k, mq, mk, causal=causal,
+                                                               return_lse=True, backend=backend, **m)
+
+    results = testing.check_against_reference(varlen("triton"), q, k, v, lse_grad=True, generator=gen,
+                                              ref_fn=varlen("reference"), mods=mods)
+    assert "dbias" in {r.name for r in results} and ran_dbias_kernel()
+    assert_ok(results, "varlen")
+
+
+def test_bias_gradient_in_the_kernel_skips_tiles_outside_the_window(gen, bias_grad_kernel):
+    """The dbias kernel visits the key tiles the dQ kernel does: NaN keys in tiles outside every
+    window stay out, and their part of dbias is 0."""
+    cfg = BlockConfig(16, 16)
+    q, k, v = testing.random_qkv(2, 16, 128, 2, 2, 16, device=DEVICE, generator=gen)
+    bias = torch.randn(1, 2, 16, 128, generator=gen).to(DEVICE)
+    clean_k, clean_v = k.clone(), v.clone()
+    k[:, :96], v[:, :96] = float("nan"), float("nan")  # query i sees keys i + 104 .. i + 112
+    xs = [x.clone().requires_grad_(True) for x in (q, k, v, bias)]
+    with launch.forced_configs(fwd=cfg, dkdv=cfg, dq=cfg, dbias=cfg):
+        fastattn.attention(*xs[:3], bias=xs[3], window=(8, 0), backend="triton").sum().backward()
+        assert ran_dbias_kernel()
+    ref = [x.double().requires_grad_(True) for x in (q, clean_k, clean_v, bias)]
+    reference.attention(*ref[:3], bias=ref[3], window=(8, 0)).sum().backward()
+    assert (xs[3].grad[..., :96] == 0).all()
+    torch.testing.assert_close(xs[3].grad.double(), ref[3].grad, atol=1e-4, rtol=1e-4)
+
+
+def test_bias_grad_switch_names_itself(gen, monkeypatch):
+    q, k, v = testing.random_qkv(1, 8, 8, 2, 2, 16, device=DEVICE, generator=gen, requires_grad=True)
+    bias = torch.zeros(1, 2, 8, 8, device=DEVICE, requires_grad=True)
+    monkeypatch.setenv("FASTATTN_BIAS_GRAD", "fused")
+    out = fastattn.attention(q, k, v, bias=bias, backend="triton")
+    with pytest.raises(ValueError, match="FASTATTN_BIAS_GRAD must be 'buffer' or 'kernel', got 'fused'"):
+        out.sum().backward()
 
 
 def test_bias_with_strides_and_half_precision(gen):

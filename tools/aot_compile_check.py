@@ -56,11 +56,12 @@ def _load_kernels():
     sys.modules["fastattn.kernels"] = package
     spec.loader.exec_module(package)
     return [importlib.import_module(f"fastattn.kernels.{m}")
-            for m in ("configs", "attn_fwd", "attn_bwd", "key_bounds", "decode")]
+            for m in ("configs", "attn_fwd", "attn_bwd", "bias_grad", "key_bounds", "decode")]
 
 
-configs, _fwd, _bwd, _bounds, _decode = _load_kernels()
-KERNELS = {"fwd": _fwd.attn_fwd_kernel, "dkdv": _bwd.attn_bwd_dkdv_kernel, "dq": _bwd.attn_bwd_dq_kernel}
+configs, _fwd, _bwd, _bias_grad, _bounds, _decode = _load_kernels()
+KERNELS = {"fwd": _fwd.attn_fwd_kernel, "dkdv": _bwd.attn_bwd_dkdv_kernel, "dq": _bwd.attn_bwd_dq_kernel,
+           "dbias": _bias_grad.attn_bwd_dbias_kernel}
 TENSOR_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "K_NEW", "V_NEW", "K_CACHE", "V_CACHE")
 FP32_POINTERS = ("LSE", "DELTA", "DLSE", "O_PART", "LSE_PART", "ALIBI", "SINKS", "DBIAS", "DQ_SUM")
 INT32_POINTERS = ("KV_BOUNDS", "CU_Q", "CU_K", "BOUNDS", "SEQLENS", "BLOCK_TABLE")
@@ -92,6 +93,8 @@ def signature(kernel, dtype: str, constexprs: dict, fp32_outputs: bool = False) 
             sig[name] = "*fp32"
         elif name == "LSE" and dtype == "fp32" and kernel in KERNELS.values():
             sig[name] = "*fp64"  # the prefill kernels save a float64 lse for fp32 inputs (launchers: lse_dtype)
+        elif name == "DBIAS" and kernel is KERNELS["dbias"]:
+            sig[name] = "*" + dtype  # summed in the kernel, written in the bias's dtype
         elif name in FP32_POINTERS:
             sig[name] = "*fp32"
         elif name in INT32_POINTERS:
@@ -118,7 +121,8 @@ def typical_ints(head_dim: int, group: int, heads: int = 16, seqlen: int = 16384
     ints.update({f"stride_{t}{a}": n for t in ("k", "v", "dk", "dv") for a, n in kv_like.items()})
     ints.update(stride_lb=hq * seqlen, stride_lh=seqlen, stride_kpm_b=seqlen, GROUP=group, Sq=seqlen, Sk=seqlen,
                 stride_bb=0, stride_bh=seqlen * seqlen, stride_bm=seqlen, stride_bn=1, stride_ab=0, left=4095,
-                right=0, stride_dbb=0, stride_dbh=seqlen * seqlen, stride_dbm=seqlen)
+                right=0, stride_dbb=0, stride_dbh=seqlen * seqlen, stride_dbm=seqlen,
+                n_b=2, n_h=1, Hb=hq)  # (the dbias kernel: a (1, H, S, S) bias's gradient, summed over B=2)
     return ints
 
 

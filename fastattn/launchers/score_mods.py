@@ -87,6 +87,18 @@ def approx_tanh(dtype: torch.dtype) -> bool:
     return True
 
 
+def bias_grad_in_kernel() -> bool:
+    """Whether the gradient of a bias that broadcasts over the batch and/or heads is summed in the
+    dbias kernel (FASTATTN_BIAS_GRAD=kernel: kernels/bias_grad.py, bias-shaped, no float32 buffer)
+    instead of written per (batch, head) into a float32 (B, Hq, Sq, Sk) buffer by the dQ kernel and
+    summed afterwards ("buffer", the default until a GPU session has checked and timed "kernel":
+    tests/test_score_mods.py, benchmarks/score_mods.py). Read per backward call."""
+    mode = os.environ.get("FASTATTN_BIAS_GRAD", "buffer")
+    if mode not in ("buffer", "kernel"):
+        raise ValueError(f"FASTATTN_BIAS_GRAD must be 'buffer' or 'kernel', got {mode!r}")
+    return mode == "kernel"
+
+
 @functools.lru_cache(maxsize=1024)
 def _layout(b, hq, sq, sk, bias, alibi, sinks_dtype, window_left, window_right, softcap, approx):
     """(ints, cap2, flags, key) for kernel_args from the modifiers' shapes, strides and dtypes. An

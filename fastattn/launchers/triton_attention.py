@@ -37,10 +37,11 @@ import triton
 from fastattn.kernels import configs
 from fastattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from fastattn.kernels.attn_fwd import attn_fwd_kernel
+from fastattn.kernels.bias_grad import attn_bwd_dbias_kernel
 from fastattn.launchers import plans
 from fastattn.launchers.device import on_device
 from fastattn.launchers.key_bounds import key_bounds
-from fastattn.launchers.score_mods import NO_FLAGS, Mods, launch_args
+from fastattn.launchers.score_mods import NO_FLAGS, Mods, bias_grad_in_kernel, launch_args
 
 LOG2E = math.log2(math.e)
 MAX_CACHED_SIGNATURES = plans.MAX_SIGNATURES
@@ -312,6 +313,26 @@ def _dq_args(q, k, v, dout, lse, delta, dq, masks, bias, alibi, dbias, in_stride
             *dbias_strides, *floats)
 
 
+def _dbias_args(q, k, v, dout, lse, delta, masks, bias, alibi, dbias, in_strides, tail, sums, floats):
+    """attn_bwd_dbias_kernel's runtime arguments in its order (as _dq_args', without dQ; sums: the
+    gradient's (batch, head, row) strides, then the batch elements and heads each program sums and
+    the gradient's head count)."""
+    return (q, k, v, dout, lse, delta, *masks, bias, alibi, dbias, *in_strides, *tail, *sums, *floats[1:])
+
+
+def _summed_dbias(bias, full: tuple, sk: int):
+    """The bias gradient as the dbias kernel writes it (kernels/bias_grad.py): bias's shape and dtype,
+    summed over the batch and/or heads in the kernel, where FASTATTN_BIAS_GRAD=kernel asks for it
+    and the bias broadcasts over them only (not over rows or keys, whose sums the buffer path makes);
+    else None."""
+    in_kernel = bias_grad_in_kernel()  # (first: a bad value is refused whatever the bias)
+    reduce_dims = [i for i in range(4) if bias.shape[i] == 1 and full[i] > 1]
+    if not in_kernel or not reduce_dims or max(reduce_dims) > 1 or sk > 16 * MAX_GRID_YZ:
+        return None
+    # Every element is written (zeros where no query sees the key): no zero-fill.
+    return torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)
+
+
 def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, cu_seqlens_k,
               max_seqlen_q, max_seqlen_k, mods: Mods, bias_grad):
     varlen = cu_seqlens_q is not None
@@ -323,19 +344,23 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     plain = mods.off()
     bias, sinks = mods.bias, mods.sinks
-    dbias = None  # the kernel's (B, Hq, Sq, Sk) bias gradient
+    dbias = None  # the dQ kernel's (B, Hq, Sq, Sk) bias gradient
+    summed = None  # or the dbias kernel's, bias-shaped: summed over the batch/heads in the kernel
     if bias_grad:
         full = (b, hq, sq, sk)
-        reduce_dims = [i for i in range(4) if bias.shape[i] == 1 and full[i] > 1]
-        # Tiles the kernels skip (outside the window, padding) are never written: start from 0. A
-        # broadcast bias sums its gradient over the broadcast dims afterwards, in float32.
-        dbias = q.new_zeros(full, dtype=torch.float32 if reduce_dims else bias.dtype)
+        summed = _summed_dbias(bias, full, sk)
+        if summed is None:
+            reduce_dims = [i for i in range(4) if bias.shape[i] == 1 and full[i] > 1]
+            # Tiles the kernels skip (outside the window, padding) are never written: start from 0. A
+            # broadcast bias sums its gradient over the broadcast dims afterwards, in float32.
+            dbias = q.new_zeros(full, dtype=torch.float32 if reduce_dims else bias.dtype)
     if dq.numel() == 0 or dk.numel() == 0 or b == 0:
         dsinks = None
         if sinks is not None:  # no keys (or no queries): out = 0, lse = the sink, so delta = -dlse
             dsinks = (torch.zeros_like(sinks) if dlse is None or dq.numel() == 0
                       else _dsinks(sinks, lse, -dlse.float(), varlen))
-        return dq.zero_(), dk.zero_(), dv.zero_(), _reduce_dbias(dbias, bias), dsinks
+        return (dq.zero_(), dk.zero_(), dv.zero_(), _reduce_dbias(dbias, bias) if summed is None else summed.zero_(),
+                dsinks)
     if lse.dtype != lse_dtype(q.dtype):  # a caller's float32 lse for fp32 inputs: one kernel variant per dtype
         lse = lse.to(lse_dtype(q.dtype))
     lse = lse.contiguous()
@@ -351,8 +376,13 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     bias_p, alibi_p, _ = mod_ptrs
     dbias_args = (q, 0, 0, 0)
     if not plain:
-        if dbias is not None:  # its (Sq, Sk) slices take 64-bit offsets from 2**31 elements
-            mod_key = (*mod_key[:2], mod_key[2] or (sq + 256) * sk >= 2**31, mod_key[3], dbias.dtype)
+        grad = summed if summed is not None else dbias
+        sums = ()  # the dbias kernel's: gradient strides (batch, head, row), batch elements and heads summed
+        if summed is not None:
+            n_b, n_h = (b if bias.shape[0] == 1 else 1), (hq if bias.shape[1] == 1 else 1)
+            sums = (*summed.stride()[:3], n_b, n_h, bias.shape[1])
+        if grad is not None:  # its (Sq, Sk) slices take 64-bit offsets from 2**31 elements
+            mod_key = (*mod_key[:2], mod_key[2] or (sq + 256) * sk >= 2**31, mod_key[3], grad.dtype, sums[3:])
         extra = (*extra, *mod_ptrs)
         dbias_args = (q, 0, 0, 0) if dbias is None else (dbias, *dbias.stride()[:3])
     # The preprocess is row-wise: packed inputs run as one sequence of Tq rows, so their row offsets
@@ -365,7 +395,8 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
     pre_args = _preprocess_args(out, dout, dlse, delta, s_out, s_qkvdo[9:], lse_strides, rows)
     grids = (lambda c: (-(-rows // c.block_m), hq, pre_batch),
              lambda c: _tile_grid(sk, c.block_n, hkv, b, c.lpt),
-             lambda c: _tile_grid(sq, c.block_m, hq, b, c.lpt))
+             lambda c: _tile_grid(sq, c.block_m, hq, b, c.lpt),
+             lambda c: (-(-sq // c.block_m), -(-sk // c.block_n), bias.shape[0] * bias.shape[1]))
     device = q.get_device()
     # As the forward's key; the packed totals (Tq, Tk, the lse stride, the preprocess rows) by class,
     # and without modifiers the max lengths by class too and not the number of sequences (only the
@@ -402,7 +433,9 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
                            tail, floats)
     dq_args = _dq_args(q, k, v, dout, lse, delta, dq, masks, bias_p, alibi_p, dbias_args[0], s_qkvdo, s_dq, tail,
                        dbias_args[1:], floats)
-    all_args = (pre_args, dkdv_args, dq_args)
+    dbias_k_args = None if summed is None else _dbias_args(q, k, v, dout, lse, delta, masks, bias_p, alibi_p, summed,
+                                                            s_qkvdo, tail, sums, floats)
+    all_args = (pre_args, dkdv_args, dq_args, dbias_k_args)
     if found is not None:
         plans.launch(device, [(plan, grid(plan.config), args) for plan, grid, args in zip(found, grids, all_args)
                               if plan is not None])
@@ -416,13 +449,17 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
             if not atomic:  # dbias (zero-filled, partly written) is not checked against a sentinel; dq is.
                 dq_plan = plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts_dq, tma_ok[1], rows=sq),
                                       grids[2], dq_args, consts_dq, seq_len=max(sq, sk), outputs=(6,), device=q.device)
-        plans.remember(_plans, key, (pre_plan, dkdv_plan, dq_plan), MAX_CACHED_SIGNATURES)
+            built = (pre_plan, dkdv_plan, dq_plan)
+            if summed is not None:  # the dbias kernel's, launched last (it reads delta)
+                built += (plans.build("dbias", attn_bwd_dbias_kernel, _candidates("dbias", consts), grids[3],
+                                      dbias_k_args, consts, seq_len=max(sq, sk), outputs=(12,), device=q.device),)
+        plans.remember(_plans, key, built, MAX_CACHED_SIGNATURES)
     if atomic:
         dq.copy_(dq_sum)
     if plain:
         return dq, dk, dv, None, None
     dsinks = None if sinks is None else _dsinks(sinks, lse, delta, varlen)
-    return dq, dk, dv, _reduce_dbias(dbias, bias), dsinks
+    return dq, dk, dv, _reduce_dbias(dbias, bias) if summed is None else summed, dsinks
 
 
 def _dsinks(sinks, lse, delta, varlen: bool):
