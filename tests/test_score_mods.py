@@ -286,6 +286,21 @@ def test_window_under_other_tilings(fwd, dkdv, dq, gen):
             check(q, k, v, causal, {"window": window, "alibi_slopes": torch.rand(2).to(DEVICE)}, gen)
 
 
+def test_a_window_tunes_by_the_keys_a_query_sees(gen, monkeypatch):
+    """Tuning buckets (plans.build's seq_len) follow a window's width, not the sequence: a narrow
+    window must not take the tiles tuned for a wide one (or for no window) at the same length."""
+    seen = []
+    build = plans.build
+    monkeypatch.setattr(plans, "build", lambda name, *a, seq_len, **kw: seen.append((name, seq_len))
+                        or build(name, *a, seq_len=seq_len, **kw))
+    q, k, v = testing.random_qkv(1, 64, 64, 2, 2, 16, device=DEVICE, generator=gen, requires_grad=True)
+    for window, span in (((8, 0), 9), ((3, 5), 9), ((-1, 4), 64), (None, 64)):
+        launch.clear_plans()
+        seen.clear()
+        fastattn.attention(q, k, v, window=window, backend="triton").sum().backward()
+        assert {n: s for n, s in seen if n != "bwd_preprocess"} == {"fwd": span, "dkdv": span, "dq": span}, window
+
+
 def test_window_skips_tiles_outside_it(gen):
     """Key tiles outside every query's window are never read: NaN there must not reach the outputs
     or the gradients (a masked-but-visited tile would give 0 * NaN = NaN)."""

@@ -156,6 +156,16 @@ def _constexprs(q, causal, has_kpm, varlen, head_dim, wide, flags=None) -> dict:
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's second and third axes (the backend's grid limit too)
 
 
+def _tuning_len(sq: int, sk: int, mod_ints: tuple, flags: dict) -> int:
+    """The length that keys a call's tuning bucket (plans.build's seq_len): the longer sequence, or
+    under a sliding window the keys a query can see (left + right + 1; an unbounded side is Sq + Sk
+    there): a 128-key window over 8k tokens has the few key tiles per query tile of a short
+    sequence, and must not take the tiles tuned for a 4096-key window."""
+    if flags["LOCAL"]:
+        return min(max(sq, sk), mod_ints[5] + mod_ints[6] + 1)
+    return max(sq, sk)
+
+
 def _tile_grid(rows: int, block: int, heads: int, batch: int, lpt: bool) -> tuple:
     """A prefill kernel's grid over `rows` in tiles of `block` (kernels/tiles.py, program_coords):
     (tiles, heads, batch), or with a config's lpt (heads, batch, tiles)."""
@@ -286,7 +296,7 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
         cands = _candidates("fwd", consts, _tma_ok(consts, (k, v), in_strides[3:9]), _ws_ok(consts, q, in_strides[:3]),
                             sq)
         plan = plans.build("fwd", attn_fwd_kernel, cands, grid, args, consts,
-                           seq_len=max(sq, sk), outputs=(3, 4), device=q.device)
+                           seq_len=_tuning_len(sq, sk, mod_ints, flags), outputs=(3, 4), device=q.device)
     plans.remember(_plans, key, (plan,), MAX_CACHED_SIGNATURES)
     return out, lse
 
@@ -440,19 +450,20 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
         plans.launch(device, [(plan, grid(plan.config), args) for plan, grid, args in zip(found, grids, all_args)
                               if plan is not None])
     else:
+        span = _tuning_len(sq, sk, mod_ints, flags)
         with on_device(device):
             pre_plan = plans.build("bwd_preprocess", attn_bwd_preprocess_kernel, [configs.PREPROCESS], grids[0],
                                    pre_args, pre_consts, seq_len=rows, outputs=(3,), device=q.device)
             dkdv_plan = plans.build("dkdv", attn_bwd_dkdv_kernel, dkdv_cands, grids[1], dkdv_args, consts_dkdv,
-                                    seq_len=max(sq, sk), outputs=(6, 7), device=q.device, sums=(8,) if atomic else ())
+                                    seq_len=span, outputs=(6, 7), device=q.device, sums=(8,) if atomic else ())
             dq_plan = None  # (atomic: dK/dV did dQ's work)
             if not atomic:  # dbias (zero-filled, partly written) is not checked against a sentinel; dq is.
                 dq_plan = plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts_dq, tma_ok[1], rows=sq),
-                                      grids[2], dq_args, consts_dq, seq_len=max(sq, sk), outputs=(6,), device=q.device)
+                                      grids[2], dq_args, consts_dq, seq_len=span, outputs=(6,), device=q.device)
             built = (pre_plan, dkdv_plan, dq_plan)
             if summed is not None:  # the dbias kernel's, launched last (it reads delta)
                 built += (plans.build("dbias", attn_bwd_dbias_kernel, _candidates("dbias", consts), grids[3],
-                                      dbias_k_args, consts, seq_len=max(sq, sk), outputs=(12,), device=q.device),)
+                                      dbias_k_args, consts, seq_len=span, outputs=(12,), device=q.device),)
         plans.remember(_plans, key, built, MAX_CACHED_SIGNATURES)
     if atomic:
         dq.copy_(dq_sum)
