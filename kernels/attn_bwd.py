@@ -48,6 +48,7 @@ from .tiles import (
     key_padding,
     load_keys,
     load_tile,
+    merged_edges,
     modify_scores,
     padded_key_bounds,
     program_coords,
@@ -290,6 +291,8 @@ def attn_bwd_dkdv_kernel(
     lo = tl.minimum(lo, hi)
     full_start = tl.minimum(full_start, hi)
     full_end = tl.minimum(full_end, hi)
+    if LOCAL:  # the window's near and far edges as one loop where they meet
+        full_start, full_end = merged_edges(full_start, full_end, hi)
     # The GQA group's query heads (GROUP of them from h0; one without GQA), summed in registers.
     h0 = hk * GROUP
     q_base = Q + b * stride_qb + h0 * stride_qh + q_start * stride_qs
@@ -429,8 +432,10 @@ def attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_end, hi = key_blocks(start_m, seq, KV_BOUNDS, b, left, right, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                                            CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL)
-    # (key blocks, masked?): the window's left edge, the unmasked middle, the diagonal and the tail
+    # (key blocks, masked?): the window's left edge (with the right one where they meet), the unmasked
+    # middle, the diagonal and the tail
     if LOCAL:
+        full_lo, full_end = merged_edges(full_lo, full_end, hi)
         dq = _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, k_desc, v_desc, KP_row, DBIAS_bh,
                             stride_ks, stride_vs, stride_dbm, offs_m, lo, full_lo, seq, mods, qk_scale, MASKED=True,
                             CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,

@@ -37,6 +37,7 @@ from .tiles import (
     key_blocks,
     load_keys,
     load_tile,
+    merged_edges,
     program_coords,
     row_tiles,
     scores_tile,
@@ -158,7 +159,8 @@ def attn_fwd_kernel(
                                         SOFTCAP=SOFTCAP, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
                                         DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, TMA=TMA, WARP_SPEC=True)
     else:
-        if LOCAL:  # the window's left edge
+        if LOCAL:  # the window's left edge (with the right one where they meet)
+            full_lo, full_end = merged_edges(full_lo, full_end, hi)
             acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, KP_row, stride_ks,
                                             stride_vs, offs_m, lo, full_lo, seq, mods, qk_scale, MASKED=True,
                                             CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,

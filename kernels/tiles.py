@@ -371,6 +371,16 @@ def window_key_range(start_m, Sq, Sk, left, right, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def merged_edges(full_lo, full_end, hi):
+    """A window's ranges (masked [lo, full_lo), unmasked [full_lo, full_end), masked [full_end, hi))
+    with the two masked edges run as one loop over [lo, hi) where nothing lies between them (a window
+    narrower than about a tile pair): one pipeline fill and drain instead of two, the same tiles
+    computed. Returns (full_lo, full_end) to loop with."""
+    meet = full_lo >= full_end
+    return tl.where(meet, hi, full_lo), tl.where(meet, hi, full_end)
+
+
+@triton.jit
 def key_blocks(start_m, seq, KV_BOUNDS, b, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr):
     """The block ranges (lo, full_lo, full_end, hi) of a query block of sequence `seq`:
