@@ -112,6 +112,103 @@ def test_the_fallback_keeps_to_torchs_own_kernels(gen, monkeypatch):
     assert entered
 
 
+class _CudaLike:  # what own_kernels reads of a CUDA query
+    is_cuda = True
+
+
+@pytest.mark.parametrize("user", [
+    ("MATH",),
+    ("FLASH_ATTENTION", "MATH"),
+    ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "OVERRIDEABLE"),
+    ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "OVERRIDEABLE"),  # torch's default
+])
+def test_own_kernels_keeps_within_the_callers_sdpa_kernel(user, monkeypatch):
+    """own_kernels takes flash (fastattn itself while active) out of the backends the caller's
+    sdpa_kernel / torch.backends.cuda.enable_*_sdp left on, and adds none back (it replaced the
+    caller's restriction with cuDNN, efficient and math); the caller's exact state returns after it,
+    also when the body raises. The flags are process-wide, so a CPU run checks them."""
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, sdpa_kernel
+
+    from fastattn.backends import sdpa_backend
+
+    monkeypatch.setattr(sdpa_backend, "flash_is_fastattn", lambda: True)
+    allowed = [getattr(SDPBackend, name) for name in user]
+    with sdpa_kernel(allowed):
+        before = _cur_sdpa_kernel_backends()
+        with sdpa_backend.own_kernels(_CudaLike()):
+            assert set(_cur_sdpa_kernel_backends()) == set(allowed) - {SDPBackend.FLASH_ATTENTION}
+        assert _cur_sdpa_kernel_backends() == before
+        with pytest.raises(KeyError), sdpa_backend.own_kernels(_CudaLike()):
+            raise KeyError("the body")
+        assert _cur_sdpa_kernel_backends() == before
+
+
+def test_own_kernels_refuses_a_restriction_to_flash_alone(monkeypatch):
+    """Nothing of PyTorch's own left (flash, and overrideable, which is no CUDA kernel): a RuntimeError
+    naming what the caller allowed, as torch raises when every kernel it may use is off (it has no
+    math fallback then); the caller's state is untouched."""
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, sdpa_kernel
+
+    from fastattn.backends import sdpa_backend
+
+    monkeypatch.setattr(sdpa_backend, "flash_is_fastattn", lambda: True)
+    for allowed in ([SDPBackend.FLASH_ATTENTION], [SDPBackend.FLASH_ATTENTION, SDPBackend.OVERRIDEABLE]):
+        with sdpa_kernel(allowed):
+            with pytest.raises(RuntimeError, match=r"allows only \[FLASH_ATTENTION.*fastattn itself"):
+                with sdpa_backend.own_kernels(_CudaLike()):
+                    pytest.fail("entered")
+            assert set(_cur_sdpa_kernel_backends()) == set(allowed)
+
+
+@pytest.mark.parametrize("path", ["drop-in fallback", "backend torch"])
+def test_fallbacks_run_torch_within_the_callers_sdpa_kernel(path, gen, monkeypatch):
+    """Both users of own_kernels (the drop-in's fallback, backend "torch") call torch's SDPA within
+    the caller's restriction, here to math: seen at the SDPA call, with own_kernels made to act as
+    for a CUDA query while fastattn is active."""
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, sdpa_kernel
+
+    from fastattn.backends import sdpa_backend
+
+    monkeypatch.setattr(sdpa_backend, "flash_is_fastattn", lambda: True)
+    own_kernels = sdpa_backend.own_kernels
+    monkeypatch.setattr(sdpa_backend, "own_kernels", lambda query: own_kernels(_CudaLike()))
+    seen = []
+
+    def spy(*a, **kw):
+        seen.append(set(_cur_sdpa_kernel_backends()))
+        return F.scaled_dot_product_attention(*a, **kw)
+    monkeypatch.setattr(api if path == "drop-in fallback" else sdpa_backend, "F",
+                        type("F", (), {"scaled_dot_product_attention": staticmethod(spy)}))
+    q, k, v = bhsd(gen, 1, 2, 10, 16), bhsd(gen, 1, 2, 12, 16), bhsd(gen, 1, 2, 12, 16)
+    with sdpa_kernel([SDPBackend.MATH]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if path == "drop-in fallback":
+            fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+        else:
+            fastattn.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, backend="torch")
+    assert seen == [{SDPBackend.MATH}]
+
+
+def test_own_kernels_compiles_with_fullgraph(gen, monkeypatch):
+    """Reachable while tracing (the drop-in's fallback, backend "torch" under torch.compile): the flags
+    are read and set as Dynamo traces torch's own sdpa_kernel, without a graph break."""
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, sdpa_kernel
+
+    from fastattn.backends import sdpa_backend
+
+    monkeypatch.setattr(sdpa_backend, "flash_is_fastattn", lambda: True)
+    own_kernels = sdpa_backend.own_kernels
+    monkeypatch.setattr(sdpa_backend, "own_kernels", lambda query: own_kernels(_CudaLike()))
+    q, k, v = (x[0] for x in (bhsd(gen, 1, 2, 10, 16), bhsd(gen, 1, 2, 12, 16), bhsd(gen, 1, 2, 12, 16)))  # 3-D
+    api._warned.clear()
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, b, c: fastattn.scaled_dot_product_attention(a, b, c), fullgraph=True, backend="eager")
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        out = fn(q, k, v)
+        assert set(_cur_sdpa_kernel_backends()) == {SDPBackend.FLASH_ATTENTION, SDPBackend.MATH}
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
 @pytest.mark.parametrize("mask_shape", [(2, 1, 1, 30), (1, 30), (1, 1, 1, 30), (2, 1, 1, 1)])
 def test_key_padding_masks_run_in_the_kernel(mask_shape, gen, monkeypatch):
     q, k, v = bhsd(gen, 2, 3, 20, 16), bhsd(gen, 2, 3, 30, 16), bhsd(gen, 2, 3, 30, 16)

@@ -532,3 +532,37 @@ def test_the_drop_ins_dropout_fallback_keeps_to_torchs_kernels_while_active(monk
     finally:
         restore_flash_attention_impl()
     assert calls["n"] == 0 and out.shape == q.shape and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.gpu
+def test_the_drop_ins_fallback_keeps_to_the_callers_sdpa_kernel_while_active(monkeypatch, gen):
+    """Under the caller's sdpa_kernel([MATH]) the dropout fallback runs math, not the cuDNN /
+    efficient kernels own_kernels once put in its place; restricted to flash (fastattn) alone, a
+    RuntimeError that names it. The caller's flags are theirs again after both."""
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, sdpa_kernel
+
+    from fastattn import api
+
+    q, k, v = (torch.randn(2, 4, 128, 64, generator=gen).to("cuda", torch.bfloat16) for _ in range(3))
+    seen = []
+
+    def spy(*a, **kw):
+        seen.append(set(_cur_sdpa_kernel_backends()))
+        return torch.nn.functional.scaled_dot_product_attention(*a, **kw)
+    monkeypatch.setattr(api, "F", type("F", (), {"scaled_dot_product_attention": staticmethod(spy)}))
+    calls = _counting(monkeypatch)
+    activate_flash_attention_impl("fastattn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+                out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+                assert set(_cur_sdpa_kernel_backends()) == {SDPBackend.FLASH_ATTENTION, SDPBackend.MATH}
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                with pytest.raises(RuntimeError, match=r"allows only \[FLASH_ATTENTION\]"):
+                    fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+                assert _cur_sdpa_kernel_backends() == [SDPBackend.FLASH_ATTENTION]
+    finally:
+        restore_flash_attention_impl()
+    assert seen == [{SDPBackend.MATH}]
+    assert calls["n"] == 0 and out.shape == q.shape and torch.isfinite(out.float()).all()

@@ -17,9 +17,9 @@ from fastattn.backends.call import AttentionCall, KVCacheCall
 
 # The table's modifiers for "torch" are bias, ALiBi and window (as one SDPA float mask); why not the others:
 MODIFIERS_WHY = "softcap and sinks cannot be expressed as an SDPA mask (backend 'triton' or 'reference' runs them)"
-# SDPA's kernels other than flash: while fastattn is torch's flash-attention impl
+# SDPA's CUDA kernels other than flash: while fastattn is torch's flash-attention impl
 # (fastattn/integrations/torch_flash.py), SDPA's flash backend is fastattn itself.
-TORCH_OWN = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+TORCH_OWN = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 def flash_is_fastattn() -> bool:
@@ -30,11 +30,29 @@ def flash_is_fastattn() -> bool:
 
 def own_kernels(query):
     """A context in which SDPA runs PyTorch's own kernels: for a CUDA query while fastattn is SDPA's
-    flash impl, SDPA limited to the others (so that a call meant for torch never lands back in
-    fastattn, which may refuse it: dropout); otherwise (a CPU tensor, or not a tensor) no change."""
-    if getattr(query, "is_cuda", False) is True and flash_is_fastattn():
-        return sdpa_kernel(TORCH_OWN)
-    return contextlib.nullcontext()
+    flash impl, SDPA without its flash backend (so that a call meant for torch never lands back in
+    fastattn, which may refuse it: dropout); otherwise (a CPU tensor, or not a tensor) no change.
+
+    Within the caller's choice: of the backends that are on (`sdpa_kernel`,
+    `torch.backends.cuda.enable_*_sdp`) only flash goes off, and `sdpa_kernel` puts back the caller's
+    exact flags on exit, on an exception too. When none of PyTorch's own kernels is on, a
+    RuntimeError naming what is (torch itself raises when every kernel it may use is off: it does not
+    fall back to math). A few flag reads, no sync; under torch.compile they are read when the graph is
+    traced, as for torch's own `sdpa_kernel` there."""
+    if not (getattr(query, "is_cuda", False) is True and flash_is_fastattn()):
+        return contextlib.nullcontext()
+    # The reader sdpa_kernel saves the flags with (and Dynamo traces): SDPBackend's in torch's order.
+    enabled = torch.nn.attention._cur_sdpa_kernel_backends()
+    if SDPBackend.FLASH_ATTENTION not in enabled:
+        return contextlib.nullcontext()  # the caller already keeps SDPA off fastattn
+    if not any(b in TORCH_OWN for b in enabled):
+        names = ", ".join(b.name for b in enabled)
+        raise RuntimeError(
+            f"torch's SDPA allows only [{names}] here (sdpa_kernel / torch.backends.cuda.enable_*_sdp), and its "
+            "FLASH_ATTENTION is fastattn itself while activate_flash_attention_impl('fastattn') is in effect; this "
+            "call needs PyTorch's own kernels: allow one of CUDNN_ATTENTION, EFFICIENT_ATTENTION or MATH, or "
+            "restore_flash_attention_impl()")
+    return sdpa_kernel([b for b in enabled if b != SDPBackend.FLASH_ATTENTION])
 
 
 def unavailable() -> str | None:
