@@ -6,6 +6,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from fastattn import backends, cache_layouts, semantics
 from fastattn.backends import AppendCall, AttentionCall, KVCacheCall, sdpa_backend
@@ -254,6 +255,21 @@ def _broadcast_like_sdpa(query, key, value, enable_gqa: bool):
     return grow(query), grow(key), grow(value)
 
 
+def _read_causal_bias(mask: CausalBias, seqlen_q: int, seqlen_k: int, is_causal) -> tuple[bool, bool]:
+    """torch.nn.attention.bias.causal_upper_left / causal_lower_right as (is_causal, bottom_right): a
+    tensor subclass whose data is not a mask (torch's SDPA dispatches on its variant, as here)."""
+    if is_causal:
+        raise ValueError("attn_mask is a CausalBias: it cannot be combined with is_causal=True (as in torch)")
+    if (mask.seq_len_q, mask.seq_len_kv) != (seqlen_q, seqlen_k):
+        raise ValueError(f"attn_mask is a CausalBias for (Sq, Sk) = ({mask.seq_len_q}, {mask.seq_len_kv}) but "
+                         f"query and key have ({seqlen_q}, {seqlen_k})")
+    if mask.variant == CausalVariant.LOWER_RIGHT:
+        return True, True
+    if mask.variant == CausalVariant.UPPER_LEFT:
+        return True, False
+    raise ValueError(f"attn_mask is a CausalBias of unknown variant {mask.variant!r}")
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -270,13 +286,15 @@ def scaled_dot_product_attention(
     top-left causal, as torch does.
 
     Runs in fastattn when attn_mask is None, a float mask broadcastable to (B, H, Sq, Sk) (the
-    kernels' additive bias, differentiable) or a bool key-padding mask broadcastable to
-    (B, 1, 1, Sk) (True = attend). With backend "auto" (or "torch"), any other bool mask,
-    dropout_p > 0, inputs that are not 4-D, or a value head dim different from the query's fall back
-    to torch's SDPA with a one-time warning that says why; a backend named explicitly runs any bool
-    mask as a bias of 0 / -inf and refuses the others with a ValueError. A batch dim of 1 (and a
-    heads dim of 1 without enable_gqa) broadcasts across query, key and value, as in torch. One difference: a query that
-    sees no key returns 0 here, where torch returns NaN.
+    kernels' additive bias, differentiable), a bool key-padding mask broadcastable to
+    (B, 1, 1, Sk) (True = attend) or torch's ``causal_upper_left`` / ``causal_lower_right``
+    (torch.nn.attention.bias: causal attention, aligned as named). With backend "auto" (or
+    "torch"), any other bool mask, dropout_p > 0, inputs that are not 4-D, or a value head dim
+    different from the query's fall back to torch's SDPA with a one-time warning that says why; a
+    backend named explicitly runs any bool mask as a bias of 0 / -inf and refuses the others with a
+    ValueError. A batch dim of 1 (and a heads dim of 1 without enable_gqa) broadcasts across query,
+    key and value, as in torch. One difference: a query that sees no key returns 0 here, where torch
+    returns NaN.
     """
     backends.check_name("attention", backend)  # a misspelt name first, whatever else the call holds
     if dropout_p != 0.0:
@@ -295,6 +313,10 @@ def scaled_dot_product_attention(
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"query has {query.shape[1]} heads but key has {key.shape[1]}: pass enable_gqa=True "
                          "for grouped-query attention")
+    bottom_right = False  # is_causal in fastattn's own convention (a CausalBias's lower-right variant)
+    if isinstance(attn_mask, CausalBias):
+        is_causal, bottom_right = _read_causal_bias(attn_mask, query.shape[2], key.shape[2], is_causal)
+        attn_mask = None
     kpm = bias = None
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
@@ -327,7 +349,7 @@ def scaled_dot_product_attention(
                 bias = semantics.bool_to_bias(attn_mask, query.dtype)
     # (B, H, S, D) -> FlashAttention's (B, S, H, D) views, no copy.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    if not is_causal or q.shape[1] == k.shape[1]:  # (square causal: both alignments agree, no slicing)
+    if not is_causal or bottom_right or q.shape[1] == k.shape[1]:  # (square causal: both alignments agree)
         out = attention(q, k, v, causal=is_causal, scale=scale, key_padding_mask=kpm, bias=bias, backend=backend)
         return out.transpose(1, 2)  # (B, S, H, D) -> (B, H, S, D)
     parts = []  # (is_causal excludes attn_mask: no mask or bias to slice here)

@@ -302,6 +302,38 @@ def test_errors_name_the_backend_and_the_mask(gen):
         fastattn.scaled_dot_product_attention(q, q, q, attn_mask=mask, backend="cuda")
 
 
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+@pytest.mark.parametrize("sq,sk", [(6, 6), (5, 9), (9, 5)])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_causal_bias_masks_are_causal(variant, sq, sk, backend, gen):
+    """torch.nn.attention.bias.causal_upper_left / causal_lower_right as attn_mask: a tensor subclass
+    whose data is not a mask (torch's SDPA dispatches on its variant). It was read as a float bias of
+    uninitialised values: wrong outputs on "triton", an AttributeError on "auto" (CPU)."""
+    from torch.nn.attention import bias as torch_bias
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's: "lower right causal bias will produce NaNs" (Sq > Sk)
+        mask = getattr(torch_bias, f"causal_{variant}")(sq, sk)
+    q, k, v = bhsd(gen, 2, 4, sq, 16), bhsd(gen, 2, 2, sk, 16), bhsd(gen, 2, 2, sk, 16)
+    dout = torch.randn(2, 4, sq, 16, generator=gen).to(DEVICE)
+    results = []
+    for fn in (lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, **kw, backend=backend),
+               F.scaled_dot_product_attention):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*xs, attn_mask=mask, scale=0.3, enable_gqa=True)
+        out.backward(dout)
+        # Rows that see no key (lower right, Sq > Sk): 0 here, NaN or 0 in torch by its kernel.
+        results.append([out.nan_to_num()] + [x.grad.nan_to_num() for x in xs])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"attn_mask is a CausalBias for \(Sq, Sk\) = \(4, 4\) but"):
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=getattr(torch_bias, f"causal_{variant}")(4, 4),
+                                              enable_gqa=True, backend=backend)
+    with pytest.raises(ValueError, match="is_causal"):
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True,
+                                              backend=backend)
+
+
 def test_scale_takes_the_types_torch_takes(gen):
     import numpy as np
 
