@@ -11,6 +11,7 @@ from torch.nn.attention.bias import CausalBias, CausalVariant
 from fastattn import backends, cache_layouts, semantics
 from fastattn.backends import AppendCall, AttentionCall, KVCacheCall, sdpa_backend
 from fastattn.validation import (
+    MAX_HEAD_DIM,
     check_broadcastable,
     validate_cache,
     validate_flag,
@@ -289,8 +290,9 @@ def scaled_dot_product_attention(
     kernels' additive bias, differentiable), a bool key-padding mask broadcastable to
     (B, 1, 1, Sk) (True = attend) or torch's ``causal_upper_left`` / ``causal_lower_right``
     (torch.nn.attention.bias: causal attention, aligned as named). With backend "auto" (or
-    "torch"), any other bool mask, dropout_p > 0, inputs that are not 4-D, or a value head dim
-    different from the query's fall back to torch's SDPA with a one-time warning that says why; a
+    "torch"), any other bool mask, dropout_p > 0, inputs that are not 4-D, a value head dim
+    different from the query's, a head dim outside 1..256, no heads, or (enable_gqa) key and value
+    head counts that differ fall back to torch's SDPA with a one-time warning that says why; a
     backend named explicitly runs any bool mask as a bias of 0 / -inf and refuses the others with a
     ValueError. A batch dim of 1 (and a heads dim of 1 without enable_gqa) broadcasts across query,
     key and value, as in torch. One difference: a query that sees no key returns 0 here, where torch
@@ -309,10 +311,19 @@ def scaled_dot_product_attention(
     if value.shape[-1] != query.shape[-1]:
         return _fallback_to_torch("a value head dim different from the query's is not supported", backend, query, key,
                                   value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if not 1 <= query.shape[-1] <= MAX_HEAD_DIM:
+        return _fallback_to_torch(f"head dims outside 1..{MAX_HEAD_DIM} are not supported", backend, query, key,
+                                  value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if 0 in (query.shape[1], key.shape[1], value.shape[1]):  # (torch: an empty output, or its error)
+        return _fallback_to_torch("inputs without heads are not supported", backend, query, key, value, attn_mask,
+                                  dropout_p, is_causal, scale, enable_gqa)
     query, key, value = _broadcast_like_sdpa(query, key, value, enable_gqa)
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"query has {query.shape[1]} heads but key has {key.shape[1]}: pass enable_gqa=True "
                          "for grouped-query attention")
+    if enable_gqa and key.shape[1] != value.shape[1]:  # (torch repeats each for the query heads)
+        return _fallback_to_torch("key and value with different head counts are not supported", backend, query, key,
+                                  value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     bottom_right = False  # is_causal in fastattn's own convention (a CausalBias's lower-right variant)
     if isinstance(attn_mask, CausalBias):
         is_causal, bottom_right = _read_causal_bias(attn_mask, query.shape[2], key.shape[2], is_causal)

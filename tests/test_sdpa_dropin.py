@@ -250,16 +250,28 @@ def test_float_masks_run_in_the_kernel_as_a_bias(mask_shape, gen, monkeypatch):
     torch.testing.assert_close(masks[0].grad, masks[1].grad, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["full bool mask", "dropout", "3-D inputs", "value head dim"])
+@pytest.mark.parametrize("kind", ["full bool mask", "dropout", "3-D inputs", "value head dim", "no heads",
+                                  "head dim 0", "head dim 320", "key and value heads differ"])
 def test_other_masks_fall_back_with_one_warning(kind, gen):
+    """What the kernels do not run falls back to torch's SDPA. The last four are shapes torch runs that
+    the drop-in refused with the validator's ValueError on "auto" too (no heads and an empty head
+    dim: torch returns an empty output)."""
     q, k, v = bhsd(gen, 1, 2, 10, 16), bhsd(gen, 1, 2, 12, 16), bhsd(gen, 1, 2, 12, 16)
     if kind == "3-D inputs":
         q, k, v = q[0], k[0], v[0]
     elif kind == "value head dim":
         v = bhsd(gen, 1, 2, 12, 24)
+    elif kind == "no heads":
+        q, k, v = q[:, :0], k[:, :0], v[:, :0]
+    elif kind.startswith("head dim"):
+        d = int(kind.split()[-1])
+        q, k, v = bhsd(gen, 1, 2, 10, d), bhsd(gen, 1, 2, 12, d), bhsd(gen, 1, 2, 12, d)
+    elif kind == "key and value heads differ":  # torch's enable_gqa repeats each for the query heads
+        q, v = bhsd(gen, 1, 4, 10, 16), bhsd(gen, 1, 1, 12, 16)
     kw = {
         "full bool mask": dict(attn_mask=(torch.rand(1, 2, 10, 12, generator=gen) > 0.2).to(DEVICE)),
         "dropout": dict(dropout_p=0.0001),
+        "key and value heads differ": dict(enable_gqa=True),
     }.get(kind, {})
     api._warned.clear()
     with pytest.warns(UserWarning, match="falling back"):
