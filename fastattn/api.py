@@ -65,16 +65,49 @@ def attention(
     Returns out (B, Sq, Hq, D) [, lse]. A query that sees no key gets 0 (lse = -inf, or the sink's
     logit with sinks) and zero gradients.
     """
+    plain = bias is None and alibi_slopes is None and window is None and not softcap and sinks is None
+    signature = None
+    if plain and not torch.compiler.is_compiling():  # (traced calls: the checks below, no cache to guard on)
+        try:  # (everything validate_qkv reads of q, k, v, and what choose() reads of such a call)
+            signature = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+                         q.layout, k.layout, v.layout, return_lse, backend)
+            known = _PLAIN_CALLS.get(signature)
+        except (AttributeError, TypeError):  # not tensors, symbolic sizes, an argument that does not hash
+            signature = known = None
+        if known is not None:  # q, k, v passed validate_qkv with these attributes, and choose() took `name`
+            shape, name = known
+            causal = validate_flag("causal", causal)
+            return_lse = validate_flag("return_lse", return_lse)
+            scale = validate_scale(scale, shape.head_dim)
+            validate_key_padding_mask(key_padding_mask, shape, q)
+            call = AttentionCall(q, k, v, shape, causal, scale, key_padding_mask, return_lse)
+            return backends.run(name, "attention", call)
     shape = validate_qkv(q, k, v)
     causal = validate_flag("causal", causal)
     return_lse = validate_flag("return_lse", return_lse)
     scale = validate_scale(scale, shape.head_dim)
     validate_key_padding_mask(key_padding_mask, shape, q)
     mods = None
-    if bias is not None or alibi_slopes is not None or window is not None or softcap or sinks is not None:
+    if not plain:
         mods = validate_mods(bias, alibi_slopes, window, softcap, sinks, shape, q, causal)
     call = AttentionCall(q, k, v, shape, causal, scale, key_padding_mask, return_lse, mods=mods)
-    return backends.run(backends.choose("attention", call, backend), "attention", call)
+    name = backends.choose("attention", call, backend)
+    if signature is not None:
+        if len(_PLAIN_CALLS) >= _MAX_PLAIN_CALLS:  # (a long run through many shapes: start again)
+            _PLAIN_CALLS.clear()
+        _PLAIN_CALLS[signature] = (shape, name)
+    return backends.run(name, "attention", call)
+
+
+# attention() without score modifiers, by what decides its validation of q, k, v and its backend (q,
+# k and v's sizes, dtypes, devices and layouts, return_lse, the backend asked for) -> (AttentionShape,
+# the backend backends.choose took). A call that validate_qkv or choose() refuses is never stored
+# (each such call raises again, with the same message); the flags, scale and key-padding mask are
+# checked on every call. What else choose() reads is constant for the process (backend availability,
+# the Triton interpreter). Keys hold sizes, dtypes, devices and layouts, never a tensor. Not used
+# while torch.compile traces. (docs/design.md, "Hot path")
+_PLAIN_CALLS: dict[tuple, tuple] = {}
+_MAX_PLAIN_CALLS = 256
 
 
 def attention_varlen(

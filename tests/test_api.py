@@ -30,8 +30,9 @@ def test_available_backends_reports_each_with_reason(gen):
             assert st.reason == "available"
         else:
             assert st.reason != "available"
-            with pytest.raises(ValueError, match=re.escape(st.reason)):
-                fastattn.attention(q, k, v, backend=name)
+            for _ in range(2):  # and again: a refused call is never remembered (fastattn.api._PLAIN_CALLS)
+                with pytest.raises(ValueError, match=re.escape(st.reason)):
+                    fastattn.attention(q, k, v, backend=name)
 
 
 def test_auto_picks_torch_on_cpu_and_triton_on_cuda(gen, monkeypatch):
@@ -111,12 +112,61 @@ BAD_CALLS = [
 ]
 
 
+@pytest.mark.parametrize("after_a_good_call", [False, True])
 @pytest.mark.parametrize("desc,build,exc,fragment", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
-def test_bad_input_gets_a_clear_error(desc, build, exc, fragment, gen):
+def test_bad_input_gets_a_clear_error(desc, build, exc, fragment, after_a_good_call, gen):
+    """The same error whether or not a valid call of the same q, k, v (and backend) came first and
+    was remembered by its signature (fastattn.api._PLAIN_CALLS)."""
     q, k, v = qkv(gen, b=2, hq=4, hkv=2)
     kwargs = build(q, k, v)
+    if after_a_good_call:
+        backend = kwargs.get("backend", "auto")
+        fastattn.attention(q, k, v, backend=backend if backend in fastattn.available_backends() else "auto")
     with pytest.raises(exc, match=fragment):
         fastattn.attention(kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v"), **kwargs)
+
+
+def test_a_repeated_call_is_validated_and_placed_once(gen, monkeypatch):
+    """A call without score modifiers whose q, k, v (sizes, dtypes, devices, layouts), return_lse and
+    backend were seen before skips validate_qkv and backends.choose (host time per call); a call that
+    differs in any of them takes both again; flags, scale and the mask are checked every time."""
+    from fastattn import api, backends
+
+    monkeypatch.setattr(api, "_PLAIN_CALLS", {})  # (as in a fresh process)
+    q, k, v = qkv(gen, b=2, hq=4, hkv=2)
+    mask = torch.ones(2, 8, dtype=torch.bool, device=q.device)
+    expected = fastattn.attention(q, k, v, causal=True, key_padding_mask=mask)
+    seen = []
+    real_validate, real_choose = api.validate_qkv, backends.choose
+    monkeypatch.setattr(api, "validate_qkv", lambda *a, **kw: seen.append("validate") or real_validate(*a, **kw))
+    monkeypatch.setattr(backends, "choose", lambda *a, **kw: seen.append("choose") or real_choose(*a, **kw))
+    torch.testing.assert_close(fastattn.attention(q.clone(), k.clone(), v, causal=True, key_padding_mask=mask),
+                               expected, rtol=0, atol=0)
+    assert seen == []
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        fastattn.attention(q, k, v, causal=1)
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        fastattn.attention(q, k, v, key_padding_mask=mask[:, :3])
+    with pytest.raises(ValueError, match="scale must be finite"):
+        fastattn.attention(q, k, v, scale=float("inf"))
+    assert seen == []
+    for other in (dict(q=q.double(), k=k.double(), v=v.double()), dict(q=q[:1], k=k[:1], v=v[:1]),
+                  dict(q=q, k=k, v=v, return_lse=True), dict(q=q, k=k, v=v, backend="reference")):
+        seen.clear()
+        fastattn.attention(**other)
+        assert seen == ["validate", "choose"], other
+
+
+def test_remembered_calls_hold_no_tensor(gen):
+    import gc
+    import weakref
+
+    q, k, v = qkv(gen)
+    fastattn.attention(q, k, v)
+    refs = [weakref.ref(x) for x in (q, k, v)]
+    del q, k, v
+    gc.collect()
+    assert all(r() is None for r in refs)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a second device type")
