@@ -618,3 +618,54 @@ def test_masks_do_not_outlive_their_forward():
         fhf._key_padding = saved
     gc.collect()
     assert masks and all(m() is None for m in masks)
+
+
+def test_a_key_padding_mask_reaches_fastattn_as_analysed(monkeypatch):
+    """A padded batch's key-padding mask, (B, Sk) from the layers' shared 4-D mask, is passed to every
+    layer as the one tensor the analysis made (no view per call: ~2 us of host time each with the
+    launcher's work on it); a 4-D mask with a batch dim of 1 is still broadcast over the batch."""
+    seen = []
+    real = fhf.fastattn.attention
+    monkeypatch.setattr(fhf.fastattn, "attention",
+                        lambda *a, **kw: seen.append(kw["key_padding_mask"]) or real(*a, **kw))
+    fast, naive, ref = build(transformers.LlamaForCausalLM, llama_config())  # two layers
+    ids = torch.randint(0, VOCAB, (2, 7))
+    pad = padding_mask(2, 7, [0, 2], left=True)
+    got = logits(fast, input_ids=ids, attention_mask=pad)
+    assert len(seen) == 2 and seen[0] is seen[1] and seen[0].shape == (2, 7)
+    check("left padding", got, logits(naive, input_ids=ids, attention_mask=pad),
+          logits(ref, input_ids=ids, attention_mask=pad), keep=pad.bool())
+    module = torch.nn.Module()
+    module.is_causal = False
+    q, k, v = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
+    shared = torch.tensor([True] * 4 + [False] * 2)[None, None, None].expand(1, 1, 5, 6)
+    out = fhf.attention_forward(module, q, k, v, shared, scaling=0.3)[0]
+    assert seen[-1].shape == (2, 6)
+    ref64 = reference.attention(*(x.double().transpose(1, 2) for x in (q, k, v)), scale=0.3,
+                                key_padding_mask=shared[0, 0, :1].expand(2, 6))
+    torch.testing.assert_close(out.double(), ref64, rtol=1e-5, atol=1e-5)
+    assert_ran({"key padding"})
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_an_input_whose_head_dim_is_strided(backend):
+    """transformers' (B, H, S, D) tensors reach fastattn as (B, S, H, D) views; a value whose head dim
+    is not contiguous (every other element of a wider tensor) gives the output and gradients of its
+    contiguous copy (the launchers copy such a tensor themselves, inside the autograd Function)."""
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, wide = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 32)
+    results = []
+    for strided in (True, False):
+        qi, ki = q.clone().requires_grad_(), k.clone().requires_grad_()
+        vi = (wide.clone() if strided else wide[..., ::2].contiguous()).requires_grad_()
+        value = vi[..., ::2] if strided else vi
+        assert value.stride(-1) == (2 if strided else 1)
+        out = fhf.attention_forward(module, qi, ki, value, None, scaling=0.3, backend=backend)[0]
+        out.square().sum().backward()
+        if strided:
+            assert (vi.grad[..., 1::2] == 0).all()
+        results.append((out, qi.grad, ki.grad, vi.grad[..., ::2] if strided else vi.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert_ran({"none"})

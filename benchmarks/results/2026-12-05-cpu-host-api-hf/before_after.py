@@ -89,17 +89,19 @@ def hf_cases(old_hf, new_hf, b=1, s=16, h=2, d=16):
     pos = torch.arange(s)[None]
     mask = torch.ones(b, s, dtype=torch.bool)
     mask[:, :s // 4] = False  # left padding
-    from transformers.masking_utils import sdpa_mask
-    mask4d = sdpa_mask(batch_size=b, cache_position=torch.arange(s), kv_length=s, attention_mask=mask)
+    from transformers import masking_utils as mu
+
+    mask4d = mu.sdpa_mask(batch_size=b, q_length=s, kv_length=s, mask_function=mu.causal_mask_function,
+                          attention_mask=mask, allow_is_causal_skip=False)  # what a padded Llama batch gets
     cases = {}
     for tag, m in (("before", old_hf), ("after", new_hf)):
-        def unpadded(m=m):
-            return m.attention_forward(module, q, k, v, None, dropout=0.0, scaling=d ** -0.5, position_ids=pos,
-                                       use_cache=False, backend="auto")[0]
+        registered = m._with_backend("auto")  # what register() registers: the function a model calls
 
-        def padded(m=m):
-            return m.attention_forward(module, q, k, v, mask4d, dropout=0.0, scaling=d ** -0.5, position_ids=pos,
-                                       use_cache=False, backend="auto")[0]
+        def unpadded(f=registered):  # as LlamaAttention calls it (training: dropout 0.0)
+            return f(module, q, k, v, None, dropout=0.0, scaling=d ** -0.5, position_ids=pos, use_cache=False)[0]
+
+        def padded(f=registered):
+            return f(module, q, k, v, mask4d, dropout=0.0, scaling=d ** -0.5, position_ids=pos, use_cache=False)[0]
         cases[("HF Llama, no mask fwd", tag)] = unpadded
         cases[("HF Llama, no mask fwd+bwd", tag)] = lambda f=unpadded: f().backward(dout)
         cases[("HF Llama, padded fwd", tag)] = padded
