@@ -34,8 +34,9 @@ ATOMIC_DQ (a dK/dV config's atomic_dq; not deterministic, so only by request): d
 each block's dQ = sm_scale * dS K and adds it into a float32 buffer with (vectorised, relaxed)
 atomics, and the dQ kernel does not run: per pair of tiles 5 matmuls instead of 7 (dQ's own
 recomputes S and dP). The launcher converts the buffer to dQ's dtype. Each dQ element is summed in
-whatever order the key tiles finish, so its last bits vary from run to run. No bias gradient (it is
-the dQ kernel's to write).
+whatever order the key tiles finish, so its last bits vary from run to run. A bias gradient that the
+dQ kernel writes keeps the dQ kernel (no atomic_dq then); one summed in the dbias kernel
+(kernels/bias_grad.py, FASTATTN_BIAS_GRAD=kernel) does not need it.
 """
 
 import triton
@@ -43,6 +44,7 @@ import triton.language as tl
 
 from .tiles import (
     LOG2E_T,
+    head_mods,
     head_row_tiles,
     key_blocks,
     key_padding,
@@ -308,8 +310,8 @@ def attn_bwd_dkdv_kernel(
     elif TMA:  # the query head's queries and output gradients
         q_desc = row_tiles(q_base, Sq, stride_qs, BLOCK_ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
         do_desc = row_tiles(do_base, Sq, stride_dos, BLOCK_ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-    mods = (BIAS + b * stride_bb + h0 * stride_bh, stride_bm, stride_bn,
-            _slope2(ALIBI + b * stride_ab, h0, HAS_ALIBI=HAS_ALIBI), cap2, left, right)
+    mods = head_mods(BIAS, ALIBI, b, h0, stride_bb, stride_bh, stride_bm, stride_bn, stride_ab, cap2, left, right,
+                     HAS_ALIBI=HAS_ALIBI)
     group = (GROUP, stride_qh, stride_doh, stride_lh, stride_bh, ALIBI + b * stride_ab, h0, stride_dqh)
     strides = (stride_qs, stride_dos, stride_dqs)
     scales = (qk_scale, sm_scale)
@@ -342,6 +344,23 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def ds_tile(q, do, k, v, lse_hi, lse_lo, delta, rows, cols, seq, mods, qk_scale, KP_row, MASKED: tl.constexpr,
+            CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+            HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, F64_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            WIDE: tl.constexpr):
+    """dS = P * (dP - delta) of a (rows, cols) tile, P recomputed from the saved lse (as (hi, lo):
+    _lse_log2) and dP = dO V^T: the gradient of the modified logits, which is the bias's own; and
+    the softcap's dcap (dQ and dK take dS * dcap). Masked keys get P = exp2(-inf) = 0. The dQ and
+    dbias kernels' step (dK/dV works transposed)."""
+    s, dcap = scores_tile(q, k, rows, cols, seq, mods, qk_scale, KP_row, MASKED=MASKED, CAUSAL=CAUSAL,
+                          HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                          DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+    p = _probs(s, lse_hi, lse_lo, TRANSPOSED=False, F64_LSE=F64_LSE)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    return p * (dp - delta[:, None]), dcap
+
+
+@triton.jit
 def _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, k_desc, v_desc, KP_row, DBIAS_bh, stride_ks,
                    stride_vs, stride_dbm, offs_m, lo, hi, seq, mods, qk_scale, MASKED: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -365,12 +384,10 @@ def _dq_key_blocks(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, k_desc, v_d
                           HAS_KPM=HAS_KPM, WIDE=WIDE)
             v = load_keys(v_base, cols, stride_vs, Sk, KP_row, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=MASKED,
                           HAS_KPM=HAS_KPM, WIDE=WIDE)
-        s, dcap = scores_tile(q, k, offs_m, cols, seq, mods, qk_scale, KP_row, MASKED=MASKED, CAUSAL=CAUSAL,
-                              HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                              DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
-        p = _probs(s, lse_hi, lse_lo, TRANSPOSED=False, F64_LSE=F64_LSE)  # masked keys: exp2(-inf) = 0
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds, dcap = ds_tile(q, do, k, v, lse_hi, lse_lo, delta, offs_m, cols, seq, mods, qk_scale, KP_row,
+                           MASKED=MASKED, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS,
+                           HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, F64_LSE=F64_LSE, DOT_PRECISION=DOT_PRECISION,
+                           WIDE=WIDE)
         if HAS_DBIAS:
             if WIDE:
                 offs = offs_m.to(tl.int64)[:, None] * stride_dbm + cols[None, :]
@@ -426,8 +443,8 @@ def attn_bwd_dq_kernel(
         v_desc = row_tiles(v_base, Sk, stride_vs, BLOCK_ROWS=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     KP_row = KPM + b * stride_kpm_b
     DBIAS_bh = DBIAS + b * stride_dbb + h * stride_dbh
-    mods = (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn,
-            _slope2(ALIBI + b * stride_ab, h, HAS_ALIBI=HAS_ALIBI), cap2, left, right)
+    mods = head_mods(BIAS, ALIBI, b, h, stride_bb, stride_bh, stride_bm, stride_bn, stride_ab, cap2, left, right,
+                     HAS_ALIBI=HAS_ALIBI)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_end, hi = key_blocks(start_m, seq, KV_BOUNDS, b, left, right, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,

@@ -34,6 +34,7 @@ from .tiles import (
     LOG2E_T,
     finalize,
     fold_sink,
+    head_mods,
     key_blocks,
     load_keys,
     load_tile,
@@ -141,10 +142,8 @@ def attn_fwd_kernel(
         k_desc = row_tiles(k_base, Sk, stride_ks, BLOCK_ROWS=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
         v_desc = row_tiles(v_base, Sk, stride_vs, BLOCK_ROWS=BLOCK_N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     KP_row = KPM + b * stride_kpm_b
-    slope2 = 0.0
-    if HAS_ALIBI:
-        slope2 = tl.load(ALIBI + b * stride_ab + h) * LOG2E_T
-    mods = (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn, slope2, cap2, left, right)
+    mods = head_mods(BIAS, ALIBI, b, h, stride_bb, stride_bh, stride_bm, stride_bn, stride_ab, cap2, left, right,
+                     HAS_ALIBI=HAS_ALIBI)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -19,8 +19,8 @@ times n_h heads (B or 1, Hq or 1: whichever the bias broadcasts over).
 import triton
 import triton.language as tl
 
-from .attn_bwd import _lse_log2, _probs, _slope2
-from .tiles import key_blocks, load_keys, load_tile, scores_tile, sequence_info
+from .attn_bwd import _lse_log2, ds_tile
+from .tiles import head_mods, key_blocks, load_keys, load_tile, sequence_info
 
 
 # Arguments: pointers, integers, floats, constexprs (as the other kernels').
@@ -82,14 +82,13 @@ def attn_bwd_dbias_kernel(
                           HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=True, HAS_KPM=HAS_KPM, WIDE=WIDE)
             v = load_keys(V + b * stride_vb + hk * stride_vh + k_start * stride_vs, offs_n, stride_vs, sk, KP_row,
                           HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASKED=True, HAS_KPM=HAS_KPM, WIDE=WIDE)
-            mods = (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn,
-                    _slope2(ALIBI + b * stride_ab, h, HAS_ALIBI=HAS_ALIBI), cap2, left, right)
-            s = scores_tile(q, k, offs_m, offs_n, seq, mods, qk_scale, KP_row, MASKED=True, CAUSAL=CAUSAL,
-                               HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
-                               SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)[0]  # (BLOCK_M, BLOCK_N)
-            p = _probs(s, lse_hi, lse_lo, TRANSPOSED=False, F64_LSE=LSE.dtype.element_ty == tl.float64)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            acc += p * (dp - delta[:, None])  # dS, as the dQ kernel's
+            mods = head_mods(BIAS, ALIBI, b, h, stride_bb, stride_bh, stride_bm, stride_bn, stride_ab, cap2, left,
+                             right, HAS_ALIBI=HAS_ALIBI)
+            ds = ds_tile(q, do, k, v, lse_hi, lse_lo, delta, offs_m, offs_n, seq, mods, qk_scale, KP_row, MASKED=True,
+                         CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI,
+                         SOFTCAP=SOFTCAP, F64_LSE=LSE.dtype.element_ty == tl.float64, DOT_PRECISION=DOT_PRECISION,
+                         WIDE=WIDE)[0]
+            acc += ds
 
     if WIDE:
         offs = offs_m.to(tl.int64)[:, None] * stride_dbm + offs_n[None, :]

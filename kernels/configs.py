@@ -196,9 +196,10 @@ def forced(**configs: BlockConfig):
     if unknown:
         raise ValueError(f"unknown kernel kinds {sorted(unknown)}; expected {sorted(GPU_CANDIDATES)}")
     for kind, c in configs.items():
-        if (c.ws and kind != "fwd") or (c.lpt and kind == "decode") or (c.atomic_dq and kind != "dkdv"):
+        if ((c.ws and kind != "fwd") or (c.lpt and kind in ("decode", "dbias")) or (c.atomic_dq and kind != "dkdv")
+                or (c.tma and kind == "dbias")):
             raise ValueError(f"forced({kind}={c.label()}): {kind} has no such path (ws: fwd only; lpt: "
-                             "the prefill kernels; atomic_dq: dkdv only)")
+                             "fwd, dkdv, dq; tma: not dbias; atomic_dq: dkdv only)")
     saved = dict(_forced)
     _forced.update(configs)
     try:

@@ -371,6 +371,17 @@ def window_key_range(start_m, Sq, Sk, left, right, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def head_mods(BIAS, ALIBI, b, h, stride_bb, stride_bh, stride_bm, stride_bn, stride_ab, cap2, left, right,
+              HAS_ALIBI: tl.constexpr):
+    """The prefill kernels' mods tuple for (batch element b, query head h): its bias slice, its ALiBi
+    slope * log2(e) (0.0 without ALiBi), the softcap and the window."""
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b * stride_ab + h) * LOG2E_T
+    return (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn, slope2, cap2, left, right)
+
+
+@triton.jit
 def merged_edges(full_lo, full_end, hi):
     """A window's ranges (masked [lo, full_lo), unmasked [full_lo, full_end), masked [full_end, hi))
     with the two masked edges run as one loop over [lo, hi) where nothing lies between them (a window

@@ -106,6 +106,31 @@ def case_gqa_bias_heads(gen, device):
     return _padded_case(q, k, v, gen, bias=bias)
 
 
+def _summed_bias_case(q, k, v, gen, bias) -> dict:
+    """_padded_case with FASTATTN_BIAS_GRAD=kernel (this case's process only): the bias's gradient
+    summed over the batch in the dbias kernel (kernels/bias_grad.py), which must have run."""
+    from fastattn.launchers import plans
+
+    os.environ["FASTATTN_BIAS_GRAD"] = "kernel"
+    results = _padded_case(q, k, v, gen, bias=bias)
+    if not any(t["kernel"] == "dbias" for t in plans.tuned_configs()):
+        raise AssertionError("the dbias kernel did not run")
+    return results
+
+
+def case_summed_bias_heads(gen, device):
+    """A (1, 4) bias whose heads lie past_int32(4) apart, its gradient summed over a batch of 2."""
+    q, k, v = _qkv(2, 16, 4, 1, 32, gen, device)
+    return _summed_bias_case(q, k, v, gen, _spread((1, 4, 16, 16), (0, past_int32(4), 16, 1), gen, device))
+
+
+def case_summed_bias_rows(gen, device):
+    """A (1, 2) bias whose query rows lie ROW_STRIDE apart (17 rows), its gradient summed over a batch
+    of 2 (the dbias kernel's 64-bit row offsets, WIDE)."""
+    q, k, v = _qkv(2, 17, 2, 2, 32, gen, device)
+    return _summed_bias_case(q, k, v, gen, _spread((1, 2, 17, 17), (0, 17, ROW_STRIDE, 1), gen, device))
+
+
 def case_kv_batches(gen, device):
     """K and V batches past_int32(4) apart (batch 4), not causal."""
     q, _, _ = _qkv(4, 16, 2, 1, 32, gen, device)

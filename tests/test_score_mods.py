@@ -176,6 +176,19 @@ def test_bias_gradient_in_the_kernel_skips_tiles_outside_the_window(gen, bias_gr
     torch.testing.assert_close(xs[3].grad.double(), ref[3].grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["buffer", "kernel"])
+def test_an_empty_batch_gives_a_bias_shaped_zero_gradient(mode, monkeypatch):
+    """The launcher's dbias has the bias's own shape with a batch of 0 too (a (1, H) bias against B = 0
+    was returned as (0, H, Sq, Sk))."""
+    monkeypatch.setenv("FASTATTN_BIAS_GRAD", mode)
+    q, k, v = (torch.randn(0, 8, 2, 16, device=DEVICE) for _ in range(3))
+    bias = torch.randn(1, 2, 8, 8, device=DEVICE)
+    out, lse = launch.forward(q, k, v, None, None, True, 0.25, bias=bias)
+    dbias = launch.backward(torch.zeros_like(out), q, k, v, out, lse, None, None, None, True, 0.25, bias=bias,
+                            bias_grad=True)[3]
+    assert dbias.shape == bias.shape and not dbias.any()
+
+
 def test_bias_grad_switch_names_itself(gen, monkeypatch):
     q, k, v = testing.random_qkv(1, 8, 8, 2, 2, 16, device=DEVICE, generator=gen, requires_grad=True)
     bias = torch.zeros(1, 2, 8, 8, device=DEVICE, requires_grad=True)

@@ -324,10 +324,17 @@ def _dq_args(q, k, v, dout, lse, delta, dq, masks, bias, alibi, dbias, in_stride
 
 
 def _dbias_args(q, k, v, dout, lse, delta, masks, bias, alibi, dbias, in_strides, tail, sums, floats):
-    """attn_bwd_dbias_kernel's runtime arguments in its order (as _dq_args', without dQ; sums: the
-    gradient's (batch, head, row) strides, then the batch elements and heads each program sums and
-    the gradient's head count)."""
+    """attn_bwd_dbias_kernel's runtime arguments in its order (as _dq_args', without dQ and sm_scale,
+    which only dQ takes; sums: the gradient's (batch, head, row) strides, then the batch elements and
+    heads each program sums and the gradient's head count)."""
     return (q, k, v, dout, lse, delta, *masks, bias, alibi, dbias, *in_strides, *tail, *sums, *floats[1:])
+
+
+def _broadcast_dims(bias_shape, full: tuple) -> list[int]:
+    """The dims of (B, Hq, Sq, Sk) = full that a bias of bias_shape broadcasts over (size 1 against
+    more, or against 0: an empty batch's gradient is the bias's shape of zeros): its gradient is
+    summed over them."""
+    return [i for i in range(4) if bias_shape[i] == 1 and full[i] != 1]
 
 
 def _summed_dbias(bias, full: tuple, sk: int):
@@ -336,8 +343,9 @@ def _summed_dbias(bias, full: tuple, sk: int):
     and the bias broadcasts over them only (not over rows or keys, whose sums the buffer path makes);
     else None."""
     in_kernel = bias_grad_in_kernel()  # (first: a bad value is refused whatever the bias)
-    reduce_dims = [i for i in range(4) if bias.shape[i] == 1 and full[i] > 1]
-    if not in_kernel or not reduce_dims or max(reduce_dims) > 1 or sk > 16 * MAX_GRID_YZ:
+    dims = _broadcast_dims(bias.shape, full)
+    # (sk: the kernel's key tiles, 16 keys at least, are its grid's axis 1, at most MAX_GRID_YZ)
+    if not in_kernel or not dims or max(dims) > 1 or sk > 16 * MAX_GRID_YZ:
         return None
     # Every element is written (zeros where no query sees the key): no zero-fill.
     return torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)
@@ -360,10 +368,9 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
         full = (b, hq, sq, sk)
         summed = _summed_dbias(bias, full, sk)
         if summed is None:
-            reduce_dims = [i for i in range(4) if bias.shape[i] == 1 and full[i] > 1]
             # Tiles the kernels skip (outside the window, padding) are never written: start from 0. A
             # broadcast bias sums its gradient over the broadcast dims afterwards, in float32.
-            dbias = q.new_zeros(full, dtype=torch.float32 if reduce_dims else bias.dtype)
+            dbias = q.new_zeros(full, dtype=torch.float32 if _broadcast_dims(bias.shape, full) else bias.dtype)
     if dq.numel() == 0 or dk.numel() == 0 or b == 0:
         dsinks = None
         if sinks is not None:  # no keys (or no queries): out = 0, lse = the sink, so delta = -dlse
@@ -461,7 +468,7 @@ def _backward(dout, q, k, v, out, lse, dlse, causal, scale, key_padding_mask, kv
                 dq_plan = plans.build("dq", attn_bwd_dq_kernel, _candidates("dq", consts_dq, tma_ok[1], rows=sq),
                                       grids[2], dq_args, consts_dq, seq_len=span, outputs=(6,), device=q.device)
             built = (pre_plan, dkdv_plan, dq_plan)
-            if summed is not None:  # the dbias kernel's, launched last (it reads delta)
+            if summed is not None:  # the dbias kernel's (after the preprocess: it reads delta)
                 built += (plans.build("dbias", attn_bwd_dbias_kernel, _candidates("dbias", consts), grids[3],
                                       dbias_k_args, consts, seq_len=span, outputs=(12,), device=q.device),)
         plans.remember(_plans, key, built, MAX_CACHED_SIGNATURES)
@@ -486,5 +493,5 @@ def _reduce_dbias(dbias, bias):
     """The kernel's (B, Hq, Sq, Sk) bias gradient summed over the dims that bias broadcasts, in bias's dtype."""
     if dbias is None:
         return None
-    dims = [i for i in range(4) if bias.shape[i] == 1 and dbias.shape[i] > 1]
+    dims = _broadcast_dims(bias.shape, dbias.shape)
     return dbias.sum(dim=dims, keepdim=True).to(bias.dtype) if dims else dbias
