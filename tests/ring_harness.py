@@ -137,36 +137,74 @@ def check_ring_edges(rank, world_size, backend):
     assert out.shape[0] == 0 and x.grad.shape == x.shape
 
 
-def check_ring_fp32_large_logits(rank, world_size, seed):
-    """fp32 at large logits (q x 30, D=128): the ring's output and gradients are as accurate as one
-    device's on the same backend ("triton", with the GPU-rounded fp32 dot), error over the float64
-    reference within 25% of attention()'s. The merged lse is float64, as the kernels save it; a
-    float32 one, rounded at each merge, gave 1.09-2.2x one device's error (1.37x in dq on the case
-    that found it). The bound was 5%, which a fresh random draw broke once in CI (dq 1.07x; 39
-    other seeds passed): one draw's max error varies with the merge order's rounding."""
+FP32_DRAWS = 2  # fresh draws per causal variant in one run (each: 64 queries x 64 keys, 2 heads, D=128)
+FP32_BOUND = 1.10  # on the mean over those draws of the ring's error / one device's
+
+
+def ring_fp32_error_ratios(rank, world_size, seed, draws=FP32_DRAWS):
+    """fp32 at large logits (q x 30, D=128): the ring's error over the float64 reference divided by
+    attention()'s on the same backend ("triton", with the GPU-rounded fp32 dot), for out, dq, dk, dv
+    of `draws` fresh draws per causal variant: (2 causal, draws, 4) float64, the same on every rank.
+    Each draw's seed is derived from `seed` and the draw's place (distinct runs share no draw). Every
+    rank runs the ring (a collective); the float64 reference and the single-device run of each draw
+    run on one rank only (they are the same everywhere), and one all_reduce shares the errors."""
+    import torch.distributed as dist
+
     import fastattn
     from fastattn import reference
     from fastattn.distributed import ring_attention, shard, unshard
     from fastattn.testing import max_abs_error, ordered_fp32_dot
 
-    gen = torch.Generator().manual_seed(seed)
     b, s, h, d = 1, 64, 2, 128
-    q = torch.randn(b, s, h, d, generator=gen) * 30
-    k, v, dout = (torch.randn(b, s, h, d, generator=gen) for _ in range(3))
+    errors = torch.zeros(2, draws, 4, 2, dtype=torch.float64)  # (causal, draw, out/dq/dk/dv, ring/one device)
 
-    def run(fn, dtype=torch.float32):
+    def draw(index):  # q, k, v, dout of draw `index` (causal variant index // draws)
+        gen = torch.Generator().manual_seed(seed * 2 * draws + index)
+        q = torch.randn(b, s, h, d, generator=gen) * 30
+        return [q] + [torch.randn(b, s, h, d, generator=gen) for _ in range(3)]
+
+    def run(fn, q, k, v, dout, dtype=torch.float32):
         xs = [x.to(dtype).clone().requires_grad_() for x in (q, k, v)]
         out = fn(*xs)
         out.backward(dout.to(dtype))
         return [out.detach()] + [x.grad for x in xs]
-    for causal in (False, True):
-        ref = run(lambda *xs: reference.attention(*xs, causal=causal), torch.float64)
-        with ordered_fp32_dot():
-            one = run(lambda *xs: fastattn.attention(*xs, causal=causal, backend="triton"))
-            ring = run(lambda *xs: unshard(ring_attention(*map(shard, xs), causal=causal, backend="triton"), s))
-        for name, r, o, x in zip(("out", "dq", "dk", "dv"), ring, one, ref):
-            err, base = max_abs_error(r, x), max_abs_error(o, x)
-            assert err <= 1.25 * base, f"causal={causal} {name}: ring error {err:.3g} vs one device's {base:.3g}"
+
+    # Every ring first (in step on every rank), then each rank's share of the single-device runs: a
+    # rank busy with one would otherwise hold the others at the next ring.
+    rings = []
+    with ordered_fp32_dot():
+        for index in range(2 * draws):
+            causal = index >= draws
+            rings.append(run(lambda *xs: unshard(ring_attention(*map(shard, xs), causal=causal, backend="triton"), s),
+                             *draw(index)))
+        for index in range(rank, 2 * draws, world_size):
+            causal = index >= draws
+            ref = run(lambda *xs: reference.attention(*xs, causal=causal), *draw(index), dtype=torch.float64)
+            one = run(lambda *xs: fastattn.attention(*xs, causal=causal, backend="triton"), *draw(index))
+            for t, (r, o, x) in enumerate(zip(rings[index], one, ref)):
+                errors[index // draws, index % draws, t] = torch.tensor([max_abs_error(r, x), max_abs_error(o, x)])
+    dist.all_reduce(errors)  # each draw's errors were computed on one rank, zeros elsewhere
+    return errors[..., 0] / errors[..., 1]
+
+
+def check_ring_fp32_large_logits(rank, world_size, seed):
+    """The ring's fp32 output and gradients at large logits are as accurate as one device's: for each
+    causal variant and each of out, dq, dk, dv, the mean over FP32_DRAWS fresh draws of the ring's
+    error / one device's is within FP32_BOUND. The merged lse is float64, as the kernels save it; a
+    float32 one, rounded at each merge, gave 1.09-2.2x one device's error (1.37x in dq on the case
+    that found it).
+
+    One draw's ratio is noisy either way (a max over rounding errors): with the float64 merge it
+    spans 0.92-1.08 (200 draws, 1600 ratios), so one draw under a 5% bound flaked (dq 1.07x); with
+    a float32 merge its median is 1.1-1.35 per gradient but its lower tail reaches 0.65. The mean of
+    two draws per variant, resampled from those 200 draws (20,000 runs): float64 merge at most 1.065
+    (99.9th percentile 1.05), float32 merge above 1.10 in 99.97% of runs (1st percentile 1.20).
+    This check over 100 run seeds: float64 merge 1.000-1.046 (worst tensor), float32 1.15-3.4."""
+    ratios = ring_fp32_error_ratios(rank, world_size, seed)  # (causal, draw, tensor)
+    mean = ratios.mean(dim=1)
+    bad = [f"causal={bool(c)} {name}: mean {mean[c, t]:.3f} of {[round(x, 3) for x in ratios[c, :, t].tolist()]}"
+           for c in range(2) for t, name in enumerate(("out", "dq", "dk", "dv")) if mean[c, t] > FP32_BOUND]
+    assert not bad, f"ring error / one device's above {FP32_BOUND} (seed {seed}): " + "; ".join(bad)
 
 
 def check_decoder_step(rank, world_size, backend, seed, config):
