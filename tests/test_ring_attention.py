@@ -208,6 +208,46 @@ def test_errors_name_the_problem():
         ring_attention(*(torch.randn(1, 4, 2, 8),) * 3)
 
 
+def one_rank_rejects(rank, world_size):
+    """Only rank 1's arguments are bad, one at a time (each check that can fail before the ring's first
+    transfer: q/k/v, a flag, the scale, the mask, the backend, cu_seqlens); rank 0's are good. Every rank
+    raises within seconds (the group's timeout is 10 s): rank 1 its own error, rank 0 one naming rank 1
+    and that error. Then a good call on both: they are still in step (one all_gather each per call)."""
+    from fastattn.distributed import ring_attention, ring_attention_varlen
+
+    q = torch.randn(1, 4, 2, 8)
+    p = torch.randn(4, 2, 8)  # 8 packed tokens over 2 ranks
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    bad = rank == 1
+    cases = [  # (rank 1's error type, what its message says, the call)
+        (ValueError, "k must have 4 dims", lambda: ring_attention(q, q[0] if bad else q, q)),
+        (TypeError, "causal must be", lambda: ring_attention(q, q, q, causal="yes" if bad else False)),
+        (TypeError, "scale must be a float", lambda: ring_attention(q, q, q, scale="0.5" if bad else None)),
+        (ValueError, "key_padding_mask", lambda: ring_attention(
+            q, q, q, key_padding_mask=torch.ones(1, 5 if bad else 4, dtype=torch.bool), backend="reference")),
+        (ValueError, "backend must be one of", lambda: ring_attention(
+            q, q, q, backend="flash" if bad else "reference")),
+        (ValueError, "non-decreasing", lambda: ring_attention_varlen(
+            p, p, p, torch.tensor([0, 5, 3, 8], dtype=torch.int32) if bad else cu, cu, backend="reference")),
+    ]
+    for kind, says, call in cases:
+        start = time.monotonic()
+        if bad:
+            with pytest.raises(kind, match=says):
+                call()
+        else:
+            with pytest.raises(ValueError, match=f"rank 1 rejected its arguments, .*rank 1: {kind.__name__}: .*{says}"):
+                call()
+        took = time.monotonic() - start
+        assert took < 5, f"rank {rank} raised after {took:.1f} s ({says})"
+    out = ring_attention(q, q, q, backend="reference")
+    assert out.shape == q.shape
+
+
+def test_an_argument_error_on_one_rank_raises_on_every_rank():
+    run_ranks(one_rank_rejects, 2, group_timeout=10, timeout=120)
+
+
 def stalled_peer(rank, world_size):
     """Rank 1 never joins the ring; rank 0's ring_attention must raise (the group's timeout)."""
     if rank == 1:

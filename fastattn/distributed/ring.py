@@ -23,6 +23,7 @@ from rank r's point of view:
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import torch
@@ -83,22 +84,31 @@ def ring_attention(
 
     It is a collective, like all_reduce: every rank of the group calls it in the same order, and
     every rank runs its backward (a loss that depends on the output, as with DDP); a rank that does
-    not leaves the others waiting until the process group's timeout, when they raise.
+    not leaves the others waiting until the process group's timeout, when they raise. Where value
+    checks are on (CPU tensors, or FASTATTN_CHECK_VALUES=1), a bad argument on one rank alone raises
+    on every rank: there with its own error, on the others naming that rank and its error.
     """
-    shape = validate_qkv(q, k, v)
-    causal = validate_flag("causal", causal)
-    return_lse = validate_flag("return_lse", return_lse)
-    scale = validate_scale(scale, shape.head_dim)
-    validate_key_padding_mask(key_padding_mask, shape, q)
-    ring = Ring(group)
-    if causal and (shape.seqlen_q != shape.seqlen_k or shape.seqlen_q % 2):
-        raise ValueError("causal ring attention is self-attention in the zig-zag layout: q and k must hold the same "
-                         f"positions, an even number per rank (got Sq_local={shape.seqlen_q}, "
-                         f"Sk_local={shape.seqlen_k}); shard the sequence with fastattn.distributed.shard")
-    if shape.seqlen_q == 0 or shape.seqlen_k == 0:
-        raise ValueError("ring_attention needs at least one query and one key per rank")
-    block = blocks.choose(backend, q, k, v, shape, causal, scale, key_padding_mask, return_lse)
-    if value_checks(q.device):
+    ring = Ring(group)  # (no process group: raised here, with no peer to tell)
+    device = _device_of(q, k, v)
+    checked = value_checks(device)
+    try:
+        shape = validate_qkv(q, k, v)
+        causal = validate_flag("causal", causal)
+        return_lse = validate_flag("return_lse", return_lse)
+        scale = validate_scale(scale, shape.head_dim)
+        validate_key_padding_mask(key_padding_mask, shape, q)
+        if causal and (shape.seqlen_q != shape.seqlen_k or shape.seqlen_q % 2):
+            raise ValueError("causal ring attention is self-attention in the zig-zag layout: q and k must hold the "
+                             f"same positions, an even number per rank (got Sq_local={shape.seqlen_q}, "
+                             f"Sk_local={shape.seqlen_k}); shard the sequence with fastattn.distributed.shard")
+        if shape.seqlen_q == 0 or shape.seqlen_k == 0:
+            raise ValueError("ring_attention needs at least one query and one key per rank")
+        block = blocks.choose(backend, q, k, v, shape, causal, scale, key_padding_mask, return_lse)
+    except Exception as error:
+        if checked:
+            ring.share_failure(error, device)
+        raise
+    if checked:
         ring.check_same_shapes(q, k, key_padding_mask, causal, scale)
     out, lse = RingAttention.apply(q, k, v, key_padding_mask, causal, scale, block, ring, None)
     return (out, lse) if return_lse else out
@@ -133,35 +143,42 @@ def ring_attention_varlen(
     Returns out (Tq_local, Hq, D) [, lse (Hq, Tq_local) float32, float64 for float64 inputs]; the
     padding rows ``shard`` adds at the stream's end attend only to each other.
     """
-    rank, world = group_info(group)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"{name} must be a (T_local, H, D) tensor, got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    q4, k4, v4 = q[None], k[None], v[None]  # (T, H, D) -> (1, T, H, D): the ring's padded layout
-    shape = validate_qkv(q4, k4, v4)
-    causal = validate_flag("causal", causal)
-    return_lse = validate_flag("return_lse", return_lse)
-    scale = validate_scale(scale, shape.head_dim)
-    cu_q, cu_k = host_lengths(cu_seqlens_q, "cu_seqlens_q"), host_lengths(cu_seqlens_k, "cu_seqlens_k")
-    if len(cu_q) != len(cu_k):
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must hold the same number of documents, got "
-                         f"{len(cu_q) - 1} and {len(cu_k) - 1}")
-    for name, cu, local in (("q", cu_q, shape.seqlen_q), ("k", cu_k, shape.seqlen_k)):
-        if padded_length(cu[-1], world) != local * world:
-            raise ValueError(f"{name} has {local} rows, but a shard of the {cu[-1]} packed tokens of cu_seqlens_{name} "
-                             f"over {world} ranks has {padded_length(cu[-1], world) // world} "
-                             "(fastattn.distributed.shard(x, dim=0))")
-    if causal and cu_q != cu_k:
-        raise ValueError("causal ring attention is self-attention: cu_seqlens_q and cu_seqlens_k must be equal")
-    if shape.seqlen_q == 0 or shape.seqlen_k == 0:
-        raise ValueError("ring_attention_varlen needs at least one query and one key per rank")
-    # Each block launches one sequence per document, plus the padding's: the backend checks that count.
-    per_block = AttentionShape(len(cu_q), shape.seqlen_q, shape.seqlen_k, shape.heads_q, shape.heads_kv,
-                               shape.head_dim)
-    block = blocks.choose(backend, q4, k4, v4, per_block, causal, scale, None, return_lse, varlen=True)
-    ring = Ring(group)
-    if value_checks(q.device):
+    ring = Ring(group)  # (no process group: raised here, with no peer to tell)
+    rank, world = ring.rank, ring.world
+    device = _device_of(q, k, v)
+    checked = value_checks(device)
+    try:  # as ring_attention's: a failure here reaches the other ranks through check_same_shapes' all_gather
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 3:
+                raise ValueError(f"{name} must be a (T_local, H, D) tensor, got "
+                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        q4, k4, v4 = q[None], k[None], v[None]  # (T, H, D) -> (1, T, H, D): the ring's padded layout
+        shape = validate_qkv(q4, k4, v4)
+        causal = validate_flag("causal", causal)
+        return_lse = validate_flag("return_lse", return_lse)
+        scale = validate_scale(scale, shape.head_dim)
+        cu_q, cu_k = host_lengths(cu_seqlens_q, "cu_seqlens_q"), host_lengths(cu_seqlens_k, "cu_seqlens_k")
+        if len(cu_q) != len(cu_k):
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must hold the same number of documents, got "
+                             f"{len(cu_q) - 1} and {len(cu_k) - 1}")
+        for name, cu, local in (("q", cu_q, shape.seqlen_q), ("k", cu_k, shape.seqlen_k)):
+            if padded_length(cu[-1], world) != local * world:
+                raise ValueError(f"{name} has {local} rows, but a shard of the {cu[-1]} packed tokens of "
+                                 f"cu_seqlens_{name} over {world} ranks has {padded_length(cu[-1], world) // world} "
+                                 "(fastattn.distributed.shard(x, dim=0))")
+        if causal and cu_q != cu_k:
+            raise ValueError("causal ring attention is self-attention: cu_seqlens_q and cu_seqlens_k must be equal")
+        if shape.seqlen_q == 0 or shape.seqlen_k == 0:
+            raise ValueError("ring_attention_varlen needs at least one query and one key per rank")
+        # Each block launches one sequence per document, plus the padding's: the backend checks that count.
+        per_block = AttentionShape(len(cu_q), shape.seqlen_q, shape.seqlen_k, shape.heads_q, shape.heads_kv,
+                                   shape.head_dim)
+        block = blocks.choose(backend, q4, k4, v4, per_block, causal, scale, None, return_lse, varlen=True)
+    except Exception as error:
+        if checked:
+            ring.share_failure(error, device)
+        raise
+    if checked:
         ring.check_same_shapes(q4, k4, None, causal, scale, (cu_q, cu_k))
     plans = step_plans(cu_q, cu_k, causal, rank, world, q.device)
     out, lse = RingAttention.apply(q4, k4, v4, None, causal, scale, block, ring, plans)
@@ -189,33 +206,80 @@ class Ring:
     def check_same_shapes(self, q, k, key_padding_mask, causal: bool, scale: float, documents: tuple = ()) -> None:
         """Every rank's shards have the same shapes (or the receive buffers would not fit), and every
         rank the same causal and scale (or the gathered output mixes two attentions) and, for packed
-        documents, the same cu_seqlens (`documents`: both as tuples). One small all_gather; run where
-        value checks are on: CPU tensors, or FASTATTN_CHECK_VALUES=1."""
+        documents, the same cu_seqlens (`documents`: both as tuples). One small all_gather, read on the
+        host once; run where value checks are on: CPU tensors, or FASTATTN_CHECK_VALUES=1. A rank whose
+        own checks failed joins it through share_failure instead: then every other rank raises here."""
         digest = hash(documents) & 0x7FFFFFFF  # ints hash the same in every process
         # The dtype too (its index in FLOAT_DTYPES): a receive buffer of another dtype would reinterpret
         # the bytes it gets. The scale as its float64 bits (exact, in an int64 row).
         dtype = FLOAT_DTYPES.index(q.dtype) if q.dtype in FLOAT_DTYPES else -1
         scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
-        mine = torch.tensor([*q.shape, *k.shape, key_padding_mask is not None, dtype, causal, scale_bits, digest],
-                            device=q.device)
-        every = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(every, mine, group=self.group)
+        rows = self._gather([*q.shape, *k.shape, key_padding_mask is not None, dtype, causal, scale_bits, digest],
+                            None, q.device)
+        failed = [r for r, row in enumerate(rows) if row[0]]
+        if failed:
+            who = f"rank {failed[0]} rejected its" if len(failed) == 1 else \
+                f"ranks {', '.join(map(str, failed))} rejected their"
+            said = "; ".join(f"rank {r}: {_decoded(rows[r][1 + _FIELDS:])}" for r in failed)
+            raise ValueError(f"ring attention: {who} arguments, so rank {self.rank} raises too instead of waiting "
+                             f"({said})")
 
-        def described(x):  # x: a rank's gathered row: q shape, k shape (4 each), mask, dtype, causal, scale, digest
-            x = x.tolist()
+        def described(x):  # a rank's fields: q shape, k shape (4 each), mask, dtype, causal, scale, digest
             name = FLOAT_DTYPES[x[9]] if 0 <= x[9] < len(FLOAT_DTYPES) else "other"
             scale_of = struct.unpack("<d", struct.pack("<q", x[11]))[0]
             return (f"q {tuple(x[:4])}, k {tuple(x[4:8])}, mask {bool(x[8])}, {name}, causal={bool(x[10])}, "
                     f"scale={scale_of!r}")
 
-        for r, theirs in enumerate(every):
-            if torch.equal(theirs[:-1], mine[:-1]) and theirs[-1] != mine[-1]:
+        mine = rows[self.rank][1:1 + _FIELDS]
+        for r, row in enumerate(rows):
+            theirs = row[1:1 + _FIELDS]
+            if theirs[:-1] == mine[:-1] and theirs[-1] != mine[-1]:
                 raise ValueError(f"ring_attention_varlen: rank {r}'s cu_seqlens differ from rank {self.rank}'s: every "
                                  "rank passes the whole streams' cu_seqlens")
-            if not torch.equal(theirs, mine):
+            if theirs != mine:
                 raise ValueError(f"ring_attention: rank {r}'s call ({described(theirs)}) differs from rank "
                                  f"{self.rank}'s ({described(mine)}): every rank needs the same shapes, dtype, causal "
                                  "and scale (fastattn.distributed.shard pads the shapes)")
+
+    def share_failure(self, error: Exception, device: torch.device) -> None:
+        """This rank's arguments failed its own checks with `error`: it joins check_same_shapes'
+        all_gather with the error in place of its call's fields, so that every other rank raises there
+        instead of waiting for this one in the ring's first transfer (no collective of its own). The
+        caller then raises `error`. If the gather fails (the peers are not in it), `error` still goes
+        first: that failure is dropped."""
+        with contextlib.suppress(Exception):
+            self._gather([0] * _FIELDS, error, device)
+
+    def _gather(self, fields: list, error: Exception | None, device: torch.device) -> list[list[int]]:
+        """Every rank's row [failed, *fields, *its error message's words] (int64; one all_gather),
+        read on the host at once."""
+        message = [0] * _MESSAGE_WORDS if error is None else _encoded(f"{type(error).__name__}: {error}")
+        mine = torch.tensor([error is not None, *fields, *message], dtype=torch.int64, device=device)
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine, group=self.group)
+        return torch.stack(every).tolist()
+
+
+# check_same_shapes' row: q shape, k shape (4 each), mask, dtype, causal, scale bits, documents' digest;
+# after them, a failing rank's error message as int64 words (192 bytes of UTF-8, the rest cut).
+_FIELDS = 13
+_MESSAGE_WORDS = 24
+
+
+def _encoded(text: str) -> list[int]:
+    raw, room = text.encode(), 8 * _MESSAGE_WORDS
+    if len(raw) > room:
+        raw = raw[:room - 3] + b"..."
+    return list(struct.unpack(f"<{_MESSAGE_WORDS}q", raw.ljust(room, b"\0")))
+
+
+def _decoded(words: list[int]) -> str:
+    return struct.pack(f"<{len(words)}q", *words).rstrip(b"\0").decode(errors="ignore")
+
+
+def _device_of(*xs) -> torch.device:
+    """The first tensor argument's device (CPU without one): where this rank's checks run."""
+    return next((x.device for x in xs if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
 
 class Exchange:
