@@ -66,6 +66,7 @@ from benchmarks.measure import GATE_OK, Gate, _guarded, mode_callable  # noqa: E
 from benchmarks.providers import flex_unavailable  # noqa: E402
 from fastattn import reference, semantics, testing  # noqa: E402
 from fastattn.flops import attention_flops, mean_visible_keys  # noqa: E402
+from fastattn.launchers import plans  # noqa: E402
 
 MODES = ("fwd", "fwd_bwd")
 LEARNED = ("bias", "sinks")  # modifiers with a gradient: leaves requiring grad in fwd_bwd
@@ -79,6 +80,10 @@ BIAS_KERNEL = "bias dbias-kernel"  # the bias with FASTATTN_BIAS_GRAD=kernel (it
 # are compared with (those providers take the same modifier either way).
 SWITCHED = {APPROX: ("FASTATTN_SOFTCAP_TANH", "approx", "softcap"),
             BIAS_KERNEL: ("FASTATTN_BIAS_GRAD", "kernel", "bias")}
+# On a GPU the narrowest window also runs tuned (FASTATTN_AUTOTUNE=1 while its rows run, launch plans
+# dropped on the way in and out): the run's other rows take the table's first config, and whether a
+# narrow window wants other tiles is what its bar asks (its tuning bucket follows its width).
+TUNED = " tuned"
 
 
 @dataclass(frozen=True)
@@ -107,25 +112,31 @@ class Variant:
         return {}
 
 
-def variants(case: Case, windows, approx: bool = False, bias_kernel: bool = False) -> list[Variant]:
+def variants(case: Case, windows, approx: bool = False, bias_kernel: bool = False,
+             tuned_window: bool = False) -> list[Variant]:
     """Most wanted first: the unmodified kernel, the bars' modifiers (approx: the softcap through
     tanh.approx.f32 too; bias_kernel: the bias with its gradient summed in the kernel too), then the
-    window sweep (w < S)."""
+    window sweep (w < S) (tuned_window: and the narrowest window again, tuned)."""
     names = (("none", "alibi", "softcap") + ((APPROX,) if approx else ()) + ("sinks", "bias")
              + ((BIAS_KERNEL,) if bias_kernel else ()))
-    return [Variant(name) for name in names] + [Variant(f"window {w}", w) for w in windows if w < case.seqlen_q]
+    sweep = [w for w in windows if w < case.seqlen_q]
+    tuned = [Variant(f"window {min(sweep)}{TUNED}", min(sweep))] if tuned_window and sweep else []
+    return [Variant(name) for name in names] + [Variant(f"window {w}", w) for w in sweep] + tuned
 
 
 @contextlib.contextmanager
 def switched(variant: Variant):
     """A SWITCHED variant's environment switch set while its rows run (forward and backward alike: the
     launchers read it per call), as it was otherwise."""
-    if variant.name not in SWITCHED:
+    tuned = variant.name.endswith(TUNED)
+    if variant.name not in SWITCHED and not tuned:
         yield
         return
-    name, value, _ = SWITCHED[variant.name]
+    name, value, _ = SWITCHED[variant.name] if not tuned else ("FASTATTN_AUTOTUNE", "1", None)
     before = os.environ.get(name)
     os.environ[name] = value
+    if tuned:  # (plans built untuned would be found again: they are keyed on the call, not on tuning)
+        plans.clear()
     try:
         yield
     finally:
@@ -133,10 +144,14 @@ def switched(variant: Variant):
             del os.environ[name]
         else:
             os.environ[name] = before
+        if tuned:
+            plans.clear()
 
 
 def compared_as(variant: str) -> str:
     """The variant whose SDPA and FlexAttention rows a fastattn row is compared with."""
+    if variant.endswith(TUNED):
+        return variant[:-len(TUNED)]
     return SWITCHED[variant][2] if variant in SWITCHED else variant
 
 
@@ -551,7 +566,7 @@ def main(argv=None) -> int:
     for flex_pass, cases, windows in passes:
         for case in cases:
             approx = cuda and not flex_pass and case.dtype != "float32"  # tanh.approx: 16-bit inputs only
-            case_variants = variants(case, windows, approx=approx, bias_kernel=not flex_pass)
+            case_variants = variants(case, windows, approx=approx, bias_kernel=not flex_pass, tuned_window=approx)
             if flex_pass:  # FlexAttention's "none" feeds no bar: last
                 case_variants.sort(key=lambda v: v.name == "none")
             run_case(run, doc, case, case_variants, flex_pass, save)

@@ -83,6 +83,16 @@ def test_switched_rows_run_with_the_switch_on(monkeypatch):
         assert os.environ["FASTATTN_BIAS_GRAD"] == "kernel"
     assert "FASTATTN_BIAS_GRAD" not in os.environ
     assert score_mods.compared_as(score_mods.BIAS_KERNEL) == "bias" and score_mods.compared_as("alibi") == "alibi"
+    # On a GPU the narrowest window runs once more, tuned: FASTATTN_AUTOTUNE=1 and fresh plans meanwhile.
+    names = [v.name for v in score_mods.variants(case, (16, 8, 64), tuned_window=True)]
+    assert names[-3:] == ["window 16", "window 8", "window 8 tuned"]  # (64 >= S = 40: not run)
+    assert score_mods.compared_as("window 8 tuned") == "window 8"
+    cleared = []
+    monkeypatch.setattr(score_mods.plans, "clear", lambda: cleared.append(os.environ.get("FASTATTN_AUTOTUNE")))
+    monkeypatch.setenv("FASTATTN_AUTOTUNE", "0")
+    with score_mods.switched(score_mods.Variant("window 8 tuned", 8)):
+        assert os.environ["FASTATTN_AUTOTUNE"] == "1"
+    assert os.environ["FASTATTN_AUTOTUNE"] == "0" and cleared == ["1", "0"]
     row = {"case": {"label": "c"}, "provider": "fastattn", "mode": "fwd", "variant": score_mods.APPROX,
            "window": None, "vs_none": 0.95}
     assert score_mods.bars([row]) == [{"case": "c", "check": f"{score_mods.APPROX} fwd TFLOPS / none",
