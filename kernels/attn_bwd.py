@@ -44,6 +44,7 @@ import triton.language as tl
 
 from .tiles import (
     LOG2E_T,
+    alibi_slope2,
     head_mods,
     head_row_tiles,
     key_blocks,
@@ -211,7 +212,8 @@ def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, dq_base, q_desc, do_de
         for i in range(group[0] * n):
             g = i // n
             gw = g.to(tl.int64)  # head offsets in 64 bits: a head stride times the group may pass 2**31
-            mods_g = (mods[0] + gw * group[4], mods[1], mods[2], _slope2(group[5], group[6] + g, HAS_ALIBI=HAS_ALIBI),
+            mods_g = (mods[0] + gw * group[4], mods[1], mods[2],
+                      alibi_slope2(group[5], group[6] + g, HAS_ALIBI=HAS_ALIBI),
                       mods[4], mods[5], mods[6])
             dk, dv = _dkdv_block(dk, dv, k, v, kp, lo + (i - g * n) * BLOCK_M, g, q_base + gw * group[1],
                                  do_base + gw * group[2], dq_base + gw * group[7], q_desc, do_desc,
@@ -231,16 +233,6 @@ def _dkdv_query_blocks(dk, dv, k, v, kp, q_base, do_base, dq_base, q_desc, do_de
     return dk, dv
 
 
-@triton.jit
-def _slope2(ALIBI_b, h, HAS_ALIBI: tl.constexpr):
-    """Head h's ALiBi slope * log2(e) from the batch element's slopes ALIBI_b (0.0 without ALiBi)."""
-    slope2 = 0.0
-    if HAS_ALIBI:
-        slope2 = tl.load(ALIBI_b + h) * LOG2E_T
-    return slope2
-
-
-# Arguments: pointers, integers, floats, constexprs (as the forward's).
 @triton.jit(do_not_specialize=["Tq", "Tk"])
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, KPM, KV_BOUNDS, CU_Q, CU_K, BIAS, ALIBI,

@@ -375,10 +375,17 @@ def head_mods(BIAS, ALIBI, b, h, stride_bb, stride_bh, stride_bm, stride_bn, str
               HAS_ALIBI: tl.constexpr):
     """The prefill kernels' mods tuple for (batch element b, query head h): its bias slice, its ALiBi
     slope * log2(e) (0.0 without ALiBi), the softcap and the window."""
+    return (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn,
+            alibi_slope2(ALIBI + b * stride_ab, h, HAS_ALIBI=HAS_ALIBI), cap2, left, right)
+
+
+@triton.jit
+def alibi_slope2(ALIBI_b, h, HAS_ALIBI: tl.constexpr):
+    """Head h's ALiBi slope * log2(e) from the batch element's slopes ALIBI_b (0.0 without ALiBi)."""
     slope2 = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(ALIBI + b * stride_ab + h) * LOG2E_T
-    return (BIAS + b * stride_bb + h * stride_bh, stride_bm, stride_bn, slope2, cap2, left, right)
+        slope2 = tl.load(ALIBI_b + h) * LOG2E_T
+    return slope2
 
 
 @triton.jit
