@@ -13,6 +13,7 @@ from fastattn.backends import AppendCall, AttentionCall, KVCacheCall, sdpa_backe
 from fastattn.validation import (
     MAX_HEAD_DIM,
     check_broadcastable,
+    no_mods,
     validate_cache,
     validate_flag,
     validate_key_padding_mask,
@@ -65,7 +66,7 @@ def attention(
     Returns out (B, Sq, Hq, D) [, lse]. A query that sees no key gets 0 (lse = -inf, or the sink's
     logit with sinks) and zero gradients.
     """
-    plain = bias is None and alibi_slopes is None and window is None and not softcap and sinks is None
+    plain = no_mods(bias, alibi_slopes, window, softcap, sinks)
     signature = None
     if plain and not torch.compiler.is_compiling():  # (traced calls: the checks below, no cache to guard on)
         try:  # (everything validate_qkv reads of q, k, v, and what choose() reads of such a call)
@@ -209,7 +210,7 @@ def attention_with_kvcache(
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= most:
         raise ValueError(f"num_splits must be an int in [0, {most}] (0 = choose), got {num_splits!r}")
     mods = None
-    if bias is not None or alibi_slopes is not None or window is not None or softcap or sinks is not None:
+    if not no_mods(bias, alibi_slopes, window, softcap, sinks):
         mods = validate_mods(bias, alibi_slopes, window, softcap, sinks, shape, q, causal)
         _refuse_grad(bias=bias, sinks=sinks)
     _refuse_grad(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)

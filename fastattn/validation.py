@@ -123,6 +123,14 @@ def check_broadcastable(name: str, t: torch.Tensor, full: tuple[int, int, int, i
         raise ValueError(f"{name} must be broadcastable to (B, Hq, Sq, Sk) = {full}, got shape {tuple(t.shape)}")
 
 
+def no_mods(bias, alibi_slopes, window, softcap, sinks) -> bool:
+    """Whether a call asks for no score modifier: each None, softcap None or a number equal to 0.
+    (Other falsy softcaps, False, "" or [], are modifiers here, for validate_mods to refuse by name.)"""
+    return (bias is None and alibi_slopes is None and window is None and sinks is None
+            and (softcap is None or (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
+                                     and softcap == 0)))
+
+
 def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionShape, q: torch.Tensor,
                   causal: bool) -> ScoreMods | None:
     """Check the score modifiers (fastattn.modifiers) of a call with `shape`; None when there are none.
@@ -131,9 +139,7 @@ def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionSh
     max lengths, positions within each sequence). alibi_slopes: float32 (Hq,) or (B, Hq).
     window: (left, right) ints >= -1 (-1 = unbounded); with causal, right is at most 0.
     softcap: a float >= 0 (0 = off). sinks: a float (Hq,) tensor."""
-    if bias is None and alibi_slopes is None and window is None and not softcap and sinks is None:
-        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
-            raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    if no_mods(bias, alibi_slopes, window, softcap, sinks):
         return None
     b, hq = shape.batch, shape.heads_q
     full = (b, hq, shape.seqlen_q, shape.seqlen_k)

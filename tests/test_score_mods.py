@@ -544,6 +544,10 @@ def test_which_backend_runs_what(gen):
     (dict(softcap=-1.0), ValueError, "softcap must be"),
     (dict(softcap=float("inf")), ValueError, "softcap must be"),
     (dict(softcap="1"), ValueError, "softcap must be"),
+    (dict(softcap=False), ValueError, "softcap must be"),  # falsy, but no number: refused, not read as "off"
+    (dict(softcap=""), ValueError, "softcap must be"),
+    (dict(softcap=[]), ValueError, "softcap must be"),
+    (dict(softcap=torch.tensor(0.0)), ValueError, "softcap must be"),
     (dict(softcap=1e-39), ValueError, r"softcap must be 0 \(off\) or a float in \[1e-30, 1e\+30\]"),
     (dict(sinks=torch.zeros(3)), ValueError, "sinks must have shape"),
     (dict(sinks=[0.0, 0.0]), TypeError, "sinks must be"),
@@ -552,6 +556,24 @@ def test_bad_modifiers_name_the_argument(kwargs, error, match, gen):
     q, k, v = testing.random_qkv(1, 8, 8, 2, 2, 16, generator=gen)
     with pytest.raises(error, match=match):
         fastattn.attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("softcap", [False, "", []], ids=repr)
+def test_falsy_softcaps_that_are_no_numbers_are_refused_on_every_entry_point(softcap, gen):
+    """attention, attention_varlen and attention_with_kvcache name softcap for False, "" or [] (they
+    used to read them as "no softcap"); 0 and 0.0 stay off."""
+    q, k, v = testing.random_qkv(1, 8, 8, 2, 2, 16, generator=gen)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    cache = torch.zeros(1, 16, 2, 16)
+    lens = torch.tensor([4], dtype=torch.int32)
+    calls = (lambda **m: fastattn.attention(q, k, v, **m),
+             lambda **m: fastattn.attention_varlen(q[0], k[0], v[0], cu, cu, 8, 8, **m),
+             lambda **m: fastattn.attention_with_kvcache(q[:, :1], cache, cache, cache_seqlens=lens, **m))
+    for call in calls:
+        with pytest.raises(ValueError, match="softcap must be"):
+            call(softcap=softcap)
+        for off in (0, 0.0):
+            call(softcap=off)
 
 
 def test_no_modifier_values_are_plain_attention(gen):
