@@ -22,6 +22,7 @@ from fastattn.validation import (
     validate_qkv,
     validate_scale,
     validate_varlen,
+    value_checks,
 )
 
 
@@ -94,9 +95,7 @@ def attention(
     call = AttentionCall(q, k, v, shape, causal, scale, key_padding_mask, return_lse, mods=mods)
     name = backends.choose("attention", call, backend)
     if signature is not None:
-        if len(_PLAIN_CALLS) >= _MAX_PLAIN_CALLS:  # (a long run through many shapes: start again)
-            _PLAIN_CALLS.clear()
-        _PLAIN_CALLS[signature] = (shape, name)
+        _remember(_PLAIN_CALLS, signature, (shape, name))
     return backends.run(name, "attention", call)
 
 
@@ -202,7 +201,15 @@ def attention_with_kvcache(
     for CUDA tensors (no sync; a step can be captured in a CUDA graph), so their values are checked
     only for CPU tensors or with FASTATTN_CHECK_VALUES=1; otherwise they are clamped to the cache.
     """
-    shape, n_new = validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+    plain = no_mods(bias, alibi_slopes, window, softcap, sinks)
+    signature = known = None
+    if plain and not torch.compiler.is_compiling():  # (a decode step is host-bound: see _PLAIN_KVCACHE_CALLS)
+        signature, known = _remembered_kvcache_call(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+                                                    return_lse, backend)
+    if known is not None:  # these attributes passed validate_kvcache, and choose() took `name`
+        (shape, n_new), name = known
+    else:
+        shape, n_new = validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
     causal = validate_flag("causal", causal)
     return_lse = validate_flag("return_lse", return_lse)
     scale = validate_scale(scale, shape.head_dim)
@@ -210,13 +217,51 @@ def attention_with_kvcache(
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= most:
         raise ValueError(f"num_splits must be an int in [0, {most}] (0 = choose), got {num_splits!r}")
     mods = None
-    if not no_mods(bias, alibi_slopes, window, softcap, sinks):
+    if not plain:
         mods = validate_mods(bias, alibi_slopes, window, softcap, sinks, shape, q, causal)
         _refuse_grad(bias=bias, sinks=sinks)
     _refuse_grad(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     call = KVCacheCall(q, k_cache, v_cache, k, v, cache_seqlens, block_table, shape, n_new, causal, scale,
                        return_lse, num_splits, mods)
-    return backends.run(backends.choose("kvcache", call, backend), "kvcache", call)
+    if known is None:
+        name = backends.choose("kvcache", call, backend)
+        if signature is not None:
+            _remember(_PLAIN_KVCACHE_CALLS, signature, ((shape, n_new), name))
+    return backends.run(name, "kvcache", call)
+
+
+# attention_with_kvcache() without score modifiers, by everything validate_kvcache reads of its
+# tensors while their values go unchecked (sizes, dtypes, devices and layouts, the caches' strides)
+# and what choose() reads (those, return_lse, the backend asked for) -> ((AttentionShape, S_new),
+# the backend choose() took); as _PLAIN_CALLS. Only calls whose values are not checked on the host
+# are stored or looked up (CUDA tensors without FASTATTN_CHECK_VALUES=1: value_checks); the flags,
+# scale, num_splits and the grad refusal are checked on every call. (docs/design.md, "Hot path")
+_PLAIN_KVCACHE_CALLS: dict[tuple, tuple] = {}
+
+
+def _remembered_kvcache_call(q, k_cache, v_cache, k, v, cache_seqlens, block_table, return_lse, backend):
+    """(the call's key in _PLAIN_KVCACHE_CALLS, what is stored there or None); (None, None) where
+    nothing is remembered: values checked on the host, arguments that are not tensors or do not hash."""
+    try:
+        if value_checks(q.device):
+            return None, None
+        signature = (q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype, v_cache.dtype, q.device,
+                     k_cache.device, v_cache.device, q.layout, k_cache.layout, v_cache.layout, k_cache.stride(),
+                     v_cache.stride(), cache_seqlens.dtype, cache_seqlens.shape, cache_seqlens.device,
+                     None if k is None else (k.shape, k.dtype, k.device, k.layout),
+                     None if v is None else (v.shape, v.dtype, v.device, v.layout),
+                     None if block_table is None else (block_table.dtype, block_table.shape, block_table.device),
+                     return_lse, backend)
+        return signature, _PLAIN_KVCACHE_CALLS.get(signature)
+    except (AttributeError, TypeError):  # not tensors, symbolic sizes, an argument that does not hash
+        return None, None
+
+
+def _remember(cache: dict, signature: tuple, decision) -> None:
+    """Store a validated call's decision; a long run through many shapes starts the cache again."""
+    if len(cache) >= _MAX_PLAIN_CALLS:
+        cache.clear()
+    cache[signature] = decision
 
 
 def append_to_kvcache(

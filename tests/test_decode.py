@@ -417,9 +417,13 @@ VALUE_ERRORS = ("does not fit", "outside k_cache")
 def test_bad_inputs_name_the_argument(change, error, match, value_checks, gen, monkeypatch):
     """Every bad input raises the error naming it, also on the path CUDA tensors take (no host
     reads of the values, where lengths and pages are clamped by the kernels instead: the one-test
-    fast path, then the full checks)."""
+    fast path, then the full checks), there after a valid call that was remembered by its signature
+    (fastattn.api._PLAIN_KVCACHE_CALLS)."""
     if not value_checks:
-        monkeypatch.setattr(validation, "value_checks", lambda device: False)
+        no_value_checks(monkeypatch)
+        good = bad_inputs(gen)
+        fastattn.attention_with_kvcache(good.pop("q"), good.pop("k_cache"), good.pop("v_cache"), good.pop("k"),
+                                        good.pop("v"), backend="triton", **good)
     else:
         monkeypatch.setenv("FASTATTN_CHECK_VALUES", "1")  # CUDA tensors: the opt-in host checks
     args = bad_inputs(gen)
@@ -427,6 +431,67 @@ def test_bad_inputs_name_the_argument(change, error, match, value_checks, gen, m
     with pytest.raises(error, match=match):
         fastattn.attention_with_kvcache(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("k"),
                                         args.pop("v"), backend="triton", **args)
+
+
+def no_value_checks(monkeypatch):
+    """The path of CUDA tensors (their values are not read on the host), for CPU tensors; and a fresh
+    process's empty cache of validated calls."""
+    from fastattn import api
+
+    monkeypatch.setattr(validation, "value_checks", lambda device: False)
+    monkeypatch.setattr(api, "value_checks", lambda device: False)
+    monkeypatch.setattr(api, "_PLAIN_KVCACHE_CALLS", {})
+
+
+def test_a_repeated_decode_call_is_validated_and_placed_once(gen, monkeypatch):
+    """Without value checks (CUDA tensors), a call without score modifiers whose tensors' sizes,
+    dtypes, devices, layouts and cache strides, return_lse and backend were seen before skips
+    validate_kvcache and backends.choose (a decode step is host-bound); one that differs in any of
+    them takes both again; flags, scale, num_splits and the grad refusal are checked every time.
+    With value checks (CPU tensors, FASTATTN_CHECK_VALUES=1) every call is validated."""
+    from fastattn import api, backends
+
+    seen = []
+    real_validate, real_choose = api.validate_kvcache, backends.choose
+    monkeypatch.setattr(api, "validate_kvcache", lambda *a, **kw: seen.append("validate") or real_validate(*a, **kw))
+    monkeypatch.setattr(backends, "choose", lambda *a, **kw: seen.append("choose") or real_choose(*a, **kw))
+    args = bad_inputs(gen)
+    q, kc, vc, k, v = (args.pop(n) for n in ("q", "k_cache", "v_cache", "k", "v"))
+
+    def call(q=q, kc=kc, vc=vc, k=k, v=v, **kw):
+        return fastattn.attention_with_kvcache(q, kc.clone(), vc.clone(), k, v, **{**args, **kw})
+
+    for _ in range(2):  # the CPU's own path: values read, nothing remembered
+        call()
+    assert seen == ["validate", "choose"] * 2 and not api._PLAIN_KVCACHE_CALLS
+    no_value_checks(monkeypatch)
+    expected = call()
+    seen.clear()
+    torch.testing.assert_close(call(q.clone(), k=k.clone()), expected, rtol=0, atol=0)
+    assert seen == []
+    for bad, error, match in ((dict(causal=1), TypeError, "causal must be a bool"),
+                              (dict(scale=float("nan")), ValueError, "scale must be"),
+                              (dict(num_splits=129), ValueError, "num_splits"),
+                              (dict(q=q.clone().requires_grad_()), ValueError, "inference-only")):
+        with pytest.raises(error, match=match):
+            call(**bad)
+    assert seen == []
+    for other in (dict(q=q[:, :, :2]), dict(kc=kc[:, :, :1], vc=vc[:, :, :1], k=k[:, :, :1], v=v[:, :, :1]),
+                  dict(k=None, v=None), dict(return_lse=True), dict(backend="reference"),
+                  dict(cache_seqlens=args["cache_seqlens"][:1], q=q[:1], k=k[:1], v=v[:1],
+                       block_table=args["block_table"][:1]),
+                  dict(kc=torch.zeros(2, 32, 2, 16, device=DEVICE), vc=torch.zeros(2, 32, 2, 16, device=DEVICE),
+                       block_table=None)):
+        seen.clear()
+        call(**other)
+        assert seen == ["validate", "choose"], other
+    seen.clear()
+    monkeypatch.setattr(api, "value_checks", lambda device: True)  # e.g. FASTATTN_CHECK_VALUES=1 set later
+    call()
+    assert seen == ["validate", "choose"]
+    held = [x for key in api._PLAIN_KVCACHE_CALLS for part in key
+            for x in (part if isinstance(part, tuple) else (part,))]
+    assert held and not any(isinstance(x, torch.Tensor) for x in held)  # sizes, dtypes, devices: no tensor
 
 
 def test_fast_validation_path_accepts_valid_calls(gen, monkeypatch):
