@@ -143,14 +143,26 @@ def attention_varlen(
 
     Returns out (Tq, Hq, D) [, lse (Hq, Tq) float32].
     """
-    shape = validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    plain = no_mods(bias, alibi_slopes, window, softcap, sinks)
+    signature = known = None
+    if plain and not torch.compiler.is_compiling():  # (every layer of a packed step repeats the call)
+        signature, known = _remembered_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                   return_lse, backend)
+    if known is not None:  # these attributes passed validate_varlen, and choose() took `name`
+        shape, name = known
+    else:
+        shape = validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     causal = validate_flag("causal", causal)
     return_lse = validate_flag("return_lse", return_lse)
     scale = validate_scale(scale, shape.head_dim)
-    mods = validate_mods(bias, alibi_slopes, window, softcap, sinks, shape, q, causal)
+    mods = None if plain else validate_mods(bias, alibi_slopes, window, softcap, sinks, shape, q, causal)
     call = AttentionCall(q, k, v, shape, causal, scale, None, return_lse, cu_seqlens_q, cu_seqlens_k,
                          shape.seqlen_q, shape.seqlen_k, mods)  # (max_seqlen as Python ints)
-    return backends.run(backends.choose("varlen", call, backend), "varlen", call)
+    if known is None:
+        name = backends.choose("varlen", call, backend)
+        if signature is not None:
+            _remember(_PLAIN_VARLEN_CALLS, signature, (shape, name))
+    return backends.run(name, "varlen", call)
 
 
 def attention_with_kvcache(
@@ -237,6 +249,28 @@ def attention_with_kvcache(
 # are stored or looked up (CUDA tensors without FASTATTN_CHECK_VALUES=1: value_checks); the flags,
 # scale, num_splits and the grad refusal are checked on every call. (docs/design.md, "Hot path")
 _PLAIN_KVCACHE_CALLS: dict[tuple, tuple] = {}
+
+
+# attention_varlen() without score modifiers, by everything validate_varlen reads while the
+# cu_seqlens values go unchecked (q, k, v's and the cu_seqlens' sizes, dtypes, devices and layouts,
+# the max_seqlen ints) and what choose() reads (those, return_lse, the backend asked for) ->
+# (AttentionShape, the backend choose() took); as _PLAIN_KVCACHE_CALLS: only calls whose values are
+# not checked on the host (CUDA tensors without FASTATTN_CHECK_VALUES=1). A packed training batch
+# differs from the last in its lengths, so it is validated at its first layer and found at the rest.
+_PLAIN_VARLEN_CALLS: dict[tuple, tuple] = {}
+
+
+def _remembered_varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, return_lse, backend):
+    """(the call's key in _PLAIN_VARLEN_CALLS, what is stored there or None), as _remembered_kvcache_call."""
+    try:
+        if value_checks(q.device):
+            return None, None
+        signature = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, q.layout,
+                     k.layout, v.layout, cu_q.shape, cu_k.shape, cu_q.dtype, cu_k.dtype, cu_q.device, cu_k.device,
+                     cu_q.layout, cu_k.layout, type(max_q), max_q, type(max_k), max_k, return_lse, backend)
+        return signature, _PLAIN_VARLEN_CALLS.get(signature)
+    except (AttributeError, TypeError):  # not tensors, symbolic sizes, an argument that does not hash
+        return None, None
 
 
 def _remembered_kvcache_call(q, k_cache, v_cache, k, v, cache_seqlens, block_table, return_lse, backend):

@@ -286,6 +286,56 @@ def test_fast_validation_path(gen, monkeypatch):
             validation.validate_varlen(*args)
 
 
+def test_a_repeated_packed_call_is_validated_and_placed_once(gen, monkeypatch):
+    """Without value checks (CUDA tensors), a packed call without score modifiers whose tensors' sizes,
+    dtypes, devices and layouts, max lengths, return_lse and backend were seen before (the next layer
+    of a step) skips validate_varlen and backends.choose; one that differs in any of them takes both
+    again, and a bad one after a remembered good one gets its own error; flags and scale are checked
+    every time. With value checks (CPU tensors) every call is validated and nothing is remembered."""
+    from fastattn import api, backends, validation
+
+    seen = []
+    real_validate, real_choose = api.validate_varlen, backends.choose
+    monkeypatch.setattr(api, "validate_varlen", lambda *a, **kw: seen.append("validate") or real_validate(*a, **kw))
+    monkeypatch.setattr(backends, "choose", lambda *a, **kw: seen.append("choose") or real_choose(*a, **kw))
+    monkeypatch.setattr(api, "_PLAIN_VARLEN_CALLS", {})  # (as in a fresh process)
+    q, k, v, cu_q, cu_k, mq, mk = packed([4, 0, 10], [5, 6, 2], 4, 2, 16, torch.float32, gen)
+
+    def call(*args, **kw):
+        args = args or (q, k, v, cu_q, cu_k, mq, mk)
+        return fastattn.attention_varlen(*args, **{"causal": True, "backend": "triton", **kw})
+
+    for _ in range(2):  # the CPU's own path: values read, nothing remembered
+        call()
+    assert seen == ["validate", "choose"] * 2 and not api._PLAIN_VARLEN_CALLS
+    monkeypatch.setattr(validation, "value_checks", lambda device: False)
+    monkeypatch.setattr(api, "value_checks", lambda device: False)
+    expected = call()
+    seen.clear()
+    torch.testing.assert_close(call(q.clone(), k.clone(), v, cu_q.clone(), cu_k, mq, mk), expected, rtol=0, atol=0)
+    assert seen == []
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        call(causal=1)
+    with pytest.raises(ValueError, match="scale must be"):
+        call(scale=float("inf"))
+    assert seen == []
+    for args, error, match in (((q, k, v, cu_q.long(), cu_k, mq, mk), TypeError, "cu_seqlens_q must be int32"),
+                               ((q, k, v, cu_q, cu_k, mq, True), TypeError, "max_seqlen_k"),
+                               ((q, k, v, cu_q, cu_k.to("meta"), mq, mk), ValueError, "cu_seqlens_k is on meta"),
+                               ((q, k.double(), v, cu_q, cu_k, mq, mk), TypeError, "k has dtype")):
+        with pytest.raises(error, match=match):
+            call(*args)
+    for args, kw in (((q, k, v, cu_q, cu_k, mq + 1, mk), {}), ((q[:, :2], k, v, cu_q, cu_k, mq, mk), {}),
+                     ((q, k, v, cu_q[:3], cu_k[:3], mq, mk), {}), ((), dict(return_lse=True))):
+        seen.clear()
+        call(*args, **kw)
+        assert seen == ["validate", "choose"], (args, kw)
+    one = packed([1], [1], 2, 2, 16, torch.float32, gen)
+    call(*one)
+    with pytest.raises(TypeError, match="max_seqlen_k"):  # True == 1, and hashes alike: its type is in the key
+        call(*one[:-1], True)
+
+
 def test_bad_max_seqlen(gen, monkeypatch):
     monkeypatch.setenv("FASTATTN_CHECK_VALUES", "1")  # CUDA tensors: values are checked on request only
     q, k, v, cu_q, cu_k, mq, mk = packed([4, 6, 10], [4, 6, 10], 2, 2, 16, torch.float32, gen)
