@@ -205,6 +205,18 @@ def test_bias_with_strides_and_half_precision(gen):
     check(q, k, v, False, {"bias": bias}, gen)
 
 
+@pytest.mark.parametrize("bias_grad", ["buffer", "kernel"])
+def test_half_precision_bias_and_sinks_learned_in_a_float32_call(bias_grad, gen, monkeypatch):
+    """An fp16 bias (batch-broadcast: the dbias kernel's case too) and fp16 sinks with float32 inputs:
+    their gradients come back in fp16, within the tolerance rule (whose floor is then fp16's unit:
+    the answer's own rounding)."""
+    monkeypatch.setenv("FASTATTN_BIAS_GRAD", bias_grad)
+    q, k, v = testing.random_qkv(2, 20, 17, 2, 1, 8, device=DEVICE, generator=gen)
+    bias = torch.randn(1, 2, 20, 17, generator=gen).to(DEVICE, torch.float16)
+    sinks = torch.randn(2, generator=gen).to(DEVICE, torch.float16)
+    check(q, k, v, False, {"bias": bias, "sinks": sinks}, gen)
+
+
 def test_bias_of_minus_infinity_hides_keys(gen):
     """-inf in the bias masks like the key-padding mask, in any tile, with no NaN (a row of only
     -inf returns 0 and zero gradients)."""
