@@ -254,6 +254,79 @@ def test_direct_launch_is_checked_once_against_the_jit(monkeypatch, handle_value
         assert kernel.jit_calls == 2  # the plan's first launch and the check's reference launch
 
 
+def fresh_build_state(monkeypatch):
+    monkeypatch.setattr(plans, "direct_launch_enabled", lambda: True)
+    monkeypatch.setattr(plans, "_handles", {})
+    monkeypatch.setattr(plans, "_tuned", {})
+    monkeypatch.setattr(plans, "_warned", set())
+
+
+@pytest.mark.parametrize("handle_value", [1.0, 2.0])
+def test_a_signature_specialised_as_an_earlier_one_launches_its_compiled_kernel(monkeypatch, handle_value):
+    """A new call signature (e.g. a KV cache one token longer) whose arguments Triton specialises as
+    an earlier one's takes the compiled kernel that one checked, launched directly: no JIT launch
+    (tens of microseconds of host time per layer and token); one specialised otherwise (n = 16) goes
+    through the JIT. A kernel whose check failed (handle_value 2.0) stays on the JIT path."""
+    fresh_build_state(monkeypatch)
+    compiled = FakeCompiled(handle_value)
+    kernel = FakeKernel(compiled)
+    x, cands = torch.zeros(4), [configs.BlockConfig(16, 16)]
+
+    def build(n):
+        out = torch.zeros(4)
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            plan = plans.build("fake", kernel, cands, lambda c: (1, 1, 1), (x, out, n), {"SCALE": 3}, seq_len=4,
+                               outputs=(1,), device=torch.device("cpu"))
+        return plan, out
+
+    first, _ = build(4)
+    jit_calls, direct_calls = kernel.jit_calls, len(compiled.calls)
+    second, out = build(5)  # (4 and 5: neither 1 nor a multiple of 16)
+    kept = handle_value == 1.0
+    assert second.handle is (compiled if kept else None) and first.handle is second.handle
+    assert kernel.jit_calls == jit_calls + (0 if kept else 1)
+    assert len(compiled.calls) == direct_calls + (1 if kept else 0)
+    assert torch.equal(out, torch.full((4,), handle_value if kept else 1.0))
+    if kept:
+        assert compiled.calls[-1][1] == (x, out, 5, 3, 16)
+    build(16)
+    assert kernel.jit_calls > jit_calls + (0 if kept else 1)  # another specialisation: the JIT's own launch
+
+
+class FakeTypedKernel:
+    """A 'kernel' (x, out, bias, n, SCALE, BLOCK_M) whose JIT launch returns a compiled kernel per bias
+    dtype, as Triton compiles one per argument type."""
+
+    arg_names = ["x", "out", "bias", "n", "SCALE", "BLOCK_M"]
+
+    def __init__(self):
+        self.compiled = {}
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            args[1].fill_(1.0)
+            return self.compiled.setdefault(args[2].dtype, FakeCompiled(1.0))
+        return run
+
+
+def test_compiled_kernels_are_told_apart_by_every_arguments_dtype(monkeypatch):
+    """Two signatures alike but for the dtype of a tensor other than the first (a bias or sinks in
+    another dtype than q) get each its own compiled kernel: launching one typed for the other would
+    read the bias's bytes as the wrong type, silently."""
+    fresh_build_state(monkeypatch)
+    kernel = FakeTypedKernel()
+    x, out = torch.zeros(4), torch.zeros(4)
+    handles = []
+    for dtype in (torch.float16, torch.float32):
+        plan = plans.build("fake", kernel, [configs.BlockConfig(16, 16)], lambda c: (1, 1, 1),
+                           (x, out, torch.zeros(4, dtype=dtype), 4), {"SCALE": 3}, seq_len=4, outputs=(1,),
+                           device=torch.device("cpu"))
+        handles.append(plan.handle)
+    assert handles == [kernel.compiled[torch.float16], kernel.compiled[torch.float32]]
+    assert handles[0] is not handles[1]
+
+
 class FakeSummingHandle:
     """A compiled 'kernel' whose launch writes `value` into out (args[1]) and adds 1.0 into acc (args[2])."""
 

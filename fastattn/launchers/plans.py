@@ -182,7 +182,7 @@ def tuned_configs() -> list[dict]:
     sequence bucket, config. For benchmark reports: which tile each measured call ran."""
     return [{"kernel": name, "constexprs": dict(consts), "dtype": dtype, "seq_bucket": bucket,
              "config": c.as_list()}
-            for (name, _, consts, dtype, _, bucket), c in _tuned.items()]
+            for (name, _, consts, dtype, _, bucket, _), c in _tuned.items()]
 
 
 def clear() -> None:
@@ -208,8 +208,11 @@ def build(name: str, kernel, cands: list[configs.BlockConfig], grid_for, args: t
     further launch building makes (tuning's, the check's), so that they end up holding one launch's
     sums, and not compared by the check (atomics add in any order). Under CUDA-graph capture nothing
     may sync: no tuning, no check, and the plan is provisional."""
+    # Every tensor argument's dtype: a compiled kernel is typed by all of them (a bias or sinks may
+    # differ from q's dtype), and so are its resources (a config chosen for one may not fit another).
+    dtypes = tuple([a.dtype for a in args if isinstance(a, torch.Tensor)])
     tune_key = (name, tuple(cands), tuple(sorted(constexprs.items())), str(args[0].dtype), str(device),
-                configs.seq_bucket(seq_len))
+                configs.seq_bucket(seq_len), dtypes)
     capturing = _capturing(device)
     with _syncs_allowed(device):  # building a plan may sync (tuning, the check) even in sync-debug mode
         config, handle, launched = _tuned.get(tune_key), None, False
@@ -225,12 +228,19 @@ def build(name: str, kernel, cands: list[configs.BlockConfig], grid_for, args: t
         plan = Plan(kernel, config, full, constexpr_tail(kernel, len(args), full), provisional=capturing,
                     scratch=bool(full.get("TMA")))
         grid = grid_for(config)
+        direct = not capturing and direct_launch_enabled()
+        handle_key = (tune_key, config, specialization(args)) if direct else None
         if not launched:
             _zero(args, sums)  # (tuning may have launched it)
+            if direct and handle_key in _handles:
+                # A new signature that Triton specialises as an earlier one (e.g. a KV cache grown by a
+                # token): its compiled kernel, checked then (None: the check failed, the JIT path).
+                plan.handle = _handles[handle_key]
+                plan.launch(grid, args, stream_of(args[0]))
+                return plan
             handle = _jit_launch(kernel, grid, args, full, config)
-        if handle is None or capturing or not direct_launch_enabled():
+        if handle is None or not direct:
             return plan  # interpreter, a graph capture, or direct launches turned off
-        handle_key = (tune_key, config, specialization(args))
         if handle_key not in _handles:
             _handles[handle_key] = _checked(name, handle, plan, grid, args, outputs, verify, sums)
     plan.handle = _handles[handle_key]
