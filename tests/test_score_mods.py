@@ -217,6 +217,18 @@ def test_half_precision_bias_and_sinks_learned_in_a_float32_call(bias_grad, gen,
     check(q, k, v, False, {"bias": bias, "sinks": sinks}, gen)
 
 
+def test_calls_alike_but_for_the_bias_dtype_each_read_their_own_bias(gen):
+    """The same call with a float32, then a float16, then a float32 bias again (and sinks likewise):
+    each is right. On a GPU the second is a new launch plan whose compiled kernel must be the one
+    typed for its bias (plans key compiled kernels by every argument's dtype; keyed by q's alone, the
+    float16 call launched the float32 one's kernel and read its bias's bytes as float32)."""
+    q, k, v = testing.random_qkv(2, 33, 40, 2, 2, 16, dtype=torch.float16, device=DEVICE, generator=gen)
+    bias = torch.randn(2, 2, 33, 40, generator=gen).to(DEVICE)
+    sinks = torch.randn(2, generator=gen).to(DEVICE)
+    for dtype in (torch.float32, torch.float16, torch.float32):
+        check(q, k, v, True, {"bias": bias.to(dtype), "sinks": sinks.to(dtype)}, gen)
+
+
 def test_bias_of_minus_infinity_hides_keys(gen):
     """-inf in the bias masks like the key-padding mask, in any tile, with no NaN (a row of only
     -inf returns 0 and zero gradients)."""
