@@ -209,6 +209,72 @@ def test_auto_takes_the_decode_kernel_on_cuda_and_sdpa_on_cpu(gen):
     assert "does not run KV-cache decoding" in backends.cannot_run("cuda", "kvcache", call)
 
 
+# ---------------------------------------------------------------- attention() with few queries
+
+# (B, Sq, Sk, Hq, Hkv, D): one query over many keys (a generate() step), GQA 4:1 and MQA, Sq up to
+# FEW_QUERIES, Sq > Sk (causal rows that see no key), one key, a head dim that is not a power of two.
+FEW = [(2, 1, 37, 4, 1, 16), (1, 3, 70, 8, 2, 40), (2, 16, 29, 2, 2, 16), (1, 7, 3, 2, 1, 16), (2, 1, 1, 2, 2, 8)]
+FEW_MODS = {"none": {}, "softcap": {"softcap": 2.0}, "window": {"window": (4, 0)}, "window2": {"window": (3, 2)},
+            "alibi": {"alibi_slopes": "slopes"}, "sinks": {"sinks": "sinks"}, "bias": {"bias": "bias"}}
+
+
+def few_query_mods(name, b, sq, sk, hq, gen):
+    mods = dict(FEW_MODS[name])
+    made = {"slopes": lambda: torch.rand(b, hq, generator=gen).to(DEVICE),
+            "sinks": lambda: torch.randn(hq, generator=gen).to(DEVICE),
+            "bias": lambda: torch.randn(1, hq, sq, sk, generator=gen).to(DEVICE)}
+    return {k: made[v]() if isinstance(v, str) else v for k, v in mods.items()}
+
+
+@pytest.mark.parametrize("shape", FEW, ids=str)
+@pytest.mark.parametrize("causal,mods", [(c, m) for c in (True, False) for m in FEW_MODS
+                                         if not (c and m == "window2")])  # (causal caps the right side at 0)
+def test_attention_with_few_queries_runs_as_a_decode_step(shape, causal, mods, gen, monkeypatch):
+    """fastattn.attention of at most FEW_QUERIES queries that needs no gradient and has no key-padding
+    mask runs the decode kernel over k/v as a full cache (launchers.decode.attend_full), with the
+    results of attention: the tolerance rule against the float64 reference, out and lse."""
+    b, sq, sk, hq, hkv, d = shape
+    routed = []
+    real = launch.attend_full
+    monkeypatch.setattr(launch, "attend_full", lambda *a, **kw: routed.append(1) or real(*a, **kw))
+    q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=torch.float16, device=DEVICE, generator=gen)
+    fn = lambda a, b_, c, **m: fastattn.attention(a, b_, c, causal=causal, return_lse=True, backend="triton", **m)
+    results = testing.check_against_reference(fn, q, k, v, causal=causal, grads=False, generator=gen,
+                                              mods=few_query_mods(mods, b, sq, sk, hq, gen))
+    assert all(r.ok for r in results), [str(r) for r in results]
+    assert routed, "not run as a decode step"
+
+
+def test_which_calls_run_as_a_decode_step(gen, monkeypatch):
+    """Only calls that need no gradient, have no key-padding mask, at most FEW_QUERIES queries, at
+    least one key and a unit-stride head dim in k and v take the decode kernel; the others the
+    prefill kernel, with the same results."""
+    routed = []
+    real = launch.attend_full
+    monkeypatch.setattr(launch, "attend_full", lambda *a, **kw: routed.append(1) or real(*a, **kw))
+    q, k, v = testing.random_qkv(2, launch.FEW_QUERIES + 1, 40, 4, 2, 16, device=DEVICE, generator=gen)
+    few = q[:, -launch.FEW_QUERIES:]
+    wide_k = torch.randn(2, 40, 16, 2, generator=gen).to(DEVICE).transpose(2, 3)  # (B, Sk, Hkv, D), head dim strided
+    mask = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
+    cases = {"few": (dict(q=few), True), "many": (dict(), False), "key padding": (dict(q=few, key_padding_mask=mask),
+                                                                                False),
+             "no key": (dict(q=few, k=k[:, :0], v=v[:, :0]), False), "strided head dim": (dict(q=few, k=wide_k), False),
+             "grad": (dict(q=few.clone().requires_grad_()), False), "reference": (dict(q=few, backend="reference"),
+                                                                              False)}
+    for name, (change, expected) in cases.items():
+        args = {**dict(q=q, k=k, v=v, causal=True, backend="triton"), **change}
+        routed.clear()
+        out = fastattn.attention(**args)
+        assert bool(routed) == expected, name
+        ref = reference.attention(*(args.pop(n).double() for n in ("q", "k", "v")), causal=True,
+                                  key_padding_mask=args.get("key_padding_mask"))
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4, msg=name)
+    routed.clear()
+    with torch.no_grad():
+        fastattn.attention(few.clone().requires_grad_(), k, v, causal=True, backend="triton")
+    assert routed  # grad mode off: nothing to record
+
+
 # ---------------------------------------------------------------- appends
 
 

@@ -113,6 +113,32 @@ def _combine_args(o, l_, out, lse, splits):
     return (o, l_, out, lse, *o.stride()[:4], *l_.stride()[:3], *out.stride()[:3], *lse.stride()[:2], splits)
 
 
+# Attention of at most this many queries per sequence over dense keys, needing no gradient, runs as a
+# decode step over a full cache (attend_full): a transformers generate() step (one query over the
+# grown cache), a decoder's cross-attention, speculative verification. The prefill kernel gives such
+# a call one program per (batch, query head) streaming every key, and reads each KV head once per
+# query head of its group; the decode kernel reads it once per group and splits long key ranges
+# across programs when (batch, KV head) pairs cannot fill the GPU.
+FEW_QUERIES = 16
+
+
+def few_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether attention of q (B, Sq, Hq, D) over k/v (B, Sk, Hkv, D) runs as attend_full: at most
+    FEW_QUERIES queries, at least one key, keys and values with a unit-stride head dim (a cache's
+    layout)."""
+    return q.shape[1] <= FEW_QUERIES and k.shape[1] > 0 and k.stride(-1) == 1 and v.stride(-1) == 1
+
+
+def attend_full(q, k, v, causal: bool, scale: float, bias=None, alibi_slopes=None, sinks=None,
+                window_left: int = -1, window_right: int = -1, softcap: float = 0.0):
+    """Attention of q (B, Sq, Hq, D) over dense k/v (B, Sk, Hkv, D) as `attend` over a cache that every
+    sequence fills (lengths Sk), nothing appended: the same results as the prefill launcher's forward
+    (bottom-right causal, modifiers by key position), out (B, Sq, Hq, D) and lse (B, Hq, Sq) float32."""
+    lengths = torch.full((k.shape[0],), k.shape[1], dtype=torch.int32, device=k.device)  # (a fill, no host read)
+    return attend(q, k, v, None, None, lengths, None, causal, scale, 0, bias, alibi_slopes, sinks, window_left,
+                  window_right, softcap)
+
+
 def append(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
     """Write k, v (B, S_new, Hkv, D) into the cache at positions cache_seqlens[b] + t, in place;
     positions outside the cache are skipped (cache_layouts.append is the torch version)."""
