@@ -234,6 +234,7 @@ def test_attention_with_few_queries_runs_as_a_decode_step(shape, causal, mods, g
     mask runs the decode kernel over k/v as a full cache (launchers.decode.attend_full), with the
     results of attention: the tolerance rule against the float64 reference, out and lse."""
     b, sq, sk, hq, hkv, d = shape
+    monkeypatch.setattr(launch, "FEW_QUERIES_MIN_BYTES", 0)  # (test shapes are small)
     routed = []
     real = launch.attend_full
     monkeypatch.setattr(launch, "attend_full", lambda *a, **kw: routed.append(1) or real(*a, **kw))
@@ -247,8 +248,10 @@ def test_attention_with_few_queries_runs_as_a_decode_step(shape, causal, mods, g
 
 def test_which_calls_run_as_a_decode_step(gen, monkeypatch):
     """Only calls that need no gradient, have no key-padding mask, at most FEW_QUERIES queries, at
-    least one key and a unit-stride head dim in k and v take the decode kernel; the others the
-    prefill kernel, with the same results."""
+    least FEW_QUERIES_MIN_BYTES of keys and values (at least one key) and a unit-stride head dim in k
+    and v take the decode kernel; the others the prefill kernel, with the same results."""
+    small = 2 * 2 * 40 * 2 * 16 * 4  # k and v below: (2, 40, 2, 16) float32
+    monkeypatch.setattr(launch, "FEW_QUERIES_MIN_BYTES", small)
     routed = []
     real = launch.attend_full
     monkeypatch.setattr(launch, "attend_full", lambda *a, **kw: routed.append(1) or real(*a, **kw))
@@ -260,7 +263,8 @@ def test_which_calls_run_as_a_decode_step(gen, monkeypatch):
                                                                                 False),
              "no key": (dict(q=few, k=k[:, :0], v=v[:, :0]), False), "strided head dim": (dict(q=few, k=wide_k), False),
              "grad": (dict(q=few.clone().requires_grad_()), False), "reference": (dict(q=few, backend="reference"),
-                                                                              False)}
+                                                                              False),
+             "fewer bytes": (dict(q=few, k=k[:, 1:], v=v[:, 1:]), False)}
     for name, (change, expected) in cases.items():
         args = {**dict(q=q, k=k, v=v, causal=True, backend="triton"), **change}
         routed.clear()

@@ -118,15 +118,22 @@ def _combine_args(o, l_, out, lse, splits):
 # grown cache), a decoder's cross-attention, speculative verification. The prefill kernel gives such
 # a call one program per (batch, query head) streaming every key, and reads each KV head once per
 # query head of its group; the decode kernel reads it once per group and splits long key ranges
-# across programs when (batch, KV head) pairs cannot fill the GPU.
+# across programs when (batch, KV head) pairs cannot fill the GPU. Only over at least
+# FEW_QUERIES_MIN_BYTES of keys and values: below, the decode path's extra launches (the lengths'
+# fill, the combine of split ranges: ~7-11 us of host time each, measured on an H200 host) can cost
+# more than the prefill kernel's device time (a few microseconds); above, that device time grows
+# with the group size times the bytes, spread over at most B x Hq programs. (A threshold from that
+# reasoning, not yet from a GPU timing of both paths.)
 FEW_QUERIES = 16
+FEW_QUERIES_MIN_BYTES = 8 << 20
 
 
 def few_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether attention of q (B, Sq, Hq, D) over k/v (B, Sk, Hkv, D) runs as attend_full: at most
-    FEW_QUERIES queries, at least one key, keys and values with a unit-stride head dim (a cache's
-    layout)."""
-    return q.shape[1] <= FEW_QUERIES and k.shape[1] > 0 and k.stride(-1) == 1 and v.stride(-1) == 1
+    FEW_QUERIES queries, at least FEW_QUERIES_MIN_BYTES of keys and values (so at least one key), both
+    with a unit-stride head dim (a cache's layout)."""
+    return (q.shape[1] <= FEW_QUERIES and 2 * k.numel() * k.element_size() >= max(FEW_QUERIES_MIN_BYTES, 1)
+            and k.stride(-1) == 1 and v.stride(-1) == 1)
 
 
 def attend_full(q, k, v, causal: bool, scale: float, bias=None, alibi_slopes=None, sinks=None,
