@@ -3,8 +3,10 @@
     python benchmarks/decode.py [--grid quick|full|cpu] [--out DIR]
 
 Decoding is bound by reading the cache: each step reads every cached key and value once. Each case
-is timed for fastattn's split-KV decode kernel (contiguous and paged caches), fastattn's prefill
-kernel on the same call (fastattn.attention with Sq = 1), and PyTorch SDPA forced to each of its
+is timed for fastattn's split-KV decode kernel (contiguous and paged caches), fastattn.attention
+with Sq = 1 on the same cache as a user calls it ("fastattn-attention": over >= 8 MiB it runs the
+decode kernel over the cache as full, launchers.decode.attend_full) and forced onto the prefill
+kernel ("fastattn-prefill"), and PyTorch SDPA forced to each of its
 backends (flash, efficient, math) on the contiguous cache, all in one run on one device, with the
 device's copy bandwidth measured first (benchmarks.common). Reported: milliseconds, GB/s (cache
 bytes read / time), % of the copy ceiling, and the ratio to the best SDPA backend and to the prefill
@@ -39,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 import fastattn  # noqa: E402
 from benchmarks.common import environment, measure_ceilings, time_ms  # noqa: E402
 from fastattn import reference, testing  # noqa: E402
+from fastattn.launchers import decode as decode_launch  # noqa: E402
 from fastattn.launchers import plans  # noqa: E402
 
 
@@ -111,15 +114,29 @@ def providers(case: DecodeCase, inputs):
         return (lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True).transpose(1, 2),
                 lambda: sdpa_kernel(backend))
 
+    attention = lambda: fastattn.attention(q, k_cache, v_cache, causal=True, backend="triton")
     return {
         "fastattn-decode": (decode(contiguous), contextlib.nullcontext),
         "fastattn-decode-paged": (decode(paged), contextlib.nullcontext),
-        "fastattn-prefill": (lambda: fastattn.attention(q, k_cache, v_cache, causal=True, backend="triton"),
-                             contextlib.nullcontext),
+        # fastattn.attention with Sq = 1 as called: over >= FEW_QUERIES_MIN_BYTES it runs the decode
+        # kernel over the cache as full (launchers.decode.attend_full); and forced onto the prefill kernel
+        "fastattn-attention": (attention, contextlib.nullcontext),
+        "fastattn-prefill": (attention, prefill_kernel_only),
         "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa-efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
         "sdpa-math": sdpa(SDPBackend.MATH),
     }
+
+
+@contextlib.contextmanager
+def prefill_kernel_only():
+    """fastattn.attention with few queries on the prefill kernel, whatever the bytes."""
+    saved = decode_launch.FEW_QUERIES_MIN_BYTES
+    decode_launch.FEW_QUERIES_MIN_BYTES = 1 << 62
+    try:
+        yield
+    finally:
+        decode_launch.FEW_QUERIES_MIN_BYTES = saved
 
 
 def gate(out: torch.Tensor, q, k_cache, v_cache) -> str:
