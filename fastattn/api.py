@@ -282,9 +282,10 @@ def _remembered_kvcache_call(q, k_cache, v_cache, k, v, cache_seqlens, block_tab
         signature = (q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype, v_cache.dtype, q.device,
                      k_cache.device, v_cache.device, q.layout, k_cache.layout, v_cache.layout, k_cache.stride(),
                      v_cache.stride(), cache_seqlens.dtype, cache_seqlens.shape, cache_seqlens.device,
-                     None if k is None else (k.shape, k.dtype, k.device, k.layout),
+                     cache_seqlens.layout, None if k is None else (k.shape, k.dtype, k.device, k.layout),
                      None if v is None else (v.shape, v.dtype, v.device, v.layout),
-                     None if block_table is None else (block_table.dtype, block_table.shape, block_table.device),
+                     None if block_table is None else (block_table.dtype, block_table.shape, block_table.device,
+                                                       block_table.layout),
                      return_lse, backend)
         return signature, _PLAIN_KVCACHE_CALLS.get(signature)
     except (AttributeError, TypeError):  # not tensors, symbolic sizes, an argument that does not hash

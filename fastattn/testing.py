@@ -74,12 +74,14 @@ def compare(name: str, out: torch.Tensor, naive_lowprec: torch.Tensor, ref64: to
         raise ValueError(f"{name}: the naive low-precision result is not finite; the tolerance rule needs it finite")
     scale = magnitude(ref64) if scale is None else scale
     # Floor: 1e-5, or one unit of the computation's precision (the naive result's dtype: the input
-    # dtype, also for a float32 bias or sinks learned in an fp16 call) or of the result's own dtype
-    # (an fp16 bias learned in a float32 call gets its gradient in fp16, as autograd requires),
-    # whichever is largest (rounding to fp16/bf16 alone costs half a unit; the naive result may be
-    # exact by luck).
-    floor = max(ABS_FLOOR, torch.finfo(naive_lowprec.dtype).eps, torch.finfo(out.dtype).eps)
+    # dtype, also for a float32 bias or sinks learned in an fp16 call), whichever is larger (rounding
+    # to fp16/bf16 alone costs half a unit; the naive result may be exact by luck).
+    floor = max(ABS_FLOOR, torch.finfo(naive_lowprec.dtype).eps)
     tol = factor * naive_err + floor * scale
+    if torch.finfo(out.dtype).eps > torch.finfo(naive_lowprec.dtype).eps:
+        # A result coarser than the computation (an fp16 bias learned in a float32 call gets an fp16
+        # gradient, as autograd requires): plus what the exact answer loses in the result's dtype.
+        tol += max_abs_error(ref64.to(out.dtype), ref64)
     return Comparison(name, max_abs_error(out, ref64), tol)
 
 

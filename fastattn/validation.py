@@ -127,7 +127,7 @@ def no_mods(bias, alibi_slopes, window, softcap, sinks) -> bool:
     """Whether a call asks for no score modifier: each None, softcap None or a number equal to 0.
     (Other falsy softcaps, False, "" or [], are modifiers here, for validate_mods to refuse by name.)"""
     return (bias is None and alibi_slopes is None and window is None and sinks is None
-            and (softcap is None or (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
+            and (softcap is None or (isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
                                      and softcap == 0)))
 
 
@@ -180,9 +180,10 @@ def validate_mods(bias, alibi_slopes, window, softcap, sinks, shape: AttentionSh
         left, right = (-1, -1) if left == -1 else (left, 0)
     if softcap is None:
         softcap = 0.0
-    if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+    if (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)  # (NumPy floats too, as scale)
             or not (softcap == 0 or MIN_SOFTCAP <= softcap <= MAX_SOFTCAP)):  # (NaN, inf: outside; no isfinite)
         raise ValueError(f"softcap must be 0 (off) or a float in [{MIN_SOFTCAP:g}, {MAX_SOFTCAP:g}], got {softcap!r}")
+    softcap = float(softcap)
     if sinks is not None:
         if not isinstance(sinks, torch.Tensor) or sinks.dtype not in FLOAT_DTYPES:
             raise TypeError(f"sinks must be a floating torch.Tensor of shape (Hq,), got "
@@ -275,6 +276,7 @@ def _varlen_fast_path(q, k, v, cu_q, cu_k, max_q, max_k) -> AttentionShape | Non
         dev = q.device
         ok = (_qkv_ok(q, k, v, 3) and type(cu_q) is type(cu_k) is torch.Tensor
               and cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.dim() == 1 and cu_q.shape == cu_k.shape
+              and cu_q.layout == cu_k.layout == torch.strided
               and cu_q.shape[0] >= 1 and cu_q.device == dev and cu_k.device == dev and type(max_q) is int
               and type(max_k) is int and max_q >= 0 and max_k >= 0 and not value_checks(dev))
     except (AttributeError, TypeError):
@@ -314,7 +316,9 @@ def _kvcache_fast_path(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
               and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
               and q.layout == k_cache.layout == v_cache.layout == torch.strided
               and cache_seqlens.dtype == torch.int32 and cache_seqlens.shape == (b,) and cache_seqlens.device == dev
+              and cache_seqlens.layout == torch.strided
               and (cs[0] == b if not paged else (block_table.dtype == torch.int32 and block_table.dim() == 2
+                                                  and block_table.layout == torch.strided
                                                   and block_table.shape[0] == b and block_table.device == dev
                                                   and cs[0] >= 1 and cs[1] >= 1)))
         if ok and k is not None:
@@ -411,6 +415,8 @@ def _check_index_tensor(name: str, x, ndim: int, device: torch.device) -> None:
     """cu_seqlens, cache_seqlens, block_table: int32 tensors of `ndim` dims on `device`."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     if x.dtype != torch.int32:
         raise TypeError(f"{name} must be int32 (FlashAttention's convention), got {x.dtype}")
     if x.dim() != ndim:

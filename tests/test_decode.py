@@ -478,6 +478,8 @@ BAD_INPUTS = [
     (lambda a: dict(k_cache=a["k_cache"][:0], v_cache=a["v_cache"][:0]), ValueError, "at least one page"),
     (lambda a: dict(k_cache=a["k_cache"][:1].expand_as(a["k_cache"])), ValueError, "k_cache is written in place"),
     (lambda a: dict(q=a["q"][:, :0]), ValueError, "at least one query"),
+    (lambda a: dict(cache_seqlens=a["cache_seqlens"].to_sparse()), TypeError, "cache_seqlens must be a dense"),
+    (lambda a: dict(block_table=a["block_table"].to_sparse()), TypeError, "block_table must be a dense"),
 ]
 VALUE_ERRORS = ("does not fit", "outside k_cache")
 
@@ -521,6 +523,8 @@ def test_a_repeated_decode_call_is_validated_and_placed_once(gen, monkeypatch):
     With value checks (CPU tensors, FASTATTN_CHECK_VALUES=1) every call is validated."""
     from fastattn import api, backends
 
+    monkeypatch.setenv("FASTATTN_CHECK_VALUES", "1")  # values read on the host (CPU tensors always)
+    monkeypatch.setattr(api, "_PLAIN_KVCACHE_CALLS", {})
     seen = []
     real_validate, real_choose = api.validate_kvcache, backends.choose
     monkeypatch.setattr(api, "validate_kvcache", lambda *a, **kw: seen.append("validate") or real_validate(*a, **kw))
@@ -531,7 +535,7 @@ def test_a_repeated_decode_call_is_validated_and_placed_once(gen, monkeypatch):
     def call(q=q, kc=kc, vc=vc, k=k, v=v, **kw):
         return fastattn.attention_with_kvcache(q, kc.clone(), vc.clone(), k, v, **{**args, **kw})
 
-    for _ in range(2):  # the CPU's own path: values read, nothing remembered
+    for _ in range(2):  # values read on the host: nothing remembered
         call()
     assert seen == ["validate", "choose"] * 2 and not api._PLAIN_KVCACHE_CALLS
     no_value_checks(monkeypatch)

@@ -279,6 +279,8 @@ def test_fast_validation_path(gen, monkeypatch):
         ((q, k, v, cu_q, cu_k, mq, True), TypeError, "max_seqlen_k"),
         ((q, k, v, cu_q, cu_k, -1, mk), TypeError, "max_seqlen_q"),
         ((q, k, v, cu_q, cu_k, mq, -1), TypeError, "max_seqlen_k"),
+        ((q, k, v, cu_q.to_sparse(), cu_k, mq, mk), TypeError, "cu_seqlens_q must be a dense"),
+        ((q, k, v, cu_q, cu_k.to_sparse(), mq, mk), TypeError, "cu_seqlens_k must be a dense"),
     ]
     for args, exc, fragment in bad:
         assert validation._varlen_fast_path(*args) is None, fragment
@@ -294,6 +296,7 @@ def test_a_repeated_packed_call_is_validated_and_placed_once(gen, monkeypatch):
     every time. With value checks (CPU tensors) every call is validated and nothing is remembered."""
     from fastattn import api, backends, validation
 
+    monkeypatch.setenv("FASTATTN_CHECK_VALUES", "1")  # values read on the host (CPU tensors always)
     seen = []
     real_validate, real_choose = api.validate_varlen, backends.choose
     monkeypatch.setattr(api, "validate_varlen", lambda *a, **kw: seen.append("validate") or real_validate(*a, **kw))
@@ -305,7 +308,7 @@ def test_a_repeated_packed_call_is_validated_and_placed_once(gen, monkeypatch):
         args = args or (q, k, v, cu_q, cu_k, mq, mk)
         return fastattn.attention_varlen(*args, **{"causal": True, "backend": "triton", **kw})
 
-    for _ in range(2):  # the CPU's own path: values read, nothing remembered
+    for _ in range(2):  # values read on the host: nothing remembered
         call()
     assert seen == ["validate", "choose"] * 2 and not api._PLAIN_VARLEN_CALLS
     monkeypatch.setattr(validation, "value_checks", lambda device: False)

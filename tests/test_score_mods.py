@@ -5,6 +5,7 @@ backend's share; the errors for what is refused. On CPU through the Triton inter
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES
@@ -596,8 +597,15 @@ def test_falsy_softcaps_that_are_no_numbers_are_refused_on_every_entry_point(sof
     for call in calls:
         with pytest.raises(ValueError, match="softcap must be"):
             call(softcap=softcap)
-        for off in (0, 0.0):
+        for off in (0, 0.0, np.float32(0.0)):
             call(softcap=off)
+
+
+def test_numpy_softcaps_are_numbers(gen):
+    """A NumPy float softcap (as scale takes) is the same softcap as the Python float."""
+    q, k, v = testing.random_qkv(1, 8, 8, 2, 2, 16, generator=gen)
+    torch.testing.assert_close(fastattn.attention(q, k, v, softcap=np.float32(2.5), backend="reference"),
+                               fastattn.attention(q, k, v, softcap=2.5, backend="reference"), rtol=0, atol=0)
 
 
 def test_no_modifier_values_are_plain_attention(gen):
