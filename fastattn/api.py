@@ -74,7 +74,7 @@ def attention(
             signature = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
                          q.layout, k.layout, v.layout, return_lse, backend)
             known = _PLAIN_CALLS.get(signature)
-        except (AttributeError, TypeError):  # not tensors, symbolic sizes, an argument that does not hash
+        except (AttributeError, TypeError, RuntimeError):  # not tensors (nested ones too), unhashable arguments
             signature = known = None
         if known is not None:  # q, k, v passed validate_qkv with these attributes, and choose() took `name`
             shape, name = known
@@ -269,7 +269,7 @@ def _remembered_varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, return_lse, backe
                      k.layout, v.layout, cu_q.shape, cu_k.shape, cu_q.dtype, cu_k.dtype, cu_q.device, cu_k.device,
                      cu_q.layout, cu_k.layout, type(max_q), max_q, type(max_k), max_k, return_lse, backend)
         return signature, _PLAIN_VARLEN_CALLS.get(signature)
-    except (AttributeError, TypeError):  # not tensors, symbolic sizes, an argument that does not hash
+    except (AttributeError, TypeError, RuntimeError):  # not tensors (nested ones too), unhashable arguments
         return None, None
 
 
@@ -288,7 +288,7 @@ def _remembered_kvcache_call(q, k_cache, v_cache, k, v, cache_seqlens, block_tab
                                                        block_table.layout),
                      return_lse, backend)
         return signature, _PLAIN_KVCACHE_CALLS.get(signature)
-    except (AttributeError, TypeError):  # not tensors, symbolic sizes, an argument that does not hash
+    except (AttributeError, TypeError, RuntimeError):  # not tensors (nested ones too), unhashable arguments
         return None, None
 
 

@@ -21,6 +21,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor (pack its sequences and use "
+                        "attention_varlen)")
     if x.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     if x.dim() != ndim:
@@ -36,7 +39,7 @@ def validate_qkv(q, k, v, *, layout: str = "(B, S, H, D)") -> AttentionShape:
     else goes through the checks below, which raise the error that names the argument."""
     try:
         ok = _qkv_ok(q, k, v, 4) and q.shape[0] == k.shape[0]
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, RuntimeError):  # (a strided nested tensor has no sizes)
         ok = False
     if ok:
         qs, ks = q.shape, k.shape
@@ -279,7 +282,7 @@ def _varlen_fast_path(q, k, v, cu_q, cu_k, max_q, max_k) -> AttentionShape | Non
               and cu_q.layout == cu_k.layout == torch.strided
               and cu_q.shape[0] >= 1 and cu_q.device == dev and cu_k.device == dev and type(max_q) is int
               and type(max_k) is int and max_q >= 0 and max_k >= 0 and not value_checks(dev))
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, RuntimeError):  # (a strided nested tensor has no sizes)
         ok = False
     return AttentionShape(cu_q.shape[0] - 1, max_q, max_k, q.shape[1], k.shape[1], q.shape[2]) if ok else None
 
@@ -329,7 +332,7 @@ def _kvcache_fast_path(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
                   and k.layout == v.layout == torch.strided)
         elif ok:
             ok = v is None
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, RuntimeError):  # (a strided nested tensor has no sizes)
         ok = False
     if not ok or value_checks(dev):
         return None

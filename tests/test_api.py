@@ -157,6 +157,26 @@ def test_a_repeated_call_is_validated_and_placed_once(gen, monkeypatch):
         assert seen == ["validate", "choose"], other
 
 
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=str)
+def test_nested_tensors_are_refused_by_name(layout, gen):
+    """A nested q (either layout) gets a TypeError naming q on every entry point; a strided nested
+    tensor used to escape as torch's own "NestedTensorImpl doesn't support sizes"."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's prototype warning for the strided layout)
+        nq = torch.nested.nested_tensor([torch.randn(3, 4, 16), torch.randn(5, 4, 16)], layout=layout)
+        k = torch.randn(8, 2, 16)
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+        cache = torch.zeros(2, 8, 2, 16)
+        calls = (lambda: fastattn.attention(nq, nq, nq),
+                 lambda: fastattn.attention_varlen(nq, k, k, cu, cu, 5, 5),
+                 lambda: fastattn.attention_with_kvcache(nq, cache, cache, cache_seqlens=cu[:2]))
+        for call in calls:
+            with pytest.raises(TypeError, match="q must be a dense"):
+                call()
+
+
 def test_remembered_calls_hold_no_tensor(gen):
     import gc
     import weakref
