@@ -246,6 +246,26 @@ def test_attention_with_few_queries_runs_as_a_decode_step(shape, causal, mods, g
     assert routed, "not run as a decode step"
 
 
+def test_a_growing_cache_finds_the_decode_plans_by_their_class(gen, monkeypatch):
+    """One query over keys that grow by one per call, run as a decode step (attend_full): the decode
+    plans are built once per specialisation class and tuning bucket, not once per length, and every
+    call is right."""
+    monkeypatch.setattr(launch, "FEW_QUERIES_MIN_BYTES", 0)
+    plans.clear()
+    built = []
+    real = plans.build
+    monkeypatch.setattr(plans, "build", lambda name, *a, **kw: built.append(name) or real(name, *a, **kw))
+    q = torch.randn(1, 1, 4, 16, generator=gen).to(DEVICE, torch.float16)
+    for sk in range(20, 41):
+        kv = torch.randn(1, 2, sk, 16, generator=gen).to(DEVICE, torch.float16).transpose(1, 2)  # (B, S, Hkv, D) view
+        with torch.no_grad():
+            out = fastattn.attention(q, kv, kv, backend="triton")
+        torch.testing.assert_close(out.double(), reference.attention(q.double(), kv.double(), kv.double()),
+                                   rtol=2e-3, atol=2e-3)
+    assert built and set(built) <= {"decode", "decode_combine"} and built.count("decode") <= 4
+    plans.clear()
+
+
 def test_which_calls_run_as_a_decode_step(gen, monkeypatch):
     """Only calls that need no gradient, have no key-padding mask, at most FEW_QUERIES queries, at
     least FEW_QUERIES_MIN_BYTES of keys and values (at least one key) and a unit-stride head dim in k

@@ -11,7 +11,7 @@ import torch
 from conftest import DEVICE, HAS_CUDA
 
 import fastattn
-from fastattn import testing
+from fastattn import reference, testing
 from fastattn.kernels import configs
 from fastattn.launchers import plans
 from fastattn.launchers import triton_attention as launch
@@ -53,12 +53,15 @@ def test_a_signature_builds_its_plans_once_and_reuses_them(fresh_plans, gen, mon
         check(q2, k2, v2, gen, causal=True)
     assert len(built) == 4
     check(*testing.random_qkv(1, 20, 37, 4, 2, 32, device=DEVICE, generator=gen), gen, causal=True)  # new Sk
-    assert len(built) == 8
+    # (the forward's plan is found by its specialisation class, plans.class_key: 37 keys specialise as 36)
+    assert built[4:] == ["bwd_preprocess", "dkdv", "dq"]
 
 
 def test_strides_and_alignment_are_part_of_the_key(fresh_plans, gen, monkeypatch):
     """A (B, H, S, D) view and a tensor starting 2 bytes past an aligned address are new signatures
-    (Triton specialises on strides and alignment), and both stay correct."""
+    (Triton specialises on strides and alignment), and both stay correct. The view's strides
+    specialise as the contiguous tensor's (multiples of 16): the forward finds its plan by that
+    class (plans.class_key); the unaligned pointer does not."""
     built = count_builds(monkeypatch)
     q, k, v = testing.random_qkv(1, 24, 24, 2, 2, 32, dtype=torch.float16, device=DEVICE, generator=gen)
     check(q, k, v, gen)
@@ -66,12 +69,28 @@ def test_strides_and_alignment_are_part_of_the_key(fresh_plans, gen, monkeypatch
     qt, kt, vt = testing.random_qkv(1, 24, 24, 2, 2, 32, dtype=torch.float16, device=DEVICE, layout="bhsd",
                                     generator=gen)
     check(qt, kt, vt, gen)
-    assert len(built) == 2 * n
+    assert len(built) == 2 * n - 1 and "fwd" not in built[n:]
     flat = torch.randn(q.numel() + 1, generator=gen).to(DEVICE, torch.float16)
     q_off = flat[1:].view(q.shape)  # 2 bytes past an aligned pointer
     assert q_off.data_ptr() % 16
     check(q_off, k, v, gen)
-    assert len(built) == 3 * n
+    assert len(built) == 3 * n - 1 and "fwd" in built[2 * n - 1:]
+
+
+def test_a_growing_kv_cache_finds_the_forwards_plan_by_its_class(fresh_plans, gen, monkeypatch):
+    """One query over keys that grow by one per call (a transformers generate() step over its
+    DynamicCache, below the decode kernel's threshold): the forward is built once per
+    specialisation class and tuning bucket, not once per length, and every call is right."""
+    built = count_builds(monkeypatch)
+    q = torch.randn(1, 4, 1, 16, generator=gen).to(DEVICE, torch.float16)
+    for sk in range(20, 41):
+        kv = torch.randn(1, 2, sk, 16, generator=gen).to(DEVICE, torch.float16)  # (B, Hkv, S, D), as transformers
+        with torch.no_grad():
+            out = fastattn.attention(q.transpose(1, 2), kv.transpose(1, 2), kv.transpose(1, 2), backend="triton")
+        ref = reference.attention(q.transpose(1, 2).double(), kv.transpose(1, 2).double(), kv.transpose(1, 2).double())
+        torch.testing.assert_close(out.double(), ref, rtol=2e-3, atol=2e-3)
+    # classes: Sk a multiple of 16 or not (32), tuning buckets 32 and 64 (Sk > 32)
+    assert built == ["fwd"] * len(built) and len(built) <= 4
 
 
 def test_specialization_key_is_at_least_as_fine_as_tritons():

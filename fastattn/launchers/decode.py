@@ -29,6 +29,7 @@ LOG2E = math.log2(math.e)
 NOMINAL_BLOCK_N = 64  # key tile the split heuristic counts in (the split count must not depend on the config)
 
 _plans = plans.signature_cache()
+_class_plans = plans.signature_cache()  # attend's plans by plans.class_key, after _plans misses
 _sm_counts: dict[int, int] = {}
 
 
@@ -250,11 +251,7 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
            plans.aligned((q, k_cache, v_cache, k, v, seqlens, bt)), mod_key)
     found = _plans.get(key)
     if found is not None:
-        attn_plan, combine_plan = found
-        launches = [(attn_plan, grid, args)]
-        if combine_plan is not None:
-            launches.append((combine_plan, (hq, sq, b), combine))
-        plans.launch(device, launches)
+        _launch(device, found, grid, args, (hq, sq, b), combine)
         return out, lse
     block_d = max(16, 1 << (d - 1).bit_length())
     fp32 = q.dtype == torch.float32
@@ -266,6 +263,15 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
         wide = (n_pages + 1) * max(k_cache.stride(0), v_cache.stride(0)) >= 2**31
     consts = dict(CAUSAL=causal, PAGE_SIZE=page_size, HEAD_DIM=d, DOT_PRECISION="ieee" if fp32 else "tf32",
                   BLOCK_R=block_r, BLOCK_D=block_d, WIDE=wide or (mod_key is not None and mod_key[0][2]), **flags)
+    # A cache that grew (a transformers DynamicCache, attend_full) or another length of the same
+    # class: the plans of a known specialisation, no build. (splits: the combine's constexpr)
+    ckey = plans.class_key("decode", args, device, tuple(consts.items()), splits, configs.seq_bucket(cap),
+                           plans.specialization(combine) if combine is not None else None)
+    found = _class_plans.get(ckey)
+    if found is not None:
+        _launch(device, found, grid, args, (hq, sq, b), combine)
+        plans.remember(_plans, key, found)
+        return out, lse
     with on_device(device):
         # The launch also writes the new rows into the cache: the same values every time, so the
         # tuning runs and the direct-launch check may repeat it.
@@ -278,4 +284,14 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
                                        lambda c: (hq, sq, b), combine, cconsts, seq_len=cap, outputs=(2, 3),
                                        device=q.device)
     plans.remember(_plans, key, (attn_plan, combine_plan))
+    plans.remember(_class_plans, ckey, (attn_plan, combine_plan))
     return out, lse
+
+
+def _launch(device, found, grid, args, combine_grid, combine) -> None:
+    """The decode step's launches from its (attention, combine or None) plans."""
+    attn_plan, combine_plan = found
+    launches = [(attn_plan, grid, args)]
+    if combine_plan is not None:
+        launches.append((combine_plan, combine_grid, combine))
+    plans.launch(device, launches)

@@ -41,18 +41,28 @@ _I32, _I64 = 2**31, 2**63
 
 def specialization(args: tuple) -> tuple:
     """What Triton specialises a launch on, per argument: an int's value class (1, multiple of 16,
-    other; 32/64-bit/unsigned range), a tensor's 16-byte alignment (dtypes are fixed per plan),
-    nothing for a float."""
+    other; 32/64-bit/unsigned range), a tensor's 16-byte alignment and its dtype (what the compiled
+    kernel is typed for), nothing for a float."""
     key = []
     for a in args:
-        if type(a) is int:
-            width = 0 if -_I32 <= a < _I32 else 1 if -_I64 <= a < _I64 else 2
-            key.append((a == 1, a % 16 == 0, width))
+        t = type(a)
+        if t is int:
+            key.append((a == 1, a % 16 == 0, 0 if -_I32 <= a < _I32 else 1 if -_I64 <= a < _I64 else 2))
+        elif t is float:
+            key.append(None)
         elif isinstance(a, torch.Tensor):
-            key.append(a.data_ptr() % 16 == 0)
+            key.append((a.data_ptr() % 16 == 0, a.dtype))
         else:
             key.append(None)
     return tuple(key)
+
+
+def class_key(kind: str, args: tuple, *decided_by) -> tuple:
+    """A launch's key by what its plan depends on, not by exact integers: the runtime arguments'
+    specialisation (what picks the compiled kernel) and `decided_by`, whatever else picks the
+    constexprs, the candidates and the tuning bucket. For a second lookup after an exact-value key
+    misses (a KV cache one token longer): a hit reuses the plan with no build."""
+    return (kind, specialization(args), *decided_by)
 
 
 def aligned(tensors) -> bool | tuple:

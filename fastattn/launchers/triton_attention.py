@@ -47,6 +47,7 @@ LOG2E = math.log2(math.e)
 MAX_CACHED_SIGNATURES = plans.MAX_SIGNATURES
 
 _plans = plans.signature_cache()
+_class_plans = plans.signature_cache()  # the forward's plans by plans.class_key, after _plans misses
 
 
 @contextlib.contextmanager
@@ -292,12 +293,23 @@ def _forward(q, k, v, causal, scale, key_padding_mask, kv_bounds, cu_seqlens_q, 
         return out, lse
     wide = _needs_wide_offsets(varlen, max(sq, sk), q, k, v, out) or (mod_key is not None and mod_key[2])
     consts = _constexprs(q, causal, key_padding_mask is not None, varlen, d, wide, flags)
+    tma_ok, ws_ok = _tma_ok(consts, (k, v), in_strides[3:9]), _ws_ok(consts, q, in_strides[:3])
+    seq_len = _tuning_len(sq, sk, mod_ints, flags)
+    # (rows past 16 x the grid limit: an lpt candidate's tiles may not fit its grid axis)
+    ckey = plans.class_key("fwd", args, device, tuple(consts.items()), tma_ok, ws_ok, configs.seq_bucket(seq_len),
+                           sq if sq > 16 * MAX_GRID_YZ else None)
+    found = _class_plans.get(ckey)
+    if found is not None:  # a new shape that Triton specialises as a known one: its plan, no build
+        plan, = found
+        plans.launch(device, ((plan, grid(plan.config), args),))
+        plans.remember(_plans, key, found, MAX_CACHED_SIGNATURES)
+        return out, lse
     with on_device(device):
-        cands = _candidates("fwd", consts, _tma_ok(consts, (k, v), in_strides[3:9]), _ws_ok(consts, q, in_strides[:3]),
-                            sq)
-        plan = plans.build("fwd", attn_fwd_kernel, cands, grid, args, consts,
-                           seq_len=_tuning_len(sq, sk, mod_ints, flags), outputs=(3, 4), device=q.device)
+        cands = _candidates("fwd", consts, tma_ok, ws_ok, sq)
+        plan = plans.build("fwd", attn_fwd_kernel, cands, grid, args, consts, seq_len=seq_len, outputs=(3, 4),
+                           device=q.device)
     plans.remember(_plans, key, (plan,), MAX_CACHED_SIGNATURES)
+    plans.remember(_class_plans, ckey, (plan,), MAX_CACHED_SIGNATURES)
     return out, lse
 
 
