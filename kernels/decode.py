@@ -191,7 +191,12 @@ def decode_attn_kernel(
     h = hk * GROUP + rows // SQ
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = Q + b * stride_qb + (t * stride_qs + h * stride_qh)[:, None] + offs_d[None, :]
+    # The heads' offsets as 64-bit scalars (a head-major cache or q viewed as (B, S, H, D), as a
+    # transformers cache is, has a head stride of S * D: head x stride may pass 2**31 on a long
+    # sequence); within the group, 32-bit (the launchers keep GROUP x q's head stride below 2**31).
+    hk64 = hk.to(tl.int64)
+    q_head = Q + b * stride_qb + hk64 * GROUP * stride_qh
+    q_ptrs = q_head + (t * stride_qs + (rows // SQ) * stride_qh)[:, None] + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     cached = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), CAPACITY)
@@ -209,13 +214,13 @@ def decode_attn_kernel(
 
     BT_row = BLOCK_TABLE + b * stride_bt
     if PAGE_SIZE > 0:
-        k_base = K + hk * stride_kh
-        v_base = V + hk * stride_vh
+        k_base = K + hk64 * stride_kh
+        v_base = V + hk64 * stride_vh
     else:
-        k_base = K + b * stride_kp + hk * stride_kh
-        v_base = V + b * stride_vp + hk * stride_vh
-    KN_base = K_NEW + b * stride_knb + hk * stride_knh
-    VN_base = V_NEW + b * stride_vnb + hk * stride_vnh
+        k_base = K + b * stride_kp + hk64 * stride_kh
+        v_base = V + b * stride_vp + hk64 * stride_vh
+    KN_base = K_NEW + b * stride_knb + hk64 * stride_knh
+    VN_base = V_NEW + b * stride_vnb + hk64 * stride_vnh
     strides = (stride_kp, stride_ks, stride_vp, stride_vs, stride_kns, stride_vns)
     # Each row's tiles.diagonal(t, SQ, seq_len) (its own position: causally, the last key it sees),
     # written as (t + seq_len) - SQ: the association ptxas has always seen (fewer spills, measured).
@@ -250,7 +255,7 @@ def decode_attn_kernel(
         cache_strides = (stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh)
         for position in range(tl.maximum(store_lo, cached), hi):
             pos = b * 0 + position  # 64-bit (b is): pos * stride may pass 2**31 in a big cache
-            append_row(K, V, KN_base, VN_base, pos - cached, stride_kns, stride_vns, BT_row, b, hk, pos, cache_strides,
+            append_row(K, V, KN_base, VN_base, pos - cached, stride_kns, stride_vns, BT_row, b, hk64, pos, cache_strides,
                        N_PAGES, PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
 
     # A row that saw no key (an empty split, or none visible) has l = 0, acc = 0: out 0, lse -inf.

@@ -232,6 +232,42 @@ def case_decode_pages(gen, device):
     return _decode_case(k_cache, v_cache, table, gen, device)
 
 
+def case_decode_heads(gen, device):
+    """KV heads past_int32(3) apart (a transformers-style head-major cache seen as (B, S, H, D)) and
+    query heads past_int32(6) apart: attention with one query (the decode route, attend_full) and
+    attention_with_kvcache appending a token (the append's head offset too)."""
+    import fastattn
+    from fastattn import testing
+    from fastattn.launchers import decode
+
+    decode.FEW_QUERIES_MIN_BYTES = 0  # (this process only: the view holds few bytes)
+    k, v = _spread((1, 16, 3, 16), (16, 16, past_int32(3), 1), gen, device, count=2)
+    q = _spread((1, 1, 6, 16), (16, 16, past_int32(6), 1), gen, device)
+    fn = lambda a, b_, c: fastattn.attention(a, b_, c, return_lse=True, backend="triton")
+    results = testing.check_against_reference(fn, q, k, v, grads=False, generator=gen)
+    lens = torch.tensor([12], dtype=torch.int32, device=device)
+    k_new, v_new = (torch.randn(1, 1, 3, 16, generator=gen).to(device, torch.float16) for _ in range(2))
+    kc, vc = k.clone(), v.clone()
+    call = lambda: fastattn.attention_with_kvcache(q, k, v, k_new, v_new, cache_seqlens=lens, return_lse=True,
+                                                   backend="triton")
+    results += testing.check_kvcache_against_reference(call, q, kc, vc, k_new, v_new, lens, None)
+    _check_appended(k, v, k_new, v_new, lens, None, "attention_with_kvcache, heads apart")
+    return {"triton": results}
+
+
+def case_decode_group_heads(gen, device):
+    """A GQA group's query heads past_int32(3) apart (3 heads on one KV head): the decode route."""
+    import fastattn
+    from fastattn import testing
+    from fastattn.launchers import decode
+
+    decode.FEW_QUERIES_MIN_BYTES = 0  # (this process only)
+    q = _spread((1, 1, 3, 16), (16, 16, past_int32(3), 1), gen, device)
+    k, v = (torch.randn(1, 20, 1, 16, generator=gen).to(device, torch.float16) for _ in range(2))
+    fn = lambda a, b_, c: fastattn.attention(a, b_, c, return_lse=True, backend="triton")
+    return {"triton": testing.check_against_reference(fn, q, k, v, grads=False, generator=gen)}
+
+
 CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
 
 

@@ -208,7 +208,8 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
     the cache's capacity. num_splits: 0 chooses (num_splits_heuristic), n forces n (at most
     cache_layouts.MAX_SPLITS). Score modifiers as the prefill launcher's; bias is broadcastable to
     (B, Hq, Sq, capacity) and indexed by cache position."""
-    q = q if q.stride(-1) == 1 else q.contiguous()
+    if q.stride(-1) != 1 or q.stride(2) * (q.shape[2] // k_cache.shape[2]) >= 2**31:
+        q = q.contiguous()  # (the kernel offsets a GQA group's heads in 32 bits; q is a few rows)
     b, sq, hq, d = q.shape
     hkv = k_cache.shape[2]
     out = q.new_empty((b, sq, hq, d))
