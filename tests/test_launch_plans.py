@@ -211,6 +211,13 @@ def test_forced_configs_are_used_and_dropped(fresh_plans, gen):
     assert not launch._plans
 
 
+def fresh_build_state(monkeypatch):
+    monkeypatch.setattr(plans, "direct_launch_enabled", lambda: True)
+    monkeypatch.setattr(plans, "_handles", {})
+    monkeypatch.setattr(plans, "_tuned", {})
+    monkeypatch.setattr(plans, "_warned", set())
+
+
 class FakeCompiled:
     """Stands in for Triton's CompiledKernel: `compiled[grid](*args, stream=...)`, writing `value`
     into the output (args[1]) like the real kernel would (None: writing nothing), or failing."""
@@ -251,10 +258,7 @@ def test_direct_launch_is_checked_once_against_the_jit(monkeypatch, handle_value
     """A compiled kernel is launched directly only if its first direct launch writes what the JIT
     launch writes, bit for bit (one that writes a wrong value, nothing at all, or raises is not);
     otherwise the plan keeps the JIT path, warns once, and the outputs are the JIT's."""
-    monkeypatch.setattr(plans, "direct_launch_enabled", lambda: True)
-    monkeypatch.setattr(plans, "_handles", {})
-    monkeypatch.setattr(plans, "_tuned", {})
-    monkeypatch.setattr(plans, "_warned", set())
+    fresh_build_state(monkeypatch)
     compiled = FakeCompiled(handle_value, fail)
     kernel = FakeKernel(compiled)
     x, out = torch.zeros(4), torch.zeros(4)
@@ -271,13 +275,6 @@ def test_direct_launch_is_checked_once_against_the_jit(monkeypatch, handle_value
         plan.launch((2, 1, 1), (x, out, 4))
         assert compiled.calls[-1] == ((2, 1, 1), (x, out, 4, 3, 16), None)
         assert kernel.jit_calls == 2  # the plan's first launch and the check's reference launch
-
-
-def fresh_build_state(monkeypatch):
-    monkeypatch.setattr(plans, "direct_launch_enabled", lambda: True)
-    monkeypatch.setattr(plans, "_handles", {})
-    monkeypatch.setattr(plans, "_tuned", {})
-    monkeypatch.setattr(plans, "_warned", set())
 
 
 @pytest.mark.parametrize("handle_value", [1.0, 2.0])
@@ -382,10 +379,7 @@ def test_sums_hold_one_launchs_sum_after_the_check(monkeypatch, direct_value, ke
     plan is built (the plan's launch, the check's JIT and direct launches): the tensor is zeroed
     before each, so it ends up holding one launch's sum, whether the direct launch is kept or not;
     the sums take no part in the comparison."""
-    monkeypatch.setattr(plans, "direct_launch_enabled", lambda: True)
-    monkeypatch.setattr(plans, "_handles", {})
-    monkeypatch.setattr(plans, "_tuned", {})
-    monkeypatch.setattr(plans, "_warned", set())
+    fresh_build_state(monkeypatch)
     handle = FakeSummingHandle(direct_value)
     x, out, acc = torch.zeros(4), torch.zeros(4), torch.zeros(4)
     with warnings.catch_warnings(record=True):
