@@ -163,6 +163,11 @@ def interpreter_enabled() -> bool:
     return _INTERPRETER
 
 
+def settings() -> tuple:
+    """What picks a kernel's candidates besides its call: the pinned configs and autotuning."""
+    return tuple(_forced.items()), autotune_enabled()
+
+
 def autotune_enabled() -> bool:
     return not interpreter_enabled() and os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
 

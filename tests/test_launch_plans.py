@@ -211,6 +211,25 @@ def test_forced_configs_are_used_and_dropped(fresh_plans, gen):
     assert not launch._plans
 
 
+def test_a_new_shape_under_other_launch_settings_is_not_given_an_earlier_plan(fresh_plans, gen, monkeypatch):
+    """The class key holds the launch settings: a shape of a known class, launched with a config
+    pinned by configs.forced() (which, unlike forced_configs, keeps the plans) or with autotuning
+    switched, gets a plan of its own, not the one built under the earlier settings."""
+    built = count_builds(monkeypatch)
+    q, k, v = testing.random_qkv(1, 30, 36, 1, 1, 16, device=DEVICE, generator=gen)
+    check(q, k, v, gen)  # (forward and backward: the forward's plans are counted)
+    assert built.count("fwd") == 1
+    pinned = configs.BlockConfig(16, 16)
+    with configs.forced(fwd=pinned):
+        check(*testing.random_qkv(1, 30, 37, 1, 1, 16, device=DEVICE, generator=gen), gen)  # 37 keys: 36's class
+    assert built.count("fwd") == 2
+    assert any(p.config == pinned for (p,) in launch._class_plans.values())
+    autotune = configs.autotune_enabled()
+    monkeypatch.setattr(configs, "autotune_enabled", lambda: not autotune)
+    check(*testing.random_qkv(1, 30, 38, 1, 1, 16, device=DEVICE, generator=gen), gen)
+    assert built.count("fwd") == 3
+
+
 def fresh_build_state(monkeypatch):
     monkeypatch.setattr(plans, "direct_launch_enabled", lambda: True)
     monkeypatch.setattr(plans, "_handles", {})

@@ -61,8 +61,10 @@ def class_key(kind: str, args: tuple, *decided_by) -> tuple:
     """A launch's key by what its plan depends on, not by exact integers: the runtime arguments'
     specialisation (what picks the compiled kernel) and `decided_by`, whatever else picks the
     constexprs, the candidates and the tuning bucket. For a second lookup after an exact-value key
-    misses (a KV cache one token longer): a hit reuses the plan with no build."""
-    return (kind, specialization(args), *decided_by)
+    misses (a KV cache one token longer): a hit reuses the plan with no build. The launch settings
+    (configs.forced() pins, FASTATTN_AUTOTUNE, FASTATTN_DIRECT_LAUNCH) are part of it: a plan built
+    under other settings is not reused for a new shape."""
+    return (kind, specialization(args), *decided_by, configs.settings(), direct_launch_enabled())
 
 
 def aligned(tensors) -> bool | tuple:
