@@ -6,7 +6,8 @@ Decoding is bound by reading the cache: each step reads every cached key and val
 is timed for fastattn's split-KV decode kernel (contiguous and paged caches), fastattn.attention
 with Sq = 1 on the same cache as a user calls it ("fastattn-attention": over >= 8 MiB it runs the
 decode kernel over the cache as full, launchers.decode.attend_full) and forced onto the prefill
-kernel ("fastattn-prefill"), and PyTorch SDPA forced to each of its
+kernel ("fastattn-prefill"); both again with a key-padding mask ("-kpm": every key real, the
+mask's cost), and PyTorch SDPA forced to each of its
 backends (flash, efficient, math) on the contiguous cache, all in one run on one device, with the
 device's copy bandwidth measured first (benchmarks.common). Reported: milliseconds, GB/s (cache
 bytes read / time), % of the copy ceiling, and the ratio to the best SDPA backend and to the prefill
@@ -115,6 +116,8 @@ def providers(case: DecodeCase, inputs):
                 lambda: sdpa_kernel(backend))
 
     attention = lambda: fastattn.attention(q, k_cache, v_cache, causal=True, backend="triton")
+    real = torch.ones(k_cache.shape[:2], dtype=torch.bool, device=q.device)  # (B, KV): every key real
+    padded = lambda: fastattn.attention(q, k_cache, v_cache, causal=True, key_padding_mask=real, backend="triton")
     return {
         "fastattn-decode": (decode(contiguous), contextlib.nullcontext),
         "fastattn-decode-paged": (decode(paged), contextlib.nullcontext),
@@ -122,6 +125,9 @@ def providers(case: DecodeCase, inputs):
         # kernel over the cache as full (launchers.decode.attend_full); and forced onto the prefill kernel
         "fastattn-attention": (attention, contextlib.nullcontext),
         "fastattn-prefill": (attention, prefill_kernel_only),
+        # the same with a key-padding mask (a left-padded batch's generate() step; none padded here)
+        "fastattn-attention-kpm": (padded, contextlib.nullcontext),
+        "fastattn-prefill-kpm": (padded, prefill_kernel_only),
         "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa-efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
         "sdpa-math": sdpa(SDPBackend.MATH),
@@ -173,13 +179,16 @@ def run_case(case: DecodeCase, device: str, copy_gbps: float, gen: torch.Generat
             torch.cuda.empty_cache()
     for key in ("ms", "graph_ms"):  # eager calls; and replays from a CUDA graph
         best_sdpa = min((r[key] for r in rows if r["provider"].startswith("sdpa") and key in r), default=None)
-        prefill = next((r.get(key) for r in rows if r["provider"] == "fastattn-prefill"), None)
+        prefill = {name: r.get(key) for r in rows for name in ("fastattn-prefill", "fastattn-prefill-kpm")
+                   if r["provider"] == name}
         prefix = "" if key == "ms" else "graph_"
         for r in rows:
             if key in r and best_sdpa:
                 r[prefix + "vs_best_sdpa"] = best_sdpa / r[key]
-            if key in r and prefill:
-                r[prefix + "vs_prefill"] = prefill / r[key]
+            # (a -kpm row against the prefill kernel with the same mask)
+            prefill_ms = prefill.get("fastattn-prefill" + ("-kpm" if r["provider"].endswith("-kpm") else ""))
+            if key in r and prefill_ms:
+                r[prefix + "vs_prefill"] = prefill_ms / r[key]
     return rows
 
 

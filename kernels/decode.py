@@ -18,6 +18,10 @@ access outside it.
 
 Causal is bottom-right: new token t (of SQ) sees keys j <= t + Sk - SQ.
 
+A key-padding mask (HAS_KPM; fastattn.attention with few queries over dense keys, nothing
+appended) narrows each sequence's split range to its [first, last + 1) real keys and treats a padded
+key as outside the range: not seen, not read.
+
 The logits, visibility and online softmax are tiles.py's (score_mods, visible, softmax_update,
 fold_sink, finalize), as in the prefill forward: the two cannot drift apart.
 
@@ -36,6 +40,8 @@ from .tiles import (
     LOG2E_T,
     finalize,
     fold_sink,
+    key_padding,
+    padded_key_bounds,
     score_mods,
     softmax_update,
     visible,
@@ -88,15 +94,17 @@ def _kv_tile(cache_ptrs, NEW_base, stride_new, cols, col_ok, cached, offs_d, d_o
 
 
 @triton.jit
-def _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, lo, hi, cached, row_ok, diag, mods, strides,
-                N_PAGES, qk_scale, FROM_NEW: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                WIDE: tl.constexpr):
+def _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, KP_row, lo, hi, cached, row_ok, diag, mods,
+                strides, N_PAGES, qk_scale, FROM_NEW: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+                PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, WIDE: tl.constexpr):
     """Fold key tiles [lo, hi) into the running (acc, row max m_i, row sum l_i), with the logits,
     visibility and online softmax of tiles.py (as the prefill forward). FROM_NEW: the tiles reach the
     new tokens (positions >= cached), whose keys/values are read from k/v themselves (this launch is
-    what writes them into the cache). row_ok: the real rows; diag: each row's diagonal() (its own
+    what writes them into the cache). KP_row (HAS_KPM): the sequence's key-padding row, by cache
+    position: a padded key is treated as one past the range (never read, never seen), so garbage
+    there gives nothing. row_ok: the real rows; diag: each row's diagonal() (its own
     position: causally, the last key it sees); mods = (bias_rows, stride_bn, slope2, cap2, left,
     right): each row's bias row pointer and ALiBi slope * log2(e) (a row's head is its own), softcap,
     window; strides: _tile_offsets'."""
@@ -107,6 +115,8 @@ def _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, lo, 
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         col_ok = cols < hi
+        if HAS_KPM:
+            col_ok = col_ok & key_padding(KP_row, cols, hi)
         k_off, k_rows, v_off, v_rows = _tile_offsets(BT_row, start, cols, col_ok, strides, N_PAGES,
                                                      PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, WIDE=WIDE)
         k = _kv_tile(k_base + k_off + k_rows[:, None] + offs_d[None, :], KN_base, strides[4], cols, col_ok, cached,
@@ -157,7 +167,7 @@ def append_row(K, V, KN_base, VN_base, row, stride_kns, stride_vns, BT_row, b, h
 # Arguments: pointers, then integers, then floats, then constexprs (the launch plans rely on it).
 @triton.jit
 def decode_attn_kernel(
-    Q, K, V, K_NEW, V_NEW, SEQLENS, BLOCK_TABLE, O, LSE, BIAS, ALIBI, SINKS,
+    Q, K, V, K_NEW, V_NEW, SEQLENS, BLOCK_TABLE, O, LSE, BIAS, ALIBI, SINKS, KPM, KV_BOUNDS,
     stride_qb, stride_qs, stride_qh,
     stride_kp, stride_ks, stride_kh,
     stride_vp, stride_vs, stride_vh,
@@ -166,19 +176,22 @@ def decode_attn_kernel(
     stride_bt,
     stride_o_split, stride_ob, stride_os, stride_oh,
     stride_l_split, stride_lb, stride_lh,
-    GROUP, SQ, N_NEW, CAPACITY, N_PAGES, N_SPLITS, ROW_TILES,
+    GROUP, SQ, N_NEW, CAPACITY, N_PAGES, N_SPLITS, ROW_TILES, stride_kpm_b,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ab, left, right,
     qk_scale, cap2,
     CAUSAL: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_SINKS: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_KPM: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Grid (N_SPLITS, Hkv * ROW_TILES, B). K/V strides: (batch, row, head) for a contiguous cache,
     (page, row in page, head) for a paged one. K_NEW/V_NEW (B, N_NEW, Hkv, D): this call's new
     tokens, attended from there and written into the cache at positions cache_seqlens[b] + t by the
     program whose key range holds them (row tile 0): the append costs no launch of its own. O/LSE:
-    the output (split stride 0) or the float32 partials (N_SPLITS, B, SQ, Hq, D) / (N_SPLITS, B, Hq, SQ)."""
+    the output (split stride 0) or the float32 partials (N_SPLITS, B, SQ, Hq, D) / (N_SPLITS, B, Hq, SQ).
+    HAS_KPM (no new tokens: N_NEW = 0): KPM (B, CAPACITY) bytes, nonzero = a real key, and KV_BOUNDS
+    (B, 2) its rows' [first, last + 1) real keys (launchers/key_bounds.py): the splits share the keys
+    in those bounds, padded keys are never read."""
     split = tl.program_id(0)
     hk = tl.program_id(1) // ROW_TILES
     tile = tl.program_id(1) % ROW_TILES
@@ -206,13 +219,19 @@ def decode_attn_kernel(
     first = seq_len * 0
     if LOCAL:
         first = (tl.maximum(seq_len - SQ - left, 0) // BLOCK_N) * BLOCK_N
-    chunk = tl.cdiv(tl.cdiv(seq_len - first, N_SPLITS), BLOCK_N) * BLOCK_N
+    end = seq_len
+    if HAS_KPM:  # only the real keys' tiles (none: an empty range)
+        kv_lo, kv_hi = padded_key_bounds(KV_BOUNDS, b, seq_len, HAS_KPM=True)
+        first = tl.maximum(first, (kv_lo // BLOCK_N) * BLOCK_N)
+        end = tl.maximum(tl.minimum(end, kv_hi), first)
+    chunk = tl.cdiv(tl.cdiv(end - first, N_SPLITS), BLOCK_N) * BLOCK_N
     lo = first + split * chunk
-    hi = tl.minimum(lo + chunk, seq_len)
+    hi = tl.minimum(lo + chunk, end)
     # Tiles before `mid` hold cached keys only; from `mid` on they may reach the new ones.
     mid = tl.minimum(tl.maximum((cached // BLOCK_N) * BLOCK_N, lo), tl.maximum(hi, lo))
 
     BT_row = BLOCK_TABLE + b * stride_bt
+    KP_row = KPM + b * stride_kpm_b
     if PAGE_SIZE > 0:
         k_base = K + hk64 * stride_kh
         v_base = V + hk64 * stride_vh
@@ -235,15 +254,15 @@ def decode_attn_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, lo, mid, cached,
+    acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, KP_row, lo, mid, cached,
                                 row_ok, diag, mods, strides, N_PAGES, qk_scale, FROM_NEW=False,
                                 CAUSAL=CAUSAL, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                                PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+                                HAS_KPM=HAS_KPM, PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
                                 BLOCK_D=BLOCK_D, WIDE=WIDE)
-    acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, mid, hi, cached,
+    acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, KP_row, mid, hi, cached,
                                 row_ok, diag, mods, strides, N_PAGES, qk_scale, FROM_NEW=True,
                                 CAUSAL=CAUSAL, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                                PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+                                HAS_KPM=HAS_KPM, PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
                                 BLOCK_D=BLOCK_D, WIDE=WIDE)
     if HAS_SINKS:  # split 0 only: the combine then counts each sink once
         sink2 = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32) * LOG2E_T

@@ -230,9 +230,9 @@ def few_query_mods(name, b, sq, sk, hq, gen):
 @pytest.mark.parametrize("causal,mods", [(c, m) for c in (True, False) for m in FEW_MODS
                                          if not (c and m == "window2")])  # (causal caps the right side at 0)
 def test_attention_with_few_queries_runs_as_a_decode_step(shape, causal, mods, gen, monkeypatch):
-    """fastattn.attention of at most FEW_QUERIES queries that needs no gradient and has no key-padding
-    mask runs the decode kernel over k/v as a full cache (launchers.decode.attend_full), with the
-    results of attention: the tolerance rule against the float64 reference, out and lse."""
+    """fastattn.attention of at most FEW_QUERIES queries that needs no gradient runs the decode kernel
+    over k/v as a full cache (launchers.decode.attend_full), with the results of attention: the
+    tolerance rule against the float64 reference, out and lse."""
     b, sq, sk, hq, hkv, d = shape
     monkeypatch.setattr(launch, "FEW_QUERIES_MIN_BYTES", 0)  # (test shapes are small)
     routed = []
@@ -242,6 +242,43 @@ def test_attention_with_few_queries_runs_as_a_decode_step(shape, causal, mods, g
     fn = lambda a, b_, c, **m: fastattn.attention(a, b_, c, causal=causal, return_lse=True, backend="triton", **m)
     results = testing.check_against_reference(fn, q, k, v, causal=causal, grads=False, generator=gen,
                                               mods=few_query_mods(mods, b, sq, sk, hq, gen))
+    assert all(r.ok for r in results), [str(r) for r in results]
+    assert routed, "not run as a decode step"
+
+
+def few_query_padding(pattern: str, b: int, sk: int, gen) -> torch.Tensor:
+    """(B, Sk) key-padding mask: "left" (left-padded batched generation: each row's real keys are a
+    suffix, of another length per row), "holes" (random keys padded), "empty" (left padding, and
+    row 0 without a real key)."""
+    if pattern == "holes":
+        return torch.rand(b, sk, generator=gen).to(DEVICE) < 0.6
+    starts = torch.randint(0, sk, (b,), generator=gen).to(DEVICE)
+    mask = torch.arange(sk, device=DEVICE)[None, :] >= starts[:, None]
+    if pattern == "empty":
+        mask[0] = False
+    return mask
+
+
+@pytest.mark.parametrize("shape", FEW, ids=str)
+@pytest.mark.parametrize("causal,pattern,mods", [(True, "left", "none"), (False, "left", "sinks"),
+                                                 (True, "holes", "window"), (False, "holes", "bias"),
+                                                 (True, "empty", "alibi"), (False, "empty", "softcap")])
+def test_few_queries_with_a_key_padding_mask_run_as_a_decode_step(shape, causal, pattern, mods, gen, monkeypatch):
+    """With a key-padding mask too (a left-padded batch's generate() step): the decode kernel, with
+    attention's results (a row with no real key: out 0, lse -inf, or the sink's), and padded keys
+    never read (their keys and values are NaN here)."""
+    b, sq, sk, hq, hkv, d = shape
+    monkeypatch.setattr(launch, "FEW_QUERIES_MIN_BYTES", 0)
+    routed = []
+    real = launch.attend_full
+    monkeypatch.setattr(launch, "attend_full", lambda *a, **kw: routed.append(1) or real(*a, **kw))
+    q, k, v = testing.random_qkv(b, sq, sk, hq, hkv, d, dtype=torch.float16, device=DEVICE, generator=gen)
+    mask = few_query_padding(pattern, b, sk, gen)
+    k, v = (x.masked_fill(~mask[:, :, None, None], float("nan")) for x in (k, v))
+    fn = lambda a, b_, c, **m: fastattn.attention(a, b_, c, causal=causal, key_padding_mask=mask, return_lse=True,
+                                                  backend="triton", **m)
+    results = testing.check_against_reference(fn, q, k, v, causal=causal, key_padding_mask=mask, grads=False,
+                                              generator=gen, mods=few_query_mods(mods, b, sq, sk, hq, gen))
     assert all(r.ok for r in results), [str(r) for r in results]
     assert routed, "not run as a decode step"
 
@@ -267,7 +304,7 @@ def test_a_growing_cache_finds_the_decode_plans_by_their_class(gen, monkeypatch)
 
 
 def test_which_calls_run_as_a_decode_step(gen, monkeypatch):
-    """Only calls that need no gradient, have no key-padding mask, at most FEW_QUERIES queries, at
+    """Only calls that need no gradient, at most FEW_QUERIES queries, at
     least FEW_QUERIES_MIN_BYTES of keys and values (at least one key) and a unit-stride head dim in k
     and v take the decode kernel; the others the prefill kernel, with the same results."""
     small = 2 * 2 * 40 * 2 * 16 * 4  # k and v below: (2, 40, 2, 16) float32
@@ -280,7 +317,7 @@ def test_which_calls_run_as_a_decode_step(gen, monkeypatch):
     wide_k = torch.randn(2, 40, 16, 2, generator=gen).to(DEVICE).transpose(2, 3)  # (B, Sk, Hkv, D), head dim strided
     mask = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
     cases = {"few": (dict(q=few), True), "many": (dict(), False), "key padding": (dict(q=few, key_padding_mask=mask),
-                                                                                False),
+                                                                                True),
              "no key": (dict(q=few, k=k[:, :0], v=v[:, :0]), False), "strided head dim": (dict(q=few, k=wide_k), False),
              "grad": (dict(q=few.clone().requires_grad_()), False), "reference": (dict(q=few, backend="reference"),
                                                                               False),

@@ -217,10 +217,20 @@ def mistral_config():
                                       sliding_window=4)
 
 
+@pytest.mark.parametrize("kernel", ["prefill", "decode"])
 @pytest.mark.parametrize("model", ["llama", "mistral"])
-def test_generate_with_cache(model):
+def test_generate_with_cache(model, kernel, monkeypatch):
     """Greedy generation with a KV cache and left padding: prefill, then one query per step against
-    the cache (Mistral: a window of 4 over 7 + 5 tokens, so the cache outgrows it)."""
+    the cache (Mistral: a window of 4 over 7 + 5 tokens, so the cache outgrows it). Every call has
+    few queries (7, then 1): on the prefill kernel (these K/V are below the decode route's bytes),
+    and on the decode kernel (threshold 0: as a real model's cache of >= 8 MiB), key padding and all."""
+    from fastattn.launchers import decode as decode_launch
+
+    routed = []
+    if kernel == "decode":
+        real = decode_launch.attend_full
+        monkeypatch.setattr(decode_launch, "FEW_QUERIES_MIN_BYTES", 0)
+        monkeypatch.setattr(decode_launch, "attend_full", lambda *a, **kw: routed.append(a[3]) or real(*a, **kw))
     cls, config = {"llama": (transformers.LlamaForCausalLM, llama_config()),
                    "mistral": (transformers.MistralForCausalLM, mistral_config())}[model]
     mask = padding_mask(2, 7, [0, 3], left=True)
@@ -237,6 +247,7 @@ def test_generate_with_cache(model):
         check(f"{model} generate step {step}", *step_logits)
     assert_ran({"key padding"})
     assert fhf.CALLS["fastattn"] == 2 * 5  # prefill + 4 cached decode steps, 2 layers each
+    assert len(routed) == (2 * 5 if kernel == "decode" else 0) and all(m is not None for m in routed)
 
 
 def test_auto_backend():

@@ -190,9 +190,9 @@ def compile_small_kernels(dtype, arch):
 def compile_decode_kernels(dtype, arch, head_dims, variants=("dense",)):
     """The split-KV decode kernel (each candidate; contiguous and paged caches; one query row
     tile of GQA 4 x 1 token and a full one; final output and fp32 partials; each score-modifier
-    variant asked for), its combine, the KV append."""
+    variant asked for, and "mask": a key-padding mask), its combine, the KV append."""
     jobs = []
-    variants = [v for v in variants if v in ("dense", *MOD_VARIANTS)]
+    variants = [v for v in variants if v in ("dense", "mask", *MOD_VARIANTS)]  # (mask: a key-padding mask)
     for d in head_dims:
         block_d = max(16, triton.next_power_of_2(d))
         fp32 = dtype == "fp32"
@@ -205,7 +205,8 @@ def compile_decode_kernels(dtype, arch, head_dims, variants=("dense",)):
                         partial = block_r == 16 and page_size == 16
                         consts = dict(CAUSAL=True, PAGE_SIZE=page_size, HEAD_DIM=d,
                                       DOT_PRECISION="ieee" if fp32 else "tf32", BLOCK_R=block_r, BLOCK_N=cfg.block_n,
-                                      BLOCK_D=block_d, WIDE=False, **mod_flags(_decode.decode_attn_kernel, variant))
+                                      BLOCK_D=block_d, WIDE=False, HAS_KPM=variant == "mask",
+                                      **mod_flags(_decode.decode_attn_kernel, variant))
                         label = (f"decode D{d} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} page{page_size} "
                                  f"r{block_r} {variant}")
                         jobs.append((label + (" partial" if partial else ""), _decode.decode_attn_kernel, consts, cfg,

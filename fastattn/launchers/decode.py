@@ -23,6 +23,7 @@ from fastattn.kernels import configs
 from fastattn.kernels.decode import decode_attn_kernel, decode_combine_kernel, kv_append_kernel
 from fastattn.launchers import plans
 from fastattn.launchers.device import on_device
+from fastattn.launchers.key_bounds import key_bounds
 from fastattn.launchers.score_mods import Mods, launch_args
 
 LOG2E = math.log2(math.e)
@@ -95,18 +96,21 @@ def _append_args(k, v, k_cache, v_cache, seqlens, table, cap):
             *v_cache.stride()[:3], stride_bt, cap, n_pages)
 
 
-def _decode_args(q, k_cache, v_cache, k, v, seqlens, bt, o, lse, mod_ptrs, ints, mod_ints, qk_scale, cap2):
-    """decode_attn_kernel's runtime arguments in its order; ints: the integers up to ROW_TILES
-    (_decode_ints), mod_ptrs/mod_ints: score_mods.kernel_args'."""
-    return (q, k_cache, v_cache, k, v, seqlens, bt, o, lse, *mod_ptrs, *ints, *mod_ints, qk_scale, cap2)
+def _decode_args(q, k_cache, v_cache, k, v, seqlens, bt, o, lse, mod_ptrs, kpm, bounds, ints, mod_ints, qk_scale,
+                 cap2):
+    """decode_attn_kernel's runtime arguments in its order; ints: the integers up to stride_kpm_b
+    (_decode_ints), mod_ptrs/mod_ints: score_mods.kernel_args', kpm/bounds: the key-padding mask
+    (uint8) and its key bounds, or placeholders."""
+    return (q, k_cache, v_cache, k, v, seqlens, bt, o, lse, *mod_ptrs, kpm, bounds, *ints, *mod_ints, qk_scale, cap2)
 
 
-def _decode_ints(q, k_cache, v_cache, new_strides, stride_bt, o_strides, l_strides, sizes):
+def _decode_ints(q, k_cache, v_cache, new_strides, stride_bt, o_strides, l_strides, sizes, stride_kpm_b):
     """decode_attn_kernel's integers before the modifiers': strides of q, the caches, the new k/v,
-    the block table, the output and lse (with their split strides), then sizes (GROUP, SQ, N_NEW,
-    CAPACITY, N_PAGES, N_SPLITS, ROW_TILES). Part of the plan key."""
+    the block table, the output and lse (with their split strides), sizes (GROUP, SQ, N_NEW,
+    CAPACITY, N_PAGES, N_SPLITS, ROW_TILES), then the key-padding mask's batch stride. Part of the
+    plan key."""
     return (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *new_strides, stride_bt, *o_strides,
-            *l_strides, *sizes)
+            *l_strides, *sizes, stride_kpm_b)
 
 
 def _combine_args(o, l_, out, lse, splits):
@@ -116,7 +120,8 @@ def _combine_args(o, l_, out, lse, splits):
 
 # Attention of at most this many queries per sequence over dense keys, needing no gradient, runs as a
 # decode step over a full cache (attend_full): a transformers generate() step (one query over the
-# grown cache), a decoder's cross-attention, speculative verification. The prefill kernel gives such
+# grown cache; with a key-padding mask, a left-padded batch), a decoder's cross-attention,
+# speculative verification. The prefill kernel gives such
 # a call one program per (batch, query head) streaming every key, and reads each KV head once per
 # query head of its group; the decode kernel reads it once per group and splits long key ranges
 # across programs when (batch, KV head) pairs cannot fill the GPU. Only over at least
@@ -137,14 +142,15 @@ def few_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and k.stride(-1) == 1 and v.stride(-1) == 1)
 
 
-def attend_full(q, k, v, causal: bool, scale: float, bias=None, alibi_slopes=None, sinks=None,
+def attend_full(q, k, v, key_padding_mask, causal: bool, scale: float, bias=None, alibi_slopes=None, sinks=None,
                 window_left: int = -1, window_right: int = -1, softcap: float = 0.0):
-    """Attention of q (B, Sq, Hq, D) over dense k/v (B, Sk, Hkv, D) as `attend` over a cache that every
-    sequence fills (lengths Sk), nothing appended: the same results as the prefill launcher's forward
-    (bottom-right causal, modifiers by key position), out (B, Sq, Hq, D) and lse (B, Hq, Sq) float32."""
+    """Attention of q (B, Sq, Hq, D) over dense k/v (B, Sk, Hkv, D) with an optional (B, Sk) bool
+    key-padding mask (True = real key), as `attend` over a cache that every sequence fills (lengths
+    Sk), nothing appended: the same results as the prefill launcher's forward (bottom-right causal
+    by Sk, modifiers by key position), out (B, Sq, Hq, D) and lse (B, Hq, Sq) float32."""
     lengths = torch.full((k.shape[0],), k.shape[1], dtype=torch.int32, device=k.device)  # (a fill, no host read)
     return attend(q, k, v, None, None, lengths, None, causal, scale, 0, bias, alibi_slopes, sinks, window_left,
-                  window_right, softcap)
+                  window_right, softcap, key_padding_mask)
 
 
 def append(k, v, k_cache, v_cache, cache_seqlens, block_table) -> None:
@@ -201,13 +207,14 @@ def appended(k, v, k_cache, v_cache, cache_seqlens, block_table) -> bool:
 
 def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, scale: float, num_splits: int = 0,
            bias=None, alibi_slopes=None, sinks=None, window_left: int = -1, window_right: int = -1,
-           softcap: float = 0.0):
+           softcap: float = 0.0, key_padding_mask=None):
     """Attention of q (B, Sq, Hq, D) over each sequence's cached keys followed by the new tokens'
     k, v (B, S_new, Hkv, D) or None, which are written into the cache at cache_seqlens[b] + t by the
     same launch: out (B, Sq, Hq, D) in q's dtype, lse (B, Hq, Sq) float32. Lengths are clamped to
     the cache's capacity. num_splits: 0 chooses (num_splits_heuristic), n forces n (at most
     cache_layouts.MAX_SPLITS). Score modifiers as the prefill launcher's; bias is broadcastable to
-    (B, Hq, Sq, capacity) and indexed by cache position."""
+    (B, Hq, Sq, capacity) and indexed by cache position. key_padding_mask (B, capacity) bool, True =
+    a real key, by cache position (not with new tokens k, v): padded keys are not seen, nor read."""
     if q.stride(-1) != 1 or q.stride(2) * (q.shape[2] // k_cache.shape[2]) >= 2**31:
         q = q.contiguous()  # (the kernel offsets a GQA group's heads in 32 bits; q is a few rows)
     b, sq, hq, d = q.shape
@@ -225,6 +232,12 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
         v = v if v.stride(-1) == 1 else v.contiguous()
         new_strides, n_new = (*k.stride()[:3], *v.stride()[:3]), k.shape[1]
     seqlens = cache_seqlens.contiguous()
+    kpm, bounds, stride_kpm_b = q, q, 0  # placeholders: never read without HAS_KPM
+    if key_padding_mask is not None:
+        if n_new:
+            raise ValueError("key_padding_mask: not with new tokens (k, v) to append")
+        kpm = key_padding_mask if key_padding_mask.stride(-1) == 1 else key_padding_mask.contiguous()
+        kpm, bounds, stride_kpm_b = kpm.view(torch.uint8), key_bounds(kpm), kpm.stride(0)
     bt, stride_bt, page_size, n_pages = _table_args(k_cache, block_table)
     cap = cache_layouts.capacity(k_cache, block_table)
     group = hq // hkv
@@ -240,16 +253,17 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
         l_ = q.new_empty((splits, b, hq, sq), dtype=torch.float32)
         o_strides, l_strides = o.stride()[:4], l_.stride()[:3]
     ints = _decode_ints(q, k_cache, v_cache, new_strides, stride_bt, o_strides, l_strides,
-                        (group, sq, n_new, cap, n_pages, splits, row_tiles))
+                        (group, sq, n_new, cap, n_pages, splits, row_tiles), stride_kpm_b)
     mod_ptrs, mod_ints, cap2, flags, mod_key = launch_args(
         q, b, hq, sq, cap, Mods(bias, alibi_slopes, sinks, window_left, window_right, softcap))
     if mod_key is not None:
         mod_key = (mod_key, plans.aligned(mod_ptrs))
-    args = _decode_args(q, k_cache, v_cache, k, v, seqlens, bt, o, l_, mod_ptrs, ints, mod_ints, scale * LOG2E, cap2)
+    args = _decode_args(q, k_cache, v_cache, k, v, seqlens, bt, o, l_, mod_ptrs, kpm, bounds, ints, mod_ints,
+                        scale * LOG2E, cap2)
     grid = (splits, hkv * row_tiles, b)
     combine = _combine_args(o, l_, out, lse, splits) if splits > 1 else None
     key = ("decode", q.dtype, device, causal, page_size, d, b, hq, ints,
-           plans.aligned((q, k_cache, v_cache, k, v, seqlens, bt)), mod_key)
+           plans.aligned((q, k_cache, v_cache, k, v, seqlens, bt, kpm, bounds)), mod_key)
     found = _plans.get(key)
     if found is not None:
         _launch(device, found, grid, args, (hq, sq, b), combine)
@@ -263,7 +277,8 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
     else:
         wide = (n_pages + 1) * max(k_cache.stride(0), v_cache.stride(0)) >= 2**31
     consts = dict(CAUSAL=causal, PAGE_SIZE=page_size, HEAD_DIM=d, DOT_PRECISION="ieee" if fp32 else "tf32",
-                  BLOCK_R=block_r, BLOCK_D=block_d, WIDE=wide or (mod_key is not None and mod_key[0][2]), **flags)
+                  BLOCK_R=block_r, BLOCK_D=block_d, WIDE=wide or (mod_key is not None and mod_key[0][2]),
+                  HAS_KPM=key_padding_mask is not None, **flags)
     # A cache that grew (a transformers DynamicCache, attend_full) or another length of the same
     # class: the plans of a known specialisation, no build. (splits: the combine's constexpr)
     ckey = plans.class_key("decode", args, device, tuple(consts.items()), splits, configs.seq_bucket(cap),

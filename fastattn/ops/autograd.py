@@ -52,8 +52,8 @@ def padded_attention(q, k, v, key_padding_mask, causal: bool, scale: float, retu
     bias, sinks, alibi = (None, None, None) if mods is None else (mods.bias, mods.sinks, mods.alibi_slopes)
     tensors = (q, k, v, key_padding_mask, bias, sinks, alibi)
     if not _records(q, k, v, bias, sinks) and _direct(q, k, v, key_padding_mask, bias) and _unwrapped(tensors):
-        if backend == "triton" and key_padding_mask is None and decode_launch.few_queries(q, k, v):
-            out, lse = decode_launch.attend_full(q, k, v, causal, scale, *_launch_mods(mods))  # (lse: float32)
+        if backend == "triton" and decode_launch.few_queries(q, k, v):
+            out, lse = decode_launch.attend_full(q, k, v, key_padding_mask, causal, scale, *_launch_mods(mods))
             return (out, lse) if return_lse else out
         out, lse, _ = _padded_forward(q, k, v, key_padding_mask, causal, scale, backend, _launch_mods(mods), True)
         return _returned(out, lse, return_lse)
