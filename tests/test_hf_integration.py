@@ -176,6 +176,30 @@ def test_llama_compiles_fullgraph_with_a_padded_batch():
     assert_ran({"bias"})
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_one_query_mask_is_key_padding_as_it_stands(compiled):
+    """One query's (B, 1, 1, Sk) boolean mask (a generate() step) reaches fastattn as its key-padding
+    mask without an analysis, so also under torch.compile(fullgraph=True): here a static cache's
+    step, the query at position 5 of 9 slots, in a window of 3 (keys 3-5 real, row 1 left-padded up
+    to key 4). The window and causal flags are the mask's already: SDPA's answer on the 4-D mask."""
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    mask = torch.zeros(2, 1, 1, 9, dtype=torch.bool)
+    mask[0, ..., 3:6] = True
+    mask[1, ..., 4:6] = True
+    call = lambda *xs: fhf.attention_forward(module, *xs, scaling=0.3, sliding_window=3)[0]
+    if compiled:
+        torch._dynamo.reset()
+        call = torch.compile(call, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        out = call(q, k, v, mask)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(2, 1),
+                                                            v.double().repeat_interleave(2, 1), mask, scale=0.3)
+    torch.testing.assert_close(out.double(), sdpa.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    assert_ran({"key padding"})
+
+
 def test_a_fallback_compiles_fullgraph():
     """Attention dropout in training falls back to torch's SDPA with a one-time warning, which dynamo
     cannot trace: the fallback broke torch.compile(fullgraph=True) of a training model until an eager
@@ -226,7 +250,10 @@ def test_generate_with_cache(model, kernel, monkeypatch):
     and on the decode kernel (threshold 0: as a real model's cache of >= 8 MiB), key padding and all."""
     from fastattn.launchers import decode as decode_launch
 
-    routed = []
+    routed, reads = [], []
+    analyse = fhf.semantics.key_padding_of_pattern
+    monkeypatch.setattr(fhf.semantics, "key_padding_of_pattern",
+                        lambda m, *a: reads.append(m.shape[-2]) or analyse(m, *a))
     if kernel == "decode":
         real = decode_launch.attend_full
         monkeypatch.setattr(decode_launch, "FEW_QUERIES_MIN_BYTES", 0)
@@ -248,6 +275,7 @@ def test_generate_with_cache(model, kernel, monkeypatch):
     assert_ran({"key padding"})
     assert fhf.CALLS["fastattn"] == 2 * 5  # prefill + 4 cached decode steps, 2 layers each
     assert len(routed) == (2 * 5 if kernel == "decode" else 0) and all(m is not None for m in routed)
+    assert reads == [7]  # the prompt's mask, once; each step's one-query mask is taken as it stands (no sync)
 
 
 def test_auto_backend():

@@ -4,7 +4,8 @@
 transformers hands each layer (B, H, S, D) tensors and the mask its mask function built; we pass
 fastattn (B, S, H, D) views (no copy), K/V with their own Hkv heads (GQA without repeat_kv) and:
 - a boolean mask that is exactly key padding (+ causal, + sliding window) -> key_padding_mask, the
-  kernels' fast path (found by rebuilding the mask from its own key columns and comparing);
+  kernels' fast path (found by rebuilding the mask from its own key columns and comparing; a
+  (B, 1, 1, Sk) mask, e.g. a generate() step's, is one as it stands: taken by shape, unread);
 - any other mask (packed sequences, custom 4-D masks, T5's position_bias) -> an additive bias;
 - no mask -> SDPA's meaning of is_causal (top-left; transformers skips the mask only where that
   matches), which we mirror exactly.
@@ -108,9 +109,17 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             bias = semantics.bool_to_bias(_top_left_causal(sq, sk, query.device), query.dtype)[None, None]
             causal, window = False, None  # SDPA ignores the window without a mask
     elif position_bias is None:
-        key_padding = _key_padding(attention_mask, causal, window, sq, sk, getattr(module, "layer_idx", None))
-        if key_padding is not None and key_padding.shape[0] != query.shape[0]:
-            key_padding = key_padding.expand(query.shape[0], sk)  # a mask broadcast over the batch
+        # A mask the same for every query (one query's: a generate() step) is a key-padding mask as it
+        # stands, its padding, window and a static cache's unfilled tail all in it: taken by shape (no
+        # analysis, no host sync, traceable), without the flags. Others are analysed.
+        if attention_mask.dim() == 4 and attention_mask.shape[2] == 1:  # (a shape test first: cheaper)
+            key_padding = semantics.key_padding_from_mask(attention_mask, query.shape[0], sk)
+        if key_padding is not None:
+            causal, window = False, None
+        else:
+            key_padding = _key_padding(attention_mask, causal, window, sq, sk, getattr(module, "layer_idx", None))
+            if key_padding is not None and key_padding.shape[0] != query.shape[0]:
+                key_padding = key_padding.expand(query.shape[0], sk)  # a mask broadcast over the batch
     if attention_mask is not None and key_padding is None:  # not key padding: the mask itself, additively
         bias = attention_mask
         if attention_mask.dtype == torch.bool:
