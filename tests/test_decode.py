@@ -711,6 +711,38 @@ def test_compile_fullgraph_matches_eager(gen):
     assert torch.equal(caches[0], k_cache) and torch.equal(caches[1], v_cache)  # the append happened, in place
 
 
+def test_few_queries_compile_fullgraph_as_a_decode_step(gen, monkeypatch):
+    """Under torch.compile (a compiled generate() step), a few-query call with nothing to record
+    traces to fastattn::triton_attn_few_queries (the decode kernel), key padding and modifiers
+    included, with eager's result; opcheck checks the op's schema and fake."""
+    monkeypatch.setattr(launch, "FEW_QUERIES_MIN_BYTES", 0)
+    torch._dynamo.reset()
+    q, k, v = testing.random_qkv(2, 1, 40, 4, 2, 16, dtype=torch.float16, device=DEVICE, generator=gen)
+    mask = few_query_padding("left", 2, 40, gen)
+    sinks = torch.randn(4, generator=gen).to(DEVICE)
+    ops = []
+
+    def counting(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def step(q, k, v, mask):
+        return fastattn.attention(q, k, v, causal=True, key_padding_mask=mask, window=(7, 0), sinks=sinks,
+                                  return_lse=True, backend="triton")
+
+    with torch.no_grad():
+        eager = step(q, k, v, mask)
+        compiled = torch.compile(step, fullgraph=True, backend=counting)(q, k, v, mask)
+    assert "fastattn.triton_attn_few_queries.default" in ops, ops
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=True, key_padding_mask=mask, window=(7, 0),
+                              sinks=sinks.double())
+    torch.testing.assert_close(eager[0].double(), ref, rtol=2e-3, atol=2e-3)
+    torch.library.opcheck(torch.ops.fastattn.triton_attn_few_queries.default,
+                          (q, k, v, mask, True, 0.25, None, None, sinks, 7, 0, 0.0))
+
+
 # ---------------------------------------------------------------- GPU
 
 

@@ -8,7 +8,9 @@ tensor subclasses, they call the ops, which those systems can see and trace.
 
 Without anything to record (grad mode off, or no input that requires grad: inference, a generate()
 prefill; and no functorch transform or forward-mode AD), the eager shortcut skips the autograd
-Function too (~18 us of host time per call) and calls the forward launcher alone. Calls that record
+Function too (~18 us of host time per call) and calls the forward launcher alone. Such a call with
+few queries over many keys (launchers.decode.few_queries: a generate() step) runs as a decode step,
+eagerly or, under torch.compile, through fastattn::triton_attn_few_queries. Calls that record
 enter the Functions through their C++ apply where torch's Python wrapper around it has nothing to
 do (_apply: ~4.5-7.5 us per call on a 2-core CPU).
 
@@ -33,6 +35,7 @@ from fastattn.launchers import triton_attention as triton_launch
 from fastattn.launchers.key_bounds import key_bounds, key_bounds_torch
 from fastattn.launchers.score_mods import Mods
 from fastattn.ops import cuda_attention, triton_attention
+from fastattn.ops.few_queries import triton_attn_few_queries
 
 # backend -> (forward, backward) for padded batches: (launcher functions, ops).
 _PADDED_LAUNCH = {"triton": (triton_launch.forward, triton_launch.backward),
@@ -51,12 +54,15 @@ def padded_attention(q, k, v, key_padding_mask, causal: bool, scale: float, retu
         q, k, v = _distinct(q, k, v)
     bias, sinks, alibi = (None, None, None) if mods is None else (mods.bias, mods.sinks, mods.alibi_slopes)
     tensors = (q, k, v, key_padding_mask, bias, sinks, alibi)
-    if not _records(q, k, v, bias, sinks) and _direct(q, k, v, key_padding_mask, bias) and _unwrapped(tensors):
-        if backend == "triton" and decode_launch.few_queries(q, k, v):
-            out, lse = decode_launch.attend_full(q, k, v, key_padding_mask, causal, scale, *_launch_mods(mods))
+    if not _records(q, k, v, bias, sinks) and (torch.compiler.is_compiling() or _unwrapped(tensors)):
+        direct = _direct(q, k, v, key_padding_mask, bias)
+        if backend == "triton" and decode_launch.few_queries(q, k, v):  # as a decode step (lse: float32)
+            few = decode_launch.attend_full if direct else triton_attn_few_queries
+            out, lse = few(q, k, v, key_padding_mask, causal, scale, *_launch_mods(mods))
             return (out, lse) if return_lse else out
-        out, lse, _ = _padded_forward(q, k, v, key_padding_mask, causal, scale, backend, _launch_mods(mods), True)
-        return _returned(out, lse, return_lse)
+        if direct:
+            out, lse, _ = _padded_forward(q, k, v, key_padding_mask, causal, scale, backend, _launch_mods(mods), True)
+            return _returned(out, lse, return_lse)
     if mods is None:
         return _apply(PaddedAttention, tensors, q, k, v, key_padding_mask, causal, scale, return_lse, backend)
     return _apply(PaddedAttention, tensors, q, k, v, key_padding_mask, causal, scale, return_lse, backend, bias, sinks,
