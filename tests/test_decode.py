@@ -283,6 +283,17 @@ def test_few_queries_with_a_key_padding_mask_run_as_a_decode_step(shape, causal,
     assert routed, "not run as a decode step"
 
 
+def test_the_decode_launcher_refuses_a_key_padding_mask_it_cannot_read():
+    """launchers.decode.attend reads a key-padding mask by cache position: one of another length, or
+    one given with new tokens to append (whose positions it does not cover), is refused by name."""
+    q, kv = torch.randn(2, 1, 4, 16).to(DEVICE), torch.randn(2, 30, 2, 16).to(DEVICE)
+    lengths = torch.full((2,), 29, dtype=torch.int32, device=DEVICE)
+    for mask, new in ((torch.ones(2, 29, dtype=torch.bool, device=DEVICE), None),
+                      (torch.ones(2, 30, dtype=torch.bool, device=DEVICE), kv[:, :1])):
+        with pytest.raises(ValueError, match="key_padding_mask"):
+            launch.attend(q, kv.clone(), kv.clone(), new, new, lengths, None, False, 1.0, key_padding_mask=mask)
+
+
 def test_a_growing_cache_finds_the_decode_plans_by_their_class(gen, monkeypatch):
     """One query over keys that grow by one per call, run as a decode step (attend_full): the decode
     plans are built once per specialisation class and tuning bucket, not once per length, and every

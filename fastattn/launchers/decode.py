@@ -234,8 +234,10 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
     seqlens = cache_seqlens.contiguous()
     kpm, bounds, stride_kpm_b = q, q, 0  # placeholders: never read without HAS_KPM
     if key_padding_mask is not None:
-        if n_new:
-            raise ValueError("key_padding_mask: not with new tokens (k, v) to append")
+        if n_new or key_padding_mask.shape != (b, cache_layouts.capacity(k_cache, block_table)):
+            raise ValueError(f"key_padding_mask must be (B, capacity) = ({b}, "
+                             f"{cache_layouts.capacity(k_cache, block_table)}) and come without new tokens (k, v), "
+                             f"got {tuple(key_padding_mask.shape)}{' and new tokens' if n_new else ''}")
         kpm = key_padding_mask if key_padding_mask.stride(-1) == 1 else key_padding_mask.contiguous()
         kpm, bounds, stride_kpm_b = kpm.view(torch.uint8), key_bounds(kpm), kpm.stride(0)
     bt, stride_bt, page_size, n_pages = _table_args(k_cache, block_table)
