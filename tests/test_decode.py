@@ -846,6 +846,50 @@ def test_direct_launches_match_the_jit_path(gen, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("padded", [False, True])
+def test_few_queries_at_scale_take_the_decode_kernel_without_syncs_and_capture(padded, gen, monkeypatch):
+    """A generate() step at its real size (B=4, one query, a 4096-key cache of 8 KV heads, D=128,
+    bf16: 64 MiB of K/V, over FEW_QUERIES_MIN_BYTES), left-padded or not: routed to the decode kernel
+    (the real threshold, split ranges on the GPU's SMs), right under the tolerance rule, no host sync
+    once warm, and captured in a CUDA graph it replays eager's results."""
+    b, sk, hq, hkv, d = 4, 4096, 32, 8, 128
+    q = torch.randn(b, 1, hq, d, generator=gen).to(DEVICE, torch.bfloat16)
+    k, v = (torch.randn(b, sk, hkv, d, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    mask = (torch.arange(sk, device=DEVICE)[None] >= torch.tensor([0, 5, 700, 4000], device=DEVICE)[:, None]
+            if padded else None)
+    routed = []
+    real = launch.attend_full
+    monkeypatch.setattr(launch, "attend_full", lambda *a, **kw: routed.append(1) or real(*a, **kw))
+    call = lambda q_: fastattn.attention(q_, k, v, causal=True, key_padding_mask=mask, backend="triton")
+    out = call(q)
+    assert routed
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=True, key_padding_mask=mask)
+    naive = reference.attention(q, k, v, causal=True, key_padding_mask=mask)
+    result = testing.compare("out", out, naive, ref, testing.OUT_FACTOR)
+    assert result.ok, str(result)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call(q)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    static_q = q.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call(static_q)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = call(static_q)
+    for _ in range(2):
+        qn = torch.randn(q.shape, generator=gen).to(q)
+        static_q.copy_(qn)
+        graph.replay()
+        assert torch.equal(static_out, call(qn))
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="CPU: the split count is 1 without SMs to fill")
 def test_interpreter_does_not_split_by_default(gen):
     assert launch.sm_count(-1) == 1
