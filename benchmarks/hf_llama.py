@@ -1,6 +1,8 @@
-"""Hugging Face decoder models on fastattn vs transformers' SDPA: one training step's time.
+"""Hugging Face decoder models on fastattn vs transformers' SDPA: one training step's time, and one
+generated token's.
 
-    python benchmarks/hf_llama.py [--out DIR] [--models llama,mistral,llama-padded] [--layers 8] [--rounds 5]
+    python benchmarks/hf_llama.py [--out DIR] [--models llama,mistral,llama-padded,llama-generate] [--layers 8]
+                                  [--rounds 5]
     python benchmarks/hf_llama.py --smoke    # tiny float32 models through the Triton interpreter (CPU)
 
 On a GPU, bf16, from configs (no download), hidden 2048, 16 heads, 4 KV heads (GQA), 8 layers:
@@ -8,8 +10,13 @@ On a GPU, bf16, from configs (no download), hidden 2048, 16 heads, 4 KV heads (G
   SDPA takes its flash/cuDNN kernels with GQA; fastattn its dense causal kernel);
 - mistral: MistralForCausalLM with a sliding window of 1024 keys, batch 2 x 4096 tokens, padded (SDPA
   gets the window as a boolean mask; fastattn skips the key tiles outside it);
-- llama-padded: the llama batch padded (SDPA gets a boolean mask and repeats K/V: its slow path).
-A padded batch has the last quarter of one sequence as padding. Forward + backward of the LM
+- llama-padded: the llama batch padded (SDPA gets a boolean mask and repeats K/V: its slow path);
+- llama-generate: inference, batch 8 x 2048 prompt tokens, two prompts left-padded (a quarter and
+  an eighth): one more token per sequence over the prompt's DynamicCache (transformers' default
+  cache; 32 MiB of K/V per layer), the step generate() repeats (fastattn: the decode kernel with the
+  key-padding mask, launchers.decode.attend_full; SDPA: the mask, so no flash kernel). The cache
+  grows by a token per timed call, as in generation; each round starts again from the prompt's.
+A padded training batch has the last quarter of one sequence as padding. Forward + backward of the LM
 loss with attn_implementation "sdpa", "fastattn" (fastattn.integrations.transformers.register())
 and "flash_attention_2" where the flash_attn package is installed (CUDA), on the same weights,
 timed in one run, in rounds (--rounds, default 5; the implementations take turns, the median is
@@ -60,6 +67,7 @@ class Model:
     window: int | None = None  # sliding_window (Mistral): keys a query sees, its own included
     bar: float | None = None  # fastattn / sdpa step-time bar, where the issue sets one
     padded: bool = True  # the last quarter of one sequence is padding (else no mask at all)
+    generate: bool = False  # time one generated token over the prompt's cache (inference), not a training step
 
     def config(self, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int):
         import transformers
@@ -73,10 +81,12 @@ class Model:
 
 MODELS = {"llama": Model("llama", "LlamaForCausalLM", 4, 2048, bar=1.0, padded=False),
           "mistral": Model("mistral", "MistralForCausalLM", 2, 4096, window=1024),
-          "llama-padded": Model("llama-padded", "LlamaForCausalLM", 4, 2048)}
+          "llama-padded": Model("llama-padded", "LlamaForCausalLM", 4, 2048),
+          "llama-generate": Model("llama-generate", "LlamaForCausalLM", 8, 2048, generate=True)}
 SMOKE_MODELS = {"llama": Model("llama", "LlamaForCausalLM", 2, 16, padded=False),
                 "mistral": Model("mistral", "MistralForCausalLM", 2, 16, window=5),
-                "llama-padded": Model("llama-padded", "LlamaForCausalLM", 2, 16)}
+                "llama-padded": Model("llama-padded", "LlamaForCausalLM", 2, 16),
+                "llama-generate": Model("llama-generate", "LlamaForCausalLM", 4, 16, generate=True)}
 
 
 def flash_attention_2_missing(device: str) -> str | None:
@@ -110,6 +120,8 @@ def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke:
     """Gate and time each implementation of one model: its section of hf_llama.json."""
     from fastattn.integrations import transformers as fhf
 
+    if model.generate:
+        return run_generate(model, shape, device, dtype, impls, smoke, rounds)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, shape["vocab"], (model.batch, model.seqlen), generator=g).to(device)
     mask = torch.ones_like(tokens)
@@ -150,12 +162,24 @@ def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke:
         def step(net=net):
             net(input_ids=tokens, attention_mask=mask, labels=labels).loss.backward()
         steps[impl] = (step, list(net.parameters()))
-    # Timed in rounds, the implementations taking turns (a drifting clock or host hits each alike).
+    return _timed(model, rows, steps, device, smoke, rounds)
+
+
+def _timed(model: Model, rows: list[dict], steps: dict, device: str, smoke: bool, rounds: int,
+           before_round=None) -> dict:
+    """Time each gated implementation's step (steps: impl -> (step, params whose grads reset)) in
+    rounds, the implementations taking turns (a drifting clock or host hits each alike), take each
+    apart, rank against sdpa: the model's section of hf_llama.json. before_round(impl): untimed
+    set-up before each of an implementation's rounds."""
+    from fastattn.integrations import transformers as fhf
+
     for _ in range(rounds):
         for row in rows:
             if row["attn_implementation"] in steps and "error" not in row:
                 step, params = steps[row["attn_implementation"]]
                 try:
+                    if before_round is not None:
+                        before_round(row["attn_implementation"])
                     row.setdefault("ms_rounds", []).append(
                         time_ms(step, device=device, grad_to_none=params, rep_ms=30 if smoke else 200))
                 except Exception as e:
@@ -178,7 +202,72 @@ def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke:
     fast = _fastattn_row(rows)
     met = None if smoke or model.bar is None else bool(fast.get("vs_sdpa", 0) >= model.bar)
     return {"model": model.name, "class": model.cls, "batch": model.batch, "seqlen": model.seqlen,
-            "window": model.window, "padded": model.padded, "bar": model.bar, "bar_met": met, "rows": rows}
+            "window": model.window, "padded": model.padded, "generate": model.generate, "bar": model.bar,
+            "bar_met": met, "rows": rows}
+
+
+def run_generate(model: Model, shape: dict, device: str, dtype, impls: list, smoke: bool, rounds: int) -> dict:
+    """One generated token per sequence over the prompt's DynamicCache, left-padded prompts: gate
+    (the first step's logits against float32 sdpa's) and time each implementation."""
+    from fastattn.integrations import transformers as fhf
+
+    g = torch.Generator().manual_seed(1)
+    b, s = model.batch, model.seqlen
+    tokens = torch.randint(0, shape["vocab"], (b, s), generator=g).to(device)
+    nxt = torch.randint(0, shape["vocab"], (b, 1), generator=g).to(device)
+    mask = torch.ones(b, s + 4096, dtype=torch.long, device=device)  # prompt, then room for generated tokens
+    mask[0, :s // 4] = 0  # left padding (as generate() pads a batch of prompts)
+    mask[1, :s // 8] = 0
+
+    def prefill(net):  # the prompt's cache (a fresh DynamicCache)
+        with torch.no_grad():
+            return net(input_ids=tokens, attention_mask=mask[:, :s], use_cache=True).past_key_values
+
+    def next_token(net, cache):
+        n = cache.get_seq_length()
+        return net(input_ids=nxt, attention_mask=mask[:, :n + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+
+    sdpa = build(model, shape, device, dtype, "sdpa").eval()
+    ref_model = build(model, shape, device, torch.float64 if smoke else torch.float32, "sdpa").eval()
+    ref_model.load_state_dict({k: v.to(ref_model.dtype) for k, v in sdpa.state_dict().items()})
+    with torch.no_grad():
+        ref = next_token(ref_model, prefill(ref_model))
+        naive = next_token(sdpa, prefill(sdpa))
+    del ref_model
+
+    rows, steps, nets, caches = [], {}, {}, {}
+    fhf.reset_counts()
+    for impl, missing in impls:
+        row = {"attn_implementation": impl}
+        rows.append(row)
+        if missing:
+            row["skipped"] = missing
+            continue
+        try:
+            net = sdpa if impl == "sdpa" else build(model, shape, device, dtype, impl).eval()
+            if net is not sdpa:
+                net.load_state_dict(sdpa.state_dict())
+            with torch.no_grad():
+                logits = next_token(net, prefill(net))
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            continue
+        gate = testing.compare("logits", logits, naive, ref, testing.OUT_FACTOR)
+        row.update(gate=str(gate), gate_ok=gate.ok)
+        nets[impl] = net
+
+        def step(impl=impl):
+            with torch.no_grad():
+                next_token(nets[impl], caches[impl])
+        steps[impl] = (step, [])
+
+    def fresh_cache(impl):  # each round from the prompt's cache (generated tokens pile up while timed)
+        caches[impl] = None
+        caches[impl] = prefill(nets[impl])
+
+    for impl in steps:
+        fresh_cache(impl)
+    return _timed(model, rows, steps, device, smoke, rounds, before_round=fresh_cache)
 
 
 def _anatomy(step, params, step_ms: float, calls: int) -> dict:
@@ -203,19 +292,20 @@ def _fastattn_row(rows: list[dict]) -> dict:
 
 def markdown(doc: dict) -> str:
     shape = doc["shape"]
-    lines = [f"# Hugging Face training step, attn_implementation fastattn vs sdpa ({doc['environment']['device']})", ""]
+    lines = [f"# Hugging Face steps, attn_implementation fastattn vs sdpa ({doc['environment']['device']})", ""]
     if doc["smoke"]:
         lines += ["**Smoke run** (tiny float32 models, Triton interpreter): times mean nothing.", ""]
     lines += [f"{shape['layers']} layers, hidden {shape['hidden']}, heads {shape['heads']}/{shape['kv_heads']} (GQA), "
               f"{doc['dtype']}, transformers {doc.get('transformers', '?')}; padded: one sequence a quarter "
-              "padding; fwd+bwd of the LM loss, same weights.", "",
+              "padding; train: fwd+bwd of the LM loss; generate: one more token per sequence over the prompt's "
+              "DynamicCache, prompts left-padded (no backward); same weights.", "",
               f"Each step time is the median of {doc.get('rounds', 1)} timing(s), the implementations taking "
               "turns. host ms: the host's time to issue one step from an idle GPU; GPU ms: kernel time per step "
               "(profiler); GPU idle: 1 - GPU ms / step ms; syncs: CUDA sync calls per step (profiler) / syncs "
               "torch's sync debug mode reports.", "",
-              "| model | B x S | window | padded | attn_implementation | fwd+bwd ms | rounds | sdpa / this | host ms "
-              "| GPU ms | GPU idle | syncs | gate (logits vs float32) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | step | B x S | window | padded | attn_implementation | step ms | rounds | sdpa / this | "
+              "host ms | GPU ms | GPU idle | syncs | gate (logits vs float32) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     num = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
     for m in doc["models"]:
         for r in m["rows"]:
@@ -225,7 +315,8 @@ def markdown(doc: dict) -> str:
             gate = r.get("skipped") or r.get("error") or ("(the gate's naive run)" if r["attn_implementation"] == "sdpa"
                                                           else r["gate"])
             gate += f"; NOT RANKED: {r['not_fastattn']}" if "not_fastattn" in r else ""
-            lines.append(f"| {m['model']} | {m['batch']} x {m['seqlen']} | {m['window'] or '-'} | "
+            lines.append(f"| {m['model']} | {'generate' if m.get('generate') else 'train'} | "
+                         f"{m['batch']} x {m['seqlen']} | {m['window'] or '-'} | "
                          f"{'yes' if m.get('padded', True) else 'no'} | "
                          f"{r['attn_implementation']} | {num(r, 'ms', '.3f')} | {rounds} | {ratio} | "
                          f"{num(r, 'host_ms', '.2f')} | {num(r, 'gpu_ms', '.2f')} | {num(r, 'gpu_idle', '.0%')} | "

@@ -1,7 +1,7 @@
 """benchmarks/hf_llama.py end to end in its smoke mode (tiny float32 Llama and windowed Mistral models
-through the Triton interpreter): the gates pass, sdpa and fastattn are timed, fastattn ran on its
-key-padding path, flash_attention_2 says why it did not run, each step's host time is taken, the reports
-are written.
+through the Triton interpreter; training steps and a left-padded batch's generated token): the gates
+pass, sdpa and fastattn are timed, fastattn ran on its key-padding path, flash_attention_2 says why
+it did not run, each step's host time is taken, the reports are written.
 In a subprocess: run from the repository root, its kernels/ folder would shadow the PyPI package
 `kernels` that transformers imports."""
 
@@ -24,9 +24,11 @@ def test_hf_llama_benchmark_smoke(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     doc = json.loads((tmp_path / "hf_llama.json").read_text())
-    assert doc["smoke"] and [m["model"] for m in doc["models"]] == ["llama", "mistral", "llama-padded"]
+    assert doc["smoke"] and [m["model"] for m in doc["models"]] == ["llama", "mistral", "llama-padded",
+                                                                    "llama-generate"]
     assert doc["models"][1]["window"] and not doc["models"][0]["window"] and doc["transformers"]
-    assert [m["padded"] for m in doc["models"]] == [False, True, True]  # the bar's llama step: no padding
+    assert [m["padded"] for m in doc["models"]] == [False, True, True, True]  # the bar's llama step: no padding
+    assert [m["generate"] for m in doc["models"]] == [False, False, False, True]  # (a left-padded batch's token)
     for m in doc["models"]:
         assert m["bar_met"] is None
         sdpa, fast, fa2 = m["rows"]
@@ -44,3 +46,4 @@ def test_hf_llama_benchmark_smoke(tmp_path):
         assert calls["fastattn"] > 0 and calls[kind] == calls["fastattn"] and "not_fastattn" not in fast, calls
     md = (tmp_path / "hf_llama.md").read_text()
     assert "llama: fastattn vs sdpa" in md and "mistral: fastattn vs sdpa" in md and "llama-padded: " in md
+    assert "| llama-generate | generate | 4 x 16 |" in md
