@@ -283,6 +283,23 @@ def test_few_queries_with_a_key_padding_mask_run_as_a_decode_step(shape, causal,
     assert routed, "not run as a decode step"
 
 
+def test_a_batch_broadcast_key_padding_mask_and_none_get_plans_of_their_own(gen, monkeypatch):
+    """A mask broadcast over the batch (expand: batch stride 0, as transformers' (1, 1, 1, Sk) mask
+    arrives) and no mask, same shapes, in either order: each its own plan (the placeholder's
+    stride is 0 too), each right."""
+    monkeypatch.setattr(launch, "FEW_QUERIES_MIN_BYTES", 0)
+    q, k, v = testing.random_qkv(2, 1, 40, 4, 2, 16, dtype=torch.float16, device=DEVICE, generator=gen)
+    mask = (torch.arange(40, device=DEVICE) >= 30)[None].expand(2, 40)
+    for order in ((None, mask), (mask, None)):
+        plans.clear()
+        for m in order:
+            with torch.no_grad():
+                out = fastattn.attention(q, k, v, key_padding_mask=m, backend="triton")
+            ref = reference.attention(q.double(), k.double(), v.double(), key_padding_mask=m)
+            torch.testing.assert_close(out.double(), ref, rtol=2e-3, atol=2e-3)
+    plans.clear()
+
+
 def test_the_decode_launcher_refuses_a_key_padding_mask_it_cannot_read():
     """launchers.decode.attend reads a key-padding mask by cache position: one of another length, or
     one given with new tokens to append (whose positions it does not cover), is refused by name."""

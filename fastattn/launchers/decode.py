@@ -265,7 +265,8 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
     grid = (splits, hkv * row_tiles, b)
     combine = _combine_args(o, l_, out, lse, splits) if splits > 1 else None
     key = ("decode", q.dtype, device, causal, page_size, d, b, hq, ints,
-           plans.aligned((q, k_cache, v_cache, k, v, seqlens, bt, kpm, bounds)), mod_key)
+           plans.aligned((q, k_cache, v_cache, k, v, seqlens, bt, kpm, bounds)), mod_key,
+           key_padding_mask is not None)  # (a batch-broadcast mask's stride 0 is the placeholder's)
     found = _plans.get(key)
     if found is not None:
         _launch(device, found, grid, args, (hq, sq, b), combine)
