@@ -181,7 +181,7 @@ def decode_attn_kernel(
     qk_scale, cap2,
     CAUSAL: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LOCAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_SINKS: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_KPM: tl.constexpr, FULL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Grid (N_SPLITS, Hkv * ROW_TILES, B). K/V strides: (batch, row, head) for a contiguous cache,
@@ -189,9 +189,10 @@ def decode_attn_kernel(
     tokens, attended from there and written into the cache at positions cache_seqlens[b] + t by the
     program whose key range holds them (row tile 0): the append costs no launch of its own. O/LSE:
     the output (split stride 0) or the float32 partials (N_SPLITS, B, SQ, Hq, D) / (N_SPLITS, B, Hq, SQ).
-    HAS_KPM (no new tokens: N_NEW = 0): KPM (B, CAPACITY) bytes, nonzero = a real key, and KV_BOUNDS
-    (B, 2) its rows' [first, last + 1) real keys (launchers/key_bounds.py): the splits share the keys
-    in those bounds, padded keys are never read."""
+    FULL: every sequence fills the cache (SEQLENS is not read: a dense k/v seen as a full cache, no
+    lengths tensor to fill). HAS_KPM (no new tokens: N_NEW = 0): KPM (B, CAPACITY) bytes, nonzero =
+    a real key, and KV_BOUNDS (B, 2) its rows' [first, last + 1) real keys (launchers/key_bounds.py):
+    the splits share the keys in those bounds, padded keys are never read."""
     split = tl.program_id(0)
     hk = tl.program_id(1) // ROW_TILES
     tile = tl.program_id(1) % ROW_TILES
@@ -212,7 +213,10 @@ def decode_attn_kernel(
     q_ptrs = q_head + (t * stride_qs + (rows // SQ) * stride_qh)[:, None] + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    cached = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), CAPACITY)
+    if FULL:
+        cached = CAPACITY + 0 * split
+    else:
+        cached = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), CAPACITY)
     seq_len = tl.minimum(cached + N_NEW, CAPACITY)
     # This split's keys: an equal share of this sequence's (from the window's first key), in whole
     # BLOCK_N tiles (so short sequences in a cache sized for long ones still spread over the splits).

@@ -300,6 +300,28 @@ def test_a_batch_broadcast_key_padding_mask_and_none_get_plans_of_their_own(gen,
     plans.clear()
 
 
+def test_a_full_cache_and_a_cache_with_lengths_get_plans_of_their_own(gen, monkeypatch):
+    """The few-query route tells the kernel the cache is full (FULL: no lengths tensor); a decode
+    step over the same tensors with shorter lengths (attention_with_kvcache, nothing appended) has
+    the same integers: in either order, each its own plan and its own keys."""
+    monkeypatch.setattr(launch, "FEW_QUERIES_MIN_BYTES", 0)
+    q, k, v = testing.random_qkv(2, 1, 40, 4, 2, 16, dtype=torch.float16, device=DEVICE, generator=gen)
+    lengths = torch.tensor([25, 9], dtype=torch.int32, device=DEVICE)
+    real = torch.arange(40, device=DEVICE)[None] < lengths[:, None].long()
+    calls = {"full": (lambda: fastattn.attention(q, k, v, causal=True, backend="triton"), None),
+             "lengths": (lambda: fastattn.attention_with_kvcache(q, k, v, cache_seqlens=lengths, backend="triton"),
+                         real)}
+    for order in (("full", "lengths"), ("lengths", "full")):
+        plans.clear()
+        for name in order:
+            fn, mask = calls[name]
+            with torch.no_grad():
+                out = fn()
+            ref = reference.attention(q.double(), k.double(), v.double(), causal=mask is None, key_padding_mask=mask)
+            torch.testing.assert_close(out.double(), ref, rtol=2e-3, atol=2e-3, msg=name)
+    plans.clear()
+
+
 def test_the_decode_launcher_refuses_a_key_padding_mask_it_cannot_read():
     """launchers.decode.attend reads a key-padding mask by cache position: one of another length, or
     one given with new tokens to append (whose positions it does not cover), is refused by name."""

@@ -206,6 +206,7 @@ def compile_decode_kernels(dtype, arch, head_dims, variants=("dense",)):
                         consts = dict(CAUSAL=True, PAGE_SIZE=page_size, HEAD_DIM=d,
                                       DOT_PRECISION="ieee" if fp32 else "tf32", BLOCK_R=block_r, BLOCK_N=cfg.block_n,
                                       BLOCK_D=block_d, WIDE=False, HAS_KPM=variant == "mask",
+                                      FULL=variant == "mask",  # (the route: a full cache, no lengths)
                                       **mod_flags(_decode.decode_attn_kernel, variant))
                         label = (f"decode D{d} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} page{page_size} "
                                  f"r{block_r} {variant}")

@@ -147,9 +147,9 @@ def attend_full(q, k, v, key_padding_mask, causal: bool, scale: float, bias=None
     """Attention of q (B, Sq, Hq, D) over dense k/v (B, Sk, Hkv, D) with an optional (B, Sk) bool
     key-padding mask (True = real key), as `attend` over a cache that every sequence fills (lengths
     Sk), nothing appended: the same results as the prefill launcher's forward (bottom-right causal
-    by Sk, modifiers by key position), out (B, Sq, Hq, D) and lse (B, Hq, Sq) float32."""
-    lengths = torch.full((k.shape[0],), k.shape[1], dtype=torch.int32, device=k.device)  # (a fill, no host read)
-    return attend(q, k, v, None, None, lengths, None, causal, scale, 0, bias, alibi_slopes, sinks, window_left,
+    by Sk, modifiers by key position), out (B, Sq, Hq, D) and lse (B, Hq, Sq) float32. (No lengths:
+    the kernel's FULL, not a filled tensor, says every sequence has Sk keys: one launch fewer.)"""
+    return attend(q, k, v, None, None, None, None, causal, scale, 0, bias, alibi_slopes, sinks, window_left,
                   window_right, softcap, key_padding_mask)
 
 
@@ -211,9 +211,10 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
     """Attention of q (B, Sq, Hq, D) over each sequence's cached keys followed by the new tokens'
     k, v (B, S_new, Hkv, D) or None, which are written into the cache at cache_seqlens[b] + t by the
     same launch: out (B, Sq, Hq, D) in q's dtype, lse (B, Hq, Sq) float32. Lengths are clamped to
-    the cache's capacity. num_splits: 0 chooses (num_splits_heuristic), n forces n (at most
-    cache_layouts.MAX_SPLITS). Score modifiers as the prefill launcher's; bias is broadcastable to
-    (B, Hq, Sq, capacity) and indexed by cache position. key_padding_mask (B, capacity) bool, True =
+    the cache's capacity; cache_seqlens None: every sequence fills the cache (no new tokens).
+    num_splits: 0 chooses (num_splits_heuristic), n forces n (at most cache_layouts.MAX_SPLITS).
+    Score modifiers as the prefill launcher's; bias is broadcastable to (B, Hq, Sq, capacity) and
+    indexed by cache position. key_padding_mask (B, capacity) bool, True =
     a real key, by cache position (not with new tokens k, v): padded keys are not seen, nor read."""
     if q.stride(-1) != 1 or q.stride(2) * (q.shape[2] // k_cache.shape[2]) >= 2**31:
         q = q.contiguous()  # (the kernel offsets a GQA group's heads in 32 bits; q is a few rows)
@@ -231,7 +232,9 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
         k = k if k.stride(-1) == 1 else k.contiguous()
         v = v if v.stride(-1) == 1 else v.contiguous()
         new_strides, n_new = (*k.stride()[:3], *v.stride()[:3]), k.shape[1]
-    seqlens = cache_seqlens.contiguous()
+    if cache_seqlens is None and n_new:
+        raise ValueError("cache_seqlens: None (a full cache) leaves no room for new tokens (k, v)")
+    seqlens = q if cache_seqlens is None else cache_seqlens.contiguous()  # (placeholder: never read with FULL)
     kpm, bounds, stride_kpm_b = q, q, 0  # placeholders: never read without HAS_KPM
     if key_padding_mask is not None:
         if n_new or key_padding_mask.shape != (b, cache_layouts.capacity(k_cache, block_table)):
@@ -266,7 +269,8 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
     combine = _combine_args(o, l_, out, lse, splits) if splits > 1 else None
     key = ("decode", q.dtype, device, causal, page_size, d, b, hq, ints,
            plans.aligned((q, k_cache, v_cache, k, v, seqlens, bt, kpm, bounds)), mod_key,
-           key_padding_mask is not None)  # (a batch-broadcast mask's stride 0 is the placeholder's)
+           key_padding_mask is not None, cache_seqlens is None)  # (placeholders' strides and alignment are a
+    # real tensor's too: a batch-broadcast mask's stride is 0)
     found = _plans.get(key)
     if found is not None:
         _launch(device, found, grid, args, (hq, sq, b), combine)
@@ -281,7 +285,7 @@ def attend(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal: bool, 
         wide = (n_pages + 1) * max(k_cache.stride(0), v_cache.stride(0)) >= 2**31
     consts = dict(CAUSAL=causal, PAGE_SIZE=page_size, HEAD_DIM=d, DOT_PRECISION="ieee" if fp32 else "tf32",
                   BLOCK_R=block_r, BLOCK_D=block_d, WIDE=wide or (mod_key is not None and mod_key[0][2]),
-                  HAS_KPM=key_padding_mask is not None, **flags)
+                  HAS_KPM=key_padding_mask is not None, FULL=cache_seqlens is None, **flags)
     # A cache that grew (a transformers DynamicCache, attend_full) or another length of the same
     # class: the plans of a known specialisation, no build. (splits: the combine's constexpr)
     ckey = plans.class_key("decode", args, device, tuple(consts.items()), splits, configs.seq_bucket(cap),
