@@ -322,6 +322,35 @@ def test_a_full_cache_and_a_cache_with_lengths_get_plans_of_their_own(gen, monke
     plans.clear()
 
 
+def test_few_query_calls_alike_in_shape_never_share_a_wrong_plan(gen, monkeypatch):
+    """Calls of one shape that differ only in what they pass (no mask, a mask contiguous, broadcast
+    over the batch or strided, each modifier), run one after another in two orders: each gives what
+    it gives alone after plans.clear() (a plan key missing a field hands one call another's plan)."""
+    monkeypatch.setattr(launch, "FEW_QUERIES_MIN_BYTES", 0)
+    q, k, v = testing.random_qkv(2, 2, 40, 4, 2, 16, dtype=torch.float16, device=DEVICE, generator=gen)
+    wide = torch.rand(2, 80, generator=gen).to(DEVICE) < 0.7
+    variants = {"none": {}, "mask": dict(key_padding_mask=wide[:, :40].contiguous()),
+                "broadcast mask": dict(key_padding_mask=wide[:1, :40].expand(2, 40)),
+                "strided mask": dict(key_padding_mask=wide[:, ::2]), "window": dict(window=(5, 0)),
+                "softcap": dict(softcap=3.0), "sinks": dict(sinks=torch.randn(4, generator=gen).to(DEVICE)),
+                "alibi": dict(alibi_slopes=torch.rand(4, generator=gen).to(DEVICE)),
+                "bias": dict(bias=torch.randn(1, 4, 2, 40, generator=gen).to(DEVICE))}
+
+    def run(name):
+        with torch.no_grad():
+            return fastattn.attention(q, k, v, causal=True, backend="triton", **variants[name])
+
+    alone = {}
+    for name in variants:
+        plans.clear()
+        alone[name] = run(name)
+    for order in (list(variants), list(variants)[::-1]):
+        plans.clear()
+        for name in order:
+            assert torch.equal(run(name), alone[name]), name
+    plans.clear()
+
+
 def test_the_decode_launcher_refuses_a_key_padding_mask_it_cannot_read():
     """launchers.decode.attend reads a key-padding mask by cache position: one of another length, or
     one given with new tokens to append (whose positions it does not cover), is refused by name."""
