@@ -190,9 +190,11 @@ def compile_small_kernels(dtype, arch):
 def compile_decode_kernels(dtype, arch, head_dims, variants=("dense",)):
     """The split-KV decode kernel (each candidate; contiguous and paged caches; one query row
     tile of GQA 4 x 1 token and a full one; final output and fp32 partials; each score-modifier
-    variant asked for, and "mask": a key-padding mask), its combine, the KV append."""
+    variant asked for; "full": the few-query route's cache without lengths, "mask": that with a
+    key-padding mask), its combine, the KV append."""
     jobs = []
-    variants = [v for v in variants if v in ("dense", "mask", *MOD_VARIANTS)]  # (mask: a key-padding mask)
+    # (full: the few-query route's cache without lengths; mask: that with a key-padding mask)
+    variants = [v for v in variants if v in ("dense", "full", "mask", *MOD_VARIANTS)]
     for d in head_dims:
         block_d = max(16, triton.next_power_of_2(d))
         fp32 = dtype == "fp32"
@@ -206,7 +208,7 @@ def compile_decode_kernels(dtype, arch, head_dims, variants=("dense",)):
                         consts = dict(CAUSAL=True, PAGE_SIZE=page_size, HEAD_DIM=d,
                                       DOT_PRECISION="ieee" if fp32 else "tf32", BLOCK_R=block_r, BLOCK_N=cfg.block_n,
                                       BLOCK_D=block_d, WIDE=False, HAS_KPM=variant == "mask",
-                                      FULL=variant == "mask",  # (the route: a full cache, no lengths)
+                                      FULL=variant in ("full", "mask"),
                                       **mod_flags(_decode.decode_attn_kernel, variant))
                         label = (f"decode D{d} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} page{page_size} "
                                  f"r{block_r} {variant}")
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--variants", default="dense",
                     help="comma list of dense, mask (key padding), varlen, and the score modifiers "
-                         f"{', '.join(MOD_VARIANTS)}")
+                         f"{', '.join(MOD_VARIANTS)}; for the decode kernel also full (the few-query route)")
     ap.add_argument("--decode-only", action="store_true", help="only the decoding kernels (kernels/decode.py)")
     ap.add_argument("--no-decode", action="store_true", help="all but the decoding kernels")
     ap.add_argument("--configs", default="table", choices=["table", "sweep"],

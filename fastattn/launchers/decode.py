@@ -121,15 +121,14 @@ def _combine_args(o, l_, out, lse, splits):
 # Attention of at most this many queries per sequence over dense keys, needing no gradient, runs as a
 # decode step over a full cache (attend_full): a transformers generate() step (one query over the
 # grown cache; with a key-padding mask, a left-padded batch), a decoder's cross-attention,
-# speculative verification. The prefill kernel gives such
-# a call one program per (batch, query head) streaming every key, and reads each KV head once per
-# query head of its group; the decode kernel reads it once per group and splits long key ranges
-# across programs when (batch, KV head) pairs cannot fill the GPU. Only over at least
-# FEW_QUERIES_MIN_BYTES of keys and values: below, the decode path's extra launches (the lengths'
-# fill, the combine of split ranges: ~7-11 us of host time each, measured on an H200 host) can cost
-# more than the prefill kernel's device time (a few microseconds); above, that device time grows
-# with the group size times the bytes, spread over at most B x Hq programs. (A threshold from that
-# reasoning, not yet from a GPU timing of both paths.)
+# speculative verification. The prefill kernel gives such a call one program per (batch, query
+# head) streaming every key, and reads each KV head once per query head of its group; the decode
+# kernel reads it once per group and splits long key ranges across programs when (batch, KV head)
+# pairs cannot fill the GPU. Only over at least FEW_QUERIES_MIN_BYTES of keys and values: below, the
+# decode path's extra launch (the combine of split ranges: ~7-11 us of host time, measured on an
+# H200 host) can cost more than the prefill kernel's device time (a few microseconds); above, that
+# device time grows with the group size times the bytes, spread over at most B x Hq programs. (A
+# threshold from that reasoning, not yet from a GPU timing of both paths.)
 FEW_QUERIES = 16
 FEW_QUERIES_MIN_BYTES = 8 << 20
 
