@@ -208,8 +208,14 @@ def _timed(model: Model, rows: list[dict], steps: dict, device: str, smoke: bool
 
 def run_generate(model: Model, shape: dict, device: str, dtype, impls: list, smoke: bool, rounds: int) -> dict:
     """One generated token per sequence over the prompt's DynamicCache, left-padded prompts: gate
-    (the first step's logits against float32 sdpa's) and time each implementation."""
+    (the first step's logits against float32 sdpa's) and time each implementation. A row records how
+    many of its gate run's attention calls took the decode route (launchers.decode.attend_full);
+    smoke runs lower the route's threshold to 0, as a real cache's bytes pass it."""
     from fastattn.integrations import transformers as fhf
+    from fastattn.launchers import decode as decode_launch
+
+    if smoke:
+        decode_launch.FEW_QUERIES_MIN_BYTES = 0
 
     g = torch.Generator().manual_seed(1)
     b, s = model.batch, model.seqlen
@@ -247,13 +253,18 @@ def run_generate(model: Model, shape: dict, device: str, dtype, impls: list, smo
             net = sdpa if impl == "sdpa" else build(model, shape, device, dtype, impl).eval()
             if net is not sdpa:
                 net.load_state_dict(sdpa.state_dict())
-            with torch.no_grad():
-                logits = next_token(net, prefill(net))
+            routed, real = [], decode_launch.attend_full
+            decode_launch.attend_full = lambda *a, **kw: routed.append(1) or real(*a, **kw)  # (not while timed)
+            try:
+                with torch.no_grad():
+                    logits = next_token(net, prefill(net))
+            finally:
+                decode_launch.attend_full = real
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             continue
         gate = testing.compare("logits", logits, naive, ref, testing.OUT_FACTOR)
-        row.update(gate=str(gate), gate_ok=gate.ok)
+        row.update(gate=str(gate), gate_ok=gate.ok, decode_route_calls=len(routed))
         nets[impl] = net
 
         def step(impl=impl):

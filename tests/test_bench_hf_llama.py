@@ -47,3 +47,5 @@ def test_hf_llama_benchmark_smoke(tmp_path):
     md = (tmp_path / "hf_llama.md").read_text()
     assert "llama: fastattn vs sdpa" in md and "mistral: fastattn vs sdpa" in md and "llama-padded: " in md
     assert "| llama-generate | generate | 4 x 16 |" in md
+    gen_fast = doc["models"][3]["rows"][1]  # its calls on the decode kernel (smoke: threshold 0; sdpa: none)
+    assert gen_fast["decode_route_calls"] >= 1 and doc["models"][3]["rows"][0]["decode_route_calls"] == 0

@@ -326,7 +326,7 @@ def test_decode_benchmark_cpu_smoke(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "decode.json").read_text())
     rows = {r["provider"]: r for r in doc["rows"]}
     assert set(rows) == {"fastattn-decode", "fastattn-decode-paged", "fastattn-attention", "fastattn-prefill",
-                         "sdpa-flash", "sdpa-efficient", "sdpa-math"}
+                         "fastattn-attention-kpm", "fastattn-prefill-kpm", "sdpa-flash", "sdpa-efficient", "sdpa-math"}
     assert all(r["gate"] == "ok" for name, r in rows.items() if name.startswith("fastattn"))
     assert rows["sdpa-math"]["gbps"] > 0 and rows["sdpa-math"]["vs_best_sdpa"] <= 1.0
     assert "CPU run" in (tmp_path / "decode.md").read_text()

@@ -259,16 +259,20 @@ def few_query_padding(pattern: str, b: int, sk: int, gen) -> torch.Tensor:
     return mask
 
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("shape", FEW, ids=str)
 @pytest.mark.parametrize("causal,pattern,mods", [(True, "left", "none"), (False, "left", "sinks"),
                                                  (True, "holes", "window"), (False, "holes", "bias"),
                                                  (True, "empty", "alibi"), (False, "empty", "softcap")])
-def test_few_queries_with_a_key_padding_mask_run_as_a_decode_step(shape, causal, pattern, mods, gen, monkeypatch):
+def test_few_queries_with_a_key_padding_mask_run_as_a_decode_step(shape, causal, pattern, mods, splits, gen,
+                                                                  monkeypatch):
     """With a key-padding mask too (a left-padded batch's generate() step): the decode kernel, with
     attention's results (a row with no real key: out 0, lse -inf, or the sink's), and padded keys
-    never read (their keys and values are NaN here)."""
+    never read (their keys and values are NaN here). splits: the key ranges split as on a GPU's SMs
+    (the interpreter's one SM never splits), each share narrowed to the real keys, then combined."""
     b, sq, sk, hq, hkv, d = shape
     monkeypatch.setattr(launch, "FEW_QUERIES_MIN_BYTES", 0)
+    monkeypatch.setattr(launch, "num_splits_heuristic", lambda *a: splits)
     routed = []
     real = launch.attend_full
     monkeypatch.setattr(launch, "attend_full", lambda *a, **kw: routed.append(1) or real(*a, **kw))
@@ -327,6 +331,9 @@ def test_few_query_calls_alike_in_shape_never_share_a_wrong_plan(gen, monkeypatc
     over the batch or strided, each modifier), run one after another in two orders: each gives what
     it gives alone after plans.clear() (a plan key missing a field hands one call another's plan)."""
     monkeypatch.setattr(launch, "FEW_QUERIES_MIN_BYTES", 0)
+    routed = []
+    real = launch.attend_full
+    monkeypatch.setattr(launch, "attend_full", lambda *a, **kw: routed.append(1) or real(*a, **kw))
     q, k, v = testing.random_qkv(2, 2, 40, 4, 2, 16, dtype=torch.float16, device=DEVICE, generator=gen)
     wide = torch.rand(2, 80, generator=gen).to(DEVICE) < 0.7
     variants = {"none": {}, "mask": dict(key_padding_mask=wide[:, :40].contiguous()),
@@ -348,6 +355,7 @@ def test_few_query_calls_alike_in_shape_never_share_a_wrong_plan(gen, monkeypatc
         plans.clear()
         for name in order:
             assert torch.equal(run(name), alone[name]), name
+    assert len(routed) == 3 * len(variants)  # every call ran as a decode step
     plans.clear()
 
 
@@ -815,9 +823,10 @@ def test_few_queries_compile_fullgraph_as_a_decode_step(gen, monkeypatch):
     assert "fastattn.triton_attn_few_queries.default" in ops, ops
     for a, b in zip(compiled, eager):
         assert torch.equal(a, b)
-    ref = reference.attention(q.double(), k.double(), v.double(), causal=True, key_padding_mask=mask, window=(7, 0),
-                              sinks=sinks.double())
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), causal=True, key_padding_mask=mask,
+                                       window=(7, 0), sinks=sinks.double(), return_lse=True)
     torch.testing.assert_close(eager[0].double(), ref, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(eager[1].double(), ref_lse, rtol=1e-3, atol=1e-3)
     torch.library.opcheck(torch.ops.fastattn.triton_attn_few_queries.default,
                           (q, k, v, mask, True, 0.25, None, None, sinks, 7, 0, 0.0))
 

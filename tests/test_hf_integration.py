@@ -176,12 +176,21 @@ def test_llama_compiles_fullgraph_with_a_padded_batch():
     assert_ran({"bias"})
 
 
+@pytest.mark.parametrize("kernel", ["prefill", "decode"])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_a_one_query_mask_is_key_padding_as_it_stands(compiled):
+def test_a_one_query_mask_is_key_padding_as_it_stands(compiled, kernel, monkeypatch):
     """One query's (B, 1, 1, Sk) boolean mask (a generate() step) reaches fastattn as its key-padding
     mask without an analysis, so also under torch.compile(fullgraph=True): here a static cache's
     step, the query at position 5 of 9 slots, in a window of 3 (keys 3-5 real, row 1 left-padded up
-    to key 4). The window and causal flags are the mask's already: SDPA's answer on the 4-D mask."""
+    to key 4). The window and causal flags are the mask's already: SDPA's answer on the 4-D mask.
+    On the prefill kernel, and on the decode kernel (threshold 0; compiled: its op)."""
+    from fastattn.launchers import decode as decode_launch
+
+    routed = []
+    if kernel == "decode":
+        real = decode_launch.attend_full
+        monkeypatch.setattr(decode_launch, "FEW_QUERIES_MIN_BYTES", 0)
+        monkeypatch.setattr(decode_launch, "attend_full", lambda *a, **kw: routed.append(1) or real(*a, **kw))
     module = torch.nn.Module()
     module.is_causal = True
     q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
@@ -189,15 +198,20 @@ def test_a_one_query_mask_is_key_padding_as_it_stands(compiled):
     mask[0, ..., 3:6] = True
     mask[1, ..., 4:6] = True
     call = lambda *xs: fhf.attention_forward(module, *xs, scaling=0.3, sliding_window=3)[0]
-    if compiled:
+    if compiled:  # (the graph's ops are recorded: the op's kernel is not the spy)
+        def recording(gm, example_inputs):
+            routed.extend(1 for n in gm.graph.nodes if "triton_attn_few_queries" in str(n.target))
+            return gm.forward
+
         torch._dynamo.reset()
-        call = torch.compile(call, backend="aot_eager", fullgraph=True)
+        call = torch.compile(call, backend=recording, fullgraph=True)
     with torch.no_grad():
         out = call(q, k, v, mask)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(2, 1),
                                                             v.double().repeat_interleave(2, 1), mask, scale=0.3)
     torch.testing.assert_close(out.double(), sdpa.transpose(1, 2), rtol=1e-5, atol=1e-5)
     assert_ran({"key padding"})
+    assert bool(routed) == (kernel == "decode")
 
 
 def test_a_fallback_compiles_fullgraph():
@@ -254,10 +268,10 @@ def test_generate_with_cache(model, kernel, monkeypatch):
     analyse = fhf.semantics.key_padding_of_pattern
     monkeypatch.setattr(fhf.semantics, "key_padding_of_pattern",
                         lambda m, *a: reads.append(m.shape[-2]) or analyse(m, *a))
+    real = decode_launch.attend_full
+    monkeypatch.setattr(decode_launch, "attend_full", lambda *a, **kw: routed.append(a[3]) or real(*a, **kw))
     if kernel == "decode":
-        real = decode_launch.attend_full
         monkeypatch.setattr(decode_launch, "FEW_QUERIES_MIN_BYTES", 0)
-        monkeypatch.setattr(decode_launch, "attend_full", lambda *a, **kw: routed.append(a[3]) or real(*a, **kw))
     cls, config = {"llama": (transformers.LlamaForCausalLM, llama_config()),
                    "mistral": (transformers.MistralForCausalLM, mistral_config())}[model]
     mask = padding_mask(2, 7, [0, 3], left=True)
