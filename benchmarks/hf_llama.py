@@ -118,8 +118,6 @@ def build(model: Model, shape: dict, device, dtype, impl: str):
 
 def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke: bool, rounds: int = 1) -> dict:
     """Gate and time each implementation of one model: its section of hf_llama.json."""
-    from fastattn.integrations import transformers as fhf
-
     if model.generate:
         return run_generate(model, shape, device, dtype, impls, smoke, rounds)
     g = torch.Generator().manual_seed(1)
@@ -131,15 +129,32 @@ def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke:
     mask = mask if model.padded else None  # no padding: no mask, as a training step without padding has
     labels = tokens.masked_fill(~real, -100)
 
+    rows, nets = _gated(model, shape, device, dtype, impls, smoke,
+                        lambda net: net(input_ids=tokens, attention_mask=mask).logits[real])
+    steps = {}
+    for impl, net in nets.items():
+        def step(net=net):
+            net(input_ids=tokens, attention_mask=mask, labels=labels).loss.backward()
+        steps[impl] = (step, list(net.parameters()))
+    return _timed(model, rows, steps, device, smoke, rounds)
+
+
+def _gated(model: Model, shape: dict, device: str, dtype, impls: list, smoke: bool, logits_of, train: bool = True):
+    """Each implementation's model on sdpa's weights, its logits_of(net) gated against the float32
+    (smoke: float64) sdpa model's under the tolerance rule, bf16 sdpa's as the naive result: (rows,
+    nets of the rows that ran). train False: the models in eval mode. fastattn's call counts start
+    here."""
+    from fastattn.integrations import transformers as fhf
+
     sdpa = build(model, shape, device, dtype, "sdpa")  # its weights are every implementation's
     ref_model = build(model, shape, device, torch.float64 if smoke else torch.float32, "sdpa")
     ref_model.load_state_dict({k: v.to(ref_model.dtype) for k, v in sdpa.state_dict().items()})
     with torch.no_grad():
-        ref = ref_model(input_ids=tokens, attention_mask=mask).logits[real]
-        naive = sdpa(input_ids=tokens, attention_mask=mask).logits[real]
+        ref = logits_of(ref_model.train(train))
+        naive = logits_of(sdpa.train(train))
     del ref_model
 
-    rows, steps = [], {}
+    rows, nets = [], {}
     fhf.reset_counts()  # only fastattn's implementation counts its calls
     for impl, missing in impls:
         row = {"attn_implementation": impl}
@@ -148,21 +163,18 @@ def run_model(model: Model, shape: dict, device: str, dtype, impls: list, smoke:
             row["skipped"] = missing
             continue
         try:
-            net = sdpa if impl == "sdpa" else build(model, shape, device, dtype, impl)
+            net = sdpa if impl == "sdpa" else build(model, shape, device, dtype, impl).train(train)
             if net is not sdpa:
                 net.load_state_dict(sdpa.state_dict())
             with torch.no_grad():
-                logits = net(input_ids=tokens, attention_mask=mask).logits[real]
+                logits = logits_of(net)
         except Exception as e:  # one implementation failing must not lose the others' figures
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             continue
         gate = testing.compare("logits", logits, naive, ref, testing.OUT_FACTOR)
         row.update(gate=str(gate), gate_ok=gate.ok)
-
-        def step(net=net):
-            net(input_ids=tokens, attention_mask=mask, labels=labels).loss.backward()
-        steps[impl] = (step, list(net.parameters()))
-    return _timed(model, rows, steps, device, smoke, rounds)
+        nets[impl] = net
+    return rows, nets
 
 
 def _timed(model: Model, rows: list[dict], steps: dict, device: str, smoke: bool, rounds: int,
@@ -209,14 +221,13 @@ def _timed(model: Model, rows: list[dict], steps: dict, device: str, smoke: bool
 def run_generate(model: Model, shape: dict, device: str, dtype, impls: list, smoke: bool, rounds: int) -> dict:
     """One generated token per sequence over the prompt's DynamicCache, left-padded prompts: gate
     (the first step's logits against float32 sdpa's) and time each implementation. A row records how
-    many of its gate run's attention calls took the decode route (launchers.decode.attend_full);
-    smoke runs lower the route's threshold to 0, as a real cache's bytes pass it."""
-    from fastattn.integrations import transformers as fhf
+    many of its attention calls over a prompt and a token took the decode route
+    (launchers.decode.attend_full); smoke runs lower the route's threshold to 0, as a real cache's
+    bytes pass it."""
     from fastattn.launchers import decode as decode_launch
 
     if smoke:
         decode_launch.FEW_QUERIES_MIN_BYTES = 0
-
     g = torch.Generator().manual_seed(1)
     b, s = model.batch, model.seqlen
     tokens = torch.randint(0, shape["vocab"], (b, s), generator=g).to(device)
@@ -233,39 +244,21 @@ def run_generate(model: Model, shape: dict, device: str, dtype, impls: list, smo
         n = cache.get_seq_length()
         return net(input_ids=nxt, attention_mask=mask[:, :n + 1], past_key_values=cache, use_cache=True).logits[:, -1]
 
-    sdpa = build(model, shape, device, dtype, "sdpa").eval()
-    ref_model = build(model, shape, device, torch.float64 if smoke else torch.float32, "sdpa").eval()
-    ref_model.load_state_dict({k: v.to(ref_model.dtype) for k, v in sdpa.state_dict().items()})
-    with torch.no_grad():
-        ref = next_token(ref_model, prefill(ref_model))
-        naive = next_token(sdpa, prefill(sdpa))
-    del ref_model
-
-    rows, steps, nets, caches = [], {}, {}, {}
-    fhf.reset_counts()
-    for impl, missing in impls:
-        row = {"attn_implementation": impl}
-        rows.append(row)
-        if missing:
-            row["skipped"] = missing
+    rows, nets = _gated(model, shape, device, dtype, impls, smoke, lambda net: next_token(net, prefill(net)),
+                        train=False)
+    caches, steps = {}, {}
+    for row in rows:
+        impl = row["attn_implementation"]
+        if impl not in nets:
             continue
+        routed, real = [], decode_launch.attend_full
+        decode_launch.attend_full = lambda *a, **kw: routed.append(1) or real(*a, **kw)  # (not while timed)
         try:
-            net = sdpa if impl == "sdpa" else build(model, shape, device, dtype, impl).eval()
-            if net is not sdpa:
-                net.load_state_dict(sdpa.state_dict())
-            routed, real = [], decode_launch.attend_full
-            decode_launch.attend_full = lambda *a, **kw: routed.append(1) or real(*a, **kw)  # (not while timed)
-            try:
-                with torch.no_grad():
-                    logits = next_token(net, prefill(net))
-            finally:
-                decode_launch.attend_full = real
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            continue
-        gate = testing.compare("logits", logits, naive, ref, testing.OUT_FACTOR)
-        row.update(gate=str(gate), gate_ok=gate.ok, decode_route_calls=len(routed))
-        nets[impl] = net
+            with torch.no_grad():
+                next_token(nets[impl], prefill(nets[impl]))
+        finally:
+            decode_launch.attend_full = real
+        row["decode_route_calls"] = len(routed)
 
         def step(impl=impl):
             with torch.no_grad():
@@ -276,8 +269,6 @@ def run_generate(model: Model, shape: dict, device: str, dtype, impls: list, smo
         caches[impl] = None
         caches[impl] = prefill(nets[impl])
 
-    for impl in steps:
-        fresh_cache(impl)
     return _timed(model, rows, steps, device, smoke, rounds, before_round=fresh_cache)
 
 
