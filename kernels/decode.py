@@ -261,13 +261,13 @@ def decode_attn_kernel(
     acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, KP_row, lo, mid, cached,
                                 row_ok, diag, mods, strides, N_PAGES, qk_scale, FROM_NEW=False,
                                 CAUSAL=CAUSAL, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                                HAS_KPM=HAS_KPM, PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
-                                BLOCK_D=BLOCK_D, WIDE=WIDE)
+                                HAS_KPM=HAS_KPM, PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+                                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, WIDE=WIDE)
     acc, m_i, l_i = _fold_tiles(acc, m_i, l_i, q, k_base, v_base, KN_base, VN_base, BT_row, KP_row, mid, hi, cached,
                                 row_ok, diag, mods, strides, N_PAGES, qk_scale, FROM_NEW=True,
                                 CAUSAL=CAUSAL, LOCAL=LOCAL, HAS_BIAS=HAS_BIAS, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                                HAS_KPM=HAS_KPM, PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
-                                BLOCK_D=BLOCK_D, WIDE=WIDE)
+                                HAS_KPM=HAS_KPM, PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+                                BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, WIDE=WIDE)
     if HAS_SINKS:  # split 0 only: the combine then counts each sink once
         sink2 = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32) * LOG2E_T
         acc, m_i, l_i = fold_sink(acc, m_i, l_i, tl.where(split == 0, sink2, float("-inf")))
@@ -278,8 +278,8 @@ def decode_attn_kernel(
         cache_strides = (stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh)
         for position in range(tl.maximum(store_lo, cached), hi):
             pos = b * 0 + position  # 64-bit (b is): pos * stride may pass 2**31 in a big cache
-            append_row(K, V, KN_base, VN_base, pos - cached, stride_kns, stride_vns, BT_row, b, hk64, pos, cache_strides,
-                       N_PAGES, PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+            append_row(K, V, KN_base, VN_base, pos - cached, stride_kns, stride_vns, BT_row, b, hk64, pos,
+                       cache_strides, N_PAGES, PAGE_SIZE=PAGE_SIZE, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
 
     # A row that saw no key (an empty split, or none visible) has l = 0, acc = 0: out 0, lse -inf.
     out, lse = finalize(acc, m_i, l_i)

@@ -193,7 +193,6 @@ def compile_decode_kernels(dtype, arch, head_dims, variants=("dense",)):
     variant asked for; "full": the few-query route's cache without lengths, "mask": that with a
     key-padding mask), its combine, the KV append."""
     jobs = []
-    # (full: the few-query route's cache without lengths; mask: that with a key-padding mask)
     variants = [v for v in variants if v in ("dense", "full", "mask", *MOD_VARIANTS)]
     for d in head_dims:
         block_d = max(16, triton.next_power_of_2(d))
