@@ -207,9 +207,11 @@ def test_a_one_query_mask_is_key_padding_as_it_stands(compiled, kernel, monkeypa
         call = torch.compile(call, backend=recording, fullgraph=True)
     with torch.no_grad():
         out = call(q, k, v, mask)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(2, 1),
-                                                            v.double().repeat_interleave(2, 1), mask, scale=0.3)
-    torch.testing.assert_close(out.double(), sdpa.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    def sdpa(dtype):  # (B, H, 1, D) -> (B, 1, H, D)
+        kv = (x.to(dtype).repeat_interleave(2, 1) for x in (k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q.to(dtype), *kv, mask, scale=0.3).transpose(1, 2)
+
+    check("one-query mask", out, sdpa(torch.float32), sdpa(torch.float64))
     assert_ran({"key padding"})
     assert bool(routed) == (kernel == "decode")
 
@@ -694,9 +696,11 @@ def test_a_key_padding_mask_reaches_fastattn_as_analysed(monkeypatch):
     shared = torch.tensor([True] * 4 + [False] * 2)[None, None, None].expand(1, 1, 5, 6)
     out = fhf.attention_forward(module, q, k, v, shared, scaling=0.3)[0]
     assert seen[-1].shape == (2, 6)
-    ref64 = reference.attention(*(x.double().transpose(1, 2) for x in (q, k, v)), scale=0.3,
-                                key_padding_mask=shared[0, 0, :1].expand(2, 6))
-    torch.testing.assert_close(out.double(), ref64, rtol=1e-5, atol=1e-5)
+    def ref(dtype):
+        return reference.attention(*(x.to(dtype).transpose(1, 2) for x in (q, k, v)), scale=0.3,
+                                   key_padding_mask=shared[0, 0, :1].expand(2, 6))
+
+    check("shared mask", out, ref(torch.float32), ref(torch.float64))
     assert_ran({"key padding"})
 
 
